@@ -1,0 +1,145 @@
+"""Small building blocks shared by every model port.
+
+Everything here computes exactly what the PyTorch layer computes (same eps,
+same two-pass variance, normalisation statistics in float32), because the
+parity tests compare against diffusers/transformers at 1e-4.
+
+Parameter names follow NNX (`kernel`, `scale`, `bias`, `embedding`); the
+weight conversion maps them to the PyTorch names (`weight`, `bias`) with one
+rule per name, see `weights_conversion/core.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+AttentionImpl = Literal["xla", "cudnn"]
+
+
+class Identity(nnx.Module):
+    """Parameter-free placeholder that keeps list indices aligned with PyTorch.
+
+    diffusers' FeedForward is `net = [GEGLU, Dropout, Linear]`; keeping a
+    placeholder at index 1 means our `net[2]` is their `net.2`.
+    """
+
+    def __call__(self, x):
+        return x
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm on channels-last input.
+
+    x: [B, ..., C]. Statistics over (spatial..., C // num_groups) per group,
+    biased variance computed as mean((x - mean)^2) in float32, as PyTorch does.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, *, epsilon: float = 1e-5,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels are not divisible into {num_groups} groups")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        shape = x.shape
+        g = self.num_groups
+        xg = x.astype(jnp.float32).reshape(shape[0], -1, g, shape[-1] // g)
+        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis; statistics in float32."""
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-5, use_bias: bool = True,
+                 elementwise_affine: bool = True, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype)) if elementwise_affine else None
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype)) if (elementwise_affine and use_bias) else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+def torch_linear_init(in_features: int):
+    """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) like torch.nn.Linear/Conv.
+
+    Only matters for models trained from scratch (the tiny demo); converted
+    weights overwrite it.
+    """
+    bound = 1.0 / math.sqrt(max(in_features, 1))
+    return nnx.initializers.uniform(scale=2 * bound)  # shifted below
+
+
+def Linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype=None,
+           param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+    """nnx.Linear with the PyTorch-style names kernel[in, out] / bias[out]."""
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                      param_dtype=param_dtype, precision=None, rngs=rngs)
+
+
+def Conv(in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
+         padding: int | str = 0, use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+         rngs: nnx.Rngs) -> nnx.Conv:
+    """nnx.Conv on NHWC with kernel [kh, kw, in, out]; `padding` as in torch.nn.Conv2d."""
+    pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+    return nnx.Conv(in_features, out_features, kernel_size=(kernel_size, kernel_size),
+                    strides=(stride, stride), padding=pad, use_bias=use_bias, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
+
+
+def activation(name: str):
+    """Activation by its diffusers/transformers config name."""
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    if name == "gelu":  # torch default: exact erf GELU
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unsupported activation {name!r}; expected one of silu, gelu, gelu_new, quick_gelu, relu")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                          is_causal: bool = False, scale: float | None = None,
+                          implementation: AttentionImpl | None = "xla") -> jax.Array:
+    """Scaled dot-product attention.
+
+    q: [B, Tq, N, H], k/v: [B, Tk, N, H], mask: boolean, broadcastable to
+    [B, N, Tq, Tk] (True = attend). Returns [B, Tq, N, H].
+
+    `implementation="cudnn"` selects the fused cuDNN kernel on GPUs (bf16/fp16
+    only); "xla" is the portable reference used on CPU and in parity tests.
+    """
+    if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        implementation = "xla"  # cuDNN flash attention has no fp32 kernel
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
+                                        implementation=implementation)

@@ -1,0 +1,175 @@
+"""Model registry and the converted-model folder format.
+
+A converted component is a folder:
+
+    config.json   the reference (diffusers/transformers) config, plus
+                  "_persongen_class": our class name
+    params/       orbax checkpoint of the parameters, a nested dict that
+                  mirrors the module tree (list indices as strings)
+
+`from_pretrained(path)` rebuilds the module with `nnx.eval_shape` (no random
+init is ever materialised) and restores the parameters into it.
+
+Every model class registered here provides
+
+    from_config(config: dict, *, rngs, dtype, param_dtype, attention_impl) -> module
+
+and may override `preprocess_torch_state_dict` (rename legacy keys, drop
+non-persistent buffers) for weight conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MODEL_REGISTRY: dict[str, type] = {}
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+CLASS_KEY = "_persongen_class"
+
+
+def register_model(cls):
+    """Class decorator: makes `cls` loadable by name from a converted folder."""
+    MODEL_REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def get_model_class(name: str):
+    _import_all_models()
+    try:
+        return MODEL_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model class {name!r}; known: {sorted(MODEL_REGISTRY)}") from None
+
+
+def _import_all_models():
+    # Importing the package modules runs their @register_model decorators.
+    import persongen_jax.models  # noqa: F401
+
+
+def path_to_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def abstract_model(cls, config: Mapping[str, Any], *, dtype=None, param_dtype=jnp.float32,
+                   attention_impl: str = "xla"):
+    """The module with ShapeDtypeStruct parameters: shapes without memory."""
+    return nnx.eval_shape(lambda: cls.from_config(dict(config), rngs=nnx.Rngs(0), dtype=dtype,
+                                                  param_dtype=param_dtype,
+                                                  attention_impl=attention_impl))
+
+
+def flat_params(model) -> dict[tuple, Any]:
+    """{path tuple: array} of every nnx.Param (LoRA and adapters included, they subclass Param)."""
+    state = nnx.state(model, nnx.Param)
+    return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def _nest(flat: Mapping[tuple, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(str(p), {})
+        node[str(path[-1])] = value
+    return tree
+
+
+def _lookup(tree: Mapping, path: tuple):
+    node = tree
+    for p in path:
+        node = node[str(p)]
+    return node
+
+
+def save_params(flat: Mapping[tuple, Any], directory: str | os.PathLike) -> None:
+    """Writes {path: array} as an orbax checkpoint at `directory` (must not exist)."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.abspath(directory), _nest({k: np.asarray(v) for k, v in flat.items()}))
+    ckptr.wait_until_finished()
+
+
+def save_pretrained(model, config: Mapping[str, Any], directory: str | os.PathLike) -> None:
+    """Writes config.json + params/ for `model` (an instance of a registered class)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = dict(config)
+    cfg[CLASS_KEY] = type(model).__name__
+    (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    save_params(flat_params(model), directory / PARAMS_DIR)
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a folder written by "
+                                "`python -m weights_conversion` or save_pretrained")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if CLASS_KEY not in cfg:
+        raise ValueError(f"{path}: missing {CLASS_KEY!r}; this is not a converted persongen_jax "
+                         "folder (convert it with `python -m weights_conversion`)")
+    return cfg
+
+
+def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
+                    attention_impl: str = "xla"):
+    """Loads a converted component folder and returns the module with its weights.
+
+    dtype: compute dtype (None = the params' dtype). param_dtype: cast the stored
+    parameters (None = keep as stored). attention_impl: "xla" or "cudnn".
+    """
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    cfg = read_config(directory)
+    cls = get_model_class(cfg[CLASS_KEY])
+    params_dir = (directory / PARAMS_DIR).absolute()
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{params_dir}: missing parameters folder")
+    ckptr = ocp.StandardCheckpointer()
+    stored = ckptr.metadata(params_dir)
+    stored_tree = getattr(stored, "item_metadata", stored)
+    model = abstract_model(cls, cfg, dtype=dtype, param_dtype=param_dtype or jnp.float32,
+                           attention_impl=attention_impl)
+    expected = flat_params(model)
+    target = {}
+    missing = []
+    for path, sds in expected.items():
+        try:
+            meta = _lookup(stored_tree, path)
+        except (KeyError, TypeError):
+            missing.append(path_to_str(path))
+            continue
+        if tuple(meta.shape) != tuple(sds.shape):
+            raise ValueError(f"{params_dir}: {path_to_str(path)} has shape {tuple(meta.shape)}, "
+                             f"the model built from config.json expects {tuple(sds.shape)}")
+        target[path] = jax.ShapeDtypeStruct(sds.shape, param_dtype or meta.dtype)
+    if missing:
+        raise ValueError(f"{params_dir}: missing parameters {missing[:20]}"
+                         + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""))
+    restored = ckptr.restore(params_dir, _nest(target))
+    return assign_params(model, {p: _lookup(restored, p) for p in target})
+
+
+def assign_params(model, flat: Mapping[tuple, Any]):
+    """Returns `model` with its nnx.Param values replaced by `flat` ({path: array})."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    flat_state = list(nnx.to_flat_state(params))
+    new = []
+    for path, var in flat_state:
+        new.append((path, var.replace(jnp.asarray(flat[tuple(path)]))))
+    params = nnx.from_flat_state(new)
+    return nnx.merge(graphdef, params, rest)

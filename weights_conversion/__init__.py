@@ -1,0 +1,3 @@
+"""PyTorch (diffusers / transformers) -> Flax NNX weight conversion: `python -m weights_conversion`."""
+
+from weights_conversion.core import ConversionError  # noqa: F401

@@ -1,0 +1,153 @@
+"""Converting whole model folders: diffusers SDXL pipelines and transformers CLIP models.
+
+Output layout (each component loadable with `persongen_jax.models.from_pretrained`):
+
+    DST/model_index.json            (SDXL only, copied)
+    DST/unet/{config.json,params/}
+    DST/vae/...  DST/text_encoder/...  DST/text_encoder_2/...
+    DST/tokenizer/  DST/tokenizer_2/  (copied verbatim)
+
+Everything is written to a temporary sibling folder and renamed into place
+only when every component converted, so a failed run leaves DST untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from persongen_jax.models import modeling
+from weights_conversion import io
+from weights_conversion.core import ConversionError, convert_state_dict
+
+SDXL_MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+SDXL_COPIED = ("tokenizer", "tokenizer_2", "scheduler")
+
+# transformers `model_type` -> class, for configs without `architectures`.
+_MODEL_TYPES = {"clip": "CLIPModel", "clip_text_model": "CLIPTextModel",
+                "clip_vision_model": "CLIPVisionModel"}
+SUPPORTED = ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel", "CLIPTextModelWithProjection",
+             "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
+
+
+def read_source_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{folder}: no config.json (expected a diffusers/transformers model folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def class_name_of(config: dict, folder: Path) -> str:
+    """Our class for a reference config: diffusers `_class_name`, transformers `architectures`/`model_type`."""
+    name = config.get("_class_name")
+    if name is None and config.get("architectures"):
+        name = config["architectures"][0]
+    if name is None:
+        name = _MODEL_TYPES.get(config.get("model_type", ""))
+    if name not in SUPPORTED:
+        raise ConversionError(f"{folder / 'config.json'}: model class {name!r} is not supported; "
+                              f"expected one of {', '.join(SUPPORTED)}")
+    return name
+
+
+def _progress(state_dict: dict, desc: str):
+    total = sum(io.tensor_nbytes(v) for v in state_dict.values())
+
+    def wrap(keys):
+        # disable=None: a bar on a terminal, silence in logs/CI.
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, leave=False) as bar:
+            for k in keys:
+                yield k
+                bar.update(io.tensor_nbytes(state_dict[k]))
+
+    return wrap
+
+
+def convert_component(src: Path, dst: Path, *, dtype: str | None = None, variant: str | None = None) -> str:
+    """Converts one diffusers/transformers model folder into `dst` (config.json + params/)."""
+    config = read_source_config(src)
+    name = class_name_of(config, src)
+    cls = modeling.get_model_class(name)
+    weights = io.find_weights(src, variant)
+    state_dict = io.read_checkpoint(weights)
+    flat = convert_state_dict(cls, config, state_dict, source=str(weights), param_dtype=dtype,
+                              progress=_progress(state_dict, f"{src.name} ({weights.name})"))
+    dst.mkdir(parents=True, exist_ok=True)
+    out_config = dict(config)
+    out_config[modeling.CLASS_KEY] = name
+    (dst / modeling.CONFIG_FILE).write_text(json.dumps(out_config, indent=2, sort_keys=True))
+    modeling.save_params(flat, dst / modeling.PARAMS_DIR)
+    return name
+
+
+@contextlib.contextmanager
+def atomic_output(dst: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temp folder next to `dst`; renames it to `dst` only if the block succeeds."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_sdxl(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=False) -> list[str]:
+    """A diffusers SDXL folder (or a folder holding just some components, or one
+    component folder itself) -> `dst`. Returns the converted component names."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such folder")
+    done = []
+    with atomic_output(dst, overwrite) as tmp:
+        if (src / "config.json").is_file() and not (src / "model_index.json").is_file():
+            convert_component(src, tmp, dtype=dtype, variant=variant)  # a bare component folder
+            return [src.name]
+        components = [c for c in SDXL_MODEL_COMPONENTS if (src / c / "config.json").is_file()]
+        if not components:
+            raise ConversionError(f"{src}: no SDXL components found; expected model_index.json and/or "
+                                  f"subfolders {', '.join(SDXL_MODEL_COMPONENTS)} with a config.json")
+        for c in components:
+            print(f"converting {c} ...", flush=True)
+            name = convert_component(src / c, tmp / c, dtype=dtype, variant=variant)
+            done.append(f"{c} ({name})")
+        for c in SDXL_COPIED:
+            if (src / c).is_dir():
+                shutil.copytree(src / c, tmp / c)
+        if (src / "model_index.json").is_file():
+            shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+    return done
+
+
+def convert_clip(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=False) -> str:
+    """A transformers CLIP folder -> `dst`; tokenizer/processor files are copied alongside."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such folder")
+    with atomic_output(dst, overwrite) as tmp:
+        name = convert_component(src, tmp, dtype=dtype, variant=variant)
+        for f in src.iterdir():
+            if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "preprocessor"))
+                                or f.name in ("vocab.json", "merges.txt")):
+                shutil.copy2(f, tmp / f.name)
+    return name

@@ -1,0 +1,163 @@
+"""Reading PyTorch checkpoints without surprises.
+
+- `.safetensors` is parsed here (header + memory-mapped data) rather than
+  through the safetensors package so that bf16 works without torch, tensors
+  are read lazily (a 10 GB UNet is never fully resident twice), and a
+  truncated file is detected from its header before anything is converted.
+- `.bin` (pickle) files need torch; they are loaded with `weights_only=True`.
+- Sharded checkpoints (`*.index.json` with a `weight_map`) are merged.
+
+Every failure raises `ConversionError` with a one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+from weights_conversion.core import ConversionError
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class LazyTensor:
+    """A tensor in a safetensors file, read on `np.asarray`."""
+
+    def __init__(self, path: Path, dtype, shape: tuple, start: int, end: int):
+        self.path, self.dtype, self.shape, self.start, self.end = path, np.dtype(dtype), tuple(shape), start, end
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    def __array__(self, dtype=None, copy=None):
+        if self.nbytes == 0:
+            arr = np.zeros(self.shape, self.dtype)
+        else:
+            mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.start, shape=(self.nbytes,))
+            arr = np.array(mm.view(self.dtype).reshape(self.shape))  # copy out of the map
+        return arr if dtype is None else arr.astype(dtype)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ConversionError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > size - 8:
+                raise ConversionError(f"{path}: truncated or corrupt safetensors file (header says "
+                                      f"{header_len} header bytes, file has {size})")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
+    data_start = 8 + header_len
+    tensors = {}
+    needed = data_start
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+        except KeyError as e:
+            raise ConversionError(f"{path}: unsupported or malformed tensor entry {name!r} ({e})") from None
+        if (end - begin) != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            raise ConversionError(f"{path}: tensor {name!r} byte range does not match its shape {shape}")
+        needed = max(needed, data_start + end)
+        tensors[name] = LazyTensor(path, dtype, shape, data_start + begin, data_start + end)
+    if needed > size:
+        raise ConversionError(f"{path}: truncated file: tensors need {needed} bytes, file has {size}")
+    return tensors
+
+
+def read_torch_bin(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f"{path}: reading .bin checkpoints needs PyTorch "
+                              "(pip install 'persongen_jax[torch]')") from None
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # old non-zip format
+    except Exception as e:  # torch raises many types for a damaged pickle/zip
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(f"{path}: cannot read PyTorch checkpoint (corrupt or truncated?): "
+                              f"{type(e).__name__}: {msg}") from None
+    if not isinstance(sd, Mapping):
+        raise ConversionError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    return dict(sd)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """{key: tensor-like} from a .safetensors / .bin file or a sharded *.index.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    name = path.name
+    if name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ConversionError(f"{path}: not a valid sharded-checkpoint index ({e})") from None
+        out = {}
+        for shard in sorted(set(weight_map.values())):
+            part = read_checkpoint(path.parent / shard)
+            for k, v in part.items():
+                if weight_map.get(k) == shard:
+                    out[k] = v
+        return out
+    if name.endswith(".safetensors"):
+        return read_safetensors(path)
+    if name.endswith((".bin", ".pt", ".pth", ".ckpt")):
+        return read_torch_bin(path)
+    raise ConversionError(f"{path}: unknown checkpoint format (expected .safetensors, .bin or *.index.json)")
+
+
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def find_weights(folder: str | os.PathLike, variant: str | None = None) -> Path:
+    """The weight file of a diffusers/transformers component folder (safetensors preferred)."""
+    folder = Path(folder)
+    v = f".{variant}" if variant else ""
+    candidates = []
+    for ext in (".safetensors", ".bin"):
+        for stem in _WEIGHT_STEMS:
+            candidates += [folder / f"{stem}{v}{ext}", folder / f"{stem}{v}{ext}.index.json"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    hint = ""
+    if not variant and any(".fp16." in p for p in present):
+        hint = " (found fp16 files: pass --variant fp16)"
+    raise ConversionError(f"{folder}: no weights found; expected one of "
+                          f"{', '.join(c.name for c in candidates[:4])}, ...; folder has {present[:10]}{hint}")
+
+
+def tensor_nbytes(t) -> int:
+    if isinstance(t, LazyTensor):
+        return t.nbytes
+    if hasattr(t, "element_size"):
+        return t.numel() * t.element_size()
+    return int(np.asarray(t).nbytes)
