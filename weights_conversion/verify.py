@@ -48,7 +48,8 @@ def reference_inputs(name: str, config: dict, seed: int = 0, latent_hw=(32, 32),
         length = min(16, text.get("max_position_embeddings", 77))
         ids = rng.integers(1, vocab - 2, size=(batch, length))
         eos = text.get("eos_token_id", 2)
-        ids[:, -1] = vocab - 1 if eos == 2 else eos  # legacy configs pool at argmax(id)
+        # Legacy configs (eos_token_id 2) pool at argmax(id): put the largest id last.
+        ids[:, -1] = eos if (eos != 2 and eos < vocab) else vocab - 1
         out["input_ids"] = ids.astype(np.int32)
     if "Vision" in name or name == "CLIPModel":
         size = vision.get("image_size", 224)

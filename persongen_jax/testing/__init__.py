@@ -1,0 +1,1 @@
+"""Tiny random reference models for tests, smoke runs and benchmarks (needs the [torch] extra)."""

@@ -1,0 +1,194 @@
+"""One UNet training step (forward + backward + Adam), JAX vs diffusers PyTorch eager.
+
+    python scripts/bench/unet_step.py                 # mid-size SDXL-shaped UNet, 32x32 latents, batch 4, fp32
+    python scripts/bench/unet_step.py --dtype bfloat16 --steps 20   # on a GPU
+
+Both frameworks run the same model (the PyTorch weights converted), the same
+batch and the same numerics (fp32 with highest-precision matmuls and TF32 off,
+or bf16 compute with fp32 params). Each runs in its own child process so that
+peak memory is measured per framework. Prints both medians, the ratio
+(PyTorch time / JAX time, >1 means JAX is faster), JAX compile time, XLA's
+FLOP count and the achieved FLOP/s (MFU on known GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from scripts.bench import common  # noqa: E402
+
+MID_CONFIG = dict(
+    sample_size=32, in_channels=4, out_channels=4,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[64, 128, 256], layers_per_block=2, attention_head_dim=[1, 2, 4],
+    transformer_layers_per_block=[1, 2, 4], cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+
+
+def make_batch(cfg, batch: int, hw: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    return dict(sample=f(batch, hw, hw, 4), timesteps=rng.integers(0, 1000, batch).astype(np.int32),
+                encoder_hidden_states=f(batch, 77, cfg["cross_attention_dim"]), text_embeds=f(batch, pooled),
+                time_ids=np.tile(np.array([[512, 512, 0, 0, 512, 512]], np.float32), (batch, 1)),
+                target=f(batch, hw, hw, 4))
+
+
+def torch_model(cfg, seed=0):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**cfg)
+
+
+def run_torch(args) -> dict:
+    import numpy as np
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = dict(MID_CONFIG, sample_size=args.hw)
+    model = torch_model(cfg).to(dev).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    b = {k: torch.from_numpy(v).to(dev) for k, v in make_batch(cfg, args.batch, args.hw).items()}
+    sample = b["sample"].permute(0, 3, 1, 2).contiguous()
+    target = b["target"].permute(0, 3, 1, 2).contiguous()
+    t = b["timesteps"].long()
+    added = {"text_embeds": b["text_embeds"], "time_ids": b["time_ids"]}
+    autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            pred = model(sample, t, b["encoder_hidden_states"], added_cond_kwargs=added).sample
+        loss = torch.mean((pred.float() - target) ** 2)
+        loss.backward()
+        opt.step()
+        return loss
+
+    sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
+    for _ in range(args.warmup):
+        sync(step())
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    med, times = common.median_time(step, args.steps, sync)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else common.peak_rss_mib()
+    return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def run_jax(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from persongen_jax.models.unet import UNet2DConditionModel
+    from weights_conversion.core import load_from_torch_state_dict
+
+    if args.dtype == "float32":
+        jax.config.update("jax_default_matmul_precision", "highest")  # equal numerics with torch fp32
+    cfg = dict(MID_CONFIG, sample_size=args.hw)
+    tm = torch_model(cfg)  # the same weights as the PyTorch run
+    model = load_from_torch_state_dict(UNet2DConditionModel, cfg, tm.state_dict(),
+                                       dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None,
+                                       attention_impl=args.attention)
+    del tm
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.adam(1e-5)
+    opt_state = tx.init(params)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(cfg, args.batch, args.hw).items()}
+
+    def train_step(params, opt_state, batch):
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p)
+            pred = m(batch["sample"], batch["timesteps"], batch["encoder_hidden_states"],
+                     text_embeds=batch["text_embeds"], time_ids=batch["time_ids"])
+            return jnp.mean((pred.astype(jnp.float32) - batch["target"]) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step_jit = jax.jit(train_step, donate_argnums=(0, 1))
+    t0 = time.perf_counter()
+    compiled = step_jit.lower(params, opt_state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state = {"params": params, "opt": opt_state}
+
+    def step():
+        state["params"], state["opt"], loss = compiled(state["params"], state["opt"], batch)
+        return loss
+
+    sync = lambda x: x.block_until_ready()
+    for _ in range(args.warmup):
+        sync(step())
+    med, times = common.median_time(step, args.steps, sync)
+    dev = jax.devices()[0]
+    flops = common.xla_flops(compiled)
+    out = {"framework": "jax", "device": dev.device_kind, "median_s": med, "times": times,
+           "compile_s": compile_s, "flops_per_step": flops, **common.xla_memory_mib(compiled)}
+    if dev.platform == "gpu":
+        out["peak_mib"] = dev.memory_stats().get("peak_bytes_in_use", 0) / 2**20
+    else:
+        out["peak_mib"] = common.peak_rss_mib()
+    peak = common.PEAK_FLOPS.get((dev.device_kind, args.dtype))
+    if flops:
+        out["achieved_tflops"] = flops / med / 1e12
+        if peak:
+            out["mfu"] = flops / med / peak
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--framework", choices=["both", "jax", "pytorch"], default="both")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--hw", type=int, default=32, help="latent height = width")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--attention", choices=["xla", "cudnn"], default="xla")
+    args = p.parse_args()
+    if args.framework == "jax":
+        print(json.dumps(run_jax(args)))
+        return
+    if args.framework == "pytorch":
+        print(json.dumps(run_torch(args)))
+        return
+    base = [__file__, "--batch", str(args.batch), "--hw", str(args.hw), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--dtype", args.dtype, "--attention", args.attention]
+    pt = common.run_child(base + ["--framework", "pytorch"])
+    jx = common.run_child(base + ["--framework", "jax"])
+    print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")
+    print(f"UNet train step (fwd+bwd+Adam), {pt['params'] / 1e6:.1f}M params, batch {args.batch}, "
+          f"{args.hw}x{args.hw} latents, {args.dtype}, {args.steps} timed steps")
+    print(f"  pytorch eager : median {pt['median_s'] * 1e3:8.1f} ms   peak {pt['peak_mib']:8.0f} MiB")
+    print(f"  jax (jit)     : median {jx['median_s'] * 1e3:8.1f} ms   peak {jx['peak_mib']:8.0f} MiB   "
+          f"compile {jx['compile_s']:.1f} s")
+    print(f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)")
+    if jx.get("flops_per_step"):
+        line = f"  XLA flops/step {jx['flops_per_step'] / 1e9:.1f} GFLOP, achieved {jx['achieved_tflops']:.3f} TFLOP/s"
+        if "mfu" in jx:
+            line += f", MFU {jx['mfu'] * 100:.1f}%"
+        print(line)
+    print("json:", json.dumps({"pytorch": pt, "jax": jx}))
+
+
+if __name__ == "__main__":
+    main()
