@@ -63,12 +63,13 @@ def class_name_of(config: dict, folder: Path) -> str:
 def _progress(state_dict: dict, desc: str):
     total = sum(io.tensor_nbytes(v) for v in state_dict.values())
 
-    def wrap(keys):
+    def wrap(keys, sd):
+        # sd: the state dict after the model's preprocess_torch_state_dict (keys may be renamed).
         # disable=None: a bar on a terminal, silence in logs/CI.
         with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, leave=False) as bar:
             for k in keys:
                 yield k
-                bar.update(io.tensor_nbytes(state_dict[k]))
+                bar.update(io.tensor_nbytes(sd[k]))
 
     return wrap
 

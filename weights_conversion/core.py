@@ -87,14 +87,18 @@ def check_keys(expected: Mapping[str, tuple], source_shapes: Mapping[str, tuple]
 
 def convert_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
                        source: str = "<state dict>", param_dtype=None,
-                       progress: Callable[[Iterable], Iterable] | None = None) -> dict[tuple, np.ndarray]:
+                       progress: Callable[[Iterable, Mapping], Iterable] | None = None,
+                       abstract=None) -> dict[tuple, np.ndarray]:
     """Returns {flax path: array} for `cls(config)` from a PyTorch state dict.
 
     state_dict values may be numpy arrays, torch tensors or lazy tensors with
     `.shape` and `np.asarray` support (see `weights_conversion.io`). Shapes are
-    checked for every key before any tensor is read.
+    checked for every key before any tensor is read. `progress(keys, state_dict)`
+    may wrap the key iteration (a progress bar). `abstract`: the model from
+    `modeling.abstract_model`, if the caller already has it.
     """
-    abstract = modeling.abstract_model(cls, config)
+    if abstract is None:
+        abstract = modeling.abstract_model(cls, config)
     expected_paths = modeling.flat_params(abstract)
     sd = cls.preprocess_torch_state_dict(dict(state_dict), config) \
         if hasattr(cls, "preprocess_torch_state_dict") else dict(state_dict)
@@ -111,7 +115,7 @@ def convert_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, 
                transform_shape=transform_shape)
     out = {}
     keys = sorted(by_key)
-    for k in (progress(keys) if progress else keys):
+    for k in (progress(keys, sd) if progress else keys):
         p = by_key[k]
         value = _to_numpy(sd[k])
         value = to_flax_layout(p, value)
@@ -119,7 +123,7 @@ def convert_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, 
             value = value.astype(jnp.dtype(param_dtype))
         elif value.dtype not in (np.float32, np.float16, jnp.bfloat16):
             value = value.astype(np.float32)
-        out[p] = np.ascontiguousarray(value)
+        out[p] = np.ascontiguousarray(value).reshape(value.shape)  # ascontiguousarray makes 0-d 1-d
     return out
 
 
@@ -138,8 +142,7 @@ def load_from_torch_state_dict(cls, config: Mapping[str, Any], state_dict: Mappi
                                dtype=None, param_dtype=None, attention_impl: str = "xla",
                                source: str = "<state dict>"):
     """Builds `cls` from `config` with weights from a PyTorch state dict (in memory)."""
-    flat = convert_state_dict(cls, config, state_dict, source=source, param_dtype=param_dtype)
-    model = modeling.abstract_model(cls, config, dtype=dtype,
-                                    param_dtype=param_dtype or jnp.float32,
+    model = modeling.abstract_model(cls, config, dtype=dtype, param_dtype=param_dtype or jnp.float32,
                                     attention_impl=attention_impl)
+    flat = convert_state_dict(cls, config, state_dict, source=source, param_dtype=param_dtype, abstract=model)
     return modeling.assign_params(model, flat)

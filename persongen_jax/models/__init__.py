@@ -1,3 +1,10 @@
-"""Flax NNX ports of the SDXL UNet, VAE and CLIP encoders (names mirror diffusers/transformers)."""
+"""Flax NNX ports of the SDXL UNet, VAE and CLIP encoders (names mirror diffusers/transformers).
 
-from persongen_jax.models.modeling import from_pretrained, save_pretrained, register_model  # noqa: F401
+`from_pretrained(path)` loads any converted component folder.
+"""
+
+from persongen_jax.models.modeling import from_pretrained, register_model, save_pretrained  # noqa: F401
+from persongen_jax.models.unet import UNet2DConditionModel  # noqa: F401
+from persongen_jax.models.vae import AutoencoderKL  # noqa: F401
+from persongen_jax.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection,  # noqa: F401
+                                       CLIPVisionModel, CLIPVisionModelWithProjection)

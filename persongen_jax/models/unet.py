@@ -1,0 +1,415 @@
+"""SDXL UNet2DConditionModel (diffusers `models/unets/unet_2d_condition.py`) in Flax NNX.
+
+Call contract (channels-last):
+
+    unet(sample [B, H, W, in_channels], timesteps [B] or scalar,
+         encoder_hidden_states [B, T, cross_attention_dim],
+         text_embeds=[B, P], time_ids=[B, 6]) -> [B, H, W, out_channels]
+
+`text_embeds`/`time_ids` are SDXL's "added conditions" (pooled text embedding and
+original size / crop / target size) and are required when the config says
+`addition_embed_type="text_time"`.
+
+The config is the diffusers `config.json` dict. It is parsed into `UNetConfig`
+(kept as `unet.config`); settings the port does not implement raise a ValueError
+that names the key, instead of silently computing something else.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from persongen_jax.models.embeddings import TimestepEmbedding, Timesteps
+from persongen_jax.models.layers import Conv, GroupNorm, activation
+from persongen_jax.models.modeling import register_model
+from persongen_jax.models.unet_2d_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D,
+                                                 UNetMidBlock2DCrossAttn, UpBlock2D)
+
+DOWN_BLOCKS = {"DownBlock2D": DownBlock2D, "CrossAttnDownBlock2D": CrossAttnDownBlock2D}
+UP_BLOCKS = {"UpBlock2D": UpBlock2D, "CrossAttnUpBlock2D": CrossAttnUpBlock2D}
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+
+# Keys that do not change what the supported blocks compute, so they are accepted and dropped:
+# bookkeeping, sample_size (only a pipeline default), upcast_attention (fp16 softmax upcast in torch;
+# our attention already keeps its softmax statistics in fp32), and options that diffusers only
+# forwards to block types we reject (Simple*/ResnetDownsample* blocks, "text" add-embedding).
+IGNORED_KEYS = frozenset({"sample_size", "upcast_attention", "addition_embed_type_num_heads",
+                          "resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm",
+                          "mid_block_only_cross_attention"})
+
+# Keys whose only supported value is diffusers' default: {key: (allowed values, why)}.
+FIXED_KEYS: dict[str, tuple[tuple, str]] = {
+    "num_attention_heads": ((None,), "diffusers itself rejects it; set attention_head_dim (= number of heads)"),
+    "dropout": ((0, 0.0), "dropout is not ported"),
+    "only_cross_attention": ((False,), "only self+cross attention blocks are ported"),
+    "dual_cross_attention": ((False,), "DualTransformer2DModel is not ported"),
+    "class_embed_type": ((None,), "class embeddings are not ported"),
+    "num_class_embeds": ((None,), "class embeddings are not ported"),
+    "encoder_hid_dim": ((None,), "encoder_hid_proj is not ported"),
+    "encoder_hid_dim_type": ((None,), "encoder_hid_proj is not ported"),
+    "resnet_time_scale_shift": (("default",), "only additive time embedding in resnets is ported"),
+    "time_embedding_type": (("positional",), "Fourier time embeddings are not ported"),
+    "time_cond_proj_dim": ((None,), "timestep_cond (LCM) is not ported"),
+    "attention_type": (("default",), "GLIGEN gated attention is not ported"),
+    "class_embeddings_concat": ((False,), "class embeddings are not ported"),
+}
+
+
+def _tuple(x):
+    """JSON lists -> tuples (nested too), so the config is hashable and immutable."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_tuple(v) for v in x)
+    return x
+
+
+def _per_block(name: str, value, n: int) -> tuple:
+    """diffusers' int-or-list broadcasting: an int applies to every down block."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"UNet config: {name}={list(value)} must have one entry per down block ({n})")
+        return tuple(value)
+    return (value,) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The numerics-relevant subset of diffusers' UNet2DConditionModel config (same names, same defaults)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                       "CrossAttnUpBlock2D")
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple[int, ...] = 1280
+    transformer_layers_per_block: int | tuple = 1
+    reverse_transformer_layers_per_block: tuple | None = None
+    attention_head_dim: int | tuple[int, ...] = 8  # really the number of heads (diffusers naming)
+    use_linear_projection: bool = False
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    time_embedding_dim: int | None = None
+    time_embedding_act_fn: str | None = None
+    timestep_post_act: str | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "UNetConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in config.items():
+            if key.startswith("_") or key in IGNORED_KEYS:
+                continue
+            if key in FIXED_KEYS:
+                allowed, why = FIXED_KEYS[key]
+                ok = value in allowed or (key == "only_cross_attention" and isinstance(value, (list, tuple))
+                                          and not any(value))
+                if not ok:
+                    raise ValueError(f"UNet config: unsupported {key}={value!r}; expected "
+                                     f"{' or '.join(map(repr, allowed))} ({why})")
+                continue
+            if key not in fields:
+                raise ValueError(f"UNet config: unknown key {key!r}; it may change the numerics, so it is "
+                                 f"rejected (supported keys: {sorted(fields | set(FIXED_KEYS))})")
+            kwargs[key] = _tuple(value)
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def validate(self) -> None:
+        n = len(self.down_block_types)
+        for t in self.down_block_types:
+            if _strip(t) not in DOWN_BLOCKS:
+                raise ValueError(f"UNet config: unsupported down block type {t!r} in down_block_types; "
+                                 f"expected one of {sorted(DOWN_BLOCKS)}")
+        for t in self.up_block_types:
+            if _strip(t) not in UP_BLOCKS:
+                raise ValueError(f"UNet config: unsupported up block type {t!r} in up_block_types; "
+                                 f"expected one of {sorted(UP_BLOCKS)}")
+        if self.mid_block_type not in MID_BLOCKS:
+            raise ValueError(f"UNet config: unsupported mid_block_type {self.mid_block_type!r}; "
+                             f"expected 'UNetMidBlock2DCrossAttn' or None")
+        if len(self.up_block_types) != n:
+            raise ValueError(f"UNet config: {n} down_block_types but {len(self.up_block_types)} up_block_types")
+        if len(self.block_out_channels) != n:
+            raise ValueError(f"UNet config: block_out_channels {list(self.block_out_channels)} must have one "
+                             f"entry per down block ({n})")
+        if self.addition_embed_type not in ("text_time", None):
+            raise ValueError(f"UNet config: unsupported addition_embed_type {self.addition_embed_type!r}; "
+                             "expected 'text_time' or None")
+        if self.addition_embed_type == "text_time" and (self.addition_time_embed_dim is None
+                                                        or self.projection_class_embeddings_input_dim is None):
+            raise ValueError("UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
+        if self.norm_num_groups is None:
+            raise ValueError("UNet config: norm_num_groups=None is not supported; expected an int (e.g. 32)")
+        tl = self.transformer_layers_per_block
+        if (isinstance(tl, tuple) and any(isinstance(x, tuple) for x in tl)
+                and self.reverse_transformer_layers_per_block is None):
+            raise ValueError("UNet config: nested transformer_layers_per_block (asymmetrical UNet) needs "
+                             "reverse_transformer_layers_per_block")
+        for name in ("layers_per_block", "cross_attention_dim", "attention_head_dim", "transformer_layers_per_block"):
+            _per_block(name, getattr(self, name), n)
+
+    # Per-block values, broadcast as diffusers does.
+    @property
+    def num_blocks(self) -> int:
+        return len(self.down_block_types)
+
+    def per_block(self, name: str) -> tuple:
+        return _per_block(name, getattr(self, name), self.num_blocks)
+
+
+def _strip(block_type: str) -> str:
+    # diffusers accepts "UNetResDownBlock2D" as an alias of "DownBlock2D".
+    return block_type[7:] if block_type.startswith("UNetRes") else block_type
+
+
+@register_model
+class UNet2DConditionModel(nnx.Module):
+    """SDXL-style conditional UNet; module names mirror diffusers so param paths are state-dict keys."""
+
+    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                 attention_impl: str = "xla"):
+        c = config
+        self.config = c
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        boc = c.block_out_channels
+        n = c.num_blocks
+        heads = c.per_block("attention_head_dim")
+        cross = c.per_block("cross_attention_dim")
+        layers = c.per_block("layers_per_block")
+        tlayers = c.per_block("transformer_layers_per_block")
+
+        self.conv_in = Conv(c.in_channels, boc[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2, **kw)
+
+        # Time: sinusoidal projection (no params) -> MLP; the added conditions go into the same vector.
+        time_embed_dim = c.time_embedding_dim or boc[0] * 4
+        self.time_proj = Timesteps(boc[0], c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(boc[0], time_embed_dim, act_fn=c.act_fn,
+                                                post_act_fn=c.timestep_post_act, **kw)
+        if c.addition_embed_type == "text_time":
+            self.add_time_proj = Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, time_embed_dim, **kw)
+        else:
+            self.add_time_proj = None
+            self.add_embedding = None
+        self.time_embed_act = activation(c.time_embedding_act_fn) if c.time_embedding_act_fn else None
+
+        common = dict(temb_channels=time_embed_dim, resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
+                      resnet_groups=c.norm_num_groups, **kw)
+        attn_common = dict(use_linear_projection=c.use_linear_projection, attention_impl=attention_impl)
+
+        down = []
+        out_ch = boc[0]
+        for i, block_type in enumerate(c.down_block_types):
+            in_ch, out_ch = out_ch, boc[i]
+            args = dict(num_layers=layers[i], add_downsample=i < n - 1,
+                        downsample_padding=c.downsample_padding, **common)
+            if _strip(block_type) == "CrossAttnDownBlock2D":
+                down.append(CrossAttnDownBlock2D(in_ch, out_ch, transformer_layers_per_block=tlayers[i],
+                                                 num_attention_heads=heads[i], cross_attention_dim=cross[i],
+                                                 **attn_common, **args))
+            else:
+                down.append(DownBlock2D(in_ch, out_ch, **args))
+        self.down_blocks = nnx.List(down)
+
+        if c.mid_block_type == "UNetMidBlock2DCrossAttn":
+            self.mid_block = UNetMidBlock2DCrossAttn(
+                boc[-1], transformer_layers_per_block=tlayers[-1], num_attention_heads=heads[-1],
+                cross_attention_dim=cross[-1], output_scale_factor=c.mid_block_scale_factor,
+                **attn_common, **common)
+        else:
+            self.mid_block = None
+
+        rev_boc = boc[::-1]
+        rev_heads, rev_cross, rev_layers = heads[::-1], cross[::-1], layers[::-1]
+        rev_tlayers = (tlayers[::-1] if c.reverse_transformer_layers_per_block is None
+                       else c.reverse_transformer_layers_per_block)
+        up = []
+        out_ch = rev_boc[0]
+        for i, block_type in enumerate(c.up_block_types):
+            prev_out, out_ch = out_ch, rev_boc[i]
+            in_ch = rev_boc[min(i + 1, n - 1)]
+            args = dict(num_layers=rev_layers[i] + 1, add_upsample=i < n - 1, **common)
+            if _strip(block_type) == "CrossAttnUpBlock2D":
+                up.append(CrossAttnUpBlock2D(in_ch, out_ch, prev_out, transformer_layers_per_block=rev_tlayers[i],
+                                             num_attention_heads=rev_heads[i], cross_attention_dim=rev_cross[i],
+                                             **attn_common, **args))
+            else:
+                up.append(UpBlock2D(in_ch, prev_out, out_ch, **args))
+        self.up_blocks = nnx.List(up)
+        self.num_upsamplers = n - 1
+
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, boc[0], epsilon=c.norm_eps, **kw)
+        self.conv_act = activation(c.act_fn)
+        self.conv_out = Conv(boc[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2, **kw)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | UNetConfig, *, rngs: nnx.Rngs, dtype=None,
+                    param_dtype=jnp.float32, attention_impl: str = "xla") -> "UNet2DConditionModel":
+        cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
+        return cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+
+    @classmethod
+    def preset_config(cls, name: str) -> dict:
+        """A diffusers-style config dict by name: "sdxl_base" (stable-diffusion-xl-base-1.0) or "tiny"."""
+        try:
+            return copy.deepcopy(PRESETS[name])
+        except KeyError:
+            raise ValueError(f"unknown UNet preset {name!r}; expected one of {sorted(PRESETS)}") from None
+
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
+        """sample [B, H, W, Cin], timesteps [B] or scalar, encoder_hidden_states [B, T, D],
+        text_embeds [B, P], time_ids [B, 6] -> noise prediction [B, H, W, Cout]."""
+        c = self.config
+        b = sample.shape[0]
+        dtype = self.dtype or sample.dtype
+        # Latent sizes that are not multiples of 2**num_upsamplers: downsampling rounds up, so each
+        # upsampler is told the exact size of the skip it will be concatenated with (static shapes).
+        factor = 2 ** self.num_upsamplers
+        forward_upsample_size = any(d % factor for d in sample.shape[1:3])
+
+        if c.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        timesteps = jnp.asarray(timesteps)
+        if timesteps.ndim == 0:
+            timesteps = timesteps[None]
+        timesteps = jnp.broadcast_to(timesteps, (b,))
+        emb = self.time_embedding(self.time_proj(timesteps).astype(dtype))
+
+        if self.add_embedding is not None:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("addition_embed_type='text_time' needs text_embeds [B, P] and time_ids [B, 6]")
+            # Each of the time ids gets its own sinusoidal embedding; they are concatenated per sample.
+            time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(text_embeds.shape[0], -1)
+            add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+            emb = emb + self.add_embedding(add_embeds.astype(emb.dtype))
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+
+        sample = self.conv_in(sample.astype(dtype))
+        skips = (sample,)
+        for block in self.down_blocks:
+            sample, res = block(sample, emb, encoder_hidden_states)
+            skips += res
+
+        if self.mid_block is not None:
+            sample = self.mid_block(sample, emb, encoder_hidden_states)
+
+        for i, block in enumerate(self.up_blocks):
+            k = len(block.resnets)
+            res, skips = skips[-k:], skips[:-k]
+            upsample_size = None
+            if i < len(self.up_blocks) - 1 and forward_upsample_size:
+                upsample_size = tuple(skips[-1].shape[1:3])
+            sample = block(sample, res, emb, encoder_hidden_states, upsample_size=upsample_size)
+
+        sample = self.conv_act(self.conv_norm_out(sample))
+        return self.conv_out(sample)
+
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (verbatim).
+SDXL_BASE = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.19.0.dev0",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+# SDXL-shaped and small enough for CPU tests and the demo: same block layout (plain block first,
+# then two cross-attention levels), text_time added conditions, several transformer layers per block.
+# text_embeds are 32-d, so projection_class_embeddings_input_dim = 32 + 6 * 8.
+TINY = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "attention_head_dim": [2, 2, 4],
+    "block_out_channels": [32, 64, 64],
+    "cross_attention_dim": 32,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 8,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 80,
+    "sample_size": 32,
+    "transformer_layers_per_block": [1, 2, 2],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+PRESETS = {"sdxl_base": SDXL_BASE, "tiny": TINY}
