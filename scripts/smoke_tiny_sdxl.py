@@ -74,8 +74,8 @@ def main():
     image = jax.jit(lambda z: vae.decode(z / vae.scaling_factor))(x0 * vae.scaling_factor)
     pixels = np.asarray(jnp.clip((image[0] + 1) * 127.5, 0, 255)).astype(np.uint8)
     Image.fromarray(pixels).save(args.out / "sample.png")
-    summary = {"prompt": args.prompt, "tokens": int((ids[0] != ids[0][0, -1]).sum()), "image": "sample.png",
-               "image_shape": list(pixels.shape), "verify": proc.stdout.strip().splitlines()[1:],
+    summary = {"prompt": args.prompt, "image": "sample.png", "image_shape": list(pixels.shape),
+               "verify": [l for l in proc.stdout.splitlines() if l.startswith("verify ")],
                "finite": bool(np.isfinite(np.asarray(image)).all()),
                "seconds": round(time.perf_counter() - t0, 1)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -88,8 +89,8 @@ def check_keys(expected: Mapping[str, tuple], source_shapes: Mapping[str, tuple]
 def convert_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
                        source: str = "<state dict>", param_dtype=None,
                        progress: Callable[[Iterable, Mapping], Iterable] | None = None,
-                       abstract=None) -> dict[tuple, np.ndarray]:
-    """Returns {flax path: array} for `cls(config)` from a PyTorch state dict.
+                       abstract=None) -> dict[tuple, jax.Array]:
+    """Returns {flax path: jax array} for `cls(config)` from a PyTorch state dict.
 
     state_dict values may be numpy arrays, torch tensors or lazy tensors with
     `.shape` and `np.asarray` support (see `weights_conversion.io`). Shapes are
@@ -123,7 +124,10 @@ def convert_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, 
             value = value.astype(jnp.dtype(param_dtype))
         elif value.dtype not in (np.float32, np.float16, jnp.bfloat16):
             value = value.astype(np.float32)
-        out[p] = np.ascontiguousarray(value).reshape(value.shape)  # ascontiguousarray makes 0-d 1-d
+        # Straight to a device array, dropping the host copy tensor by tensor: orbax saves jax arrays
+        # with ~0.7x extra memory, numpy ones with ~1.6x (a 10 GB UNet must fit in 24 GB).
+        out[p] = jnp.asarray(np.ascontiguousarray(value).reshape(value.shape))
+        del value
     return out
 
 
