@@ -94,3 +94,15 @@ def test_not_an_sdxl_folder(tmp_path):
     assert proc.returncode == 1 and "no SDXL components found" in proc.stderr
     proc = helpers.run_cli("sdxl", tmp_path / "nope", tmp_path / "out", check=False)
     assert proc.returncode == 1 and "no such folder" in proc.stderr
+
+
+def test_tiny_tokenizer_words_are_single_tokens(tmp_path):
+    """The tiny vocabulary's whole words (class words, the trigger word) are one token each."""
+    from transformers import CLIPTokenizer
+
+    from persongen_jax.testing.tiny_sdxl import VOCAB_SIZE, WORDS, write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path / "tok")
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
+    assert [w for w in WORDS if len(tok(w).input_ids) != 3] == []
+    assert tok.eos_token_id == VOCAB_SIZE - 1  # legacy argmax pooling needs EOS to be the largest id

@@ -6,9 +6,11 @@
 Shapes are SDXL's in miniature: the two text encoders' hidden sizes add up to
 the UNet's cross_attention_dim, encoder 2's projection is the pooled
 `text_embeds`, the UNet has text_time added conditions. The tokenizer is a real
-`CLIPTokenizer` with a character-level vocabulary (the 512 byte symbols with
-and without `</w>`, then <|startoftext|>, <|endoftext|> as the largest ids, as
-in CLIP, so legacy argmax pooling finds the EOS token).
+`CLIPTokenizer` (byte-level BPE): the 512 byte symbols with and without `</w>`,
+merges that make the words in `WORDS` single tokens (so class words such as
+"man" are one token, as in CLIP's real vocabulary), then <|startoftext|>,
+<|endoftext|> as the largest ids, as in CLIP, so legacy argmax pooling finds
+the EOS token.
 """
 
 from __future__ import annotations
@@ -18,7 +20,30 @@ import math
 from pathlib import Path
 
 TEXT_HIDDEN = 32
-VOCAB_SIZE = 514
+# Whole-word tokens of the tiny vocabulary (everything else is spelled out in byte symbols).
+WORDS = ("a", "an", "the", "of", "in", "on", "with", "and", "photo", "portrait", "man", "woman", "person",
+         "boy", "girl", "img", "wearing", "red", "black", "hat", "suit", "street", "city",
+         "mountains", "room", "background", "looking", "camera", "smiling")
+
+
+def _bpe_merges(words=WORDS) -> tuple[list[str], list[str]]:
+    """Merges that build each word left to right, and the new tokens they create (vocab order)."""
+    merges, tokens = [], []
+    # Longest words first: their merges get priority, so a short word's merge ("a n</w>" of "an")
+    # cannot split a longer one ("m" + "an</w>" for "man").
+    for w in sorted(words, key=len, reverse=True):
+        syms = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = syms[0]
+        for nxt in syms[1:]:
+            merge = f"{cur} {nxt}"
+            cur = cur + nxt
+            if merge not in merges:
+                merges.append(merge)
+                tokens.append(cur)
+    return merges, tokens
+
+
+VOCAB_SIZE = 512 + len(_bpe_merges()[1]) + 2
 
 TEXT_ENCODER = dict(vocab_size=VOCAB_SIZE, hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -61,10 +86,11 @@ def write_tiny_tokenizer(dst: Path, pad_token: str = "<|endoftext|>") -> None:
 
     dst.mkdir(parents=True, exist_ok=True)
     chars = _byte_symbols()
-    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars]
+    merges, merged = _bpe_merges()
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + merged
                                             + ["<|startoftext|>", "<|endoftext|>"])}
     assert len(vocab) == VOCAB_SIZE
-    tok = CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token)
+    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], pad_token=pad_token)
     tok.save_pretrained(dst)
 
 
