@@ -2,7 +2,7 @@
 
     latents  ~ N(0, 1) per seed                                   [S, h, w, 4]
     for i in range(num_steps):                                    (lax.fori_loop, no Python dispatch)
-        emb   = text_only if i < start_merge_step else id_fused   (PhotoMaker: the ID tokens join late)
+        emb   = text_only if i <= start_merge_step else id_fused  (PhotoMaker v1: the ID tokens join late)
         eps_u, eps_c = unet([x, x], t_i, [negative, emb], conditions)      classifier-free guidance
         eps   = eps_u + guidance_scale * (eps_c - eps_u)
         x     = scheduler.step(eps, i, x)
@@ -11,13 +11,13 @@
 The unconditional half sees the negative prompt and no adapter conditions (their
 scale is 0 there): guidance pushes away from "no background / body / identity
 condition", as the research trains with each condition dropped at p=0.1.
-An `id` adapter condition, like the fused ID tokens, is applied from
-`start_merge_step` on.
+An `id` adapter condition, like the fused ID tokens, is applied after step
+`start_merge_step` (PhotoMaker v1's `i <= start_merge_step` rule).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import flax.struct
 import jax
@@ -59,9 +59,11 @@ def _tile(x: jax.Array, n: int) -> jax.Array:
 
 
 def denoise(unet, scheduler, sched_state, latents: jax.Array, cond: Conditioning, *,
-            guidance_scale: float | jax.Array, start_merge_step: int | jax.Array) -> jax.Array:
+            guidance_scale: float | jax.Array, start_merge_step: int | jax.Array,
+            on_step: Callable[[int], None] | None = None) -> jax.Array:
     """Runs the whole denoising loop; traceable (call it under jit). latents: [S, h, w, 4] initial noise
-    already scaled by the scheduler's init_noise_sigma. Returns the final latents [S, h, w, 4]."""
+    already scaled by the scheduler's init_noise_sigma. Returns the final latents [S, h, w, 4].
+    on_step(i): host callback after each step (a progress bar); costs one tiny host sync per step."""
     s = latents.shape[0]
     neg = _tile(cond.negative_embeds, s)
     neg_pooled = _tile(cond.negative_pooled, s)
@@ -71,7 +73,7 @@ def denoise(unet, scheduler, sched_state, latents: jax.Array, cond: Conditioning
     zeros, ones = jnp.zeros((s,), jnp.float32), jnp.ones((s,), jnp.float32)
 
     def body(i, x):
-        merged = i >= start_merge_step
+        merged = i > start_merge_step  # PhotoMaker v1: `if i <= start_merge_step:` uses the text-only prompt
         emb = jnp.where(merged, cond.prompt_embeds, cond.text_only_embeds)
         pooled = jnp.where(merged, cond.pooled, cond.text_only_pooled)
         context = jnp.concatenate([neg, _tile(emb, s)])
@@ -90,7 +92,10 @@ def denoise(unet, scheduler, sched_state, latents: jax.Array, cond: Conditioning
         eps = unet(x_in, t, context, text_embeds=text_embeds, time_ids=time_ids, **kwargs)
         eps_u, eps_c = jnp.split(eps.astype(jnp.float32), 2)
         eps = eps_u + guidance_scale * (eps_c - eps_u)
-        return scheduler.step(sched_state, eps, i, x)
+        x = scheduler.step(sched_state, eps, i, x)
+        if on_step is not None:
+            jax.debug.callback(on_step, i, ordered=True)
+        return x
 
     return jax.lax.fori_loop(0, sched_state.timesteps.shape[0], body, latents)
 
@@ -102,7 +107,7 @@ def decode_latents(vae, latents: jax.Array) -> jax.Array:
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def make_sampler(unet, vae, scheduler, num_steps: int):
+def make_sampler(unet, vae, scheduler, num_steps: int, on_step: Callable[[int], None] | None = None):
     """A jitted `(latents [S,h,w,4], cond, guidance_scale, start_merge_step) -> images [S,H,W,3] in [0,1]`.
 
     The models are closed over as NNX graph + state split outside, so the compiled
@@ -119,7 +124,7 @@ def make_sampler(unet, vae, scheduler, num_steps: int):
         vae_m = nnx.merge(vae_def, vae_state)
         latents = noise * scheduler.init_noise_sigma(sched_state)
         latents = denoise(unet_m, scheduler, sched_state, latents, cond, guidance_scale=guidance_scale,
-                          start_merge_step=start_merge_step)
+                          start_merge_step=start_merge_step, on_step=on_step)
         return decode_latents(vae_m, latents)
 
     def sample(noise, cond, guidance_scale=5.0, start_merge_step=10):
