@@ -30,7 +30,7 @@ class Conditioning:
     """Everything the loop needs besides the latents; arrays have a leading batch of 1 (shared by all seeds).
 
     prompt_embeds / pooled: the prompt with the ID tokens fused in (or the plain prompt).
-    text_only_embeds / text_only_pooled: the prompt without the trigger word (steps < start_merge_step).
+    text_only_embeds / text_only_pooled: the prompt without the trigger word (steps <= start_merge_step).
     negative_embeds / negative_pooled: the unconditional branch.
     time_ids: [1, 6] SDXL (original size, crop top-left, target size).
     conditions: {name: [1, S, D]} adapter inputs (bg / body text tokens, id tokens).

@@ -1,0 +1,207 @@
+"""The generation pipeline: a converted SDXL folder (+ PhotoMaker, LoRA, adapters) -> images.
+
+    pipe = PersonGenPipeline.from_pretrained("weights/sdxl", photomaker="weights/photomaker")
+    images = pipe("a photo of a man img wearing a red hat", ref_images=[face], seeds=[0, 1, 2])
+
+Model folders (all written by `python -m weights_conversion`):
+
+    MODEL/unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2 [, scheduler]   (`sdxl`)
+    PHOTOMAKER/id_encoder [, lora]                                                      (`photomaker`)
+    LORA/ (a LoRA folder)                          ADAPTERS/ (an adapter folder: bg / body / id)
+
+PhotoMaker is looked for in MODEL itself when not given (MODEL/id_encoder, MODEL/lora).
+Host work (tokenizing, image preprocessing, text/ID encoding) happens once per call;
+the denoising loop and the VAE decode are one compiled function per (steps, size, seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from persongen_jax.models import lora as lora_lib
+from persongen_jax.models import modeling
+from persongen_jax.pipeline import prompt as prompt_lib
+from persongen_jax.pipeline.image_processing import clip_preprocess
+from persongen_jax.pipeline.sampling import Conditioning, make_sampler, sdxl_time_ids
+from persongen_jax.pipeline.schedulers import EulerDiscreteScheduler, read_scheduler_config, scheduler_from_config
+
+SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json, for folders converted without one.
+DEFAULT_SCHEDULER = dict(_class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+                         timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear",
+                         use_karras_sigmas=False, clip_sample=False, sample_max_value=1.0, set_alpha_to_one=False,
+                         skip_prk_steps=True)
+
+
+class PipelineError(ValueError):
+    """A model folder or an input that cannot be used; the message says which and why."""
+
+
+def _require(folder: Path, what: str) -> Path:
+    if not (folder / modeling.CONFIG_FILE).is_file():
+        raise PipelineError(f"{folder}: missing {what} (expected a folder written by `python -m weights_conversion`)")
+    return folder
+
+
+class PersonGenPipeline:
+    def __init__(self, *, unet, vae, text_encoder, text_encoder_2, tokenizers, scheduler_config: dict,
+                 id_encoder=None, force_zeros_for_empty_prompt: bool = True, trigger_word: str = "img",
+                 sample_size: int = 128):
+        self.unet, self.vae = unet, vae
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.tokenizers = tokenizers
+        self.scheduler_config = scheduler_config
+        self.id_encoder = id_encoder
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.trigger_word = trigger_word
+        self.sample_size = sample_size  # the UNet config's latent size: default image = sample_size * vae factor
+        self.adapters = lora_lib.adapter_config(unet)
+        self._samplers: dict = {}
+        self._bar = None
+        self._encode_text = nnx.jit(prompt_lib.encode_prompt)
+        self._encode_id = nnx.jit(lambda enc, pixels, embeds, mask: enc(pixels, embeds, mask)) if id_encoder else None
+        self._id_embeds = nnx.jit(lambda enc, pixels: enc.id_embeds(pixels)) if id_encoder else None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, *, photomaker: str | os.PathLike | None = None,
+                        lora: str | os.PathLike | None = None, adapters: str | os.PathLike | None = None,
+                        dtype=None, attention_impl: str = "xla", merge_lora: bool = True,
+                        trigger_word: str = "img") -> "PersonGenPipeline":
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise PipelineError(f"{model_dir}: no such model folder")
+        kw = dict(dtype=dtype, attention_impl=attention_impl)
+        parts = {c: modeling.from_pretrained(_require(model_dir / c, c), **kw) for c in SDXL_COMPONENTS}
+        pm = Path(photomaker) if photomaker else model_dir
+        id_encoder = None
+        if (pm / "id_encoder").is_dir():
+            id_encoder = modeling.from_pretrained(_require(pm / "id_encoder", "id_encoder"), **kw)
+        elif photomaker:
+            raise PipelineError(f"{pm}: no id_encoder/ folder (convert PhotoMaker with "
+                                "`python -m weights_conversion photomaker SRC.bin DST`)")
+        unet = parts["unet"]
+        if adapters:
+            lora_lib.load_adapters(unet, adapters)
+        loras = [p for p in ([pm / "lora"] if (pm / "lora").is_dir() else []) + ([Path(lora)] if lora else [])]
+        for path in loras:
+            lora_lib.load_lora(unet, path)
+            if merge_lora:  # inference: fold into the base kernels, no LoRA cost per step
+                lora_lib.merge_lora(unet)
+        try:
+            scheduler_config = read_scheduler_config(model_dir)
+        except FileNotFoundError:
+            scheduler_config = dict(DEFAULT_SCHEDULER)
+        return cls(unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"],
+                   text_encoder_2=parts["text_encoder_2"],
+                   tokenizers=prompt_lib.load_tokenizers(model_dir, trigger_word),
+                   scheduler_config=scheduler_config, id_encoder=id_encoder,
+                   force_zeros_for_empty_prompt=prompt_lib.read_force_zeros_for_empty_prompt(model_dir),
+                   trigger_word=trigger_word,
+                   sample_size=int(modeling.read_config(model_dir / "unet").get("sample_size") or 128))
+
+    @property
+    def default_size(self) -> int:
+        return self.sample_size * self.vae.downscale_factor
+
+    # ------------------------------------------------------------------ conditioning (host, once per call)
+
+    def _plain(self, text: str):
+        ids = [prompt_lib.tokenize(t, [text]) for t in self.tokenizers]
+        return self._encode_text(self.text_encoder, self.text_encoder_2, jnp.asarray(ids[0]), jnp.asarray(ids[1]))
+
+    def encode(self, prompt: str, ref_images: Sequence = (), *, negative_prompt: str | None = None,
+               prompt_bg: str | None = None, prompt_body: str | None = None, height: int, width: int,
+               adapter_scales: dict | None = None) -> Conditioning:
+        """Prompt (+ reference faces) -> Conditioning for `sampling.denoise` (batch 1, shared by all seeds)."""
+        ref_images = list(ref_images)
+        conditions, scales = {}, {}
+        if ref_images:
+            if self.id_encoder is None:
+                raise PipelineError("reference images were given but the model has no ID encoder "
+                                    "(pass --photomaker DIR, a folder converted by `weights_conversion photomaker`)")
+            batch = prompt_lib.make_prompt_batch(self.tokenizers, prompt, len(ref_images), self.trigger_word)
+            embeds, pooled = self._encode_text(self.text_encoder, self.text_encoder_2,
+                                               jnp.asarray(batch.ids_1), jnp.asarray(batch.ids_2))
+            size = self.id_encoder.config.vision_config.image_size
+            pixels = jnp.asarray(np.stack([clip_preprocess(im, size) for im in ref_images])[None])  # [1,N,H,W,3]
+            fused = self._encode_id(self.id_encoder, pixels, embeds, jnp.asarray(batch.class_tokens_mask))
+            text_only, text_only_pooled = self._encode_text(self.text_encoder, self.text_encoder_2,
+                                                            jnp.asarray(batch.text_only_ids_1),
+                                                            jnp.asarray(batch.text_only_ids_2))
+            if self.adapters and (self.adapters.get("image_projection") or {}).get("condition") == "id":
+                conditions["id"] = self.unet.image_proj(self._id_embeds(self.id_encoder, pixels))
+        else:
+            if self.trigger_word in prompt.split():
+                raise PipelineError(f"prompt {prompt!r} has the trigger word {self.trigger_word!r} but no "
+                                    "reference images were given (--ref FACE.jpg)")
+            fused, pooled = self._plain(prompt)
+            text_only, text_only_pooled = fused, pooled
+        for name, text in (("bg", prompt_bg), ("body", prompt_body)):
+            if text is None:
+                continue
+            if not self.adapters or name not in self.adapters["names"]:
+                have = self.adapters["names"] if self.adapters else []
+                raise PipelineError(f"--prompt-{name} given but the UNet has no {name!r} adapter (adapters: {have}; "
+                                    "pass --adapters DIR)")
+            conditions[name] = self._plain(text)[0]
+        if self.adapters:
+            for name in conditions:
+                scales[name] = jnp.float32((adapter_scales or {}).get(name, self.adapters["scales"][name]))
+        if prompt_lib.zero_negative(negative_prompt, self.force_zeros_for_empty_prompt):
+            neg, neg_pooled = jnp.zeros_like(fused), jnp.zeros_like(pooled)
+        else:
+            neg, neg_pooled = self._plain(negative_prompt or "")
+        return Conditioning(prompt_embeds=fused, pooled=pooled, text_only_embeds=text_only,
+                            text_only_pooled=text_only_pooled, negative_embeds=neg, negative_pooled=neg_pooled,
+                            time_ids=sdxl_time_ids(height, width), conditions=conditions, condition_scales=scales)
+
+    # ------------------------------------------------------------------ sampling
+
+    def sampler(self, num_steps: int, scheduler: str = "euler", progress: bool = False):
+        key = (num_steps, scheduler, progress)
+        if key not in self._samplers:
+            sched = scheduler_from_config(self.scheduler_config, scheduler)
+            on_step = self._progress_step if progress else None
+            self._samplers[key] = make_sampler(self.unet, self.vae, sched, num_steps, on_step=on_step)
+        return self._samplers[key]
+
+    def _progress_step(self, i) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def __call__(self, prompt: str, ref_images: Sequence = (), *, seeds: Sequence[int] = (0,),
+                 num_steps: int = 50, guidance_scale: float = 5.0, start_merge_step: int = 10,
+                 height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
+                 prompt_bg: str | None = None, prompt_body: str | None = None, scheduler: str = "euler",
+                 adapter_scales: dict | None = None, progress: bool = False) -> np.ndarray:
+        """-> uint8 images [len(seeds), H, W, 3]. Seeds give the initial latents (jax.random.key(seed)).
+        progress: a tqdm bar over the denoising steps (host callback from inside the compiled loop)."""
+        height, width = height or self.default_size, width or self.default_size
+        f = self.vae.downscale_factor
+        if height % f or width % f:
+            raise PipelineError(f"height/width must be multiples of {f}, got {height}x{width}")
+        cond = self.encode(prompt, ref_images, negative_prompt=negative_prompt, prompt_bg=prompt_bg,
+                           prompt_body=prompt_body, height=height, width=width, adapter_scales=adapter_scales)
+        shape = (height // f, width // f, self.unet.config.in_channels)
+        noise = jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
+        sample = self.sampler(num_steps, scheduler, progress)
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=num_steps, desc=f"sampling {len(seeds)} image(s)", disable=None)
+        try:
+            images = np.asarray(sample(noise, cond, guidance_scale, start_merge_step))
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        return np.round(images * 255).astype(np.uint8)
