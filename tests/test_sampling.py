@@ -67,7 +67,7 @@ def test_generate_cli_end_to_end(tiny, tmp_path):
     from PIL import Image
 
     pm = tmp_path / "photomaker"
-    helpers.run_cli("photomaker", tiny["pm_bin"], pm)
+    helpers.run_cli("photomaker", tiny["pm_bin"], pm, "--unet", tiny["dst"] / "unet")
     faces = []
     for i in range(2):
         face = tmp_path / f"face{i}.png"
@@ -113,7 +113,7 @@ def test_id_tokens_change_the_image_only_after_the_merge_step(tiny, tmp_path):
     from persongen_jax.pipeline.pipeline import PersonGenPipeline
 
     pm = tmp_path / "photomaker"
-    helpers.run_cli("photomaker", tiny["pm_bin"], pm)
+    helpers.run_cli("photomaker", tiny["pm_bin"], pm, "--unet", tiny["dst"] / "unet")
     p = PersonGenPipeline.from_pretrained(tiny["dst"], photomaker=pm, merge_lora=False)
     face = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3)).astype(np.uint8))
     with_id_late = p("a photo of a man img", [face], seeds=[0], num_steps=3, start_merge_step=3)

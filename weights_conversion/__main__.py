@@ -2,6 +2,11 @@
 
     python -m weights_conversion sdxl SRC DST [--dtype float16] [--variant fp16] [--verify]
     python -m weights_conversion clip SRC DST [--verify]
+    python -m weights_conversion lora SRC.safetensors DST [--unet UNET_DIR] [--skip-text-encoder]
+    python -m weights_conversion ip-adapter SRC.bin DST [--unet UNET_DIR] [--name id] [--scale 1.0]
+    python -m weights_conversion photomaker SRC.bin DST [--unet UNET_DIR]      (DST/id_encoder + DST/lora)
+    python -m weights_conversion export-lora LORA_DIR DST.safetensors
+    python -m weights_conversion export-adapter ADAPTER_DIR DST.safetensors [--name id]
 
 (also installed as the `persongen-convert` console script). Exits 1 with a
 message naming the file and keys when a checkpoint does not match.
@@ -33,7 +38,50 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
         s.add_argument("--verify", action="store_true",
                        help="run the PyTorch and Flax models on the same random inputs; print the max abs diff")
+    unet_help = ("the UNet the weights are for: a converted or diffusers UNet/SDXL folder (its config.json "
+                 "is read; default: the SDXL base config)")
+    for name, help_ in [("lora", "a standalone SDXL LoRA file (PEFT/diffusers, old diffusers or kohya keys)"),
+                        ("ip-adapter", "an SDXL IP-Adapter checkpoint (image_proj + ip_adapter) -> an adapter "
+                                       "folder (parallel mode)"),
+                        ("photomaker", "a PhotoMaker v1 checkpoint -> DST/id_encoder + DST/lora")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("src", type=Path)
+        s.add_argument("dst", type=Path)
+        s.add_argument("--unet", type=Path, default=None, help=unet_help)
+        s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
+        s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        if name == "ip-adapter":
+            s.add_argument("--name", default="id", help="condition name of the adapter (default: id)")
+            s.add_argument("--scale", type=float, default=1.0, help="default adapter scale (default: 1.0)")
+        else:
+            s.add_argument("--skip-text-encoder", action="store_true",
+                           help="skip text-encoder LoRA keys (not supported) instead of failing")
+    for name, help_ in [("export-lora", "a LoRA folder -> diffusers/PEFT .safetensors (load_lora_weights)"),
+                        ("export-adapter", "an adapter folder -> IP-Adapter layout .safetensors")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("src", type=Path)
+        s.add_argument("dst", type=Path)
+        s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        if name == "export-adapter":
+            s.add_argument("--name", default=None, help="which condition to export (default: the only one)")
     return p
+
+
+def _lora_command(args, dtype) -> str:
+    from weights_conversion import lora
+
+    if args.command == "lora":
+        return lora.convert_lora(args.src, args.dst, unet=args.unet, skip_text_encoder=args.skip_text_encoder,
+                                 dtype=dtype, overwrite=args.overwrite)
+    if args.command == "ip-adapter":
+        return lora.convert_ip_adapter(args.src, args.dst, unet=args.unet, name=args.name, scale=args.scale,
+                                       dtype=dtype, overwrite=args.overwrite)
+    if args.command == "photomaker":
+        return lora.convert_photomaker(args.src, args.dst, unet=args.unet, dtype=dtype,
+                                       skip_text_encoder=args.skip_text_encoder, overwrite=args.overwrite)
+    if args.command == "export-lora":
+        return lora.export_lora(args.src, args.dst, overwrite=args.overwrite)
+    return lora.export_adapter(args.src, args.dst, name=args.name, overwrite=args.overwrite)
 
 
 def main(argv=None) -> int:
@@ -41,7 +89,15 @@ def main(argv=None) -> int:
     from weights_conversion.convert import convert_clip, convert_sdxl
     from weights_conversion.core import ConversionError
 
-    dtype = None if args.dtype == "auto" else args.dtype
+    dtype = None if getattr(args, "dtype", "auto") == "auto" else args.dtype
+    if args.command not in ("sdxl", "clip"):
+        try:
+            summary = _lora_command(args, dtype)
+        except ConversionError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"converted {args.src} -> {args.dst}: {summary}")
+        return 0
     try:
         if args.command == "sdxl":
             done = convert_sdxl(args.src, args.dst, dtype=dtype, variant=args.variant, overwrite=args.overwrite)

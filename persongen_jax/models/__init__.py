@@ -8,3 +8,4 @@ from persongen_jax.models.unet import UNet2DConditionModel  # noqa: F401
 from persongen_jax.models.vae import AutoencoderKL  # noqa: F401
 from persongen_jax.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection,  # noqa: F401
                                        CLIPVisionModel, CLIPVisionModelWithProjection)
+from persongen_jax.models.id_encoder import PhotoMakerIDEncoder  # noqa: F401

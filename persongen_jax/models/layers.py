@@ -96,11 +96,30 @@ def torch_linear_init(in_features: int):
     return nnx.initializers.uniform(scale=2 * bound)  # shifted below
 
 
-def Linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype=None,
-           param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
-    """nnx.Linear with the PyTorch-style names kernel[in, out] / bias[out]."""
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
-                      param_dtype=param_dtype, precision=None, rngs=rngs)
+class Linear(nnx.Linear):
+    """nnx.Linear with the PyTorch-style names kernel[in, out] / bias[out], optionally with LoRA.
+
+    LoRA (see `persongen_jax.models.lora.add_lora`) adds the children `lora_A` (kernel [in, r]) and
+    `lora_B` (kernel [r, out]) and a static `lora_scale` = alpha / r:
+
+        y = x @ kernel + bias + lora_scale * (x @ lora_A.kernel) @ lora_B.kernel
+
+    The child names mirror PEFT, so `...to_q.lora_A.kernel` converts to `...to_q.lora_A.weight`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                         param_dtype=param_dtype, precision=None, rngs=rngs)
+        self.lora_A = nnx.data(None)  # data attributes: LoRA modules may be attached later
+        self.lora_B = nnx.data(None)
+        self.lora_scale = 1.0
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        if self.lora_A is not None:
+            y = y + (self.lora_B(self.lora_A(x)) * self.lora_scale).astype(y.dtype)
+        return y
 
 
 def Conv(in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,

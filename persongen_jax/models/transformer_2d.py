@@ -114,7 +114,8 @@ class Transformer2DModel(nnx.Module):
             self.proj_out = Conv(inner_dim, out_channels, 1, **kw)
 
     def __call__(self, x: jax.Array, encoder_hidden_states: jax.Array | None = None) -> jax.Array:
-        """x: [B, H, W, C], encoder_hidden_states: [B, S, D] -> [B, H, W, C]."""
+        """x: [B, H, W, C], encoder_hidden_states: [B, S, D] or a CrossAttentionContext (passed through to
+        attn2) -> [B, H, W, C]."""
         b, h, w, _ = x.shape
         residual = x
         x = self.norm(x)

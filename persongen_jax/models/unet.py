@@ -10,6 +10,11 @@ Call contract (channels-last):
 original size / crop / target size) and are required when the config says
 `addition_embed_type="text_time"`.
 
+LoRA and adapter cross-attentions are added to a built UNet by `persongen_jax.models.lora`;
+adapter conditions are passed as `unet(..., conditions={name: [B, S, D]},
+condition_scales={name: scalar or [B]})` and reach the cross-attentions as a
+`CrossAttentionContext` (the blocks pass `encoder_hidden_states` through untouched).
+
 The config is the diffusers `config.json` dict. It is parsed into `UNetConfig`
 (kept as `unet.config`); settings the port does not implement raise a ValueError
 that names the key, instead of silently computing something else.
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persongen_jax.models.attention_processor import CrossAttentionContext
 from persongen_jax.models.embeddings import TimestepEmbedding, Timesteps
 from persongen_jax.models.layers import Conv, GroupNorm, activation
 from persongen_jax.models.modeling import register_model
@@ -283,10 +289,20 @@ class UNet2DConditionModel(nnx.Module):
             raise ValueError(f"unknown UNet preset {name!r}; expected one of {sorted(PRESETS)}") from None
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
+                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None, *,
+                 conditions: Mapping[str, jax.Array] | None = None,
+                 condition_scales: Mapping[str, Any] | None = None) -> jax.Array:
         """sample [B, H, W, Cin], timesteps [B] or scalar, encoder_hidden_states [B, T, D],
-        text_embeds [B, P], time_ids [B, 6] -> noise prediction [B, H, W, Cout]."""
+        text_embeds [B, P], time_ids [B, 6] -> noise prediction [B, H, W, Cout].
+
+        conditions: {name: [B, S, D]} for the adapter cross-attentions added by
+        `lora.add_adapters` (a name left out = condition absent); condition_scales: {name: scalar
+        or [B]} overriding the adapters' default scales (0 for a sample = absent for it).
+        """
         c = self.config
+        if conditions or condition_scales:
+            encoder_hidden_states = CrossAttentionContext(encoder_hidden_states, dict(conditions or {}),
+                                                          dict(condition_scales or {}))
         b = sample.shape[0]
         dtype = self.dtype or sample.dtype
         # Latent sizes that are not multiples of 2**num_upsamplers: downsampling rounds up, so each

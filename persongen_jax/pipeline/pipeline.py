@@ -131,7 +131,7 @@ class PersonGenPipeline:
             batch = prompt_lib.make_prompt_batch(self.tokenizers, prompt, len(ref_images), self.trigger_word)
             embeds, pooled = self._encode_text(self.text_encoder, self.text_encoder_2,
                                                jnp.asarray(batch.ids_1), jnp.asarray(batch.ids_2))
-            size = self.id_encoder.config.vision_config.image_size
+            size = self.id_encoder.config.vision.image_size
             pixels = jnp.asarray(np.stack([clip_preprocess(im, size) for im in ref_images])[None])  # [1,N,H,W,3]
             fused = self._encode_id(self.id_encoder, pixels, embeds, jnp.asarray(batch.class_tokens_mask))
             text_only, text_only_pooled = self._encode_text(self.text_encoder, self.text_encoder_2,

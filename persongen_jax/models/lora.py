@@ -1,0 +1,427 @@
+"""LoRA and adapter cross-attentions for the UNet (DESIGN points 3 and 4), and their folder formats.
+
+Variable types: `LoRAParam` and `AdapterParam` subclass `nnx.Param`, so
+
+    nnx.state(unet, LoRAParam)                                    the LoRA weights
+    nnx.state(unet, AdapterParam)                                 adapter layers + image projection
+    nnx.All(nnx.Param, nnx.Not(LoRAParam), nnx.Not(AdapterParam))  the frozen base model
+
+select them for optimizers, freezing and checkpoints, and `modeling.flat_params` still sees them.
+
+LoRA (PEFT naming): a targeted `Linear` at path P gets the children `P.lora_A` (kernel [in, r]) and
+`P.lora_B` (kernel [r, out], zero-initialised) and computes
+`base(x) + (alpha / r) * lora_B(lora_A(x))`; the torch key of `P.lora_A.kernel` is PEFT's
+`P.lora_A.weight` (diffusers LoRA files prefix it with `unet.`).
+
+Adapters: on every cross-attention (`attn2`) and per condition name c, `to_k_<c>` / `to_v_<c>`
+(copies of `to_k` / `to_v`, AdapterParam) with a default scale; the wiring (`parallel` or
+`sequential`) is documented in `attention_processor`. Identity tokens for an image condition come
+from `ImageProjection` (IP-Adapter's image_proj), attached as `unet.image_proj`.
+
+Folders (config.json + params/, orbax, paths relative to the UNet, written atomically):
+
+    LoRA:     {"format": "persongen_lora", "rank", "alpha", "targets",
+               "modules": {module path: {"rank", "alpha"}}}           + params of the LoRAParam leaves
+    adapters: {"format": "persongen_adapters", "names", "mode", "scales": {name: s},
+               "image_projection": {"condition", "image_embed_dim", "cross_attention_dim",
+                                    "num_tokens"} | null}               + params of the AdapterParam leaves
+
+Load adapters before LoRA when the LoRA covers adapter layers (`copy_lora=True`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from persongen_jax.models import modeling
+from persongen_jax.models.attention_processor import ADAPTER_MODES, Attention
+from persongen_jax.models.layers import LayerNorm, Linear
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FORMAT = "persongen_lora"
+ADAPTERS_FORMAT = "persongen_adapters"
+
+
+class LoRAParam(nnx.Param):
+    """A LoRA factor (`lora_A` / `lora_B` kernels)."""
+
+
+class AdapterParam(nnx.Param):
+    """A weight of an adapter cross-attention (`to_k_<name>`, `to_v_<name>`) or of `image_proj`."""
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+class LoRADense(nnx.Module):
+    """x @ kernel, kernel [in, out] a LoRAParam (no bias; PEFT's lora_A / lora_B)."""
+
+    def __init__(self, in_features: int, out_features: int, *, init: str = "zeros", dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        if init == "zeros":
+            kernel = jnp.zeros((in_features, out_features), param_dtype)
+        else:  # PEFT's lora_A init: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
+            bound = 1.0 / np.sqrt(in_features)
+            kernel = jax.random.uniform(rngs.params(), (in_features, out_features), param_dtype, -bound, bound)
+        self.kernel = LoRAParam(kernel)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        return jnp.matmul(x.astype(dtype), kernel.astype(dtype))
+
+
+def path_str(path: Iterable) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def linear_modules(module) -> dict[str, Linear]:
+    """{dotted path: Linear} of every LoRA-capable linear layer under `module`."""
+    return {path_str(p): m for p, m in nnx.iter_modules(module) if isinstance(m, Linear)}
+
+
+def matches(path: str, patterns: Sequence[str]) -> bool:
+    """A pattern matches a module path when it is a dotted suffix of it ("to_q" matches
+    "...attn1.to_q", not "...attn2.to_k_bg") or a regex matching the whole path."""
+    return any(path == p or path.endswith("." + p) or re.fullmatch(p, path) for p in patterns)
+
+
+def _attach_lora(lin: Linear, rank: int, alpha: float, *, rngs: nnx.Rngs | None, init_a: str = "uniform"):
+    if lin.lora_A is not None:
+        raise ValueError("already has LoRA")
+    pd = lin.kernel[...].dtype
+    lin.lora_A = LoRADense(lin.in_features, rank, init=init_a, dtype=lin.dtype, param_dtype=pd, rngs=rngs)
+    lin.lora_B = LoRADense(rank, lin.out_features, init="zeros", dtype=lin.dtype, param_dtype=pd)
+    lin.lora_scale = float(alpha) / rank
+
+
+def add_lora(unet, rank: int, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS, *,
+             rngs: nnx.Rngs, modules: Mapping[str, tuple[int, float]] | None = None) -> list[str]:
+    """Adds LoRA (in place) to every Linear of `unet` whose path matches `targets`.
+
+    rank r, alpha (default r, i.e. scale 1): output = base(x) + (alpha / r) * lora_B(lora_A(x));
+    lora_A ~ U(+-1/sqrt(in)) (PEFT), lora_B = 0, so the model is unchanged until trained.
+    `modules` ({path: (rank, alpha)}) instead names every module with its own rank/alpha.
+    Returns the module paths that got LoRA.
+    """
+    linears = linear_modules(unet)
+    if modules is None:
+        if rank <= 0:
+            raise ValueError(f"add_lora: rank must be positive, got {rank}")
+        alpha = rank if alpha is None else alpha
+        modules = {p: (rank, alpha) for p in linears if matches(p, targets)}
+        if not modules:
+            raise ValueError(f"add_lora: no linear layer matches targets {list(targets)}")
+    missing = sorted(p for p in modules if p not in linears)
+    if missing:
+        raise ValueError(f"add_lora: no linear layer at {missing[:10]}"
+                         + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    for p, (r, a) in modules.items():
+        try:
+            _attach_lora(linears[p], int(r), float(a), rngs=rngs)
+        except ValueError as e:
+            raise ValueError(f"add_lora: {p} {e}") from None
+    return sorted(modules)
+
+
+def lora_modules(unet) -> dict[str, tuple[int, float]]:
+    """{module path: (rank, alpha)} of the LoRA currently on `unet`."""
+    return {p: (m.lora_A.out_features, m.lora_scale * m.lora_A.out_features)
+            for p, m in linear_modules(unet).items() if m.lora_A is not None}
+
+
+def merge_lora(unet) -> int:
+    """Folds every LoRA into its base kernel (kernel += scale * A @ B, in float32) and removes it.
+    Returns the number of merged modules; outputs are unchanged up to float rounding."""
+    n = 0
+    for m in linear_modules(unet).values():
+        if m.lora_A is None:
+            continue
+        k = m.kernel[...]
+        delta = jnp.matmul(m.lora_A.kernel[...].astype(jnp.float32), m.lora_B.kernel[...].astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST)
+        m.kernel.set_value((k.astype(jnp.float32) + m.lora_scale * delta).astype(k.dtype))
+        m.lora_A, m.lora_B, m.lora_scale = None, None, 1.0
+        n += 1
+    return n
+
+
+def _target_of(path: str) -> str:
+    return "to_out.0" if path.endswith("to_out.0") else path.rsplit(".", 1)[-1]
+
+
+def lora_config(modules: Mapping[str, tuple[int, float]]) -> dict:
+    """config.json of a LoRA folder for {module path: (rank, alpha)}."""
+    if not modules:
+        raise ValueError("no LoRA modules")
+    rank = collections.Counter(r for r, _ in modules.values()).most_common(1)[0][0]
+    alpha = collections.Counter(a for _, a in modules.values()).most_common(1)[0][0]
+    return {"format": LORA_FORMAT, "version": 1, "rank": int(rank), "alpha": float(alpha),
+            "targets": sorted({_target_of(p) for p in modules}),
+            "modules": {p: {"rank": int(r), "alpha": float(a)} for p, (r, a) in sorted(modules.items())}}
+
+
+def save_lora(unet, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Writes the LoRA of `unet` as a LoRA folder (config.json + params/ of the LoRAParam leaves)."""
+    modules = lora_modules(unet)
+    if not modules:
+        raise ValueError("save_lora: the UNet has no LoRA (add_lora / load_lora first)")
+    write_folder(directory, lora_config(modules), _flat(unet, LoRAParam), overwrite=overwrite)
+
+
+def read_lora_config(directory: str | os.PathLike) -> dict:
+    cfg = _read_config(directory, LORA_FORMAT)
+    if not isinstance(cfg.get("modules"), dict) or not cfg["modules"]:
+        raise ValueError(f"{Path(directory) / modeling.CONFIG_FILE}: no 'modules' in a LoRA config")
+    return cfg
+
+
+def load_lora(unet, directory: str | os.PathLike) -> list[str]:
+    """Adds the LoRA stored in `directory` to `unet` (in place); returns the module paths."""
+    cfg = read_lora_config(directory)
+    modules = {p: (int(m["rank"]), float(m["alpha"])) for p, m in cfg["modules"].items()}
+    linears = linear_modules(unet)
+    missing = sorted(p for p in modules if p not in linears)
+    if missing:
+        raise ValueError(f"{directory}: LoRA for modules the UNet does not have: {missing[:10]}"
+                         + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+                         + ("; LoRA on adapter layers needs load_adapters first"
+                            if any(re.search(r"\.to_[kv]_\w+$", p) for p in missing) else ""))
+    for p, (r, a) in modules.items():
+        try:
+            _attach_lora(linears[p], r, a, rngs=None, init_a="zeros")
+        except ValueError as e:
+            raise ValueError(f"{directory}: {p} {e}") from None
+    _restore(unet, directory, LoRAParam)
+    return sorted(modules)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def _retype(variable, param_type):
+    return param_type(jnp.array(variable[...], copy=True))  # own buffer: safe with donation
+
+
+def _copy_linear(src: Linear, param_type, *, copy_lora: bool) -> Linear:
+    new = nnx.eval_shape(lambda: Linear(src.in_features, src.out_features, use_bias=src.use_bias,
+                                        dtype=src.dtype, param_dtype=src.kernel[...].dtype, rngs=nnx.Rngs(0)))
+    new.kernel = _retype(src.kernel, param_type)
+    if src.use_bias:
+        new.bias = _retype(src.bias, param_type)
+    if copy_lora and src.lora_A is not None:
+        _attach_lora(new, src.lora_A.out_features, src.lora_scale * src.lora_A.out_features, rngs=None,
+                     init_a="zeros")
+        new.lora_A.kernel.set_value(jnp.array(src.lora_A.kernel[...], copy=True))
+        new.lora_B.kernel.set_value(jnp.array(src.lora_B.kernel[...], copy=True))
+    return new
+
+
+class ImageProjection(nnx.Module):
+    """IP-Adapter's image projection (diffusers `ImageProjection`): image_embeds Linear(in ->
+    tokens * D) -> reshape to tokens -> LayerNorm `norm`. Parameters are AdapterParam.
+
+    [B, in] -> [B, tokens, D]; [B, N, in] (N reference images) -> [B, N * tokens, D].
+    """
+
+    def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, *, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.num_tokens = num_tokens
+        self.image_embeds = Linear(image_embed_dim, num_tokens * cross_attention_dim, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
+        self.norm = LayerNorm(cross_attention_dim, dtype=dtype, param_dtype=param_dtype)
+        for m, names in ((self.image_embeds, ("kernel", "bias")), (self.norm, ("scale", "bias"))):
+            for n in names:
+                setattr(m, n, _retype(getattr(m, n), AdapterParam))
+
+    def __call__(self, image_embeds: jax.Array) -> jax.Array:
+        squeeze = image_embeds.ndim == 2
+        x = image_embeds[:, None] if squeeze else image_embeds
+        b, n, _ = x.shape
+        x = self.image_embeds(x).reshape(b, n * self.num_tokens, -1)
+        return self.norm(x)
+
+
+def cross_attentions(unet) -> dict[str, Attention]:
+    """{path: Attention} of every cross-attention (`attn2`) of the UNet."""
+    return {path_str(p): m for p, m in nnx.iter_modules(unet)
+            if isinstance(m, Attention) and p and str(p[-1]) == "attn2"}
+
+
+def add_adapters(unet, names: Sequence[str], *, mode: str = "parallel",
+                 scales: Mapping[str, float] | Sequence[float] | float = 1.0, copy_lora: bool = False,
+                 image_projection: Mapping[str, Any] | None = None, rngs: nnx.Rngs | None = None) -> list[str]:
+    """Adds adapter cross-attentions (in place) to every `attn2` of `unet`; returns their paths.
+
+    names: condition names in wiring order (the target method: ["bg", "body", "id"]).
+    mode: "parallel" (IP-Adapter) or "sequential". scales: default scale per condition.
+    copy_lora: also copy the LoRA of to_k / to_v into LoRA on the new layers (LoRAParam).
+    image_projection: {"condition": "id", "image_embed_dim": int, "num_tokens": 4} adds
+    `unet.image_proj` (ImageProjection into the cross-attention width; needs `rngs`).
+    """
+    names = tuple(names)
+    if not names or len(set(names)) != len(names) or not all(re.fullmatch(r"[a-z][a-z0-9_]*", n) for n in names):
+        raise ValueError(f"add_adapters: names must be unique lower-case identifiers, got {list(names)}")
+    if mode not in ADAPTER_MODES:
+        raise ValueError(f"add_adapters: mode {mode!r}; expected one of {list(ADAPTER_MODES)}")
+    if isinstance(scales, (int, float)):
+        scales = {n: float(scales) for n in names}
+    elif not isinstance(scales, Mapping):
+        scales = dict(zip(names, scales, strict=True))
+    if set(scales) != set(names):
+        raise ValueError(f"add_adapters: scales {dict(scales)} must name exactly {list(names)}")
+    attns = cross_attentions(unet)
+    if not attns:
+        raise ValueError("add_adapters: the UNet has no cross-attention layers")
+    for path, attn in attns.items():
+        if attn.adapter_names:
+            raise ValueError(f"add_adapters: {path} already has adapters {list(attn.adapter_names)}")
+        for n in names:
+            setattr(attn, f"to_k_{n}", _copy_linear(attn.to_k, AdapterParam, copy_lora=copy_lora))
+            setattr(attn, f"to_v_{n}", _copy_linear(attn.to_v, AdapterParam, copy_lora=copy_lora))
+        attn.adapter_names = names
+        attn.adapter_mode = mode
+        attn.adapter_scales = tuple(float(scales[n]) for n in names)
+    if image_projection is not None:
+        ip = dict(image_projection)
+        if ip.get("condition") not in names:
+            raise ValueError(f"add_adapters: image_projection condition {ip.get('condition')!r} is not one of "
+                             f"{list(names)}")
+        cross = ip.get("cross_attention_dim") or next(iter(attns.values())).to_k.in_features
+        unet.image_proj = ImageProjection(int(ip["image_embed_dim"]), int(cross), int(ip.get("num_tokens", 4)),
+                                          dtype=unet.dtype, rngs=rngs)
+        ip["cross_attention_dim"] = int(cross)
+        ip.setdefault("num_tokens", 4)
+    else:
+        ip = None
+    unet.adapter_config = json.dumps({"names": list(names), "mode": mode,
+                                      "scales": {n: float(scales[n]) for n in names},
+                                      "image_projection": ip}, sort_keys=True)  # a hashable static attribute
+    return sorted(attns)
+
+
+def adapter_config(unet) -> dict | None:
+    """{"names", "mode", "scales", "image_projection"} of the adapters on `unet`, or None."""
+    raw = getattr(unet, "adapter_config", None)
+    return json.loads(raw) if raw else None
+
+
+def save_adapters(unet, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Writes the adapters of `unet` (config.json + params/ of the AdapterParam leaves)."""
+    cfg = adapter_config(unet)
+    if cfg is None:
+        raise ValueError("save_adapters: the UNet has no adapters (add_adapters / load_adapters first)")
+    write_folder(directory, {"format": ADAPTERS_FORMAT, "version": 1, **cfg}, _flat(unet, AdapterParam),
+                 overwrite=overwrite)
+
+
+def read_adapters_config(directory: str | os.PathLike) -> dict:
+    cfg = _read_config(directory, ADAPTERS_FORMAT)
+    for key in ("names", "mode", "scales"):
+        if key not in cfg:
+            raise ValueError(f"{Path(directory) / modeling.CONFIG_FILE}: missing {key!r}")
+    return cfg
+
+
+def load_adapters(unet, directory: str | os.PathLike) -> list[str]:
+    """Adds the adapters stored in `directory` to `unet` (in place); returns the attention paths."""
+    cfg = read_adapters_config(directory)
+    paths = add_adapters(unet, cfg["names"], mode=cfg["mode"], scales=cfg["scales"],
+                         image_projection=cfg.get("image_projection"), rngs=nnx.Rngs(0))
+    _restore(unet, directory, AdapterParam)
+    return paths
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _flat(module, param_type) -> dict[tuple, jax.Array]:
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, param_type))}
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temp folder next to `dst`, renamed to `dst` only if the block succeeds."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst}: already exists (pass overwrite=True to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_folder(directory: str | os.PathLike, config: Mapping[str, Any], flat: Mapping[tuple, Any], *,
+                 overwrite: bool = False, into: Path | None = None) -> None:
+    """config.json + params/ (orbax, {path: array}); atomic unless `into` (an already-temporary folder)."""
+    if into is not None:
+        into.mkdir(parents=True, exist_ok=True)
+        (into / modeling.CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+        modeling.save_params(flat, into / modeling.PARAMS_DIR)
+        return
+    with atomic_dir(directory, overwrite) as tmp:
+        write_folder(directory, config, flat, into=tmp)
+
+
+def _read_config(directory, fmt: str) -> dict:
+    path = Path(directory) / modeling.CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a {fmt} folder")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if cfg.get("format") != fmt:
+        raise ValueError(f"{path}: format {cfg.get('format')!r}, expected {fmt!r}")
+    return cfg
+
+
+def read_params(directory: str | os.PathLike) -> dict[str, jax.Array]:
+    """{dotted path: array} of a folder's params/ (small folders: LoRA, adapters)."""
+    import orbax.checkpoint as ocp
+
+    params_dir = (Path(directory) / modeling.PARAMS_DIR).absolute()
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{params_dir}: missing parameters folder")
+    tree = ocp.StandardCheckpointer().restore(params_dir)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {".".join(str(getattr(k, "key", k)) for k in path): v for path, v in flat}
+
+
+def _restore(module, directory, param_type) -> None:
+    """Fills the `param_type` leaves of `module` from directory/params, strictly (all used, shapes equal)."""
+    stored = read_params(directory)
+    expected = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, param_type))}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    bad = sorted(f"{k} {tuple(stored[k].shape)} != {tuple(expected[k].shape)}" for k in expected
+                 if k in stored and tuple(stored[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or bad:
+        raise ValueError(f"{directory}: params do not match the model: missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}, shape mismatches {bad[:10]}")
+    for k, var in expected.items():
+        var.set_value(jnp.asarray(stored[k], dtype=var.get_value().dtype))
