@@ -129,11 +129,11 @@ def ref_and_model(tiny_config, tmp_path_factory):
     sd["vision_model.embeddings.position_ids"] = torch.arange((SIZE // 6) ** 2 + 1)[None]
     src = tmp_path_factory.mktemp("photomaker") / "photomaker-v1.bin"
     torch.save({"id_encoder": sd, "lora_weights": {}}, src)
-    # LEAD: switch to CLI -- `helpers.run_cli("photomaker", src, dst)` then
-    # `modeling.from_pretrained(dst / <id encoder subfolder>)` once weights_conversion wires the command.
-    id_sd = io.read_checkpoint(src)["id_encoder"]
-    config = ie.id_encoder_config_from_state_dict(id_sd, vision_config={"hidden_act": "quick_gelu"})
-    model = core.load_from_torch_state_dict(ie.PhotoMakerIDEncoder, config, id_sd, source=str(src))
+    # Through the real CLI, as a user converts the released checkpoint.
+    dst = src.parent / "converted"
+    helpers.run_cli("photomaker", src, dst)
+    model = modeling.from_pretrained(dst / "id_encoder")
+    assert isinstance(model, ie.PhotoMakerIDEncoder)
     return ref, model
 
 
