@@ -128,10 +128,17 @@ def ref_and_model(tiny_config, tmp_path_factory):
     # The released checkpoint was written by an older transformers: it carries the buffer.
     sd["vision_model.embeddings.position_ids"] = torch.arange((SIZE // 6) ** 2 + 1)[None]
     src = tmp_path_factory.mktemp("photomaker") / "photomaker-v1.bin"
-    torch.save({"id_encoder": sd, "lora_weights": {}}, src)
+    # The LoRA half of the checkpoint, for the tiny SDXL UNet (its config.json is all --unet reads).
+    from persongen_jax.testing.tiny_photomaker import unet_lora_state_dict
+    from persongen_jax.testing.tiny_sdxl import UNET
+
+    (src.parent / "unet").mkdir()
+    (src.parent / "unet" / "config.json").write_text(
+        __import__("json").dumps(dict(UNET, _class_name="UNet2DConditionModel")))
+    torch.save({"id_encoder": sd, "lora_weights": unet_lora_state_dict()}, src)
     # Through the real CLI, as a user converts the released checkpoint.
     dst = src.parent / "converted"
-    helpers.run_cli("photomaker", src, dst)
+    helpers.run_cli("photomaker", src, dst, "--unet", src.parent / "unet")
     model = modeling.from_pretrained(dst / "id_encoder")
     assert isinstance(model, ie.PhotoMakerIDEncoder)
     return ref, model
