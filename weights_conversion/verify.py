@@ -84,8 +84,10 @@ def run_torch(name: str, folder: Path, inputs: dict, variant=None) -> dict:
             m = getattr(transformers, name).from_pretrained(folder, dtype=torch.float32).eval()
             res = {}
             if name == "CLIPModel":
-                res["text_embeds"] = m.get_text_features(T(inputs["input_ids"]).long()).numpy()
-                res["image_embeds"] = m.get_image_features(T(_nchw(inputs["pixel_values"]))).numpy()
+                # transformers v5 returns an output object (projected features in pooler_output), v4 a tensor.
+                feats = lambda o: getattr(o, "pooler_output", o).numpy()
+                res["text_embeds"] = feats(m.get_text_features(T(inputs["input_ids"]).long()))
+                res["image_embeds"] = feats(m.get_image_features(T(_nchw(inputs["pixel_values"]))))
             elif "Text" in name:
                 o = m(T(inputs["input_ids"]).long(), output_hidden_states=True)
                 res["penultimate"] = o.hidden_states[-2].numpy()

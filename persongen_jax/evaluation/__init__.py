@@ -1,0 +1,1 @@
+"""Evaluation metrics: CLIP-T (text-image agreement) and, later, Face-Sim."""

@@ -1,0 +1,88 @@
+"""CLIP-T: 100 * cos(CLIP image embedding, CLIP text embedding) of a generated image and its prompt.
+
+    scorer = CLIPTScorer.from_pretrained("weights/clip-vit-large-patch14")   # `weights_conversion clip`
+    scores = scorer(images, prompts)                                          # np.float32 [N]
+
+Images are preprocessed exactly as transformers' CLIPImageProcessor
+(`image_processing.clip_preprocess`), prompts tokenized with the model folder's
+CLIP tokenizer (padding to 77, truncation). Features run jitted in fixed-size
+batches; with several devices each batch is sharded over a `data` mesh axis.
+No clamping at 0 (torchmetrics' CLIPScore clamps; the research reports the raw
+100 * cosine).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from persongen_jax.models import modeling
+from persongen_jax.pipeline.image_processing import clip_preprocess
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@nnx.jit
+def _scores(model, pixel_values, input_ids):
+    image = _unit(model.get_image_features(pixel_values))
+    text = _unit(model.get_text_features(input_ids))
+    return 100.0 * jnp.sum(image * text, axis=-1)
+
+
+class CLIPTScorer:
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, devices=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_size = model.config.vision_config.image_size
+        devices = list(devices or jax.devices())
+        # Batches are padded to a multiple of the device count and sharded on the data axis.
+        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)
+        # Parameters replicated on every device of the mesh (the batch is what gets split).
+        nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(self.mesh, P())))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **kw) -> "CLIPTScorer":
+        from transformers import CLIPTokenizer
+
+        directory = Path(directory)
+        model = modeling.from_pretrained(directory)
+        if type(model).__name__ != "CLIPModel":
+            raise ValueError(f"{directory}: CLIP-T needs a CLIPModel (text + vision); found {type(model).__name__}")
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(directory)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{directory}: no CLIP tokenizer files next to the model ({e})") from None
+        return cls(model, tokenizer, **kw)
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
+                              return_tensors="np").input_ids.astype(np.int32)
+
+    def __call__(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
+        """images: PIL images or uint8 arrays [H, W, 3]; prompts: one per image -> scores [N]."""
+        if len(images) != len(prompts):
+            raise ValueError(f"CLIP-T: {len(images)} images but {len(prompts)} prompts")
+        out = []
+        sharding = NamedSharding(self.mesh, P("data"))
+        for start in range(0, len(images), self.batch_size):
+            imgs = images[start:start + self.batch_size]
+            pix = np.stack([clip_preprocess(im, self.image_size) for im in imgs])
+            ids = self.tokenize(prompts[start:start + self.batch_size])
+            n = len(imgs)
+            pad = self.batch_size - n  # fixed shapes: one compilation for every batch
+            pix = np.concatenate([pix, np.zeros((pad,) + pix.shape[1:], pix.dtype)])
+            ids = np.concatenate([ids, np.repeat(ids[:1], pad, axis=0)])
+            scores = _scores(self.model, jax.device_put(pix, sharding), jax.device_put(ids, sharding))
+            out.append(np.asarray(scores)[:n])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
