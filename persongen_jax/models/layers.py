@@ -11,7 +11,6 @@ rule per name, see `weights_conversion/core.py`.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import jax
@@ -84,16 +83,6 @@ class LayerNorm(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(dtype)
-
-
-def torch_linear_init(in_features: int):
-    """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) like torch.nn.Linear/Conv.
-
-    Only matters for models trained from scratch (the tiny demo); converted
-    weights overwrite it.
-    """
-    bound = 1.0 / math.sqrt(max(in_features, 1))
-    return nnx.initializers.uniform(scale=2 * bound)  # shifted below
 
 
 class Linear(nnx.Linear):
