@@ -16,7 +16,7 @@ from flax import nnx
 import helpers  # tests/ is on sys.path (rootdir conftest, no package)
 from persongen_jax.models import id_encoder as ie
 from persongen_jax.models import modeling
-from weights_conversion import core, io
+from weights_conversion import core
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -116,7 +116,7 @@ def _validate(src: Path, rel: str, entry: dict | None, trigger_word: str | None)
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             width, height, fmt = im.width, im.height, im.format
-    except Exception as e:  # PIL raises many types for broken files
+    except Exception:  # PIL raises many types for broken files
         raise ValueError("cannot decode image") from None
     if entry is None or not isinstance(entry.get("caption"), str) or not entry["caption"].strip():
         raise ValueError("missing caption")

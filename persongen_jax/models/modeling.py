@@ -24,11 +24,10 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 MODEL_REGISTRY: dict[str, type] = {}

@@ -16,7 +16,6 @@ the denoising loop and the VAE decode are one compiled function per (steps, size
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +30,7 @@ from persongen_jax.models import modeling
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.pipeline.image_processing import clip_preprocess
 from persongen_jax.pipeline.sampling import Conditioning, make_sampler, sdxl_time_ids
-from persongen_jax.pipeline.schedulers import EulerDiscreteScheduler, read_scheduler_config, scheduler_from_config
+from persongen_jax.pipeline.schedulers import read_scheduler_config, scheduler_from_config
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json, for folders converted without one.

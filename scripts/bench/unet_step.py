@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +54,6 @@ def torch_model(cfg, seed=0):
 
 
 def run_torch(args) -> dict:
-    import numpy as np
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -94,7 +92,6 @@ def run_torch(args) -> dict:
 def run_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
     from flax import nnx
 
