@@ -7,6 +7,7 @@
     python -m weights_conversion photomaker SRC.bin DST [--unet UNET_DIR]      (DST/id_encoder + DST/lora)
     python -m weights_conversion export-lora LORA_DIR DST.safetensors
     python -m weights_conversion export-adapter ADAPTER_DIR DST.safetensors [--name id]
+    python -m weights_conversion arcface SRC.onnx DST                          (insightface IResNet ONNX)
 
 (also installed as the `persongen-convert` console script). Exits 1 with a
 message naming the file and keys when a checkpoint does not match.
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
         if name == "export-adapter":
             s.add_argument("--name", default=None, help="which condition to export (default: the only one)")
+    s = sub.add_parser("arcface", help="an insightface ArcFace recognition ONNX file (IResNet, e.g. "
+                                       "w600k_r50.onnx, glintr100.onnx) -> an IResNet folder")
+    s.add_argument("src", type=Path)
+    s.add_argument("dst", type=Path)
+    s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params (auto: float32)")
+    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
 
@@ -92,7 +99,12 @@ def main(argv=None) -> int:
     dtype = None if getattr(args, "dtype", "auto") == "auto" else args.dtype
     if args.command not in ("sdxl", "clip"):
         try:
-            summary = _lora_command(args, dtype)
+            if args.command == "arcface":
+                from weights_conversion.onnx_arcface import convert_arcface
+
+                summary = convert_arcface(args.src, args.dst, dtype=dtype, overwrite=args.overwrite)
+            else:
+                summary = _lora_command(args, dtype)
         except ConversionError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -9,3 +9,4 @@ from persongen_jax.models.vae import AutoencoderKL  # noqa: F401
 from persongen_jax.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection,  # noqa: F401
                                        CLIPVisionModel, CLIPVisionModelWithProjection)
 from persongen_jax.models.id_encoder import PhotoMakerIDEncoder  # noqa: F401
+from persongen_jax.models.iresnet import IResNet  # noqa: F401
