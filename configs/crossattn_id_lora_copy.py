@@ -1,0 +1,25 @@
+"""Target-method exp. 3 (5.2.3): `id` cross-attention only, PhotoMaker's LoRA kept and copied into the new k/v layers; heads + all LoRA (+ the new image projection) train.
+
+    python -m persongen_jax.train --config configs/crossattn_id_lora_copy.py --workdir runs/crossattn_id_lora_copy \
+        --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
+
+Laptop-sized check (tiny random model, synthetic data, 2 steps):
+
+    python -m persongen_jax.train --config configs/crossattn_id_lora_copy.py:tiny --workdir /tmp/crossattn_id_lora_copy
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # noqa: E402
+
+
+def get_config(arg=None):
+    c = default.get_config()
+    c.adapters.names = ("id",)
+    c.init.photomaker_lora = True
+    c.adapters.copy_lora = True
+    c.id_injection = "cross_attn"
+    c.trainable = default.groups(heads=1e-5, lora=1e-5, image_proj=1e-5)
+    return default.variant(c, arg)

@@ -1,0 +1,126 @@
+"""Defaults shared by every experiment (the research's baseline hyperparameters); not run directly.
+
+Experiment files import this and override. Launch pattern:
+
+    python -m persongen_jax.train --config configs/baseline.py --workdir runs/baseline \
+        --config.init.sdxl=weights/sdxl --config.data.dir=data/ffhq_ids
+"""
+
+import ml_collections
+
+# Trainable groups: regexes over dotted parameter paths (see persongen_jax/training/optimizer.py).
+PATTERNS = {
+    "heads": r"id_encoder\.visual_projection(_2)?\.kernel",       # image-encoder projection heads
+    "image_encoder": r"id_encoder\.vision_model\..*",              # the whole CLIP vision tower
+    "fuse_mlp": r"id_encoder\.fuse_module\..*",                    # PhotoMaker's fuse MLP
+    "lora": r".*\.lora_[AB]\.kernel",                              # LoRA (LoRAParam), adapters' LoRA too
+    "adapters": r"unet\..*\.to_[kv]_[a-z0-9_]+\.(kernel|bias)",   # adapter cross-attention k/v (AdapterParam)
+    "image_proj": r"unet\.image_proj\..*",                         # IP-Adapter identity projection head
+}
+
+
+def group(name: str, lr: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"pattern": PATTERNS[name], "lr": lr})
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = "sdxl"               # "sdxl": weights from config.init; "tiny": random tiny parts (tests, demo)
+    c.dtype = "float32"            # compute dtype: "float32" | "bfloat16" (params stay float32)
+    c.attention_impl = "xla"       # "xla" | "cudnn"
+
+    c.init = ml_collections.ConfigDict()
+    c.init.sdxl = ""               # converted SDXL folder (unet, vae, text_encoder(_2), tokenizer(_2))
+    c.init.photomaker = ""         # converted PhotoMaker folder (id_encoder/ [+ lora/])
+    c.init.photomaker_lora = False  # also start the UNet LoRA from PhotoMaker's lora/
+    c.init.id_encoder = ""         # an id_encoder folder (e.g. CLIP ViT-L/14 converted into PhotoMaker shape)
+    c.init.ip_adapter = ""         # a converted adapters folder (IP-Adapter)
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 64               # 0: no LoRA
+    c.lora.alpha = 64.0
+    c.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    c.adapters = ml_collections.ConfigDict()
+    c.adapters.names = ()          # e.g. ("bg",) or ("bg", "body", "id")
+    c.adapters.mode = "parallel"   # "parallel" (IP-Adapter) | "sequential" (the target method)
+    c.adapters.scales = ()         # one per name; () = all 1.0
+    c.adapters.copy_lora = False   # copy to_k/to_v LoRA into the adapter layers
+    c.adapters.num_tokens = 4      # identity tokens of the image projection
+    c.id_injection = "text"        # "text" (PhotoMaker fuse) | "cross_attn" (adapter "id") | "both"
+
+    c.trainable = ml_collections.ConfigDict()
+    c.trainable.heads = group("heads", 1e-5)
+    c.trainable.fuse_mlp = group("fuse_mlp", 1e-5)
+    c.trainable.lora = group("lora", 1e-4)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.warmup_steps = 500
+    c.optim.grad_clip_norm = 0.0   # 0: off
+    c.optim.grad_accum_steps = 1   # effective batch = global_batch_size x this
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.mask_loss_prob = 0.5
+    c.loss.drop_text = 0.1
+    c.loss.drop_id = 0.1
+    c.loss.drop_bg = 0.1
+    c.loss.drop_body = 0.1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "grain"        # "grain" (persongen_jax.data) | "synthetic" (no files)
+    c.data.dir = ""                # empty: build the demo dataset into WORKDIR/demo_data
+    c.data.global_batch_size = 24
+    c.data.resolution = 512
+    c.data.num_refs = 4            # K reference crops at most; each example draws 1..K (min_refs..K)
+    c.data.min_refs = 1
+    c.data.worker_count = 0        # grain worker processes (0: threads of this process)
+    c.data.trigger_word = "img"
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.mesh_shape = (-1,)
+    c.sharding.mesh_axes = ("data",)
+    # ("params", "data") turns on FSDP.
+    c.sharding.logical_axis_rules = (("batch", "data"), ("params", None))
+
+    c.total_steps = 10_000
+    c.log_every = 10
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.eval_every = 0               # 0: no validation hook
+    c.progress_bar = True
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `runlocal` shrink: tiny random model, synthetic data, a few CPU steps."""
+    c.model = "tiny"
+    c.lora.rank = min(c.lora.rank, 4) if c.lora.rank else 0
+    c.lora.alpha = float(c.lora.rank)
+    c.data.source = "synthetic"
+    c.data.resolution = 32
+    c.data.num_refs = 2
+    c.data.global_batch_size = 4
+    c.total_steps = 2
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.optim.warmup_steps = 1
+    c.progress_bar = False
+    return c
+
+
+def groups(**lrs) -> ml_collections.ConfigDict:
+    """config.trainable with exactly these groups: groups(heads=1e-5, lora=1e-4)."""
+    return ml_collections.ConfigDict({name: group(name, lr) for name, lr in lrs.items()})
+
+
+def variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """`--config configs/X.py:tiny` applies `tiny` (the runlocal variant); no arg: the full run."""
+    if not arg:
+        return c
+    if arg != "tiny":
+        raise ValueError(f"unknown config variant {arg!r}; known: 'tiny'")
+    return tiny(c)

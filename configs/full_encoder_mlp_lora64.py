@@ -1,0 +1,23 @@
+"""Reproduction exp. 1 (thesis 5.1.1): whole CLIP image encoder + heads + fuse MLP (1e-5) and LoRA r64 (1e-4), from CLIP (not PhotoMaker) weights.
+
+    python -m persongen_jax.train --config configs/full_encoder_mlp_lora64.py --workdir runs/full_encoder_mlp_lora64 \
+        --config.init.sdxl=weights/sdxl --config.init.id_encoder=weights/clip_vit_l14_id_encoder --config.data.dir=data/ids
+
+Laptop-sized check (tiny random model, synthetic data, 2 steps):
+
+    python -m persongen_jax.train --config configs/full_encoder_mlp_lora64.py:tiny --workdir /tmp/full_encoder_mlp_lora64
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # noqa: E402
+
+
+def get_config(arg=None):
+    c = default.get_config()
+    c.lora.rank, c.lora.alpha = 64, 64.0
+    c.trainable = default.groups(image_encoder=1e-5, heads=1e-5, fuse_mlp=1e-5, lora=1e-4)
+    c.optim.warmup_steps = 0
+    return default.variant(c, arg)

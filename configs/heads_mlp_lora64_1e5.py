@@ -1,0 +1,24 @@
+"""Reproduction exp. 6 (5.1.7): PhotoMaker init; heads + fuse MLP + LoRA r64, all at 1e-5, no warmup.
+
+    python -m persongen_jax.train --config configs/heads_mlp_lora64_1e5.py --workdir runs/heads_mlp_lora64_1e5 \
+        --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
+
+Laptop-sized check (tiny random model, synthetic data, 2 steps):
+
+    python -m persongen_jax.train --config configs/heads_mlp_lora64_1e5.py:tiny --workdir /tmp/heads_mlp_lora64_1e5
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # noqa: E402
+
+
+def get_config(arg=None):
+    c = default.get_config()
+    c.init.photomaker_lora = True
+    c.lora.rank, c.lora.alpha = 64, 64.0
+    c.trainable = default.groups(heads=1e-5, fuse_mlp=1e-5, lora=1e-5)
+    c.optim.warmup_steps = 0
+    return default.variant(c, arg)

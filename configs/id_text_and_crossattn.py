@@ -1,0 +1,25 @@
+"""Target-method exp. 2 (5.2.2): identity through the text (fuse MLP) and an `id` cross-attention with its own projection head (`unet.image_proj`); no LoRA.
+
+    python -m persongen_jax.train --config configs/id_text_and_crossattn.py --workdir runs/id_text_and_crossattn \
+        --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
+
+Laptop-sized check (tiny random model, synthetic data, 2 steps):
+
+    python -m persongen_jax.train --config configs/id_text_and_crossattn.py:tiny --workdir /tmp/id_text_and_crossattn
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # noqa: E402
+
+
+def get_config(arg=None):
+    c = default.get_config()
+    c.init.photomaker_lora = False
+    c.lora.rank = 0
+    c.adapters.names = ("id",)
+    c.id_injection = "both"
+    c.trainable = default.groups(heads=1e-5, fuse_mlp=1e-5, image_proj=1e-5, adapters=1e-5)
+    return default.variant(c, arg)

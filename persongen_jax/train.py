@@ -1,0 +1,38 @@
+"""`python -m persongen_jax.train --config configs/X.py --workdir W [--config.key=value ...]`
+
+Parses flags and calls `train_and_evaluate(config, workdir)`. Without --config: configs/demo.py.
+An override of an unknown key fails naming the key (ml_collections config_flags).
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEMO, "ml_collections config file (configs/*.py)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, tb/", required=True)
+
+
+class _QuietOrbax(pylogging.Filter):
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    # orbax logs every save step at INFO; keep its warnings, drop the chatter.
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    from persongen_jax.training import train_and_evaluate
+
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,186 @@
+"""Training batches: the grain pipeline of `persongen_jax.data` when present, else a synthetic iterator.
+
+`make_iterator(config, tokenizers, workdir, shard_index, shard_count)` returns an iterator of host
+numpy dicts (the keys documented in `loss.compute_loss`) with `get_state()` / `set_state(state)`, so
+its position is checkpointed with the model.
+
+`config.data.source`: "grain" (persongen_jax.data.pipeline.make_train_iterator on config.data.dir;
+an empty dir builds the demo dataset into WORKDIR/demo_data with `persongen_jax.data.make_demo`) or
+"synthetic" (`SyntheticIterator`: deterministic per (seed, index), no files; a learnable pattern per
+"person" so the loss can fall).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from persongen_jax.pipeline import prompt as prompt_lib
+
+CLASS_WORDS = ("man", "woman", "person")
+BGS = ("in the city", "in the mountains", "in a room")
+BODIES = ("wearing a red suit", "wearing a black hat")
+
+
+class SyntheticIterator:
+    """Deterministic fake ID data: example i of shard s is a function of (seed, global index) only."""
+
+    def __init__(self, tokenizers, *, global_batch_size: int, resolution: int, num_refs: int, id_image_size: int,
+                 seed: int, shard_index: int = 0, shard_count: int = 1, trigger_word: str = "img",
+                 num_persons: int = 8):
+        if global_batch_size % shard_count:
+            raise ValueError(f"global batch {global_batch_size} not divisible by {shard_count} processes")
+        self.tokenizers, self.trigger_word = tokenizers, trigger_word
+        self.b, self.r, self.k, self.s = global_batch_size, resolution, num_refs, id_image_size
+        self.seed, self.shard_index, self.shard_count = seed, shard_index, shard_count
+        self.num_persons = num_persons
+        self.step = 0
+        self._cache: dict = {}
+
+    def get_state(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def __iter__(self):
+        return self
+
+    def _person_image(self, person: int, rng, size: int) -> np.ndarray:
+        prng = np.random.default_rng(1000 + person)
+        color = prng.uniform(-1, 1, 3)
+        freq = prng.integers(1, 4, 2)
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        pattern = np.sin(2 * np.pi * (freq[0] * yy + freq[1] * xx))[..., None]
+        img = 0.6 * color * pattern + 0.1 * rng.standard_normal((size, size, 3))
+        return np.clip(img, -1, 1).astype(np.float32)
+
+    def _example(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index])
+        person = int(rng.integers(self.num_persons))
+        r = self.r
+        img = self._person_image(person, rng, r)
+        bg_color = np.random.default_rng(2000 + person % len(BGS)).uniform(-1, 1, 3).astype(np.float32)
+        mask = np.zeros((r, r, 1), np.float32)
+        lo, hi = r // 4, 3 * r // 4
+        mask[lo:hi, lo:hi] = 1
+        pixel = np.where(mask > 0, img, bg_color).astype(np.float32)
+        n = int(rng.integers(1, self.k + 1))
+        refs = np.stack([self._person_image(person, rng, self.s) for _ in range(self.k)])
+        word = CLASS_WORDS[person % len(CLASS_WORDS)]
+        caption = f"a photo of a {word} {self.trigger_word}"
+        key = (caption, n)
+        if key not in self._cache:
+            self._cache[key] = prompt_lib.make_prompt_batch(self.tokenizers, caption, n, self.trigger_word)
+        pb = self._cache[key]
+        bg, body = BGS[person % len(BGS)], BODIES[person % len(BODIES)]
+        def tok(i, text):
+            if (i, text) not in self._cache:
+                self._cache[(i, text)] = prompt_lib.tokenize(self.tokenizers[i], [text])[0]
+            return self._cache[(i, text)]
+
+        return dict(pixel_values=pixel, face_mask=mask, id_pixel_values=refs.astype(np.float32),
+                    num_id_images=np.int32(n), ids_1=pb.ids_1[0], ids_2=pb.ids_2[0],
+                    class_tokens_mask=pb.class_tokens_mask[0], text_only_ids_1=pb.text_only_ids_1[0],
+                    text_only_ids_2=pb.text_only_ids_2[0],
+                    bg_ids_1=tok(0, bg), bg_ids_2=tok(1, bg), body_ids_1=tok(0, body), body_ids_2=tok(1, body),
+                    has_bg=np.bool_(rng.random() < 0.8), has_body=np.bool_(rng.random() < 0.8),
+                    original_size=np.array([r, r], np.int32), crop_top_left=np.array([0, 0], np.int32))
+
+    def __next__(self) -> dict:
+        per = self.b // self.shard_count
+        start = self.step * self.b + self.shard_index * per
+        rows = [self._example(start + i) for i in range(per)]
+        self.step += 1
+        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+
+MODEL_KEYS = ("pixel_values", "face_mask", "id_pixel_values", "num_id_images", "ids_1", "ids_2",
+              "class_tokens_mask", "text_only_ids_1", "text_only_ids_2", "bg_ids_1", "bg_ids_2",
+              "body_ids_1", "body_ids_2", "has_bg", "has_body", "original_size", "crop_top_left")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The arrays the train step uses (drops bookkeeping such as record_index); KeyError names a missing one."""
+    missing = [k for k in MODEL_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"training batch lacks {missing} (has {sorted(batch)})")
+    return {k: batch[k] for k in MODEL_KEYS}
+
+
+class BadRecordHook:
+    """Logs the data pipeline's bad-record report (by name) each time an epoch completes and at the end."""
+
+    def __init__(self, data_dir: str | None, global_batch_size: int):
+        self.data_dir, self.gb = data_dir, global_batch_size
+        self.num_records = None
+        if data_dir:
+            from persongen_jax.data import pipeline as data_pipeline
+
+            self._pipe = data_pipeline
+            self.num_records = data_pipeline.num_records(data_dir)
+
+    def report(self, why: str) -> str | None:
+        if not self.data_dir:
+            return None
+        text = str(self._pipe.bad_records_report(self.data_dir))
+        logging.getLogger("persongen_jax.train").warning("%s: %s", why, text)
+        return text
+
+    def after_step(self, step: int) -> None:
+        if self.num_records:
+            ep = self._pipe.epochs_completed
+            if ep(step, self.gb, self.num_records) > ep(step - 1, self.gb, self.num_records):
+                self.report(f"epoch {ep(step, self.gb, self.num_records)} done (step {step})")
+
+
+def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count: int, id_image_size: int):
+    """-> (iterator, BadRecordHook)."""
+    d = config.data
+
+    def synthetic():
+        return SyntheticIterator(tokenizers, global_batch_size=d.global_batch_size, resolution=d.resolution,
+                                 num_refs=d.num_refs, id_image_size=id_image_size, seed=config.seed,
+                                 shard_index=shard_index, shard_count=shard_count, trigger_word=d.trigger_word)
+
+    if d.source == "synthetic":
+        return synthetic(), BadRecordHook(None, d.global_batch_size)
+    if d.source != "grain":
+        raise ValueError(f"config.data.source={d.source!r}; expected 'grain' or 'synthetic'")
+    try:
+        from persongen_jax.data import pipeline as data_pipeline  # the grain pipeline (persongen_jax/data)
+    except ImportError as e:
+        logging.warning("persongen_jax.data.pipeline unavailable (%s): training on synthetic data", e)
+        return synthetic(), BadRecordHook(None, d.global_batch_size)
+
+    data_dir = d.dir
+    if not data_dir:
+        data_dir = str(Path(workdir) / "demo_data")
+        if not (Path(data_dir) / "index.json").exists():
+            from persongen_jax.data import make_demo
+
+            logging.info("config.data.dir is empty: building the demo dataset in %s", data_dir)
+            make_demo.main([data_dir])
+    it = data_pipeline.make_train_iterator(
+        data_dir, tokenizers=tokenizers, global_batch_size=d.global_batch_size, resolution=d.resolution,
+        num_refs=(min(d.min_refs, d.num_refs), d.num_refs), id_image_size=id_image_size, seed=config.seed,
+        shard_index=shard_index, shard_count=shard_count, trigger_word=d.trigger_word,
+        worker_count=d.worker_count)
+    return it, BadRecordHook(data_dir, d.global_batch_size)
+
+
+def iterator_state(it) -> dict:
+    """JSON-able position of the iterator (grain's DataLoader iterator returns bytes)."""
+    s = it.get_state()
+    if isinstance(s, bytes):
+        return {"bytes": s.decode()}
+    return {"state": json.loads(json.dumps(s))}
+
+
+def restore_iterator(it, saved: dict) -> None:
+    it.set_state(saved["bytes"].encode() if "bytes" in saved else saved["state"])
+
+

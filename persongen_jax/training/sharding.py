@@ -1,0 +1,62 @@
+"""One Mesh with named axes + logical axis rules, so data parallel -> FSDP is a config change.
+
+config.sharding.mesh_axes = ("data",); mesh_shape = (-1,) (-1: all devices, of all processes).
+config.sharding.logical_axis_rules = (("batch", "data"), ("params", None)):
+    batch  -> the mesh axis the leading dim of every batch array is split over;
+    params -> None: parameters and optimizer state replicated (data parallel);
+              a mesh axis name ("data"): FSDP -- each array is split over that axis along its largest
+              dimension divisible by the axis size (arrays with none stay replicated).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(cfg, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(cfg.mesh_shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"config.sharding.mesh_shape={shape}: at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    shape = [len(devices) // known if s == -1 else s for s in shape]
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"config.sharding.mesh_shape={list(cfg.mesh_shape)} does not fit {len(devices)} devices")
+    return Mesh(np.asarray(devices).reshape(shape), tuple(cfg.mesh_axes))
+
+
+def rule(cfg, logical: str):
+    rules = dict(tuple(r) for r in cfg.logical_axis_rules)
+    if logical not in rules:
+        raise ValueError(f"config.sharding.logical_axis_rules has no rule for {logical!r}")
+    return rules[logical]
+
+
+def batch_sharding(mesh: Mesh, cfg) -> NamedSharding:
+    return NamedSharding(mesh, P(rule(cfg, "batch")))
+
+
+def param_sharding(shape, mesh: Mesh, cfg) -> NamedSharding:
+    axis = rule(cfg, "params")
+    if axis is None or not shape:
+        return NamedSharding(mesh, P())
+    n = mesh.shape[axis]
+    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+    for d in dims:
+        if shape[d] % n == 0 and shape[d] >= n:
+            spec = [None] * len(shape)
+            spec[d] = axis
+            return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+
+
+def tree_shardings(tree, mesh: Mesh, cfg):
+    """A sharding per array leaf of `tree` (arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(lambda x: param_sharding(tuple(np.shape(x)), mesh, cfg), tree)
+
+
+def put_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """Host numpy (this process's rows) -> global arrays sharded on the batch axis (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
