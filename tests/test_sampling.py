@@ -59,7 +59,7 @@ def test_sampling_matches_diffusers_pipeline(tiny, pipe, scheduler):
     helpers.assert_close(images, out, rtol=1e-4, atol=1e-4, name=f"{scheduler} images")
 
 
-def test_generate_cli_end_to_end(tiny, tmp_path):
+def test_generate_cli_end_to_end(tiny, tmp_path, capsys):
     """PhotoMaker conversion + generate: N images + settings.json, same seed -> identical images."""
     import subprocess
     import sys
@@ -92,18 +92,25 @@ def test_generate_cli_end_to_end(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b" / "seed_1.png")), imgs[1])
 
+    # Error cases through the same `main` in-process (the subprocess path is covered above).
+    from persongen_jax.generate import main
+
+    def fails(out, *extra):
+        argv = ["--model", str(tiny["dst"]), "--photomaker", str(pm), "--steps", "2", "--out", str(out),
+                "--prompt", "a photo of a man img wearing a red hat", *faces, *extra]
+        assert main(argv) == 1
+        return capsys.readouterr().err
+
     # The prompt must carry the trigger word after the class word.
-    proc = generate(tmp_path / "c", "--seeds", "0", "--prompt", "a photo of a man wearing a red hat")
-    assert proc.returncode == 1 and "trigger word" in proc.stderr and "img" in proc.stderr, proc.stderr
+    err = fails(tmp_path / "c", "--prompt", "a photo of a man wearing a red hat")
+    assert "trigger word" in err and "img" in err, err
     assert not (tmp_path / "c" / "seed_0.png").exists()
     # An unreadable reference image is named.
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\x89PNG not really")
-    proc = generate(tmp_path / "d", "--ref", str(bad))
-    assert proc.returncode == 1 and "broken.jpg" in proc.stderr, proc.stderr
+    assert "broken.jpg" in fails(tmp_path / "d", "--ref", str(bad))
     # A model folder without an ID encoder.
-    proc = generate(tmp_path / "e", "--photomaker", str(tmp_path))
-    assert proc.returncode == 1 and "id_encoder" in proc.stderr, proc.stderr
+    assert "id_encoder" in fails(tmp_path / "e", "--photomaker", str(tmp_path))
 
 
 def test_id_tokens_change_the_image_only_after_the_merge_step(tiny, tmp_path):
