@@ -1,4 +1,4 @@
-"""Training batches: the grain pipeline of `persongen_jax.data` when present, else a synthetic iterator.
+"""Training batches: the grain pipeline of `persongen_jax.data`, or a synthetic iterator for tests.
 
 `make_iterator(config, tokenizers, workdir, shard_index, shard_count)` returns an iterator of host
 numpy dicts (the keys documented in `loss.compute_loss`) with `get_state()` / `set_state(state)`, so
@@ -150,11 +150,7 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
         return synthetic(), BadRecordHook(None, d.global_batch_size)
     if d.source != "grain":
         raise ValueError(f"config.data.source={d.source!r}; expected 'grain' or 'synthetic'")
-    try:
-        from persongen_jax.data import pipeline as data_pipeline  # the grain pipeline (persongen_jax/data)
-    except ImportError as e:
-        logging.warning("persongen_jax.data.pipeline unavailable (%s): training on synthetic data", e)
-        return synthetic(), BadRecordHook(None, d.global_batch_size)
+    from persongen_jax.data import pipeline as data_pipeline  # the grain pipeline (persongen_jax/data)
 
     data_dir = d.dir
     if not data_dir:
