@@ -272,3 +272,28 @@ def test_config_builds_and_steps(name, tmp_path):
     out = train_and_evaluate(c, tmp_path, devices=jax.devices()[:1])
     assert out["step"] == 1 and np.isfinite(out["history"][0]["loss"])
     assert out["params"], "no trainable params"
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+def test_training_on_bad_data_reports_both_by_name(tmp_path, caplog):
+    """A dataset with an undecodable image and a record without caption: training runs to the end and
+    the epoch report names both files with their reasons."""
+    import logging
+
+    from persongen_jax.data.make_demo import make_demo
+
+    data = make_demo(tmp_path / "data", persons=3, images_per_person=2, resolution=32, corrupt=True,
+                     progress=False)
+    c = tiny_config(total_steps=3, checkpoint_every=3, log_every=1)
+    c.data.source, c.data.dir = "grain", str(data)
+    c.data.global_batch_size, c.data.resolution, c.data.num_refs = 2, 32, 1
+    with caplog.at_level(logging.WARNING):
+        out = train_and_evaluate(c, tmp_path / "run", devices=jax.devices()[:1])
+    assert out["step"] == 3 and all(np.isfinite(h["loss"]) for h in out["history"])
+    reports = [r.getMessage() for r in caplog.records if "bad record" in r.getMessage()]
+    assert any(r.startswith("epoch 1 done") for r in reports), reports
+    last = reports[-1]
+    assert "2 bad records" in last and "corrupt.jpg (cannot decode image" in last \
+        and "nocaption.jpg (missing caption)" in last, last
