@@ -1,8 +1,14 @@
 import os
+import tempfile
 
 # Tests run on the CPU; 4 fake devices let data-parallel code be tested without GPUs.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# One persistent compilation cache for this test session, shared with the CLI subprocesses the
+# tests start (same program in several processes -> compiled once). Speed only: results are
+# identical with or without it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="persongen-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # noqa: E402
 
