@@ -13,13 +13,9 @@ only when every component converted, so a failed run leaves DST untouched.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
@@ -91,26 +87,12 @@ def convert_component(src: Path, dst: Path, *, dtype: str | None = None, variant
     return name
 
 
-@contextlib.contextmanager
-def atomic_output(dst: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temp folder next to `dst`; renames it to `dst` only if the block succeeds."""
+def atomic_output(dst: Path, overwrite: bool = False):
+    """`modeling.atomic_dir` with the CLI's error: a ConversionError that names the --overwrite flag."""
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return modeling.atomic_dir(dst, overwrite=True)
 
 
 def convert_sdxl(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=False) -> list[str]:

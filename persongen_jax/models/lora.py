@@ -32,14 +32,11 @@ Load adapters before LoRA when the LoRA covers adapter layers (`copy_lora=True`)
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -353,28 +350,6 @@ def _flat(module, param_type) -> dict[tuple, jax.Array]:
     return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, param_type))}
 
 
-@contextlib.contextmanager
-def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temp folder next to `dst`, renamed to `dst` only if the block succeeds."""
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst}: already exists (pass overwrite=True to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_folder(directory: str | os.PathLike, config: Mapping[str, Any], flat: Mapping[tuple, Any], *,
                  overwrite: bool = False, into: Path | None = None) -> None:
     """config.json + params/ (orbax, {path: array}); atomic unless `into` (an already-temporary folder)."""
@@ -383,7 +358,7 @@ def write_folder(directory: str | os.PathLike, config: Mapping[str, Any], flat: 
         (into / modeling.CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
         modeling.save_params(flat, into / modeling.PARAMS_DIR)
         return
-    with atomic_dir(directory, overwrite) as tmp:
+    with modeling.atomic_dir(directory, overwrite) as tmp:
         write_folder(directory, config, flat, into=tmp)
 
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +114,29 @@ def _lookup(tree: Mapping, path: tuple):
     for p in path:
         node = node[str(p)]
     return node
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temp folder next to `dst`, renamed to `dst` only if the block succeeds, so a
+    failed or killed write never leaves a half-written `dst` (nor destroys an existing one)."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst}: already exists (pass overwrite=True to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_params(flat: Mapping[tuple, Any], directory: str | os.PathLike) -> None:
