@@ -33,6 +33,37 @@ def median_time(fn, steps: int, sync) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def time_torch(fn, steps: int, warmup: int, dev: str) -> tuple[float, list[float], float]:
+    """Warm-up, then the median over `steps` calls of `fn` (CUDA-synchronised on a GPU).
+    Returns (median s, times, peak MiB: CUDA allocator peak after warm-up on a GPU, process RSS on CPU)."""
+    import torch
+
+    sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
+    for _ in range(warmup):
+        sync(fn())
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    med, times = median_time(fn, steps, sync)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else peak_rss_mib()
+    return med, times, peak
+
+
+def jax_device_stats(median_s: float, flops: float | None, dtype: str) -> dict:
+    """Peak memory of JAX's first device (allocator peak on a GPU, process RSS on CPU), achieved
+    TFLOP/s from XLA's FLOP count, and MFU where the device's peak is known."""
+    import jax
+
+    dev = jax.devices()[0]
+    out = {"peak_mib": (dev.memory_stats().get("peak_bytes_in_use", 0) / 2**20 if dev.platform == "gpu"
+                        else peak_rss_mib())}
+    if flops:
+        out["achieved_tflops"] = flops / median_s / 1e12
+        peak = PEAK_FLOPS.get((dev.device_kind, dtype))
+        if peak:
+            out["mfu"] = flops / median_s / peak
+    return out
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -63,12 +63,7 @@ def run_torch(args) -> dict:
                         negative_pooled_prompt_embeds=rep(e["negative_pooled"]), height=px, width=px,
                         num_inference_steps=args.steps, guidance_scale=5.0, output_type="latent").images
 
-    sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
-    sync(call())  # warm-up
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    med, times = common.median_time(call, args.repeats, sync)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else common.peak_rss_mib()
+    med, times, peak = common.time_torch(call, args.repeats, 1, dev)
     return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak}
 
 
@@ -116,16 +111,8 @@ def run_jax(args) -> dict:
     # scale by the number of steps (the ops outside the loop are negligible).
     flops = common.xla_flops(compiled)
     flops = flops * args.steps if flops else None
-    out = {"framework": "jax", "device": dev.device_kind, "median_s": med, "times": times, "compile_s": compile_s,
-           "flops": flops, **common.xla_memory_mib(compiled)}
-    out["peak_mib"] = (dev.memory_stats().get("peak_bytes_in_use", 0) / 2**20 if dev.platform == "gpu"
-                       else common.peak_rss_mib())
-    if flops:
-        out["achieved_tflops"] = flops / med / 1e12
-        peak = common.PEAK_FLOPS.get((dev.device_kind, args.dtype))
-        if peak:
-            out["mfu"] = flops / med / peak
-    return out
+    return {"framework": "jax", "device": dev.device_kind, "median_s": med, "times": times, "compile_s": compile_s,
+            "flops": flops, **common.xla_memory_mib(compiled), **common.jax_device_stats(med, flops, args.dtype)}
 
 
 def main():

@@ -62,14 +62,7 @@ def run_jax(args) -> dict:
     res = {"framework": "jax", "device": dev.device_kind, "median_s": med, "times": times,
            "compile_s": out["compiled"]["compile_s"], "flops_per_step": out["compiled"].get("flops_per_step"),
            "memory_mib": out["compiled"].get("memory_mib"), "trainable": sum(v.size for v in out["params"].values())}
-    res["peak_mib"] = (dev.memory_stats().get("peak_bytes_in_use", 0) / 2**20 if dev.platform == "gpu"
-                       else common.peak_rss_mib())
-    if res["flops_per_step"]:
-        res["achieved_tflops"] = res["flops_per_step"] / med / 1e12
-        peak = common.PEAK_FLOPS.get((dev.device_kind, args.dtype))
-        if peak:
-            res["mfu"] = res["flops_per_step"] / med / peak
-    return res
+    return {**res, **common.jax_device_stats(med, res["flops_per_step"], args.dtype)}
 
 
 def run_torch(args) -> dict:
@@ -185,13 +178,7 @@ def run_torch(args) -> dict:
         opt.step()
         return loss
 
-    sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
-    for _ in range(args.warmup):
-        sync(step())
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    med, times = common.median_time(step, args.steps, sync)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else common.peak_rss_mib()
+    med, times, peak = common.time_torch(step, args.steps, args.warmup, dev)
     n_train = sum(p.numel() for p in lora_params + adapter_params + heads + list(fuse.parameters()))
     return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak,
             "trainable": n_train}

@@ -78,13 +78,7 @@ def run_torch(args) -> dict:
         opt.step()
         return loss
 
-    sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
-    for _ in range(args.warmup):
-        sync(step())
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    med, times = common.median_time(step, args.steps, sync)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else common.peak_rss_mib()
+    med, times, peak = common.time_torch(step, args.steps, args.warmup, dev)
     return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -137,18 +131,9 @@ def run_jax(args) -> dict:
     med, times = common.median_time(step, args.steps, sync)
     dev = jax.devices()[0]
     flops = common.xla_flops(compiled)
-    out = {"framework": "jax", "device": dev.device_kind, "median_s": med, "times": times,
-           "compile_s": compile_s, "flops_per_step": flops, **common.xla_memory_mib(compiled)}
-    if dev.platform == "gpu":
-        out["peak_mib"] = dev.memory_stats().get("peak_bytes_in_use", 0) / 2**20
-    else:
-        out["peak_mib"] = common.peak_rss_mib()
-    peak = common.PEAK_FLOPS.get((dev.device_kind, args.dtype))
-    if flops:
-        out["achieved_tflops"] = flops / med / 1e12
-        if peak:
-            out["mfu"] = flops / med / peak
-    return out
+    return {"framework": "jax", "device": dev.device_kind, "median_s": med, "times": times,
+            "compile_s": compile_s, "flops_per_step": flops, **common.xla_memory_mib(compiled),
+            **common.jax_device_stats(med, flops, args.dtype)}
 
 
 def main():
