@@ -1,8 +1,8 @@
 """ArcFace (insightface IResNet) port: ONNX export from a PyTorch reference -> `weights_conversion arcface`
 -> JAX embeddings equal onnxruntime's within 1e-4.
 
-The reference module below follows deepinsight/insightface recognition/arcface_torch/backbones/iresnet.py
-(IBasicBlock, IResNet without dropout/fp16), scaled down by `widths`. Weights and BatchNorm running
+The reference module (`persongen_jax.testing.tiny_eval.TorchIResNet`) follows insightface
+recognition/arcface_torch/backbones/iresnet.py (IBasicBlock, IResNet without dropout/fp16), scaled down by `widths`. Weights and BatchNorm running
 statistics are random so no identity BatchNorm hides a bug. Exports use the TorchScript exporter
 (dynamo=False): in eval mode it folds each conv->BatchNorm pair into the conv, like the released
 insightface files; training=PRESERVE keeps the BatchNormalization nodes (the unfolded graph).
@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import assert_close, randomize_, run_cli, torch_precise
+from tests.helpers import assert_close, run_cli, torch_precise
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-nn = torch.nn
 # The TorchScript exporter is deprecated (the dynamo one needs onnxscript, not a dependency) and warns
 # that constant folding in PRESERVE mode may mutate params: with the model in eval mode it does not.
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -30,69 +29,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 TINY = dict(layers=[2, 1, 1, 1], widths=[8, 16, 16, 32], num_features=16, input_size=32)
 
 
-class IBasicBlock(nn.Module):
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-05)
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, eps=1e-05)
-        self.prelu = nn.PReLU(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes, eps=1e-05)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x
-        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        return out + identity
-
-
-class TorchIResNet(nn.Module):
-    def __init__(self, layers, widths, num_features, input_size):
-        super().__init__()
-        self.inplanes = widths[0]
-        self.conv1 = nn.Conv2d(3, self.inplanes, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes, eps=1e-05)
-        self.prelu = nn.PReLU(self.inplanes)
-        for i, (n, planes) in enumerate(zip(layers, widths)):
-            setattr(self, f"layer{i + 1}", self._make_layer(planes, n, stride=2))
-        self.bn2 = nn.BatchNorm2d(widths[-1], eps=1e-05)
-        side = input_size // 2 ** len(layers)
-        self.fc = nn.Linear(widths[-1] * side * side, num_features)
-        self.features = nn.BatchNorm1d(num_features, eps=1e-05)
-        self.n_stages = len(layers)
-
-    def _make_layer(self, planes, blocks, stride):
-        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride=stride, bias=False),
-                                   nn.BatchNorm2d(planes, eps=1e-05))
-        layers = [IBasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers += [IBasicBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.prelu(self.bn1(self.conv1(x)))
-        for i in range(self.n_stages):
-            x = getattr(self, f"layer{i + 1}")(x)
-        x = torch.flatten(self.bn2(x), 1)
-        return self.features(self.fc(x))
-
-
 def _reference(seed=0):
+    from persongen_jax.testing.tiny_eval import torch_iresnet
+
     torch_precise()
-    m = TorchIResNet(**TINY)
-    randomize_(m, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=g))
-                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
-            if isinstance(mod, nn.PReLU):  # slopes of both signs, not the 0.25 default
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 0.5)
-    return m.eval()
+    return torch_iresnet(**TINY, seed=seed)
 
 
 def _export(m, path: Path, *, folded: bool) -> Path:

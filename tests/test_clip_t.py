@@ -17,21 +17,12 @@ PROMPTS = ["a photo of a man wearing a red hat", "a woman in the city", "a portr
 
 @pytest.fixture(scope="module")
 def clip_dirs(tmp_path_factory):
-    from persongen_jax.testing.tiny_sdxl import VOCAB_SIZE, write_tiny_tokenizer
+    from persongen_jax.testing.tiny_eval import make_tiny_clip
 
     helpers.torch_precise()
     root = tmp_path_factory.mktemp("clip_t")
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    model = transformers.CLIPModel(cfg).eval()
-    helpers.randomize_(model, seed=3)
-    model.save_pretrained(root / "src")
-    write_tiny_tokenizer(root / "src")
-    helpers.run_cli("clip", root / "src", root / "dst")
+    model = make_tiny_clip(root / "dst", source=root / "src", convert=False)
+    helpers.run_cli("clip", root / "src", root / "dst")  # converted through the CLI
     return root, model
 
 
@@ -58,7 +49,7 @@ def test_clip_t_matches_pytorch(clip_dirs):
     scorer = CLIPTScorer.from_pretrained(root / "dst", batch_size=4)  # 2 batches, padded, sharded on 4 devices
     ours = scorer(images, PROMPTS)
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
-    assert scorer.batch_size % len(scorer.mesh.devices.flat) == 0
+    assert scorer.batch_size % len(scorer.batches.mesh.devices.flat) == 0
 
 
 def test_clip_t_errors(clip_dirs, tmp_path):

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from persongen_jax.evaluation.batching import ShardedBatches
 from persongen_jax.models import modeling
 from persongen_jax.pipeline.image_processing import clip_preprocess
 
@@ -44,12 +44,9 @@ class CLIPTScorer:
         self.model = model
         self.tokenizer = tokenizer
         self.image_size = model.config.vision_config.image_size
-        devices = list(devices or jax.devices())
-        # Batches are padded to a multiple of the device count and sharded on the data axis.
-        self.mesh = Mesh(np.asarray(devices), ("data",))
-        self.batch_size = -(-batch_size // len(devices)) * len(devices)
-        # Parameters replicated on every device of the mesh (the batch is what gets split).
-        nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(self.mesh, P())))
+        self.batches = ShardedBatches(batch_size, devices)
+        self.batch_size = self.batches.batch_size
+        self.batches.replicate(model)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kw) -> "CLIPTScorer":
@@ -73,16 +70,7 @@ class CLIPTScorer:
         """images: PIL images or uint8 arrays [H, W, 3]; prompts: one per image -> scores [N]."""
         if len(images) != len(prompts):
             raise ValueError(f"CLIP-T: {len(images)} images but {len(prompts)} prompts")
-        out = []
-        sharding = NamedSharding(self.mesh, P("data"))
-        for start in range(0, len(images), self.batch_size):
-            imgs = images[start:start + self.batch_size]
-            pix = np.stack([clip_preprocess(im, self.image_size) for im in imgs])
-            ids = self.tokenize(prompts[start:start + self.batch_size])
-            n = len(imgs)
-            pad = self.batch_size - n  # fixed shapes: one compilation for every batch
-            pix = np.concatenate([pix, np.zeros((pad,) + pix.shape[1:], pix.dtype)])
-            ids = np.concatenate([ids, np.repeat(ids[:1], pad, axis=0)])
-            scores = _scores(self.model, jax.device_put(pix, sharding), jax.device_put(ids, sharding))
-            out.append(np.asarray(scores)[:n])
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        if not len(images):
+            return np.zeros((0,), np.float32)
+        pix = np.stack([clip_preprocess(im, self.image_size) for im in images])
+        return self.batches.run(_scores, self.model, pix, self.tokenize(prompts))

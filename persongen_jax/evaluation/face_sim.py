@@ -1,0 +1,125 @@
+"""Face-Sim: cosine between ArcFace embeddings of the generated face and the reference face(s).
+
+    scorer = FaceSimScorer.from_pretrained(detector="weights/antelopev2", arcface="weights/arcface_r100")
+    refs = scorer.reference_embeddings(["faces/alice_1.jpg", "faces/alice_2.jpg"])   # [R, D]
+    scores, found = scorer(generated_images, [refs] * len(generated_images))
+
+Per image: detect faces (SCRFD, host), keep the largest, align it to the ArcFace template
+(`faces.norm_crop`), embed all crops in jitted fixed-size batches sharded over the `data` axis
+(the IResNet converted by `weights_conversion arcface`), L2-normalise. The score of a generated image
+is the mean cosine to its identity's reference embeddings.
+
+No face in a generated image: the research scores it 0 and counts it (`no_face="zero"`, the default);
+`no_face="skip"` leaves it out of the means instead (score None). Either way `found` says which images
+had no face, and the report lists them. A reference image without a face is an error naming the file:
+it would silently change what the identity is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from flax import nnx
+
+from persongen_jax.evaluation.batching import ShardedBatches
+from persongen_jax.evaluation.faces import FaceDetector, norm_crop
+from persongen_jax.models import iresnet, modeling
+
+NO_FACE_MODES = ("zero", "skip")
+
+
+class NoFaceError(ValueError):
+    """A reference image in which no face was found."""
+
+
+@nnx.jit
+def _embed(model, crops):
+    return iresnet.embed(model, crops)
+
+
+def _as_rgb(image) -> np.ndarray:
+    if isinstance(image, (str, os.PathLike)):
+        from persongen_jax.pipeline.image_processing import load_image
+
+        image = load_image(image)
+    return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, np.uint8)
+
+
+class FaceSimScorer:
+    def __init__(self, detector: FaceDetector, arcface, *, batch_size: int = 64, devices=None,
+                 no_face: str = "zero"):
+        if no_face not in NO_FACE_MODES:
+            raise ValueError(f"no_face={no_face!r}; expected one of {list(NO_FACE_MODES)}")
+        self.detector = detector
+        self.arcface = arcface
+        self.no_face = no_face
+        self.crop_size = arcface.config.input_size
+        self.batches = ShardedBatches(batch_size, devices)
+        self.batches.replicate(arcface)
+
+    @classmethod
+    def from_pretrained(cls, detector: str | os.PathLike, arcface: str | os.PathLike, *, det_size=(640, 640),
+                        det_thresh: float = 0.5, providers=None, **kw) -> "FaceSimScorer":
+        det = FaceDetector.from_folder(detector, det_size=det_size, det_thresh=det_thresh, providers=providers)
+        model = modeling.from_pretrained(Path(arcface))
+        if not isinstance(model, iresnet.IResNet):
+            raise ValueError(f"{arcface}: Face-Sim needs an ArcFace IResNet folder (`python -m weights_conversion "
+                             f"arcface w600k_r50.onnx DST`); found {type(model).__name__}")
+        return cls(det, model, **kw)
+
+    def align(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """-> (crops [N, S, S, 3] uint8, found [N] bool); a black crop where no face was found."""
+        s = self.crop_size
+        crops = np.zeros((len(images), s, s, 3), np.uint8)
+        found = np.zeros((len(images),), bool)
+        for i, image in enumerate(images):
+            rgb = _as_rgb(image)
+            faces = self.detector.detect(rgb)
+            if len(faces):
+                crops[i] = norm_crop(rgb, faces.kps[faces.largest()], s)
+                found[i] = True
+        return crops, found
+
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Aligned RGB crops [N, S, S, 3] -> unit embeddings [N, D] (float32)."""
+        if not len(crops):
+            return np.zeros((0, self.arcface.config.num_features), np.float32)
+        return self.batches.run(_embed, self.arcface, np.asarray(crops, np.uint8))
+
+    def embed(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """-> (unit embeddings [N, D], zeros where no face; found [N])."""
+        crops, found = self.align(images)
+        emb = self.embed_crops(crops)
+        return np.where(found[:, None], emb, 0.0).astype(np.float32), found
+
+    def reference_embeddings(self, images: Sequence, names: Sequence[str] | None = None) -> np.ndarray:
+        """Reference faces (paths or images) -> [R, D]; NoFaceError names each image without a face."""
+        names = list(names) if names is not None else [str(im) if isinstance(im, (str, os.PathLike))
+                                                        else f"reference #{i}" for i, im in enumerate(images)]
+        emb, found = self.embed(images)
+        if not found.all():
+            missing = [n for n, f in zip(names, found) if not f]
+            raise NoFaceError(f"no face found in reference image(s) {missing} (detector {self.detector.model_file}, "
+                              f"det_thresh {self.detector.det_thresh}); use a clear frontal photo")
+        return emb
+
+    def scores(self, embeddings: np.ndarray, found: np.ndarray, references: Sequence[np.ndarray]) -> list:
+        """Mean cosine of each embedding to its references [R_i, D]; no face -> 0.0 or None (no_face)."""
+        out = []
+        for e, f, ref in zip(embeddings, found, references):
+            if not f:
+                out.append(0.0 if self.no_face == "zero" else None)
+            else:
+                out.append(float(np.mean(np.asarray(ref, np.float32) @ e)))
+        return out
+
+    def __call__(self, images: Sequence, references: Sequence[np.ndarray]) -> tuple[list, np.ndarray]:
+        """images + one reference-embedding array per image -> (scores, found)."""
+        if len(images) != len(references):
+            raise ValueError(f"Face-Sim: {len(images)} images but {len(references)} reference sets")
+        emb, found = self.embed(images)
+        return self.scores(emb, found, references), found
+
