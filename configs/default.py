@@ -90,7 +90,24 @@ def get_config():
     c.log_every = 10
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
-    c.eval_every = 0               # 0: no validation hook
+    c.eval_every = 1000            # validation every N steps when eval.sets is set (0: never)
+
+    # Validation during training (`python -m persongen_jax.evaluate` mode B with the current params).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.sets = ""               # "in_train=DIR,out_of_train=DIR,out_of_domain=DIR"; empty: no validation
+    c.eval.clip = ""               # converted CLIP (weights_conversion clip), e.g. clip-vit-large-patch14
+    c.eval.face_detector = ""      # insightface model folder with an SCRFD detector (antelopev2 / buffalo_l)
+    c.eval.arcface = ""            # converted ArcFace (weights_conversion arcface glintr100.onnx DST)
+    c.eval.prompts = ""            # prompts JSON; empty: the research's 4 (evaluation/validation_prompts.json)
+    c.eval.num_prompts = 0         # 0: all prompts of the file
+    c.eval.seeds = (0, 1, 2, 3, 4)
+    c.eval.num_steps = 50
+    c.eval.guidance_scale = 5.0
+    c.eval.start_merge_step = 10
+    c.eval.resolution = 0          # 0: data.resolution
+    c.eval.split = "auto"          # P_general + P_bg when the model has a bg adapter ("never" | "always")
+    c.eval.no_face = "zero"        # no face in a generation: scores 0 ("zero", the research) | "skip"
+    c.eval.det_thresh = 0.5
     c.progress_bar = True
     return c
 

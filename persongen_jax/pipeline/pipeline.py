@@ -107,6 +107,16 @@ class PersonGenPipeline:
                    trigger_word=trigger_word,
                    sample_size=int(modeling.read_config(model_dir / "unet").get("sample_size") or 128))
 
+    @classmethod
+    def from_model(cls, model, tokenizers, scheduler_config: dict, *, trigger_word: str = "img",
+                   force_zeros_for_empty_prompt: bool = True, sample_size: int = 128) -> "PersonGenPipeline":
+        """From modules in memory (a training `PersonGenModel`: unet, vae, text_encoder(_2), id_encoder);
+        LoRA stays unmerged, so later `nnx.update`s of the modules are what the pipeline samples with."""
+        return cls(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
+                   text_encoder_2=model.text_encoder_2, tokenizers=tokenizers, scheduler_config=scheduler_config,
+                   id_encoder=model.id_encoder, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                   trigger_word=trigger_word, sample_size=sample_size)
+
     @property
     def default_size(self) -> int:
         return self.sample_size * self.vae.downscale_factor

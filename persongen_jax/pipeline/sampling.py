@@ -110,13 +110,15 @@ def decode_latents(vae, latents: jax.Array) -> jax.Array:
 def make_sampler(unet, vae, scheduler, num_steps: int, on_step: Callable[[int], None] | None = None):
     """A jitted `(latents [S,h,w,4], cond, guidance_scale, start_merge_step) -> images [S,H,W,3] in [0,1]`.
 
-    The models are closed over as NNX graph + state split outside, so the compiled
-    function is reused across calls with the same shapes (seeds, prompts, scales and
-    the merge step are traced values: changing them does not recompile).
+    The models' graph structure is fixed here and their state is read at each call, so
+    the compiled function is reused across calls with the same shapes (seeds, prompts,
+    scales and the merge step are traced values: changing them does not recompile),
+    and new weights put into the same modules (`nnx.update`, e.g. validation during
+    training) are used without recompiling.
     """
     sched_state = scheduler.set_timesteps(num_steps)
-    unet_def, unet_state = nnx.split(unet)
-    vae_def, vae_state = nnx.split(vae)
+    unet_def = nnx.graphdef(unet)
+    vae_def = nnx.graphdef(vae)
 
     @jax.jit
     def run(unet_state, vae_state, sched_state, noise, cond, guidance_scale, start_merge_step):
@@ -128,9 +130,9 @@ def make_sampler(unet, vae, scheduler, num_steps: int, on_step: Callable[[int], 
         return decode_latents(vae_m, latents)
 
     def sample(noise, cond, guidance_scale=5.0, start_merge_step=10):
-        return run(unet_state, vae_state, sched_state, noise, cond, jnp.float32(guidance_scale),
+        return run(nnx.state(unet), nnx.state(vae), sched_state, noise, cond, jnp.float32(guidance_scale),
                    jnp.int32(start_merge_step))
 
-    sample.lower = lambda noise, cond: run.lower(unet_state, vae_state, sched_state, noise, cond,
+    sample.lower = lambda noise, cond: run.lower(nnx.state(unet), nnx.state(vae), sched_state, noise, cond,
                                                  jnp.float32(5.0), jnp.int32(10))
     return sample

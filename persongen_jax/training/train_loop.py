@@ -4,6 +4,9 @@ Sections: setup (mesh, model, trainable/frozen split, optimizer, shardings) -> r
 checkpoint in WORKDIR/checkpoints, data iterator position included) -> AOT compile of the one jitted
 train step (memory analysis logged) -> loop (metrics, checkpoints, eval hook, SIGTERM) -> final save.
 
+Validation (`training/validation.py`) runs every `config.eval_every` steps when `config.eval.sets` names
+validation folders: the protocol of `python -m persongen_jax.evaluate` with the current parameters.
+
 A "step" is one call of the train step on one global batch; with `optim.grad_accum_steps = k` the
 optimizer updates every k steps (optax.MultiSteps), so the effective batch is k x global batch.
 """
@@ -31,6 +34,7 @@ from persongen_jax.training import sharding as shard_lib
 from persongen_jax.training.loss import compute_loss
 from persongen_jax.training.metrics import MetricWriter
 from persongen_jax.training.model import build_model
+from persongen_jax.training.validation import Validator, save_config
 from persongen_jax.models import lora as lora_lib
 
 log = logging.getLogger("persongen_jax.train")
@@ -38,15 +42,6 @@ log = logging.getLogger("persongen_jax.train")
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def evaluate(state: dict, step: int, *, config, workdir, writer) -> None:
-    """Validation hook, called every `config.eval_every` steps with state = {"model", "params", "step"}.
-
-    A documented no-op for now: the evaluation issue fills it (sample the 4 fixed prompts x seeds per
-    reference with `persongen_jax.pipeline.sampling`, write images under WORKDIR/samples/<step>, log
-    CLIP-T / Face-Sim through `writer`)."""
-    del state, step, config, workdir, writer
 
 
 def _split_model(model, groups):
@@ -105,7 +100,11 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
     if config.data.global_batch_size % mesh.shape[shard_lib.rule(config.sharding, "batch")]:
         raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} is not divisible by the "
                          f"{dict(mesh.shape)} mesh's batch axis")
+    if is_main:
+        save_config(config, workdir)
     model, tokenizers, scheduler = build_model(config, workdir)
+    # Validation sets and scoring models load now: a wrong path fails before any training.
+    validator = Validator.from_config(config, workdir, tokenizers) if config.eval_every else None
     groups = {g: dict(spec) for g, spec in config.trainable.items() if spec.lr > 0}
     graphdef, params, template, frozen, rest = _split_model(model, groups)
     counts = optim_lib.check_groups(params, groups)
@@ -240,9 +239,9 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
                     ckpt_lib.save(mngr, step, {"params": params, "opt_state": opt_state, "step": np.int64(step)},
                                   data_lib.iterator_state(it))
                     last_saved = step
-                if config.eval_every and step % config.eval_every == 0:
-                    evaluate({"graphdef": graphdef, "params": params, "frozen": frozen, "step": step}, step,
-                             config=config, workdir=workdir, writer=writer)
+                if validator is not None and step % config.eval_every == 0:
+                    train_state = nnx.from_flat_state([(p, v.replace(params[k])) for p, k, v in template])
+                    validator(nnx.merge(graphdef, train_state, frozen, rest), step, writer)
                 if stop_after_steps is not None and step >= stop_after_steps:
                     return _result(step, params, frozen, history, info)
                 if preempt.requested:

@@ -1,0 +1,183 @@
+"""Batch evaluation: CLIP-T and Face-Sim, reports and comparison plots.
+
+Mode A, score existing images listed in a manifest (JSONL: image, prompt, reference[, set]):
+
+    python -m persongen_jax.evaluate --manifest gen/manifest.jsonl --clip weights/clip-vit-large-patch14 \
+        --face-models weights/antelopev2 --arcface weights/arcface_r100 --out eval/gen
+
+Mode B, the validation protocol (sets x identities x prompts x seeds) on a model folder ...
+
+    python -m persongen_jax.evaluate --model weights/sdxl --photomaker weights/photomaker \
+        --sets in_train=val/in_train,out_of_train=val/out,out_of_domain=val/ood --seeds 0-4 \
+        --clip ... --face-models ... --arcface ... --out eval/photomaker
+
+... or on a training run's checkpoint (the run folder's config.json rebuilds the model):
+
+    python -m persongen_jax.evaluate --checkpoint runs/final_method [--step 4000] --sets ... --out eval/final
+
+Both write OUT/metrics.json (means per set), OUT/scores.csv (one row per image), OUT/report.html
+(reference | generations grid per set with scores, the table of means, the images without a face).
+A validation set folder holds one image per identity, or one sub-folder of images per identity.
+Prompts: the research's 4 validation prompts (persongen_jax/evaluation/validation_prompts.json, with
+P_general / P_bg split versions used when the model has a bg adapter) or --prompts FILE.json.
+
+Compare runs (training run folders with eval/history.jsonl, or evaluate outputs with a step):
+
+    python -m persongen_jax.evaluate --compare runs/a runs/b --out plots/
+
+writes plots/face_sim_<set>.png and plots/clip_t_<set>.png (metric over training steps, a line per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from persongen_jax.generate import parse_seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m persongen_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--manifest", type=Path, help="mode A: JSONL of image / prompt / reference [/ set]")
+    mode.add_argument("--model", type=Path, help="mode B: converted SDXL folder (weights_conversion sdxl)")
+    mode.add_argument("--checkpoint", type=Path, help="mode B: a training run folder (checkpoints/ + config.json)")
+    mode.add_argument("--compare", type=Path, nargs="+", help="plot Face-Sim / CLIP-T over steps for these runs")
+    g = p.add_argument_group("mode B model")
+    g.add_argument("--photomaker", type=Path, help="converted PhotoMaker folder (default: look in --model)")
+    g.add_argument("--lora", type=Path, help="an extra LoRA folder")
+    g.add_argument("--adapters", type=Path, help="adapter folder (bg / body / id)")
+    g.add_argument("--step", type=int, help="--checkpoint: which checkpoint (default: the latest)")
+    g.add_argument("--config", type=Path, help="--checkpoint: a config .py/.json instead of RUN/config.json")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    g.add_argument("--attention", choices=["xla", "cudnn"], default="xla")
+    b = p.add_argument_group("mode B protocol")
+    b.add_argument("--sets", help="validation sets NAME=FOLDER,NAME=FOLDER (e.g. in_train=val/a,out_of_domain=val/b)")
+    b.add_argument("--prompts", type=Path, help="prompts JSON (default: the research's 4 validation prompts)")
+    b.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    b.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3, 4], help="default 0-4")
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--guidance-scale", type=float, default=5.0)
+    b.add_argument("--start-merge-step", type=int, default=10)
+    b.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
+    b.add_argument("--scheduler", choices=["euler", "ddim"], default="euler")
+    b.add_argument("--split", choices=["auto", "never", "always"], default="auto",
+                   help="P_general + P_bg through the bg adapter (auto: when the model has one)")
+    b.add_argument("--trigger-word", default="img")
+    s = p.add_argument_group("scoring")
+    s.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
+    s.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
+                                                    "(antelopev2, buffalo_l) or the detector .onnx")
+    s.add_argument("--arcface", type=Path, help="converted ArcFace folder (weights_conversion arcface)")
+    s.add_argument("--no-face", choices=["zero", "skip"], default="zero",
+                   help="a generation without a detected face: scores 0 (zero, the research) or is left out")
+    s.add_argument("--det-thresh", type=float, default=0.5)
+    s.add_argument("--det-size", type=int, default=640, help="detector input size (files with a fixed size "
+                                                             "use theirs)")
+    s.add_argument("--batch-size", type=int, default=32, help="images per CLIP / ArcFace batch")
+    p.add_argument("--labels", help="--compare: comma-separated run labels (default: folder names)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    return p
+
+
+def _load_config(path: Path):
+    import json
+    import runpy
+
+    import ml_collections
+
+    if path.suffix == ".json":
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return runpy.run_path(str(path))["get_config"]()
+
+
+def _scorers(args, parser):
+    from persongen_jax.evaluation.protocol import Scorers
+
+    missing = [f"--{k.replace('_', '-')}" for k in ("clip", "face_models", "arcface") if getattr(args, k) is None]
+    if missing:
+        parser.error(f"scoring needs {', '.join(missing)}")
+    print("loading scoring models ...", file=sys.stderr, flush=True)
+    return Scorers.from_pretrained(clip=args.clip, detector=args.face_models, arcface=args.arcface,
+                                   no_face=args.no_face, det_thresh=args.det_thresh,
+                                   det_size=(args.det_size, args.det_size), batch_size=args.batch_size)
+
+
+def _summary(metrics: dict) -> str:
+    lines = []
+    for name, m in [*metrics["sets"].items(), ("all", metrics["all"])]:
+        fs = "n/a" if m["face_sim"] is None else f"{m['face_sim']:.4f}"
+        ct = "n/a" if m["clip_t"] is None else f"{m['clip_t']:.2f}"
+        lines.append(f"  {name:<16} images {m['n_images']:>5}  CLIP-T {ct:>6}  Face-Sim {fs:>7}  no face {m['no_face']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from persongen_jax.evaluation import protocol, report
+    from persongen_jax.evaluation.faces import FaceModelError
+    from persongen_jax.pipeline.image_processing import ImageError
+    from persongen_jax.pipeline.pipeline import PipelineError
+
+    t0 = time.perf_counter()
+    try:
+        if args.compare:
+            labels = args.labels.split(",") if args.labels else None
+            paths = report.plot_compare(args.compare, args.out, labels=labels)
+            print("wrote " + ", ".join(str(p) for p in paths))
+            return 0
+        if args.manifest:
+            scorers = _scorers(args, parser)
+            result = protocol.score_manifest(args.manifest, scorers, args.out)
+        else:
+            if not args.sets:
+                parser.error("mode B needs --sets NAME=FOLDER[,NAME=FOLDER...]")
+            sets = protocol.load_sets(protocol.parse_sets(args.sets))
+            prompts = protocol.load_prompts(args.prompts)
+            if args.num_prompts:
+                prompts = prompts[:args.num_prompts]
+            scorers = _scorers(args, parser)  # before the big model: a bad scoring path fails fast
+            print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
+            if args.model:
+                import jax.numpy as jnp
+
+                from persongen_jax.pipeline.pipeline import PersonGenPipeline
+
+                pipe = PersonGenPipeline.from_pretrained(
+                    args.model, photomaker=args.photomaker, lora=args.lora, adapters=args.adapters,
+                    dtype=getattr(jnp, args.dtype) if args.dtype else None, attention_impl=args.attention,
+                    trigger_word=args.trigger_word)
+                step, source = None, {"model": str(args.model), "photomaker": str(args.photomaker or ""),
+                                      "lora": str(args.lora or ""), "adapters": str(args.adapters or "")}
+            else:
+                from persongen_jax.training.validation import load_trained_pipeline
+
+                config = _load_config(args.config) if args.config else None
+                pipe, step, config = load_trained_pipeline(args.checkpoint, config, args.step)
+                args.trigger_word = config.data.trigger_word
+                source = {"checkpoint": str(args.checkpoint)}
+            settings = protocol.ProtocolSettings(
+                seeds=args.seeds, num_steps=args.steps, guidance_scale=args.guidance_scale,
+                start_merge_step=args.start_merge_step, height=args.resolution, width=args.resolution,
+                scheduler=args.scheduler, split=args.split, trigger_word=args.trigger_word)
+            n = sum(len(i) for i in sets.values()) * len(prompts) * len(args.seeds)
+            print(f"generating {n} images: {({k: len(v) for k, v in sets.items()})} identities x {len(prompts)} "
+                  f"prompts x {len(args.seeds)} seeds", file=sys.stderr, flush=True)
+            title = f"{source.get('model') or source['checkpoint']}" + (f" at step {step}" if step is not None else "")
+            result = protocol.run_protocol(pipe, sets, prompts, scorers, args.out, settings, step=step, title=title,
+                                           extra=source, progress=True)
+    except (ImageError, PipelineError, FaceModelError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(_summary(result.metrics))
+    print(f"wrote {args.out / 'metrics.json'}, scores.csv, report.html ({len(result.rows)} images, "
+          f"{time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

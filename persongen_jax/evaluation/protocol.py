@@ -1,0 +1,289 @@
+"""The validation protocol: validation sets x identities x prompts x seeds -> images -> CLIP-T, Face-Sim.
+
+    sets = load_sets({"in_train": "val/in_train", "out_of_domain": "val/ood"})
+    prompts = load_prompts()                       # the research's 4 prompts (validation_prompts.json)
+    scorers = Scorers.from_pretrained(clip="weights/clip-vit-large-patch14",
+                                      detector="weights/antelopev2", arcface="weights/arcface_r100")
+    result = run_protocol(pipe, sets, prompts, scorers, "eval_out/", ProtocolSettings(seeds=(0, 1, 2, 3, 4)))
+    result.metrics["sets"]["in_train"]["face_sim"]
+
+A validation set is a folder; each image file in it is one identity (its only reference face), each
+sub-folder is one identity with all the images inside as reference faces. Every identity is generated
+with every prompt and every seed (one compiled call per prompt: all seeds together), scored with
+CLIP-T against the prompt text (without the trigger word) and Face-Sim against the identity's
+reference faces, then written as OUT/images/<set>/<identity>/<prompt>_s<seed>.png, metrics.json,
+scores.csv and report.html (`report.py`).
+
+Split prompts: with a pipeline that has a `bg` adapter (the split-prompt methods) each prompt is
+generated as P_general (+ trigger word) with P_bg through the adapter (`split="auto"`, the default);
+`split="never"` always uses the full prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from persongen_jax.evaluation import report
+from persongen_jax.pipeline.image_processing import load_image
+
+DEFAULT_PROMPTS = Path(__file__).with_name("validation_prompts.json")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SPLIT_MODES = ("auto", "never", "always")
+
+
+@dataclass(frozen=True)
+class ValidationPrompt:
+    name: str
+    prompt: str        # full text: what CLIP-T scores against
+    class_word: str    # the trigger word goes right after its first occurrence
+    general: str = ""  # split version: P_general ...
+    bg: str = ""       # ... and P_bg
+
+    def with_trigger(self, text: str, trigger: str) -> str:
+        new, n = re.subn(rf"\b{re.escape(self.class_word)}\b", f"{self.class_word} {trigger}", text, count=1)
+        if not n:
+            raise ValueError(f"validation prompt {self.name!r}: class word {self.class_word!r} not in {text!r}")
+        return new
+
+
+def load_prompts(path: str | os.PathLike | None = None) -> list[ValidationPrompt]:
+    """A JSON file {"prompts": [{name, prompt, class_word, general?, bg?}, ...]} (default: the research's)."""
+    path = Path(path) if path else DEFAULT_PROMPTS
+    try:
+        data = json.loads(path.read_text())
+        items = data["prompts"]
+        prompts = [ValidationPrompt(**{k: v for k, v in p.items() if not k.startswith("_")}) for p in items]
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such prompts file") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: expected {{\"prompts\": [{{\"name\", \"prompt\", \"class_word\", \"general\", "
+                         f"\"bg\"}}, ...]}} ({type(e).__name__}: {e})") from None
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    names = [p.name for p in prompts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: prompt names must be unique, got {names}")
+    for p in prompts:
+        p.with_trigger(p.prompt, "img")  # class word present: fail now, not after hours of generation
+        if bool(p.general) != bool(p.bg):
+            raise ValueError(f"{path}: prompt {p.name!r} needs both 'general' and 'bg' for the split version")
+    return prompts
+
+
+def parse_sets(text: str) -> dict[str, str]:
+    """"in_train=val/a,out_of_domain=val/b" -> {"in_train": "val/a", ...} (also ';' separated)."""
+    sets = {}
+    for part in filter(None, (p.strip() for p in re.split(r"[,;]", text or ""))):
+        name, sep, folder = part.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ValueError(f"bad validation set {part!r}: expected NAME=FOLDER")
+        sets[name.strip()] = folder.strip()
+    return sets
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_sets(spec: dict[str, str | os.PathLike]) -> dict[str, dict[str, list[Path]]]:
+    """{set: folder} -> {set: {identity: [reference image paths]}}; empty or missing folders are errors."""
+    sets = {}
+    for name, folder in spec.items():
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"validation set {name!r}: {folder} is not a folder")
+        ids = {p.stem: [p] for p in _images_in(folder)}
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            imgs = _images_in(sub)
+            if not imgs:
+                raise ValueError(f"validation set {name!r}: {sub} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            if sub.name in ids:
+                raise ValueError(f"validation set {name!r}: identity {sub.name!r} is both a file and a folder")
+            ids[sub.name] = imgs
+        if not ids:
+            raise ValueError(f"validation set {name!r}: {folder} has no reference images or identity folders")
+        sets[name] = ids
+    return sets
+
+
+@dataclass
+class ProtocolSettings:
+    seeds: Sequence[int] = (0, 1, 2, 3, 4)
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    start_merge_step: int = 10
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+    scheduler: str = "euler"
+    split: str = "auto"
+    trigger_word: str = "img"
+
+
+@dataclass
+class Scorers:
+    clip: object   # CLIPTScorer
+    face: object   # FaceSimScorer
+
+    @classmethod
+    def from_pretrained(cls, *, clip, detector, arcface, no_face: str = "zero", det_thresh: float = 0.5,
+                        det_size=(640, 640), batch_size: int = 32) -> "Scorers":
+        from persongen_jax.evaluation.clip_t import CLIPTScorer
+        from persongen_jax.evaluation.face_sim import FaceSimScorer
+
+        return cls(CLIPTScorer.from_pretrained(clip, batch_size=batch_size),
+                   FaceSimScorer.from_pretrained(detector, arcface, no_face=no_face, det_thresh=det_thresh,
+                                                 det_size=det_size, batch_size=batch_size))
+
+
+@dataclass
+class ProtocolResult:
+    rows: list
+    metrics: dict
+    out_dir: Path
+    seconds: dict = field(default_factory=dict)
+
+
+def score_rows(rows: list[dict], images: Sequence, scorers: Scorers, references: Sequence[np.ndarray]) -> None:
+    """Fills clip_t / face_sim / face_found of `rows` (one per image) in place."""
+    clip_t = scorers.clip(images, [r["prompt"] for r in rows])
+    face, found = scorers.face(images, references)
+    for r, c, f, ok in zip(rows, clip_t, face, found):
+        r.update(clip_t=float(c), face_sim=f, face_found=bool(ok))
+
+
+def _use_split(pipe, prompt: ValidationPrompt, mode: str) -> bool:
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"split={mode!r}; expected one of {list(SPLIT_MODES)}")
+    has_bg = bool(pipe.adapters) and "bg" in pipe.adapters["names"]
+    if mode == "always" and not has_bg:
+        raise ValueError("split='always' needs a model with a 'bg' adapter (--adapters)")
+    return bool(prompt.general) and has_bg and mode != "never"
+
+
+def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence[ValidationPrompt],
+                 scorers: Scorers, out_dir: str | os.PathLike, settings: ProtocolSettings | None = None,
+                 *, step: int | None = None, title: str = "validation", extra: dict | None = None,
+                 progress: bool = False) -> ProtocolResult:
+    """Generates, scores and writes the whole protocol into out_dir (see module doc)."""
+    from PIL import Image
+
+    settings = settings or ProtocolSettings()
+    if pipe.id_encoder is None:
+        raise ValueError("the validation protocol generates identities: the model needs an ID encoder "
+                         "(--photomaker DIR)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows, images, ref_embs, references = [], [], [], {}
+    gen_s = 0.0
+    for set_name, identities in sets.items():
+        references[set_name] = {}
+        for ident, paths in identities.items():
+            refs = [load_image(p) for p in paths]
+            emb = scorers.face.reference_embeddings(refs, [str(p) for p in paths])
+            ref_dir = out_dir / "images" / set_name / ident
+            ref_dir.mkdir(parents=True, exist_ok=True)
+            references[set_name][ident] = []
+            for k, im in enumerate(refs):  # a copy next to the generations: the report folder stands alone
+                im.save(ref_dir / f"reference_{k}.png")
+                references[set_name][ident].append(f"images/{set_name}/{ident}/reference_{k}.png")
+            for pi, vp in enumerate(prompts):
+                split = _use_split(pipe, vp, settings.split)
+                text = vp.with_trigger(vp.general if split else vp.prompt, settings.trigger_word)
+                t = time.perf_counter()
+                gen = pipe(text, refs, seeds=list(settings.seeds), num_steps=settings.num_steps,
+                           guidance_scale=settings.guidance_scale, start_merge_step=settings.start_merge_step,
+                           height=settings.height, width=settings.width, negative_prompt=settings.negative_prompt,
+                           prompt_bg=vp.bg if split else None, scheduler=settings.scheduler, progress=progress)
+                gen_s += time.perf_counter() - t
+                for seed, img in zip(settings.seeds, gen):
+                    rel = f"images/{set_name}/{ident}/{vp.name}_s{seed}.png"
+                    Image.fromarray(img).save(out_dir / rel)
+                    images.append(img)
+                    ref_embs.append(emb)
+                    rows.append({"set": set_name, "reference": ident, "prompt_index": pi, "prompt": vp.prompt,
+                                 "seed": int(seed), "image": rel, "clip_t": None, "face_sim": None,
+                                 "face_found": False, "step": step})
+    t = time.perf_counter()
+    score_rows(rows, images, scorers, ref_embs)
+    score_s = time.perf_counter() - t
+    metrics = report.aggregate(rows)
+    seconds = {"generate": round(gen_s, 2), "score": round(score_s, 2), "total": round(time.perf_counter() - t0, 2)}
+    info = {"step": step, "no_face": scorers.face.no_face, "settings": {**asdict(settings),
+                                                                       "seeds": list(settings.seeds)},
+            "prompts": [asdict(p) for p in prompts], "seconds": seconds, **(extra or {})}
+    report.write_scores_csv(rows, out_dir / "scores.csv")
+    report.write_metrics_json(metrics, out_dir / "metrics.json", **info)
+    shown = {"step": step, "seeds": list(settings.seeds), "steps": settings.num_steps,
+             "guidance": settings.guidance_scale, "no face": scorers.face.no_face, **(extra or {})}
+    shown = {k: v for k, v in shown.items() if v not in (None, "")}
+    report.write_report_html(out_dir / "report.html", rows, metrics, references=references, title=title,
+                             settings=shown)
+    return ProtocolResult(rows, metrics, out_dir, seconds)
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict]:
+    """JSONL, one generated image per line: {"image", "prompt", "reference" (a path or a list of paths),
+    "set" (optional, default "all")}. Relative paths are relative to the manifest's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such manifest file")
+    entries = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {n}: not valid JSON ({err})") from None
+        missing = [k for k in ("image", "prompt", "reference") if not isinstance(e, dict) or k not in e]
+        if missing:
+            raise ValueError(f"{path}, line {n}: missing {missing} (expected image, prompt, reference[, set])")
+        refs = e["reference"] if isinstance(e["reference"], list) else [e["reference"]]
+        entries.append({"image": (path.parent / e["image"]).resolve(), "prompt": str(e["prompt"]),
+                        "references": tuple((path.parent / r).resolve() for r in refs),
+                        "set": str(e.get("set") or "all"), "line": n})
+    if not entries:
+        raise ValueError(f"{path}: empty manifest")
+    return entries
+
+
+def score_manifest(manifest: str | os.PathLike, scorers: Scorers, out_dir: str | os.PathLike, *,
+                   title: str | None = None, extra: dict | None = None) -> ProtocolResult:
+    """Mode A: scores existing images listed in a manifest; writes metrics.json, scores.csv, report.html."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = read_manifest(manifest)
+    images = [load_image(e["image"]) for e in entries]  # every image readable before any model runs
+    ref_cache: dict[tuple, np.ndarray] = {}
+    references: dict[str, dict[str, list[str]]] = {}
+    for e in entries:
+        key = e["references"]
+        if key not in ref_cache:
+            ref_cache[key] = scorers.face.reference_embeddings([load_image(p) for p in key], [str(p) for p in key])
+        name = ", ".join(p.name for p in key)
+        references.setdefault(e["set"], {})[name] = [os.path.relpath(p, out_dir) for p in key]
+        e["reference_name"] = name
+    rows = [{"set": e["set"], "reference": e["reference_name"], "prompt_index": None, "prompt": e["prompt"],
+             "seed": None, "image": os.path.relpath(e["image"], out_dir), "clip_t": None, "face_sim": None,
+             "face_found": False, "step": None} for e in entries]
+    score_rows(rows, images, scorers, [ref_cache[e["references"]] for e in entries])
+    metrics = report.aggregate(rows)
+    info = {"manifest": str(Path(manifest).resolve()), "no_face": scorers.face.no_face,
+            "seconds": {"total": round(time.perf_counter() - t0, 2)}, **(extra or {})}
+    report.write_scores_csv(rows, out_dir / "scores.csv")
+    report.write_metrics_json(metrics, out_dir / "metrics.json", **info)
+    report.write_report_html(out_dir / "report.html", rows, metrics, references=references,
+                             title=title or f"scores of {Path(manifest).name}",
+                             settings={"manifest": str(manifest), "no face": scorers.face.no_face, **(extra or {})})
+    return ProtocolResult(rows, metrics, out_dir, info["seconds"])

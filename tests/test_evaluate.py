@@ -1,0 +1,209 @@
+"""`python -m persongen_jax.evaluate` end to end on tiny models, and validation during training.
+
+Models built here: a tiny SDXL folder + PhotoMaker (converted), a tiny CLIP (converted), the test SCRFD
+detector and a tiny ArcFace (`testing.tiny_eval`). Counts: sets x identities x prompts x seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _face_image(path: Path, seed: int, size=(40, 36), low: int = 60) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(low, 256, (*size, 3)).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from persongen_jax.testing.tiny_eval import make_tiny_arcface, make_tiny_clip, make_tiny_detector
+    from persongen_jax.testing.tiny_photomaker import make_tiny_photomaker
+    from persongen_jax.testing.tiny_sdxl import make_tiny_sdxl
+    from weights_conversion.convert import convert_sdxl
+    from weights_conversion.lora import convert_photomaker
+
+    root = tmp_path_factory.mktemp("evaluate")
+    convert_sdxl(make_tiny_sdxl(root / "sdxl_src"), root / "sdxl")
+    convert_photomaker(make_tiny_photomaker(root / "pm.bin"), root / "photomaker", unet=root / "sdxl" / "unet")
+    make_tiny_clip(root / "clip")
+    make_tiny_detector(root / "faces")
+    make_tiny_detector(root / "faces_strict", threshold=0.85)  # faces only in near-white images
+    make_tiny_arcface(root / "arcface")
+    # Validation sets: in_train = 2 identities as single files; out_of_domain = 1 identity folder of 2 images.
+    _face_image(root / "val" / "in_train" / "alice.png", 1)
+    _face_image(root / "val" / "in_train" / "bob.png", 2)
+    _face_image(root / "val" / "ood" / "carol" / "a.png", 3)
+    _face_image(root / "val" / "ood" / "carol" / "b.png", 4, (48, 48))
+    _face_image(root / "val" / "bright" / "dave.png", 5, (40, 40), low=250)  # square: no padding
+    return root
+
+
+def _scoring(root):
+    return ["--clip", str(root / "clip"), "--face-models", str(root / "faces"), "--arcface", str(root / "arcface")]
+
+
+def test_mode_b_and_mode_a(models, tmp_path, capsys):
+    from persongen_jax.evaluate import main
+    from persongen_jax.evaluation.faces import FaceDetector
+
+    root = models
+    out = tmp_path / "b"
+    sets = f"in_train={root / 'val' / 'in_train'},out_of_domain={root / 'val' / 'ood'}"
+    argv = ["--model", str(root / "sdxl"), "--photomaker", str(root / "photomaker"), "--sets", sets,
+            "--num-prompts", "2", "--seeds", "0-1", "--steps", "2", "--start-merge-step", "0", "--batch-size", "4",
+            "--out", str(out), *_scoring(root)]
+    assert main(argv) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sets"]["in_train"]["n_images"] == 2 * 2 * 2  # identities x prompts x seeds
+    assert metrics["sets"]["out_of_domain"]["n_images"] == 1 * 2 * 2
+    assert metrics["all"]["n_images"] == 12 and metrics["settings"]["seeds"] == [0, 1]
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == 12
+    assert {(r["set"], r["reference"]) for r in rows} == {("in_train", "alice"), ("in_train", "bob"),
+                                                          ("out_of_domain", "carol")}
+    # No-face images are counted, scored 0 and listed: exactly those where the detector finds nothing.
+    det = FaceDetector.from_folder(root / "faces")
+    no_face = {r["image"] for r in rows if not len(det.detect(np.asarray(Image.open(out / r["image"]))))}
+    assert {r["image"] for r in rows if r["face_found"] == "False"} == no_face
+    assert metrics["all"]["no_face"] == len(no_face)
+    assert all(float(r["face_sim"]) == 0.0 for r in rows if r["image"] in no_face)
+    assert all(np.isfinite(float(r["clip_t"])) for r in rows)
+    html = (out / "report.html").read_text()
+    for r in rows:
+        assert r["image"] in html
+    assert "images/in_train/alice/reference_0.png" in html and "Neon Bank" in html
+    prompts = json.loads((REPO / "persongen_jax" / "evaluation" / "validation_prompts.json").read_text())["prompts"]
+    assert {r["prompt"] for r in rows} == {p["prompt"] for p in prompts[:2]}  # CLIP-T text: no trigger word
+
+    # A detector that finds no face in any generation: every image counted and listed; "skip" -> no mean.
+    strict = tmp_path / "strict"
+    argv = ["--model", str(root / "sdxl"), "--photomaker", str(root / "photomaker"),
+            "--sets", f"bright={root / 'val' / 'bright'}", "--num-prompts", "1", "--seeds", "0-2", "--steps", "2",
+            "--no-face", "skip", "--out", str(strict), "--clip", str(root / "clip"),
+            "--face-models", str(root / "faces_strict"), "--arcface", str(root / "arcface")]
+    assert main(argv) == 0, capsys.readouterr().err
+    ms = json.loads((strict / "metrics.json").read_text())
+    assert ms["sets"]["bright"]["n_images"] == 3 and ms["sets"]["bright"]["no_face"] == 3
+    assert ms["sets"]["bright"]["face_sim"] is None and ms["no_face"] == "skip"
+    assert len(ms["sets"]["bright"]["no_face_images"]) == 3
+    assert "no face" in (strict / "report.html").read_text()
+
+    # Mode A on two of those images, the reference itself (Face-Sim 1) and a black image (no face).
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(black)
+    alice = root / "val" / "in_train" / "alice.png"
+    lines = [{"image": str(out / rows[0]["image"]), "prompt": rows[0]["prompt"], "reference": str(alice)},
+             {"image": str(alice), "prompt": "a photo", "reference": [str(alice)], "set": "self"},
+             {"image": str(black), "prompt": "a photo", "reference": str(alice), "set": "self"}]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+    assert main(["--manifest", str(manifest), "--out", str(tmp_path / "a"), *_scoring(root)]) == 0
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["sets"]["all"]["n_images"] == 1 and m["sets"]["self"]["n_images"] == 2
+    assert m["sets"]["self"]["no_face"] == 1 and m["all"]["no_face"] == 1
+    arows = list(csv.DictReader(open(tmp_path / "a" / "scores.csv")))
+    assert abs(float(arows[1]["face_sim"]) - 1.0) < 1e-5 and float(arows[2]["face_sim"]) == 0.0
+    assert abs(float(arows[0]["clip_t"]) - float(rows[0]["clip_t"])) < 1e-3  # same image, same prompt
+    assert "black.png" in (tmp_path / "a" / "report.html").read_text()
+
+    # Errors name what is wrong; nothing half-written is reported as success.
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": str(alice), "prompt": "x"}) + "\n")
+    assert main(["--manifest", str(bad), "--out", str(tmp_path / "c"), *_scoring(root)]) == 1
+    assert "line 1" in capsys.readouterr().err
+    noface_ref = tmp_path / "nf.jsonl"
+    noface_ref.write_text(json.dumps({"image": str(alice), "prompt": "x", "reference": str(black)}) + "\n")
+    assert main(["--manifest", str(noface_ref), "--out", str(tmp_path / "d"), *_scoring(root)]) == 1
+    assert "no face found in reference" in capsys.readouterr().err
+    assert main(["--model", str(root / "sdxl"), "--sets", f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "e"),
+                 *_scoring(root)]) == 1
+    assert "missing" in capsys.readouterr().err
+
+
+def _demo_config(**eval_overrides):
+    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.model = "micro"
+    c.data.source = "synthetic"
+    c.data.global_batch_size = 4
+    c.total_steps = 2
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.eval_every = 1
+    c.progress_bar = False
+    for k, v in eval_overrides.items():
+        c.eval[k] = v
+    return c
+
+
+def test_validation_during_training_then_checkpoint_evaluation_and_compare(models, tmp_path, capsys):
+    from persongen_jax.evaluate import main
+    from persongen_jax.training import train_and_evaluate
+    from persongen_jax.training.validation import load_trained_model
+
+    root = models
+    sets = f"in_train={root / 'val' / 'in_train'}"
+    c = _demo_config(sets=sets, clip=str(root / "clip"), face_detector=str(root / "faces"),
+                     arcface=str(root / "arcface"), num_prompts=1, seeds=(0, 1), num_steps=2)
+    wd = tmp_path / "run"
+    result = train_and_evaluate(c, wd)
+    logged = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logged if "eval/in_train/clip_t" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all("eval/in_train/face_sim" in r and "eval/in_train/no_face" in r for r in evals)
+    history = [json.loads(line) for line in (wd / "eval" / "history.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["set"], h["n_images"]) for h in history] == [(1, "in_train", 4), (2, "in_train", 4)]
+    step2 = json.loads((wd / "eval" / "step_00000002" / "metrics.json").read_text())
+    assert step2["step"] == 2 and step2["sets"]["in_train"]["n_images"] == 2 * 1 * 2
+    assert (wd / "eval" / "step_00000002" / "report.html").is_file()
+    assert np.isclose(step2["sets"]["in_train"]["clip_t"], evals[1]["eval/in_train/clip_t"])
+
+    # The checkpoint comes back with exactly the trained parameters ...
+    from persongen_jax.models import modeling
+
+    model, _, step = load_trained_model(wd)
+    flat = {".".join(map(str, k)): np.asarray(v) for k, v in modeling.flat_params(model).items()}
+    assert step == 2
+    for k, v in result["params"].items():
+        np.testing.assert_array_equal(flat[k], np.asarray(v), err_msg=k)
+    # ... and `evaluate --checkpoint` reproduces the step-2 validation (LoRA merged: float rounding only).
+    out = tmp_path / "ckpt_eval"
+    argv = ["--checkpoint", str(wd), "--sets", sets, "--num-prompts", "1", "--seeds", "0-1", "--steps", "2",
+            "--resolution", "32", "--out", str(out), *_scoring(root)]
+    assert main(argv) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["step"] == 2 and m["sets"]["in_train"]["n_images"] == 4
+    assert abs(m["sets"]["in_train"]["clip_t"] - step2["sets"]["in_train"]["clip_t"]) < 0.05
+
+    plots = tmp_path / "plots"
+    assert main(["--compare", str(wd), str(out), "--out", str(plots)]) == 0
+    for name in ("face_sim_in_train.png", "clip_t_in_train.png"):
+        with Image.open(plots / name) as im:
+            assert im.size[0] > 200 and im.size[1] > 200
+
+
+def test_validation_config_errors(models, tmp_path):
+    from persongen_jax.training.validation import Validator
+
+    c = _demo_config(sets=f"in_train={models / 'val' / 'in_train'}")
+    with pytest.raises(ValueError, match=r"config.eval.clip"):
+        Validator.from_config(c, tmp_path, None)
+    assert Validator.from_config(_demo_config(), tmp_path, None) is None  # no sets: validation off
