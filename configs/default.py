@@ -108,6 +108,7 @@ def get_config():
     c.eval.split = "auto"          # P_general + P_bg when the model has a bg adapter ("never" | "always")
     c.eval.no_face = "zero"        # no face in a generation: scores 0 ("zero", the research) | "skip"
     c.eval.det_thresh = 0.5
+    c.eval.face_select = "largest"  # the face scored in a generation: "largest" | "score" (most confident)
     c.progress_bar = True
     return c
 

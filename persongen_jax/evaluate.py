@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arcface", type=Path, help="converted ArcFace folder (weights_conversion arcface)")
     s.add_argument("--no-face", choices=["zero", "skip"], default="zero",
                    help="a generation without a detected face: scores 0 (zero, the research) or is left out")
+    s.add_argument("--face-select", choices=["largest", "score"], default="largest",
+                   help="which detected face is scored: the largest box, or the most confident")
     s.add_argument("--det-thresh", type=float, default=0.5)
     s.add_argument("--det-size", type=int, default=640, help="detector input size (files with a fixed size "
                                                              "use theirs)")
@@ -103,7 +105,8 @@ def _scorers(args, parser):
     print("loading scoring models ...", file=sys.stderr, flush=True)
     return Scorers.from_pretrained(clip=args.clip, detector=args.face_models, arcface=args.arcface,
                                    no_face=args.no_face, det_thresh=args.det_thresh,
-                                   det_size=(args.det_size, args.det_size), batch_size=args.batch_size)
+                                   det_size=(args.det_size, args.det_size), batch_size=args.batch_size,
+                                   face_select=args.face_select)
 
 
 def _summary(metrics: dict) -> str:

@@ -4,7 +4,8 @@
     refs = scorer.reference_embeddings(["faces/alice_1.jpg", "faces/alice_2.jpg"])   # [R, D]
     scores, found = scorer(generated_images, [refs] * len(generated_images))
 
-Per image: detect faces (SCRFD, host), keep the largest, align it to the ArcFace template
+Per image: detect faces (SCRFD, host), keep the largest (`select="score"`: the most confident,
+insightface's faces[0]), align it to the ArcFace template
 (`faces.norm_crop`), embed all crops in jitted fixed-size batches sharded over the `data` axis
 (the IResNet converted by `weights_conversion arcface`), L2-normalise. The score of a generated image
 is the mean cosine to its identity's reference embeddings.
@@ -25,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from persongen_jax.evaluation.batching import ShardedBatches
-from persongen_jax.evaluation.faces import FaceDetector, norm_crop
+from persongen_jax.evaluation.faces import FACE_SELECT, FaceDetector, norm_crop
 from persongen_jax.models import iresnet, modeling
 
 NO_FACE_MODES = ("zero", "skip")
@@ -50,9 +51,12 @@ def _as_rgb(image) -> np.ndarray:
 
 class FaceSimScorer:
     def __init__(self, detector: FaceDetector, arcface, *, batch_size: int = 64, devices=None,
-                 no_face: str = "zero"):
+                 no_face: str = "zero", select: str = "largest"):
         if no_face not in NO_FACE_MODES:
             raise ValueError(f"no_face={no_face!r}; expected one of {list(NO_FACE_MODES)}")
+        if select not in FACE_SELECT:
+            raise ValueError(f"select={select!r}; expected one of {list(FACE_SELECT)}")
+        self.select = select
         self.detector = detector
         self.arcface = arcface
         self.no_face = no_face
@@ -79,7 +83,7 @@ class FaceSimScorer:
             rgb = _as_rgb(image)
             faces = self.detector.detect(rgb)
             if len(faces):
-                crops[i] = norm_crop(rgb, faces.kps[faces.largest()], s)
+                crops[i] = norm_crop(rgb, faces.kps[faces.select(self.select)], s)
                 found[i] = True
         return crops, found
 

@@ -37,6 +37,9 @@ SCRFD_LAYOUTS = {6: ((8, 16, 32), 2, False), 9: ((8, 16, 32), 2, True),
                  10: ((8, 16, 32, 64, 128), 1, False), 15: ((8, 16, 32, 64, 128), 1, True)}
 
 
+FACE_SELECT = ("largest", "score")
+
+
 class FaceModelError(ValueError):
     """A detector folder / file that cannot be used; the message names it and says why."""
 
@@ -72,6 +75,12 @@ class Faces:
         area = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
         return int(np.argmax(area))
 
+    def select(self, how: str) -> int:
+        """"largest" box, or "score": the most confident (insightface's faces[0])."""
+        if how not in FACE_SELECT:
+            raise ValueError(f"face selection {how!r}; expected one of {list(FACE_SELECT)}")
+        return self.largest() if how == "largest" else 0
+
 
 def _nms(dets: np.ndarray, thresh: float) -> list[int]:
     """insightface SCRFD.nms: greedy, areas with the +1 pixel convention. dets: [n, 5] sorted by score."""
@@ -101,7 +110,8 @@ def find_detector_file(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise FaceModelError(f"{path}: no such face model folder or .onnx file")
     files = sorted(path.glob("*.onnx"))
-    for f in files:
+    # Detector-looking names first: recognition files (glintr100.onnx, 250 MB) are parsed only if needed.
+    for f in sorted(files, key=lambda f: not any(k in f.name.lower() for k in ("det", "scrfd"))):
         try:
             n_out = len(onnx.load(str(f), load_external_data=False).graph.output)
         except Exception as e:

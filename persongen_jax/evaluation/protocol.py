@@ -135,13 +135,13 @@ class Scorers:
 
     @classmethod
     def from_pretrained(cls, *, clip, detector, arcface, no_face: str = "zero", det_thresh: float = 0.5,
-                        det_size=(640, 640), batch_size: int = 32) -> "Scorers":
+                        det_size=(640, 640), batch_size: int = 32, face_select: str = "largest") -> "Scorers":
         from persongen_jax.evaluation.clip_t import CLIPTScorer
         from persongen_jax.evaluation.face_sim import FaceSimScorer
 
         return cls(CLIPTScorer.from_pretrained(clip, batch_size=batch_size),
                    FaceSimScorer.from_pretrained(detector, arcface, no_face=no_face, det_thresh=det_thresh,
-                                                 det_size=det_size, batch_size=batch_size))
+                                                 det_size=det_size, batch_size=batch_size, select=face_select))
 
 
 @dataclass
@@ -150,6 +150,12 @@ class ProtocolResult:
     metrics: dict
     out_dir: Path
     seconds: dict = field(default_factory=dict)
+
+
+def _scoring_info(scorers: Scorers) -> dict:
+    det = scorers.face.detector
+    return {"no_face": scorers.face.no_face, "face_select": scorers.face.select, "det_thresh": det.det_thresh,
+            "det_size": list(det.det_size), "detector": str(det.model_file)}
 
 
 def score_rows(rows: list[dict], images: Sequence, scorers: Scorers, references: Sequence[np.ndarray]) -> None:
@@ -172,8 +178,9 @@ def _use_split(pipe, prompt: ValidationPrompt, mode: str) -> bool:
 def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence[ValidationPrompt],
                  scorers: Scorers, out_dir: str | os.PathLike, settings: ProtocolSettings | None = None,
                  *, step: int | None = None, title: str = "validation", extra: dict | None = None,
-                 progress: bool = False) -> ProtocolResult:
-    """Generates, scores and writes the whole protocol into out_dir (see module doc)."""
+                 progress: bool = False, score_every: int = 256) -> ProtocolResult:
+    """Generates, scores and writes the whole protocol into out_dir (see module doc). Images are scored
+    in chunks of about `score_every` (bounded host memory at 1024 x 1024)."""
     from PIL import Image
 
     settings = settings or ProtocolSettings()
@@ -183,8 +190,18 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows, images, ref_embs, references = [], [], [], {}
-    gen_s = 0.0
+    rows, references = [], {}
+    pending: list[tuple[dict, np.ndarray, np.ndarray]] = []  # (row, image, reference embeddings) to score
+    gen_s = score_s = 0.0
+
+    def flush():
+        # Scored in chunks: full batches for CLIP / ArcFace without holding every image in memory.
+        nonlocal score_s
+        if pending:
+            t = time.perf_counter()
+            score_rows([p[0] for p in pending], [p[1] for p in pending], scorers, [p[2] for p in pending])
+            score_s += time.perf_counter() - t
+            pending.clear()
     for set_name, identities in sets.items():
         references[set_name] = {}
         for ident, paths in identities.items():
@@ -208,17 +225,16 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
                 for seed, img in zip(settings.seeds, gen):
                     rel = f"images/{set_name}/{ident}/{vp.name}_s{seed}.png"
                     Image.fromarray(img).save(out_dir / rel)
-                    images.append(img)
-                    ref_embs.append(emb)
                     rows.append({"set": set_name, "reference": ident, "prompt_index": pi, "prompt": vp.prompt,
                                  "seed": int(seed), "image": rel, "clip_t": None, "face_sim": None,
                                  "face_found": False, "step": step})
-    t = time.perf_counter()
-    score_rows(rows, images, scorers, ref_embs)
-    score_s = time.perf_counter() - t
+                    pending.append((rows[-1], img, emb))
+                if len(pending) >= score_every:
+                    flush()
+    flush()
     metrics = report.aggregate(rows)
     seconds = {"generate": round(gen_s, 2), "score": round(score_s, 2), "total": round(time.perf_counter() - t0, 2)}
-    info = {"step": step, "no_face": scorers.face.no_face, "settings": {**asdict(settings),
+    info = {"step": step, **_scoring_info(scorers), "settings": {**asdict(settings),
                                                                        "seeds": list(settings.seeds)},
             "prompts": [asdict(p) for p in prompts], "seconds": seconds, **(extra or {})}
     report.write_scores_csv(rows, out_dir / "scores.csv")
@@ -279,7 +295,7 @@ def score_manifest(manifest: str | os.PathLike, scorers: Scorers, out_dir: str |
              "face_found": False, "step": None} for e in entries]
     score_rows(rows, images, scorers, [ref_cache[e["references"]] for e in entries])
     metrics = report.aggregate(rows)
-    info = {"manifest": str(Path(manifest).resolve()), "no_face": scorers.face.no_face,
+    info = {"manifest": str(Path(manifest).resolve()), **_scoring_info(scorers),
             "seconds": {"total": round(time.perf_counter() - t0, 2)}, **(extra or {})}
     report.write_scores_csv(rows, out_dir / "scores.csv")
     report.write_metrics_json(metrics, out_dir / "metrics.json", **info)

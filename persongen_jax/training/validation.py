@@ -79,7 +79,8 @@ class Validator:
         if ev.num_prompts:
             prompts = prompts[:ev.num_prompts]
         scorers = protocol.Scorers.from_pretrained(clip=ev.clip, detector=ev.face_detector, arcface=ev.arcface,
-                                                   no_face=ev.no_face, det_thresh=ev.det_thresh)
+                                                   no_face=ev.no_face, det_thresh=ev.det_thresh,
+                                                   face_select=ev.face_select)
         n = sum(len(ids) for ids in sets.values()) * len(prompts) * len(ev.seeds)
         log.info("validation every %d steps: %s, %d prompts x %d seeds = %d images", config.eval_every,
                  {k: len(v) for k, v in sets.items()}, len(prompts), len(ev.seeds), n)
