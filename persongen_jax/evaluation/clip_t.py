@@ -32,7 +32,7 @@ def _unit(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@nnx.jit
+@nnx.jit(graph_updates=False)  # read-only: no copy of the module state as an output
 def _scores(model, pixel_values, input_ids):
     image = _unit(model.get_image_features(pixel_values))
     text = _unit(model.get_text_features(input_ids))

@@ -36,7 +36,7 @@ class NoFaceError(ValueError):
     """A reference image in which no face was found."""
 
 
-@nnx.jit
+@nnx.jit(graph_updates=False)  # read-only: no copy of the module state as an output
 def _embed(model, crops):
     return iresnet.embed(model, crops)
 

@@ -66,9 +66,11 @@ class PersonGenPipeline:
         self.adapters = lora_lib.adapter_config(unet)
         self._samplers: dict = {}
         self._bar = None
-        self._encode_text = nnx.jit(prompt_lib.encode_prompt)
-        self._encode_id = nnx.jit(lambda enc, pixels, embeds, mask: enc(pixels, embeds, mask)) if id_encoder else None
-        self._id_embeds = nnx.jit(lambda enc, pixels: enc.id_embeds(pixels)) if id_encoder else None
+        # Read-only encoders: graph_updates=False, or nnx.jit returns a copy of every parameter per call.
+        jit = lambda f: nnx.jit(f, graph_updates=False)  # noqa: E731
+        self._encode_text = jit(prompt_lib.encode_prompt)
+        self._encode_id = jit(lambda enc, pixels, embeds, mask: enc(pixels, embeds, mask)) if id_encoder else None
+        self._id_embeds = jit(lambda enc, pixels: enc.id_embeds(pixels)) if id_encoder else None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, photomaker: str | os.PathLike | None = None,

@@ -5,7 +5,7 @@
     python scripts/bench/eval.py --model large --arcface r100 --batch 64 --steps 20   # on a GPU
 
 CLIP-T: what `CLIPTScorer` runs per batch -- image features + text features + 100 * cosine.
-JAX: `persongen_jax.evaluation.clip_t._scores` (nnx.jit) on our `CLIPModel`. Reference:
+JAX: `persongen_jax.evaluation.clip_t._scores` (nnx.jit, graph_updates=False) on our `CLIPModel`. Reference:
 transformers `CLIPModel.get_image_features` + `get_text_features` + cosine, PyTorch eager fp32,
 `torch.no_grad()`. `--model large` is the openai/clip-vit-large-patch14 shape, `--model base` the
 ViT-B/32 shape. Random weights (seeded transformers init), saved by transformers and converted by
@@ -25,7 +25,8 @@ Each framework runs in its own child process (peak memory per framework: process
 allocator peak on a GPU for torch/JAX); the models are built once in a preparation child. Prints
 images/s per side, ratio = reference time / JAX time (>1: JAX faster), JAX compile time, XLA's FLOPs
 per image, achieved TFLOP/s (MFU on known GPUs) and the max abs difference of the outputs
-(parity tolerance 1e-3 in float32).
+(parity tolerance 1e-3 in float32). XLA's output size (output_mib) is the result only: the scorers'
+functions are `nnx.jit(graph_updates=False)`, so no copy of the parameters comes back per call.
 """
 
 from __future__ import annotations
@@ -205,10 +206,10 @@ def run_jax(args, work: Path) -> dict:
     med, times = common.median_time(call, args.steps, sync)
     np.save(work / f"{args.bench}_jax.npy", np.asarray(call(), np.float32))
     flops = common.xla_flops(compiled)
+    stats = common.jax_device_stats(med, flops, args.dtype)
     return {"framework": "jax", "impl": f"jax {jax.__version__}", "device": jax.devices()[0].device_kind,
             "median_s": med, "times": times, "images_per_s": args.batch / med, "compile_s": compile_s,
-            "flops_per_image": flops / args.batch if flops else None, **common.xla_memory_mib(compiled),
-            **common.jax_device_stats(med, flops, args.dtype)}
+            "flops_per_image": flops / args.batch if flops else None, **common.xla_memory_mib(compiled), **stats}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -238,7 +239,8 @@ def report(bench: str, args, facts: dict, ref: dict, jx: dict, diff: float) -> d
     ok = diff <= PARITY_TOL
     print(f"  parity: max abs diff {diff:.2e} ({'scores, 100*cos' if bench == 'clip' else 'unit embeddings'}) "
           f"{'OK' if ok else 'ABOVE'} tol {PARITY_TOL:g}" + ("" if args.dtype == "float32" else " (bf16: info only)"))
-    return {"reference": ref, "jax": jx, "ratio_ref_over_jax": ratio, "max_abs_diff": diff,
+    return {"reference": ref, "jax": jx, "ratio_ref_over_jax": ratio,
+            "max_abs_diff": diff,
             "parity_ok": bool(ok), **{k: v for k, v in facts.items() if k.startswith(bench)}}
 
 
@@ -263,9 +265,7 @@ def main():
         print(json.dumps(fn(args, args.workdir)))
         return
     if args.model is None:
-        import shutil as _sh
-
-        args.model = "large" if _sh.which("nvidia-smi") else "base"
+        args.model = "large" if shutil.which("nvidia-smi") else "base"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_eval_"))
     work.mkdir(parents=True, exist_ok=True)
     base = [__file__, "--which", args.which, "--model", args.model, "--arcface", args.arcface,
