@@ -241,7 +241,9 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
                     last_saved = step
                 if validator is not None and step % config.eval_every == 0:
                     train_state = nnx.from_flat_state([(p, v.replace(params[k])) for p, k, v in template])
+                    t_eval = time.perf_counter()
                     validator(nnx.merge(graphdef, train_state, frozen, rest), step, writer)
+                    t_log += time.perf_counter() - t_eval  # img/s and step time count training only
                 if stop_after_steps is not None and step >= stop_after_steps:
                     return _result(step, params, frozen, history, info)
                 if preempt.requested:

@@ -140,6 +140,8 @@ def load_trained_model(workdir, config=None, step: int | None = None):
 
     workdir = Path(workdir)
     config = config or read_config(workdir)
+    if not (workdir / "checkpoints").is_dir():  # checked first: the manager would create the folder
+        raise ValueError(f"{workdir / 'checkpoints'}: no such folder (not a training run folder)")
     mngr = ckpt_lib.make_manager(workdir, config.keep_checkpoints)
     try:
         steps = list(mngr.all_steps())
