@@ -214,7 +214,11 @@ class FaceDetector:
 
 def estimate_norm(landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
     """[5, 2] landmarks -> the 2 x 3 similarity matrix onto the ArcFace template (insightface
-    `estimate_norm`: Umeyama least squares with scale, as skimage's SimilarityTransform.estimate)."""
+    `estimate_norm`: Umeyama least squares with scale, as skimage's SimilarityTransform.estimate).
+
+    The arithmetic follows insightface's exactly, float32 inputs included (the detector's landmarks and
+    the float32 template: skimage then works partly in float32): the matrix differs from a float64
+    solution by ~1e-4, enough for cv2.warpAffine to round some pixels differently."""
     if image_size % 112 == 0:
         dst = ARCFACE_TEMPLATE * (image_size / 112.0)
     elif image_size % 128 == 0:
@@ -222,28 +226,28 @@ def estimate_norm(landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
         dst[:, 0] += 8.0 * image_size / 128.0
     else:
         raise ValueError(f"ArcFace alignment needs a crop size that is a multiple of 112 or 128, got {image_size}")
-    src = np.asarray(landmarks, np.float64).reshape(5, 2)
-    dst = dst.astype(np.float64)
-    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    src = np.asarray(landmarks, np.float32).reshape(5, 2)
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
     src_d, dst_d = src - src_mean, dst - dst_mean
-    a = dst_d.T @ src_d / len(src)
-    d = np.ones(2)
-    if np.linalg.det(a) < 0:
-        d[-1] = -1
-    u, s, vt = np.linalg.svd(a)
-    rank = np.linalg.matrix_rank(a)
+    a = dst_d.T @ src_d / len(src)                                 # covariance (Umeyama eq. 38)
+    d = np.ones((2,), np.float64)
+    if np.linalg.det(a) < 0:                                       # reflection guard (eq. 39)
+        d[1] = -1
+    u, sv, vt = np.linalg.svd(a)
+    rank = np.count_nonzero(sv > sv.max() * 2 * np.finfo(float).eps)
     if rank == 0:
         raise ValueError(f"degenerate face landmarks (all at one point): {src.tolist()}")
-    if rank == 1 and np.linalg.det(u) * np.linalg.det(vt) <= 0:
-        r = u @ np.diag([1.0, -1.0]) @ vt
+    r = np.eye(2)
+    if rank == 1 and np.linalg.det(u) * np.linalg.det(vt) <= 0:   # eq. 40 / 43
+        r[:, :] = u @ np.diag([d[0], -1.0]) @ vt
     elif rank == 1:
-        r = u @ vt
+        r[:, :] = u @ vt
     else:
-        r = u @ np.diag(d) @ vt
-    scale = (s @ d) / src_d.var(axis=0).sum()
+        r[:, :] = u @ np.diag(d) @ vt
+    scale = 1.0 / src_d.var(axis=0).sum() * (sv @ d)              # eq. 41-42
     m = np.zeros((2, 3))
-    m[:, :2] = scale * r
-    m[:, 2] = dst_mean - scale * (r @ src_mean)
+    m[:, 2] = dst_mean - scale * (r @ src_mean.T)
+    m[:, :2] = r * scale
     return m
 
 

@@ -108,7 +108,8 @@ def torch_iresnet(layers, widths, num_features, input_size, seed: int = 0):
     return m.eval()
 
 
-def export_onnx(module, path: str | Path, example, *, output_names, dynamic_batch: bool = True, **kw) -> Path:
+def export_onnx(module, path: str | Path, example, *, output_names, dynamic_batch: bool = True,
+                dynamic_axes: dict | None = None, **kw) -> Path:
     """TorchScript ONNX export (dynamo=False: the dynamo exporter needs onnxscript, not a dependency)."""
     import warnings
 
@@ -116,7 +117,7 @@ def export_onnx(module, path: str | Path, example, *, output_names, dynamic_batc
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dyn = {"input.1": {0: "batch"}} if dynamic_batch else None
+    dyn = dynamic_axes or ({"input.1": {0: "batch"}} if dynamic_batch else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.no_grad():
@@ -234,3 +235,46 @@ def make_tiny_detector(folder: str | Path, *, input_size: int = 64, threshold: f
     example = torch.zeros(1, 3, input_size, input_size)
     return export_onnx(TinySCRFD().eval(), Path(folder) / "det_tiny.onnx", example, output_names=names,
                        dynamic_batch=False)
+
+
+def make_random_scrfd(folder: str | Path, seed: int = 0, *, score_threshold: float = 1.5) -> Path:
+    """folder/scrfd_random.onnx: a random network with SCRFD's exact head layout and a dynamic input size.
+
+    A conv stem, then per stride (8, 16, 32) average pooling and 1x1 heads with 2 anchors per cell:
+    scores sigmoid(3 (z - score_threshold)) of the standardised logits z (about 7% of the anchors above
+    0.5 by default, so many overlapping candidates reach NMS), box distances softplus(.) + 0.5 and keypoint offsets in stride units,
+    flattened in SCRFD's (row, col, anchor) order. For comparing decoding + NMS + alignment with
+    insightface's own SCRFD class (`scripts/check_insightface_parity.py`) on many detections.
+    """
+    import torch
+    from torch import nn
+
+    strides = (8, 16, 32)
+
+    class RandomSCRFD(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.heads = nn.ModuleList(nn.Conv2d(8, 2 * (1 + 4 + 10), 1) for _ in strides)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim > 1 else 0.1))
+
+        def forward(self, x):
+            f = torch.relu(self.stem(x))
+            scores, boxes, kpss = [], [], []
+            for s, head in zip(strides, self.heads):
+                o = head(nn.functional.avg_pool2d(f, s))           # [1, 30, H/s, W/s]
+                o = o.permute(0, 2, 3, 1)                           # [1, H/s, W/s, 30]
+                sc, bx, kp = o[..., :2], o[..., 2:10], o[..., 10:]  # per anchor: 1 + 4 + 10
+                z = (sc - sc.mean()) / (sc.std() + 1e-6)  # standardised per level: any image has peaks
+                scores.append(torch.sigmoid(3.0 * (z - score_threshold)).reshape(-1, 1))
+                boxes.append((nn.functional.softplus(bx) + 0.5).reshape(-1, 4))
+                kpss.append((2.0 * kp).reshape(-1, 10))
+            return (*scores, *boxes, *kpss)
+
+    names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in strides]
+    dyn = {"input.1": {2: "height", 3: "width"}, **{n: {0: "anchors"} for n in names}}
+    return export_onnx(RandomSCRFD().eval(), Path(folder) / "scrfd_random.onnx", torch.zeros(1, 3, 64, 64),
+                       output_names=names, dynamic_axes=dyn)
