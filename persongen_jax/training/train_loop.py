@@ -105,6 +105,8 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
     model, tokenizers, scheduler = build_model(config, workdir)
     # Validation sets and scoring models load now: a wrong path fails before any training.
     validator = Validator.from_config(config, workdir, tokenizers) if config.eval_every else None
+    if validator is None:
+        log.info("no validation during training (set config.eval.sets and config.eval_every to turn it on)")
     groups = {g: dict(spec) for g, spec in config.trainable.items() if spec.lr > 0}
     graphdef, params, template, frozen, rest = _split_model(model, groups)
     counts = optim_lib.check_groups(params, groups)
