@@ -254,13 +254,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"{path}: no such manifest file")
     entries = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {n}: not valid JSON ({err})") from None
+    for n, e in report.read_jsonl(path):
         missing = [k for k in ("image", "prompt", "reference") if not isinstance(e, dict) or k not in e]
         if missing:
             raise ValueError(f"{path}, line {n}: missing {missing} (expected image, prompt, reference[, set])")

@@ -307,20 +307,27 @@ def write_report_html(path: str | os.PathLike, rows: Sequence[dict], metrics: di
 # History of a run and comparison plots
 
 
-def _read_history_jsonl(path: Path) -> list[dict]:
-    records = []
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """(line number, parsed value) per non-blank line; ValueError naming the file and line otherwise."""
+    out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 # A trailing blank line (or one left by an interrupted append) carries nothing.
                 continue
             try:
-                record = json.loads(line)
+                out.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or "step" not in record or "set" not in record:
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object with 'step' and 'set'")
-            records.append(record)
+    return out
+
+
+def _read_history_jsonl(path: Path) -> list[dict]:
+    records = []
+    for lineno, record in read_jsonl(path):
+        if not isinstance(record, dict) or "step" not in record or "set" not in record:
+            raise ValueError(f"{path}, line {lineno}: expected a JSON object with 'step' and 'set'")
+        records.append(record)
     return records
 
 

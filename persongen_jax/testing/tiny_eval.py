@@ -83,6 +83,23 @@ def _torch_classes():
     return IBasicBlock, TorchIResNet
 
 
+def _randomize(module, seed: int):
+    """Every parameter redrawn: matrices ~ N(0, 1/fan_in), 1-D weights ~ 1 + N(0, 0.01), others ~ N(0, 0.01).
+    Returns the generator (callers draw more from the same stream)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return g
+
+
 def torch_iresnet(layers, widths, num_features, input_size, seed: int = 0):
     """A random TorchIResNet in eval mode (weights ~ N(0, 1/fan_in), BN stats and PReLU slopes random)."""
     import torch
@@ -90,15 +107,8 @@ def torch_iresnet(layers, widths, num_features, input_size, seed: int = 0):
 
     _, cls = _torch_classes()
     m = cls(layers, widths, num_features, input_size)
-    g = torch.Generator().manual_seed(seed)
+    g = _randomize(m, seed)
     with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
         for mod in m.modules():
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=g))
@@ -155,7 +165,6 @@ TINY_CLIP = dict(
 def make_tiny_clip(folder: str | Path, seed: int = 3, *, source: str | Path | None = None, convert: bool = True):
     """A random transformers CLIPModel (TINY_CLIP, the tiny tokenizer's vocabulary) saved to `source`
     (default FOLDER.src) with tokenizer files, converted into FOLDER. Returns the torch model."""
-    import torch
     import transformers
 
     from persongen_jax.testing.tiny_sdxl import VOCAB_SIZE, write_tiny_tokenizer
@@ -167,15 +176,7 @@ def make_tiny_clip(folder: str | Path, seed: int = 3, *, source: str | Path | No
                                   vision_config=TINY_CLIP["vision_config"],
                                   projection_dim=TINY_CLIP["projection_dim"])
     model = transformers.CLIPModel(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # default init has unit norm scales / zero biases: perturb everything
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    _randomize(model, seed)  # default init has unit norm scales / zero biases: perturb everything
     model.save_pretrained(source)
     write_tiny_tokenizer(source)
     if convert:
