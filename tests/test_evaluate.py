@@ -207,3 +207,12 @@ def test_validation_config_errors(models, tmp_path):
     with pytest.raises(ValueError, match=r"config.eval.clip"):
         Validator.from_config(c, tmp_path, None)
     assert Validator.from_config(_demo_config(), tmp_path, None) is None  # no sets: validation off
+    # A reference without a face fails when the validator is built (before training), naming the file.
+    bad = tmp_path / "val"
+    bad.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(bad / "nobody.png")
+    _face_image(bad / "alice.png", 1)
+    c = _demo_config(sets=f"in_train={bad}", clip=str(models / "clip"), face_detector=str(models / "faces"),
+                     arcface=str(models / "arcface"))
+    with pytest.raises(ValueError, match="nobody.png"):
+        Validator.from_config(c, tmp_path, None)

@@ -175,18 +175,28 @@ def _use_split(pipe, prompt: ValidationPrompt, mode: str) -> bool:
     return bool(prompt.general) and has_bg and mode != "never"
 
 
+def reference_embeddings(sets: dict[str, dict[str, list[Path]]], scorers: Scorers) -> dict:
+    """{(set, identity): [R, D]} for every identity; a reference without a face fails here, naming the
+    file, before anything is generated."""
+    return {(name, ident): scorers.face.reference_embeddings([load_image(p) for p in paths], [str(p) for p in paths])
+            for name, ids in sets.items() for ident, paths in ids.items()}
+
+
 def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence[ValidationPrompt],
                  scorers: Scorers, out_dir: str | os.PathLike, settings: ProtocolSettings | None = None,
                  *, step: int | None = None, title: str = "validation", extra: dict | None = None,
-                 progress: bool = False, score_every: int = 256) -> ProtocolResult:
+                 progress: bool = False, score_every: int = 256, ref_embeddings: dict | None = None
+                 ) -> ProtocolResult:
     """Generates, scores and writes the whole protocol into out_dir (see module doc). Images are scored
-    in chunks of about `score_every` (bounded host memory at 1024 x 1024)."""
+    in chunks of about `score_every` (bounded host memory at 1024 x 1024). ref_embeddings: from
+    `reference_embeddings` (computed here when not given)."""
     from PIL import Image
 
     settings = settings or ProtocolSettings()
     if pipe.id_encoder is None:
         raise ValueError("the validation protocol generates identities: the model needs an ID encoder "
                          "(--photomaker DIR)")
+    ref_embeddings = ref_embeddings if ref_embeddings is not None else reference_embeddings(sets, scorers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -206,7 +216,7 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
         references[set_name] = {}
         for ident, paths in identities.items():
             refs = [load_image(p) for p in paths]
-            emb = scorers.face.reference_embeddings(refs, [str(p) for p in paths])
+            emb = ref_embeddings[(set_name, ident)]
             ref_dir = out_dir / "images" / set_name / ident
             ref_dir.mkdir(parents=True, exist_ok=True)
             references[set_name][ident] = []

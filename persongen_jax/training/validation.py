@@ -56,11 +56,12 @@ def protocol_settings(config) -> protocol.ProtocolSettings:
 
 
 class Validator:
-    def __init__(self, config, workdir, tokenizers, sets, prompts, scorers):
+    def __init__(self, config, workdir, tokenizers, sets, prompts, scorers, ref_embeddings=None):
         self.config = config
         self.workdir = Path(workdir)
         self.tokenizers = tokenizers
         self.sets, self.prompts, self.scorers = sets, prompts, scorers
+        self.ref_embeddings = ref_embeddings
         self.settings = protocol_settings(config)
         self.pipe = None
 
@@ -81,10 +82,11 @@ class Validator:
         scorers = protocol.Scorers.from_pretrained(clip=ev.clip, detector=ev.face_detector, arcface=ev.arcface,
                                                    no_face=ev.no_face, det_thresh=ev.det_thresh,
                                                    face_select=ev.face_select)
+        refs = protocol.reference_embeddings(sets, scorers)  # a reference without a face fails now
         n = sum(len(ids) for ids in sets.values()) * len(prompts) * len(ev.seeds)
         log.info("validation every %d steps: %s, %d prompts x %d seeds = %d images", config.eval_every,
                  {k: len(v) for k, v in sets.items()}, len(prompts), len(ev.seeds), n)
-        return cls(config, workdir, tokenizers, sets, prompts, scorers)
+        return cls(config, workdir, tokenizers, sets, prompts, scorers, refs)
 
     def __call__(self, model, step: int, writer) -> dict:
         if self.pipe is None:
@@ -95,7 +97,8 @@ class Validator:
                 nnx.update(getattr(self.pipe, name), nnx.state(getattr(model, name)))
         out = self.workdir / "eval" / f"step_{step:08d}"
         result = protocol.run_protocol(self.pipe, self.sets, self.prompts, self.scorers, out, self.settings,
-                                       step=step, title=f"validation at step {step}")
+                                       step=step, title=f"validation at step {step}",
+                                       ref_embeddings=self.ref_embeddings)
         scalars, lines = {}, []
         for name, m in result.metrics["sets"].items():
             for key in ("clip_t", "face_sim", "no_face"):
