@@ -56,6 +56,12 @@ def _split_model(model, groups):
     return graphdef, params, template, frozen, rest
 
 
+def _merge_model(graphdef, template, params: dict, frozen, rest):
+    """The inverse of `_split_model`: the model with trainable params {path: array} put back in."""
+    train_state = nnx.from_flat_state([(p, v.replace(params[k])) for p, k, v in template])
+    return nnx.merge(graphdef, train_state, frozen, rest)
+
+
 class _Preemption:
     """SIGTERM -> save and exit cleanly after the current step."""
 
@@ -135,8 +141,7 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
         key = jax.random.fold_in(key, step)
 
         def loss_fn(params):
-            train_state = nnx.from_flat_state([(p, v.replace(params[k])) for p, k, v in template])
-            m = nnx.merge(graphdef, train_state, frozen, rest)
+            m = _merge_model(graphdef, template, params, frozen, rest)
             return compute_loss(m, batch, key, scheduler=scheduler, loss_cfg=loss_cfg,
                                 id_injection=config.id_injection, adapters=adapters, empty_ids=empty_ids,
                                 compute_dtype=compute_dtype)
@@ -242,9 +247,8 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
                                   data_lib.iterator_state(it))
                     last_saved = step
                 if validator is not None and step % config.eval_every == 0:
-                    train_state = nnx.from_flat_state([(p, v.replace(params[k])) for p, k, v in template])
                     t_eval = time.perf_counter()
-                    validator(nnx.merge(graphdef, train_state, frozen, rest), step, writer)
+                    validator(_merge_model(graphdef, template, params, frozen, rest), step, writer)
                     t_log += time.perf_counter() - t_eval  # img/s and step time count training only
                 if stop_after_steps is not None and step >= stop_after_steps:
                     return _result(step, params, frozen, history, info)
