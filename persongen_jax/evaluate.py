@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             if args.num_prompts:
                 prompts = prompts[:args.num_prompts]
             scorers = _scorers(args, parser)  # before the big model: a bad scoring path fails fast
-            refs = protocol.reference_embeddings(sets, scorers)  # and a reference without a face
+            refs = protocol.load_references(sets, scorers)  # and a reference without a face
             print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
             if args.model:
                 import jax.numpy as jnp
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
                   f"prompts x {len(args.seeds)} seeds", file=sys.stderr, flush=True)
             title = f"{source.get('model') or source['checkpoint']}" + (f" at step {step}" if step is not None else "")
             result = protocol.run_protocol(pipe, sets, prompts, scorers, args.out, settings, step=step, title=title,
-                                           extra=source, progress=True, ref_embeddings=refs)
+                                           extra=source, progress=True, references=refs)
     except (ImageError, PipelineError, FaceModelError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

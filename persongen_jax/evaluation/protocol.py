@@ -175,32 +175,36 @@ def _use_split(pipe, prompt: ValidationPrompt, mode: str) -> bool:
     return bool(prompt.general) and has_bg and mode != "never"
 
 
-def reference_embeddings(sets: dict[str, dict[str, list[Path]]], scorers: Scorers) -> dict:
-    """{(set, identity): [R, D]} for every identity; a reference without a face fails here, naming the
-    file, before anything is generated."""
-    return {(name, ident): scorers.face.reference_embeddings([load_image(p) for p in paths], [str(p) for p in paths])
-            for name, ids in sets.items() for ident, paths in ids.items()}
+def load_references(sets: dict[str, dict[str, list[Path]]], scorers: Scorers) -> dict:
+    """{(set, identity): (reference images, embeddings [R, D])}, each file read once; a reference without
+    a face fails here, naming the file, before anything is generated."""
+    out = {}
+    for name, ids in sets.items():
+        for ident, paths in ids.items():
+            images = [load_image(p) for p in paths]
+            out[(name, ident)] = images, scorers.face.reference_embeddings(images, [str(p) for p in paths])
+    return out
 
 
 def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence[ValidationPrompt],
                  scorers: Scorers, out_dir: str | os.PathLike, settings: ProtocolSettings | None = None,
                  *, step: int | None = None, title: str = "validation", extra: dict | None = None,
-                 progress: bool = False, score_every: int = 256, ref_embeddings: dict | None = None
+                 progress: bool = False, score_every: int = 256, references: dict | None = None
                  ) -> ProtocolResult:
     """Generates, scores and writes the whole protocol into out_dir (see module doc). Images are scored
-    in chunks of about `score_every` (bounded host memory at 1024 x 1024). ref_embeddings: from
-    `reference_embeddings` (computed here when not given)."""
+    in chunks of about `score_every` (bounded host memory at 1024 x 1024). references: from
+    `load_references` (loaded here when not given)."""
     from PIL import Image
 
     settings = settings or ProtocolSettings()
     if pipe.id_encoder is None:
         raise ValueError("the validation protocol generates identities: the model needs an ID encoder "
                          "(--photomaker DIR)")
-    ref_embeddings = ref_embeddings if ref_embeddings is not None else reference_embeddings(sets, scorers)
+    references = references if references is not None else load_references(sets, scorers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows, references = [], {}
+    rows, ref_paths = [], {}  # ref_paths: the report's reference column
     pending: list[tuple[dict, np.ndarray, np.ndarray]] = []  # (row, image, reference embeddings) to score
     gen_s = score_s = 0.0
 
@@ -213,16 +217,15 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
             score_s += time.perf_counter() - t
             pending.clear()
     for set_name, identities in sets.items():
-        references[set_name] = {}
-        for ident, paths in identities.items():
-            refs = [load_image(p) for p in paths]
-            emb = ref_embeddings[(set_name, ident)]
+        ref_paths[set_name] = {}
+        for ident in identities:
+            refs, emb = references[(set_name, ident)]
             ref_dir = out_dir / "images" / set_name / ident
             ref_dir.mkdir(parents=True, exist_ok=True)
-            references[set_name][ident] = []
+            ref_paths[set_name][ident] = []
             for k, im in enumerate(refs):  # a copy next to the generations: the report folder stands alone
                 im.save(ref_dir / f"reference_{k}.png")
-                references[set_name][ident].append(f"images/{set_name}/{ident}/reference_{k}.png")
+                ref_paths[set_name][ident].append(f"images/{set_name}/{ident}/reference_{k}.png")
             for pi, vp in enumerate(prompts):
                 split = _use_split(pipe, vp, settings.split)
                 text = vp.with_trigger(vp.general if split else vp.prompt, settings.trigger_word)
@@ -252,7 +255,7 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
     shown = {"step": step, "seeds": list(settings.seeds), "steps": settings.num_steps,
              "guidance": settings.guidance_scale, "no face": scorers.face.no_face, **(extra or {})}
     shown = {k: v for k, v in shown.items() if v not in (None, "")}
-    report.write_report_html(out_dir / "report.html", rows, metrics, references=references, title=title,
+    report.write_report_html(out_dir / "report.html", rows, metrics, references=ref_paths, title=title,
                              settings=shown)
     return ProtocolResult(rows, metrics, out_dir, seconds)
 

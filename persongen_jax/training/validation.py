@@ -56,12 +56,12 @@ def protocol_settings(config) -> protocol.ProtocolSettings:
 
 
 class Validator:
-    def __init__(self, config, workdir, tokenizers, sets, prompts, scorers, ref_embeddings=None):
+    def __init__(self, config, workdir, tokenizers, sets, prompts, scorers, references=None):
         self.config = config
         self.workdir = Path(workdir)
         self.tokenizers = tokenizers
         self.sets, self.prompts, self.scorers = sets, prompts, scorers
-        self.ref_embeddings = ref_embeddings
+        self.references = references
         self.settings = protocol_settings(config)
         self.pipe = None
 
@@ -82,7 +82,7 @@ class Validator:
         scorers = protocol.Scorers.from_pretrained(clip=ev.clip, detector=ev.face_detector, arcface=ev.arcface,
                                                    no_face=ev.no_face, det_thresh=ev.det_thresh,
                                                    face_select=ev.face_select)
-        refs = protocol.reference_embeddings(sets, scorers)  # a reference without a face fails now
+        refs = protocol.load_references(sets, scorers)  # a reference without a face fails now
         n = sum(len(ids) for ids in sets.values()) * len(prompts) * len(ev.seeds)
         log.info("validation every %d steps: %s, %d prompts x %d seeds = %d images", config.eval_every,
                  {k: len(v) for k, v in sets.items()}, len(prompts), len(ev.seeds), n)
@@ -98,7 +98,7 @@ class Validator:
         out = self.workdir / "eval" / f"step_{step:08d}"
         result = protocol.run_protocol(self.pipe, self.sets, self.prompts, self.scorers, out, self.settings,
                                        step=step, title=f"validation at step {step}",
-                                       ref_embeddings=self.ref_embeddings)
+                                       references=self.references)
         scalars, lines = {}, []
         for name, m in result.metrics["sets"].items():
             for key in ("clip_t", "face_sim", "no_face"):
@@ -139,7 +139,7 @@ def load_trained_model(workdir, config=None, step: int | None = None):
     from persongen_jax.training import checkpoint as ckpt_lib
     from persongen_jax.training import optimizer as optim_lib
     from persongen_jax.training.model import build_model
-    from persongen_jax.training.train_loop import _split_model
+    from persongen_jax.training.train_loop import _merge_model, _split_model
 
     workdir = Path(workdir)
     config = config or read_config(workdir)
@@ -163,8 +163,7 @@ def load_trained_model(workdir, config=None, step: int | None = None):
         restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     finally:
         mngr.close()
-    trained = nnx.from_flat_state([(p, v.replace(restored["params"][k])) for p, k, v in template])
-    return nnx.merge(graphdef, trained, frozen, rest), tokenizers, step
+    return _merge_model(graphdef, template, restored["params"], frozen, rest), tokenizers, step
 
 
 def load_trained_pipeline(workdir, config=None, step: int | None = None, *, merge_lora: bool = True):
