@@ -17,25 +17,20 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from persongen_jax.evaluation.batching import ShardedBatches
 from persongen_jax.models import modeling
+from persongen_jax.models.clip import l2_normalize
 from persongen_jax.pipeline.image_processing import clip_preprocess
-
-
-def _unit(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 @nnx.jit(graph_updates=False)  # read-only: no copy of the module state as an output
 def _scores(model, pixel_values, input_ids):
-    image = _unit(model.get_image_features(pixel_values))
-    text = _unit(model.get_text_features(input_ids))
+    image = l2_normalize(model.get_image_features(pixel_values).astype(jnp.float32))
+    text = l2_normalize(model.get_text_features(input_ids).astype(jnp.float32))
     return 100.0 * jnp.sum(image * text, axis=-1)
 
 

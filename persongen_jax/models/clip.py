@@ -571,7 +571,7 @@ class CLIPVisionModelWithProjection(_FromConfig, nnx.Module):
                                      pooler_output=out.pooler_output)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
 
 
@@ -607,8 +607,8 @@ class CLIPModel(_FromConfig, nnx.Module):
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array,
                  attention_mask: jax.Array | None = None) -> CLIPOutput:
-        image_embeds = _l2_normalize(self.get_image_features(pixel_values))
-        text_embeds = _l2_normalize(self.get_text_features(input_ids, attention_mask))
+        image_embeds = l2_normalize(self.get_image_features(pixel_values))
+        text_embeds = l2_normalize(self.get_text_features(input_ids, attention_mask))
         logits_per_text = (text_embeds @ image_embeds.T) * jnp.exp(self.logit_scale[...]).astype(text_embeds.dtype)
         return CLIPOutput(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
                           text_embeds=text_embeds, image_embeds=image_embeds)
