@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -10,27 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from persongen_jax.testing.torch_init import randomize_  # noqa: F401  (tests call helpers.randomize_)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def randomize_(module, seed: int = 0, scale: float = 1.0) -> None:
-    """Re-draws every parameter of a torch module so no zero/one init hides a bug.
-
-    Matrices/convs ~ N(0, scale/fan_in) (keeps activations O(1) through deep nets),
-    1-D weights (norm scales) ~ 1 + N(0, 0.1^2), biases and other 1-D params ~ N(0, 0.1^2).
-    """
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=g) * math.sqrt(scale / fan_in))
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def torch_precise() -> None:

@@ -19,10 +19,11 @@ Needs torch (the `[torch]` extra) and onnx.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
+
+from persongen_jax.testing.torch_init import randomize_
 
 TINY_ARCFACE = dict(layers=[1, 1, 1, 1], widths=[8, 16, 16, 32], num_features=16, input_size=112)
 R50 = dict(layers=[3, 4, 14, 3], widths=[64, 128, 256, 512], num_features=512, input_size=112)
@@ -83,23 +84,6 @@ def _torch_classes():
     return IBasicBlock, TorchIResNet
 
 
-def _randomize(module, seed: int):
-    """Every parameter redrawn: matrices ~ N(0, 1/fan_in), 1-D weights ~ 1 + N(0, 0.01), others ~ N(0, 0.01).
-    Returns the generator (callers draw more from the same stream)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return g
-
-
 def torch_iresnet(layers, widths, num_features, input_size, seed: int = 0):
     """A random TorchIResNet in eval mode (weights ~ N(0, 1/fan_in), BN stats and PReLU slopes random)."""
     import torch
@@ -107,7 +91,7 @@ def torch_iresnet(layers, widths, num_features, input_size, seed: int = 0):
 
     _, cls = _torch_classes()
     m = cls(layers, widths, num_features, input_size)
-    g = _randomize(m, seed)
+    g = randomize_(m, seed)
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -176,7 +160,7 @@ def make_tiny_clip(folder: str | Path, seed: int = 3, *, source: str | Path | No
                                   vision_config=TINY_CLIP["vision_config"],
                                   projection_dim=TINY_CLIP["projection_dim"])
     model = transformers.CLIPModel(cfg).eval()
-    _randomize(model, seed)  # default init has unit norm scales / zero biases: perturb everything
+    randomize_(model, seed)  # default init has unit norm scales / zero biases: perturb everything
     model.save_pretrained(source)
     write_tiny_tokenizer(source)
     if convert:
