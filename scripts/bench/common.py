@@ -64,6 +64,14 @@ def jax_device_stats(median_s: float, flops: float | None, dtype: str) -> dict:
     return out
 
 
+def flops_line(head: str, stats: dict) -> str:
+    """`head` + achieved TFLOP/s (+ MFU where known), from `jax_device_stats`' fields."""
+    line = f"{head}, achieved {stats['achieved_tflops']:.3f} TFLOP/s"
+    if "mfu" in stats:
+        line += f", MFU {stats['mfu'] * 100:.1f}%"
+    return line
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -232,10 +232,7 @@ def report(bench: str, args, facts: dict, ref: dict, jx: dict, diff: float) -> d
           f"peak {jx['peak_mib']:7.0f} MiB   compile {jx['compile_s']:.1f} s")
     print(f"  ratio reference/jax = {ratio:.2f}x  (>1: JAX faster)")
     if jx.get("flops_per_image"):
-        line = (f"  XLA GFLOP/image {jx['flops_per_image'] / 1e9:.2f}, achieved {jx['achieved_tflops']:.3f} TFLOP/s")
-        if "mfu" in jx:
-            line += f", MFU {jx['mfu'] * 100:.1f}%"
-        print(line)
+        print(common.flops_line(f"  XLA GFLOP/image {jx['flops_per_image'] / 1e9:.2f}", jx))
     ok = diff <= PARITY_TOL
     print(f"  parity: max abs diff {diff:.2e} ({'scores, 100*cos' if bench == 'clip' else 'unit embeddings'}) "
           f"{'OK' if ok else 'ABOVE'} tol {PARITY_TOL:g}" + ("" if args.dtype == "float32" else " (bf16: info only)"))

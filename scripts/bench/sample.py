@@ -140,10 +140,7 @@ def main():
           f"compile {jx['compile_s']:.1f} s")
     print(f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)")
     if jx.get("flops"):
-        line = f"  XLA flops/call {jx['flops'] / 1e12:.2f} TFLOP, achieved {jx['achieved_tflops']:.3f} TFLOP/s"
-        if "mfu" in jx:
-            line += f", MFU {jx['mfu'] * 100:.1f}%"
-        print(line)
+        print(common.flops_line(f"  XLA flops/call {jx['flops'] / 1e12:.2f} TFLOP", jx))
     print("json:", json.dumps({"pytorch": pt, "jax": jx}))
 
 

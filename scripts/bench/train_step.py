@@ -211,11 +211,7 @@ def main():
           f"{jx['trainable'] / 1e3:.0f}k trainable, peak {jx['peak_mib']:.0f} MiB, compile {jx['compile_s']:.1f} s)")
     print(f"  ratio jax/pytorch img/s = {ips(jx) / ips(pt):.2f}x  (>1: JAX faster)")
     if jx.get("flops_per_step"):
-        line = (f"  XLA flops/step {jx['flops_per_step'] / 1e9:.2f} GFLOP, achieved "
-                f"{jx['achieved_tflops']:.3f} TFLOP/s")
-        if "mfu" in jx:
-            line += f", MFU {jx['mfu'] * 100:.1f}%"
-        print(line)
+        print(common.flops_line(f"  XLA flops/step {jx['flops_per_step'] / 1e9:.2f} GFLOP", jx))
     print("json:", json.dumps({"pytorch": pt, "jax": jx}))
 
 

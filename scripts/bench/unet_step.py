@@ -167,10 +167,7 @@ def main():
               f"outputs {jx['output_mib']:.0f} MiB (peak = process RSS on CPU, allocator peak on GPU)")
     print(f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)")
     if jx.get("flops_per_step"):
-        line = f"  XLA flops/step {jx['flops_per_step'] / 1e9:.1f} GFLOP, achieved {jx['achieved_tflops']:.3f} TFLOP/s"
-        if "mfu" in jx:
-            line += f", MFU {jx['mfu'] * 100:.1f}%"
-        print(line)
+        print(common.flops_line(f"  XLA flops/step {jx['flops_per_step'] / 1e9:.1f} GFLOP", jx))
     print("json:", json.dumps({"pytorch": pt, "jax": jx}))
 
 
