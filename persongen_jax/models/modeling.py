@@ -57,8 +57,10 @@ def _import_all_models():
     import persongen_jax.models  # noqa: F401
 
 
-def path_to_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
+def path_str(path) -> str:
+    """A parameter path (NNX path or jax tree path) as the dotted string the configs and key maps use:
+    ("down_blocks", 0, "attentions") -> "down_blocks.0.attentions"."""
+    return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
 @contextlib.contextmanager
@@ -91,6 +93,31 @@ def abstract_model(cls, config: Mapping[str, Any], *, dtype=None, param_dtype=jn
         return nnx.eval_shape(lambda: cls.from_config(dict(config), rngs=nnx.Rngs(0), dtype=dtype,
                                                       param_dtype=param_dtype,
                                                       attention_impl=attention_impl))
+
+
+def random_init(cls, config: Mapping[str, Any], seed: int, **kw):
+    """A randomly initialised model built without per-parameter device dispatch: the module is created
+    abstractly (`abstract_model`), then every parameter is drawn on the host with numpy (seeded):
+    kernels / embeddings ~ N(0, 1/fan_in), norm scales 1, biases 0. Eager NNX init of even the tiny
+    models costs ~20 s of op dispatch on a small CPU; this takes well under a second."""
+    import numpy as np
+
+    model = abstract_model(cls, config, **kw)
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, sds in flat_params(model).items():
+        shape = tuple(sds.shape)
+        if len(shape) >= 2:
+            fan_in = int(np.prod(shape[:-1]))
+            value = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)
+        elif str(path[-1]) == "scale":
+            value = np.ones(shape, np.float32)
+        elif str(path[-1]) == "bias":
+            value = np.zeros(shape, np.float32)
+        else:
+            value = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+        flat[path] = jnp.asarray(value, dtype=sds.dtype)
+    return assign_params(model, flat)
 
 
 def flat_params(model) -> dict[tuple, Any]:
@@ -204,10 +231,10 @@ def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=Non
         try:
             meta = _lookup(stored_tree, path)
         except (KeyError, TypeError):
-            missing.append(path_to_str(path))
+            missing.append(path_str(path))
             continue
         if tuple(meta.shape) != tuple(sds.shape):
-            raise ValueError(f"{params_dir}: {path_to_str(path)} has shape {tuple(meta.shape)}, "
+            raise ValueError(f"{params_dir}: {path_str(path)} has shape {tuple(meta.shape)}, "
                              f"the model built from config.json expects {tuple(sds.shape)}")
         # Restoring straight into device arrays (a sharding on the target) avoids a second host copy.
         target[path] = jax.ShapeDtypeStruct(sds.shape, param_dtype or meta.dtype, sharding=device)

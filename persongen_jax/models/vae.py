@@ -334,38 +334,7 @@ class AutoencoderKLConfig:
         activation(self.act_fn)  # raises ValueError naming the activation
 
 
-# The exact vae/config.json of stabilityai/stable-diffusion-xl-base-1.0 (identical to
-# stabilityai/sdxl-vae and madebyollin/sdxl-vae-fp16-fix apart from force_upcast=false in the
-# fp16 fix), minus the "_"-prefixed bookkeeping keys. Everything else takes the diffusers
-# AutoencoderKL default (shift_factor None, use_quant_conv/use_post_quant_conv/mid_block_add_attention True).
-SDXL_VAE_CONFIG = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
 
-# Same topology (2 levels, one downsample) at a size that runs in a second on a CPU;
-# for tests and the from-scratch demo.
-TINY_VAE_CONFIG = {
-    **SDXL_VAE_CONFIG,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 64,
-}
-
-PRESETS = {"sdxl": SDXL_VAE_CONFIG, "tiny": TINY_VAE_CONFIG}
 
 
 # --------------------------------------------------------------------------- model
@@ -398,11 +367,10 @@ class AutoencoderKL(nnx.Module):
 
     @staticmethod
     def preset_config(name: str) -> dict:
-        """A diffusers-style config dict: "sdxl" (the real SDXL VAE) or "tiny" (tests)."""
-        try:
-            return dict(PRESETS[name])
-        except KeyError:
-            raise ValueError(f"unknown AutoencoderKL preset {name!r}; known: {sorted(PRESETS)}") from None
+        """A diffusers-style config dict by model size (`presets.SIZES`): "sdxl_base" (alias "sdxl"), "tiny"."""
+        from persongen_jax.models import presets
+
+        return dict(presets.get("sdxl_base" if name == "sdxl" else name).vae)
 
     @property
     def scaling_factor(self) -> float:

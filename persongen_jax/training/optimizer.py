@@ -20,10 +20,6 @@ import jax
 import optax
 
 
-def path_str(path) -> str:
-    return ".".join(str(getattr(p, "key", p)) for p in path)
-
-
 def group_of(path: str, groups: Mapping[str, Mapping]) -> str | None:
     hits = [g for g, spec in groups.items() if re.fullmatch(spec["pattern"], path)]
     if len(hits) > 1:

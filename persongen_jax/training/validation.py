@@ -25,25 +25,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from persongen_jax import conditions as conditions_lib
 from persongen_jax.evaluation import protocol
-from persongen_jax.pipeline.pipeline import DEFAULT_SCHEDULER, PersonGenPipeline
-from persongen_jax.pipeline.schedulers import read_scheduler_config
+from persongen_jax.pipeline.pipeline import PersonGenPipeline
+from persongen_jax.training.model import scheduler_config
 
 log = logging.getLogger("persongen_jax.train")
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "id_encoder")
 CONFIG_FILE = "config.json"
-
-
-def scheduler_config(config) -> dict:
-    """The diffusers scheduler config sampling uses for this training config."""
-    if config.model in ("tiny", "micro"):
-        from persongen_jax.testing import tiny_sdxl
-
-        return dict(tiny_sdxl.SCHEDULER)
-    try:
-        return read_scheduler_config(config.init.sdxl)
-    except FileNotFoundError:
-        return dict(DEFAULT_SCHEDULER)
 
 
 def protocol_settings(config) -> protocol.ProtocolSettings:
@@ -91,7 +80,8 @@ class Validator:
     def __call__(self, model, step: int, writer) -> dict:
         if self.pipe is None:
             self.pipe = PersonGenPipeline.from_model(model, self.tokenizers, scheduler_config(self.config),
-                                                     trigger_word=self.config.data.trigger_word)
+                                                     trigger_word=self.config.data.trigger_word,
+                                                     conditions=conditions_lib.from_config(self.config))
         else:
             for name in MODULES:
                 nnx.update(getattr(self.pipe, name), nnx.state(getattr(model, name)))
@@ -176,5 +166,6 @@ def load_trained_pipeline(workdir, config=None, step: int | None = None, *, merg
         lora_lib.merge_lora(model.unet)
     pipe = PersonGenPipeline.from_model(model, tokenizers, scheduler_config(config),
                                         trigger_word=config.data.trigger_word,
-                                        sample_size=config.data.resolution // model.vae.downscale_factor)
+                                        sample_size=config.data.resolution // model.vae.downscale_factor,
+                                        conditions=conditions_lib.from_config(config))
     return pipe, step, config
