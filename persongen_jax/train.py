@@ -18,6 +18,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEMO, "ml_collections confi
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, tb/", required=True)
 
 
+def load_config(spec: str):
+    """A config as `--config SPEC` gives it: "configs/final_method.py" or "configs/final_method.py:tiny"
+    (the file's `get_config(arg)`), through ml_collections' own config-file parser."""
+    # The class DEFINE_config_file parses `--config` with (not re-exported by config_flags/__init__).
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    return ConfigFileFlagParser(name="config").parse(spec)
+
+
 class _QuietOrbax(pylogging.Filter):
     def filter(self, record: pylogging.LogRecord) -> bool:
         return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname

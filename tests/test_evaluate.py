@@ -7,13 +7,14 @@ detector and a tiny ArcFace (`testing.tiny_eval`). Counts: sets x identities x p
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from persongen_jax.train import load_config
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -137,10 +138,7 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
 
 
 def _demo_config(**eval_overrides):
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = load_config(str(REPO / "configs" / "demo.py"))
     c.model = "micro"
     c.data.source = "synthetic"
     c.data.global_batch_size = 4

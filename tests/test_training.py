@@ -8,7 +8,6 @@ A persistent XLA cache in a temp dir lets runs of identical programs (resume) sk
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -22,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
+from persongen_jax import train as train_cli
 from persongen_jax.training import train_and_evaluate
 from persongen_jax.training.loss import masked_mse
 
@@ -41,16 +42,11 @@ def _compile_cache(tmp_path_factory):
 
 
 def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg) if arg is not None or name != "demo" else mod.get_config()
+    """configs/NAME.py[:ARG] as `python -m persongen_jax.train --config` loads it."""
+    return train_cli.load_config(str(CONFIGS / f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 def tiny_config(**overrides):
-    spec = importlib.util.spec_from_file_location("configs_default", CONFIGS / "default.py")
-    default = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(default)
     c = default.tiny(default.get_config())
     c.model = "micro"  # the tiny model with a shallower UNet: half the compile time
     c.trainable = default.groups(heads=1e-5, fuse_mlp=1e-5, lora=1e-4)
@@ -225,7 +221,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
 def test_per_group_lr_and_warmup(tmp_path):
     from persongen_jax.training.model import build_model
-    from persongen_jax.training.optimizer import path_str
+    from persongen_jax.models.modeling import path_str
     from flax import nnx
 
     warmup = 10

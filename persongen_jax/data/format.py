@@ -7,7 +7,8 @@ Input (what a person prepares):
       {"image": "persons/<person_id>/<image>.jpg",   path relative to SRC
        "caption": "a photo of a man img wearing a red suit",   P_general: class word + trigger word
        "caption_bg": "mountains",                    optional, P_bg
-       "caption_body": "wearing a red suit",         optional, P_body
+       "caption_body": "wearing a red suit",         optional, P_body (any caption_<x> field is kept: the
+                                                     text of a condition with source "caption_<x>")
        "face_box": [x0, y0, x1, y1],                 pixels of the stored image, x1/y1 exclusive
        "face_mask": "masks/<person_id>/<image>.png"} optional; otherwise the mask is the box
 
@@ -41,10 +42,15 @@ from typing import Any
 
 from PIL import Image
 
+from persongen_jax import conditions as conditions_lib
+
 MAGIC = b"PGJ1"
 INDEX_FILE = "index.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_TRIGGER_WORD = "img"
+# The captions fields of configs/default.py's text conditions (P_bg, P_body).
+DEFAULT_CAPTION_FIELDS = tuple(c.source for c in conditions_lib.text_conditions(
+    conditions_lib.parse(conditions_lib.DEFAULTS)))
 
 
 def encode_record(header: dict[str, Any], image_bytes: bytes, mask_bytes: bytes = b"") -> bytes:
@@ -137,10 +143,23 @@ def _validate(src: Path, rel: str, entry: dict | None, trigger_word: str | None)
             raise
         except Exception as e:
             raise ValueError(f"cannot read face mask {entry['face_mask']} ({type(e).__name__})") from None
-    opt = lambda k: (entry.get(k) or "").strip() or None  # noqa: E731
-    header = dict(person_id=_person_id(rel), image=rel, caption=caption, caption_bg=opt("caption_bg"),
-                  caption_body=opt("caption_body"), face_box=box, width=width, height=height, format=fmt)
+    header = dict(person_id=_person_id(rel), image=rel, caption=caption, face_box=box, width=width, height=height,
+                  format=fmt)
+    # Every caption_* field is a text condition's text (P_bg, P_body, ...: conditions.Condition.source);
+    # the default conditions' fields are always in the header (None when absent).
+    for key in sorted(set(DEFAULT_CAPTION_FIELDS) | {k for k in entry if k.startswith("caption_")}):
+        header[key] = _condition_text(entry, key)
     return header, data, mask
+
+
+def _condition_text(entry: dict, key: str) -> str | None:
+    """A caption_* field: a string (stripped; empty -> None) or null; ValueError naming the key otherwise."""
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key} is {type(value).__name__} {value!r}, expected a string")
+    return value.strip() or None
 
 
 def read_captions(captions_jsonl: str | os.PathLike) -> tuple[dict[str, dict], list[dict]]:

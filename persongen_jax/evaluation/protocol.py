@@ -14,9 +14,11 @@ CLIP-T against the prompt text (without the trigger word) and Face-Sim against t
 reference faces, then written as OUT/images/<set>/<identity>/<prompt>_s<seed>.png, metrics.json,
 scores.csv and report.html (`report.py`).
 
-Split prompts: with a pipeline that has a `bg` adapter (the split-prompt methods) each prompt is
-generated as P_general (+ trigger word) with P_bg through the adapter (`split="auto"`, the default);
-`split="never"` always uses the full prompt.
+Split prompts: a prompt may have a split version, P_general plus the texts of text conditions keyed by
+condition name (the research's: P_bg under "bg"). With a pipeline that has adapters for all of a prompt's
+conditions (the split-prompt methods) the prompt is generated as P_general (+ trigger word) with each
+condition text through its adapter (`split="auto"`, the default); `split="never"` always uses the full
+prompt, `split="always"` fails for a model that lacks one of the adapters.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ SPLIT_MODES = ("auto", "never", "always")
 
 @dataclass(frozen=True)
 class ValidationPrompt:
+    """One validation prompt: the full text, its class word, and its optional split version."""
+
     name: str
     prompt: str        # full text: what CLIP-T scores against
     class_word: str    # the trigger word goes right after its first occurrence
     general: str = ""  # split version: P_general ...
-    bg: str = ""       # ... and P_bg
+    conditions: dict = field(default_factory=dict)  # ... and {condition name: text}, e.g. {"bg": P_bg}
 
     def with_trigger(self, text: str, trigger: str) -> str:
         new, n = re.subn(rf"\b{re.escape(self.class_word)}\b", f"{self.class_word} {trigger}", text, count=1)
@@ -54,18 +58,32 @@ class ValidationPrompt:
         return new
 
 
+PROMPT_FIELDS = ("name", "prompt", "class_word", "general")
+
+
+def _prompt(item: dict) -> ValidationPrompt:
+    """A prompts-file entry: the PROMPT_FIELDS, and every other (non-"_") key is a condition's text."""
+    item = {k: v for k, v in item.items() if not k.startswith("_")}
+    conditions = {k: item.pop(k) for k in list(item) if k not in PROMPT_FIELDS}
+    bad = [k for k, v in conditions.items() if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"prompt {item.get('name')!r}: condition texts {bad} must be strings")
+    return ValidationPrompt(**item, conditions=conditions)
+
+
 def load_prompts(path: str | os.PathLike | None = None) -> list[ValidationPrompt]:
-    """A JSON file {"prompts": [{name, prompt, class_word, general?, bg?}, ...]} (default: the research's)."""
+    """A JSON file {"prompts": [{name, prompt, class_word, general?, <condition>?...}, ...]} (default: the
+    research's 4, with P_bg as "bg")."""
     path = Path(path) if path else DEFAULT_PROMPTS
     try:
         data = json.loads(path.read_text())
         items = data["prompts"]
-        prompts = [ValidationPrompt(**{k: v for k, v in p.items() if not k.startswith("_")}) for p in items]
+        prompts = [_prompt(p) for p in items]
     except FileNotFoundError:
         raise ValueError(f"{path}: no such prompts file") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: expected {{\"prompts\": [{{\"name\", \"prompt\", \"class_word\", \"general\", "
-                         f"\"bg\"}}, ...]}} ({type(e).__name__}: {e})") from None
+                         f"condition texts}}, ...]}} ({type(e).__name__}: {e})") from None
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     names = [p.name for p in prompts]
@@ -73,8 +91,9 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[ValidationPrompt
         raise ValueError(f"{path}: prompt names must be unique, got {names}")
     for p in prompts:
         p.with_trigger(p.prompt, "img")  # class word present: fail now, not after hours of generation
-        if bool(p.general) != bool(p.bg):
-            raise ValueError(f"{path}: prompt {p.name!r} needs both 'general' and 'bg' for the split version")
+        if bool(p.general) != bool(p.conditions):
+            raise ValueError(f"{path}: prompt {p.name!r} needs both 'general' and condition texts (e.g. 'bg') "
+                             "for the split version")
     return prompts
 
 
@@ -167,12 +186,15 @@ def score_rows(rows: list[dict], images: Sequence, scorers: Scorers, references:
 
 
 def _use_split(pipe, prompt: ValidationPrompt, mode: str) -> bool:
+    """Whether `prompt` is generated in its split version (P_general + condition texts) on `pipe`."""
     if mode not in SPLIT_MODES:
         raise ValueError(f"split={mode!r}; expected one of {list(SPLIT_MODES)}")
-    has_bg = bool(pipe.adapters) and "bg" in pipe.adapters["names"]
-    if mode == "always" and not has_bg:
-        raise ValueError("split='always' needs a model with a 'bg' adapter (--adapters)")
-    return bool(prompt.general) and has_bg and mode != "never"
+    missing = sorted(set(prompt.conditions) - set(pipe.text_conditions))
+    if mode == "always" and (missing or not prompt.general):
+        raise ValueError(f"split='always': prompt {prompt.name!r} needs a split version and a model with "
+                         f"adapters for {sorted(prompt.conditions) or 'its conditions'} (missing: {missing}; "
+                         "--adapters)")
+    return bool(prompt.general) and not missing and mode != "never"
 
 
 def load_references(sets: dict[str, dict[str, list[Path]]], scorers: Scorers) -> dict:
@@ -233,7 +255,8 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
                 gen = pipe(text, refs, seeds=list(settings.seeds), num_steps=settings.num_steps,
                            guidance_scale=settings.guidance_scale, start_merge_step=settings.start_merge_step,
                            height=settings.height, width=settings.width, negative_prompt=settings.negative_prompt,
-                           prompt_bg=vp.bg if split else None, scheduler=settings.scheduler, progress=progress)
+                           conditions=vp.conditions if split else None, scheduler=settings.scheduler,
+                           progress=progress)
                 gen_s += time.perf_counter() - t
                 for seed, img in zip(settings.seeds, gen):
                     rel = f"images/{set_name}/{ident}/{vp.name}_s{seed}.png"

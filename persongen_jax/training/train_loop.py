@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from persongen_jax import conditions as conditions_lib
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.training import checkpoint as ckpt_lib
 from persongen_jax.training import data as data_lib
@@ -36,6 +37,7 @@ from persongen_jax.training.metrics import MetricWriter
 from persongen_jax.training.model import build_model
 from persongen_jax.training.validation import Validator, save_config
 from persongen_jax.models import lora as lora_lib
+from persongen_jax.models.modeling import path_str
 
 log = logging.getLogger("persongen_jax.train")
 
@@ -46,12 +48,12 @@ class NonFiniteLossError(FloatingPointError):
 
 def _split_model(model, groups):
     def trainable(path, value):
-        return isinstance(value, nnx.Param) and optim_lib.group_of(optim_lib.path_str(path), groups) is not None
+        return isinstance(value, nnx.Param) and optim_lib.group_of(path_str(path), groups) is not None
 
     graphdef, train_state, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
     flat = list(nnx.to_flat_state(train_state))
-    params = {optim_lib.path_str(p): v.get_value() for p, v in flat}
-    template = [(p, optim_lib.path_str(p), v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)))
+    params = {path_str(p): v.get_value() for p, v in flat}
+    template = [(p, path_str(p), v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)))
                 for p, v in flat]
     return graphdef, params, template, frozen, rest
 
@@ -87,7 +89,7 @@ class _Preemption:
 def _result(step, params, frozen, history, compiled_info=None) -> dict:
     """Host copies: trainable params {path: array}, frozen params {path: array}, the logged metrics,
     and facts about the compiled step (compile_s, flops_per_step, memory)."""
-    flat_frozen = {optim_lib.path_str(p): v.get_value() for p, v in nnx.to_flat_state(frozen)}
+    flat_frozen = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(frozen)}
     return {"step": step, "params": jax.device_get(params), "frozen": jax.device_get(flat_frozen),
             "history": history, "compiled": dict(compiled_info or {})}
 
@@ -136,13 +138,15 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
     empty_ids = tuple(jnp.asarray(prompt_lib.tokenize(t, [""])) for t in tokenizers)
     compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else None
     loss_cfg = dict(config.loss)
+    conditions = conditions_lib.from_config(config)
+    text_fields = data_lib.text_condition_fields(config)
 
     def train_step(params, opt_state, frozen, rest, batch, step, key):
         key = jax.random.fold_in(key, step)
 
         def loss_fn(params):
             m = _merge_model(graphdef, template, params, frozen, rest)
-            return compute_loss(m, batch, key, scheduler=scheduler, loss_cfg=loss_cfg,
+            return compute_loss(m, batch, key, scheduler=scheduler, loss_cfg=loss_cfg, conditions=conditions,
                                 id_injection=config.id_injection, adapters=adapters, empty_ids=empty_ids,
                                 compute_dtype=compute_dtype)
 
@@ -182,7 +186,7 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
         return _result(start, params, frozen, history)
 
     # ------------------------------------------------------------------ compile (AOT)
-    batch = shard_lib.put_batch(data_lib.model_inputs(next(it)), b_sh)
+    batch = shard_lib.put_batch(data_lib.model_inputs(next(it), text_fields), b_sh)
     t0 = time.perf_counter()
     compiled = step_jit.lower(params, opt_state, frozen, rest, batch, jnp.int32(start), base_key).compile()
     info = {"compile_s": time.perf_counter() - t0}
@@ -216,7 +220,7 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
         with _Preemption() as preempt:
             while step < total:
                 if batch is None:
-                    batch = shard_lib.put_batch(data_lib.model_inputs(next(it)), b_sh)
+                    batch = shard_lib.put_batch(data_lib.model_inputs(next(it), text_fields), b_sh)
                 params, opt_state, metrics = compiled(params, opt_state, frozen, rest, batch, jnp.int32(step),
                                                       base_key)
                 batch = None
