@@ -176,3 +176,27 @@ def test_face_sim_without_the_onnx_package(face_models, tmp_path, monkeypatch):
     with pytest.raises(FaceModelError, match="det_broken.onnx: not a readable ONNX file"):
         find_detector_file(folder)
 
+
+def test_transparent_images_are_composited_on_white_for_detection(face_models, tmp_path):
+    """A cut-out PNG (transparent background whose hidden colours are black): the detector sees it on
+    white, as CLIP-T does -- the picture a viewer sees -- not the black that dropping alpha (cv2.imread,
+    PIL .convert("RGB")) would show it."""
+    from PIL import Image
+
+    from persongen_jax.evaluation.face_sim import FaceSimScorer
+    from persongen_jax.pipeline.image_processing import convert_to_rgb
+
+    scorer = FaceSimScorer.from_pretrained(face_models / "det", face_models / "arcface")
+    rgba = np.zeros((96, 96, 4), np.uint8)
+    rgba[24:72, 24:72] = np.concatenate([_image(2, 48, 48), np.full((48, 48, 1), 255, np.uint8)], axis=-1)
+    rgba[20:24, 20:76, 3] = 128  # a half-transparent band
+    on_white = convert_to_rgb(rgba)
+    assert len(scorer.detector.detect(rgba[..., :3])) == 0  # alpha dropped: mostly black, no face
+    path = tmp_path / "cutout.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    crops, found = scorer.align([rgba, Image.open(path), path, on_white])
+    assert found.all()
+    for crop in crops[:3]:
+        np.testing.assert_array_equal(crop, crops[3])
+    ref = scorer.reference_embeddings([path])  # references too
+    np.testing.assert_allclose(ref, scorer.reference_embeddings([on_white]), atol=0)

@@ -181,7 +181,7 @@ def load_references(sets: dict[str, dict[str, list[Path]]], scorers: Scorers) ->
     out = {}
     for name, ids in sets.items():
         for ident, paths in ids.items():
-            images = [load_image(p) for p in paths]
+            images = [load_image(p, composite_on_white=True) for p in paths]
             out[(name, ident)] = images, scorers.face.reference_embeddings(images, [str(p) for p in paths])
     return out
 
@@ -287,13 +287,14 @@ def score_manifest(manifest: str | os.PathLike, scorers: Scorers, out_dir: str |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = read_manifest(manifest)
-    images = [load_image(e["image"]) for e in entries]  # every image readable before any model runs
+    images = [load_image(e["image"], composite_on_white=True) for e in entries]  # all read before any model runs
     ref_cache: dict[tuple, np.ndarray] = {}
     references: dict[str, dict[str, list[str]]] = {}
     for e in entries:
         key = e["references"]
         if key not in ref_cache:
-            ref_cache[key] = scorers.face.reference_embeddings([load_image(p) for p in key], [str(p) for p in key])
+            ref_cache[key] = scorers.face.reference_embeddings([load_image(p, composite_on_white=True) for p in key],
+                                                               [str(p) for p in key])
         name = ", ".join(p.name for p in key)
         references.setdefault(e["set"], {})[name] = [os.path.relpath(p, out_dir) for p in key]
         e["reference_name"] = name
