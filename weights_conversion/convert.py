@@ -130,7 +130,9 @@ def convert_clip(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=Fa
     with atomic_output(dst, overwrite) as tmp:
         name = convert_component(src, tmp, dtype=dtype, variant=variant)
         for f in src.iterdir():
+            # preprocessor_config.json / processor_config.json (transformers 5 saves a processor there):
+            # the image preprocessing CLIP-T reads from the converted folder.
             if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "preprocessor"))
-                                or f.name in ("vocab.json", "merges.txt")):
+                                or f.name in ("vocab.json", "merges.txt", "processor_config.json")):
                 shutil.copy2(f, tmp / f.name)
     return name
