@@ -103,6 +103,7 @@ def get_config():
     # Validation during training (`python -m persongen_jax.evaluate` mode B with the current params).
     c.eval = ml_collections.ConfigDict()
     c.eval.sets = ""               # "in_train=DIR,out_of_train=DIR,out_of_domain=DIR"; empty: no validation
+    c.eval.metrics = ("clip_t", "face_sim")  # by name (persongen_jax/evaluation/metrics.py)
     c.eval.clip = ""               # converted CLIP (weights_conversion clip), e.g. clip-vit-large-patch14
     c.eval.face_detector = ""      # insightface model folder with an SCRFD detector (antelopev2 / buffalo_l)
     c.eval.arcface = ""            # converted ArcFace (weights_conversion arcface glintr100.onnx DST)

@@ -4,10 +4,11 @@
     validator(model, step, writer)      # every config.eval_every steps, from the train loop
 
 Each call runs the validation protocol (`evaluation.protocol`) with the current parameters: every
-identity of every `config.eval.sets` folder x prompts x seeds, CLIP-T and Face-Sim, written to
-WORKDIR/eval/step_<step>/ (images, metrics.json, scores.csv, report.html = the grid); the per-set means
-go to metrics.jsonl / TensorBoard as eval/<set>/clip_t, eval/<set>/face_sim, eval/<set>/no_face and to
-WORKDIR/eval/history.jsonl, which `python -m persongen_jax.evaluate --compare` plots.
+identity of every `config.eval.sets` folder x prompts x seeds, scored by the metrics `config.eval.metrics`
+(`evaluation/metrics.py`; CLIP-T and Face-Sim by default), written to WORKDIR/eval/step_<step>/ (images,
+metrics.json, scores.csv, report.html = the grid); the per-set means go to metrics.jsonl / TensorBoard as
+eval/<set>/<metric> (and counts such as eval/<set>/no_face) and to WORKDIR/eval/history.jsonl, which
+`python -m persongen_jax.evaluate --compare` plots.
 
 The pipeline is built once on the first call; later calls put the new weights into the same modules
 (`nnx.update`), so the sampling loop compiles once per run.
@@ -26,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from persongen_jax import conditions as conditions_lib
+from persongen_jax.evaluation import metrics as metrics_lib
 from persongen_jax.evaluation import protocol
 from persongen_jax.pipeline.pipeline import PersonGenPipeline
 from persongen_jax.training.model import scheduler_config
@@ -44,12 +46,19 @@ def protocol_settings(config) -> protocol.ProtocolSettings:
                                      trigger_word=config.data.trigger_word)
 
 
+def metric_options(ev) -> dict:
+    """The scoring options (`metrics.build`) of a config's `eval` section."""
+    return {k: ev.get(k) for k in ("clip", "face_detector", "arcface", "no_face", "det_thresh", "face_select")}
+
+
 class Validator:
-    def __init__(self, config, workdir, tokenizers, sets, prompts, scorers, references=None):
+    """Validation during training: the protocol on the current parameters, logged and written per step."""
+
+    def __init__(self, config, workdir, tokenizers, sets, prompts, metrics, references=None):
         self.config = config
         self.workdir = Path(workdir)
         self.tokenizers = tokenizers
-        self.sets, self.prompts, self.scorers = sets, prompts, scorers
+        self.sets, self.prompts, self.metrics = sets, prompts, metrics
         self.references = references
         self.settings = protocol_settings(config)
         self.pipe = None
@@ -60,22 +69,19 @@ class Validator:
         ev = config.eval
         if not ev.sets:
             return None
-        missing = [f"config.eval.{k}" for k in ("clip", "face_detector", "arcface") if not ev.get(k)]
-        if missing:
-            raise ValueError(f"config.eval.sets is set but {missing} is empty: validation needs a converted CLIP "
-                             "(weights_conversion clip), an insightface detector folder and a converted ArcFace")
         sets = protocol.load_sets(protocol.parse_sets(ev.sets))
         prompts = protocol.load_prompts(ev.prompts or None)
         if ev.num_prompts:
             prompts = prompts[:ev.num_prompts]
-        scorers = protocol.Scorers.from_pretrained(clip=ev.clip, detector=ev.face_detector, arcface=ev.arcface,
-                                                   no_face=ev.no_face, det_thresh=ev.det_thresh,
-                                                   face_select=ev.face_select)
-        refs = protocol.load_references(sets, scorers)  # a reference without a face fails now
+        try:
+            metrics = metrics_lib.build(tuple(ev.get("metrics", metrics_lib.DEFAULT_METRICS)), metric_options(ev))
+        except ValueError as e:
+            raise ValueError(f"config.eval.sets is set but {e} (or choose other config.eval.metrics)") from None
+        refs = protocol.load_references(sets, metrics)  # a reference without a face fails now
         n = sum(len(ids) for ids in sets.values()) * len(prompts) * len(ev.seeds)
         log.info("validation every %d steps: %s, %d prompts x %d seeds = %d images", config.eval_every,
                  {k: len(v) for k, v in sets.items()}, len(prompts), len(ev.seeds), n)
-        return cls(config, workdir, tokenizers, sets, prompts, scorers, refs)
+        return cls(config, workdir, tokenizers, sets, prompts, metrics, refs)
 
     def __call__(self, model, step: int, writer) -> dict:
         if self.pipe is None:
@@ -86,16 +92,18 @@ class Validator:
             for name in MODULES:
                 nnx.update(getattr(self.pipe, name), nnx.state(getattr(model, name)))
         out = self.workdir / "eval" / f"step_{step:08d}"
-        result = protocol.run_protocol(self.pipe, self.sets, self.prompts, self.scorers, out, self.settings,
+        result = protocol.run_protocol(self.pipe, self.sets, self.prompts, self.metrics, out, self.settings,
                                        step=step, title=f"validation at step {step}",
                                        references=self.references)
+        names = [m.name for m in self.metrics]
+        keys = names + [m.missing_key for m in self.metrics if m.missing_key]
         scalars, lines = {}, []
         for name, m in result.metrics["sets"].items():
-            for key in ("clip_t", "face_sim", "no_face"):
+            for key in keys:
                 if m[key] is not None:
                     scalars[f"eval/{name}/{key}"] = m[key]
-            lines.append({"step": step, "set": name, "clip_t": m["clip_t"], "face_sim": m["face_sim"],
-                          "no_face": m["no_face"], "n_images": m["n_images"], "report": str(out / "report.html")})
+            lines.append({"step": step, "set": name, **{k: m[k] for k in keys}, "n_images": m["n_images"],
+                          "report": str(out / "report.html"), "metric_names": names})
         scalars["eval/seconds"] = result.seconds["total"]
         writer.write(step, scalars)
         if jax.process_index() == 0:
