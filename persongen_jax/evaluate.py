@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+
 from persongen_jax.generate import parse_seeds
 
 
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--guidance-scale", type=float, default=5.0)
     b.add_argument("--start-merge-step", type=int, default=10)
     b.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
-    b.add_argument("--scheduler", choices=["euler", "ddim"], default="euler")
+    b.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler")
     b.add_argument("--split", choices=["auto", "never", "always"], default="auto",
                    help="P_general + P_bg through the bg adapter (auto: when the model has one)")
     s = p.add_argument_group("scoring")

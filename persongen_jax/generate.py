@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+
 
 def parse_seeds(text: str) -> list[int]:
     """"0-4" -> [0, 1, 2, 3, 4]; "1,5,9" -> [1, 5, 9]; "7" -> [7]."""
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-merge-step", type=int, default=10, help="step from which the ID tokens are used")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--scheduler", choices=["euler", "ddim"], default="euler")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler")
     p.add_argument("--trigger-word", default="img")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the stored params' dtype)")

@@ -237,11 +237,11 @@ class ImageProjection(nnx.Module):
     tokens * D) -> reshape to tokens -> LayerNorm `norm`. Parameters are AdapterParam.
 
     [B, in] -> [B, tokens, D]; [B, N, in] (N reference images) -> [B, N * tokens, D].
-    `condition` names the adapter condition whose tokens it makes (e.g. "id").
+    `condition` names the adapter condition whose tokens it makes (the image condition).
     """
 
     def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, *,
-                 condition: str = "id", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 condition: str, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.condition = condition
         self.image_embed_dim, self.cross_attention_dim = image_embed_dim, cross_attention_dim
         self.num_tokens = num_tokens

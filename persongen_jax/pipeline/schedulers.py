@@ -342,8 +342,10 @@ class DDIMScheduler(_Scheduler):
         return alpha_prod_t_prev ** 0.5 * pred_original + pred_sample_direction
 
 
-SCHEDULERS = {"euler": EulerDiscreteScheduler, "EulerDiscreteScheduler": EulerDiscreteScheduler,
-              "ddim": DDIMScheduler, "DDIMScheduler": DDIMScheduler}
+# By the short name the CLIs offer (`--scheduler`) and by the diffusers class name a scheduler config's
+# `_class_name` gives; a new scheduler is one more class here.
+SCHEDULER_NAMES = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
+SCHEDULERS = {**SCHEDULER_NAMES, **{cls.__name__: cls for cls in SCHEDULER_NAMES.values()}}
 Scheduler = EulerDiscreteScheduler | DDIMScheduler
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -29,7 +28,3 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[dic
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                      data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
-
-
-def abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -132,12 +132,10 @@ def read_config(workdir):
 def load_trained_model(workdir, config=None, step: int | None = None):
     """Rebuilds the training model of a run folder with the trained parameters of checkpoint `step`
     (default: the latest) -> (PersonGenModel, tokenizers, step)."""
-    import orbax.checkpoint as ocp
-
     from persongen_jax.training import checkpoint as ckpt_lib
     from persongen_jax.training import optimizer as optim_lib
+    from persongen_jax.training import state as state_lib
     from persongen_jax.training.model import build_model
-    from persongen_jax.training.train_loop import _merge_model, _split_model
 
     workdir = Path(workdir)
     config = config or read_config(workdir)
@@ -153,15 +151,14 @@ def load_trained_model(workdir, config=None, step: int | None = None):
             raise ValueError(f"{workdir / 'checkpoints'}: no checkpoint at step {step} (have {sorted(steps)})")
         model, tokenizers, _ = build_model(config, workdir)
         groups = {g: dict(spec) for g, spec in config.trainable.items() if spec.lr > 0}
-        graphdef, params, template, frozen, rest = _split_model(model, groups)
+        split, params, frozen, rest = state_lib.split_model(model, groups)
         tx = optim_lib.make_optimizer(params, groups, config.optim)
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        state = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "step": np.int64(0)}
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=dev), state)
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))  # one device, whatever trained
+        target = state_lib.abstract_checkpoint(params, tx, mesh, config.sharding)
+        restored, _ = ckpt_lib.restore(mngr, step, target)
     finally:
         mngr.close()
-    return _merge_model(graphdef, template, restored["params"], frozen, rest), tokenizers, step
+    return split.merge(restored["params"], frozen, rest), tokenizers, step
 
 
 def load_trained_pipeline(workdir, config=None, step: int | None = None, *, merge_lora: bool = True):
