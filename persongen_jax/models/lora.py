@@ -83,6 +83,7 @@ class LoRADense(nnx.Module):
         self.kernel = LoRAParam(kernel)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> x @ kernel [..., out], in `dtype` (default: the promoted dtype of x and kernel)."""
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
         return jnp.matmul(x.astype(dtype), kernel.astype(dtype))
@@ -259,6 +260,8 @@ class ImageProjection(nnx.Module):
                 "cross_attention_dim": self.cross_attention_dim, "num_tokens": self.num_tokens}
 
     def __call__(self, image_embeds: jax.Array) -> jax.Array:
+        """image_embeds [B, in] -> [B, num_tokens, D]; [B, N, in] -> [B, N * num_tokens, D] (image n's
+        tokens contiguous)."""
         squeeze = image_embeds.ndim == 2
         x = image_embeds[:, None] if squeeze else image_embeds
         b, n, _ = x.shape

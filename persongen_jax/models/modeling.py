@@ -45,6 +45,8 @@ def register_model(cls):
 
 
 def get_model_class(name: str):
+    """The registered class called `name` (a folder's "_persongen_class"), after importing every model
+    module; ValueError for an unknown name."""
     _import_all_models()
     try:
         return MODEL_REGISTRY[name]
@@ -189,6 +191,8 @@ def save_pretrained(model, config: Mapping[str, Any], directory: str | os.PathLi
 
 
 def read_config(directory: str | os.PathLike) -> dict:
+    """config.json of a converted component folder; FileNotFoundError when it is absent, ValueError when
+    it is not JSON or has no "_persongen_class"."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a folder written by "

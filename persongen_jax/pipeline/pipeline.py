@@ -84,6 +84,10 @@ class PersonGenPipeline:
                         lora: str | os.PathLike | None = None, adapters: str | os.PathLike | None = None,
                         dtype=None, attention_impl: str = "xla", merge_lora: bool = True,
                         trigger_word: str = "img") -> "PersonGenPipeline":
+        """Loads converted folders: model_dir (unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2
+        [, scheduler: default SDXL's Euler config]); the ID encoder from `photomaker`/id_encoder (default:
+        model_dir's, if any); then `adapters`, then PhotoMaker's lora/ and `lora`, each merged into the base
+        kernels unless merge_lora=False. dtype: compute dtype. PipelineError names a missing folder."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise PipelineError(f"{model_dir}: no such model folder")
@@ -193,6 +197,9 @@ class PersonGenPipeline:
     # ------------------------------------------------------------------ sampling
 
     def sampler(self, num_steps: int, scheduler: str = "euler", progress: bool = False):
+        """The compiled sampler for (num_steps, scheduler, progress), built once and cached:
+        sample(noise [S, h, w, C] ~ N(0, 1), cond, guidance_scale, start_merge_step) -> images [S, H, W, 3]
+        float32 in [0, 1] (`sampling.make_sampler`)."""
         key = (num_steps, scheduler, progress)
         if key not in self._samplers:
             sched = scheduler_from_config(self.scheduler_config, scheduler)

@@ -118,6 +118,7 @@ class EulerState:
 
     @property
     def num_inference_steps(self) -> int:
+        """n, the number of steps in the schedule (a static int, also under jit)."""
         return self.timesteps.shape[0]
 
 
@@ -133,6 +134,7 @@ class DDIMState:
 
     @property
     def num_inference_steps(self) -> int:
+        """n, the number of steps in the schedule (a static int, also under jit)."""
         return self.timesteps.shape[0]
 
 
@@ -318,6 +320,7 @@ class DDIMScheduler(_Scheduler):
                          alpha_prod_t_prev=jnp.asarray(alpha_prev), init_noise_sigma=jnp.asarray(1.0, jnp.float32))
 
     def scale_model_input(self, state: DDIMState, sample: jax.Array, i) -> jax.Array:
+        """Returns `sample` unchanged: DDIM does not scale the model input (same signature as Euler's)."""
         del state, i
         return sample
 
