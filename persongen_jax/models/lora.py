@@ -375,16 +375,24 @@ def _read_config(directory, fmt: str) -> dict:
     return cfg
 
 
-def read_params(directory: str | os.PathLike) -> dict[str, jax.Array]:
-    """{dotted path: array} of a folder's params/ (small folders: LoRA, adapters)."""
+def read_params(directory: str | os.PathLike, *, verify_checksums: bool | None = None) -> dict[str, jax.Array]:
+    """{dotted path: array} of a folder's params/ (small folders: LoRA, adapters), checked against
+    params/checksums.json like `modeling.from_pretrained`."""
     import orbax.checkpoint as ocp
 
     params_dir = (Path(directory) / modeling.PARAMS_DIR).absolute()
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir}: missing parameters folder")
-    tree = ocp.StandardCheckpointer().restore(params_dir)
+    try:
+        tree = ocp.StandardCheckpointer().restore(params_dir)
+    except Exception as e:  # a damaged data file: TensorStore's errors name neither folder nor parameter
+        raise ValueError(f"{params_dir}: cannot read the parameters ({modeling.first_line(e)}); the folder is "
+                         "damaged, re-convert it") from None
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {".".join(str(getattr(k, "key", k)) for k in path): v for path, v in flat}
+    out = {".".join(str(getattr(k, "key", k)) for k in path): v for path, v in flat}
+    if modeling.verify_default(verify_checksums):
+        modeling.check_checksums(params_dir, out)
+    return out
 
 
 def _restore(module, directory, param_type) -> None:
