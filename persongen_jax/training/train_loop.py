@@ -13,6 +13,7 @@ optimizer updates every k steps (optax.MultiSteps), so the effective batch is k 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -30,11 +31,12 @@ from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.training import checkpoint as ckpt_lib
 from persongen_jax.training import data as data_lib
 from persongen_jax.training import optimizer as optim_lib
+from persongen_jax.training import run_folder
 from persongen_jax.training import sharding as shard_lib
 from persongen_jax.training.loss import compute_loss
 from persongen_jax.training.metrics import MetricWriter
 from persongen_jax.training.model import build_model
-from persongen_jax.training.validation import Validator, save_config
+from persongen_jax.training.validation import Validator
 from persongen_jax.models import lora as lora_lib
 
 log = logging.getLogger("persongen_jax.train")
@@ -96,9 +98,21 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
     """Trains per `config` in `workdir`; returns {"step", "params" (host numpy, flat), "history"}.
 
     devices: the mesh devices (default: all). stop_after_steps: return right after that step
-    without the final save (tests: simulates a kill after a periodic checkpoint)."""
+    without the final save (tests: simulates a kill after a periodic checkpoint).
+
+    The run folder is locked for the whole run (process 0; a second trainer fails naming the holder), and
+    the config is checked -- types, then against the run's saved config when resuming -- before anything
+    is written (`training/run_folder.py`)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    with run_folder.RunLock(workdir) if is_main else contextlib.nullcontext():
+        run_folder.check_config_types(config)
+        changes = run_folder.check_resume(config, workdir, is_main=is_main)
+        return _train(config, workdir, devices, stop_after_steps, changes)
+
+
+def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> dict:
     is_main = jax.process_index() == 0
     # ------------------------------------------------------------------ setup
     mesh = shard_lib.make_mesh(config.sharding, devices)
@@ -106,8 +120,6 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
     if config.data.global_batch_size % mesh.shape[shard_lib.rule(config.sharding, "batch")]:
         raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} is not divisible by the "
                          f"{dict(mesh.shape)} mesh's batch axis")
-    if is_main:
-        save_config(config, workdir)
     model, tokenizers, scheduler = build_model(config, workdir)
     # Validation sets and scoring models load now: a wrong path fails before any training.
     validator = Validator.from_config(config, workdir, tokenizers) if config.eval_every else None
@@ -161,17 +173,22 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
     it, bad_records = data_lib.make_iterator(config, tokenizers, workdir, shard_index=jax.process_index(),
                                 shard_count=jax.process_count(), id_image_size=id_image_size)
     start = 0
-    latest = mngr.latest_step()
-    if latest is not None:
+    latest = None
+    if mngr.latest_step() is not None:
         state = {"params": params, "opt_state": opt_state, "step": np.int64(0)}
         shardings = {"params": p_sh, "opt_state": o_sh, "step": None}
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s or repl), state, shardings,
             is_leaf=lambda x: x is None)
-        restored, data_state = ckpt_lib.restore(mngr, latest, abstract)
-        params, opt_state, start = restored["params"], restored["opt_state"], int(restored["step"])
-        data_lib.restore_iterator(it, data_state)
-        log.info("resumed from %s at step %d", mngr.directory, start)
+        found = ckpt_lib.restore_latest(mngr, abstract, workdir)  # falls back past damaged checkpoints
+        if found is not None:
+            latest, restored, data_state = found
+            params, opt_state, start = restored["params"], restored["opt_state"], int(restored["step"])
+            data_lib.restore_iterator(it, data_state)
+            log.info("resumed from %s at step %d", mngr.directory, start)
+    if is_main:  # only now, with the config checked and the checkpoint restored
+        run_folder.record_config(config, workdir, start, config_changes)
+        run_folder.supersede_metrics(workdir, start)
 
     total = config.total_steps
     writer = MetricWriter(workdir)

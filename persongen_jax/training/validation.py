@@ -116,11 +116,6 @@ class Validator:
         return result.metrics
 
 
-def save_config(config, workdir) -> None:
-    """WORKDIR/config.json: what `load_trained_pipeline` rebuilds the model from."""
-    (Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-
-
 def read_config(workdir):
     import ml_collections
 
