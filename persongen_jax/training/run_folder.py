@@ -39,7 +39,7 @@ LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 METRICS_FILE = "metrics.jsonl"
-SUPERSEDED_FILE = "metrics.superseded.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"  # (and eval/history.superseded.jsonl)
 PREVIOUS_DIR = "previous"
 # Outputs of a run, set aside together by `--config.resume=false`.
 RUN_OUTPUTS = ("checkpoints", CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SUPERSEDED_FILE, "tb", "eval")
@@ -270,10 +270,15 @@ def record_config(config, workdir, step: int, changes: dict[str, tuple]) -> None
 
 
 def supersede_metrics(workdir, step: int) -> int:
-    """A run killed after its last checkpoint logged steps the resume computes again: their metric lines
-    (step > `step`) move from metrics.jsonl to metrics.superseded.jsonl, so each step appears once.
-    Returns how many lines moved."""
-    path = Path(workdir) / METRICS_FILE
+    """A run killed after its last checkpoint logged steps the resume computes again: their lines (step >
+    `step`) move from metrics.jsonl to metrics.superseded.jsonl (and from eval/history.jsonl to
+    eval/history.superseded.jsonl), so each step appears once. Returns how many lines moved."""
+    workdir = Path(workdir)
+    return sum(_supersede(path, path.with_name(path.stem + ".superseded.jsonl"), step)
+               for path in (workdir / METRICS_FILE, workdir / "eval" / "history.jsonl"))
+
+
+def _supersede(path: Path, aside: Path, step: int) -> int:
     if not path.is_file():
         return 0
     keep, moved = [], []
@@ -284,11 +289,11 @@ def supersede_metrics(workdir, step: int) -> int:
             later = False  # not ours to judge: kept as is
         (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
     if moved:
-        with open(Path(workdir) / SUPERSEDED_FILE, "a") as f:
+        with open(aside, "a") as f:
             f.writelines(moved)
-        tmp = path.with_name(f".{METRICS_FILE}.tmp")
+        tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, path)
-        log.warning("%s: %d metric line(s) of steps after %d (logged after the last checkpoint of a stopped run) "
-                    "moved to %s", path, len(moved), step, SUPERSEDED_FILE)
+        log.warning("%s: %d line(s) of steps after %d (logged after the last checkpoint of a stopped run) moved "
+                    "to %s", path, len(moved), step, aside.name)
     return len(moved)
