@@ -1,6 +1,7 @@
 """Batch evaluation: CLIP-T and Face-Sim, reports and comparison plots.
 
-Mode A, score existing images listed in a manifest (JSONL: image, prompt, reference[, set]):
+Mode A, score existing images listed in a manifest (JSONL: image, prompt, reference[, set]); CLIP-T
+scores each prompt without the trigger word (--trigger-word, default img), as mode B does:
 
     python -m persongen_jax.evaluate --manifest gen/manifest.jsonl --clip weights/clip-vit-large-patch14 \
         --face-models weights/antelopev2 --arcface weights/arcface_r100 --out eval/gen
@@ -66,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scheduler", choices=["euler", "ddim"], default="euler")
     b.add_argument("--split", choices=["auto", "never", "always"], default="auto",
                    help="P_general + P_bg through the bg adapter (auto: when the model has one)")
-    b.add_argument("--trigger-word", default="img")
     s = p.add_argument_group("scoring")
+    s.add_argument("--trigger-word", default="img",
+                   help="mode B: written after the class word of each prompt; mode A: removed from the manifest "
+                        "prompts before CLIP-T ('' keeps them as written). CLIP-T scores the prompt without it")
     s.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
     s.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
                                                     "(antelopev2, buffalo_l) or the detector .onnx")
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
             return 0
         if args.manifest:
             scorers = _scorers(args, parser)
-            result = protocol.score_manifest(args.manifest, scorers, args.out)
+            result = protocol.score_manifest(args.manifest, scorers, args.out, trigger_word=args.trigger_word)
         else:
             if not args.sets:
                 parser.error("mode B needs --sets NAME=FOLDER[,NAME=FOLDER...]")

@@ -89,6 +89,7 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
     assert "images/in_train/alice/reference_0.png" in html and "Neon Bank" in html
     prompts = json.loads((REPO / "persongen_jax" / "evaluation" / "validation_prompts.json").read_text())["prompts"]
     assert {r["prompt"] for r in rows} == {p["prompt"] for p in prompts[:2]}  # CLIP-T text: no trigger word
+    assert "without the trigger word" in metrics["clip_t_text"]
 
     # A detector that finds no face in any generation: every image counted and listed; "skip" -> no mean.
     strict = tmp_path / "strict"
@@ -134,6 +135,57 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
     assert main(["--model", str(root / "sdxl"), "--sets", f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "e"),
                  *_scoring(root)]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_mode_a_scores_the_prompt_without_the_trigger_word(models, tmp_path, capsys):
+    """Mode A removes the trigger word before CLIP-T, as mode B scores its prompts (--trigger-word applies
+    to both; '' keeps prompts as written); metrics.json says which text was scored; a trigger word glued
+    to another word is an error naming the manifest line. A transparent PNG is scored on white."""
+    from persongen_jax.evaluate import main
+    from persongen_jax.evaluation.clip_t import CLIPTScorer
+    from persongen_jax.pipeline.image_processing import convert_to_rgb
+
+    root = models
+    alice = root / "val" / "in_train" / "alice.png"
+    rgba = np.asarray(Image.open(alice).convert("RGBA")).copy()
+    rgba[:12, :, 3] = 0  # a transparent top band over alice's colours
+    cutout = tmp_path / "cutout.png"
+    Image.fromarray(rgba, "RGBA").save(cutout)
+    with_trigger, plain = "a photo of a man img wearing a red hat", "a photo of a man wearing a red hat"
+    lines = [{"image": str(alice), "prompt": with_trigger, "reference": str(alice)},
+             {"image": str(alice), "prompt": plain, "reference": str(alice)},
+             {"image": str(cutout), "prompt": with_trigger, "reference": str(cutout)}]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+
+    assert main(["--manifest", str(manifest), "--out", str(tmp_path / "a"), *_scoring(root)]) == 0, \
+        capsys.readouterr().err
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["trigger_word"] == "img" and "without the trigger word 'img'" in m["clip_t_text"]
+    rows = list(csv.DictReader(open(tmp_path / "a" / "scores.csv")))
+    assert [r["prompt"] for r in rows] == [plain] * 3
+    clip = CLIPTScorer.from_pretrained(root / "clip")
+    face = Image.open(alice)
+    expected = clip([face, face, convert_to_rgb(Image.open(cutout))], [plain, with_trigger, plain])
+    assert abs(expected[1] - expected[0]) > 0.1  # scoring the trigger word changes CLIP-T
+    np.testing.assert_allclose([float(r["clip_t"]) for r in rows], expected[[0, 0, 2]], atol=1e-3)
+    assert abs(float(rows[2]["face_sim"]) - 1.0) < 1e-5  # the cut-out against itself, both on white
+
+    assert main(["--manifest", str(manifest), "--trigger-word", "", "--out", str(tmp_path / "b"),
+                 *_scoring(root)]) == 0
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["trigger_word"] is None and m["clip_t_text"] == "the manifest prompt as written"
+    rows = list(csv.DictReader(open(tmp_path / "b" / "scores.csv")))
+    assert rows[0]["prompt"] == with_trigger and abs(float(rows[0]["clip_t"]) - expected[1]) < 1e-3
+
+    glued = tmp_path / "glued.jsonl"
+    glued.write_text(json.dumps(lines[0]) + "\n" + json.dumps({**lines[0], "prompt": "a photo of a man imgur"}) + "\n")
+    capsys.readouterr()
+    assert main(["--manifest", str(glued), "--out", str(tmp_path / "c"), *_scoring(root)]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "glued.jsonl, line 2: prompt 'a photo of a man imgur'" in err
+    assert "'img' must be a separate word" in err and "Traceback" not in err
+    assert not (tmp_path / "c" / "metrics.json").exists()
 
 
 def _demo_config(**eval_overrides):

@@ -33,6 +33,7 @@ import numpy as np
 
 from persongen_jax.evaluation import report
 from persongen_jax.pipeline.image_processing import load_image
+from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, strip_trigger_word
 
 DEFAULT_PROMPTS = Path(__file__).with_name("validation_prompts.json")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -181,7 +182,7 @@ def load_references(sets: dict[str, dict[str, list[Path]]], scorers: Scorers) ->
     out = {}
     for name, ids in sets.items():
         for ident, paths in ids.items():
-            images = [load_image(p) for p in paths]
+            images = [load_image(p, composite_on_white=True) for p in paths]
             out[(name, ident)] = images, scorers.face.reference_embeddings(images, [str(p) for p in paths])
     return out
 
@@ -249,6 +250,7 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
     seconds = {"generate": round(gen_s, 2), "score": round(score_s, 2), "total": round(time.perf_counter() - t0, 2)}
     info = {"step": step, **_scoring_info(scorers), "settings": {**asdict(settings),
                                                                        "seeds": list(settings.seeds)},
+            "clip_t_text": "the validation prompt without the trigger word (prompts[].prompt)",
             "prompts": [asdict(p) for p in prompts], "seconds": seconds, **(extra or {})}
     report.write_scores_csv(rows, out_dir / "scores.csv")
     report.write_metrics_json(metrics, out_dir / "metrics.json", **info)
@@ -288,29 +290,46 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     return entries
 
 
+def _clip_t_prompts(manifest, entries: list[dict], trigger_word: str | None) -> None:
+    """Sets e["clip_t_prompt"]: the manifest prompt without the trigger word, as mode B scores its prompts."""
+    for e in entries:
+        try:
+            e["clip_t_prompt"] = strip_trigger_word(e["prompt"], trigger_word) if trigger_word else e["prompt"]
+        except ValueError as err:
+            raise ValueError(f"{manifest}, line {e['line']}: {err} (--trigger-word names it)") from None
+
+
 def score_manifest(manifest: str | os.PathLike, scorers: Scorers, out_dir: str | os.PathLike, *,
-                   title: str | None = None, extra: dict | None = None) -> ProtocolResult:
-    """Mode A: scores existing images listed in a manifest; writes metrics.json, scores.csv, report.html."""
+                   title: str | None = None, extra: dict | None = None,
+                   trigger_word: str | None = DEFAULT_TRIGGER_WORD) -> ProtocolResult:
+    """Mode A: scores existing images listed in a manifest; writes metrics.json, scores.csv, report.html.
+    CLIP-T scores each prompt without `trigger_word` (None or "": the prompt as written); scores.csv's
+    "prompt" is the text scored."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = read_manifest(manifest)
-    images = [load_image(e["image"]) for e in entries]  # every image readable before any model runs
+    _clip_t_prompts(manifest, entries, trigger_word)
+    images = [load_image(e["image"], composite_on_white=True) for e in entries]  # all read before any model runs
     ref_cache: dict[tuple, np.ndarray] = {}
     references: dict[str, dict[str, list[str]]] = {}
     for e in entries:
         key = e["references"]
         if key not in ref_cache:
-            ref_cache[key] = scorers.face.reference_embeddings([load_image(p) for p in key], [str(p) for p in key])
+            ref_cache[key] = scorers.face.reference_embeddings([load_image(p, composite_on_white=True) for p in key],
+                                                               [str(p) for p in key])
         name = ", ".join(p.name for p in key)
         references.setdefault(e["set"], {})[name] = [os.path.relpath(p, out_dir) for p in key]
         e["reference_name"] = name
-    rows = [{"set": e["set"], "reference": e["reference_name"], "prompt_index": None, "prompt": e["prompt"],
+    rows = [{"set": e["set"], "reference": e["reference_name"], "prompt_index": None, "prompt": e["clip_t_prompt"],
              "seed": None, "image": os.path.relpath(e["image"], out_dir), "clip_t": None, "face_sim": None,
              "face_found": False, "step": None} for e in entries]
     score_rows(rows, images, scorers, [ref_cache[e["references"]] for e in entries])
     metrics = report.aggregate(rows)
-    info = {"manifest": str(Path(manifest).resolve()), **_scoring_info(scorers),
+    scored = (f"the manifest prompt without the trigger word {trigger_word!r} (scores.csv 'prompt')" if trigger_word
+              else "the manifest prompt as written")
+    info = {"manifest": str(Path(manifest).resolve()), "trigger_word": trigger_word or None, "clip_t_text": scored,
+            **_scoring_info(scorers),
             "seconds": {"total": round(time.perf_counter() - t0, 2)}, **(extra or {})}
     report.write_scores_csv(rows, out_dir / "scores.csv")
     report.write_metrics_json(metrics, out_dir / "metrics.json", **info)
