@@ -27,6 +27,9 @@ def group(name: str, lr: float) -> ml_collections.ConfigDict:
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Resume from WORKDIR's latest checkpoint that restores. A config that changes parameter shapes or the
+    # trained groups is then refused; False starts over (the previous run moves to WORKDIR/previous/<time>/).
+    c.resume = True
     c.model = "sdxl"               # "sdxl": weights from config.init; "tiny": random tiny parts (tests, demo)
     c.dtype = "float32"            # compute dtype: "float32" | "bfloat16" (params stay float32)
     c.attention_impl = "xla"       # "xla" | "cudnn"

@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                 step, source = None, {"model": str(args.model), "photomaker": str(args.photomaker or ""),
                                       "lora": str(args.lora or ""), "adapters": str(args.adapters or "")}
             else:
-                from persongen_jax.training.validation import load_trained_pipeline
+                from persongen_jax.training.run_folder import load_trained_pipeline
 
                 config = _load_config(args.config) if args.config else None
                 pipe, step, config = load_trained_pipeline(args.checkpoint, config, args.step)

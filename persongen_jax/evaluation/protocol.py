@@ -305,6 +305,14 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         if missing:
             raise ValueError(f"{path}, line {n}: missing {missing} (expected image, prompt, reference[, set])")
         refs = e["reference"] if isinstance(e["reference"], list) else [e["reference"]]
+        text = lambda v: isinstance(v, str) and v.strip()  # noqa: E731
+        for key, ok, want in (("image", text(e["image"]), "a path string"), ("prompt", text(e["prompt"]), "a string"),
+                              ("reference", refs and all(text(r) for r in refs),
+                               "a path string or a non-empty list of them (Face-Sim needs a reference face)"),
+                              ("set", e.get("set") is None or isinstance(e["set"], str), "a string")):
+            if not ok:
+                raise ValueError(f"{path}, line {n}: {key}={e.get(key)!r} (a {type(e.get(key)).__name__}): "
+                                 f"expected {want}"[:400])
         entries.append({"image": (path.parent / e["image"]).resolve(), "prompt": str(e["prompt"]),
                         "references": tuple((path.parent / r).resolve() for r in refs),
                         "set": str(e.get("set") or "all"), "line": n})

@@ -329,8 +329,12 @@ def write_report_html(path: str | os.PathLike, rows: Sequence[dict], metrics: di
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
     """(line number, parsed value) per non-blank line; ValueError naming the file and line otherwise."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 # A trailing blank line (or one left by an interrupted append) carries nothing.
                 continue

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from persongen_jax.models.layers import Conv, LayerNorm, Linear, activation, dot_product_attention
-from persongen_jax.models.modeling import register_model
+from persongen_jax.models.modeling import check_field_types, register_model
 
 # ----------------------------------------------------------------------------- configs
 
@@ -52,6 +52,9 @@ class CLIPTextConfig:
     # say 2, which selects the legacy "argmax of input_ids" pooling.
     eos_token_id: int = 49407
 
+    def __post_init__(self):
+        check_field_types(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
@@ -67,6 +70,9 @@ class CLIPVisionConfig:
     patch_size: int = 32
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        check_field_types(self)
 
 
 @dataclasses.dataclass(frozen=True)

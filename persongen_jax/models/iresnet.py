@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persongen_jax.models.layers import Conv, Linear
-from persongen_jax.models.modeling import register_model
+from persongen_jax.models.modeling import check_field_types, register_model
 
 # ----------------------------------------------------------------------------- config
 
@@ -65,6 +65,9 @@ class IResNetConfig:
     features_folded: bool = False
     input_mean: float = 127.5
     input_std: float = 127.5
+
+    def __post_init__(self):
+        check_field_types(self)
 
     @property
     def fc_spatial(self) -> int:

@@ -412,17 +412,25 @@ def _read_config(directory, fmt: str) -> dict:
     return cfg
 
 
-def read_params(directory: str | os.PathLike) -> dict[str, jax.Array]:
-    """{dotted path: array} of a folder's params/ (small folders: LoRA, adapters); version-1 adapter paths
-    are returned in the current layout (`upgrade_adapter_path`)."""
+def read_params(directory: str | os.PathLike, *, verify_checksums: bool | None = None) -> dict[str, jax.Array]:
+    """{dotted path: array} of a folder's params/ (small folders: LoRA, adapters), checked against
+    params/checksums.json like `modeling.from_pretrained`; version-1 adapter paths are returned in the
+    current layout (`upgrade_adapter_path`)."""
     import orbax.checkpoint as ocp
 
     params_dir = (Path(directory) / modeling.PARAMS_DIR).absolute()
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir}: missing parameters folder")
-    tree = ocp.StandardCheckpointer().restore(params_dir)
+    try:
+        tree = ocp.StandardCheckpointer().restore(params_dir)
+    except Exception as e:  # a damaged data file: TensorStore's errors name neither folder nor parameter
+        raise ValueError(f"{params_dir}: cannot read the parameters ({modeling.first_line(e)}); the folder is "
+                         "damaged, re-convert it") from None
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {upgrade_adapter_path(path_str(path)): v for path, v in flat}
+    out = {path_str(path): v for path, v in flat}
+    if modeling.verify_default(verify_checksums):
+        modeling.check_checksums(params_dir, out)  # the stored paths: checksums.json names them as written
+    return {upgrade_adapter_path(k): v for k, v in out.items()}
 
 
 def _restore(module, directory, param_type) -> None:

@@ -33,7 +33,7 @@ from flax import nnx
 from persongen_jax.models.attention_processor import CrossAttentionContext
 from persongen_jax.models.embeddings import TimestepEmbedding, Timesteps
 from persongen_jax.models.layers import Conv, GroupNorm, activation
-from persongen_jax.models.modeling import register_model
+from persongen_jax.models.modeling import check_field_types, register_model
 from persongen_jax.models.unet_2d_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D,
                                                  UNetMidBlock2DCrossAttn, UpBlock2D)
 
@@ -117,6 +117,9 @@ class UNetConfig:
     timestep_post_act: str | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+
+    def __post_init__(self):
+        check_field_types(self)
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "UNetConfig":

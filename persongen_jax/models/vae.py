@@ -29,7 +29,7 @@ from flax import nnx, struct
 
 from persongen_jax.models.attention_processor import Attention
 from persongen_jax.models.layers import Conv, GroupNorm, activation
-from persongen_jax.models.modeling import register_model
+from persongen_jax.models.modeling import check_field_types, register_model
 from persongen_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 # diffusers hard-codes eps=1e-6 for every norm in the VAE (Encoder/Decoder pass
@@ -305,6 +305,9 @@ class AutoencoderKLConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+
+    def __post_init__(self):
+        check_field_types(self)
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "AutoencoderKLConfig":

@@ -16,6 +16,7 @@ the denoising loop and the VAE decode are one compiled function per (steps, size
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -28,6 +29,7 @@ from flax import nnx
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.conditions import Condition
 from persongen_jax.models import lora as lora_lib
+from persongen_jax.pipeline import MAX_SEED
 from persongen_jax.models import modeling
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.pipeline.image_processing import clip_preprocess
@@ -39,6 +41,31 @@ SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 class PipelineError(ValueError):
     """A model folder or an input that cannot be used; the message says which and why."""
+
+
+def check_settings(*, seeds: Sequence[int] = (0,), num_steps: int = 50, guidance_scale: float = 5.0,
+                   start_merge_step: int = 0, height: int | None = None, width: int | None = None,
+                   downscale_factor: int | None = None) -> None:
+    """PipelineError naming the first unusable numeric setting (the CLIs call this before loading a model)."""
+    if not seeds:
+        raise PipelineError("no seeds given")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
+            raise PipelineError(f"seed {s!r} is out of range: seeds are integers in [0, {MAX_SEED}]")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise PipelineError(f"steps={num_steps!r}: expected an integer >= 1")
+    if not isinstance(guidance_scale, (int, float, np.floating)) or not math.isfinite(guidance_scale):
+        raise PipelineError(f"guidance scale {guidance_scale!r}: expected a finite number")
+    if isinstance(start_merge_step, bool) or not isinstance(start_merge_step, (int, np.integer)) \
+            or start_merge_step < 0:
+        raise PipelineError(f"start merge step {start_merge_step!r}: expected an integer >= 0")
+    for name, v in (("height", height), ("width", width)):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise PipelineError(f"{name}={v!r}: expected a positive number of pixels")
+        if downscale_factor and v % downscale_factor:
+            raise PipelineError(f"{name}={v}: must be a multiple of {downscale_factor} (the VAE's downscale factor)")
 
 
 def _require(folder: Path, what: str) -> Path:
@@ -219,10 +246,11 @@ class PersonGenPipeline:
         """-> uint8 images [len(seeds), H, W, 3]. Seeds give the initial latents (jax.random.key(seed)).
         conditions: texts of the model's text conditions, e.g. {"bg": "in the mountains"} (P_bg).
         progress: a tqdm bar over the denoising steps (host callback from inside the compiled loop)."""
-        height, width = height or self.default_size, width or self.default_size
         f = self.vae.downscale_factor
-        if height % f or width % f:
-            raise PipelineError(f"height/width must be multiples of {f}, got {height}x{width}")
+        check_settings(seeds=list(seeds), num_steps=num_steps, guidance_scale=guidance_scale,
+                       start_merge_step=start_merge_step, height=height, width=width, downscale_factor=f)
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         cond = self.encode(prompt, ref_images, negative_prompt=negative_prompt, conditions=conditions,
                            height=height, width=width, adapter_scales=adapter_scales)
         shape = (height // f, width // f, self.unet.config.in_channels)
@@ -238,4 +266,9 @@ class PersonGenPipeline:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+        finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+        if not finite.all():  # would be saved as black pixels, silently
+            bad = [int(s) for s, ok in zip(seeds, finite) if not ok]
+            raise PipelineError(f"the decoded image of seed(s) {bad} holds NaN/Inf values (non-finite model weights, "
+                                "or settings out of the model's range); nothing was saved for them")
         return np.round(images * 255).astype(np.uint8)

@@ -173,6 +173,9 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
     from persongen_jax.data import pipeline as data_pipeline  # the grain pipeline (persongen_jax/data)
 
     data_dir = d.dir
+    if data_dir and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"config.data.dir={data_dir!r}: no such folder; build a dataset with `python -m "
+                                "persongen_jax.data.format SRC CAPTIONS.jsonl DST` (or leave it empty for the demo)")
     if not data_dir:
         data_dir = str(Path(workdir) / "demo_data")
         if not (Path(data_dir) / "index.json").exists():

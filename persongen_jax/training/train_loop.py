@@ -14,6 +14,7 @@ optimizer updates every k steps (optax.MultiSteps), so the effective batch is k 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -37,13 +38,14 @@ from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.training import checkpoint as ckpt_lib
 from persongen_jax.training import data as data_lib
 from persongen_jax.training import optimizer as optim_lib
+from persongen_jax.training import run_folder
 from persongen_jax.training import sharding as shard_lib
 from persongen_jax.training import state as state_lib
 from persongen_jax.training.loss import compute_loss
 from persongen_jax.training.metrics import MetricWriter
 from persongen_jax.training.model import build_model
 from persongen_jax.training.state import ModelSplit, TrainState
-from persongen_jax.training.validation import Validator, save_config
+from persongen_jax.training.validation import Validator
 
 log = logging.getLogger("persongen_jax.train")
 
@@ -127,8 +129,6 @@ def _setup(config, workdir: Path, devices) -> _Setup:
     if config.data.global_batch_size % mesh.shape[shard_lib.rule(config.sharding, "batch")]:
         raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} is not divisible by the "
                          f"{dict(mesh.shape)} mesh's batch axis")
-    if jax.process_index() == 0:
-        save_config(config, workdir)
     model, tokenizers, scheduler = build_model(config, workdir)
     # Validation sets and scoring models load now: a wrong path fails before any training.
     validator = Validator.from_config(config, workdir, tokenizers) if config.eval_every else None
@@ -204,9 +204,22 @@ def _result(step: int, state: TrainState, history, compiled_info=None) -> dict:
 def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_steps: int | None = None) -> dict:
     """Trains per `config` in `workdir`; returns {"step", "params" (host numpy, flat), "frozen", "history",
     "compiled"}. devices: the mesh devices (default: all). stop_after_steps: return right after that step
-    without the final save (tests: simulates a kill after a periodic checkpoint)."""
+    without the final save (tests: simulates a kill after a periodic checkpoint).
+
+    The run folder is locked for the whole run (process 0; a second trainer fails naming the holder), and
+    the config is checked -- types, then against the run's saved config when resuming -- before anything
+    is written (`training/run_folder.py`)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    with run_folder.RunLock(workdir) if is_main else contextlib.nullcontext():
+        run_folder.check_config_types(config)
+        changes = run_folder.check_resume(config, workdir, is_main=is_main)
+        return _train(config, workdir, devices, stop_after_steps, changes)
+
+
+def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> dict:
+    """The run itself: setup -> restore -> compile -> loop (see the module docstring)."""
     is_main = jax.process_index() == 0
     # ------------------------------------------------------------------ setup
     s = _setup(config, workdir, devices)
@@ -221,15 +234,17 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
                                              shard_count=jax.process_count(), id_image_size=s.id_image_size)
     next_batch = lambda: shard_lib.put_batch(data_lib.model_inputs(next(it), s.text_fields), batch_sh)  # noqa: E731
     # ------------------------------------------------------------------ restore
-    start = 0
-    latest = mngr.latest_step()
-    if latest is not None:
-        target = state_lib.abstract_checkpoint(state.params, s.spec.tx, mesh, config.sharding)
-        restored, data_state = ckpt_lib.restore(mngr, latest, target)
-        state = state_lib.restore_state(state, restored)
-        start = int(restored["step"])
+    start, latest = 0, None
+    target = state_lib.abstract_checkpoint(state.params, s.spec.tx, mesh, config.sharding)
+    found = ckpt_lib.restore_latest(mngr, target, workdir)  # falls back past damaged checkpoints
+    if found is not None:
+        latest, restored, data_state = found
+        state, start = state_lib.restore_state(state, restored), int(restored["step"])
         data_lib.restore_iterator(it, data_state)
         log.info("resumed from %s at step %d", mngr.directory, start)
+    if is_main:  # only now, with the config checked and the checkpoint restored
+        run_folder.record_config(config, workdir, start, config_changes)
+        run_folder.supersede_metrics(workdir, start)
     total, writer, history = config.total_steps, MetricWriter(workdir), []
     if start >= total:
         log.info("already at step %d >= total_steps %d: nothing to do", start, total)

@@ -12,8 +12,6 @@ eval/<set>/<metric> (and counts such as eval/<set>/no_face) and to WORKDIR/eval/
 
 The pipeline is built once on the first call; later calls put the new weights into the same modules
 (`nnx.update`), so the sampling loop compiles once per run.
-
-    pipe, step = load_trained_pipeline("runs/final_method")          # for `evaluate --checkpoint`
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import logging
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 
 from persongen_jax import conditions as conditions_lib
@@ -34,7 +31,6 @@ from persongen_jax.training.model import scheduler_config
 
 log = logging.getLogger("persongen_jax.train")
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "id_encoder")
-CONFIG_FILE = "config.json"
 
 
 def protocol_settings(config) -> protocol.ProtocolSettings:
@@ -112,65 +108,3 @@ class Validator:
         log.info("validation at step %d: %s (%s)", step,
                  {k: round(v, 4) for k, v in scalars.items() if k != "eval/seconds"}, out / "report.html")
         return result.metrics
-
-
-def save_config(config, workdir) -> None:
-    """WORKDIR/config.json: what `load_trained_pipeline` rebuilds the model from."""
-    (Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-
-
-def read_config(workdir):
-    import ml_collections
-
-    path = Path(workdir) / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"{path}: no training config (a run folder of `python -m persongen_jax.train` has one; "
-                         "or pass --config configs/X.py)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def load_trained_model(workdir, config=None, step: int | None = None):
-    """Rebuilds the training model of a run folder with the trained parameters of checkpoint `step`
-    (default: the latest) -> (PersonGenModel, tokenizers, step)."""
-    from persongen_jax.training import checkpoint as ckpt_lib
-    from persongen_jax.training import optimizer as optim_lib
-    from persongen_jax.training import state as state_lib
-    from persongen_jax.training.model import build_model
-
-    workdir = Path(workdir)
-    config = config or read_config(workdir)
-    if not (workdir / "checkpoints").is_dir():  # checked first: the manager would create the folder
-        raise ValueError(f"{workdir / 'checkpoints'}: no such folder (not a training run folder)")
-    mngr = ckpt_lib.make_manager(workdir, config.keep_checkpoints)
-    try:
-        steps = list(mngr.all_steps())
-        if not steps:
-            raise ValueError(f"{workdir / 'checkpoints'}: no checkpoints")
-        step = steps[-1] if step is None else int(step)
-        if step not in steps:
-            raise ValueError(f"{workdir / 'checkpoints'}: no checkpoint at step {step} (have {sorted(steps)})")
-        model, tokenizers, _ = build_model(config, workdir)
-        groups = {g: dict(spec) for g, spec in config.trainable.items() if spec.lr > 0}
-        split, params, frozen, rest = state_lib.split_model(model, groups)
-        tx = optim_lib.make_optimizer(params, groups, config.optim)
-        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))  # one device, whatever trained
-        target = state_lib.abstract_checkpoint(params, tx, mesh, config.sharding)
-        restored, _ = ckpt_lib.restore(mngr, step, target)
-    finally:
-        mngr.close()
-    return split.merge(restored["params"], frozen, rest), tokenizers, step
-
-
-def load_trained_pipeline(workdir, config=None, step: int | None = None, *, merge_lora: bool = True):
-    """A PersonGenPipeline from a training run folder's checkpoint -> (pipeline, step, config)."""
-    from persongen_jax.models import lora as lora_lib
-
-    config = config or read_config(workdir)
-    model, tokenizers, step = load_trained_model(workdir, config, step)
-    if merge_lora and config.lora.rank > 0:
-        lora_lib.merge_lora(model.unet)
-    pipe = PersonGenPipeline.from_model(model, tokenizers, scheduler_config(config),
-                                        trigger_word=config.data.trigger_word,
-                                        sample_size=config.data.resolution // model.vae.downscale_factor,
-                                        conditions=conditions_lib.from_config(config))
-    return pipe, step, config
