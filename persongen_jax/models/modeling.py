@@ -450,6 +450,7 @@ def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=Non
 
 
 def first_line(e: BaseException) -> str:
+    """`Type: first line of the message` of an exception (at most 300 characters), for one-line errors."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 

@@ -24,12 +24,14 @@ UNREADABLE_DIR = "checkpoints_unreadable"
 
 
 def make_manager(workdir, keep: int) -> ocp.CheckpointManager:
+    """The orbax manager of WORKDIR/checkpoints: items "state" and "data", the newest `keep` kept."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
                                  item_names=("state", "data"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_state: dict, *, force: bool = False) -> None:
+    """Saves the state pytree and the data iterator position (JSON) as checkpoint `step` and waits for it."""
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
               force=force)
     mngr.wait_until_finished()

@@ -171,6 +171,7 @@ def check_config_types(config, reference=None) -> None:
 
 
 def has_checkpoints(workdir) -> bool:
+    """Whether WORKDIR/checkpoints holds at least one step folder."""
     d = Path(workdir) / "checkpoints"
     return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
@@ -181,6 +182,7 @@ def _plain(config) -> dict:
 
 
 def read_saved_config(workdir) -> dict | None:
+    """WORKDIR/config.json as a dict (None when absent); RunFolderError when it is not valid JSON."""
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         return None

@@ -34,6 +34,7 @@ MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "id_encoder")
 
 
 def protocol_settings(config) -> protocol.ProtocolSettings:
+    """The validation protocol settings of a training config (`config.eval`, size 0 = data.resolution)."""
     ev = config.eval
     size = ev.resolution or config.data.resolution
     return protocol.ProtocolSettings(seeds=tuple(int(s) for s in ev.seeds), num_steps=ev.num_steps,
@@ -80,6 +81,8 @@ class Validator:
         return cls(config, workdir, tokenizers, sets, prompts, metrics, refs)
 
     def __call__(self, model, step: int, writer) -> dict:
+        """Runs the protocol on `model` (the current parameters), writes WORKDIR/eval/step_<step>/, logs the
+        per-set means through `writer` and eval/history.jsonl; returns the metrics."""
         if self.pipe is None:
             self.pipe = PersonGenPipeline.from_model(model, self.tokenizers, scheduler_config(self.config),
                                                      trigger_word=self.config.data.trigger_word,
