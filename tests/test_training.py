@@ -410,6 +410,21 @@ def test_second_trainer_on_a_run_folder_is_refused(tmp_path):
         pass
 
 
+def test_non_finite_step_stops_before_its_checkpoint(trained_run, tmp_path):
+    """A diverged step (here: infinite learning rates, so the updated params are Inf/NaN while the loss of
+    that step is still finite) stops training with an error naming the step, and is never checkpointed:
+    the checkpoint check runs on steps that were not logged too."""
+    from persongen_jax.training.train_loop import NonFiniteLossError
+
+    wd = _copy_run(trained_run, tmp_path / "run")
+    inf = float("inf")
+    c = tiny_config(total_steps=4, checkpoint_every=1, keep_checkpoints=5, log_every=100)
+    c.trainable = default.groups(heads=inf, fuse_mlp=inf, lora=inf)
+    with pytest.raises(NonFiniteLossError, match=r"param_norm is (nan|inf) at step 3: stopping .*last good checkpoint"):
+        train_and_evaluate(c, wd, devices=jax.devices()[:1])
+    assert _complete_checkpoints(wd) == [1, 2]
+
+
 def test_cli_errors_are_one_line(tmp_path):
     """Defect 10: `--config.lora.targets=5` (was: TypeError deep in LoRA) and a missing data.dir (was: a
     FileNotFoundError traceback): one `error:` line naming the key / folder, exit 1."""

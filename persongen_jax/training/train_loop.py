@@ -175,13 +175,22 @@ def _compile(step_fn, state: TrainState, batch: dict, rng: jax.Array):
     return compiled, info
 
 
+def _check_finite(metrics, step: int, workdir) -> dict:
+    """The step's metrics on the host; a non-finite loss, gradient norm or parameter norm stops training.
+    Called before every checkpoint too, so a saved step never holds NaN/Inf parameters."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(m[k])]
+    if bad:
+        raise NonFiniteLossError(
+            f"{bad[0]} is {m[bad[0]]} at step {step}: stopping (loss {m['loss']}, grad_norm {m['grad_norm']}, "
+            f"param_norm {m['param_norm']}); lower the learning rates, enable optim.grad_clip_norm, or use "
+            f"float32; the last good checkpoint is in {workdir / 'checkpoints'}")
+    return m
+
+
 def _host_metrics(metrics, step: int, n_steps: int, seconds: float, config, groups, workdir) -> dict:
     """The logged scalars: the step's metrics (stops on a non-finite loss), img/s, step time, learning rates."""
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(m["loss"]):
-        raise NonFiniteLossError(
-            f"loss is {m['loss']} at step {step}: stopping (grad_norm {m['grad_norm']}); lower the learning rates, "
-            f"enable optim.grad_clip_norm, or use float32; the last good checkpoint is in {workdir / 'checkpoints'}")
+    m = _check_finite(metrics, step, workdir)
     m["img_per_s"] = n_steps * config.data.global_batch_size / seconds
     m["step_time_s"] = seconds / n_steps
     opt_step = (step - 1) // max(1, config.optim.grad_accum_steps)
@@ -268,7 +277,8 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
                 with jax.transfer_guard("disallow"):
                     state, metrics = compiled(state, batch, rng)
                 batch, step, n_log = None, step + 1, n_log + 1
-                if step % config.log_every == 0 or step == total:
+                logged = step % config.log_every == 0 or step == total
+                if logged:
                     m = _host_metrics(metrics, step, n_log, time.perf_counter() - t_log, config, s.groups, workdir)
                     writer.write(step, m)
                     history.append({"step": step, **m})
@@ -276,6 +286,9 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
                     t_log, n_log = time.perf_counter(), 0
                 bar.update(1)
                 bad_records.after_step(step)
+                if step % config.checkpoint_every == 0 or preempt.requested:
+                    if not logged:  # the logged step was checked already
+                        _check_finite(metrics, step, workdir)
                 if step % config.checkpoint_every == 0:
                     ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it))
                     last_saved = step
