@@ -156,16 +156,21 @@ def load_trained_model(workdir, config=None, step: int | None = None):
     return _merge_model(graphdef, template, restored["params"], frozen, rest), tokenizers, step
 
 
-def load_trained_pipeline(workdir, config=None, step: int | None = None, *, merge_lora: bool = True):
-    """A PersonGenPipeline from a training run folder's checkpoint -> (pipeline, step, config)."""
+def inference_pipeline(model, tokenizers, config, *, merge_lora: bool = True) -> PersonGenPipeline:
+    """A training model of `config` (`build_model`, or restored) as a generation pipeline: LoRA folded into
+    the base kernels, the config's scheduler, trigger word, resolution and conditions."""
     from persongen_jax.models import lora as lora_lib
 
-    config = config or read_config(workdir)
-    model, tokenizers, step = load_trained_model(workdir, config, step)
     if merge_lora and config.lora.rank > 0:
         lora_lib.merge_lora(model.unet)
-    pipe = PersonGenPipeline.from_model(model, tokenizers, scheduler_config(config),
+    return PersonGenPipeline.from_model(model, tokenizers, scheduler_config(config),
                                         trigger_word=config.data.trigger_word,
                                         sample_size=config.data.resolution // model.vae.downscale_factor,
                                         conditions=conditions_lib.from_config(config))
-    return pipe, step, config
+
+
+def load_trained_pipeline(workdir, config=None, step: int | None = None, *, merge_lora: bool = True):
+    """A PersonGenPipeline from a training run folder's checkpoint -> (pipeline, step, config)."""
+    config = config or read_config(workdir)
+    model, tokenizers, step = load_trained_model(workdir, config, step)
+    return inference_pipeline(model, tokenizers, config, merge_lora=merge_lora), step, config
