@@ -3,7 +3,8 @@
 One app process serves the module: tiny random models (the demo training's) at 32x48 with 3 steps, the
 tiny test scoring models (CLIP, SCRFD-layout detector, ArcFace) passed as --clip / --face-models /
 --arcface. The browser is Debian's chromium driven through Debian's chromium-driver (Selenium); nothing
-downloads a browser. Screenshots are written under the test's tmp dir (the path is printed).
+downloads a browser. Screenshots are written under the test's tmp dir (the path is printed, and
+recorded as a property in --junitxml reports).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _browser(tmp_path):
 @pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
                     reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
                            "apt-get install -y chromium chromium-driver (.ci/run does)")
-def test_browser_generate_scores_and_prompt_error(app, tmp_path):
+def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -140,6 +141,7 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path):
         shot = tmp_path / "app_generated.png"
         driver.save_screenshot(str(shot))
         print(f"screenshot: {shot}")
+        record_property("screenshot", str(shot))  # in --junitxml reports
 
         prompt.clear()
         prompt.send_keys("a photo of a man wearing a red hat")  # no trigger word
@@ -149,6 +151,7 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path):
         shot = tmp_path / "app_prompt_error.png"
         driver.save_screenshot(str(shot))
         print(f"screenshot: {shot}")
+        record_property("screenshot_error", str(shot))
     finally:
         driver.quit()
 
