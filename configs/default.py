@@ -27,6 +27,9 @@ def group(name: str, lr: float) -> ml_collections.ConfigDict:
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Resume from WORKDIR's latest checkpoint that restores. A config that changes parameter shapes or the
+    # trained groups is then refused; False starts over (the previous run moves to WORKDIR/previous/<time>/).
+    c.resume = True
     c.model = "sdxl"               # "sdxl": weights from config.init; "tiny": random tiny parts (tests, demo)
     c.dtype = "float32"            # compute dtype: "float32" | "bfloat16" (params stay float32)
     c.attention_impl = "xla"       # "xla" | "cudnn"
@@ -103,6 +106,7 @@ def get_config():
     # Validation during training (`python -m persongen_jax.evaluate` mode B with the current params).
     c.eval = ml_collections.ConfigDict()
     c.eval.sets = ""               # "in_train=DIR,out_of_train=DIR,out_of_domain=DIR"; empty: no validation
+    c.eval.metrics = ("clip_t", "face_sim")  # by name (persongen_jax/evaluation/metrics.py)
     c.eval.clip = ""               # converted CLIP (weights_conversion clip), e.g. clip-vit-large-patch14
     c.eval.face_detector = ""      # insightface model folder with an SCRFD detector (antelopev2 / buffalo_l)
     c.eval.arcface = ""            # converted ArcFace (weights_conversion arcface glintr100.onnx DST)

@@ -536,13 +536,13 @@ def load_pipeline(args, workdir: Path):
     if args.tiny:
         from configs import demo
         from persongen_jax.training.model import build_model
-        from persongen_jax.training.validation import inference_pipeline
+        from persongen_jax.training.run_folder import inference_pipeline
 
         config = demo.get_config()
         model, tokenizers, _ = build_model(config, workdir)  # random weights; tokenizer files in workdir
         return inference_pipeline(model, tokenizers, config), {**source, "tiny": "configs/demo.py (random weights)"}
     if args.checkpoint:
-        from persongen_jax.training.validation import load_trained_pipeline
+        from persongen_jax.training.run_folder import load_trained_pipeline
 
         pipe, source["step"], _ = load_trained_pipeline(args.checkpoint, step=args.step)
         return pipe, source

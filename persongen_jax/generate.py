@@ -21,9 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+from persongen_jax.pipeline import MAX_SEED
+from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+
+
+MAX_SEEDS = 100_000     # a typo such as 0-4000000000 must not build a list of billions
+
 
 def parse_seeds(text: str) -> list[int]:
-    """"0-4" -> [0, 1, 2, 3, 4]; "1,5,9" -> [1, 5, 9]; "7" -> [7]."""
+    """"0-4" -> [0, 1, 2, 3, 4]; "1,5,9" -> [1, 5, 9]; "7" -> [7]. Seeds are integers in [0, 2**32 - 1]
+    (argparse type: a bad value is a usage error naming --seeds)."""
     seeds = []
     try:
         for part in text.split(","):
@@ -33,9 +40,13 @@ def parse_seeds(text: str) -> list[int]:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError
-                seeds.extend(range(lo, hi + 1))
             else:
-                seeds.append(int(part))
+                lo = hi = int(part)
+            if not 0 <= lo <= hi <= MAX_SEED:
+                raise argparse.ArgumentTypeError(f"bad --seeds {text!r}: seeds are integers in [0, {MAX_SEED}]")
+            if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                raise argparse.ArgumentTypeError(f"bad --seeds {text!r}: more than {MAX_SEEDS} seeds")
+            seeds.extend(range(lo, hi + 1))
     except (ValueError, TypeError):
         raise argparse.ArgumentTypeError(f"bad --seeds {text!r}: expected e.g. 0-4, 1,5,9 or 7") from None
     return seeds
@@ -59,6 +70,20 @@ def condition_texts(args) -> dict[str, str]:
             raise ValueError(f"condition {name!r} given twice (--cond {name}=... / --prompt-{name})")
         out[name] = text
     return out
+
+
+def check_output_folder(out: Path) -> None:
+    """Creates `out` and proves it writable (a real write: root and read-only mounts answer honestly);
+    ValueError naming it otherwise."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-merge-step", type=int, default=10, help="step from which the ID tokens are used")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--scheduler", choices=["euler", "ddim"], default="euler")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler")
     p.add_argument("--trigger-word", default="img")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the stored params' dtype)")
@@ -103,16 +128,21 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from persongen_jax.pipeline.image_processing import ImageError, load_image
-    from persongen_jax.pipeline.pipeline import PersonGenPipeline, PipelineError
+    from persongen_jax.pipeline.pipeline import PersonGenPipeline, PipelineError, check_settings
 
     t0 = time.perf_counter()
     try:
+        # Everything that can be checked without the model is, before minutes of loading and sampling.
+        check_settings(seeds=args.seeds, num_steps=args.steps, guidance_scale=args.guidance_scale,
+                       start_merge_step=args.start_merge_step, height=args.height, width=args.width)
+        check_output_folder(args.out)
+        texts = condition_texts(args)
         refs = [load_image(p) for p in args.ref]  # fail on a bad image before loading any model
         print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
         if args.checkpoint:
             if args.photomaker or args.lora or args.adapters:
                 raise ValueError("--checkpoint loads the run's own model: drop --photomaker / --lora / --adapters")
-            from persongen_jax.training.validation import load_trained_pipeline
+            from persongen_jax.training.run_folder import load_trained_pipeline
 
             pipe, args.step, _ = load_trained_pipeline(args.checkpoint, step=args.step)
         else:
@@ -124,9 +154,7 @@ def main(argv=None) -> int:
                 trigger_word=args.trigger_word)
         common = dict(num_steps=args.steps, guidance_scale=args.guidance_scale,
                       start_merge_step=args.start_merge_step, height=args.height, width=args.width,
-                      negative_prompt=args.negative_prompt, conditions=condition_texts(args),
-                      scheduler=args.scheduler)
-        args.out.mkdir(parents=True, exist_ok=True)
+                      negative_prompt=args.negative_prompt, conditions=texts, scheduler=args.scheduler)
         files = []
         # One compiled call for all seeds; the bar counts denoising steps.
         images = pipe(args.prompt, refs, seeds=args.seeds, progress=True, **common)
@@ -134,7 +162,7 @@ def main(argv=None) -> int:
             path = args.out / f"seed_{seed}.png"
             Image.fromarray(img).save(path)
             files.append(path.name)
-    except (ImageError, PipelineError, ValueError, FileNotFoundError) as e:
+    except (ImageError, PipelineError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     settings = {"model": str(args.model) if args.model else None,

@@ -4,6 +4,7 @@ nothing is written to DST unless conversion succeeded."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -156,8 +157,12 @@ def test_existing_destination_is_kept(text_src, tmp_path):
     proc = run_cli("clip", text_src, dst, check=False)
     _fails(proc, "already exists", "--overwrite")
     assert (dst / "keep.txt").read_text() == "precious"
+    # --overwrite replaces only a folder this tool wrote (issue 9), or an empty one.
+    _fails(run_cli("clip", text_src, dst, "--overwrite", check=False), "not a folder written by", "keep.txt")
+    assert (dst / "keep.txt").read_text() == "precious"
+    (dst / "keep.txt").unlink()
     run_cli("clip", text_src, dst, "--overwrite")
-    assert (dst / "config.json").is_file() and not (dst / "keep.txt").exists()
+    assert (dst / "config.json").is_file()
 
 
 def test_unsupported_model_class(text_src, tmp_path):
@@ -175,3 +180,224 @@ def test_verify_flag_prints_diff(text_src, tmp_path):
     line = [l for l in proc.stdout.splitlines() if l.startswith("verify")][0]
     diffs = [float(tok.split("=")[1].rstrip(",")) for tok in line.split() if "max|diff|=" in tok]
     assert diffs and max(diffs) < 1e-4, line
+
+
+# ----------------------------------------------------------------------------- reliability (issue 9)
+
+
+def _main(*args):
+    """The CLI's `main` in-process (the subprocess path is covered above): (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from weights_conversion.__main__ import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in args])
+    return code, err.getvalue()
+
+
+def _one_error_line(code, err, *needles):
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in err, f"{n!r} not in {err!r}"
+
+
+def _tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_overwrite_never_deletes_the_source_or_a_foreign_folder(text_src, tmp_path):
+    """Defect 2: `sdxl W/raw/x W --overwrite` (DST contains the source), DST == source, DST inside the source,
+    and --overwrite onto a folder this tool did not write: all refused, nothing touched. --overwrite still
+    replaces a folder the tool wrote."""
+    w = tmp_path / "W"
+    shutil.copytree(text_src, w / "raw" / "clip")
+    (w / "other.txt").write_text("unrelated")
+    before = _tree(w)
+    _one_error_line(*_main("sdxl", w / "raw" / "clip", w, "--overwrite"), "contains the source")
+    _one_error_line(*_main("sdxl", w / "raw" / "clip", w / "raw" / "clip", "--overwrite"), "is the source")
+    _one_error_line(*_main("clip", w / "raw" / "clip", w / "raw" / "clip" / "out"), "is inside the source")
+    _one_error_line(*_main("sdxl", w / "raw" / "clip", tmp_path, "--overwrite"), "contains the source")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    _one_error_line(*_main("clip", w / "raw" / "clip", foreign, "--overwrite"), "not a folder written by",
+                    "notes.txt")
+    assert _tree(w) == before and (w / "other.txt").read_text() == "unrelated"
+    assert (foreign / "notes.txt").read_text() == "mine"
+    out = tmp_path / "out"
+    assert _main("clip", w / "raw" / "clip", out)[0] == 0
+    assert _main("clip", w / "raw" / "clip", out, "--overwrite")[0] == 0 and (out / "params").is_dir()
+
+
+def test_non_finite_weights_warned_and_verify_fails(text_src, tmp_path, caplog):
+    """Defect 5: an fp16 checkpoint with NaN / Inf: conversion names the tensors, --verify exits 1."""
+    import logging
+
+    src = _copy_with(text_src, tmp_path / "src", lambda sd: sd.update(
+        {k: v.half() for k, v in sd.items()},
+        **{"text_model.encoder.layers.0.mlp.fc1.weight": torch.full((32, 16), float("nan"), dtype=torch.float16),
+           "text_projection.weight": torch.full((8, 16), float("inf"), dtype=torch.float16)}))
+    with caplog.at_level(logging.WARNING):
+        code, err = _main("clip", src, tmp_path / "out", "--verify")
+    assert code == 1 and "--verify" in err and "NaN/Inf" in err, err
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 tensor(s) hold NaN or Inf" in warned and "text_model.encoder.layers.0.mlp.fc1.weight" in warned \
+        and "text_projection.weight" in warned, warned
+
+
+def test_checksums_catch_changed_parameters(text_src, tmp_path, monkeypatch):
+    """Defect 9: a flipped-bytes data file or a parameter swapped after conversion fails to load, naming the
+    parameter; verify_checksums=False (or PERSONGEN_VERIFY_CHECKSUMS=0) loads anyway."""
+    import jax.numpy as jnp
+
+    from persongen_jax.models import modeling
+    from persongen_jax.models.modeling import from_pretrained
+
+    out = tmp_path / "out"
+    assert _main("clip", text_src, out)[0] == 0
+    sums = json.loads((out / "params" / "checksums.json").read_text())["arrays"]
+    assert "text_projection.kernel" in sums and len(sums) == len(modeling.flat_params(from_pretrained(out)))
+    # A parameter replaced (same shape and dtype) under the old checksums: named.
+    model = from_pretrained(out)
+    flat = modeling.flat_params(model)
+    flat[("text_projection", "kernel")] = flat[("text_projection", "kernel")].at[0, 0].add(1.0)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    shutil.rmtree(mixed / "params")
+    modeling.save_params(flat, mixed / "params")
+    shutil.copy(out / "params" / "checksums.json", mixed / "params" / "checksums.json")
+    with pytest.raises(ValueError, match=r"params: checksum mismatch for \['text_projection.kernel'\]"):
+        from_pretrained(mixed)
+    assert from_pretrained(mixed, verify_checksums=False) is not None
+    monkeypatch.setenv("PERSONGEN_VERIFY_CHECKSUMS", "0")
+    assert from_pretrained(mixed) is not None
+    monkeypatch.delenv("PERSONGEN_VERIFY_CHECKSUMS")
+    # Flipped bytes in each data file of params/ (copies): the load fails naming the folder, or -- where the
+    # bytes are not read (superseded OCDBT nodes) -- gives the very same parameters; never other values.
+    reference = {k: np.asarray(v) for k, v in modeling.flat_params(from_pretrained(out)).items()}
+    names = sorted(p.relative_to(out) for p in (out / "params").glob("ocdbt.process_*/d/*"))
+    failed = 0
+    for i, name in enumerate(names):
+        flipped = tmp_path / f"flipped{i}"
+        shutil.copytree(out, flipped)
+        raw = bytearray((flipped / name).read_bytes())
+        mid = len(raw) // 2
+        raw[mid:mid + 16] = bytes(b ^ 0xFF for b in raw[mid:mid + 16])
+        (flipped / name).write_bytes(bytes(raw))
+        try:
+            got = modeling.flat_params(from_pretrained(flipped, param_dtype=jnp.float32))
+        except ValueError as e:
+            assert re.search(r"params: (checksum mismatch for \[|cannot read the parameters)", str(e)), e
+            failed += 1
+            continue
+        for k, v in got.items():
+            np.testing.assert_array_equal(np.asarray(v), reference[k], err_msg=f"{name}: {k} changed silently")
+    assert failed, names
+
+
+def _read_only(folder):
+    """Makes `folder` unwritable, even for root (immutable attribute); skips where neither works."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i: cannot make a read-only folder")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_errors_are_one_line_naming_the_file(text_src, tmp_path, monkeypatch):
+    """Defect 10: read-only and dangling-symlink destinations (refused before converting), malformed
+    safetensors headers and lora_adapter_metadata, a PhotoMaker section that is not a dict, export-lora onto
+    a folder, a config.json value of the wrong type: one `error:` line naming the file / key, exit 1."""
+    import os
+    import struct
+
+    from persongen_jax.models import lora as L
+    from persongen_jax.models.modeling import from_pretrained
+    from weights_conversion import core
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted before checking the destination")
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    undo = _read_only(ro)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(core, "convert_state_dict", no_conversion)
+            m.setattr("weights_conversion.convert.convert_state_dict", no_conversion)
+            _one_error_line(*_main("clip", text_src, ro / "out"), str(ro / "out"), "cannot write")
+    finally:
+        undo()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    _one_error_line(*_main("clip", text_src, tmp_path / "dangling"), "symlink", "does not exist")
+
+    def safetensors(path, header, data=b""):
+        h = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+        return path
+
+    for name, header in [("list", [1, 2]),
+                         ("shape", {"w": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}}),
+                         ("offsets", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}}),
+                         ("meta", {"__metadata__": {"format": 5}})]:
+        src = tmp_path / f"bad_{name}"
+        shutil.copytree(text_src, src)
+        safetensors(src / "model.safetensors", header, b"\0" * 16)
+        _one_error_line(*_main("clip", src, tmp_path / f"out_{name}"), str(src / "model.safetensors"))
+    lora = safetensors(tmp_path / "lora.safetensors", {
+        "__metadata__": {"lora_adapter_metadata": "{not json"},
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight":
+            {"dtype": "F32", "shape": [1, 4], "data_offsets": [0, 16]}}, b"\0" * 16)
+    _one_error_line(*_main("lora", lora, tmp_path / "lora_out"), str(lora), "lora_adapter_metadata")
+    lora = safetensors(tmp_path / "lora2.safetensors", {
+        "__metadata__": {"lora_adapter_metadata": json.dumps({"unet.r": "8", "unet.lora_alpha": 8})}}, b"")
+    _one_error_line(*_main("lora", lora, tmp_path / "lora_out"), "lora_adapter_metadata", "r='8'")
+    torch.save({"id_encoder": torch.zeros(2), "lora_weights": {}}, tmp_path / "pm.bin")
+    _one_error_line(*_main("photomaker", tmp_path / "pm.bin", tmp_path / "pm"), "section 'id_encoder'", "Tensor")
+    lora_dir = tmp_path / "lora_dir"
+    L.write_folder(lora_dir, L.lora_config({"a.to_q": (1, 1.0)}),
+                   {("a", "to_q", "lora_A", "kernel"): np.zeros((4, 1), np.float32),
+                    ("a", "to_q", "lora_B", "kernel"): np.zeros((1, 4), np.float32)})
+    (tmp_path / "existing").mkdir()
+    for extra in ([], ["--overwrite"]):
+        _one_error_line(*_main("export-lora", lora_dir, tmp_path / "existing", *extra), str(tmp_path / "existing"))
+    assert os.listdir(tmp_path / "existing") == []
+    out = tmp_path / "out"
+    assert _main("clip", text_src, out)[0] == 0
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, hidden_size="16")))
+    with pytest.raises(ValueError, match=r"config.json: CLIPTextConfig: hidden_size='16' has type str, expected int"):
+        from_pretrained(out)
+
+
+def test_stale_temp_folders_of_killed_conversions_are_removed(text_src, tmp_path, caplog):
+    """Defect 11: `.DST.tmp-*` folders left by a killed conversion are removed on the next run (and said);
+    one of a process still running is left alone."""
+    import logging
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".out.tmp-{dead.pid}@{host}-abcd1234"
+    live = tmp_path / f".out.tmp-{os.getpid()}@{host}-efgh5678"
+    for d in (stale, live):
+        (d / "unet" / "params").mkdir(parents=True)
+        (d / "unet" / "params" / "big").write_bytes(b"\0" * 1000)
+    with caplog.at_level(logging.WARNING):
+        assert _main("clip", text_src, tmp_path / "out")[0] == 0
+    assert not stale.exists() and live.exists()
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"removed {stale}" in said and str(live) not in said, said

@@ -178,7 +178,7 @@ def test_bad_records_reported(tmp_path, tokenizers):
     w = ArrayRecordWriter(str(data / "extra.array_record"), "group_size:1")
     w.write(fmt.encode_record(header, b"\xff\xd8 truncated"))
     w.close()
-    index["shards"].append(dict(path="extra.array_record", num_records=1))
+    index["shards"] += fmt.index_shards(data, ["extra.array_record"])
     index["persons"]["p001"].append(index["num_records"])
     index["num_records"] += 1
     (data / "index.json").write_text(json.dumps(index))
@@ -249,3 +249,266 @@ def test_face_mask_file(tmp_path, tokenizers):
     m = batch["face_mask"][..., 0]
     assert set(np.unique(m)) == {0.0, 1.0} and (m.sum(axis=(1, 2)) >= 15 * 15).all()
     assert not batch["has_bg"].any() and not batch["has_body"].any()
+
+
+# ----------------------------------------------------------------------------- reliability (issue 9)
+
+
+def _png(path, color, size=(16, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _src(root, persons=("p0", "p1"), images=2, seed=0):
+    """SRC/persons/<p>/<k>.png (distinct colours per seed) + a captions JSONL of good lines."""
+    lines = []
+    for i, p in enumerate(persons):
+        for k in range(images):
+            _png(root / "persons" / p / f"{k}.png", (seed * 40 % 256, 20 + 60 * i, 30 * k))
+            lines.append(dict(image=f"persons/{p}/{k}.png", caption="a photo of a man img", face_box=[2, 2, 12, 12]))
+    return lines
+
+
+def _write_lines(path, lines):
+    with open(path, "wb") as f:
+        for x in lines:
+            f.write(x if isinstance(x, bytes) else json.dumps(x).encode())
+            f.write(b"\n")
+    return path
+
+
+def _bad(index):
+    return {b["image"]: b["reason"] for b in index["bad"]}
+
+
+def test_paths_stay_inside_src_and_reads_are_limited(tmp_path):
+    """Defect 1: `..`, absolute and symlinked paths out of SRC, `/dev/zero` and an oversized file are listed
+    as bad (nothing outside SRC stored); `p0/../p0/1.png` is the image `p0/1.png` once (duplicate listed)."""
+
+    src = tmp_path / "src"
+    lines = _src(src, persons=("p0", "p1", "p2"), images=3)
+    secret = _png(tmp_path / "secret.png", (255, 0, 255))
+    (src / "persons" / "p1" / "link.png").symlink_to(secret)
+    (src / "masks").mkdir()
+    (src / "masks" / "huge.png").write_bytes(b"\0" * 5000)
+    box = [2, 2, 12, 12]
+    lines += [dict(image="persons/p1/../../../secret.png", caption="a photo of a man img", face_box=box),
+              dict(image="persons/p1/link.png", caption="a photo of a man img", face_box=box),
+              dict(image="persons/p2/../p2/1.png", caption="a photo of a man img", face_box=box)]
+    lines[0]["face_mask"] = "../secret.png"
+    lines[1]["face_mask"] = str(secret)
+    lines[3]["face_mask"] = "/dev/zero"
+    lines[4]["face_mask"] = "masks/huge.png"
+    _write_lines(src / "c.jsonl", lines)
+    index = fmt.write_dataset(src, src / "c.jsonl", tmp_path / "dst", progress=False, max_file_bytes=4096)
+    bad = _bad(index)
+    assert "points outside SRC" in bad["persons/p1/../../../secret.png"]
+    assert "resolves outside SRC" in bad["persons/p1/link.png"]
+    assert "points outside SRC" in bad["persons/p0/0.png"] and "absolute path" in bad["persons/p0/1.png"]
+    assert "absolute path" in bad["persons/p1/0.png"] and "4096-byte limit" in bad["persons/p1/1.png"]
+    assert "duplicate caption line" in bad["persons/p2/1.png"]
+    records = fmt.read_records(tmp_path / "dst")
+    assert [h["image"] for h, _, _ in records] == ["persons/p0/2.png", "persons/p1/2.png", "persons/p2/0.png",
+                                                    "persons/p2/1.png", "persons/p2/2.png"]
+    assert index["persons"] == {"p0": [0], "p1": [1], "p2": [2, 3, 4]}
+    assert all(img == (src / h["image"]).read_bytes() and mask == b"" for h, img, mask in records)
+
+
+def test_jsonl_field_types_encodings_and_nan_boxes(tmp_path):
+    """Defects 10 + 11: `caption_bg: 5`, `image: null`, non-UTF-8 bytes and a NaN face box make their line
+    bad (listed with the reason); the run goes on and writes the good lines."""
+    src = tmp_path / "src"
+    lines = _src(src, persons=("p0", "p1", "p2"))
+    lines[1]["caption_bg"] = 5
+    lines[2] = dict(lines[2], image=None)
+    lines[3] = json.dumps(dict(lines[3], caption="a photo of a man img \xe9"), ensure_ascii=False).encode("latin-1")
+    lines[4]["face_box"] = [float("nan"), 0, 10, 10]
+    _write_lines(src / "c.jsonl", lines)
+    index = fmt.write_dataset(src, src / "c.jsonl", tmp_path / "dst", progress=False)
+    bad = _bad(index)
+    assert "caption_bg must be a string" in bad["persons/p0/1.png"]
+    assert "string 'image'" in bad[f"{src / 'c.jsonl'}:3"] and "not UTF-8" in bad[f"{src / 'c.jsonl'}:4"]
+    assert "non-finite" in bad["persons/p2/0.png"]
+    # the files of lines 3 and 4 have no usable line: listed as missing caption
+    assert bad["persons/p1/0.png"] == bad["persons/p1/1.png"] == "missing caption"
+    assert index["num_records"] == 2 and [h["image"] for h, _, _ in fmt.read_records(tmp_path / "dst")] == \
+        ["persons/p0/0.png", "persons/p2/1.png"]
+
+
+def test_fuzz_captions_jsonl(tmp_path):
+    """Random malformed JSONL lines (types, encodings, paths): the writer finishes, every bad line is listed,
+    and no file outside SRC is opened (an audit hook watches every open() of the process)."""
+    import os
+    import random
+    import sys
+
+    rng = random.Random(0)
+    src = tmp_path / "src"
+    outside = _png(tmp_path / "outside" / "secret.png", (1, 2, 3))
+    n_lines = 160
+    for i in range(n_lines):
+        _png(src / "persons" / f"p{i % 7}" / f"{i}.png", (i % 256, 7, 9))
+    (src / "persons" / "p0" / "evil.png").symlink_to(outside)
+    os.mkfifo(src / "persons" / "p1" / "fifo.png")
+    junk = [5, -1.5, None, True, [], {}, [1, 2], "x" * 300, float("nan"), "\u202e", {"a": 1}]
+    paths = ["../outside/secret.png", str(outside), "/dev/zero", "persons/p0/evil.png", "persons/p1/fifo.png",
+             "persons/../../outside/secret.png", "", ".", "persons/p0/\x00.png", "persons/p0/nope.png",
+             "persons//p0/./0.png"]
+    # must_bad: lines no reading of the format accepts; good: lines that must become records.
+    good, must_bad, lines = set(), set(), []
+    for i in range(n_lines):
+        rel = f"persons/p{i % 7}/{i}.png"
+        line = dict(image=rel, caption="a photo of a man img", caption_bg="mountains", face_box=[1, 1, 15, 15])
+        kind = rng.randrange(8) if i else 0
+        if kind == 0:
+            good.add(rel)
+        elif kind == 1:
+            key, value = rng.choice(["caption", "caption_bg", "caption_body", "face_box", "face_mask"]), rng.choice(junk)
+            line[key] = value
+            if key in ("caption", "face_box", "face_mask") and value is not None or not isinstance(value, (str, type(None))):
+                must_bad.add(i + 1)
+        elif kind == 2:
+            line["image"] = rng.choice(junk + paths)
+            if line["image"] != "persons//p0/./0.png":  # a second spelling of line 1's image: a duplicate
+                must_bad.add(i + 1)
+        elif kind == 3:
+            line["face_mask"] = rng.choice(paths)
+            if line["face_mask"] not in ("", "persons//p0/./0.png"):  # "": no mask; the other: a real image
+                must_bad.add(i + 1)
+        elif kind == 4:
+            raw = json.dumps(line).encode()
+            cut = rng.randrange(1, len(raw))
+            line = raw[:cut] + bytes([rng.choice([0x80, 0xff, 0xc3, 0xfe])]) + raw[cut:]
+            must_bad.add(i + 1)
+        elif kind == 5:
+            line = rng.choice([b"{not json", b"[1, 2, 3]", b"42", b"null", b'"persons/p0/0.png"', b"\xef\xbb\xbf{}"])
+            must_bad.add(i + 1)
+        elif kind == 6:
+            line["face_box"] = rng.choice([[0, 0, 0, 0], [1, 2, 3], ["1", 2, 3, 4], [float("inf"), 0, 9, 9],
+                                           [-5, -5, -1, -1], "1 2 3 4", [True, 1, 9, 9]])
+            must_bad.add(i + 1)
+        else:
+            line["caption"] = rng.choice(["a photo of a man", "img img", "   ", "a man img"])
+            if line["caption"] == "a man img":
+                good.add(rel)
+            else:
+                must_bad.add(i + 1)
+        lines.append(line)
+    lines.append({"image": "persons/p0/0.png", "caption": "a photo of a man img", "face_box": [1, 1, 15, 15]})
+    must_bad.add(len(lines))
+    _write_lines(src / "c.jsonl", lines)
+    cap = str(src / "c.jsonl")
+
+    opened = []
+    watch = [os.path.realpath(tmp_path / "outside"), "/dev/zero"]
+
+    def hook(event, args):
+        if event == "open" and watching and isinstance(args[0], (str, bytes, os.PathLike)):
+            real = os.path.realpath(os.fsdecode(args[0]))
+            if any(real == w or real.startswith(w + os.sep) for w in watch):
+                opened.append(real)
+
+    watching = False
+    sys.addaudithook(lambda e, a: hook(e, a))
+    watching = True
+    try:
+        index = fmt.write_dataset(src, cap, tmp_path / "dst", progress=False)
+    finally:
+        watching = False
+    assert opened == [], opened
+    records = fmt.read_records(tmp_path / "dst")
+    assert all(img == (src / h["image"]).read_bytes() for h, img, _ in records)
+    stored = {h["image"] for h, _, _ in records}
+    assert good <= stored and len(good) > 10, (sorted(good - stored), len(good))
+    bad = _bad(index)
+    listed = " ".join(list(bad) + list(bad.values()))
+    for n, line in enumerate(lines, 1):
+        rel = line.get("image") if isinstance(line, dict) else None
+        named = f"{cap}:{n}" in listed or (isinstance(rel, str) and rel in bad)
+        assert named if n in must_bad else (named or rel in stored or rel == "persons//p0/./0.png"), (n, line)
+    files = {p.relative_to(src).as_posix() for p in (src / "persons").glob("*/*")}
+    assert files <= stored | set(bad), sorted(files - stored - set(bad))
+
+
+_KILL_AT_INDEX = """
+import os, pathlib, signal, sys
+from persongen_jax.data import format as fmt
+write_text = pathlib.Path.write_text
+def die_at_index(self, *a, **k):  # kill -9 once the shards are written, before index.json
+    if self.name == "index.json":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_text(self, *a, **k)
+pathlib.Path.write_text = die_at_index
+fmt.write_dataset(sys.argv[1], sys.argv[2], sys.argv[3], num_shards=2, progress=False)
+"""
+
+
+def test_dataset_rewrite_killed_keeps_the_old_dataset(tmp_path):
+    """Defect 3: a rewrite of DST killed (SIGKILL) after its shards are written leaves the old dataset whole
+    (on main: the old index over the new shards, read without complaint); the next write removes the
+    killed run's temp folder and says so; DST holding SRC or foreign files is refused."""
+    import os
+    import signal
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_lines(a / "c.jsonl", _src(a, persons=("p0", "p1", "p2"), images=2, seed=1))
+    _write_lines(b / "c.jsonl", _src(b, persons=("q0", "q1", "q2"), images=2, seed=2))
+    dst = tmp_path / "dst"
+    fmt.write_dataset(a, a / "c.jsonl", dst, num_shards=2, progress=False)
+    before = fmt.read_records(dst)
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_INDEX, str(b), str(b / "c.jsonl"), str(dst)],
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    after = fmt.read_records(dst)
+    assert [h for h, _, _ in after] == [h for h, _, _ in before]  # still dataset a, every record
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".dst.tmp-")]
+    assert len(stale) == 1 and len(list(stale[0].glob("*.array_record"))) == 2
+    proc = subprocess.run([sys.executable, "-m", "persongen_jax.data.format", str(b), str(b / "c.jsonl"), str(dst)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "removed" in proc.stderr and stale[0].name in proc.stderr
+    assert not stale[0].exists() and {h["person_id"] for h, _, _ in fmt.read_records(dst)} == {"q0", "q1", "q2"}
+    # Never replaced: a DST that holds SRC, or a folder this writer did not make.
+    with pytest.raises(ValueError, match="holds the source folder"):
+        fmt.write_dataset(a, a / "c.jsonl", tmp_path, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a dataset written by this tool.*notes.txt"):
+        fmt.write_dataset(a, a / "c.jsonl", tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+def test_reader_refuses_an_index_of_other_shards(tmp_path, tokenizers, caplog):
+    """Defect 3: index.json over shards it did not describe (same record counts, other persons), a truncated
+    shard, a missing shard: every reader (read_records, the training pipeline) refuses, naming the shard.
+    A version-1 index is still read, with a warning that it is unverified."""
+    import logging
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_lines(a / "c.jsonl", _src(a, persons=("p0", "p1", "p2"), images=2, seed=1))
+    _write_lines(b / "c.jsonl", _src(b, persons=("q0", "q1", "q2"), images=2, seed=2))
+    fmt.write_dataset(a, a / "c.jsonl", tmp_path / "da", num_shards=2, progress=False)
+    fmt.write_dataset(b, b / "c.jsonl", tmp_path / "db", num_shards=2, progress=False)
+    mixed = tmp_path / "db"
+    (mixed / "index.json").write_bytes((tmp_path / "da" / "index.json").read_bytes())
+    shard = mixed / "data-00000-of-00002.array_record"
+    with pytest.raises(ValueError, match=f"{shard}: sha256 .*content changed after the index was written"):
+        fmt.read_records(mixed)
+    with pytest.raises(ValueError, match="data-00000-of-00002.array_record"):
+        _iterator(mixed, tokenizers)
+    good = tmp_path / "da"
+    index = json.loads((good / "index.json").read_text())
+    data = (good / "data-00001-of-00002.array_record").read_bytes()
+    (good / "data-00001-of-00002.array_record").write_bytes(data[:-7])
+    with pytest.raises(ValueError, match="data-00001-of-00002.array_record: .* bytes, .* says"):
+        fmt.read_records(good)
+    (good / "data-00001-of-00002.array_record").unlink()
+    with pytest.raises(ValueError, match="data-00001-of-00002.array_record: shard listed in .* is missing"):
+        fmt.read_records(good)
+    (good / "data-00001-of-00002.array_record").write_bytes(data)
+    v1 = dict(index, version=1, shards=[{"path": s["path"], "num_records": s["num_records"]} for s in index["shards"]])
+    (good / "index.json").write_text(json.dumps(v1))
+    with caplog.at_level(logging.WARNING):
+        assert len(fmt.read_records(good)) == 6
+    assert any("version-1 index" in r.getMessage() and "unverified" in r.getMessage() for r in caplog.records)

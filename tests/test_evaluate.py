@@ -207,7 +207,7 @@ def _demo_config(**eval_overrides):
 def test_validation_during_training_then_checkpoint_evaluation_and_compare(models, tmp_path, capsys):
     from persongen_jax.evaluate import main
     from persongen_jax.training import train_and_evaluate
-    from persongen_jax.training.validation import load_trained_model
+    from persongen_jax.training.run_folder import load_trained_model
 
     root = models
     sets = f"in_train={root / 'val' / 'in_train'}"
@@ -266,3 +266,27 @@ def test_validation_config_errors(models, tmp_path):
                      arcface=str(models / "arcface"))
     with pytest.raises(ValueError, match="nobody.png"):
         Validator.from_config(c, tmp_path, None)
+
+
+def test_manifest_errors_name_the_file_and_line(models, tmp_path, capsys):
+    """Issue 9 defects 5 + 10: `"reference": []` (NaN in metrics.json before), `"image": 5` and non-UTF-8
+    bytes are one `error:` line naming the manifest and the line; exit 1, no metrics.json."""
+    from persongen_jax.evaluate import main
+    from persongen_jax.evaluation.protocol import read_manifest
+
+    alice = str(models / "val" / "in_train" / "alice.png")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"image": alice, "prompt": "a photo", "reference": []}) + "\n")
+    assert main(["--manifest", str(empty), "--out", str(tmp_path / "out"), *_scoring(models)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "loading" not in line]  # progress lines
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert f"{empty}, line 1: reference=[]" in err[0] and not (tmp_path / "out" / "metrics.json").exists()
+    cases = {"image5": (json.dumps({"image": 5, "prompt": "x", "reference": alice}) + "\n").encode(),
+             "refs": (json.dumps({"image": alice, "prompt": "x", "reference": [alice, None]}) + "\n").encode(),
+             "latin1": b'{"image": "a.png", "prompt": "caf\xe9", "reference": "b.png"}\n'}
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"{path}, line 1: " + ("not UTF-8" if name == "latin1" else
+                                                                   "image=5" if name == "image5" else "reference=")):
+            read_manifest(path)

@@ -15,7 +15,6 @@ from flax import nnx
 
 import helpers
 from persongen_jax.models import from_pretrained, lora
-from persongen_jax.models.unet import UNet2DConditionModel
 from weights_conversion.__main__ import main as convert_main
 from weights_conversion.lora import ip_adapter_numbering
 

@@ -16,6 +16,7 @@ message naming the file and keys when a checkpoint does not match.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -123,7 +124,9 @@ def main(argv=None) -> int:
         from weights_conversion.verify import verify_folder
 
         worst = verify_folder(args.src, args.dst, variant=args.variant)
-        if worst is None:
+        if not math.isfinite(worst):
+            print(f"error: --verify: a PyTorch or Flax output of {args.dst} holds NaN/Inf (see the warnings above "
+                  "for non-finite weights); the converted model is not usable as is", file=sys.stderr)
             return 1
     return 0
 

@@ -14,7 +14,9 @@ only when every component converted, so a failed run leaves DST untouched.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -87,12 +89,88 @@ def convert_component(src: Path, dst: Path, *, dtype: str | None = None, variant
     return name
 
 
-def atomic_output(dst: Path, overwrite: bool = False):
-    """`modeling.atomic_dir` with the CLI's error: a ConversionError that names the --overwrite flag."""
+# Entries a converted folder may hold besides its components (SDXL: copied verbatim).
+_SDXL_EXTRAS = ("model_index.json",) + SDXL_COPIED
+
+
+def _is_copied_clip_file(name: str) -> bool:
+    """Tokenizer / processor files `convert_clip` copies next to the converted model: preprocessor_config.json /
+    processor_config.json (transformers 5 saves a processor there) hold the image preprocessing CLIP-T reads."""
+    return (name.startswith(("tokenizer", "special_tokens", "preprocessor"))
+            or name in ("vocab.json", "merges.txt", "processor_config.json"))
+
+
+def written_by_us(folder: Path) -> bool:
+    """Whether `folder` is one this tool writes: a component (config.json + params/ [+ checksums, copied
+    tokenizer files]) or a folder of components (SDXL: + model_index.json, tokenizer*/, scheduler/;
+    PhotoMaker: id_encoder/ + lora/) and nothing else."""
+    def component(p: Path) -> bool:
+        return (p / modeling.CONFIG_FILE).is_file() and (p / modeling.PARAMS_DIR).is_dir()
+
+    entries = list(folder.iterdir())
+    if component(folder):
+        return all(e.name in (modeling.CONFIG_FILE, modeling.PARAMS_DIR) or _is_copied_clip_file(e.name)
+                   for e in entries)
+    parts = [e for e in entries if e.is_dir() and component(e)]
+    return bool(parts) and all(e in parts or e.name in _SDXL_EXTRAS for e in entries)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output(dst: Path, overwrite: bool = False, sources=(), *, kind: str = "folder") -> Path:
+    """Checks DST before any conversion work; ConversionError (one line) when:
+    - DST is a symlink (dangling or not: the result would replace the link, not its target);
+    - DST is, contains or is inside a source (`sources`: the input file/folder, --unet ...), since
+      --overwrite replaces DST as a whole;
+    - DST exists without --overwrite, or with --overwrite but is not a {folder this tool wrote | file};
+    - the folder that would receive DST cannot be written (read-only, not a folder).
+    kind: "folder" (converted model) or "file" (exported .safetensors). Returns DST made absolute."""
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
-    return modeling.atomic_dir(dst, overwrite=True)
+    if dst.is_symlink():
+        target = os.readlink(dst)
+        raise ConversionError(f"{dst}: is a symlink to {target}" + ("" if dst.exists() else " (which does not exist)")
+                              + "; give the real path of the output")
+    d = os.path.realpath(dst)
+    for src in sources:
+        if src is None:
+            continue
+        s = os.path.realpath(src)
+        if d == s:
+            raise ConversionError(f"{dst}: is the source {src}; write the output elsewhere")
+        if os.path.commonpath([d, s]) == d:
+            raise ConversionError(f"{dst}: contains the source {src}; --overwrite would delete it, so write the "
+                                  "output elsewhere")
+        if os.path.commonpath([d, s]) == s:
+            raise ConversionError(f"{dst}: is inside the source {src}; write the output elsewhere")
+    if os.path.lexists(dst):
+        if not overwrite:
+            raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
+        if kind == "file" and dst.is_dir():
+            raise ConversionError(f"{dst}: is a folder; the export writes a .safetensors file, give a file path")
+        if kind == "folder" and not dst.is_dir():
+            raise ConversionError(f"{dst}: is a file, not a folder this tool wrote; --overwrite replaces only those")
+        if kind == "folder" and any(dst.iterdir()) and not written_by_us(dst):
+            held = ", ".join(sorted(p.name for p in dst.iterdir())[:5])
+            raise ConversionError(f"{dst}: not a folder written by weights_conversion (config.json + params/; it "
+                                  f"holds {held or 'nothing we wrote'}); --overwrite replaces only those: remove it "
+                                  "yourself or choose another DST")
+    parent = _nearest_existing(dst.parent)
+    if not parent.is_dir():
+        raise ConversionError(f"{dst}: {parent} is not a folder")
+    try:  # a real write, not os.access: root, ACLs and read-only mounts all answer honestly
+        tempfile.TemporaryDirectory(prefix=".persongen-write-probe-", dir=parent).cleanup()
+    except OSError as e:
+        raise ConversionError(f"{dst}: cannot write in {parent} ({e.strerror}); nothing was converted") from None
+    return dst
+
+
+def atomic_output(dst: Path, overwrite: bool = False, sources=()):
+    """`modeling.atomic_dir` behind `check_output`: errors are ConversionErrors naming DST and the flag."""
+    return modeling.atomic_dir(check_output(dst, overwrite, sources), overwrite=True)
 
 
 def convert_sdxl(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=False) -> list[str]:
@@ -102,7 +180,7 @@ def convert_sdxl(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=Fa
     if not src.is_dir():
         raise ConversionError(f"{src}: no such folder")
     done = []
-    with atomic_output(dst, overwrite) as tmp:
+    with atomic_output(dst, overwrite, [src]) as tmp:
         if (src / "config.json").is_file() and not (src / "model_index.json").is_file():
             convert_component(src, tmp, dtype=dtype, variant=variant)  # a bare component folder
             return [src.name]
@@ -127,12 +205,9 @@ def convert_clip(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=Fa
     src = Path(src)
     if not src.is_dir():
         raise ConversionError(f"{src}: no such folder")
-    with atomic_output(dst, overwrite) as tmp:
+    with atomic_output(dst, overwrite, [src]) as tmp:
         name = convert_component(src, tmp, dtype=dtype, variant=variant)
         for f in src.iterdir():
-            # preprocessor_config.json / processor_config.json (transformers 5 saves a processor there):
-            # the image preprocessing CLIP-T reads from the converted folder.
-            if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "preprocessor"))
-                                or f.name in ("vocab.json", "merges.txt", "processor_config.json")):
+            if f.is_file() and _is_copied_clip_file(f.name):
                 shutil.copy2(f, tmp / f.name)
     return name

@@ -17,6 +17,7 @@ right shape; otherwise `ConversionError` lists the offending keys.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -26,6 +27,7 @@ import numpy as np
 from persongen_jax.models import modeling
 
 MAX_LISTED = 20
+log = logging.getLogger("weights_conversion")
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
@@ -114,11 +116,13 @@ def convert_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, 
 
     check_keys(expected_shapes, {k: tuple(v.shape) for k, v in sd.items()}, source=source,
                transform_shape=transform_shape)
-    out = {}
+    out, non_finite = {}, []
     keys = sorted(by_key)
     for k in (progress(keys, sd) if progress else keys):
         p = by_key[k]
         value = _to_numpy(sd[k])
+        if not all_finite(value):
+            non_finite.append(k)
         value = to_flax_layout(p, value)
         if param_dtype is not None:
             value = value.astype(jnp.dtype(param_dtype))
@@ -128,7 +132,23 @@ def convert_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, 
         # with ~0.7x extra memory, numpy ones with ~1.6x (a 10 GB UNet must fit in 24 GB).
         out[p] = jnp.asarray(np.ascontiguousarray(value).reshape(value.shape))
         del value
+    warn_non_finite(source, non_finite)
     return out
+
+
+def all_finite(value) -> bool:
+    """False when a floating-point array holds NaN or Inf (integer arrays are always finite)."""
+    value = np.asarray(value)
+    if value.dtype.kind not in "fc" and value.dtype != jnp.bfloat16:
+        return True
+    return bool(np.isfinite(value).all())
+
+
+def warn_non_finite(source: str, keys: list[str]) -> None:
+    """The conversion goes on (the file is what it is), but never silently: the tensors are named."""
+    if keys:
+        log.warning("warning: %s: %d tensor(s) hold NaN or Inf values: %s%s", source, len(keys),
+                    ", ".join(keys[:MAX_LISTED]), f" (+{len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else "")
 
 
 def _to_numpy(value) -> np.ndarray:

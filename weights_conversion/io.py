@@ -49,8 +49,8 @@ class LazyTensor:
         return arr if dtype is None else arr.astype(dtype)
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
-    path = Path(path)
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header dict, data start offset); ConversionError naming the file when it is not one."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -64,7 +64,28 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
             header = json.loads(f.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
-    data_start = 8 + header_len
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an "
+                              "object of tensor entries)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ConversionError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
+    return header, 8 + header_len
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` entry of a safetensors header ({} when absent)."""
+    return _safetensors_header(Path(path))[0].get("__metadata__") or {}
+
+
+def _index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
+    path = Path(path)
+    size = path.stat().st_size
+    header, data_start = _safetensors_header(path)
     tensors = {}
     needed = data_start
     for name, info in header.items():
@@ -74,8 +95,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
             dtype = _ST_DTYPES[info["dtype"]]
             begin, end = info["data_offsets"]
             shape = tuple(info["shape"])
-        except KeyError as e:
-            raise ConversionError(f"{path}: unsupported or malformed tensor entry {name!r} ({e})") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConversionError(f"{path}: unsupported or malformed tensor entry {name!r} "
+                                  f"({type(e).__name__}: {e})") from None
+        if not (_index(begin) and _index(end) and begin <= end and all(_index(d) for d in shape)):
+            raise ConversionError(f"{path}: malformed tensor entry {name!r}: data_offsets {[begin, end]} and shape "
+                                  f"{list(shape)} must be non-negative integers, begin <= end")
         if (end - begin) != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
             raise ConversionError(f"{path}: tensor {name!r} byte range does not match its shape {shape}")
         needed = max(needed, data_start + end)

@@ -41,8 +41,9 @@ import numpy as np
 from persongen_jax.models import lora as L
 from persongen_jax.models import modeling
 from weights_conversion import io
-from weights_conversion.convert import atomic_output
-from weights_conversion.core import ConversionError, _listing, _to_numpy, check_keys, convert_state_dict
+from weights_conversion.convert import atomic_output, check_output
+from weights_conversion.core import (ConversionError, _listing, _to_numpy, all_finite, check_keys, convert_state_dict,
+                                     warn_non_finite)
 
 _TE_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "text_model", "conditioner")
 _ATTN_LORA = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -130,19 +131,38 @@ def _sgm_to_diffusers(name: str, config: Mapping[str, Any]) -> str | None:
 
 
 def _read_metadata(path: Path) -> dict | None:
-    """PEFT LoRA config from a safetensors header (`lora_adapter_metadata`, keys `unet.<field>`)."""
+    """PEFT LoRA config from a safetensors header (`lora_adapter_metadata`, keys `unet.<field>`);
+    ConversionError naming the file and the field when it is malformed."""
     if not path.name.endswith(".safetensors"):
         return None
-    import struct
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    raw = (header.get("__metadata__") or {}).get("lora_adapter_metadata")
+    raw = io.read_safetensors_metadata(path).get("lora_adapter_metadata")
     if not raw:
         return None
-    meta = json.loads(raw)
-    return {k.removeprefix("unet."): v for k, v in meta.items() if not k.startswith("text_encoder")}
+    where = f"{path}: __metadata__.lora_adapter_metadata"
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{where} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ConversionError(f"{where} is a JSON {type(meta).__name__}, expected an object")
+    meta = {k.removeprefix("unet."): v for k, v in meta.items() if not k.startswith("text_encoder")}
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    for key, ok, want in (("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive int"),
+                          ("lora_alpha", number, "a number")):
+        if key in meta and not ok(meta[key]):
+            raise ConversionError(f"{where}: {key}={meta[key]!r}, expected {want}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = meta.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict) or not all(isinstance(k, str) and number(v) for k, v in pat.items()):
+            raise ConversionError(f"{where}: {key} must map module patterns to numbers, got {pat!r}"[:300])
+        for k in pat:
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ConversionError(f"{where}: {key} pattern {k!r} is not a regular expression ({e})") from None
+    return meta
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default):
@@ -250,6 +270,7 @@ def parse_lora_state_dict(sd: Mapping[str, Any], *, source: str, unet_cfg: Mappi
             elif v.dtype not in (np.float32, np.float16) and v.dtype.name != "bfloat16":
                 v = v.astype(np.float32)
             flat[base + (f"lora_{slot}", "kernel")] = np.ascontiguousarray(v)
+    warn_non_finite(source, sorted(".".join(map(str, k)) for k, v in flat.items() if not all_finite(v)))
     if bad:
         errors.append(_listing("mismatched LoRA pairs", bad))
     if errors:
@@ -274,13 +295,14 @@ def _lora_from_state_dict(sd, *, source, unet, metadata=None, skip_text_encoder=
 def convert_lora(src, dst, *, unet=None, skip_text_encoder=False, dtype=None, overwrite=False) -> str:
     """A LoRA file -> a LoRA folder at `dst`. Returns a one-line summary."""
     src = Path(src)
+    check_output(dst, overwrite, [src, unet])  # before minutes of work, not after
     sd = io.read_checkpoint(src)
     if sd and all(isinstance(v, Mapping) for v in sd.values()):
         raise ConversionError(f"{src}: a nested checkpoint with sections {sorted(sd)}; "
                               "for PhotoMaker use the `photomaker` command")
     modules, flat, skipped = _lora_from_state_dict(sd, source=str(src), unet=unet, metadata=_read_metadata(src),
                                                    skip_text_encoder=skip_text_encoder, dtype=dtype)
-    with atomic_output(dst, overwrite) as tmp:
+    with atomic_output(dst, overwrite, [src, unet]) as tmp:
         L.write_folder(dst, L.lora_config(modules), flat, into=tmp)
     return _summary(modules, skipped)
 
@@ -319,6 +341,7 @@ def convert_ip_adapter(src, dst, *, unet=None, name: str = "id", scale: float = 
                        overwrite=False) -> str:
     """An SDXL IP-Adapter checkpoint -> an adapter folder: condition `name`, parallel mode, image projection."""
     src = Path(src)
+    check_output(dst, overwrite, [src, unet])
     image_proj, ip = _split_ip_adapter(io.read_checkpoint(src), str(src))
     want = {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
     if set(image_proj) != want:
@@ -353,6 +376,7 @@ def convert_ip_adapter(src, dst, *, unet=None, name: str = "id", scale: float = 
         return v.astype(dtype) if dtype is not None else (v if v.dtype in (np.float32, np.float16) else v.astype(np.float32))
 
     flat = {target[k]: np.ascontiguousarray(conv(ip[k]).T) for k in expected}
+    warn_non_finite(str(src), sorted(k for k in expected if not all_finite(flat[target[k]])))
     flat[("image_proj", "image_embeds", "kernel")] = np.ascontiguousarray(conv(image_proj["proj.weight"]).T)
     flat[("image_proj", "image_embeds", "bias")] = conv(image_proj["proj.bias"])
     flat[("image_proj", "norm", "scale")] = conv(image_proj["norm.weight"])
@@ -361,7 +385,7 @@ def convert_ip_adapter(src, dst, *, unet=None, name: str = "id", scale: float = 
            "scales": {name: float(scale)},
            "image_projection": {"condition": name, "image_embed_dim": image_dim, "cross_attention_dim": cross,
                                 "num_tokens": tokens}}
-    with atomic_output(dst, overwrite) as tmp:
+    with atomic_output(dst, overwrite, [src, unet]) as tmp:
         L.write_folder(dst, cfg, flat, into=tmp)
     return f"IP-Adapter -> condition {name!r} on {len(numbering)} cross-attentions, {tokens} image tokens"
 
@@ -374,10 +398,15 @@ def convert_photomaker(src, dst, *, unet=None, skip_text_encoder=False, dtype=No
     from persongen_jax.models.id_encoder import PhotoMakerIDEncoder, id_encoder_config_from_state_dict
 
     src = Path(src)
+    check_output(dst, overwrite, [src, unet])
     sd = io.read_checkpoint(src)
     if set(sd) != {"id_encoder", "lora_weights"}:
         raise ConversionError(f"{src}: expected a PhotoMaker checkpoint with sections id_encoder and "
                               f"lora_weights, found {sorted(sd)[:10]}")
+    for section in ("id_encoder", "lora_weights"):
+        if not isinstance(sd[section], Mapping):
+            raise ConversionError(f"{src}: section {section!r} is a {type(sd[section]).__name__}, expected a "
+                                  "dict of tensors (a PhotoMaker v1 checkpoint)")
     enc_sd = dict(sd["id_encoder"])
     try:
         enc_cfg = id_encoder_config_from_state_dict(enc_sd)
@@ -387,7 +416,7 @@ def convert_photomaker(src, dst, *, unet=None, skip_text_encoder=False, dtype=No
                                   param_dtype=dtype)
     modules, flat, skipped = _lora_from_state_dict(dict(sd["lora_weights"]), source=f"{src} [lora_weights]",
                                                    unet=unet, skip_text_encoder=skip_text_encoder, dtype=dtype)
-    with atomic_output(dst, overwrite) as tmp:
+    with atomic_output(dst, overwrite, [src, unet]) as tmp:
         (tmp / "id_encoder").mkdir()
         cfg = dict(enc_cfg)
         cfg[modeling.CLASS_KEY] = "PhotoMakerIDEncoder"
@@ -404,8 +433,6 @@ def _write_safetensors(tensors: dict[str, np.ndarray], dst: Path, metadata: dict
     from safetensors.numpy import save_file
 
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
     os.close(fd)
@@ -426,6 +453,7 @@ def _read_folder(src, reader):
 
 def export_lora(src, dst, *, overwrite=False) -> str:
     """A LoRA folder -> diffusers/PEFT safetensors (unet.<module>.lora_A/lora_B.weight + metadata)."""
+    check_output(dst, overwrite, [src], kind="file")
     cfg, params = _read_folder(src, L.read_lora_config)
     tensors, modules, skipped = {}, {}, []
     for module, m in cfg["modules"].items():
@@ -462,6 +490,7 @@ def collections_mode(values):
 
 def export_adapter(src, dst, *, name: str | None = None, overwrite=False) -> str:
     """An adapter folder -> IP-Adapter layout safetensors for condition `name`."""
+    check_output(dst, overwrite, [src], kind="file")
     cfg, params = _read_folder(src, L.read_adapters_config)
     names = cfg["names"]
     if name is None:

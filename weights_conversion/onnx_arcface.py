@@ -332,9 +332,10 @@ def convert_arcface(src: Path, dst: Path, *, dtype: str | None = None, overwrite
     import jax.numpy as jnp
 
     from persongen_jax.models.iresnet import IResNet
-    from weights_conversion.convert import atomic_output
+    from weights_conversion.convert import atomic_output, check_output
     from weights_conversion.core import to_flax_layout, torch_key
 
+    check_output(dst, overwrite, [src])
     config, params = read_arcface_onnx(src)
     abstract = modeling.abstract_model(IResNet, config)
     expected = modeling.flat_params(abstract)
@@ -359,7 +360,7 @@ def convert_arcface(src: Path, dst: Path, *, dtype: str | None = None, overwrite
             if items:
                 lines.append(_listing(title, items))
         raise ConversionError("\n".join(lines))
-    with atomic_output(dst, overwrite) as tmp:
+    with atomic_output(dst, overwrite, [src]) as tmp:
         cfg = dict(config, source=Path(src).name)
         cfg[modeling.CLASS_KEY] = "IResNet"
         (tmp / modeling.CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))

@@ -136,17 +136,27 @@ def verify_component(src: Path, dst: Path, variant=None, **input_kw) -> dict[str
     inputs = reference_inputs(name, cfg, **input_kw)
     ref = run_torch(name, src, inputs, variant=variant)
     ours = run_flax(name, dst, inputs)
-    return {k: float(np.max(np.abs(ours[k].astype(np.float32) - ref[k]))) for k in ref}
+    return {k: max_abs_diff(ours[k], ref[k]) for k in ref}
 
 
-def verify_folder(src, dst, variant=None) -> float | None:
-    """Verifies every converted component under `dst`; prints one line each; returns the worst diff."""
+def max_abs_diff(a, b) -> float:
+    """max |a - b|, NaN when either side holds a non-finite value (np.max alone would hide a NaN next
+    to a matching Inf, and Python's max() drops NaN)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def verify_folder(src, dst, variant=None) -> float:
+    """Verifies every converted component under `dst`; prints one line each; returns the worst diff,
+    NaN when any output is non-finite (the caller fails on it)."""
     src, dst = Path(src), Path(dst)
     pairs = [(src, dst)] if (dst / modeling.CONFIG_FILE).is_file() else \
         [(src / c.name, c) for c in sorted(dst.iterdir()) if (c / modeling.CONFIG_FILE).is_file()]
     worst = 0.0
     for s, d in pairs:
         diffs = verify_component(s, d, variant=variant)
-        worst = max([worst, *diffs.values()])
+        worst = float("nan") if any(np.isnan(v) for v in [worst, *diffs.values()]) else max([worst, *diffs.values()])
         print(f"verify {d.name}: " + ", ".join(f"{k} max|diff|={v:.3g}" for k, v in diffs.items()), flush=True)
     return worst

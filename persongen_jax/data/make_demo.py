@@ -3,7 +3,7 @@
     python -m persongen_jax.data.make_demo DIR [--persons 24 --images-per-person 6 --resolution 64 --seed 0]
 
 Writes DIR/raw/persons/<id>/<k>.jpg + DIR/raw/captions.jsonl (the input format of docs/DATASET.md) and
-then the ArrayRecord dataset in DIR (index.json + shards) with `write_dataset`.
+then the ArrayRecord dataset in DIR (index.json + shards) with the writer of `format`, all atomically.
 
 A "person" is a stable, learnable pattern: a face ellipse with its own skin colour, stripe texture
 (angle, period, colour) and eye spacing/colour, and a class word (man, woman, person, boy, girl).
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from persongen_jax.data.format import write_dataset
+from persongen_jax.data import format as fmt
 
 CLASS_WORDS = ("man", "woman", "person", "boy", "girl")
 # caption_bg -> the phrase in the caption
@@ -108,9 +108,23 @@ def _draw_image(rng, person: dict, bg: str | None, body: str | None, R: int) -> 
 
 def make_demo(dst: str | Path, *, persons: int = 24, images_per_person: int = 6, resolution: int = 64,
               seed: int = 0, corrupt: bool = False, num_shards: int = 2, progress: bool = True) -> Path:
-    """Builds the demo dataset in `dst` (raw folder tree in dst/raw, ArrayRecord dataset in dst); returns dst."""
+    """Builds the demo dataset in `dst` (raw folder tree in dst/raw, ArrayRecord dataset in dst); returns dst.
+
+    The whole folder is written through `atomic_dir`, so a killed run leaves no half-built demo (the
+    training loop builds it when its index.json is missing); an existing `dst` is replaced only when
+    it is a demo dataset (index.json, its shards and raw/)."""
+    from persongen_jax.models.modeling import atomic_dir
+
     dst = Path(dst)
-    raw = dst / "raw"
+    fmt.check_destination(dst, {}, allowed_extra=("raw",))
+    with atomic_dir(dst, overwrite=True) as tmp:
+        _write_demo(tmp, persons=persons, images_per_person=images_per_person, resolution=resolution, seed=seed,
+                    corrupt=corrupt, num_shards=num_shards, progress=progress)
+    return dst
+
+
+def _write_demo(out: Path, *, persons, images_per_person, resolution, seed, corrupt, num_shards, progress):
+    raw = out / "raw"
     rng = np.random.default_rng(seed)
     people = [_person(rng, i) for i in range(persons)]
     lines = []
@@ -137,8 +151,8 @@ def make_demo(dst: str | Path, *, persons: int = 24, images_per_person: int = 6,
     with open(raw / "captions.jsonl", "w") as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")
-    write_dataset(raw, raw / "captions.jsonl", dst, num_shards=num_shards, progress=progress)
-    return dst
+    good, bad = fmt.check_inputs(raw, raw / "captions.jsonl", progress=progress)
+    fmt.write_records(out, good, bad, num_shards=num_shards, progress=progress)
 
 
 def main(argv=None) -> None:
@@ -154,8 +168,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     make_demo(a.dir, persons=a.persons, images_per_person=a.images_per_person, resolution=a.resolution,
               seed=a.seed, corrupt=a.corrupt, num_shards=a.num_shards)
-    from persongen_jax.data.format import load_index
-    index = load_index(a.dir)
+    index = fmt.load_index(a.dir)
     print(f"{a.dir}: {index['num_records']} records of {len(index['persons'])} persons; "
           f"{len(index['bad'])} bad input(s)" + (": " + ", ".join(f"{b['image']} ({b['reason']})"
                                                                  for b in index["bad"]) if index["bad"] else ""))

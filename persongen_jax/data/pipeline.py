@@ -350,8 +350,7 @@ def make_train_dataset(data_dir: str | os.PathLike, *, tokenizers: Sequence, glo
                        resolution: int = 512, num_refs: int | tuple[int, int] = (1, 4), id_image_size: int = 224,
                        seed: int = 0, shard_index: int | None = None, shard_count: int | None = None,
                        trigger_word: str = DEFAULT_TRIGGER_WORD, text_conditions=DEFAULT_TEXT_CONDITIONS,
-                       worker_count: int = 0, read_threads: int = 2,
-                       prefetch: int = 2):
+                       worker_count: int = 0, read_threads: int = 2, prefetch: int = 2, verify_hashes: bool = True):
     """The grain `IterDataset` of this process's batches (see `make_train_iterator`)."""
     import grain
     import jax
@@ -363,6 +362,9 @@ def make_train_dataset(data_dir: str | os.PathLike, *, tokenizers: Sequence, glo
                          f"{shard_count} processes")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    # The index must describe these shard files (size, record count, sha256) before any record is read:
+    # an index over other shards would pair targets with another person's references.
+    fmt.check_shards(data_dir, fmt.load_index(data_dir), verify_hashes=verify_hashes)
     example = _Example(data_dir, tokenizers, global_batch_size=global_batch_size, shard_index=shard_index,
                        shard_count=shard_count, seed=seed, resolution=resolution, num_refs=num_refs,
                        id_image_size=id_image_size, trigger_word=trigger_word, text_conditions=text_conditions)
@@ -387,8 +389,10 @@ def make_train_iterator(data_dir: str | os.PathLike, **kwargs) -> Any:
     Keyword arguments: tokenizers (the two CLIP tokenizers with the trigger word), global_batch_size,
     resolution=512, num_refs=(1, 4) (an int K or a (lo, hi) range sampled per example), id_image_size=224,
     seed=0, shard_index=jax.process_index(), shard_count=jax.process_count(), trigger_word="img",
-    text_conditions=DEFAULT_TEXT_CONDITIONS ((name, captions field) pairs), worker_count=0 (grain worker processes), read_threads=2 and prefetch=2 (batches computed ahead by
-    threads of this process). Element i of the stream is global step i; the state is {"next_index": step}.
+    text_conditions=DEFAULT_TEXT_CONDITIONS ((name, captions field) pairs), worker_count=0 (grain worker
+    processes), read_threads=2 and prefetch=2 (batches computed ahead by threads of this process),
+    verify_hashes=True (`format.check_shards` hashes every shard first; False: sizes and record counts
+    only). Element i of the stream is global step i; the state is {"next_index": step}.
 
     Each batch is a dict of numpy arrays, B = global_batch_size // shard_count, R = resolution,
     S = id_image_size, K = max refs:

@@ -1,17 +1,17 @@
-"""The validation protocol: validation sets x identities x prompts x seeds -> images -> CLIP-T, Face-Sim.
+"""The validation protocol: validation sets x identities x prompts x seeds -> images -> metrics (CLIP-T, Face-Sim).
 
     sets = load_sets({"in_train": "val/in_train", "out_of_domain": "val/ood"})
     prompts = load_prompts()                       # the research's 4 prompts (validation_prompts.json)
-    scorers = Scorers.from_pretrained(clip="weights/clip-vit-large-patch14",
-                                      detector="weights/antelopev2", arcface="weights/arcface_r100")
-    result = run_protocol(pipe, sets, prompts, scorers, "eval_out/", ProtocolSettings(seeds=(0, 1, 2, 3, 4)))
+    metrics = evaluation.metrics.build(["clip_t", "face_sim"], {"clip": "weights/clip-vit-large-patch14",
+                            "face_detector": "weights/antelopev2", "arcface": "weights/arcface_r100"})
+    result = run_protocol(pipe, sets, prompts, metrics, "eval_out/", ProtocolSettings(seeds=(0, 1, 2, 3, 4)))
     result.metrics["sets"]["in_train"]["face_sim"]
 
 A validation set is a folder; each image file in it is one identity (its only reference face), each
 sub-folder is one identity with all the images inside as reference faces. Every identity is generated
-with every prompt and every seed (one compiled call per prompt: all seeds together), scored with
-CLIP-T against the prompt text (without the trigger word) and Face-Sim against the identity's
-reference faces, then written as OUT/images/<set>/<identity>/<prompt>_s<seed>.png, metrics.json,
+with every prompt and every seed (one compiled call per prompt: all seeds together), scored by each
+chosen metric (`metrics.py`: CLIP-T against the prompt text without the trigger word, Face-Sim against the
+identity's reference faces), then written as OUT/images/<set>/<identity>/<prompt>_s<seed>.png, metrics.json,
 scores.csv and report.html (`report.py`).
 
 Split prompts: a prompt may have a split version, P_general plus the texts of text conditions keyed by
@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from persongen_jax.evaluation import report
+from persongen_jax.evaluation.metrics import Metric
 from persongen_jax.pipeline.image_processing import load_image
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, strip_trigger_word
 
@@ -149,22 +150,6 @@ class ProtocolSettings:
 
 
 @dataclass
-class Scorers:
-    clip: object   # CLIPTScorer
-    face: object   # FaceSimScorer
-
-    @classmethod
-    def from_pretrained(cls, *, clip, detector, arcface, no_face: str = "zero", det_thresh: float = 0.5,
-                        det_size=(640, 640), batch_size: int = 32, face_select: str = "largest") -> "Scorers":
-        from persongen_jax.evaluation.clip_t import CLIPTScorer
-        from persongen_jax.evaluation.face_sim import FaceSimScorer
-
-        return cls(CLIPTScorer.from_pretrained(clip, batch_size=batch_size),
-                   FaceSimScorer.from_pretrained(detector, arcface, no_face=no_face, det_thresh=det_thresh,
-                                                 det_size=det_size, batch_size=batch_size, select=face_select))
-
-
-@dataclass
 class ProtocolResult:
     rows: list
     metrics: dict
@@ -172,18 +157,39 @@ class ProtocolResult:
     seconds: dict = field(default_factory=dict)
 
 
-def _scoring_info(scorers: Scorers) -> dict:
-    det = scorers.face.detector
-    return {"no_face": scorers.face.no_face, "face_select": scorers.face.select, "det_thresh": det.det_thresh,
-            "det_size": list(det.det_size), "detector": str(det.model_file)}
+def scoring_info(metrics: Sequence[Metric]) -> dict:
+    """What metrics.json records about the scoring: the metric names and each metric's settings."""
+    info = {"metric_names": [m.name for m in metrics]}
+    for m in metrics:
+        info.update(m.settings())
+    return info
 
 
-def score_rows(rows: list[dict], images: Sequence, scorers: Scorers, references: Sequence[np.ndarray]) -> None:
-    """Fills clip_t / face_sim / face_found of `rows` (one per image) in place."""
-    clip_t = scorers.clip(images, [r["prompt"] for r in rows])
-    face, found = scorers.face(images, references)
-    for r, c, f, ok in zip(rows, clip_t, face, found):
-        r.update(clip_t=float(c), face_sim=f, face_found=bool(ok))
+def shown_settings(metrics: Sequence[Metric]) -> dict:
+    """The scoring conventions the report's settings table shows (e.g. "no face": "zero")."""
+    return {m.missing_label: m.settings().get(m.missing_key) for m in metrics if m.missing_key}
+
+
+def empty_row(**fields) -> dict:
+    """A score row (report.py) with no scores yet."""
+    return {"prompt_index": None, "seed": None, "step": None, **fields}
+
+
+def score_rows(rows: list[dict], images: Sequence, metrics: Sequence[Metric], references: Sequence[dict]) -> None:
+    """Fills each metric's value (and found column) of `rows` (one per image) in place; references: per image,
+    {metric name: the identity's prepared references}."""
+    prompts = [r["prompt"] for r in rows]
+    for m in metrics:
+        result = m(images, prompts, [ref.get(m.name) for ref in references])
+        for i, r in enumerate(rows):
+            r[m.name] = result.values[i]
+            if m.found_key:
+                r[m.found_key] = bool(result.found[i])
+
+
+def prepare_references(metrics: Sequence[Metric], images: Sequence, names: Sequence[str]) -> dict:
+    """{metric name: what it prepared from one identity's reference images} (e.g. Face-Sim's embeddings)."""
+    return {m.name: m.prepare_references(images, names) for m in metrics}
 
 
 def _use_split(pipe, prompt: ValidationPrompt, mode: str) -> bool:
@@ -198,37 +204,39 @@ def _use_split(pipe, prompt: ValidationPrompt, mode: str) -> bool:
     return bool(prompt.general) and not missing and mode != "never"
 
 
-def load_references(sets: dict[str, dict[str, list[Path]]], scorers: Scorers) -> dict:
-    """{(set, identity): (reference images, embeddings [R, D])}, each file read once; a reference without
-    a face fails here, naming the file, before anything is generated."""
+def load_references(sets: dict[str, dict[str, list[Path]]], metrics: Sequence[Metric]) -> dict:
+    """{(set, identity): (reference images, {metric name: prepared references})}, each file read once; a
+    reference a metric cannot use (Face-Sim: no face) fails here, naming the file, before anything is
+    generated."""
     out = {}
     for name, ids in sets.items():
         for ident, paths in ids.items():
             images = [load_image(p, composite_on_white=True) for p in paths]
-            out[(name, ident)] = images, scorers.face.reference_embeddings(images, [str(p) for p in paths])
+            out[(name, ident)] = images, prepare_references(metrics, images, [str(p) for p in paths])
     return out
 
 
 def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence[ValidationPrompt],
-                 scorers: Scorers, out_dir: str | os.PathLike, settings: ProtocolSettings | None = None,
+                 metrics: Sequence[Metric], out_dir: str | os.PathLike, settings: ProtocolSettings | None = None,
                  *, step: int | None = None, title: str = "validation", extra: dict | None = None,
                  progress: bool = False, score_every: int = 256, references: dict | None = None
                  ) -> ProtocolResult:
     """Generates, scores and writes the whole protocol into out_dir (see module doc). Images are scored
-    in chunks of about `score_every` (bounded host memory at 1024 x 1024). references: from
-    `load_references` (loaded here when not given)."""
+    in chunks of about `score_every` (bounded host memory at 1024 x 1024). metrics: `metrics.build(...)`;
+    none: the images and the report without scores. references: from `load_references` (loaded here when
+    not given)."""
     from PIL import Image
 
     settings = settings or ProtocolSettings()
     if pipe.id_encoder is None:
         raise ValueError("the validation protocol generates identities: the model needs an ID encoder "
                          "(--photomaker DIR)")
-    references = references if references is not None else load_references(sets, scorers)
+    references = references if references is not None else load_references(sets, metrics)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows, ref_paths = [], {}  # ref_paths: the report's reference column
-    pending: list[tuple[dict, np.ndarray, np.ndarray]] = []  # (row, image, reference embeddings) to score
+    pending: list[tuple[dict, np.ndarray, dict]] = []  # (row, image, prepared references) to score
     gen_s = score_s = 0.0
 
     def flush():
@@ -236,7 +244,7 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
         nonlocal score_s
         if pending:
             t = time.perf_counter()
-            score_rows([p[0] for p in pending], [p[1] for p in pending], scorers, [p[2] for p in pending])
+            score_rows([p[0] for p in pending], [p[1] for p in pending], metrics, [p[2] for p in pending])
             score_s += time.perf_counter() - t
             pending.clear()
     for set_name, identities in sets.items():
@@ -262,27 +270,27 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
                 for seed, img in zip(settings.seeds, gen):
                     rel = f"images/{set_name}/{ident}/{vp.name}_s{seed}.png"
                     Image.fromarray(img).save(out_dir / rel)
-                    rows.append({"set": set_name, "reference": ident, "prompt_index": pi, "prompt": vp.prompt,
-                                 "seed": int(seed), "image": rel, "clip_t": None, "face_sim": None,
-                                 "face_found": False, "step": step})
+                    rows.append(empty_row(set=set_name, reference=ident, prompt_index=pi, prompt=vp.prompt,
+                                          seed=int(seed), image=rel, step=step))
                     pending.append((rows[-1], img, emb))
                 if len(pending) >= score_every:
                     flush()
     flush()
-    metrics = report.aggregate(rows)
+    names = [m.name for m in metrics]
+    summary = report.aggregate(rows, names)
     seconds = {"generate": round(gen_s, 2), "score": round(score_s, 2), "total": round(time.perf_counter() - t0, 2)}
-    info = {"step": step, **_scoring_info(scorers), "settings": {**asdict(settings),
+    info = {"step": step, **scoring_info(metrics), "settings": {**asdict(settings),
                                                                        "seeds": list(settings.seeds)},
             "clip_t_text": "the validation prompt without the trigger word (prompts[].prompt)",
             "prompts": [asdict(p) for p in prompts], "seconds": seconds, **(extra or {})}
-    report.write_scores_csv(rows, out_dir / "scores.csv")
-    report.write_metrics_json(metrics, out_dir / "metrics.json", **info)
+    report.write_scores_csv(rows, out_dir / "scores.csv", names)
+    report.write_metrics_json(summary, out_dir / "metrics.json", **info)
     shown = {"step": step, "seeds": list(settings.seeds), "steps": settings.num_steps,
-             "guidance": settings.guidance_scale, "no face": scorers.face.no_face, **(extra or {})}
+             "guidance": settings.guidance_scale, **shown_settings(metrics), **(extra or {})}
     shown = {k: v for k, v in shown.items() if v not in (None, "")}
-    report.write_report_html(out_dir / "report.html", rows, metrics, references=ref_paths, title=title,
-                             settings=shown)
-    return ProtocolResult(rows, metrics, out_dir, seconds)
+    report.write_report_html(out_dir / "report.html", rows, summary, references=ref_paths, title=title,
+                             settings=shown, metric_names=names)
+    return ProtocolResult(rows, summary, out_dir, seconds)
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict]:
@@ -297,6 +305,14 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         if missing:
             raise ValueError(f"{path}, line {n}: missing {missing} (expected image, prompt, reference[, set])")
         refs = e["reference"] if isinstance(e["reference"], list) else [e["reference"]]
+        text = lambda v: isinstance(v, str) and v.strip()  # noqa: E731
+        for key, ok, want in (("image", text(e["image"]), "a path string"), ("prompt", text(e["prompt"]), "a string"),
+                              ("reference", refs and all(text(r) for r in refs),
+                               "a path string or a non-empty list of them (Face-Sim needs a reference face)"),
+                              ("set", e.get("set") is None or isinstance(e["set"], str), "a string")):
+            if not ok:
+                raise ValueError(f"{path}, line {n}: {key}={e.get(key)!r} (a {type(e.get(key)).__name__}): "
+                                 f"expected {want}"[:400])
         entries.append({"image": (path.parent / e["image"]).resolve(), "prompt": str(e["prompt"]),
                         "references": tuple((path.parent / r).resolve() for r in refs),
                         "set": str(e.get("set") or "all"), "line": n})
@@ -314,7 +330,7 @@ def _clip_t_prompts(manifest, entries: list[dict], trigger_word: str | None) -> 
             raise ValueError(f"{manifest}, line {e['line']}: {err} (--trigger-word names it)") from None
 
 
-def score_manifest(manifest: str | os.PathLike, scorers: Scorers, out_dir: str | os.PathLike, *,
+def score_manifest(manifest: str | os.PathLike, metrics: Sequence[Metric], out_dir: str | os.PathLike, *,
                    title: str | None = None, extra: dict | None = None,
                    trigger_word: str | None = DEFAULT_TRIGGER_WORD) -> ProtocolResult:
     """Mode A: scores existing images listed in a manifest; writes metrics.json, scores.csv, report.html.
@@ -326,29 +342,30 @@ def score_manifest(manifest: str | os.PathLike, scorers: Scorers, out_dir: str |
     entries = read_manifest(manifest)
     _clip_t_prompts(manifest, entries, trigger_word)
     images = [load_image(e["image"], composite_on_white=True) for e in entries]  # all read before any model runs
-    ref_cache: dict[tuple, np.ndarray] = {}
+    ref_cache: dict[tuple, dict] = {}
     references: dict[str, dict[str, list[str]]] = {}
     for e in entries:
         key = e["references"]
         if key not in ref_cache:
-            ref_cache[key] = scorers.face.reference_embeddings([load_image(p, composite_on_white=True) for p in key],
-                                                               [str(p) for p in key])
+            ref_cache[key] = prepare_references(metrics, [load_image(p, composite_on_white=True) for p in key],
+                                                [str(p) for p in key])
         name = ", ".join(p.name for p in key)
         references.setdefault(e["set"], {})[name] = [os.path.relpath(p, out_dir) for p in key]
         e["reference_name"] = name
-    rows = [{"set": e["set"], "reference": e["reference_name"], "prompt_index": None, "prompt": e["clip_t_prompt"],
-             "seed": None, "image": os.path.relpath(e["image"], out_dir), "clip_t": None, "face_sim": None,
-             "face_found": False, "step": None} for e in entries]
-    score_rows(rows, images, scorers, [ref_cache[e["references"]] for e in entries])
-    metrics = report.aggregate(rows)
+    rows = [empty_row(set=e["set"], reference=e["reference_name"], prompt=e["clip_t_prompt"],
+                      image=os.path.relpath(e["image"], out_dir)) for e in entries]
+    score_rows(rows, images, metrics, [ref_cache[e["references"]] for e in entries])
+    names = [m.name for m in metrics]
+    summary = report.aggregate(rows, names)
     scored = (f"the manifest prompt without the trigger word {trigger_word!r} (scores.csv 'prompt')" if trigger_word
               else "the manifest prompt as written")
     info = {"manifest": str(Path(manifest).resolve()), "trigger_word": trigger_word or None, "clip_t_text": scored,
-            **_scoring_info(scorers),
+            **scoring_info(metrics),
             "seconds": {"total": round(time.perf_counter() - t0, 2)}, **(extra or {})}
-    report.write_scores_csv(rows, out_dir / "scores.csv")
-    report.write_metrics_json(metrics, out_dir / "metrics.json", **info)
-    report.write_report_html(out_dir / "report.html", rows, metrics, references=references,
+    report.write_scores_csv(rows, out_dir / "scores.csv", names)
+    report.write_metrics_json(summary, out_dir / "metrics.json", **info)
+    report.write_report_html(out_dir / "report.html", rows, summary, references=references,
                              title=title or f"scores of {Path(manifest).name}",
-                             settings={"manifest": str(manifest), "no face": scorers.face.no_face, **(extra or {})})
-    return ProtocolResult(rows, metrics, out_dir, info["seconds"])
+                             settings={"manifest": str(manifest), **shown_settings(metrics), **(extra or {})},
+                             metric_names=names)
+    return ProtocolResult(rows, summary, out_dir, info["seconds"])

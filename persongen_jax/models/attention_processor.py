@@ -107,6 +107,8 @@ class ParallelAdapterProcessor(AdapterProcessor):
     mode = "parallel"
 
     def __call__(self, attn, hidden_states, context, mask):
+        """hidden_states [B, T, C] (already group-normed), context with the conditions -> [B, T, C]:
+        to_out(attn(q, text) + sum_c s_c * attn(q, to_k[c](cond_c), to_v[c](cond_c)))."""
         q = attn.to_q(hidden_states)
         out = self.attention(attn, q, hidden_states, context, mask)
         for name, cond, scale in self.conditions(context):
@@ -120,6 +122,9 @@ class SequentialAdapterProcessor(AdapterProcessor):
     mode = "sequential"
 
     def __call__(self, attn, hidden_states, context, mask):
+        """hidden_states [B, T, C] (already group-normed), context with the conditions -> [B, T, C]: the plain
+        output y, then y += s_c * to_out(attn(to_q(y), to_k[c](cond_c), to_v[c](cond_c))) per given condition,
+        in `names` order."""
         out = AttnProcessor.__call__(self, attn, hidden_states, context, mask)  # the plain attention
         for name, cond, scale in self.conditions(context):
             out = out + _bcast(scale, out) * attn.to_out[0](attn.attend(attn.to_q(out), *self.project(name, cond)))

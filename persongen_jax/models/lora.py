@@ -83,6 +83,7 @@ class LoRADense(nnx.Module):
         self.kernel = LoRAParam(kernel)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> x @ kernel [..., out], in `dtype` (default: the promoted dtype of x and kernel)."""
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
         return jnp.matmul(x.astype(dtype), kernel.astype(dtype))
@@ -237,11 +238,11 @@ class ImageProjection(nnx.Module):
     tokens * D) -> reshape to tokens -> LayerNorm `norm`. Parameters are AdapterParam.
 
     [B, in] -> [B, tokens, D]; [B, N, in] (N reference images) -> [B, N * tokens, D].
-    `condition` names the adapter condition whose tokens it makes (e.g. "id").
+    `condition` names the adapter condition whose tokens it makes (the image condition).
     """
 
     def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, *,
-                 condition: str = "id", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 condition: str, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.condition = condition
         self.image_embed_dim, self.cross_attention_dim = image_embed_dim, cross_attention_dim
         self.num_tokens = num_tokens
@@ -259,6 +260,8 @@ class ImageProjection(nnx.Module):
                 "cross_attention_dim": self.cross_attention_dim, "num_tokens": self.num_tokens}
 
     def __call__(self, image_embeds: jax.Array) -> jax.Array:
+        """image_embeds [B, in] -> [B, num_tokens, D]; [B, N, in] -> [B, N * num_tokens, D] (image n's
+        tokens contiguous)."""
         squeeze = image_embeds.ndim == 2
         x = image_embeds[:, None] if squeeze else image_embeds
         b, n, _ = x.shape
@@ -409,17 +412,25 @@ def _read_config(directory, fmt: str) -> dict:
     return cfg
 
 
-def read_params(directory: str | os.PathLike) -> dict[str, jax.Array]:
-    """{dotted path: array} of a folder's params/ (small folders: LoRA, adapters); version-1 adapter paths
-    are returned in the current layout (`upgrade_adapter_path`)."""
+def read_params(directory: str | os.PathLike, *, verify_checksums: bool | None = None) -> dict[str, jax.Array]:
+    """{dotted path: array} of a folder's params/ (small folders: LoRA, adapters), checked against
+    params/checksums.json like `modeling.from_pretrained`; version-1 adapter paths are returned in the
+    current layout (`upgrade_adapter_path`)."""
     import orbax.checkpoint as ocp
 
     params_dir = (Path(directory) / modeling.PARAMS_DIR).absolute()
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir}: missing parameters folder")
-    tree = ocp.StandardCheckpointer().restore(params_dir)
+    try:
+        tree = ocp.StandardCheckpointer().restore(params_dir)
+    except Exception as e:  # a damaged data file: TensorStore's errors name neither folder nor parameter
+        raise ValueError(f"{params_dir}: cannot read the parameters ({modeling.first_line(e)}); the folder is "
+                         "damaged, re-convert it") from None
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {upgrade_adapter_path(path_str(path)): v for path, v in flat}
+    out = {path_str(path): v for path, v in flat}
+    if modeling.verify_default(verify_checksums):
+        modeling.check_checksums(params_dir, out)  # the stored paths: checksums.json names them as written
+    return {upgrade_adapter_path(k): v for k, v in out.items()}
 
 
 def _restore(module, directory, param_type) -> None:

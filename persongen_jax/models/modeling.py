@@ -20,22 +20,83 @@ non-persistent buffers) for weight conversion.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
+import errno
+import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
+import socket
+import sys
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 MODEL_REGISTRY: dict[str, type] = {}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 CLASS_KEY = "_persongen_class"
+CHECKSUMS_FILE = "checksums.json"
+# from_pretrained(verify_checksums=None) reads this: "0" skips the sha256 of every parameter (speed).
+VERIFY_ENV = "PERSONGEN_VERIFY_CHECKSUMS"
+log = logging.getLogger(__name__)
+
+
+def _matches(value, hint) -> bool:
+    """Whether `value` (from a JSON config) fits the type annotation `hint` (int, float, str, bool,
+    None, unions, tuple[X, ...] as a JSON list, nested config dataclasses); unknown hints pass."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
+    if hint is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return True
+
+
+def _hint_name(hint) -> str:
+    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def check_field_types(config) -> None:
+    """For a config dataclass's `__post_init__`: ValueError naming the first field whose value does not
+    have the annotated type (a config.json value of the wrong type fails here, by key, instead of as a
+    TypeError deep inside the model)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ValueError(f"{type(config).__name__}: {f.name}={value!r} has type {type(value).__name__}, "
+                             f"expected {_hint_name(hints[f.name])}")
 
 
 def register_model(cls):
@@ -45,6 +106,8 @@ def register_model(cls):
 
 
 def get_model_class(name: str):
+    """The registered class called `name` (a folder's "_persongen_class"), after importing every model
+    module; ValueError for an unknown name."""
     _import_all_models()
     try:
         return MODEL_REGISTRY[name]
@@ -143,31 +206,112 @@ def _lookup(tree: Mapping, path: tuple):
     return node
 
 
+# Temporary folders of `atomic_dir` are named `.DST.tmp-PID@HOST-XXXXXXXX` (and `.DST.old-...` for the
+# replaced folder on filesystems without an atomic exchange), so a later run can tell a folder left by
+# a killed process of this host (removed) from one being written right now (kept).
+_TMP_RE = re.compile(r"(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>.+)-[A-Za-z0-9_]+")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_temps(dst: str | os.PathLike) -> list[Path]:
+    """Removes the temporary folders that `atomic_dir(dst)` runs killed mid-write (kill -9, power loss)
+    left next to `dst`: only those whose process was on this host and no longer runs, each logged with
+    its name. A `.DST.old-*` folder (the previous `dst`, renamed away by the two-rename fallback) is put
+    back when `dst` is missing instead of removed. Returns the folders removed or restored."""
+    dst = Path(dst).absolute()
+    if not dst.parent.is_dir():
+        return []
+    host, done = socket.gethostname(), []
+    prefix = f".{dst.name}."
+    for p in sorted(dst.parent.iterdir()):
+        m = _TMP_RE.fullmatch(p.name[len(prefix):]) if p.name.startswith(prefix) else None
+        if not m or m["host"] != host or _process_alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not os.path.lexists(dst):
+            p.rename(dst)
+            log.warning("restored %s from %s (a replacement of it was killed half-way)", dst, p.name)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            log.warning("removed %s: left by an interrupted write of %s (process %s is gone)", p, dst.name,
+                        m["pid"])
+        done.append(p)
+    return done
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # filesystem or kernel without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temp folder next to `dst`, renamed to `dst` only if the block succeeds, so a
-    failed or killed write never leaves a half-written `dst` (nor destroys an existing one)."""
+    failed or killed write never leaves a half-written `dst` (nor destroys an existing one): after a
+    kill -9 at any point `dst` is either the old complete folder or the new complete one. An existing
+    `dst` is swapped out atomically (renameat2 exchange; two renames where the filesystem lacks it).
+    Temp folders of killed earlier writes are removed first (`clean_stale_temps`)."""
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst}: already exists (pass overwrite=True to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    clean_stale_temps(dst)
+    tag = f"{os.getpid()}@{socket.gethostname()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{tag}", dir=dst.parent))
     try:
         yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if not os.path.lexists(dst):
+            tmp.rename(dst)
+        elif _exchange(tmp, dst):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
+        else:
+            old = dst.with_name(f".{dst.name}.old-{tag}{secrets.token_hex(4)}")
             dst.rename(old)
             tmp.rename(dst)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def array_digest(value) -> str:
+    """sha256 of an array's bytes (C order, its own dtype)."""
+    a = np.ascontiguousarray(np.asarray(value))
+    return hashlib.sha256(a.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _digests(values) -> list[str]:
+    # hashlib releases the GIL on large buffers: arrays hash in parallel threads.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(array_digest, values))
+
+
 def save_params(flat: Mapping[tuple, Any], directory: str | os.PathLike) -> None:
-    """Writes {path: array} as an orbax checkpoint at `directory` (must not exist).
+    """Writes {path: array} as an orbax checkpoint at `directory` (must not exist), with
+    `directory/checksums.json`: the sha256 of every array, checked when the folder is loaded.
 
     Pass jax arrays: orbax serialises them with far less extra host memory than numpy ones.
     """
@@ -176,6 +320,40 @@ def save_params(flat: Mapping[tuple, Any], directory: str | os.PathLike) -> None
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.abspath(directory), _nest({k: jnp.asarray(v) for k, v in flat.items()}))
     ckptr.wait_until_finished()
+    names = [path_str(k) for k in flat]
+    arrays = {n: {"sha256": d, "shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
+              for n, v, d in zip(names, flat.values(), _digests(flat.values()))}
+    (Path(directory) / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": "sha256", "arrays": arrays}, indent=0))
+
+
+def verify_default(verify: bool | None) -> bool:
+    """verify_checksums=None -> the PERSONGEN_VERIFY_CHECKSUMS environment variable ("0": skip)."""
+    return os.environ.get(VERIFY_ENV, "1") != "0" if verify is None else verify
+
+
+def check_checksums(params_dir: str | os.PathLike, named: Mapping[str, Any]) -> None:
+    """Compares {dotted path: restored array} with `params_dir/checksums.json`; ValueError naming the
+    parameters that differ. A folder without the file (written before checksums existed) loads with a
+    warning that it is unverified."""
+    params_dir = Path(params_dir)
+    path = params_dir / CHECKSUMS_FILE
+    skip = f"re-convert it, or load anyway with verify_checksums=False ({VERIFY_ENV}=0)"
+    if not path.is_file():
+        log.warning("%s: no %s (written before checksums existed): parameters not verified; re-convert to "
+                    "get them", params_dir, CHECKSUMS_FILE)
+        return
+    try:
+        stored = json.loads(path.read_text())["arrays"]
+        sums = {k: stored[k]["sha256"] for k in named if k in stored}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable checksums ({type(e).__name__}: {e}); {skip}") from None
+    missing = sorted(k for k in named if k not in sums)
+    bad = [k for k, d in zip(named, _digests(named.values())) if k in sums and d != sums[k]]
+    if missing or bad:
+        what = (f"checksum mismatch for {bad[:10]}" + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else "")
+                if bad else f"no checksum for {missing[:10]}")
+        raise ValueError(f"{params_dir}: {what}: the stored parameters changed since they were written (disk "
+                         f"corruption, an edited or mixed-up file); {skip}")
 
 
 def save_pretrained(model, config: Mapping[str, Any], directory: str | os.PathLike) -> None:
@@ -189,6 +367,8 @@ def save_pretrained(model, config: Mapping[str, Any], directory: str | os.PathLi
 
 
 def read_config(directory: str | os.PathLike) -> dict:
+    """config.json of a converted component folder; FileNotFoundError when it is absent, ValueError when
+    it is not JSON or has no "_persongen_class"."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a folder written by "
@@ -204,11 +384,13 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 
 def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
-                    attention_impl: str = "xla"):
+                    attention_impl: str = "xla", verify_checksums: bool | None = None):
     """Loads a converted component folder and returns the module with its weights.
 
     dtype: compute dtype (None = the params' dtype). param_dtype: cast the stored
-    parameters (None = keep as stored). attention_impl: "xla" or "cudnn".
+    parameters (None = keep as stored). attention_impl: "xla" or "cudnn". verify_checksums:
+    compare every parameter with params/checksums.json (None: yes unless PERSONGEN_VERIFY_CHECKSUMS=0).
+    Errors are ValueErrors naming the folder and the key or parameter.
     """
     import orbax.checkpoint as ocp
 
@@ -219,11 +401,20 @@ def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=Non
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir}: missing parameters folder")
     ckptr = ocp.StandardCheckpointer()
-    stored = ckptr.metadata(params_dir)
+    try:
+        stored = ckptr.metadata(params_dir)
+    except Exception as e:  # orbax / tensorstore raise many types for a damaged folder
+        raise ValueError(f"{params_dir}: cannot read the checkpoint metadata ({first_line(e)})") from None
     stored_tree = getattr(stored, "item_metadata", stored)
-    model = abstract_model(cls, cfg, dtype=dtype, param_dtype=param_dtype or jnp.float32,
-                           attention_impl=attention_impl)
+    if not stored_tree:  # orbax only logs a warning when _METADATA is damaged
+        raise ValueError(f"{params_dir}: cannot read the checkpoint metadata; the folder is damaged, re-convert it")
+    try:
+        model = abstract_model(cls, cfg, dtype=dtype, param_dtype=param_dtype or jnp.float32,
+                               attention_impl=attention_impl)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
     expected = flat_params(model)
+    verify = verify_default(verify_checksums)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {}
     missing = []
@@ -236,15 +427,32 @@ def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=Non
         if tuple(meta.shape) != tuple(sds.shape):
             raise ValueError(f"{params_dir}: {path_str(path)} has shape {tuple(meta.shape)}, "
                              f"the model built from config.json expects {tuple(sds.shape)}")
-        # Restoring straight into device arrays (a sharding on the target) avoids a second host copy.
-        target[path] = jax.ShapeDtypeStruct(sds.shape, param_dtype or meta.dtype, sharding=device)
+        # Restoring straight into device arrays (a sharding on the target) avoids a second host copy;
+        # verified loads restore the stored dtype (what the checksums are of) and cast afterwards.
+        want = meta.dtype if verify else (param_dtype or meta.dtype)
+        target[path] = jax.ShapeDtypeStruct(sds.shape, want, sharding=device)
     if missing:
         raise ValueError(f"{params_dir}: missing parameters {missing[:20]}"
                          + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""))
-    restored = ckptr.restore(params_dir, _nest(target))
+    try:
+        restored = ckptr.restore(params_dir, _nest(target))
+    except Exception as e:  # a damaged data file: TensorStore's errors name neither folder nor parameter
+        raise ValueError(f"{params_dir}: cannot read the parameters ({first_line(e)}); the folder is damaged, "
+                         "re-convert it") from None
     flat = {p: _lookup(restored, p) for p in target}
     del restored
+    if verify:
+        check_checksums(params_dir, {path_str(p): v for p, v in flat.items()})
+        if param_dtype is not None:
+            want = jnp.dtype(param_dtype)
+            flat = {p: v.astype(want) if v.dtype != want else v for p, v in flat.items()}
     return assign_params(model, flat)
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message` of an exception (at most 300 characters), for one-line errors."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
 def assign_params(model, flat: Mapping[tuple, Any]):

@@ -8,6 +8,9 @@
                (scripts/bench/scale.py)
     tiny       SDXL in miniature (two UNet levels, 32-wide text encoders, the tiny byte-level tokenizer of
                `write_tiny_tokenizer`): the demo training run, `--tiny` app/bench runs, CPU tests
+
+A model built with random weights in one of these sizes (`config.model = "<size>"`) tokenizes with the
+tiny tokenizer (its ids are valid for every size's vocabulary).
     micro      tiny with one resnet / one transformer layer per block (same widths and conditioning): a train
                step that compiles in about half the time, for the per-config tests
 
@@ -150,18 +153,16 @@ class ModelSize:
     text_encoder: dict
     text_encoder_2: dict
     id_encoder: dict
-    tokenizer: str  # "tiny": `write_tiny_tokenizer`; "model": the converted folder's tokenizer/ and tokenizer_2/
 
 
 SIZES: dict[str, ModelSize] = {
     "sdxl_base": ModelSize(unet=_SDXL_BASE_UNET, vae=_SDXL_VAE,
                            text_encoder=clip.CLIPTextModel.preset_config("sdxl_text_encoder"),
                            text_encoder_2=clip.CLIPTextModelWithProjection.preset_config("sdxl_text_encoder_2"),
-                           id_encoder=id_encoder.PhotoMakerIDEncoder.preset_config("photomaker_v1"),
-                           tokenizer="model"),
+                           id_encoder=id_encoder.PhotoMakerIDEncoder.preset_config("photomaker_v1")),
     "tiny": ModelSize(unet=_TINY_UNET, vae=_TINY_VAE, text_encoder=_TINY_TEXT_ENCODER,
                       text_encoder_2=dict(_TINY_TEXT_ENCODER, hidden_act="gelu"),
-                      id_encoder=id_encoder.PhotoMakerIDEncoder.preset_config("tiny"), tokenizer="tiny"),
+                      id_encoder=id_encoder.PhotoMakerIDEncoder.preset_config("tiny")),
 }
 SIZES["micro"] = dataclasses.replace(
     SIZES["tiny"], unet=dict(_TINY_UNET, layers_per_block=1, transformer_layers_per_block=[1, 1]))

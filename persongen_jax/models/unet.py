@@ -33,7 +33,7 @@ from flax import nnx
 from persongen_jax.models.attention_processor import CrossAttentionContext
 from persongen_jax.models.embeddings import TimestepEmbedding, Timesteps
 from persongen_jax.models.layers import Conv, GroupNorm, activation
-from persongen_jax.models.modeling import register_model
+from persongen_jax.models.modeling import check_field_types, register_model
 from persongen_jax.models.unet_2d_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D,
                                                  UNetMidBlock2DCrossAttn, UpBlock2D)
 
@@ -118,8 +118,14 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
 
+    def __post_init__(self):
+        check_field_types(self)
+
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "UNetConfig":
+        """diffusers UNet2DConditionModel config.json dict -> validated UNetConfig. Keys starting with "_"
+        and IGNORED_KEYS are dropped, FIXED_KEYS must hold their one supported value, and any other unknown
+        key raises ValueError naming it."""
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in config.items():
@@ -142,9 +148,14 @@ class UNetConfig:
         return cfg
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (top-level tuples as lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def validate(self) -> None:
+        """Raises ValueError naming the key for: an unsupported down/up/mid block type; up_block_types or
+        block_out_channels not one per down block; addition_embed_type other than "text_time" / None, or
+        "text_time" without its two dims; norm_num_groups None; nested transformer_layers_per_block
+        without reverse_transformer_layers_per_block; a per-block list of the wrong length."""
         n = len(self.down_block_types)
         for t in self.down_block_types:
             if _strip(t) not in DOWN_BLOCKS:
@@ -182,9 +193,11 @@ class UNetConfig:
     # Per-block values, broadcast as diffusers does.
     @property
     def num_blocks(self) -> int:
+        """Number of down blocks (= up blocks)."""
         return len(self.down_block_types)
 
     def per_block(self, name: str) -> tuple:
+        """Field `name` as one value per down block (an int is broadcast, as diffusers does)."""
         return _per_block(name, getattr(self, name), self.num_blocks)
 
 
@@ -279,6 +292,7 @@ class UNet2DConditionModel(nnx.Module):
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | UNetConfig, *, rngs: nnx.Rngs, dtype=None,
                     param_dtype=jnp.float32, attention_impl: str = "xla") -> "UNet2DConditionModel":
+        """config: a diffusers config.json dict (parsed by `UNetConfig.from_dict`) or a UNetConfig."""
         cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
         return cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
 

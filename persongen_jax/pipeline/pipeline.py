@@ -16,6 +16,7 @@ the denoising loop and the VAE decode are one compiled function per (steps, size
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from flax import nnx
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.conditions import Condition
 from persongen_jax.models import lora as lora_lib
+from persongen_jax.pipeline import MAX_SEED
 from persongen_jax.models import modeling
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.pipeline.image_processing import clip_preprocess
@@ -39,6 +41,31 @@ SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 class PipelineError(ValueError):
     """A model folder or an input that cannot be used; the message says which and why."""
+
+
+def check_settings(*, seeds: Sequence[int] = (0,), num_steps: int = 50, guidance_scale: float = 5.0,
+                   start_merge_step: int = 0, height: int | None = None, width: int | None = None,
+                   downscale_factor: int | None = None) -> None:
+    """PipelineError naming the first unusable numeric setting (the CLIs call this before loading a model)."""
+    if not seeds:
+        raise PipelineError("no seeds given")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
+            raise PipelineError(f"seed {s!r} is out of range: seeds are integers in [0, {MAX_SEED}]")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise PipelineError(f"steps={num_steps!r}: expected an integer >= 1")
+    if not isinstance(guidance_scale, (int, float, np.floating)) or not math.isfinite(guidance_scale):
+        raise PipelineError(f"guidance scale {guidance_scale!r}: expected a finite number")
+    if isinstance(start_merge_step, bool) or not isinstance(start_merge_step, (int, np.integer)) \
+            or start_merge_step < 0:
+        raise PipelineError(f"start merge step {start_merge_step!r}: expected an integer >= 0")
+    for name, v in (("height", height), ("width", width)):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise PipelineError(f"{name}={v!r}: expected a positive number of pixels")
+        if downscale_factor and v % downscale_factor:
+            raise PipelineError(f"{name}={v}: must be a multiple of {downscale_factor} (the VAE's downscale factor)")
 
 
 def _require(folder: Path, what: str) -> Path:
@@ -98,6 +125,10 @@ class PersonGenPipeline:
                         lora: str | os.PathLike | None = None, adapters: str | os.PathLike | None = None,
                         dtype=None, attention_impl: str = "xla", merge_lora: bool = True,
                         trigger_word: str = "img") -> "PersonGenPipeline":
+        """Loads converted folders: model_dir (unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2
+        [, scheduler: default SDXL's Euler config]); the ID encoder from `photomaker`/id_encoder (default:
+        model_dir's, if any); then `adapters`, then PhotoMaker's lora/ and `lora`, each merged into the base
+        kernels unless merge_lora=False. dtype: compute dtype. PipelineError names a missing folder."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise PipelineError(f"{model_dir}: no such model folder")
@@ -207,6 +238,9 @@ class PersonGenPipeline:
     # ------------------------------------------------------------------ sampling
 
     def sampler(self, num_steps: int, scheduler: str = "euler", progress: bool = False):
+        """The compiled sampler for (num_steps, scheduler, progress), built once and cached:
+        sample(noise [S, h, w, C] ~ N(0, 1), cond, guidance_scale, start_merge_step) -> images [S, H, W, 3]
+        float32 in [0, 1] (`sampling.make_sampler`)."""
         key = (num_steps, scheduler, progress)
         if key not in self._samplers:
             sched = scheduler_from_config(self.scheduler_config, scheduler)
@@ -228,10 +262,11 @@ class PersonGenPipeline:
         progress: True: a tqdm bar over the denoising steps; a callable: called as progress(steps_done) after
         each step (a web page's bar; it may run on a runtime thread, not the caller's). Both come from a host
         callback inside the compiled loop (one sampler program for either)."""
-        height, width = height or self.default_size, width or self.default_size
         f = self.vae.downscale_factor
-        if height % f or width % f:
-            raise PipelineError(f"height/width must be multiples of {f}, got {height}x{width}")
+        check_settings(seeds=list(seeds), num_steps=num_steps, guidance_scale=guidance_scale,
+                       start_merge_step=start_merge_step, height=height, width=width, downscale_factor=f)
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         cond = self.encode(prompt, ref_images, negative_prompt=negative_prompt, conditions=conditions,
                            height=height, width=width, adapter_scales=adapter_scales)
         shape = (height // f, width // f, self.unet.config.in_channels)
@@ -249,4 +284,9 @@ class PersonGenPipeline:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+        finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+        if not finite.all():  # would be saved as black pixels, silently
+            bad = [int(s) for s, ok in zip(seeds, finite) if not ok]
+            raise PipelineError(f"the decoded image of seed(s) {bad} holds NaN/Inf values (non-finite model weights, "
+                                "or settings out of the model's range); nothing was saved for them")
         return np.round(images * 255).astype(np.uint8)

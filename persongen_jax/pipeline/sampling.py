@@ -110,7 +110,9 @@ def decode_latents(vae, latents: jax.Array) -> jax.Array:
 
 
 def make_sampler(unet, vae, scheduler, num_steps: int, on_step: Callable[[int], None] | None = None):
-    """A jitted `(latents [S,h,w,4], cond, guidance_scale, start_merge_step) -> images [S,H,W,3] in [0,1]`.
+    """A jitted `(noise [S,h,w,4], cond, guidance_scale, start_merge_step) -> images [S,H,W,3] in [0,1]`.
+
+    noise ~ N(0, 1), unscaled: it is multiplied by the scheduler's init_noise_sigma inside.
 
     The models' graph structure is fixed here and their state is read at each call, so
     the compiled function is reused across calls with the same shapes (seeds, prompts,

@@ -118,6 +118,7 @@ class EulerState:
 
     @property
     def num_inference_steps(self) -> int:
+        """n, the number of steps in the schedule (a static int, also under jit)."""
         return self.timesteps.shape[0]
 
 
@@ -133,6 +134,7 @@ class DDIMState:
 
     @property
     def num_inference_steps(self) -> int:
+        """n, the number of steps in the schedule (a static int, also under jit)."""
         return self.timesteps.shape[0]
 
 
@@ -318,6 +320,7 @@ class DDIMScheduler(_Scheduler):
                          alpha_prod_t_prev=jnp.asarray(alpha_prev), init_noise_sigma=jnp.asarray(1.0, jnp.float32))
 
     def scale_model_input(self, state: DDIMState, sample: jax.Array, i) -> jax.Array:
+        """Returns `sample` unchanged: DDIM does not scale the model input (same signature as Euler's)."""
         del state, i
         return sample
 
@@ -342,8 +345,10 @@ class DDIMScheduler(_Scheduler):
         return alpha_prod_t_prev ** 0.5 * pred_original + pred_sample_direction
 
 
-SCHEDULERS = {"euler": EulerDiscreteScheduler, "EulerDiscreteScheduler": EulerDiscreteScheduler,
-              "ddim": DDIMScheduler, "DDIMScheduler": DDIMScheduler}
+# By the short name the CLIs offer (`--scheduler`) and by the diffusers class name a scheduler config's
+# `_class_name` gives; a new scheduler is one more class here.
+SCHEDULER_NAMES = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
+SCHEDULERS = {**SCHEDULER_NAMES, **{cls.__name__: cls for cls in SCHEDULER_NAMES.values()}}
 Scheduler = EulerDiscreteScheduler | DDIMScheduler
 
 

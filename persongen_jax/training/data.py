@@ -48,9 +48,11 @@ class SyntheticIterator:
         self._cache: dict = {}
 
     def get_state(self) -> dict:
+        """The iterator position: {"step", "seed"} (JSON)."""
         return {"step": self.step, "seed": self.seed}
 
     def set_state(self, state: dict) -> None:
+        """Resumes at the position `get_state` returned."""
         self.step = int(state["step"])
 
     def __iter__(self):
@@ -142,6 +144,7 @@ class BadRecordHook:
             self.num_records = data_pipeline.num_records(data_dir)
 
     def report(self, why: str) -> str | None:
+        """Logs the bad-record report (every bad input by name and reason) with `why`; returns its text."""
         if not self.data_dir:
             return None
         text = str(self._pipe.bad_records_report(self.data_dir))
@@ -149,6 +152,7 @@ class BadRecordHook:
         return text
 
     def after_step(self, step: int) -> None:
+        """Reports the bad records when `step` completes an epoch."""
         if self.num_records:
             ep = self._pipe.epochs_completed
             if ep(step, self.gb, self.num_records) > ep(step - 1, self.gb, self.num_records):
@@ -173,6 +177,9 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
     from persongen_jax.data import pipeline as data_pipeline  # the grain pipeline (persongen_jax/data)
 
     data_dir = d.dir
+    if data_dir and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"config.data.dir={data_dir!r}: no such folder; build a dataset with `python -m "
+                                "persongen_jax.data.format SRC CAPTIONS.jsonl DST` (or leave it empty for the demo)")
     if not data_dir:
         data_dir = str(Path(workdir) / "demo_data")
         if not (Path(data_dir) / "index.json").exists():
@@ -197,6 +204,7 @@ def iterator_state(it) -> dict:
 
 
 def restore_iterator(it, saved: dict) -> None:
+    """Puts the iterator back at a position saved by `iterator_state`."""
     it.set_state(saved["bytes"].encode() if "bytes" in saved else saved["state"])
 
 

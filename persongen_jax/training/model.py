@@ -2,9 +2,9 @@
 
     model, tokenizers, scheduler = build_model(config, workdir)
 
-`config.model == "tiny"` (or "micro", an even smaller UNet for tests): random weights in the shapes of
-that model size (`persongen_jax.models.presets`: tiny SDXL parts, the tiny PhotoMaker ID encoder, a tiny
-CLIP tokenizer written into `workdir/tokenizers`); `config.init.*` folders are ignored.
+`config.model` a model size of `persongen_jax.models.presets` ("tiny", "micro" -- an even smaller UNet for
+tests --, "sdxl_base"): random weights in that size's shapes (the tiny CLIP tokenizer written into
+`workdir/tokenizers`); `config.init.*` folders are ignored.
 Otherwise: `config.init.sdxl` (a converted SDXL folder: unet, vae, text_encoder(_2), tokenizer(_2)),
 `config.init.photomaker` (id_encoder/ [+ lora/]; without it a random ID encoder of the PhotoMaker v1
 shape, as the research's "from CLIP" runs start from CLIP ViT-L/14 -- give its folder as
@@ -22,6 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
+from persongen_jax import conditions as conditions_lib
 from persongen_jax.models import lora as lora_lib
 from persongen_jax.models import modeling, presets
 from persongen_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
@@ -32,8 +33,6 @@ from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, EulerDiscreteScheduler, read_scheduler_config
 
 ID_INJECTIONS = ("text", "cross_attn", "both")
-# config.model values built with random weights from a `presets` model size (tests, the demo).
-RANDOM_SIZES = ("tiny", "micro")
 
 
 class PersonGenModel(nnx.Module):
@@ -69,7 +68,7 @@ def build_model(config, workdir: str | Path):
         raise ValueError(f"config.id_injection={config.id_injection!r}; expected one of {list(ID_INJECTIONS)}")
     kw = dict(dtype=dtype, attention_impl=config.attention_impl)
     photomaker_lora = None
-    if config.model in RANDOM_SIZES:
+    if config.model in presets.SIZES:  # random weights in a model size's shapes (demo, tests, scale.py)
         if any(config.init.get(k) for k in ("sdxl", "photomaker", "ip_adapter", "id_encoder")):
             logging.info("config.model=%r: ignoring config.init (random weights)", config.model)
         s = config.seed
@@ -106,12 +105,14 @@ def build_model(config, workdir: str | Path):
                                           config.seed + 4, **kw)
         ip_adapter = config.init.ip_adapter or None
     else:
-        raise ValueError(f"config.model={config.model!r}; expected 'sdxl' or one of {list(RANDOM_SIZES)}")
+        raise ValueError(f"config.model={config.model!r}; expected 'sdxl' (weights from config.init) or a model size "
+                         f"with random weights, one of {sorted(presets.SIZES)}")
 
     scheduler = EulerDiscreteScheduler.from_config(scheduler_config(config))
 
     # Adapters first: `copy_lora` copies LoRA of to_k/to_v into them, so LoRA must exist first then.
     ad = config.adapters
+    specs = conditions_lib.from_config(config)
     names = tuple(ad.names)
     copy_lora = bool(ad.copy_lora)
 
@@ -128,18 +129,24 @@ def build_model(config, workdir: str | Path):
         lora_lib.load_adapters(unet, ip_adapter)
     elif names:
         image_projection = None
+        unknown = [n for n in names if n not in specs]
+        if unknown:
+            raise ValueError(f"config.adapters.names {unknown}: no such condition in config.conditions "
+                             f"({sorted(specs)})")
         if config.id_injection in ("cross_attn", "both"):
-            if "id" not in names:
-                raise ValueError(f"config.id_injection={config.id_injection!r} needs 'id' in config.adapters.names "
+            identity = conditions_lib.image_condition(specs)
+            if identity is None or identity.name not in names:
+                raise ValueError(f"config.id_injection={config.id_injection!r} needs the image condition "
+                                 f"({identity.name if identity else 'none declared'}) in config.adapters.names "
                                  f"(got {list(names)})")
-            image_projection = {"condition": "id", "image_embed_dim": id_enc.config.embed_dim,
+            image_projection = {"condition": identity.name, "image_embed_dim": id_enc.config.embed_dim,
                                 "num_tokens": ad.num_tokens}
         scales = dict(zip(names, ad.scales)) if ad.scales else 1.0
         lora_lib.add_adapters(unet, names, mode=ad.mode, scales=scales, copy_lora=copy_lora,
                               image_projection=image_projection, rngs=rngs)
     elif config.id_injection != "text":
         raise ValueError(f"config.id_injection={config.id_injection!r} needs adapters (config.adapters.names "
-                         "with 'id')")
+                         "with the image condition)")
     if not copy_lora:
         add_lora()
     return PersonGenModel(unet, vae, te1, te2, id_enc), tokenizers, scheduler
