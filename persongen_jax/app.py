@@ -11,9 +11,9 @@ then open http://127.0.0.1:7860 (--host / --port). Needs the `[app]` extra (`pip
 The page takes 1-4 reference photos of one person, the prompt (the class word followed by the trigger word:
 "a photo of a man img ..."), one text field per text condition the model has an adapter for (P_bg,
 P_body, ...: `PersonGenPipeline.text_conditions`), a negative prompt and the sampling settings; it shows
-the images with their seeds and, when scoring models are given, each image's Face-Sim against the
-references and CLIP-T against the prompt (the project's scorers, as `evaluate`), and offers a zip of the
-images + settings.json as the generate CLI writes them. The same endpoint is the API (`/generate`, see
+the images with their seeds and, when scoring models are given, each image's scores by the metrics of
+`--metrics` (`evaluation/metrics.py`, as `evaluate`; by default CLIP-T against the prompt and Face-Sim
+against the references), and offers a zip of the images + settings.json as the generate CLI writes them. The same endpoint is the API (`/generate`, see
 "Use via API" at the bottom of the page, or `gradio_client`).
 
 One device, one request at a time: requests wait in Gradio's queue. The model loads and the sampling
@@ -51,12 +51,6 @@ log = logging.getLogger("persongen_jax.app")
 
 MAX_REFS = 4      # reference photos per request; the ID encoder is compiled for each count at start-up
 MAX_IMAGES = 8    # images per request
-MAX_SEED = 2**31 - 1
-# Labels of the research's text conditions; any other condition gets a generic field.
-CONDITION_FIELDS = {
-    "bg": ("P_bg (background)", "where the person is, e.g. 'in the mountains at sunset'"),
-    "body": ("P_body (body)", "clothes and pose, e.g. 'wearing a black cloak and a red hat'"),
-}
 
 
 class InputError(ValueError):
@@ -85,9 +79,11 @@ class Request:
 
 @dataclass
 class Result:
+    """What a request produced: the images, their seeds and scores, the download's settings, timings."""
+
     images: np.ndarray       # uint8 [N, H, W, 3]
     seeds: list[int]
-    scores: list[dict] | None  # per image: face_sim (None: no face), face_found, clip_t; None without scorers
+    scores: list[dict] | None  # per image: {metric name: value, its found_key: bool}; None without metrics
     settings: dict           # settings.json of the download (the generate CLI's keys)
     seconds: float
     compiles: int            # XLA programs built during the request (0 for every shape compiled at start-up)
@@ -127,57 +123,36 @@ class CompileWatch:
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-# All use of the scoring models is here (load, reference embeddings, per-image scores).
 
 
-def load_scorers(args):
-    """protocol.Scorers from --clip / --face-models / --arcface (all three, or none: no scores)."""
-    given = {k: getattr(args, k) for k in ("clip", "face_models", "arcface")}
-    if not any(given.values()):
+def load_metrics(args):
+    """The metrics of --metrics (evaluation/metrics.py, as evaluate) built from --clip / --face-models /
+    --arcface; None when no scoring option is given (the page then shows no scores)."""
+    from persongen_jax.evaluation import metrics as metrics_lib
+
+    if not (args.metrics or args.clip or args.face_models or args.arcface):
         return None
-    missing = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is None]
-    if missing:
-        raise InputError(f"scoring needs --clip, --face-models and --arcface together (missing {', '.join(missing)})")
-    from persongen_jax.evaluation.protocol import Scorers
-
-    return Scorers.from_pretrained(clip=args.clip, detector=args.face_models, arcface=args.arcface,
-                                   det_thresh=args.det_thresh, det_size=(args.det_size, args.det_size),
-                                   face_select=args.face_select, batch_size=MAX_IMAGES)
-
-
-def reference_embeddings(scorers, images, names) -> np.ndarray:
-    """[R, D] ArcFace embeddings of the reference photos (embedded once per request); NoFaceError naming
-    each photo without a face."""
-    return scorers.face.reference_embeddings(images, names)
-
-
-def score_images(scorers, images, clip_text: str, references: np.ndarray) -> list[dict]:
-    """Per image: face_sim (mean cosine to the references; None: no face found), face_found, clip_t."""
-    from persongen_jax.evaluation.protocol import score_rows
-
-    rows = [{"prompt": clip_text} for _ in images]
-    score_rows(rows, list(images), scorers, [references] * len(images))
-    return [{"face_sim": r["face_sim"] if r["face_found"] else None, "face_found": r["face_found"],
-             "clip_t": r["clip_t"]} for r in rows]
-
-
-def warm_up_scorers(scorers, images, text: str) -> None:
-    """Compiles CLIP-T's and ArcFace's batch programs (the detector is onnxruntime: nothing to compile)."""
-    scorers.clip(list(images), [text] * len(images))
-    scorers.face.embed_crops(np.zeros((1, scorers.face.crop_size, scorers.face.crop_size, 3), np.uint8))
+    names = [n.strip() for n in (args.metrics or ",".join(metrics_lib.DEFAULT_METRICS)).split(",") if n.strip()]
+    if not names:
+        raise InputError("--metrics names no metric")
+    # no_face "skip": an image without a face has no Face-Sim value (the page says "no face"), not a 0.
+    options = {"clip": args.clip, "face_detector": args.face_models, "arcface": args.arcface, "no_face": "skip",
+               "det_thresh": args.det_thresh, "det_size": args.det_size, "face_select": args.face_select,
+               "batch_size": MAX_IMAGES}
+    return metrics_lib.build(names, options)
 
 
 # ---------------------------------------------------------------------------------------------- generation
 
 
 class Generator:
-    """The model (+ scorers) behind the page: `generate(refs, request)`; no Gradio in here."""
+    """The model (+ metrics) behind the page: `generate(refs, request)`; no Gradio in here."""
 
-    def __init__(self, pipe, scorers=None, *, source: dict, defaults: Request, workdir: Path):
+    def __init__(self, pipe, metrics=None, *, source: dict, defaults: Request, workdir: Path):
         if pipe.id_encoder is None:
             raise InputError("the app generates a person from reference photos: the model needs an ID encoder "
                              "(--photomaker DIR, converted by `weights_conversion photomaker`)")
-        self.pipe, self.scorers = pipe, scorers
+        self.pipe, self.metrics = pipe, metrics
         self.source = source
         self.defaults = defaults
         self.workdir = Path(workdir)
@@ -190,20 +165,26 @@ class Generator:
 
     def check(self, req: Request) -> None:
         """InputError for a request the model cannot run (checked before any work)."""
+        from persongen_jax.pipeline.pipeline import check_settings
+        from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+
         if not 1 <= req.num_images <= MAX_IMAGES:
             raise InputError(f"number of images {req.num_images}: expected 1-{MAX_IMAGES}")
-        if req.num_steps < 1:
-            raise InputError(f"steps {req.num_steps}: expected at least 1")
-        if not 0 <= req.seed <= MAX_SEED:
-            raise InputError(f"seed {req.seed}: expected 0-{MAX_SEED}")
+        check_settings(seeds=self.seeds(req), num_steps=req.num_steps, guidance_scale=req.guidance_scale,
+                       start_merge_step=req.start_merge_step)
         for name, value in (("height", req.height), ("width", req.width)):
             if value < self.size_step or value % self.size_step:
                 raise InputError(f"{name} {value}: expected a multiple of {self.size_step} (the model's latent grid)")
         unknown = sorted(set(req.conditions) - set(self.text_conditions))
         if unknown:
             raise InputError(f"conditions {unknown}: the model has text conditions {self.text_conditions}")
-        if req.scheduler not in ("euler", "ddim"):
-            raise InputError(f"scheduler {req.scheduler!r}: expected euler or ddim")
+        if req.scheduler not in SCHEDULER_NAMES:
+            raise InputError(f"scheduler {req.scheduler!r}: expected one of {sorted(SCHEDULER_NAMES)}")
+
+    @staticmethod
+    def seeds(req: Request) -> list[int]:
+        """Image k of a request uses seed + k."""
+        return [req.seed + i for i in range(req.num_images)]
 
     def clip_text(self, req: Request) -> str:
         """What CLIP-T scores: the prompt without the trigger word, then the condition texts, joined by '. '
@@ -218,6 +199,7 @@ class Generator:
         """refs: [(name, PIL image)] as uploaded; progress(steps_done) after each denoising step."""
         from PIL import Image
 
+        from persongen_jax.evaluation import protocol
         from persongen_jax.pipeline.image_processing import convert_to_rgb
 
         if not refs:
@@ -232,23 +214,26 @@ class Generator:
         if req.start_merge_step >= req.num_steps:
             notes.append(f"start_merge_step {req.start_merge_step} >= steps {req.num_steps}: the identity tokens "
                          "are never used (only the plain class word is)")
-        seeds = [req.seed + i for i in range(req.num_images)]
+        seeds = self.seeds(req)
         # Every text condition is always fed (an empty one with scale 0: exactly no contribution), so
         # filling a field or not keeps the same compiled program.
         texts = {n: req.conditions.get(n, "").strip() for n in self.text_conditions}
         with CompileWatch() as watch:
             references = None
-            if self.scorers is not None:  # before generating: a reference without a face is reported now
+            if self.metrics is not None:  # before generating: a reference without a face is reported now
                 scored = [Image.fromarray(convert_to_rgb(im)) for _, im in refs]  # as evaluate: alpha on white
-                references = reference_embeddings(self.scorers, scored, names)
+                references = protocol.prepare_references(self.metrics, scored, names)
             images = self.pipe(req.prompt, images_in, seeds=seeds, num_steps=req.num_steps,
                                guidance_scale=req.guidance_scale, start_merge_step=req.start_merge_step,
                                height=req.height, width=req.width, negative_prompt=req.negative_prompt or None,
                                conditions=texts, adapter_scales={n: 0.0 for n, t in texts.items() if not t},
                                scheduler=req.scheduler, progress=progress or (lambda n: None))
             scores = None
-            if self.scorers is not None:
-                scores = score_images(self.scorers, images, self.clip_text(req), references)
+            if self.metrics is not None:
+                scores = [{"prompt": self.clip_text(req)} for _ in images]
+                protocol.score_rows(scores, list(images), self.metrics, [references] * len(images))
+                for row in scores:
+                    del row["prompt"]
         seconds = time.perf_counter() - t0
         self._requests += 1
         settings = self.settings(req, names, seeds, images, seconds, scores)
@@ -292,7 +277,7 @@ class Generator:
 
     def warm_up(self) -> float:
         """Compiles what a default request runs: the ID encoder for 1..MAX_REFS photos, the sampling loop +
-        VAE decode for the default image count / size / steps / scheduler, CLIP-T and ArcFace. -> seconds."""
+        VAE decode for the default image count / size / steps / scheduler, the metrics. -> seconds."""
         from PIL import Image
 
         t0 = time.perf_counter()
@@ -305,15 +290,15 @@ class Generator:
             self.pipe.encode(prompt, [face] * n, conditions=texts, adapter_scales=scales,
                              height=d.height, width=d.width)
         t1 = time.perf_counter()
-        images = self.pipe(prompt, [face], seeds=list(range(d.num_images)), num_steps=d.num_steps,
-                           guidance_scale=d.guidance_scale, start_merge_step=d.start_merge_step,
-                           height=d.height, width=d.width, conditions=texts, adapter_scales=scales,
-                           scheduler=d.scheduler, progress=lambda n: None)
+        self.pipe(prompt, [face], seeds=list(range(d.num_images)), num_steps=d.num_steps,
+                  guidance_scale=d.guidance_scale, start_merge_step=d.start_merge_step,
+                  height=d.height, width=d.width, conditions=texts, adapter_scales=scales,
+                  scheduler=d.scheduler, progress=lambda n: None)
         t2 = time.perf_counter()
-        if self.scorers is not None:
-            warm_up_scorers(self.scorers, images, prompt)
+        for metric in self.metrics or ():
+            metric.warm_up()
         t3 = time.perf_counter()
-        log.info("warm-up: text + ID encoders for 1-%d photos %.1f s, sampling + decode %.1f s, scorers %.1f s",
+        log.info("warm-up: text + ID encoders for 1-%d photos %.1f s, sampling + decode %.1f s, metrics %.1f s",
                  MAX_REFS, t1 - t0, t2 - t1, t3 - t2)
         return t3 - t0
 
@@ -321,15 +306,25 @@ class Generator:
 # ---------------------------------------------------------------------------------------------- the page
 
 
-def _caption(seed: int, score: dict | None) -> str:
-    if score is None:
-        return f"seed {seed}"
-    face = "no face" if not score["face_found"] else f"Face-Sim {score['face_sim']:.3f}"
-    return f"seed {seed} · {face} · CLIP-T {score['clip_t']:.2f}"
+def _value(metric, score: dict, digits: int) -> str | None:
+    """One metric's value of an image as the page shows it; None where it found nothing to score (no face)."""
+    if metric.found_key and not score[metric.found_key]:
+        return None
+    value = score[metric.name]
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _score_table(seeds, scores) -> list[list]:
-    return [[k + 1, seed, "no face" if not sc["face_found"] else f"{sc['face_sim']:.4f}", f"{sc['clip_t']:.2f}"]
+def _caption(seed: int, score: dict | None, metrics) -> str:
+    """"seed 3 · CLIP-T 24.1 · Face-Sim 0.412" (or "no face" in place of the Face-Sim)."""
+    parts = [f"seed {seed}"]
+    for m in metrics if score is not None else ():
+        value = _value(m, score, m.card_digits)
+        parts.append(m.missing_label if value is None else f"{m.title} {value}")
+    return " · ".join(parts)
+
+
+def _score_table(seeds, scores, metrics) -> list[list]:
+    return [[k + 1, seed, *[_value(m, sc, m.digits) or m.missing_label for m in metrics]]
             for k, (seed, sc) in enumerate(zip(seeds, scores))]
 
 
@@ -350,8 +345,8 @@ def _about(gen: Generator) -> str:
     src = ", ".join(f"{k} `{gen.source[k]}`" for k in ("tiny", "model", "checkpoint", "step", "photomaker", "lora",
                                                         "adapters") if gen.source.get(k) not in (None, ""))
     conds = ", ".join(gen.text_conditions) or "none (no text adapters)"
-    scoring = ("Face-Sim against the reference photos and CLIP-T against the prompt (evaluate's scorers)"
-               if gen.scorers is not None else
+    scoring = (", ".join(m.title for m in gen.metrics) + " per image (evaluate's metrics; the text scored is the "
+               "prompt without the trigger word, then the condition texts)" if gen.metrics else
                "off: start the app with `--clip DIR --face-models DIR --arcface DIR` to score each image")
     return (f"# persongen_jax\n"
             f"Model: {src}. Text conditions: {conds}. Scores: {scoring}.\n\n"
@@ -365,8 +360,11 @@ def build_ui(gen: Generator):
     import gradio as gr
     from PIL import Image
 
+    from persongen_jax import conditions as conditions_lib
     from persongen_jax.evaluation.face_sim import NoFaceError
+    from persongen_jax.pipeline import MAX_SEED
     from persongen_jax.pipeline.pipeline import PipelineError
+    from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 
     d = gen.defaults
     trig = gen.trigger_word
@@ -382,10 +380,9 @@ def build_ui(gen: Generator):
                                          f"'a photo of a man {trig} wearing a red hat' (one '{trig}', right after "
                                          "man / woman / person / ...)")
                 cond_boxes = []
-                for name in gen.text_conditions:
-                    label, info = CONDITION_FIELDS.get(name, (f"Condition '{name}'", f"text of the '{name}' adapter"))
-                    cond_boxes.append(gr.Textbox(label=label, info=f"{info}; empty: not used", value="",
-                                                 elem_id=f"cond_{name}"))
+                for name in gen.text_conditions:  # the loaded model's: P_bg / P_body for the research model
+                    cond_boxes.append(gr.Textbox(label=conditions_lib.label(name), value="", elem_id=f"cond_{name}",
+                                                 info=f"{conditions_lib.describe(name)}; empty: not used"))
                 negative = gr.Textbox(label="Negative prompt", value="", elem_id="negative")
                 with gr.Row():
                     num_images = gr.Slider(1, MAX_IMAGES, value=d.num_images, step=1, label="Images",
@@ -400,7 +397,8 @@ def build_ui(gen: Generator):
                     merge = gr.Slider(0, 100, value=d.start_merge_step, step=1, label="start_merge_step",
                                       info="the identity tokens are used after this step (PhotoMaker v1)",
                                       elem_id="start_merge_step")
-                    scheduler = gr.Radio(["euler", "ddim"], value=d.scheduler, label="Scheduler", elem_id="scheduler")
+                    scheduler = gr.Radio(sorted(SCHEDULER_NAMES), value=d.scheduler, label="Scheduler",
+                                         elem_id="scheduler")
                     hi = max(2048, d.height, d.width)
                     height = gr.Slider(gen.size_step, hi, value=d.height, step=gen.size_step, label="Height",
                                        elem_id="height")
@@ -410,8 +408,8 @@ def build_ui(gen: Generator):
             with gr.Column():
                 gallery = gr.Gallery(label="Generated", columns=2, format="png", elem_id="gallery", interactive=False)
                 status = gr.Markdown(label="Status", elem_id="status")
-                scores = gr.Dataframe(headers=["image", "seed", "Face-Sim", "CLIP-T"], label="Scores",
-                                      interactive=False, visible=gen.scorers is not None, elem_id="scores")
+                scores = gr.Dataframe(headers=["image", "seed", *[m.title for m in gen.metrics or ()]],
+                                      label="Scores", interactive=False, visible=bool(gen.metrics), elem_id="scores")
                 download = gr.File(label="Download: images + settings.json (zip)", interactive=False,
                                    elem_id="download")
 
@@ -429,7 +427,7 @@ def build_ui(gen: Generator):
                 except Exception as e:  # PIL raises several types for a non-image
                     raise gr.Error(f"reference photo {name!r} is not a readable image ({type(e).__name__})",
                                    duration=None, print_exception=False) from None
-            seed_used = random.randint(0, MAX_SEED) if random_v else int(seed_v or 0)
+            seed_used = random.randint(0, MAX_SEED - MAX_IMAGES) if random_v else int(seed_v or 0)
             req = Request(prompt=prompt_v or "", conditions={n: t or "" for n, t in zip(gen.text_conditions, cond_v)},
                           negative_prompt=negative_v or "", num_images=int(n_v), seed=seed_used,
                           num_steps=int(steps_v), guidance_scale=float(guidance_v), start_merge_step=int(merge_v),
@@ -450,9 +448,9 @@ def build_ui(gen: Generator):
             log.info("%d image(s) %dx%d, %d steps: %.2f s, %d compile(s)", len(result.seeds), req.width,
                      req.height, req.num_steps, result.seconds, result.compiles)
             zip_path = gen.write_zip(result, loaded)
-            items = [(img, _caption(s, sc)) for s, img, sc in
+            items = [(img, _caption(s, sc, gen.metrics)) for s, img, sc in
                      zip(result.seeds, result.images, result.scores or [None] * len(result.seeds))]
-            table = _score_table(result.seeds, result.scores) if result.scores else None
+            table = _score_table(result.seeds, result.scores, gen.metrics) if result.scores else None
             return items, _status(result, req), table, str(zip_path), seed_used
 
         inputs = [refs, prompt, negative, num_images, seed, randomize, steps, guidance, merge, scheduler, height,
@@ -476,6 +474,9 @@ def build_ui(gen: Generator):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m persongen_jax.app`."""
+    from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+
     p = argparse.ArgumentParser(prog="python -m persongen_jax.app", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -493,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the stored params' dtype)")
     p.add_argument("--attention", choices=["xla", "cudnn"], default="xla")
-    s = p.add_argument_group("scoring (optional: all three, as evaluate)")
+    s = p.add_argument_group("scoring (optional, as evaluate: the model folders the metrics need)")
+    s.add_argument("--metrics", help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default "
+                                     "when a scoring folder is given: clip_t,face_sim)")
     s.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
     s.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
                                                     "(antelopev2 / buffalo_l) or one .onnx file")
@@ -506,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=50)
     d.add_argument("--guidance-scale", type=float, default=5.0)
     d.add_argument("--start-merge-step", type=int, default=10)
-    d.add_argument("--scheduler", choices=["euler", "ddim"], default="euler")
+    d.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler")
     d.add_argument("--height", type=int, help="default: the model's (sample_size x VAE factor)")
     d.add_argument("--width", type=int, help="default: the model's")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
@@ -554,6 +557,8 @@ def load_pipeline(args, workdir: Path):
 
 
 def main(argv=None) -> int:
+    """Loads the model (+ metrics), compiles the default request, serves the page until stopped -> exit code
+    (1 with an `error:` line for a bad argument or model folder)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
@@ -570,14 +575,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     workdir = tempfile.TemporaryDirectory(prefix="persongen_app_")
     try:
-        scorers = load_scorers(args)  # before the big model: a bad scoring path fails fast
+        metrics = load_metrics(args)  # before the big model: a bad scoring path fails fast
         print(f"loading {args.model or args.checkpoint or 'tiny random models'} ...", file=sys.stderr, flush=True)
         pipe, source = load_pipeline(args, Path(workdir.name))
         size = pipe.default_size
         defaults = Request(prompt="", num_images=args.num_images, num_steps=args.steps,
                            guidance_scale=args.guidance_scale, start_merge_step=args.start_merge_step,
                            scheduler=args.scheduler, height=args.height or size, width=args.width or size)
-        gen = Generator(pipe, scorers, source=source, defaults=defaults, workdir=Path(workdir.name) / "out")
+        gen = Generator(pipe, metrics, source=source, defaults=defaults, workdir=Path(workdir.name) / "out")
         gen.check(defaults)  # the defaults are a valid request
         t_load = time.perf_counter() - t0
         print(f"loaded in {t_load:.1f} s; compiling the default request ({defaults.num_images} image(s) "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -128,13 +129,15 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
                    and "image(s)" in d.find_element(By.CSS_SELECTOR, "#status").text)
         captions = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#gallery .caption-label")]
         assert len(captions) == NUM_IMAGES, captions
-        for k, caption in enumerate(captions):  # seed, then Face-Sim (a number or "no face"), then CLIP-T
-            assert caption.startswith(f"seed {k} · ") and " · CLIP-T " in caption, caption
-            assert "Face-Sim " in caption or "no face" in caption, caption
         table = driver.find_element(By.CSS_SELECTOR, "#scores").text
         assert "Face-Sim" in table and "CLIP-T" in table
-        for caption in captions:  # the table holds the same CLIP-T values as the captions
-            assert caption.rsplit("CLIP-T ", 1)[1] in table
+        for k, caption in enumerate(captions):  # seed, CLIP-T, then Face-Sim (a number or "no face")
+            seed, clip_t, face = caption.split(" · ")
+            assert seed == f"seed {k}" and clip_t.startswith("CLIP-T "), caption
+            assert face == "no face" or face.startswith("Face-Sim "), caption
+            # the table holds the same CLIP-T (2 decimals; the caption 1: both rounded, at most 0.055 apart)
+            values = [float(x) for x in re.findall(r"-?\d+\.\d\d\b", table)]
+            assert any(abs(v - float(clip_t.split()[1])) <= 0.055 for v in values), (caption, table)
         status = driver.find_element(By.CSS_SELECTOR, "#status").text
         assert f"{NUM_IMAGES} image(s) of {WIDTH}x{HEIGHT}" in status and "no compilation" in status, status
         assert ".zip" in driver.find_element(By.CSS_SELECTOR, "#download").text
@@ -178,7 +181,7 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
             assert im.size == (WIDTH, HEIGHT) and im.mode == "RGB"
         assert item["caption"].startswith(f"seed {5 + k} · ")
     assert "no compilation" in status, status  # the request shape compiled at start-up: nothing new
-    assert scores["headers"] == ["image", "seed", "Face-Sim", "CLIP-T"] and len(scores["data"]) == NUM_IMAGES
+    assert scores["headers"] == ["image", "seed", "CLIP-T", "Face-Sim"] and len(scores["data"]) == NUM_IMAGES
 
     # The download: what the generate CLI writes (seed_<s>.png + settings.json), plus the references.
     with zipfile.ZipFile(zip_path) as zf:
@@ -194,7 +197,9 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
     assert settings["refs"] == ["ref_0.png"] and settings["ref_names"] == ["face.png"]
     assert settings["clip_t_text"] == "a portrait of a woman smiling. in the city"  # no trigger word
     assert [s["seed"] for s in settings["scores"]] == [5, 6]
-    assert [f"{s['clip_t']:.2f}" for s in settings["scores"]] == [row[3] for row in scores["data"]]
+    assert [f"{s['clip_t']:.2f}" for s in settings["scores"]] == [row[2] for row in scores["data"]]
+    for s, row in zip(settings["scores"], scores["data"]):  # no face: null in the JSON, "no face" in the page
+        assert (s["face_sim"] is None) == (not s["face_found"]) == (row[3] == "no face"), (s, row)
 
     # Bad requests: the message, no traceback.
     cases = [(dict(reference_photos=[handle_file(str(app["root"] / "black.png"))], prompt="a photo of a man img"),
@@ -215,8 +220,8 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--tiny", "--photomaker", "pm"], "--tiny brings its own model"),
-    (["--tiny", "--clip", "clip"],
-     "scoring needs --clip, --face-models and --arcface together (missing --face-models, --arcface)"),
+    (["--tiny", "--clip", "clip"], "scoring options missing: face_sim needs face_detector"),
+    (["--tiny", "--metrics", "fid"], "unknown metric 'fid'"),
     (["--tiny", "--step", "3"], "--step goes with --checkpoint"),
     (["--model", "no/such/folder"], "no/such/folder: no such model folder"),
 ])
