@@ -13,8 +13,9 @@ The page takes 1-4 reference photos of one person, the prompt (the class word fo
 P_body, ...: `PersonGenPipeline.text_conditions`), a negative prompt and the sampling settings; it shows
 the images with their seeds and, when scoring models are given, each image's scores by the metrics of
 `--metrics` (`evaluation/metrics.py`, as `evaluate`; by default CLIP-T against the prompt and Face-Sim
-against the references), and offers a zip of the images + settings.json as the generate CLI writes them. The same endpoint is the API (`/generate`, see
-"Use via API" at the bottom of the page, or `gradio_client`).
+against the references), and offers a zip of the images + settings.json as the generate CLI writes
+them. The same endpoint is the API (`/generate`, see "Use via API" at the bottom of the page, or
+`gradio_client`).
 
 One device, one request at a time: requests wait in Gradio's queue. The model loads and the sampling
 program compiles at start-up for the default request (`--num-images`, `--steps`, `--scheduler`, the
@@ -164,7 +165,7 @@ class Generator:
         self._requests = 0
 
     def check(self, req: Request) -> None:
-        """InputError for a request the model cannot run (checked before any work)."""
+        """InputError (PipelineError for a sampling setting) for a request the model cannot run, before any work."""
         from persongen_jax.pipeline.pipeline import check_settings
         from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 

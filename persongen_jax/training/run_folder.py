@@ -8,7 +8,8 @@ is written, every config version kept, metrics without duplicate steps -- and re
         record_config(config, workdir, start_step, changes)   # config.json + config_history.jsonl
         supersede_metrics(workdir, start_step)   # metrics of steps past the checkpoint set aside
 
-    pipe, step, config = load_trained_pipeline("runs/final_method")   # evaluate / generate --checkpoint
+    pipe, step, config = load_trained_pipeline("runs/final_method")   # evaluate / generate / app --checkpoint
+    pipe = inference_pipeline(model, tokenizers, config)   # a model in memory (validation, app --tiny)
 
 Files: WORKDIR/.lock (the lock; holds the holder's pid, host and start time), WORKDIR/config.json (the
 config of the latest start: what `evaluate --checkpoint` rebuilds the model from), WORKDIR/config_history.jsonl
