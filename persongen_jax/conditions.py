@@ -17,6 +17,7 @@ and every stage loops over the declared conditions instead of naming them:
     sampling    a `gated` condition enters only after `start_merge_step` (PhotoMaker v1's rule for the ID)
     generate    `--cond NAME=TEXT` for text conditions (`--prompt-bg` / `--prompt-body` are aliases)
     evaluation  a validation prompt's split texts are keyed by condition name
+    web app     one text field per text condition of the loaded model (`label`, `describe`)
 
 Adding a text condition is one config entry (plus its name in `config.adapters.names` and its field in
 the dataset's captions JSONL); no code changes.
@@ -83,6 +84,23 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "bg": dict(kind="text", source="caption_bg", drop=0.1),
     "body": dict(kind="text", source="caption_body", drop=0.1),
 }
+
+
+# What the research's text conditions hold, for the help text of a field that takes one (the web app).
+DESCRIPTIONS: dict[str, str] = {
+    "bg": "the background: where the person is, e.g. 'in the mountains at sunset'",
+    "body": "the body: clothes and pose, e.g. 'wearing a black cloak and a red hat'",
+}
+
+
+def label(name: str) -> str:
+    """A text condition as the research writes it: P_<name> (P_bg, P_body)."""
+    return f"P_{name}"
+
+
+def describe(name: str) -> str:
+    """What text condition `name` holds (DESCRIPTIONS; a generic line for a condition added later)."""
+    return DESCRIPTIONS.get(name, f"text of the '{name}' condition (its adapter)")
 
 
 def parse(table: Mapping[str, Mapping[str, Any]]) -> dict[str, Condition]:

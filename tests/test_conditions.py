@@ -87,3 +87,19 @@ def test_new_text_condition_by_config_trains_and_generates(tmp_path):
     assert not np.array_equal(with_cond, without), "--cond expr=... did not reach the UNet"
     # A condition the model has no adapter for is an input error, not a silent no-op.
     assert generate_main(common + ["--cond", "body=in a suit", "--out", str(tmp_path / "bad")]) == 1
+
+    # The web app on the same run (`--checkpoint`: generate's loader): one field per text condition of the
+    # model, P_expr among them, and the generate CLI's image for the same request.
+    from persongen_jax import app
+
+    args = app.build_parser().parse_args(["--checkpoint", str(run)])
+    pipe, source = app.load_pipeline(args, tmp_path / "app")
+    request = app.Request(prompt="a photo of a man img", conditions={"expr": "smiling"}, num_images=1, seed=0,
+                          num_steps=2, start_merge_step=0, height=32, width=32)
+    gen = app.Generator(pipe, source=source, defaults=request, workdir=tmp_path / "app")
+    assert gen.text_conditions == ["bg", "expr"] and source["step"] == 3
+    fields = {b.elem_id: b.label for b in app.build_ui(gen).blocks.values() if (b.elem_id or "").startswith("cond_")}
+    assert fields == {"cond_bg": "P_bg", "cond_expr": "P_expr"}
+    with Image.open(face) as im:
+        result = gen.generate([("face.png", im.copy())], request)
+    np.testing.assert_array_equal(result.images[0], with_cond)

@@ -16,7 +16,8 @@ A metric is a class registered here with
     requires       {option: what it is} that `from_options` needs (scoring model folders)
 
 and the methods `from_options(options)`, `prepare_references(images, names)` (per-identity data, e.g.
-reference embeddings; may raise naming a bad reference) and `__call__(images, prompts, references)`.
+reference embeddings; may raise naming a bad reference), `__call__(images, prompts, references)` and
+`warm_up()` (compiles its programs ahead of the first call; optional).
 The report, the CSV, metrics.json, validation during training and `evaluate --compare` work from the
 names that come back, so a new metric is one class here (and its model in its own module).
 
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 DEFAULT_METRICS = ("clip_t", "face_sim")
 
@@ -69,6 +72,10 @@ class Metric:
     def settings(self) -> dict:
         """What metrics.json records about how this metric scored."""
         return {}
+
+    def warm_up(self) -> None:
+        """Compiles what scoring runs (fixed-size batches: one program each), so that a server's first
+        request is not the slow one (the web app calls it at start-up); nothing by default."""
 
 
 REGISTRY: dict[str, type[Metric]] = {}
@@ -125,6 +132,9 @@ class CLIPT(Metric):
     def __call__(self, images, prompts, references):
         return MetricResult([float(v) for v in self.scorer(images, prompts)])
 
+    def warm_up(self):
+        self.scorer([np.zeros((8, 8, 3), np.uint8)], [""])
+
 
 @register
 class FaceSim(Metric):
@@ -157,6 +167,10 @@ class FaceSim(Metric):
     def __call__(self, images, prompts, references):
         values, found = self.scorer(images, references)
         return MetricResult(list(values), [bool(f) for f in found])
+
+    def warm_up(self):  # ArcFace; the detector is onnxruntime (nothing to compile)
+        s = self.scorer.crop_size
+        self.scorer.embed_crops(np.zeros((1, s, s, 3), np.uint8))
 
     def settings(self):
         det = self.scorer.detector

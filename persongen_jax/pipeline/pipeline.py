@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,20 @@ def _require(folder: Path, what: str) -> Path:
     if not (folder / modeling.CONFIG_FILE).is_file():
         raise PipelineError(f"{folder}: missing {what} (expected a folder written by `python -m weights_conversion`)")
     return folder
+
+
+class _StepCallback:
+    """The part of a tqdm bar the sampling callback uses (update / close), calling fn(steps done)."""
+
+    def __init__(self, fn: Callable[[int], None]):
+        self.fn, self.n = fn, 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.fn(self.n)
+
+    def close(self) -> None:
+        pass
 
 
 class PersonGenPipeline:
@@ -242,10 +256,12 @@ class PersonGenPipeline:
                  num_steps: int = 50, guidance_scale: float = 5.0, start_merge_step: int = 10,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
                  conditions: Mapping[str, str] | None = None, scheduler: str = "euler",
-                 adapter_scales: dict | None = None, progress: bool = False) -> np.ndarray:
+                 adapter_scales: dict | None = None, progress: bool | Callable[[int], None] = False) -> np.ndarray:
         """-> uint8 images [len(seeds), H, W, 3]. Seeds give the initial latents (jax.random.key(seed)).
         conditions: texts of the model's text conditions, e.g. {"bg": "in the mountains"} (P_bg).
-        progress: a tqdm bar over the denoising steps (host callback from inside the compiled loop)."""
+        progress: True: a tqdm bar over the denoising steps; a callable: called as progress(steps_done) after
+        each step (a web page's bar; it may run on a runtime thread, not the caller's). Both come from a host
+        callback inside the compiled loop (one sampler program for either)."""
         f = self.vae.downscale_factor
         check_settings(seeds=list(seeds), num_steps=num_steps, guidance_scale=guidance_scale,
                        start_merge_step=start_merge_step, height=height, width=width, downscale_factor=f)
@@ -255,8 +271,10 @@ class PersonGenPipeline:
                            height=height, width=width, adapter_scales=adapter_scales)
         shape = (height // f, width // f, self.unet.config.in_channels)
         noise = jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
-        sample = self.sampler(num_steps, scheduler, progress)
-        if progress:
+        sample = self.sampler(num_steps, scheduler, bool(progress))
+        if callable(progress):
+            self._bar = _StepCallback(progress)
+        elif progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=num_steps, desc=f"sampling {len(seeds)} image(s)", disable=None)

@@ -8,7 +8,8 @@ is written, every config version kept, metrics without duplicate steps -- and re
         record_config(config, workdir, start_step, changes)   # config.json + config_history.jsonl
         supersede_metrics(workdir, start_step)   # metrics of steps past the checkpoint set aside
 
-    pipe, step, config = load_trained_pipeline("runs/final_method")   # evaluate / generate --checkpoint
+    pipe, step, config = load_trained_pipeline("runs/final_method")   # evaluate / generate / app --checkpoint
+    pipe = inference_pipeline(model, tokenizers, config)   # a model in memory (validation, app --tiny)
 
 Files: WORKDIR/.lock (the lock; holds the holder's pid, host and start time), WORKDIR/config.json (the
 config of the latest start: what `evaluate --checkpoint` rebuilds the model from), WORKDIR/config_history.jsonl
@@ -349,19 +350,25 @@ def load_trained_model(workdir, config=None, step: int | None = None):
     return split.merge(restored["params"], frozen, rest), tokenizers, step
 
 
-def load_trained_pipeline(workdir, config=None, step: int | None = None, *, merge_lora: bool = True):
-    """A PersonGenPipeline from a training run folder's checkpoint -> (pipeline, step, config)."""
+def inference_pipeline(model, tokenizers, config, *, merge_lora: bool = True):
+    """A training model of `config` (`build_model`, or restored) as a PersonGenPipeline with the config's
+    scheduler, trigger word, resolution and conditions. merge_lora: fold LoRA into the base kernels (no
+    LoRA cost per step); False keeps the modules as they are, so later `nnx.update`s are what it samples."""
     from persongen_jax import conditions as conditions_lib
     from persongen_jax.models import lora as lora_lib
     from persongen_jax.pipeline.pipeline import PersonGenPipeline
     from persongen_jax.training.model import scheduler_config
 
-    config = config or read_config(workdir)
-    model, tokenizers, step = load_trained_model(workdir, config, step)
     if merge_lora and config.lora.rank > 0:
         lora_lib.merge_lora(model.unet)
-    pipe = PersonGenPipeline.from_model(model, tokenizers, scheduler_config(config),
+    return PersonGenPipeline.from_model(model, tokenizers, scheduler_config(config),
                                         trigger_word=config.data.trigger_word,
                                         sample_size=config.data.resolution // model.vae.downscale_factor,
                                         conditions=conditions_lib.from_config(config))
-    return pipe, step, config
+
+
+def load_trained_pipeline(workdir, config=None, step: int | None = None, *, merge_lora: bool = True):
+    """A PersonGenPipeline from a training run folder's checkpoint -> (pipeline, step, config)."""
+    config = config or read_config(workdir)
+    model, tokenizers, step = load_trained_model(workdir, config, step)
+    return inference_pipeline(model, tokenizers, config, merge_lora=merge_lora), step, config

@@ -23,11 +23,9 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from persongen_jax import conditions as conditions_lib
 from persongen_jax.evaluation import metrics as metrics_lib
 from persongen_jax.evaluation import protocol
-from persongen_jax.pipeline.pipeline import PersonGenPipeline
-from persongen_jax.training.model import scheduler_config
+from persongen_jax.training.run_folder import inference_pipeline
 
 log = logging.getLogger("persongen_jax.train")
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "id_encoder")
@@ -84,9 +82,7 @@ class Validator:
         """Runs the protocol on `model` (the current parameters), writes WORKDIR/eval/step_<step>/, logs the
         per-set means through `writer` and eval/history.jsonl; returns the metrics."""
         if self.pipe is None:
-            self.pipe = PersonGenPipeline.from_model(model, self.tokenizers, scheduler_config(self.config),
-                                                     trigger_word=self.config.data.trigger_word,
-                                                     conditions=conditions_lib.from_config(self.config))
+            self.pipe = inference_pipeline(model, self.tokenizers, self.config, merge_lora=False)
         else:
             for name in MODULES:
                 nnx.update(getattr(self.pipe, name), nnx.state(getattr(model, name)))
