@@ -93,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_config(path: Path):
-    import json
-    import runpy
-
+    """--config: a run's config.json, or a config file as `train --config` reads it (configs/X.py[:ARG])."""
     import ml_collections
 
     if path.suffix == ".json":
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    return runpy.run_path(str(path))["get_config"]()
+        from persongen_jax.models.modeling import read_json
+
+        return ml_collections.ConfigDict(read_json(path))
+    from persongen_jax.train import load_config
+
+    return load_config(str(path))
 
 
 def _metrics(args, parser):

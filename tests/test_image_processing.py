@@ -113,5 +113,5 @@ def test_clip_image_processor_reads_the_model_folders_config(tmp_path):
     with pytest.raises(ValueError, match=r"preprocessor_config.json: size .*longest_edge"):
         CLIPImageProcessor.from_pretrained(folder, 224)
     (folder / "preprocessor_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="preprocessor_config.json: not a JSON file"):
+    with pytest.raises(ValueError, match="preprocessor_config.json: not valid JSON"):
         CLIPImageProcessor.from_pretrained(folder, 224)

@@ -143,3 +143,19 @@ def test_config_validation(tmp_path):
     assert isinstance(S.DDIMScheduler.from_pretrained(tmp_path / "scheduler"), S.DDIMScheduler)
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         S.scheduler_from_pretrained(tmp_path / "scheduler" / "nope")
+
+
+def test_damaged_config_files_are_one_error_naming_the_file(tmp_path):
+    """Every JSON config reader goes through modeling.read_json: a damaged scheduler config, component
+    config.json or LoRA folder config is a ValueError naming the file, not a JSONDecodeError traceback."""
+    from persongen_jax.models import lora, modeling
+
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / S.SCHEDULER_CONFIG).write_text('{"_class_name": "EulerDiscreteScheduler",')
+    with pytest.raises(ValueError, match=r"scheduler/scheduler_config.json: not valid JSON"):
+        S.read_scheduler_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json: expected a JSON object, got list"):
+        modeling.read_config(tmp_path)
+    with pytest.raises(ValueError, match=r"config.json: expected a JSON object"):
+        lora.read_lora_config(tmp_path)

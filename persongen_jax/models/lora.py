@@ -403,10 +403,7 @@ def _read_config(directory, fmt: str) -> dict:
     path = Path(directory) / modeling.CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a {fmt} folder")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    cfg = modeling.read_json(path)
     if cfg.get("format") != fmt:
         raise ValueError(f"{path}: format {cfg.get('format')!r}, expected {fmt!r}")
     return cfg

@@ -366,17 +366,28 @@ def save_pretrained(model, config: Mapping[str, Any], directory: str | os.PathLi
     save_params(flat_params(model), directory / PARAMS_DIR)
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object file (config.json, scheduler / processor configs, a run's config): the one reader
+    of them all, so a damaged file is always `ValueError("<path>: not valid JSON (...)")`, never a
+    traceback from deep inside a loader. The caller decides what a missing file means."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_config(directory: str | os.PathLike) -> dict:
     """config.json of a converted component folder; FileNotFoundError when it is absent, ValueError when
-    it is not JSON or has no "_persongen_class"."""
+    it is not a JSON object or has no "_persongen_class"."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a folder written by "
                                 "`python -m weights_conversion` or save_pretrained")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path)
     if CLASS_KEY not in cfg:
         raise ValueError(f"{path}: missing {CLASS_KEY!r}; this is not a converted persongen_jax "
                          "folder (convert it with `python -m weights_conversion`)")

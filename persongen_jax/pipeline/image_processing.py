@@ -13,7 +13,6 @@ one size (PhotoMaker's ID encoder input).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -170,10 +169,9 @@ class CLIPImageProcessor:
             path = directory / name
             if not path.is_file():
                 continue
-            try:
-                data = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: not a JSON file ({e})") from None
+            from persongen_jax.models.modeling import read_json
+
+            data = read_json(path)
             if entry is None:
                 return cls.from_dict(data, str(path))
             if isinstance(data, dict) and entry in data:

@@ -368,7 +368,9 @@ def read_scheduler_config(directory: str | os.PathLike | None, *, default: Mappi
         directory = Path(directory)
         for path in (directory / SCHEDULER_CONFIG, directory / "scheduler" / SCHEDULER_CONFIG):
             if path.is_file():
-                return json.loads(path.read_text())
+                from persongen_jax.models.modeling import read_json
+
+                return read_json(path)
     if default is not None:
         return dict(default)
     raise FileNotFoundError(f"{directory}: no {SCHEDULER_CONFIG} (nor scheduler/{SCHEDULER_CONFIG})")

@@ -187,11 +187,12 @@ def read_saved_config(workdir) -> dict | None:
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         return None
+    from persongen_jax.models.modeling import read_json
+
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except ValueError as e:
-        raise RunFolderError(f"{path}: not valid JSON ({e}); restore it from {HISTORY_FILE} or start over with "
-                             "--config.resume=false") from None
+        raise RunFolderError(f"{e}; restore it from {HISTORY_FILE} or start over with --config.resume=false") from None
 
 
 def _structural(key: str, old, new) -> bool:
