@@ -65,7 +65,8 @@ def scoring_metrics(ev) -> list:
     chosen, left_out = [], []
     for name in names:
         given = [bool(options.get(key)) for key in metrics_lib.get(name).requires]
-        (chosen if all(given) else left_out if not any(given) else chosen).append(name)
+        # all of its models given, or only some (then `build` names the missing ones): chosen
+        (chosen if not given or any(given) else left_out).append(name)
     if left_out:
         log.info("validation images without %s scores (set %s to score them)", ", ".join(left_out),
                  ", ".join(f"config.eval.{k}" for n in left_out for k in metrics_lib.get(n).requires))
