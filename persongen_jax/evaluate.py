@@ -16,6 +16,8 @@ Mode B, the validation protocol (sets x identities x prompts x seeds) on a model
 
     python -m persongen_jax.evaluate --checkpoint runs/final_method [--step 4000] --sets ... --out eval/final
 
+(--metrics none: the images and report.html without scores, no scoring models needed.)
+
 Both write OUT/metrics.json (means per set), OUT/scores.csv (one row per image), OUT/report.html
 (reference | generations grid per set with scores, the table of means, the images without a face).
 A validation set folder holds one image per identity, or one sub-folder of images per identity.
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="P_general + P_bg through the bg adapter (auto: when the model has one)")
     s = p.add_argument_group("scoring")
     s.add_argument("--metrics", default="clip_t,face_sim",
-                   help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default: %(default)s)")
+                   help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default: %(default)s); "
+                        "'none': mode B writes the images and the report without scores (no scoring models needed)")
     s.add_argument("--trigger-word", default="img",
                    help="mode B: written after the class word of each prompt; mode A: removed from the manifest "
                         "prompts before CLIP-T ('' keeps them as written). CLIP-T scores the prompt without it")
@@ -115,6 +118,10 @@ def _metrics(args, parser):
     from persongen_jax.evaluation import metrics
 
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    if names == ["none"]:
+        if args.manifest:
+            parser.error("--metrics none: mode A (--manifest) only scores; choose metrics")
+        return []
     options = {"clip": args.clip, "face_detector": args.face_models, "arcface": args.arcface,
                "no_face": args.no_face, "det_thresh": args.det_thresh, "det_size": args.det_size,
                "batch_size": args.batch_size, "face_select": args.face_select}

@@ -98,6 +98,22 @@ def test_generate_from_checkpoint_of_a_demo_run(demo_run, tmp_path):
     assert main(["--checkpoint", str(wd), "--step", "7", "--prompt", "a man", "--out", str(tmp_path / "x")]) == 1
 
 
+def test_evaluate_checkpoint_without_scoring_models(demo_run, tmp_path, capsys):
+    """`evaluate --checkpoint RUN --metrics none`: the protocol's images and report, no scoring models needed."""
+    from persongen_jax.evaluate import main
+
+    wd, _ = demo_run
+    sets = tmp_path / "val"
+    sets.mkdir()
+    ref = wd / "samples" / "2" / "images" / "train" / "person0" / "reference_0.png"
+    (sets / "p0.png").write_bytes(ref.read_bytes())
+    out = tmp_path / "eval"
+    assert main(["--checkpoint", str(wd), "--sets", f"val={sets}", "--num-prompts", "1", "--seeds", "0",
+                 "--steps", "2", "--metrics", "none", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "images" / "val" / "p0" / "castle_s0.png").is_file() and (out / "report.html").is_file()
+    assert json.loads((out / "metrics.json").read_text())["metric_names"] == []
+
+
 def test_export_lora_and_adapter_from_a_run_folder(demo_run, tmp_path):
     """The documented path run -> diffusers: the exported tensors are the checkpoint's trained parameters."""
     from safetensors.numpy import load_file
