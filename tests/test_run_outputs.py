@@ -83,6 +83,21 @@ def test_validation_images_without_scoring_models(demo_run):
     np.testing.assert_array_equal(grid[32:, 64:], generated["person1"][1])
 
 
+def test_training_identities_of_a_dataset(tmp_path):
+    """Validation without sets on a grain dataset: persons spread over the sorted ids, up to data.num_refs
+    reference faces each, cropped around the face box as training crops them."""
+    from persongen_jax.data.make_demo import make_demo
+    from persongen_jax.training.data import sample_identities
+
+    data = make_demo(tmp_path / "data", persons=5, images_per_person=3, resolution=32, progress=False)
+    c = load_config(str(REPO / "configs" / "demo.py"))
+    c.data.dir, c.data.num_refs = str(data), 2
+    faces = sample_identities(c, tmp_path, 3)
+    assert list(faces) == ["p000", "p002", "p004"]
+    assert all(len(f) == 2 and f[0].mode == "RGB" and 0 < f[0].width <= 32 for f in faces.values())
+    assert sample_identities(c, tmp_path, 9).keys() == {f"p{i:03d}" for i in range(5)}  # fewer persons than asked
+
+
 def test_generate_from_checkpoint_of_a_demo_run(demo_run, tmp_path):
     from persongen_jax.generate import main
 

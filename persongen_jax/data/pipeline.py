@@ -355,7 +355,8 @@ def sample_references(data_dir: str | os.PathLike, count: int, num_refs: int) ->
     index = fmt.load_index(data_dir)
     fmt.check_shards(data_dir, index, verify_hashes=False)
     ids = sorted(index["persons"])
-    chosen = [ids[round(i * (len(ids) - 1) / max(1, count - 1))] for i in range(min(count, len(ids)))]
+    n = min(count, len(ids))
+    chosen = [ids[round(i * (len(ids) - 1) / max(1, n - 1))] for i in range(n)]
     source = grain.sources.ArrayRecordDataSource(fmt.shard_paths(data_dir, index))
     out = {}
     for pid in dict.fromkeys(chosen):

@@ -216,8 +216,7 @@ def sample_identities(config, workdir, count: int, size: int = 64) -> dict[str, 
         return {f"person{p}": [face(p, k) for k in range(config.data.num_refs)] for p in range(count)}
     from persongen_jax.data import pipeline as data_pipeline
 
-    return {f"{pid}": faces for pid, faces in data_pipeline.sample_references(
-        dataset_dir(config, workdir), count, config.data.num_refs).items()}
+    return data_pipeline.sample_references(dataset_dir(config, workdir), count, config.data.num_refs)
 
 
 def iterator_state(it) -> dict:
