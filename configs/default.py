@@ -101,12 +101,13 @@ def get_config():
     c.log_every = 10
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
-    c.eval_every = 1000            # validation every N steps when eval.sets is set (0: never)
+    c.eval_every = 1000            # validation images (+ scores) every N steps (0: never)
 
     # Validation during training (`python -m persongen_jax.evaluate` mode B with the current params).
     c.eval = ml_collections.ConfigDict()
-    c.eval.sets = ""               # "in_train=DIR,out_of_train=DIR,out_of_domain=DIR"; empty: no validation
-    c.eval.metrics = ("clip_t", "face_sim")  # by name (persongen_jax/evaluation/metrics.py)
+    c.eval.sets = ""               # "in_train=DIR,out_of_train=DIR,out_of_domain=DIR"; empty: training identities
+    c.eval.num_identities = 4      # without eval.sets: this many training identities (a fixed sample)
+    c.eval.metrics = ("clip_t", "face_sim")  # by name (evaluation/metrics.py); scored when their models are set
     c.eval.clip = ""               # converted CLIP (weights_conversion clip), e.g. clip-vit-large-patch14
     c.eval.face_detector = ""      # insightface model folder with an SCRFD detector (antelopev2 / buffalo_l)
     c.eval.arcface = ""            # converted ArcFace (weights_conversion arcface glintr100.onnx DST)
@@ -115,7 +116,7 @@ def get_config():
     c.eval.seeds = (0, 1, 2, 3, 4)
     c.eval.num_steps = 50
     c.eval.guidance_scale = 5.0
-    c.eval.start_merge_step = 10
+    c.eval.start_merge_step = 0.2  # the ID joins after this step index, or fraction of num_steps (0.2: 10 of 50)
     c.eval.resolution = 0          # 0: data.resolution
     c.eval.split = "auto"          # P_general + P_bg when the model has a bg adapter ("never" | "always")
     c.eval.no_face = "zero"        # no face in a generation: scores 0 ("zero", the research) | "skip"

@@ -1,4 +1,5 @@
-"""The embedded default: tiny random model on the demo dataset, CPU, a few minutes; the loss falls.
+"""The embedded default: tiny random model on the demo dataset, CPU, a few minutes; the loss falls, and
+the last step writes validation images of 4 training identities (WORKDIR/samples/150/, TensorBoard).
 
     python -m persongen_jax.train --config configs/demo.py --workdir /tmp/persongen_demo
 
@@ -29,4 +30,10 @@ def get_config():
     c.log_every = 5
     c.checkpoint_every = 50
     c.keep_checkpoints = 2
+    # Validation images at the end (WORKDIR/samples/150/ and TensorBoard): 4 training identities x 2 prompts
+    # x 2 seeds; no scoring models, so no scores.
+    c.eval_every = 150
+    c.eval.num_prompts = 2
+    c.eval.seeds = (0, 1)
+    c.eval.num_steps = 20
     return c

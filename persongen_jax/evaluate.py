@@ -1,4 +1,4 @@
-"""Batch evaluation: CLIP-T and Face-Sim, reports and comparison plots.
+r"""Batch evaluation: CLIP-T and Face-Sim, reports and comparison plots.
 
 Mode A, score existing images listed in a manifest (JSONL: image, prompt, reference[, set]); CLIP-T
 scores each prompt without the trigger word (--trigger-word, default img), as mode B does:
@@ -15,6 +15,8 @@ Mode B, the validation protocol (sets x identities x prompts x seeds) on a model
 ... or on a training run's checkpoint (the run folder's config.json rebuilds the model):
 
     python -m persongen_jax.evaluate --checkpoint runs/final_method [--step 4000] --sets ... --out eval/final
+
+(--metrics none: the images and report.html without scores, no scoring models needed.)
 
 Both write OUT/metrics.json (means per set), OUT/scores.csv (one row per image), OUT/report.html
 (reference | generations grid per set with scores, the table of means, the images without a face).
@@ -38,40 +40,47 @@ from pathlib import Path
 
 from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 
-from persongen_jax.generate import parse_seeds
+from persongen_jax.generate import MERGE_HELP, parse_seeds, parse_start_merge_step, warn_if_id_unused
+from persongen_jax.pipeline import DEFAULT_START_MERGE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m persongen_jax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from persongen_jax.cli import parser
+
+    p = parser("python -m persongen_jax.evaluate", __doc__)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--manifest", type=Path, help="mode A: JSONL of image / prompt / reference [/ set]")
     mode.add_argument("--model", type=Path, help="mode B: converted SDXL folder (weights_conversion sdxl)")
-    mode.add_argument("--checkpoint", type=Path, help="mode B: a training run folder (checkpoints/ + config.json)")
+    mode.add_argument("--checkpoint", type=Path, metavar="RUN",
+                      help="mode B: a training run folder (checkpoints/ + config.json)")
     mode.add_argument("--compare", type=Path, nargs="+", help="plot Face-Sim / CLIP-T over steps for these runs")
     g = p.add_argument_group("mode B model")
     g.add_argument("--photomaker", type=Path, help="converted PhotoMaker folder (default: look in --model)")
-    g.add_argument("--lora", type=Path, help="an extra LoRA folder")
-    g.add_argument("--adapters", type=Path, help="adapter folder (bg / body / id)")
+    g.add_argument("--lora", type=Path, help="an extra LoRA folder (default: none)")
+    g.add_argument("--adapters", type=Path, help="adapter folder (bg / body / id; default: none)")
     g.add_argument("--step", type=int, help="--checkpoint: which checkpoint (default: the latest)")
     g.add_argument("--config", type=Path, help="--checkpoint: a config .py/.json instead of RUN/config.json")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    g.add_argument("--attention", choices=["xla", "cudnn"], default="xla")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: the stored params' dtype)")
+    g.add_argument("--attention", choices=["xla", "cudnn"], default="xla",
+                   help="attention implementation (cudnn: GPU flash attention)")
     b = p.add_argument_group("mode B protocol")
     b.add_argument("--sets", help="validation sets NAME=FOLDER,NAME=FOLDER (e.g. in_train=val/a,out_of_domain=val/b)")
     b.add_argument("--prompts", type=Path, help="prompts JSON (default: the research's 4 validation prompts)")
     b.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
-    b.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3, 4], help="default 0-4")
-    b.add_argument("--steps", type=int, default=50)
-    b.add_argument("--guidance-scale", type=float, default=5.0)
-    b.add_argument("--start-merge-step", type=int, default=10)
+    b.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3, 4],
+                   help="seeds per identity and prompt, e.g. 0-4 or 1,5,9 (default 0-4)")
+    b.add_argument("--steps", type=int, default=50, help="denoising steps")
+    b.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale")
+    b.add_argument("--start-merge-step", type=parse_start_merge_step, default=DEFAULT_START_MERGE, help=MERGE_HELP)
     b.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
-    b.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler")
+    b.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler", help="sampler")
     b.add_argument("--split", choices=["auto", "never", "always"], default="auto",
                    help="P_general + P_bg through the bg adapter (auto: when the model has one)")
     s = p.add_argument_group("scoring")
     s.add_argument("--metrics", default="clip_t,face_sim",
-                   help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default: %(default)s)")
+                   help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default: %(default)s); "
+                        "'none': mode B writes the images and the report without scores (no scoring models needed)")
     s.add_argument("--trigger-word", default="img",
                    help="mode B: written after the class word of each prompt; mode A: removed from the manifest "
                         "prompts before CLIP-T ('' keeps them as written). CLIP-T scores the prompt without it")
@@ -83,12 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a generation without a detected face: scores 0 (zero, the research) or is left out")
     s.add_argument("--face-select", choices=["largest", "score"], default="largest",
                    help="which detected face is scored: the largest box, or the most confident")
-    s.add_argument("--det-thresh", type=float, default=0.5)
+    s.add_argument("--det-thresh", type=float, default=0.5, help="SCRFD detection score threshold")
     s.add_argument("--det-size", type=int, default=640, help="detector input size (files with a fixed size "
                                                              "use theirs)")
     s.add_argument("--batch-size", type=int, default=32, help="images per CLIP / ArcFace batch")
     p.add_argument("--labels", help="--compare: comma-separated run labels (default: folder names)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder: metrics.json, scores.csv, report.html (--compare: the plots)")
     return p
 
 
@@ -110,6 +120,10 @@ def _metrics(args, parser):
     from persongen_jax.evaluation import metrics
 
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    if names == ["none"]:
+        if args.manifest:
+            parser.error("--metrics none: mode A (--manifest) only scores; choose metrics")
+        return []
     options = {"clip": args.clip, "face_detector": args.face_models, "arcface": args.arcface,
                "no_face": args.no_face, "det_thresh": args.det_thresh, "det_size": args.det_size,
                "batch_size": args.batch_size, "face_select": args.face_select}
@@ -157,6 +171,7 @@ def main(argv=None) -> int:
         else:
             if not args.sets:
                 parser.error("mode B needs --sets NAME=FOLDER[,NAME=FOLDER...]")
+            warn_if_id_unused(args, True)  # every protocol image has reference faces
             sets = protocol.load_sets(protocol.parse_sets(args.sets))
             prompts = protocol.load_prompts(args.prompts)
             if args.num_prompts:

@@ -1,4 +1,4 @@
-"""Generate images of a person from reference face photos and a prompt.
+r"""Generate images of a person from reference face photos and a prompt.
 
     python -m persongen_jax.generate --model weights/sdxl --photomaker weights/photomaker \
         --ref face1.jpg --ref face2.jpg --prompt "a photo of a man img wearing a red hat" \
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from persongen_jax.pipeline import MAX_SEED
+from persongen_jax.pipeline import DEFAULT_START_MERGE, MAX_SEED, id_unused_warning
 from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 
 
@@ -86,9 +86,24 @@ def check_output_folder(out: Path) -> None:
         raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 
+def parse_start_merge_step(text: str) -> int | float:
+    """"10" -> step index 10; "0.2" -> a fraction of the steps (argparse type)."""
+    try:
+        value = int(text) if text.strip().lstrip("-").isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad --start-merge-step {text!r}: expected a step index (e.g. 10) or a "
+                                         "fraction of --steps (e.g. 0.2)") from None
+    return value
+
+
+MERGE_HELP = ("step after which the reference faces' ID embedding is used: a step index (e.g. 10) or a fraction "
+              "of --steps (e.g. 0.2 = step 10 of 50, the PhotoMaker / research setting); default %(default)s")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m persongen_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from persongen_jax.cli import parser
+
+    p = parser("python -m persongen_jax.generate", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="converted SDXL folder (weights_conversion sdxl)")
     src.add_argument("--checkpoint", type=Path, metavar="RUN",
@@ -96,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="with --checkpoint: the checkpoint step (default: the latest)")
     p.add_argument("--photomaker", type=Path, help="converted PhotoMaker folder (id_encoder/ [+ lora/]); "
                                                    "default: look in --model")
-    p.add_argument("--lora", type=Path, help="an extra LoRA folder (weights_conversion lora)")
-    p.add_argument("--adapters", type=Path, help="adapter folder (bg / body / id cross-attentions)")
-    p.add_argument("--ref", type=Path, action="append", default=[], help="reference face image (repeatable)")
+    p.add_argument("--lora", type=Path, help="an extra LoRA folder (weights_conversion lora); default: none")
+    p.add_argument("--adapters", type=Path, help="adapter folder (bg / body / id cross-attentions); default: none")
+    p.add_argument("--ref", type=Path, action="append", default=[],
+                   help="reference face image (repeatable); none: plain SDXL text-to-image")
     p.add_argument("--prompt", required=True, help='must contain the class word followed by the trigger word '
                                                    'when --ref is given, e.g. "a man img"')
     p.add_argument("--cond", type=parse_condition, action="append", default=[], metavar="NAME=TEXT",
@@ -106,20 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeatable")
     p.add_argument("--prompt-bg", help="background prompt (P_bg): alias of --cond bg=TEXT")
     p.add_argument("--prompt-body", help="body prompt (P_body): alias of --cond body=TEXT")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seeds", type=parse_seeds, default=[0], help="e.g. 0-4 or 1,5,9 (default 0)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--start-merge-step", type=int, default=10, help="step from which the ID tokens are used")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler")
-    p.add_argument("--trigger-word", default="img")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: none, SDXL's zero embedding)")
+    p.add_argument("--seeds", type=parse_seeds, default=[0], help="e.g. 0-4 or 1,5,9; one image per seed (default 0)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--start-merge-step", type=parse_start_merge_step, default=DEFAULT_START_MERGE, help=MERGE_HELP)
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's, 1024 for SDXL)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's, 1024 for SDXL)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler", help="sampler")
+    p.add_argument("--trigger-word", default="img", help="the word after the class word that marks the ID tokens")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the stored params' dtype)")
-    p.add_argument("--attention", choices=["xla", "cudnn"], default="xla")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--attention", choices=["xla", "cudnn"], default="xla",
+                   help="attention implementation (cudnn: GPU flash attention)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (created): seed_<s>.png per seed and settings.json")
     return p
+
+
+def warn_if_id_unused(args, refs_given: bool) -> None:
+    """Prints a warning when reference faces are given but start merge step >= steps - 1 leaves them unused."""
+    message = id_unused_warning(args.start_merge_step, args.steps) if refs_given else None
+    if message:
+        print(f"warning: {message.replace('start merge step', '--start-merge-step', 1)}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -135,6 +160,7 @@ def main(argv=None) -> int:
         # Everything that can be checked without the model is, before minutes of loading and sampling.
         check_settings(seeds=args.seeds, num_steps=args.steps, guidance_scale=args.guidance_scale,
                        start_merge_step=args.start_merge_step, height=args.height, width=args.width)
+        warn_if_id_unused(args, bool(args.ref))
         check_output_folder(args.out)
         texts = condition_texts(args)
         refs = [load_image(p) for p in args.ref]  # fail on a bad image before loading any model

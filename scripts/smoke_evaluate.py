@@ -53,19 +53,25 @@ def build(models: Path) -> dict:
     return {name: models / "val" / name for name in sets}
 
 
+def evaluate_argv(models: Path, sets: dict, out: Path, steps: int) -> list[str]:
+    """The evaluate arguments of the smoke run. --start-merge-step is left at its default, a fraction of the
+    steps (0.2 of 4 -> step 0): the reference faces enter sampling however few steps run, so the identities'
+    images differ (a fixed step 10 of 4 steps gave pixel-identical images for every identity)."""
+    return ["--model", str(models / "sdxl"), "--photomaker", str(models / "photomaker"),
+            "--sets", ",".join(f"{k}={v}" for k, v in sets.items()), "--seeds", "0-1", "--steps", str(steps),
+            "--clip", str(models / "clip"), "--face-models", str(models / "faces"),
+            "--arcface", str(models / "arcface"), "--out", str(out)]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/eval_smoke"))
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--out", type=Path, default=Path("runs/eval_smoke"), help="output folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps (default: %(default)s)")
     args = p.parse_args()
     models = args.out / "models"
     print(f"[1/2] building tiny models and validation sets in {models} ...", flush=True)
     sets = build(models)
-    cmd = [sys.executable, "-m", "persongen_jax.evaluate", "--model", str(models / "sdxl"),
-           "--photomaker", str(models / "photomaker"),
-           "--sets", ",".join(f"{k}={v}" for k, v in sets.items()), "--seeds", "0-1", "--steps", str(args.steps),
-           "--clip", str(models / "clip"), "--face-models", str(models / "faces"),
-           "--arcface", str(models / "arcface"), "--out", str(args.out / "eval")]
+    cmd = [sys.executable, "-m", "persongen_jax.evaluate", *evaluate_argv(models, sets, args.out / "eval", args.steps)]
     print("[2/2] " + " ".join(cmd[1:]), flush=True)
     rc = subprocess.run(cmd, cwd=REPO).returncode
     if rc == 0:

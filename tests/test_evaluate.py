@@ -221,9 +221,9 @@ def test_validation_during_training_then_checkpoint_evaluation_and_compare(model
     assert all("eval/in_train/face_sim" in r and "eval/in_train/no_face" in r for r in evals)
     history = [json.loads(line) for line in (wd / "eval" / "history.jsonl").read_text().splitlines()]
     assert [(h["step"], h["set"], h["n_images"]) for h in history] == [(1, "in_train", 4), (2, "in_train", 4)]
-    step2 = json.loads((wd / "eval" / "step_00000002" / "metrics.json").read_text())
+    step2 = json.loads((wd / "samples" / "2" / "metrics.json").read_text())
     assert step2["step"] == 2 and step2["sets"]["in_train"]["n_images"] == 2 * 1 * 2
-    assert (wd / "eval" / "step_00000002" / "report.html").is_file()
+    assert (wd / "samples" / "2" / "report.html").is_file()
     assert np.isclose(step2["sets"]["in_train"]["clip_t"], evals[1]["eval/in_train/clip_t"])
 
     # The checkpoint comes back with exactly the trained parameters ...
@@ -253,10 +253,13 @@ def test_validation_during_training_then_checkpoint_evaluation_and_compare(model
 def test_validation_config_errors(models, tmp_path):
     from persongen_jax.training.validation import Validator
 
+    # No scoring models: images only; some of a metric's models but not all: an error naming the missing key.
     c = _demo_config(sets=f"in_train={models / 'val' / 'in_train'}")
-    with pytest.raises(ValueError, match=r"config.eval.clip"):
+    assert Validator.from_config(c, tmp_path, None).metrics == []
+    c = _demo_config(sets=f"in_train={models / 'val' / 'in_train'}", face_detector=str(models / "faces"))
+    with pytest.raises(ValueError, match=r"config.eval: .*face_sim needs arcface"):
         Validator.from_config(c, tmp_path, None)
-    assert Validator.from_config(_demo_config(), tmp_path, None) is None  # no sets: validation off
+    assert Validator.from_config(_demo_config(), tmp_path, None).sets is None  # training identities, read later
     # A reference without a face fails when the validator is built (before training), naming the file.
     bad = tmp_path / "val"
     bad.mkdir()
@@ -290,3 +293,29 @@ def test_manifest_errors_name_the_file_and_line(models, tmp_path, capsys):
         with pytest.raises(ValueError, match=f"{path}, line 1: " + ("not UTF-8" if name == "latin1" else
                                                                    "image=5" if name == "image5" else "reference=")):
             read_manifest(path)
+
+
+def test_smoke_evaluate_identities_differ(models, tmp_path, capsys):
+    """scripts/smoke_evaluate.py's evaluate arguments (4 steps, the default start merge step): every identity's
+    images differ from the others' (a fixed merge step 10 of 4 steps made them pixel-identical)."""
+    import importlib.util
+
+    from persongen_jax.evaluate import main
+
+    spec = importlib.util.spec_from_file_location("smoke_evaluate", REPO / "scripts" / "smoke_evaluate.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    root = tmp_path / "models"
+    root.mkdir()
+    for name in ("sdxl", "photomaker", "clip", "faces", "arcface"):  # the fixture's models; the sets are the smoke's
+        (root / name).symlink_to(models / name)
+    sets = smoke.build(root)
+    argv = smoke.evaluate_argv(root, sets, tmp_path / "eval", 4)
+    assert main(argv + ["--num-prompts", "1", "--seeds", "0"]) == 0, capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().err
+    images = {p.parent.name: np.asarray(Image.open(p)) for p in (tmp_path / "eval" / "images").glob("*/*/*_s0.png")}
+    assert sorted(images) == ["alice", "bob", "carol"]
+    names = sorted(images)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert np.abs(images[a].astype(int) - images[b].astype(int)).max() > 0, (a, b)

@@ -5,8 +5,8 @@
     python -m weights_conversion lora SRC.safetensors DST [--unet UNET_DIR] [--skip-text-encoder]
     python -m weights_conversion ip-adapter SRC.bin DST [--unet UNET_DIR] [--name id] [--scale 1.0]
     python -m weights_conversion photomaker SRC.bin DST [--unet UNET_DIR]      (DST/id_encoder + DST/lora)
-    python -m weights_conversion export-lora LORA_DIR DST.safetensors
-    python -m weights_conversion export-adapter ADAPTER_DIR DST.safetensors [--name id]
+    python -m weights_conversion export-lora LORA_DIR|RUN DST.safetensors [--step N]
+    python -m weights_conversion export-adapter ADAPTER_DIR|RUN DST.safetensors [--name bg] [--step N]
     python -m weights_conversion arcface SRC.onnx DST                          (insightface IResNet ONNX)
 
 (also installed as the `persongen-convert` console script). Exits 1 with a
@@ -16,7 +16,9 @@ message naming the file and keys when a checkpoint does not match.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import tempfile
 import sys
 from pathlib import Path
 
@@ -24,54 +26,61 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m weights_conversion",
-                                description="Convert PyTorch diffusers/transformers weights to persongen_jax (Flax NNX + orbax).")
-    sub = p.add_subparsers(dest="command", required=True)
+    from persongen_jax.cli import HelpFormatter, parser
+
+    p = parser("python -m weights_conversion", __doc__.split("(also installed")[0].replace(
+        "Weight conversion CLI.", "Convert PyTorch diffusers/transformers/insightface weights to persongen_jax "
+        "(Flax NNX + orbax) and back (export-*)."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, help_, src, dst):
+        s = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
+        s.add_argument("src", type=Path, help=src)
+        s.add_argument("dst", type=Path, help=dst)
+        s.add_argument("--overwrite", action="store_true",
+                       help="replace DST if it exists (only a folder/file this tool wrote, never the source)")
+        return s
+
     for name, help_ in [("sdxl", "a diffusers SDXL folder (model_index.json + unet/ vae/ text_encoder/ "
                                  "text_encoder_2/ tokenizer*/), some of its components, or one component folder"),
                         ("clip", "a transformers CLIPModel / CLIPTextModel(WithProjection) / "
                                  "CLIPVisionModel(WithProjection) folder")]:
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("src", type=Path)
-        s.add_argument("dst", type=Path)
+        s = add(name, help_, "the source folder", "the converted folder to write")
         s.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="dtype of the stored params (auto: keep each tensor's source dtype)")
-        s.add_argument("--variant", default=None, help="weight file variant, e.g. fp16 for *.fp16.safetensors")
-        s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        s.add_argument("--variant", default=None,
+                       help="weight file variant, e.g. fp16 for *.fp16.safetensors (default: none)")
         s.add_argument("--verify", action="store_true",
-                       help="run the PyTorch and Flax models on the same random inputs; print the max abs diff")
+                       help="run the PyTorch and Flax models on the same random inputs; print the max abs diff "
+                            "(needs the [torch] extra)")
     unet_help = ("the UNet the weights are for: a converted or diffusers UNet/SDXL folder (its config.json "
                  "is read; default: the SDXL base config)")
     for name, help_ in [("lora", "a standalone SDXL LoRA file (PEFT/diffusers, old diffusers or kohya keys)"),
                         ("ip-adapter", "an SDXL IP-Adapter checkpoint (image_proj + ip_adapter) -> an adapter "
                                        "folder (parallel mode)"),
                         ("photomaker", "a PhotoMaker v1 checkpoint -> DST/id_encoder + DST/lora")]:
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("src", type=Path)
-        s.add_argument("dst", type=Path)
+        s = add(name, help_, "the PyTorch checkpoint file (.safetensors or .bin)", "the folder to write")
         s.add_argument("--unet", type=Path, default=None, help=unet_help)
         s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
-        s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
         if name == "ip-adapter":
-            s.add_argument("--name", default="id", help="condition name of the adapter (default: id)")
-            s.add_argument("--scale", type=float, default=1.0, help="default adapter scale (default: 1.0)")
+            s.add_argument("--name", default="id", help="condition name of the adapter")
+            s.add_argument("--scale", type=float, default=1.0, help="the adapter's stored scale")
         else:
             s.add_argument("--skip-text-encoder", action="store_true",
                            help="skip text-encoder LoRA keys (not supported) instead of failing")
-    for name, help_ in [("export-lora", "a LoRA folder -> diffusers/PEFT .safetensors (load_lora_weights)"),
-                        ("export-adapter", "an adapter folder -> IP-Adapter layout .safetensors")]:
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("src", type=Path)
-        s.add_argument("dst", type=Path)
-        s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    run_help = (" or a training run folder (python -m persongen_jax.train: its checkpoint, --step)")
+    for name, help_ in [("export-lora", "a LoRA folder (or a training run) -> diffusers/PEFT .safetensors "
+                                        "(diffusers' load_lora_weights)"),
+                        ("export-adapter", "an adapter folder (or a training run) -> IP-Adapter layout "
+                                           ".safetensors")]:
+        s = add(name, help_, f"the {name.split('-')[1]} folder{run_help}", "the .safetensors file to write")
+        s.add_argument("--step", type=int, default=None,
+                       help="with a training run: the checkpoint step (default: the latest)")
         if name == "export-adapter":
             s.add_argument("--name", default=None, help="which condition to export (default: the only one)")
-    s = sub.add_parser("arcface", help="an insightface ArcFace recognition ONNX file (IResNet, e.g. "
-                                       "w600k_r50.onnx, glintr100.onnx) -> an IResNet folder")
-    s.add_argument("src", type=Path)
-    s.add_argument("dst", type=Path)
+    s = add("arcface", "an insightface ArcFace recognition ONNX file (IResNet, e.g. w600k_r50.onnx, "
+                       "glintr100.onnx) -> an IResNet folder", "the .onnx file", "the folder to write")
     s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params (auto: float32)")
-    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
 
@@ -87,13 +96,55 @@ def _lora_command(args, dtype) -> str:
     if args.command == "photomaker":
         return lora.convert_photomaker(args.src, args.dst, unet=args.unet, dtype=dtype,
                                        skip_text_encoder=args.skip_text_encoder, overwrite=args.overwrite)
-    if args.command == "export-lora":
-        return lora.export_lora(args.src, args.dst, overwrite=args.overwrite)
-    return lora.export_adapter(args.src, args.dst, name=args.name, overwrite=args.overwrite)
+    with _exported_folder(args) as src:
+        if args.command == "export-lora":
+            return lora.export_lora(src, args.dst, overwrite=args.overwrite)
+        return lora.export_adapter(src, args.dst, name=args.name, overwrite=args.overwrite)
+
+
+def is_run_folder(path: Path) -> bool:
+    """A training run folder (`python -m persongen_jax.train`): config.json + checkpoints/."""
+    return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
+
+
+@contextlib.contextmanager
+def _exported_folder(args):
+    """export-*'s source: the LoRA / adapter folder given, or that of a training run's checkpoint (--step)
+    written to a temporary folder."""
+    from weights_conversion.core import ConversionError
+
+    if not is_run_folder(args.src):
+        if args.step is not None:
+            raise ConversionError(f"--step: {args.src} is not a training run folder (config.json + checkpoints/)")
+        yield args.src
+        return
+    from persongen_jax.models import lora as lora_lib
+    from persongen_jax.training.run_folder import load_trained_model
+
+    try:
+        model, _, step = load_trained_model(args.src, step=args.step)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    save, what = ((lora_lib.save_lora, "LoRA") if args.command == "export-lora"
+                  else (lora_lib.save_adapters, "adapters"))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            save(model.unet, Path(tmp) / "folder")
+        except ValueError:
+            raise ConversionError(f"{args.src}: the run's model has no {what} to export") from None
+        print(f"{args.src}: {what} of the checkpoint at step {step}", file=sys.stderr)
+        yield Path(tmp) / "folder"
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verify", False):
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:  # before writing anything, not after the conversion
+            print("error: --verify runs the PyTorch model: install the [torch] extra (pip install -e '.[torch]') "
+                  "or drop --verify", file=sys.stderr)
+            return 1
     from weights_conversion.convert import convert_clip, convert_sdxl
     from weights_conversion.core import ConversionError
 

@@ -19,7 +19,6 @@ persons/<first>/nocaption.jpg (its JSONL line has no caption).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -156,14 +155,15 @@ def _write_demo(out: Path, *, persons, images_per_person, resolution, seed, corr
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m persongen_jax.data.make_demo",
-                                description="Synthetic ID dataset (see the module docstring).")
-    p.add_argument("dir")
-    p.add_argument("--persons", type=int, default=24)
-    p.add_argument("--images-per-person", type=int, default=6)
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=2)
+    from persongen_jax.cli import parser
+
+    p = parser("python -m persongen_jax.data.make_demo", __doc__)
+    p.add_argument("dir", help="output folder: DIR/raw (images + captions.jsonl) and the dataset (index.json, shards)")
+    p.add_argument("--persons", type=int, default=24, help="number of synthetic identities")
+    p.add_argument("--images-per-person", type=int, default=6, help="images of each identity")
+    p.add_argument("--resolution", type=int, default=64, help="image height = width in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the persons and images")
+    p.add_argument("--num-shards", type=int, default=2, help="ArrayRecord shards of the dataset")
     p.add_argument("--corrupt", action="store_true", help="add an undecodable image and an image without caption")
     a = p.parse_args(argv)
     make_demo(a.dir, persons=a.persons, images_per_person=a.images_per_person, resolution=a.resolution,

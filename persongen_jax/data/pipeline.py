@@ -346,6 +346,28 @@ class _Bad:
     reason: str
 
 
+def sample_references(data_dir: str | os.PathLike, count: int, num_refs: int) -> dict[str, list[Image.Image]]:
+    """A fixed sample of the dataset's persons -> {person id: up to `num_refs` reference faces}, cropped as the
+    training references are (`_ref_crop`). The persons are `count` ids spread evenly over the sorted ids,
+    each with its first records: the same sample at every call (validation during training)."""
+    import grain
+
+    index = fmt.load_index(data_dir)
+    fmt.check_shards(data_dir, index, verify_hashes=False)
+    ids = sorted(index["persons"])
+    n = min(count, len(ids))
+    chosen = [ids[round(i * (len(ids) - 1) / max(1, n - 1))] for i in range(n)]
+    source = grain.sources.ArrayRecordDataSource(fmt.shard_paths(data_dir, index))
+    out = {}
+    for pid in dict.fromkeys(chosen):
+        faces = []
+        for g in index["persons"][pid][:num_refs]:
+            header, image_bytes, _ = fmt.decode_record(source[g])
+            faces.append(_ref_crop(_decode(image_bytes), header["face_box"]))
+        out[pid] = faces
+    return out
+
+
 def make_train_dataset(data_dir: str | os.PathLike, *, tokenizers: Sequence, global_batch_size: int,
                        resolution: int = 512, num_refs: int | tuple[int, int] = (1, 4), id_image_size: int = 224,
                        seed: int = 0, shard_index: int | None = None, shard_count: int | None = None,

@@ -35,6 +35,7 @@ import numpy as np
 
 from persongen_jax.evaluation import report
 from persongen_jax.evaluation.metrics import Metric
+from persongen_jax.pipeline import DEFAULT_START_MERGE
 from persongen_jax.pipeline.image_processing import load_image
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, strip_trigger_word
 
@@ -140,7 +141,7 @@ class ProtocolSettings:
     seeds: Sequence[int] = (0, 1, 2, 3, 4)
     num_steps: int = 50
     guidance_scale: float = 5.0
-    start_merge_step: int = 10
+    start_merge_step: int | float = DEFAULT_START_MERGE  # a step index or a fraction of num_steps
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None

@@ -29,7 +29,7 @@ from flax import nnx
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.conditions import Condition
 from persongen_jax.models import lora as lora_lib
-from persongen_jax.pipeline import MAX_SEED
+from persongen_jax.pipeline import DEFAULT_START_MERGE, MAX_SEED, resolve_start_merge_step
 from persongen_jax.models import modeling
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.pipeline.image_processing import clip_preprocess
@@ -44,7 +44,7 @@ class PipelineError(ValueError):
 
 
 def check_settings(*, seeds: Sequence[int] = (0,), num_steps: int = 50, guidance_scale: float = 5.0,
-                   start_merge_step: int = 0, height: int | None = None, width: int | None = None,
+                   start_merge_step: int | float = 0, height: int | None = None, width: int | None = None,
                    downscale_factor: int | None = None) -> None:
     """PipelineError naming the first unusable numeric setting (the CLIs call this before loading a model)."""
     if not seeds:
@@ -56,9 +56,12 @@ def check_settings(*, seeds: Sequence[int] = (0,), num_steps: int = 50, guidance
         raise PipelineError(f"steps={num_steps!r}: expected an integer >= 1")
     if not isinstance(guidance_scale, (int, float, np.floating)) or not math.isfinite(guidance_scale):
         raise PipelineError(f"guidance scale {guidance_scale!r}: expected a finite number")
-    if isinstance(start_merge_step, bool) or not isinstance(start_merge_step, (int, np.integer)) \
-            or start_merge_step < 0:
-        raise PipelineError(f"start merge step {start_merge_step!r}: expected an integer >= 0")
+    is_int = isinstance(start_merge_step, (int, np.integer)) and not isinstance(start_merge_step, bool)
+    is_float = isinstance(start_merge_step, (float, np.floating)) and math.isfinite(start_merge_step)
+    if not ((is_int and start_merge_step >= 0)
+            or (is_float and (0 <= start_merge_step < 1 or float(start_merge_step).is_integer()))):
+        raise PipelineError(f"start merge step {start_merge_step!r}: expected a step index (an integer >= 0) or a "
+                            "fraction of the steps in [0, 1)")
     for name, v in (("height", height), ("width", width)):
         if v is None:
             continue
@@ -253,18 +256,22 @@ class PersonGenPipeline:
             self._bar.update(1)
 
     def __call__(self, prompt: str, ref_images: Sequence = (), *, seeds: Sequence[int] = (0,),
-                 num_steps: int = 50, guidance_scale: float = 5.0, start_merge_step: int = 10,
+                 num_steps: int = 50, guidance_scale: float = 5.0,
+                 start_merge_step: int | float = DEFAULT_START_MERGE,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
                  conditions: Mapping[str, str] | None = None, scheduler: str = "euler",
                  adapter_scales: dict | None = None, progress: bool | Callable[[int], None] = False) -> np.ndarray:
         """-> uint8 images [len(seeds), H, W, 3]. Seeds give the initial latents (jax.random.key(seed)).
         conditions: texts of the model's text conditions, e.g. {"bg": "in the mountains"} (P_bg).
+        start_merge_step: the step index, or a fraction of num_steps (`resolve_start_merge_step`), after which
+        the ID embedding is used.
         progress: True: a tqdm bar over the denoising steps; a callable: called as progress(steps_done) after
         each step (a web page's bar; it may run on a runtime thread, not the caller's). Both come from a host
         callback inside the compiled loop (one sampler program for either)."""
         f = self.vae.downscale_factor
         check_settings(seeds=list(seeds), num_steps=num_steps, guidance_scale=guidance_scale,
                        start_merge_step=start_merge_step, height=height, width=width, downscale_factor=f)
+        start_merge_step = resolve_start_merge_step(start_merge_step, num_steps)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         cond = self.encode(prompt, ref_images, negative_prompt=negative_prompt, conditions=conditions,

@@ -83,7 +83,9 @@ def trigger_token_id(tokenizer, trigger_word: str = DEFAULT_TRIGGER_WORD) -> int
 def _clean_ids(tokenizer, prompt: str, trigger_word: str) -> tuple[list[int], int]:
     """PhotoMaker's scan: (ids with the trigger token removed, index of the class token in them)."""
     image_token_id = trigger_token_id(tokenizer, trigger_word)
-    input_ids = tokenizer.encode(prompt)
+    # Untruncated on purpose (the caller truncates SDXL's way): verbose=False drops transformers' "Token indices
+    # sequence length is longer than ... (N > 77)" warning, which does not apply here.
+    input_ids = tokenizer.encode(prompt, verbose=False)
     clean_index, clean_input_ids, class_token_index = 0, [], []
     for token_id in input_ids:
         if token_id == image_token_id:
@@ -189,7 +191,7 @@ def make_prompt_batch(tokenizers, prompts: str | Sequence[str], num_id_images: i
             row_ids, mask = tokenize_with_trigger(tok, prompt, n, trigger_word)
             clean, _ = _clean_ids(tok, prompt, trigger_word)
             plain = text_only_prompt(prompt, trigger_word)
-            if tok.encode(plain) != clean:
+            if tok.encode(plain, verbose=False) != clean:
                 raise ValueError(f"prompt {prompt!r}: the trigger word {trigger_word!r} must be a separate word "
                                  f"after the class word (without it the prompt reads {plain!r})")
             ids[k].append(row_ids)

@@ -156,7 +156,10 @@ def make_tiny_clip(folder: str | Path, seed: int = 3, *, source: str | Path | No
 
     folder = Path(folder)
     source = Path(source) if source else folder.parent / f"{folder.name}.src"
-    cfg = transformers.CLIPConfig(text_config={**TINY_CLIP["text_config"], "vocab_size": VOCAB_SIZE},
+    # bos inside the tiny vocabulary (CLIPTextConfig's default 49406 makes transformers warn "bos_token_id must
+    # be `None` or an integer within the vocabulary"); the text model never reads it (eos_token_id=2: argmax pooling).
+    cfg = transformers.CLIPConfig(text_config={**TINY_CLIP["text_config"], "vocab_size": VOCAB_SIZE,
+                                               "bos_token_id": VOCAB_SIZE - 2},
                                   vision_config=TINY_CLIP["vision_config"],
                                   projection_dim=TINY_CLIP["projection_dim"])
     model = transformers.CLIPModel(cfg).eval()

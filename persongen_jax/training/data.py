@@ -58,7 +58,8 @@ class SyntheticIterator:
     def __iter__(self):
         return self
 
-    def _person_image(self, person: int, rng, size: int) -> np.ndarray:
+    @staticmethod
+    def _person_image(person: int, rng, size: int) -> np.ndarray:
         prng = np.random.default_rng(1000 + person)
         color = prng.uniform(-1, 1, 3)
         freq = prng.integers(1, 4, 2)
@@ -181,7 +182,7 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
         raise FileNotFoundError(f"config.data.dir={data_dir!r}: no such folder; build a dataset with `python -m "
                                 "persongen_jax.data.format SRC CAPTIONS.jsonl DST` (or leave it empty for the demo)")
     if not data_dir:
-        data_dir = str(Path(workdir) / "demo_data")
+        data_dir = dataset_dir(config, workdir)
         if not (Path(data_dir) / "index.json").exists():
             from persongen_jax.data import make_demo
 
@@ -193,6 +194,29 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
         shard_index=shard_index, shard_count=shard_count, trigger_word=d.trigger_word,
         text_conditions=text_conditions, worker_count=d.worker_count)
     return it, BadRecordHook(data_dir, d.global_batch_size)
+
+
+def dataset_dir(config, workdir) -> str:
+    """The grain dataset a config trains on: config.data.dir, or the demo dataset WORKDIR/demo_data."""
+    return config.data.dir or str(Path(workdir) / "demo_data")
+
+
+def sample_identities(config, workdir, count: int, size: int = 64) -> dict[str, list]:
+    """A fixed sample of `count` training identities -> {identity: reference faces (PIL)}, what validation
+    generates when config.eval.sets names no validation sets: persons spread over the dataset
+    (`data.pipeline.sample_references`, up to data.num_refs faces each), or the synthetic source's persons
+    0..count-1 (their pattern at `size` pixels)."""
+    from PIL import Image
+
+    if config.data.source == "synthetic":
+        def face(person, k):
+            img = SyntheticIterator._person_image(person, np.random.default_rng([person, k]), size)
+            return Image.fromarray(np.round((img + 1) * 127.5).astype(np.uint8))
+
+        return {f"person{p}": [face(p, k) for k in range(config.data.num_refs)] for p in range(count)}
+    from persongen_jax.data import pipeline as data_pipeline
+
+    return data_pipeline.sample_references(dataset_dir(config, workdir), count, config.data.num_refs)
 
 
 def iterator_state(it) -> dict:

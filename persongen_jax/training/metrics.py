@@ -1,4 +1,4 @@
-"""One writer for process 0: JSON lines (WORKDIR/metrics.jsonl) + TensorBoard scalars (WORKDIR/tb)."""
+"""One writer for process 0: JSON lines (WORKDIR/metrics.jsonl) + TensorBoard scalars and images (WORKDIR/tb)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ class MetricWriter:
                 if math.isfinite(v):
                     self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
+
+    def write_images(self, step: int, images: dict) -> None:
+        """TensorBoard images {tag: uint8 [H, W, 3]} at `step` (the validation samples)."""
+        if not self.enabled or self._tb is None:
+            return
+        for tag, image in images.items():
+            self._tb.add_image(tag, image, int(step), dataformats="HWC")
+        self._tb.flush()
 
     def close(self) -> None:
         """Closes both files."""

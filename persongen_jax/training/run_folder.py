@@ -44,7 +44,7 @@ METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"  # (and eval/history.superseded.jsonl)
 PREVIOUS_DIR = "previous"
 # Outputs of a run, set aside together by `--config.resume=false`.
-RUN_OUTPUTS = ("checkpoints", CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SUPERSEDED_FILE, "tb", "eval")
+RUN_OUTPUTS = ("checkpoints", CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SUPERSEDED_FILE, "tb", "eval", "samples")
 
 # Config keys whose change makes a checkpoint mean something else: parameter shapes, the set of trained
 # parameters, the optimizer state's structure, or the frozen weights (which checkpoints do not hold).

@@ -5,8 +5,9 @@
 compile of the one jitted `train_step` (memory and cost analysis logged) -> loop (metrics, checkpoints,
 validation, SIGTERM) -> final save.
 
-Validation (`training/validation.py`) runs every `config.eval_every` steps when `config.eval.sets` names
-validation folders: the protocol of `python -m persongen_jax.evaluate` with the current parameters.
+Validation (`training/validation.py`) runs every `config.eval_every` steps: sample images of the validation
+sets (or of training identities) to WORKDIR/samples/<step>/ and TensorBoard, scored when scoring models
+are configured (the protocol of `python -m persongen_jax.evaluate` with the current parameters).
 
 A "step" is one call of the train step on one global batch; with `optim.grad_accum_steps = k` the
 optimizer updates every k steps (optax.MultiSteps), so the effective batch is k x global batch.
@@ -133,7 +134,7 @@ def _setup(config, workdir: Path, devices) -> _Setup:
     # Validation sets and scoring models load now: a wrong path fails before any training.
     validator = Validator.from_config(config, workdir, tokenizers) if config.eval_every else None
     if validator is None:
-        log.info("no validation during training (set config.eval.sets and config.eval_every to turn it on)")
+        log.info("no validation during training (config.eval_every is 0)")
     groups = {g: dict(spec) for g, spec in config.trainable.items() if spec.lr > 0}
     split, params, frozen, rest = state_lib.split_model(model, groups)
     counts = optim_lib.check_groups(params, groups)
