@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from persongen_jax.pipeline import id_unused_warning, resolve_start_merge_step  # light: no JAX
+
 log = logging.getLogger("persongen_jax.app")
 
 MAX_REFS = 4      # reference photos per request; the ID encoder is compiled for each count at start-up
@@ -137,9 +139,7 @@ def load_metrics(args):
     if not names:
         raise InputError("--metrics names no metric")
     # no_face "skip": an image without a face has no Face-Sim value (the page says "no face"), not a 0.
-    options = {"clip": args.clip, "face_detector": args.face_models, "arcface": args.arcface, "no_face": "skip",
-               "det_thresh": args.det_thresh, "det_size": args.det_size, "face_select": args.face_select,
-               "batch_size": MAX_IMAGES}
+    options = metrics_lib.scoring_options(args, no_face="skip", batch_size=MAX_IMAGES)
     return metrics_lib.build(names, options)
 
 
@@ -212,9 +212,9 @@ class Generator:
         names = [n for n, _ in refs]
         images_in = [im.convert("RGB") for _, im in refs]  # what the generate CLI feeds (alpha dropped)
         notes = []
-        if req.start_merge_step >= req.num_steps:
-            notes.append(f"start_merge_step {req.start_merge_step} >= steps {req.num_steps}: the identity tokens "
-                         "are never used (only the plain class word is)")
+        unused = id_unused_warning(req.start_merge_step, req.num_steps)
+        if unused:
+            notes.append(unused)
         seeds = self.seeds(req)
         # Every text condition is always fed (an empty one with scale 0: exactly no contribution), so
         # filling a field or not keeps the same compiled program.
@@ -476,10 +476,13 @@ def build_ui(gen: Generator):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m persongen_jax.app`."""
+    from persongen_jax.cli import parser
+    from persongen_jax.evaluation import metrics as metrics_lib
+    from persongen_jax.generate import MERGE_HELP, parse_start_merge_step
+    from persongen_jax.pipeline import DEFAULT_START_MERGE
     from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 
-    p = argparse.ArgumentParser(prog="python -m persongen_jax.app", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m persongen_jax.app", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="converted SDXL folder (weights_conversion sdxl)")
     src.add_argument("--checkpoint", type=Path, metavar="RUN",
@@ -491,30 +494,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "default: look in --model")
     p.add_argument("--lora", type=Path, help="an extra LoRA folder (weights_conversion lora)")
     p.add_argument("--adapters", type=Path, help="adapter folder (bg / body / id cross-attentions)")
-    p.add_argument("--trigger-word", default="img")
+    p.add_argument("--trigger-word", default="img", help="the word after the class word that marks the person")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the stored params' dtype)")
-    p.add_argument("--attention", choices=["xla", "cudnn"], default="xla")
+    p.add_argument("--attention", choices=["xla", "cudnn"], default="xla",
+                   help="attention kernel: xla, or cudnn's fused attention on NVIDIA GPUs")
     s = p.add_argument_group("scoring (optional, as evaluate: the model folders the metrics need)")
     s.add_argument("--metrics", help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default "
                                      "when a scoring folder is given: clip_t,face_sim)")
-    s.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
-    s.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
-                                                    "(antelopev2 / buffalo_l) or one .onnx file")
-    s.add_argument("--arcface", type=Path, help="converted ArcFace folder (weights_conversion arcface)")
-    s.add_argument("--face-select", choices=["largest", "score"], default="largest")
-    s.add_argument("--det-thresh", type=float, default=0.5)
-    s.add_argument("--det-size", type=int, default=640)
+    metrics_lib.add_scoring_arguments(s)
     d = p.add_argument_group("the page's defaults (the request compiled at start-up)")
-    d.add_argument("--num-images", type=int, default=2)
-    d.add_argument("--steps", type=int, default=50)
-    d.add_argument("--guidance-scale", type=float, default=5.0)
-    d.add_argument("--start-merge-step", type=int, default=10)
-    d.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler")
+    d.add_argument("--num-images", type=int, default=2, help="images per request")
+    d.add_argument("--steps", type=int, default=50, help="denoising steps")
+    d.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale")
+    d.add_argument("--start-merge-step", type=parse_start_merge_step, default=DEFAULT_START_MERGE,
+                   help=MERGE_HELP + " (the page shows it as a step index)")
+    d.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler", help="sampling scheduler")
     d.add_argument("--height", type=int, help="default: the model's (sample_size x VAE factor)")
     d.add_argument("--width", type=int, help="default: the model's")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port to serve on")
     return p
 
 
@@ -581,7 +580,8 @@ def main(argv=None) -> int:
         pipe, source = load_pipeline(args, Path(workdir.name))
         size = pipe.default_size
         defaults = Request(prompt="", num_images=args.num_images, num_steps=args.steps,
-                           guidance_scale=args.guidance_scale, start_merge_step=args.start_merge_step,
+                           guidance_scale=args.guidance_scale,
+                           start_merge_step=resolve_start_merge_step(args.start_merge_step, args.steps),
                            scheduler=args.scheduler, height=args.height or size, width=args.width or size)
         gen = Generator(pipe, metrics, source=source, defaults=defaults, workdir=Path(workdir.name) / "out")
         gen.check(defaults)  # the defaults are a valid request

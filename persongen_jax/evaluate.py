@@ -38,10 +38,10 @@ import sys
 import time
 from pathlib import Path
 
-from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
-
+from persongen_jax.evaluation import metrics as metrics_lib
 from persongen_jax.generate import MERGE_HELP, parse_seeds, parse_start_merge_step, warn_if_id_unused
 from persongen_jax.pipeline import DEFAULT_START_MERGE
+from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,17 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trigger-word", default="img",
                    help="mode B: written after the class word of each prompt; mode A: removed from the manifest "
                         "prompts before CLIP-T ('' keeps them as written). CLIP-T scores the prompt without it")
-    s.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
-    s.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
-                                                    "(antelopev2, buffalo_l) or the detector .onnx")
-    s.add_argument("--arcface", type=Path, help="converted ArcFace folder (weights_conversion arcface)")
+    metrics_lib.add_scoring_arguments(s)
     s.add_argument("--no-face", choices=["zero", "skip"], default="zero",
                    help="a generation without a detected face: scores 0 (zero, the research) or is left out")
-    s.add_argument("--face-select", choices=["largest", "score"], default="largest",
-                   help="which detected face is scored: the largest box, or the most confident")
-    s.add_argument("--det-thresh", type=float, default=0.5, help="SCRFD detection score threshold")
-    s.add_argument("--det-size", type=int, default=640, help="detector input size (files with a fixed size "
-                                                             "use theirs)")
     s.add_argument("--batch-size", type=int, default=32, help="images per CLIP / ArcFace batch")
     p.add_argument("--labels", help="--compare: comma-separated run labels (default: folder names)")
     p.add_argument("--out", type=Path, required=True,
@@ -124,9 +116,7 @@ def _metrics(args, parser):
         if args.manifest:
             parser.error("--metrics none: mode A (--manifest) only scores; choose metrics")
         return []
-    options = {"clip": args.clip, "face_detector": args.face_models, "arcface": args.arcface,
-               "no_face": args.no_face, "det_thresh": args.det_thresh, "det_size": args.det_size,
-               "batch_size": args.batch_size, "face_select": args.face_select}
+    options = metrics.scoring_options(args, no_face=args.no_face, batch_size=args.batch_size)
     try:
         classes = [metrics.get(n) for n in names]
     except ValueError as e:

@@ -102,6 +102,30 @@ def display(name: str) -> type[Metric]:
     return type(name, (Metric,), {"name": name, "title": name, "axis_label": name})
 
 
+def add_scoring_arguments(group) -> None:
+    """The scoring-model options every command that scores shares (evaluate, the web app): the folders the
+    registered metrics require and the face detector's settings. `scoring_options(args)` reads them back."""
+    from pathlib import Path
+
+    group.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
+    group.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
+                                                        "(antelopev2, buffalo_l) or the detector .onnx")
+    group.add_argument("--arcface", type=Path, help="converted ArcFace folder (weights_conversion arcface)")
+    group.add_argument("--face-select", choices=["largest", "score"], default="largest",
+                       help="which detected face is scored: the largest box, or the most confident")
+    group.add_argument("--det-thresh", type=float, default=0.5, help="SCRFD detection score threshold")
+    group.add_argument("--det-size", type=int, default=640, help="detector input size (files with a fixed "
+                                                                 "size use theirs)")
+
+
+def scoring_options(args, **overrides) -> dict:
+    """The `build` options of the arguments `add_scoring_arguments` declared (+ overrides: no_face,
+    batch_size)."""
+    return {"clip": args.clip, "face_detector": args.face_models, "arcface": args.arcface,
+            "det_thresh": args.det_thresh, "det_size": args.det_size, "face_select": args.face_select,
+            **overrides}
+
+
 def build(names: Sequence[str], options: Mapping[str, Any]) -> list[Metric]:
     """The metrics `names` built from `options`; a ValueError lists every option a chosen metric lacks."""
     classes = [get(n) for n in names]
