@@ -1,0 +1,85 @@
+"""Stage "split": the same (or another) model turns P_general into P_bg (background) and P_body
+(clothes, pose, body) as strict JSON.
+
+The prompt (`prompts/split.txt`, or --split-prompt) holds `{caption}` where the caption goes and asks
+for exactly `{"background": "...", "body": "..."}`. The answer is accepted when it is that JSON object
+(surrounding whitespace and one Markdown code fence, which chat models add by habit, are allowed;
+nothing else): two string values, "" for "not mentioned". An answer that does not parse is *not* a
+rejection: the image keeps P_general with no P_bg / P_body, and the failure is recorded with its reason
+(the "notes" output, index.json["split_failures"], counted in the summary). A request that failed for
+good is recorded the same way. Answers are cached in DST/_work/splits, keyed by the caption text +
+the model's fingerprint + the prompt + max tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import apache_beam as beam
+
+from persongen_jax.data.build.caption import one_line
+from persongen_jax.data.build.common import NOTES, Item, StageDoFn, WorkCache
+from persongen_jax.data.build.settings import cache_key, sha256_text
+from persongen_jax.data.build.vlm import load_backend
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+SPLIT_KEYS = ("background", "body")
+
+
+def parse_split(answer: str) -> tuple[str | None, str | None]:
+    """The model's answer -> (P_bg, P_body), None where empty; ValueError(reason) when it is not the
+    strict JSON object {"background": str, "body": str}."""
+    text = answer.strip()
+    fence = _FENCE.match(text)
+    if fence:
+        text = fence.group(1)
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ValueError(f"not JSON: {answer[:120]!r}") from None
+    if not isinstance(obj, dict) or set(obj) != set(SPLIT_KEYS):
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"expected exactly the keys {list(SPLIT_KEYS)}, got {got}")
+    if not all(isinstance(obj[k], str) for k in SPLIT_KEYS):
+        raise ValueError(f"values must be strings, got {obj!r}"[:200])
+    return tuple(one_line(obj[k]) or None for k in SPLIT_KEYS)
+
+
+class SplitCaptions(StageDoFn):
+    """Batches of Items -> Items with `caption_bg` / `caption_body` (None on a parse failure, noted)."""
+
+    stage = "split"
+
+    def setup(self):
+        self.backend = load_backend(self.settings.split)
+        self.cache = WorkCache(self.settings.dst, "splits")
+
+    def process(self, batch: list[Item]):
+        s = self.settings
+        spec = s.split
+        prompts = [s.split_prompt.replace("{caption}", it.caption) for it in batch]
+        keys = [cache_key("split", it.caption, spec.fingerprint, sha256_text(s.split_prompt), spec.max_new_tokens)
+                for it in batch]
+        answers = [self.cache.get(k) for k in keys]
+        todo = [i for i, a in enumerate(answers) if a is None]
+        if todo:
+            for i, a in zip(todo, self.backend.complete([prompts[i] for i in todo])):
+                if isinstance(a, str):
+                    self.cache.put(keys[i], a)
+                answers[i] = a
+        self.count("computed", len(todo))
+        self.count("cached", len(batch) - len(todo))
+        for item, answer in zip(batch, answers):
+            try:
+                if not isinstance(answer, str):
+                    raise ValueError(f"request failed: {answer}")
+                item.caption_bg, item.caption_body = parse_split(answer)
+                self.count("parsed")
+            except ValueError as e:
+                item.caption_bg = item.caption_body = None
+                self.count("failed")
+                yield beam.pvalue.TaggedOutput(NOTES, dict(image=item.image, person_id=item.person_id, stage="split",
+                                                           reason="caption split did not parse", detail=str(e)))
+            self.kept()
+            yield item
