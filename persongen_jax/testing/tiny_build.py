@@ -39,6 +39,11 @@ from PIL import Image, ImageDraw
 
 KEY_HI, KEY_LO = 255, 120     # key channel value / the other key channel's maximum inside a face
 BG_MAX = 140                  # green and blue never exceed this outside faces
+# The random ArcFace of the build tests (`tiny_eval.make_tiny_arcface(folder, **BUILD_ARCFACE)`, seed 0) and
+# the cosine threshold that separates the synthetic identities under it: measured on the test tree, faces of
+# one identity are >= 0.90 apart, of different identities <= 0.81.
+BUILD_ARCFACE = dict(layers=[2, 2, 2, 2], widths=[8, 16, 16, 32], num_features=64, input_size=112)
+BUILD_THRESHOLD = 0.85
 
 
 # ----------------------------------------------------------------------------------------------- detector
