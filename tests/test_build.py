@@ -28,32 +28,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 from persongen_jax.data import format as fmt  # noqa: E402
-from persongen_jax.testing.tiny_build import (BUILD_ARCFACE, BUILD_THRESHOLD, CaptionServer, Face,  # noqa: E402
-                                              RawImage, make_key_detector, make_raw_persons, portrait)
+from persongen_jax.testing.tiny_build import (BUILD_ARCFACE, BUILD_THRESHOLD, CaptionServer,  # noqa: E402
+                                              make_key_detector, make_raw_persons, mixed_persons)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def source_tree() -> dict:
-    P = portrait
-    return {
-        "p0": [P("0.jpg", 0, seed=1), P("1.jpg", 0, width=800, height=600, face=280, seed=2, background="mountains"),
-               P("2.jpg", 0, width=560, height=900, face=320, seed=3, body="black suit"),
-               P("3.png", 0, seed=4, background="mountains"),
-               P("small.jpg", 0, width=480, height=640, face=300, seed=5),
-               RawImage("corrupt.jpg", 0, 0, corrupt=True),
-               P("dark.jpg", 0, width=700, height=700, face=270, seed=6, background="dark", body=None),
-               RawImage("notes.txt", 0, 0, corrupt=True)],   # not an image extension: not read at all
-        "p1": [P(f"{k}.jpg", 1, seed=10 + k, body=("red suit", "black suit")[k % 2]) for k in range(4)]
-              + [P("tinyface.jpg", 1, width=640, height=640, face=180, seed=15), RawImage("noface.jpg", 640, 640)],
-        "p2": [P(f"{k}.jpg", 2, seed=20 + k) for k in range(3)]
-              # the person (slot A, smaller, less confident) next to a stranger (slot B, larger, more confident)
-              + [RawImage("group.jpg", 900, 700, [Face(2, (40, 80, 300, 340)), Face(9, (460, 120, 800, 460), "B")],
-                          body="red suit")],
-        "p3": [P(f"{k}.jpg", 3, seed=30 + k) for k in range(4)]
-              + [P("intruder_0.jpg", 8, seed=35), P("intruder_1.jpg", 8, seed=36, background="mountains")],
-        "p4": [P("0.jpg", 4, seed=40)],
-    }
 
 
 EXPECTED_REJECTS = {
@@ -78,7 +56,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("build")
     make_key_detector(root / "det")
     make_tiny_arcface(root / "arcface", **BUILD_ARCFACE)
-    make_raw_persons(root / "src", source_tree())
+    make_raw_persons(root / "src", mixed_persons())
     return root
 
 
@@ -226,7 +204,7 @@ def test_split_parse_failure_with_a_tiny_qwen2_5_vl(inputs, tmp_path, capsys):
     from persongen_jax.testing.tiny_build import make_tiny_qwen2_5_vl
 
     qwen = make_tiny_qwen2_5_vl(tmp_path / "qwen")
-    src = make_raw_persons(tmp_path / "src", {"p1": source_tree()["p1"][:2], "p2": source_tree()["p2"][:2]})
+    src = make_raw_persons(tmp_path / "src", {"p1": mixed_persons()["p1"][:2], "p2": mixed_persons()["p2"][:2]})
     common = [str(src), "--detector", str(inputs / "det"), "--arcface", str(inputs / "arcface"),
               "--verify-threshold", str(BUILD_THRESHOLD), "--resolution", "64", "--progress-every", "0"]
     with CaptionServer() as server:

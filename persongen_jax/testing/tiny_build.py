@@ -220,6 +220,33 @@ def synthetic_persons(num_persons: int, images_per_person: int, *, seed: int = 0
     return out
 
 
+def mixed_persons() -> dict[str, list[RawImage]]:
+    """A source with one case of each kind a build must handle (tests/test_build.py, scripts/smoke_build.py):
+    good portraits of several sizes and backgrounds; an image below 512 px; an undecodable file; a dark image
+    (the test endpoint captions it without a class word); a file that is not an image; a face below 256 px;
+    an image without a face; a group photo where the person is the smaller, less confident face; a person
+    folder with two photos of an intruder; a person with a single image."""
+    P = portrait
+    return {
+        "p0": [P("0.jpg", 0, seed=1), P("1.jpg", 0, width=800, height=600, face=280, seed=2, background="mountains"),
+               P("2.jpg", 0, width=560, height=900, face=320, seed=3, body="black suit"),
+               P("3.png", 0, seed=4, background="mountains"),
+               P("small.jpg", 0, width=480, height=640, face=300, seed=5),
+               RawImage("corrupt.jpg", 0, 0, corrupt=True),
+               P("dark.jpg", 0, width=700, height=700, face=270, seed=6, background="dark", body=None),
+               RawImage("notes.txt", 0, 0, corrupt=True)],   # not an image extension: not read at all
+        "p1": [P(f"{k}.jpg", 1, seed=10 + k, body=("red suit", "black suit")[k % 2]) for k in range(4)]
+              + [P("tinyface.jpg", 1, width=640, height=640, face=180, seed=15), RawImage("noface.jpg", 640, 640)],
+        "p2": [P(f"{k}.jpg", 2, seed=20 + k) for k in range(3)]
+              # the person (slot A, smaller, less confident) next to a stranger (slot B, larger, more confident)
+              + [RawImage("group.jpg", 900, 700, [Face(2, (40, 80, 300, 340)), Face(9, (460, 120, 800, 460), "B")],
+                          body="red suit")],
+        "p3": [P(f"{k}.jpg", 3, seed=30 + k) for k in range(4)]
+              + [P("intruder_0.jpg", 8, seed=35), P("intruder_1.jpg", 8, seed=36, background="mountains")],
+        "p4": [P("0.jpg", 4, seed=40)],
+    }
+
+
 # ----------------------------------------------------------------------------------------------- tiny VLM
 
 

@@ -30,7 +30,7 @@ class CaptionImages(StageDoFn):
         self.backend = load_backend(self.settings.caption)
         self.cache = WorkCache(self.settings.dst, "captions")
 
-    def process(self, batch: list[Item]):
+    def run(self, batch: list[Item]):
         s = self.settings
         spec = s.caption
         keys = [cache_key("caption", it.image, it.crop_sha256, spec.fingerprint, sha256_text(s.caption_prompt),

@@ -111,12 +111,12 @@ class Progress:
 
     _lock = threading.Lock()
     _counts: dict[str, int] = {}
-    _last = 0.0
+    _last = time.monotonic()
 
     @classmethod
     def reset(cls) -> None:
         with cls._lock:
-            cls._counts, cls._last = {}, 0.0
+            cls._counts, cls._last = {}, time.monotonic()
 
     @classmethod
     def add(cls, stage: str, what: str, n: int = 1, every_s: float = 10.0) -> None:
@@ -132,12 +132,24 @@ class Progress:
 
 
 class StageDoFn(beam.DoFn):
-    """A stage: counts what it keeps and rejects (Beam counters + the progress line)."""
+    """A stage: `run(element)` yields its outputs; counts what it keeps and rejects (Beam counters + the
+    progress line) and the seconds it spends (counter "<stage>_us", in the summary). The outputs are
+    collected before they are passed on, so the time is the stage's own, not that of the stages fused
+    after it."""
 
     stage = ""
 
     def __init__(self, settings):
         self.settings = settings
+
+    def run(self, element):
+        raise NotImplementedError
+
+    def process(self, element):
+        t0 = time.perf_counter()
+        out = list(self.run(element))
+        beam.metrics.Metrics.counter("build", f"{self.stage}_us").inc(int((time.perf_counter() - t0) * 1e6))
+        yield from out
 
     def count(self, what: str, n: int = 1, group: str | None = None) -> None:
         Progress.add(group or self.stage, what, n, self.settings.progress_every_s)

@@ -63,7 +63,7 @@ def crop_face(rgb: np.ndarray, face: dict, resolution: int, crop_scale: float = 
 class CropFaces(StageDoFn):
     stage = "crop"
 
-    def process(self, item: Item):
+    def run(self, item: Item):
         s = self.settings
         try:
             data = read_bytes(item.path, s.max_file_bytes)

@@ -39,7 +39,7 @@ def decode_rgb(data: bytes, min_side: int = 0) -> np.ndarray:
 class DecodeImages(StageDoFn):
     stage = "decode"
 
-    def process(self, item: Item):
+    def run(self, item: Item):
         s = self.settings
         try:
             data = read_bytes(item.path, s.max_file_bytes)

@@ -22,6 +22,24 @@ def clipped_side(box, width: int, height: int) -> float:
     return max(0.0, min(min(x1, width) - max(x0, 0), min(y1, height) - max(y0, 0)))
 
 
+def detect_faces(detector, rgb: np.ndarray) -> list[dict]:
+    """All faces the detector finds, best first: [{"box", "kps", "score"}] (JSON-ready)."""
+    found = detector.detect(rgb)
+    return [dict(box=[float(v) for v in found.boxes[i]], kps=found.kps[i].astype(float).tolist(),
+                 score=float(found.scores[i])) for i in range(len(found))]
+
+
+def large_faces(faces: list[dict], width: int, height: int, min_face: int) -> list[dict]:
+    return [f for f in faces if clipped_side(f["box"], width, height) >= min_face]
+
+
+def align(rgb: np.ndarray, faces: list[dict], size: int) -> np.ndarray:
+    """[n, size, size, 3] ArcFace-aligned crops of `faces` (insightface's norm_crop)."""
+    from persongen_jax.evaluation.faces import norm_crop
+
+    return np.stack([norm_crop(rgb, np.asarray(f["kps"], np.float32), size) for f in faces])
+
+
 class DetectFaces(StageDoFn):
     stage = "detect"
 
@@ -34,19 +52,17 @@ class DetectFaces(StageDoFn):
         key = cache_key("faces", item.image, item.sha256, s.detector_fingerprint, s.det_size, s.det_thresh)
         faces = self.cache.get(key)
         if faces is None:
-            found = self.scorer.detector.detect(item.rgb)
-            faces = [dict(box=[float(v) for v in found.boxes[i]], kps=found.kps[i].astype(float).tolist(),
-                          score=float(found.scores[i])) for i in range(len(found))]
+            faces = detect_faces(self.scorer.detector, item.rgb)
             self.cache.put(key, faces)
             self.count("computed", group="faces")
         else:
             self.count("cached", group="faces")
         return faces
 
-    def process(self, item: Item):
+    def run(self, item: Item):
         s = self.settings
         faces = self.detections(item)
-        big = [f for f in faces if clipped_side(f["box"], item.width, item.height) >= s.min_face]
+        big = large_faces(faces, item.width, item.height, s.min_face)
         if not big:
             item.rgb = None
             if not faces:
@@ -56,10 +72,7 @@ class DetectFaces(StageDoFn):
                 yield self.rejected(item, "face too small",
                                     f"largest face {side:.0f} px < min_face {s.min_face} ({len(faces)} detected)")
             return
-        from persongen_jax.evaluation.faces import norm_crop
-
-        size = self.scorer.crop_size
-        item.crops = np.stack([norm_crop(item.rgb, np.asarray(f["kps"], np.float32), size) for f in big])
+        item.crops = align(item.rgb, big, self.scorer.crop_size)
         item.faces, item.rgb = big, None  # the pixels are not needed again until the crop stage re-reads them
         self.kept()
         yield item

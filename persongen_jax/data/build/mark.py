@@ -29,7 +29,7 @@ def insert_trigger(caption: str, class_words, trigger_word: str) -> str:
 class MarkTrigger(StageDoFn):
     stage = "mark"
 
-    def process(self, item: Item):
+    def run(self, item: Item):
         s = self.settings
         try:
             item.caption = insert_trigger(item.caption, s.class_words, s.trigger_word)

@@ -44,26 +44,32 @@ def _batched(settings_batch: int):
     return beam.BatchElements(min_batch_size=settings_batch, max_batch_size=settings_batch)
 
 
-def build_pipeline(p: beam.Pipeline, s: BuildSettings, out_dir: str) -> None:
-    """Adds the build to `p`: records into out_dir/data-*.array_record, rejects and notes into
-    out_dir/_build/{rejected,notes}-*.jsonl."""
+def face_stages(p: beam.Pipeline, s: BuildSettings):
+    """The CPU stages: list, decode + size filter, detect, embed, verify, crop + encode.
+    -> (PCollection of cropped Items, [PCollections of rejects])."""
     items = p | "List" >> ListImages(s.src)
     dec = items | "Decode" >> beam.ParDo(DecodeImages(s)).with_outputs(REJECTED, main="kept")
     det = dec.kept | "Detect" >> beam.ParDo(DetectFaces(s)).with_outputs(REJECTED, main="kept")
     emb = det.kept | "BatchFaces" >> _batched(s.embed_batch_size) | "Embed" >> beam.ParDo(EmbedFaces(s))
     ver = emb | "Verify" >> VerifyIdentity(s)
     crp = ver.verified | "Crop" >> beam.ParDo(CropFaces(s)).with_outputs(REJECTED, main="kept")
+    return crp.kept, [dec[REJECTED], det[REJECTED], ver[REJECTED], crp[REJECTED]]
+
+
+def build_pipeline(p: beam.Pipeline, s: BuildSettings, out_dir: str) -> None:
+    """Adds the build to `p`: records into out_dir/data-*.array_record, rejects and notes into
+    out_dir/_build/{rejected,notes}-*.jsonl."""
+    crops, rejected = face_stages(p, s)
     hints = {"accelerator": s.caption_accelerator} if s.caption_accelerator else {}
-    cap = (crp.kept | "BatchCrops" >> _batched(s.caption.batch_size)
+    cap = (crops | "BatchCrops" >> _batched(s.caption.batch_size)
            | "Caption" >> beam.ParDo(CaptionImages(s)).with_resource_hints(**hints).with_outputs(REJECTED, main="kept"))
     spl = (cap.kept | "BatchCaptions" >> _batched(s.split.batch_size)
            | "Split" >> beam.ParDo(SplitCaptions(s)).with_resource_hints(**hints).with_outputs(NOTES, main="kept"))
     mrk = spl.kept | "Mark" >> beam.ParDo(MarkTrigger(s)).with_outputs(REJECTED, main="kept")
     _ = mrk.kept | "Write" >> WriteRecords(out_dir, s)
     report = os.path.join(out_dir, REPORT_DIR)
-    rejected = ((dec[REJECTED], det[REJECTED], ver[REJECTED], crp[REJECTED], cap[REJECTED], mrk[REJECTED])
-                | "AllRejected" >> beam.Flatten())
-    _ = (rejected | "RejectedJson" >> beam.Map(json.dumps)
+    _ = ((*rejected, cap[REJECTED], mrk[REJECTED]) | "AllRejected" >> beam.Flatten()
+         | "RejectedJson" >> beam.Map(json.dumps)
          | "WriteRejected" >> beam.io.WriteToText(os.path.join(report, "rejected"), ".jsonl"))
     _ = (spl[NOTES] | "NotesJson" >> beam.Map(json.dumps)
          | "WriteNotes" >> beam.io.WriteToText(os.path.join(report, "notes"), ".jsonl"))
@@ -147,6 +153,8 @@ def format_summary(index: dict, dst) -> str:
         rej = ", ".join(f"{k} {v}" for k, v in st["rejected"].items())
         lines.append(f"  {st['stage']:<8} {st['in']:>7} in {st['kept']:>7} kept" + (f"   rejected: {rej}" if rej else ""))
     lines.append(f"  split failures (kept with P_general only): {sm['split_failures']}")
+    lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sm["seconds"].items())
+                 + " (summed over workers)")
     lines.append("  cache: " + ", ".join(f"{g} {c['computed']} computed / {c['cached']} cached"
                                          for g, c in sm["cache"].items()))
     return "\n".join(lines)

@@ -55,7 +55,7 @@ class SplitCaptions(StageDoFn):
         self.backend = load_backend(self.settings.split)
         self.cache = WorkCache(self.settings.dst, "splits")
 
-    def process(self, batch: list[Item]):
+    def run(self, batch: list[Item]):
         s = self.settings
         spec = s.split
         prompts = [s.split_prompt.replace("{caption}", it.caption) for it in batch]

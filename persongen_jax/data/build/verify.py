@@ -52,7 +52,7 @@ class EmbedFaces(StageDoFn):
         self.scorer = face_scorer(self.settings)
         self.cache = WorkCache(self.settings.dst, "embeddings")
 
-    def process(self, batch: list[Item]):
+    def run(self, batch: list[Item]):
         s = self.settings
         keys = [cache_key("embeddings", it.image, it.sha256, s.arcface_fingerprint, self.scorer.crop_size,
                           [f["kps"] for f in it.faces]) for it in batch]
@@ -93,56 +93,59 @@ def dominant_identity(embeddings: np.ndarray, owner: np.ndarray, threshold: floa
     return labels, (winners[0] if len(winners) == 1 else None), sim
 
 
+def verify_person(items: list[Item], s) -> tuple[list[Item], list[tuple[Item, str, str]]]:
+    """One person's Items (with `faces` and `embeddings`) -> (verified Items with `face` set, rejects as
+    (item, reason, detail)); see the module doc."""
+    items = sorted(items, key=lambda it: it.image)  # the clustering must not depend on arrival order
+    if len(items) < s.min_images:
+        return [], [(it, "too few images", f"{len(items)} image(s) with a face < min_images {s.min_images}")
+                    for it in items]
+    owner = np.concatenate([np.full(len(it.faces), i) for i, it in enumerate(items)])
+    emb = np.concatenate([it.embeddings for it in items]).astype(np.float32)
+    labels, dominant, sim = dominant_identity(emb, owner, s.verify_threshold, s.verify_min_samples)
+    if dominant is None:
+        sizes = sorted((len(set(owner[labels == c].tolist())) for c in set(labels.tolist()) if c >= 0), reverse=True)
+        why = (f"two identities tie ({sizes[0]} images each)" if sizes else
+               f"no two images share a face at cosine >= {s.verify_threshold}")
+        return [], [(it, "no dominant identity", why) for it in items]
+    in_cluster = labels == dominant
+    verified, rejects = [], []
+    for i, it in enumerate(items):
+        mine = np.flatnonzero(owner == i)
+        others = in_cluster & (owner != i)
+        cands = [f for f in mine if in_cluster[f]]
+        if not cands:
+            best = float(sim[np.ix_(mine, np.flatnonzero(others))].max()) if others.any() else float("nan")
+            rejects.append((it, "not the person's identity",
+                            f"best cosine to the person's faces {best:.3f} < {s.verify_threshold}"))
+            continue
+        score = {f: float(sim[f, others].mean()) if others.any() else 0.0 for f in cands}
+        pick = max(cands, key=lambda f: score[f])
+        it.face = dict(it.faces[int(pick - mine[0])], identity_cos=round(score[pick], 4))
+        it.faces, it.embeddings = [], None
+        verified.append(it)
+    if len(verified) < s.min_images:
+        rejects += [(it, "too few images", f"{len(verified)} verified image(s) < min_images {s.min_images}")
+                    for it in verified]
+        verified = []
+    return verified, rejects
+
+
 class VerifyPerson(StageDoFn):
     """(person_id, [Item]) -> verified Items (with `face`) and rejects."""
 
     stage = "verify"
 
-    def process(self, element):
-        s = self.settings
-        _, items = element
-        items = sorted(items, key=lambda it: it.image)  # the clustering must not depend on arrival order
-        if len(items) < s.min_images:
-            for it in items:
-                yield self.rejected(it, "too few images",
-                                    f"{len(items)} image(s) with a face < min_images {s.min_images}")
-            return
-        owner = np.concatenate([np.full(len(it.faces), i) for i, it in enumerate(items)])
-        emb = np.concatenate([it.embeddings for it in items]).astype(np.float32)
-        labels, dominant, sim = dominant_identity(emb, owner, s.verify_threshold, s.verify_min_samples)
-        if dominant is None:
-            sizes = sorted((len(set(owner[labels == c].tolist())) for c in set(labels.tolist()) if c >= 0),
-                           reverse=True)
-            why = (f"two identities tie ({sizes[0]} images each)" if sizes else
-                   f"no two images share a face at cosine >= {s.verify_threshold}")
-            for it in items:
-                yield self.rejected(it, "no dominant identity", why)
-            return
-        in_cluster = labels == dominant
-        verified, rejects = [], []
-        for i, it in enumerate(items):
-            mine = np.flatnonzero(owner == i)
-            others = in_cluster & (owner != i)
-            cands = [f for f in mine if in_cluster[f]]
-            if not cands:
-                best = float(sim[np.ix_(mine, np.flatnonzero(others))].max()) if others.any() else float("nan")
-                rejects.append((it, "not the person's identity",
-                                f"best cosine to the person's faces {best:.3f} < {s.verify_threshold}"))
-                continue
-            score = {f: float(sim[f, others].mean()) if others.any() else 0.0 for f in cands}
-            pick = max(cands, key=lambda f: score[f])
-            face = dict(it.faces[int(pick - mine[0])], identity_cos=round(score[pick], 4))
-            it.face, it.faces, it.embeddings = face, [], None
-            verified.append(it)
+    def setup(self):
+        import sklearn.cluster  # noqa: F401  (a second of import: not counted as clustering time)
+
+    def run(self, element):
+        verified, rejects = verify_person(list(element[1]), self.settings)
         for it, reason, detail in rejects:
             yield self.rejected(it, reason, detail)
-        if len(verified) < s.min_images:
-            for it in verified:
-                yield self.rejected(it, "too few images",
-                                    f"{len(verified)} verified image(s) < min_images {s.min_images}")
-            return
-        self.kept(len(verified))
-        yield from verified
+        if verified:
+            self.kept(len(verified))
+            yield from verified
 
 
 class VerifyIdentity(beam.PTransform):

@@ -93,7 +93,10 @@ def summarize(num_records: int, rejected: list[dict], split_failures: int, count
         n_in -= dropped
     cache = {group: {what: int(counters.get(f"{group}_{what}", 0)) for what in ("computed", "cached")}
              for group in ("faces", "embeddings", "caption", "split")}
-    return dict(images=total, records=num_records, stages=stages, split_failures=split_failures, cache=cache)
+    # Seconds spent in each stage, summed over workers (embed is verify's first half).
+    seconds = {st: round(counters.get(f"{st}_us", 0) / 1e6, 3) for st in ("decode", "detect", "embed", *STAGES[2:])}
+    return dict(images=total, records=num_records, stages=stages, split_failures=split_failures, cache=cache,
+                seconds=seconds)
 
 
 def write_index(out_dir: str | os.PathLike, settings, rejected: list[dict], notes: list[dict],
