@@ -251,10 +251,14 @@ def test_bad_inputs_are_one_line_errors(inputs, tmp_path, capsys):
     cases.append((args(tmp_path / "fmt", "--caption-endpoint", "http://x"), "written by `data.format`"))
     cases.append((args(tmp_path / "demo", "--caption-endpoint", "http://x"), "not a dataset written by this tool"))
     (tmp_path / "empty_src").mkdir()
-    for argv, message in cases:
-        assert main(argv) == 1, message
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, (message, err)
+    cases.append((args(tmp_path / "a", "--caption-endpoint", "http://127.0.0.1:9/v1"), "cannot reach the endpoint"))
+    with CaptionServer() as server:
+        cases.append((args(tmp_path / "a", "--caption-endpoint", server.url), "does not serve model 'm'"))
+        for argv, message in cases:
+            assert main(argv) == 1, message
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, (message, err)
+    assert not (tmp_path / "a").exists()  # nothing written for a run refused up front
     assert fmt.load_index(tmp_path / "fmt")["num_records"] == 4  # untouched
 
 

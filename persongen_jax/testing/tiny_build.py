@@ -341,6 +341,12 @@ class CaptionServer:
             def log_message(self, *args):  # quiet
                 pass
 
+            def do_GET(self):
+                if self.path.rstrip("/") == "/v1/models":
+                    self._reply(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
+                else:
+                    self.send_error(404, f"no route {self.path}")
+
             def do_POST(self):
                 import time
 

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import shutil
+import traceback
 from pathlib import Path
 
 import apache_beam as beam
@@ -35,6 +36,7 @@ from persongen_jax.data.build.settings import BuildSettings
 from persongen_jax.data.build.source import ListImages, persons_pattern
 from persongen_jax.data.build.split import SplitCaptions
 from persongen_jax.data.build.verify import EmbedFaces, VerifyIdentity
+from persongen_jax.data.build.vlm import check_backend
 from persongen_jax.data.build.write import WriteRecords, write_index
 
 REPORT_DIR = "_build"  # rejected / notes JSONL inside the temporary output folder (removed at the end)
@@ -123,6 +125,8 @@ def build_dataset(settings: BuildSettings, beam_args=(), *, log=print) -> dict:
     if not FileSystems.match([persons_pattern(s.src)], limits=[1])[0].metadata_list:
         raise ValueError(f"{s.src}: no files under persons/<person_id>/ (expected SRC/persons/<id>/*.jpg)")
     face_scorer(s)  # the detector and ArcFace load here first: a bad folder is an error before the pipeline
+    for spec in {s.caption, s.split}:
+        check_backend(spec)
     s = dataclasses.replace(s.fingerprinted(), dst=str(dst))
     (dst / WORK_DIR).mkdir(parents=True, exist_ok=True)
     Progress.reset()
@@ -130,8 +134,14 @@ def build_dataset(settings: BuildSettings, beam_args=(), *, log=print) -> dict:
     with atomic_dir(dst, overwrite=True) as out:
         p = beam.Pipeline(options=options)
         build_pipeline(p, s, str(out))
-        result = p.run()
-        result.wait_until_finish()
+        try:
+            result = p.run()
+            result.wait_until_finish()
+        except Exception as e:  # a worker's exception, wrapped by the runner in lines of context
+            trace = dst / WORK_DIR / "last_error.txt"
+            trace.write_text(traceback.format_exc())
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise RuntimeError(f"the pipeline failed: {type(e).__name__}: {first} (traceback in {trace})") from e
         report = out / REPORT_DIR
         rejected, notes = _read_jsonl(report, "rejected"), _read_jsonl(report, "notes")
         shutil.rmtree(report)

@@ -48,6 +48,23 @@ class OpenAIChat:
         if os.environ.get("OPENAI_API_KEY"):
             self.headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
 
+    def check(self) -> None:
+        """ValueError (one line) when the endpoint cannot be reached or does not serve the model; a server
+        without the `/models` listing is taken on trust."""
+        url = self.spec.endpoint.rstrip("/") + "/models"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=self.headers), timeout=30) as r:
+                served = [m.get("id") for m in json.loads(r.read()).get("data", [])]
+        except urllib.error.HTTPError:
+            return  # no model listing on this server
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            raise ValueError(f"{self.spec.endpoint}: cannot reach the endpoint "
+                             f"({type(e).__name__}: {getattr(e, 'reason', e)})") from None
+        except (ValueError, AttributeError):
+            return  # not an OpenAI-style listing: let the requests tell
+        if served and self.spec.model not in served:
+            raise ValueError(f"{self.spec.endpoint}: does not serve model {self.spec.model!r} (it serves {served})")
+
     def _post(self, content) -> str:
         body = json.dumps(dict(model=self.spec.model, messages=[{"role": "user", "content": content}],
                                max_tokens=self.spec.max_new_tokens, temperature=0.0)).encode()
@@ -147,14 +164,10 @@ def _load_qwen_vl(folder: str):
     with _LOCK:
         if folder not in _MODELS:
             import torch
-            from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+            from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
             path = Path(folder)
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
-            if config.model_type not in QWEN_VL_TYPES:
-                raise ValueError(f"{path}: model type {config.model_type!r}; the transformers backend runs the "
-                                 f"Qwen2-VL family {list(QWEN_VL_TYPES)} (serve other VLMs with vLLM and use the "
-                                 "openai backend)")
+            _check_qwen_folder(folder)
             device = "cuda" if torch.cuda.is_available() else "cpu"
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             tokenizer.padding_side = "left"
@@ -169,6 +182,25 @@ def _load_qwen_vl(folder: str):
                 path, local_files_only=True, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
             _MODELS[folder] = (tokenizer, image_processor, model.to(device).eval(), threading.Lock())
         return _MODELS[folder]
+
+
+def _check_qwen_folder(folder: str) -> None:
+    try:
+        model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: cannot read config.json ({type(e).__name__})") from None
+    if model_type not in QWEN_VL_TYPES:
+        raise ValueError(f"{folder}: model type {model_type!r}; the transformers backend runs the Qwen2-VL family "
+                         f"{list(QWEN_VL_TYPES)} (serve other VLMs with vLLM and use the openai backend)")
+
+
+def check_backend(spec) -> None:
+    """Cheap checks before a run (ValueError, one line): the endpoint answers and serves the model; a local
+    folder holds a Qwen2-VL-family config."""
+    if spec.backend == "openai":
+        OpenAIChat(spec).check()
+    else:
+        _check_qwen_folder(spec.model)
 
 
 def load_backend(spec):
