@@ -35,16 +35,11 @@ class CaptionImages(StageDoFn):
         spec = s.caption
         keys = [cache_key("caption", it.image, it.crop_sha256, spec.fingerprint, sha256_text(s.caption_prompt),
                           spec.max_new_tokens) for it in batch]
-        answers = [self.cache.get(k) for k in keys]
-        todo = [i for i, a in enumerate(answers) if a is None]
-        if todo:
-            fresh = self.backend.describe([batch[i].jpeg for i in todo], s.caption_prompt)
-            for i, a in zip(todo, fresh):
-                if isinstance(a, str):
-                    self.cache.put(keys[i], a)
-                answers[i] = a
-        self.count("computed", len(todo))
-        self.count("cached", len(batch) - len(todo))
+        answers, computed = self.cache.fetch(
+            keys, lambda todo: self.backend.describe([batch[i].jpeg for i in todo], s.caption_prompt),
+            keep=lambda a: isinstance(a, str))
+        self.count("computed", computed)
+        self.count("cached", len(batch) - computed)
         for item, answer in zip(batch, answers):
             if not isinstance(answer, str):
                 yield self.rejected(item, "caption request failed", str(answer))

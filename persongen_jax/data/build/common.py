@@ -100,6 +100,18 @@ class WorkCache:
         tmp.write_text(json.dumps(value))
         os.replace(tmp, path)
 
+    def fetch(self, keys: list[str], compute, keep=lambda value: True) -> tuple[list, int]:
+        """The cached values of `keys`; the missing ones from `compute(indices) -> values` (stored when
+        `keep(value)`: a failed request is returned but not cached). -> (values, how many were computed)."""
+        values = [self.get(k) for k in keys]
+        todo = [i for i, v in enumerate(values) if v is None]
+        if todo:
+            for i, v in zip(todo, compute(todo)):
+                if keep(v):
+                    self.put(keys[i], v)
+                values[i] = v
+        return values, len(todo)
+
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.is_dir() else 0
 

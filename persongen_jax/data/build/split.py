@@ -61,15 +61,10 @@ class SplitCaptions(StageDoFn):
         prompts = [s.split_prompt.replace("{caption}", it.caption) for it in batch]
         keys = [cache_key("split", it.caption, spec.fingerprint, sha256_text(s.split_prompt), spec.max_new_tokens)
                 for it in batch]
-        answers = [self.cache.get(k) for k in keys]
-        todo = [i for i, a in enumerate(answers) if a is None]
-        if todo:
-            for i, a in zip(todo, self.backend.complete([prompts[i] for i in todo])):
-                if isinstance(a, str):
-                    self.cache.put(keys[i], a)
-                answers[i] = a
-        self.count("computed", len(todo))
-        self.count("cached", len(batch) - len(todo))
+        answers, computed = self.cache.fetch(keys, lambda todo: self.backend.complete([prompts[i] for i in todo]),
+                                             keep=lambda a: isinstance(a, str))
+        self.count("computed", computed)
+        self.count("cached", len(batch) - computed)
         for item, answer in zip(batch, answers):
             try:
                 if not isinstance(answer, str):

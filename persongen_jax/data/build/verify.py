@@ -56,18 +56,15 @@ class EmbedFaces(StageDoFn):
         s = self.settings
         keys = [cache_key("embeddings", it.image, it.sha256, s.arcface_fingerprint, self.scorer.crop_size,
                           [f["kps"] for f in it.faces]) for it in batch]
-        found = [self.cache.get(k) for k in keys]
-        todo = [i for i, e in enumerate(found) if e is None]
-        if todo:
+
+        def compute(todo):
             emb = self.scorer.embed_crops(np.concatenate([batch[i].crops for i in todo]))
-            start = 0
-            for i in todo:
-                n = len(batch[i].faces)
-                found[i] = _pack(emb[start:start + n])
-                self.cache.put(keys[i], found[i])
-                start += n
-        self.count("computed", len(todo), group="embeddings")
-        self.count("cached", len(batch) - len(todo), group="embeddings")
+            ends = np.cumsum([len(batch[i].faces) for i in todo])
+            return [_pack(e) for e in np.split(emb, ends[:-1])]
+
+        found, computed = self.cache.fetch(keys, compute)
+        self.count("computed", computed, group="embeddings")
+        self.count("cached", len(batch) - computed, group="embeddings")
         for item, e in zip(batch, found):
             item.embeddings, item.crops = _unpack(e), None
             yield item
