@@ -163,8 +163,9 @@ def test_training_runs_on_the_built_dataset(built, tmp_path):
 
 
 def test_sigkill_then_rerun_recomputes_no_cached_caption(built, inputs):
-    """SIGKILL mid-captioning: DST has no dataset (complete or absent); the rerun asks the endpoint only for
-    crops without a cached caption and writes the same dataset as the uninterrupted run."""
+    """SIGKILL mid-captioning: DST has no dataset (complete or absent); the rerun (multi-processing DirectRunner,
+    2 workers) asks the endpoint only for crops without a cached caption and writes the same dataset as the
+    uninterrupted run."""
     dst_ref, _, _ = built
     dst = inputs / "killed"
     with CaptionServer(delay=0.3) as server:
@@ -183,8 +184,9 @@ def test_sigkill_then_rerun_recomputes_no_cached_caption(built, inputs):
     assert sorted(p.name for p in dst.iterdir()) == ["_work"]  # no index.json, no shards: absent
     with pytest.raises(FileNotFoundError):
         fmt.load_index(dst)
-    with CaptionServer() as server:
-        proc = run_build(build_args(inputs, dst, server.url))
+    with CaptionServer() as server:  # the rerun on 2 worker processes: same dataset from the other runner mode
+        proc = run_build(build_args(inputs, dst, server.url, "--", "--direct_num_workers=2",
+                                    "--direct_running_mode=multi_processing"))
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-4000:]
         assert server.count("caption") == 17 - cached
