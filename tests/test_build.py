@@ -185,8 +185,8 @@ def test_sigkill_then_rerun_recomputes_no_cached_caption(built, inputs):
     with pytest.raises(FileNotFoundError):
         fmt.load_index(dst)
     with CaptionServer() as server:  # the rerun on 2 worker processes: same dataset from the other runner mode
-        proc = run_build(build_args(inputs, dst, server.url, "--", "--direct_num_workers=2",
-                                    "--direct_running_mode=multi_processing"))
+        proc = run_build(build_args(inputs, dst, server.url, "--detector-threads", "1", "--",
+                                    "--direct_num_workers=2", "--direct_running_mode=multi_processing"))
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-4000:]
         assert server.count("caption") == 17 - cached

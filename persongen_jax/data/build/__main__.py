@@ -28,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--arcface", required=True, help="ArcFace IResNet folder (`python -m weights_conversion arcface`)")
     g.add_argument("--det-size", type=int, default=default("det_size"), help="detector input side (default %(default)s)")
     g.add_argument("--det-thresh", type=float, default=default("det_thresh"))
+    g.add_argument("--detector-threads", type=int, default=default("detector_threads"),
+                   help="onnxruntime threads per worker process (0: one per core; with N workers on C cores, C/N)")
     g.add_argument("--embed-batch-size", type=int, default=default("embed_batch_size"))
     g = p.add_argument_group("filters")
     g.add_argument("--min-side", type=int, default=default("min_side"), help="shorter image side (default %(default)s)")
@@ -95,6 +97,7 @@ def settings_from_args(a) -> BuildSettings:
         src=a.src, dst=a.dst, detector=a.detector, arcface=a.arcface, caption=caption, split=_spec(a, "split", caption),
         **_prompt(a.caption_prompt, "caption"), **_prompt(a.split_prompt, "split"),
         min_side=a.min_side, min_face=a.min_face, det_size=a.det_size, det_thresh=a.det_thresh,
+        detector_threads=a.detector_threads,
         verify_threshold=a.verify_threshold, verify_min_samples=a.verify_min_samples, min_images=a.min_images,
         embed_batch_size=a.embed_batch_size, resolution=a.resolution, crop_scale=a.crop_scale, face_mask=a.face_mask,
         jpeg_quality=a.jpeg_quality, class_words=tuple(w.strip() for w in a.class_words.split(",") if w.strip()),

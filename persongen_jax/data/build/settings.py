@@ -67,6 +67,7 @@ class BuildSettings:
     min_face: int = 256
     det_size: int = 640
     det_thresh: float = 0.5
+    detector_threads: int = 0                  # onnxruntime intra-op threads per worker (0: its default)
     verify_threshold: float = 0.4
     verify_min_samples: int = 2
     min_images: int = 2
@@ -86,6 +87,8 @@ class BuildSettings:
 
     def check(self) -> None:
         """ValueError (one line, naming the option) for a setting that cannot work."""
+        if self.detector_threads < 0:
+            raise ValueError(f"--detector-threads must be >= 0, got {self.detector_threads}")
         for name in ("min_side", "min_face", "resolution", "det_size", "embed_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
