@@ -8,11 +8,7 @@ Laptop-sized check (tiny random model, synthetic data, 2 steps):
     python -m persongen_jax.train --config configs/baseline.py:tiny --workdir /tmp/baseline
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
+from configs import default
 
 
 def get_config(arg=None):

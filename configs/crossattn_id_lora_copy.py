@@ -8,17 +8,12 @@ Laptop-sized check (tiny random model, synthetic data, 2 steps):
     python -m persongen_jax.train --config configs/crossattn_id_lora_copy.py:tiny --workdir /tmp/crossattn_id_lora_copy
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
+from configs import baseline, default
 
 
 def get_config(arg=None):
-    c = default.get_config()
+    c = baseline.get_config()
     c.adapters.names = ("id",)
-    c.init.photomaker_lora = True
     c.adapters.copy_lora = True
     c.id_injection = "cross_attn"
     c.trainable = default.groups(heads=1e-5, lora=1e-5, image_proj=1e-5)

@@ -1,6 +1,7 @@
-"""Defaults shared by every experiment (the research's baseline hyperparameters); not run directly.
+"""Defaults shared by every experiment (the research's hyperparameters); not run directly.
 
-Experiment files import this and override. Launch pattern:
+`configs/baseline.py` is the research's baseline on top of these; every other experiment imports the
+baseline and states only its difference (`from configs import baseline`). Launch pattern:
 
     python -m persongen_jax.train --config configs/baseline.py --workdir runs/baseline \
         --config.init.sdxl=weights/sdxl --config.data.dir=data/ffhq_ids
@@ -14,7 +15,7 @@ PATTERNS = {
     "image_encoder": r"id_encoder\.vision_model\..*",              # the whole CLIP vision tower
     "fuse_mlp": r"id_encoder\.fuse_module\..*",                    # PhotoMaker's fuse MLP
     "lora": r".*\.lora_[AB]\.kernel",                              # LoRA (LoRAParam), adapters' LoRA too
-    "adapters": r"unet\..*\.to_[kv]_[a-z0-9_]+\.(kernel|bias)",   # adapter cross-attention k/v (AdapterParam)
+    "adapters": r"unet\..*\.processor\.to_[kv]\.[a-z0-9_]+\.(kernel|bias)",  # adapter k/v (AdapterParam)
     "image_proj": r"unet\.image_proj\..*",                         # IP-Adapter identity projection head
 }
 
@@ -26,6 +27,9 @@ def group(name: str, lr: float) -> ml_collections.ConfigDict:
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Resume from WORKDIR's latest checkpoint that restores. A config that changes parameter shapes or the
+    # trained groups is then refused; False starts over (the previous run moves to WORKDIR/previous/<time>/).
+    c.resume = True
     c.model = "sdxl"               # "sdxl": weights from config.init; "tiny": random tiny parts (tests, demo)
     c.dtype = "float32"            # compute dtype: "float32" | "bfloat16" (params stay float32)
     c.attention_impl = "xla"       # "xla" | "cudnn"
@@ -50,6 +54,16 @@ def get_config():
     c.adapters.num_tokens = 4      # identity tokens of the image projection
     c.id_injection = "text"        # "text" (PhotoMaker fuse) | "cross_attn" (adapter "id") | "both"
 
+    # Conditions besides the prompt (persongen_jax/conditions.py): kind "text" reads the captions field
+    # `source`, kind "image" the person's reference faces; `drop` is the training dropout probability
+    # (classifier-free guidance); `gated` ones enter sampling only after start_merge_step. Those named in
+    # adapters.names get adapter cross-attentions. A new text condition is one more entry here, e.g.
+    #   c.conditions.expr = dict(kind="text", source="caption_expr", drop=0.1); c.adapters.names += ("expr",)
+    c.conditions = ml_collections.ConfigDict()
+    c.conditions.id = dict(kind="image", source="references", drop=0.1, gated=True)   # the identity
+    c.conditions.bg = dict(kind="text", source="caption_bg", drop=0.1, gated=False)     # P_bg
+    c.conditions.body = dict(kind="text", source="caption_body", drop=0.1, gated=False)  # P_body
+
     c.trainable = ml_collections.ConfigDict()
     c.trainable.heads = group("heads", 1e-5)
     c.trainable.fuse_mlp = group("fuse_mlp", 1e-5)
@@ -65,10 +79,7 @@ def get_config():
 
     c.loss = ml_collections.ConfigDict()
     c.loss.mask_loss_prob = 0.5
-    c.loss.drop_text = 0.1
-    c.loss.drop_id = 0.1
-    c.loss.drop_bg = 0.1
-    c.loss.drop_body = 0.1
+    c.loss.drop_text = 0.1         # the prompt (P_general) dropped; per-condition rates: config.conditions
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "grain"        # "grain" (persongen_jax.data) | "synthetic" (no files)
@@ -95,6 +106,7 @@ def get_config():
     # Validation during training (`python -m persongen_jax.evaluate` mode B with the current params).
     c.eval = ml_collections.ConfigDict()
     c.eval.sets = ""               # "in_train=DIR,out_of_train=DIR,out_of_domain=DIR"; empty: no validation
+    c.eval.metrics = ("clip_t", "face_sim")  # by name (persongen_jax/evaluation/metrics.py)
     c.eval.clip = ""               # converted CLIP (weights_conversion clip), e.g. clip-vit-large-patch14
     c.eval.face_detector = ""      # insightface model folder with an SCRFD detector (antelopev2 / buffalo_l)
     c.eval.arcface = ""            # converted ArcFace (weights_conversion arcface glintr100.onnx DST)

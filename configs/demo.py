@@ -6,11 +6,7 @@ The demo dataset is built into WORKDIR/demo_data (`python -m persongen_jax.data.
 config.data.dir is empty; `--config.data.source=synthetic` trains on generated arrays instead.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
+from configs import default
 
 
 def get_config():

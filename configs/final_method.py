@@ -8,17 +8,11 @@ Laptop-sized check (tiny random model, synthetic data, 2 steps):
     python -m persongen_jax.train --config configs/final_method.py:tiny --workdir /tmp/final_method
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
-import baseline  # noqa: E402
+from configs import baseline, default
 
 
 def get_config(arg=None):
     c = baseline.get_config()
     c.adapters.names = ("bg",)
-    c.adapters.mode = "parallel"
-    c.trainable = default.groups(heads=1e-5, fuse_mlp=1e-5, lora=1e-5, adapters=1e-5)
+    c.trainable.adapters = default.group("adapters", 1e-5)
     return default.variant(c, arg)

@@ -8,16 +8,12 @@ Laptop-sized check (tiny random model, synthetic data, 2 steps):
     python -m persongen_jax.train --config configs/full_encoder_mlp_lora64.py:tiny --workdir /tmp/full_encoder_mlp_lora64
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
+from configs import baseline, default
 
 
 def get_config(arg=None):
-    c = default.get_config()
-    c.lora.rank, c.lora.alpha = 64, 64.0
+    c = baseline.get_config()
+    c.init.photomaker_lora = False  # from CLIP: the UNet LoRA starts fresh
     c.trainable = default.groups(image_encoder=1e-5, heads=1e-5, fuse_mlp=1e-5, lora=1e-4)
     c.optim.warmup_steps = 0
     return default.variant(c, arg)

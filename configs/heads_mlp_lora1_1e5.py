@@ -8,16 +8,12 @@ Laptop-sized check (tiny random model, synthetic data, 2 steps):
     python -m persongen_jax.train --config configs/heads_mlp_lora1_1e5.py:tiny --workdir /tmp/heads_mlp_lora1_1e5
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
+from configs import baseline, default
 
 
 def get_config(arg=None):
-    c = default.get_config()
+    c = baseline.get_config()
+    c.init.photomaker_lora = False
     c.lora.rank, c.lora.alpha = 1, 1.0
-    c.trainable = default.groups(heads=1e-5, fuse_mlp=1e-5, lora=1e-5)
     c.optim.warmup_steps = 0
     return default.variant(c, arg)

@@ -8,15 +8,11 @@ Laptop-sized check (tiny random model, synthetic data, 2 steps):
     python -m persongen_jax.train --config configs/id_text_and_crossattn.py:tiny --workdir /tmp/id_text_and_crossattn
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
+from configs import baseline, default
 
 
 def get_config(arg=None):
-    c = default.get_config()
+    c = baseline.get_config()
     c.init.photomaker_lora = False
     c.lora.rank = 0
     c.adapters.names = ("id",)

@@ -8,15 +8,12 @@ Laptop-sized check (tiny random model, synthetic data, 2 steps):
     python -m persongen_jax.train --config configs/no_lora.py:tiny --workdir /tmp/no_lora
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
+from configs import baseline, default
 
 
 def get_config(arg=None):
-    c = default.get_config()
+    c = baseline.get_config()
+    c.init.photomaker_lora = False
     c.lora.rank = 0
     c.trainable = default.groups(image_encoder=1e-5, heads=1e-5, fuse_mlp=1e-5)
     c.optim.warmup_steps = 0

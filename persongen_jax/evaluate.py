@@ -1,6 +1,7 @@
 """Batch evaluation: CLIP-T and Face-Sim, reports and comparison plots.
 
-Mode A, score existing images listed in a manifest (JSONL: image, prompt, reference[, set]):
+Mode A, score existing images listed in a manifest (JSONL: image, prompt, reference[, set]); CLIP-T
+scores each prompt without the trigger word (--trigger-word, default img), as mode B does:
 
     python -m persongen_jax.evaluate --manifest gen/manifest.jsonl --clip weights/clip-vit-large-patch14 \
         --face-models weights/antelopev2 --arcface weights/arcface_r100 --out eval/gen
@@ -35,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+
 from persongen_jax.generate import parse_seeds
 
 
@@ -63,11 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--guidance-scale", type=float, default=5.0)
     b.add_argument("--start-merge-step", type=int, default=10)
     b.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
-    b.add_argument("--scheduler", choices=["euler", "ddim"], default="euler")
+    b.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler")
     b.add_argument("--split", choices=["auto", "never", "always"], default="auto",
                    help="P_general + P_bg through the bg adapter (auto: when the model has one)")
-    b.add_argument("--trigger-word", default="img")
     s = p.add_argument_group("scoring")
+    s.add_argument("--metrics", default="clip_t,face_sim",
+                   help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default: %(default)s)")
+    s.add_argument("--trigger-word", default="img",
+                   help="mode B: written after the class word of each prompt; mode A: removed from the manifest "
+                        "prompts before CLIP-T ('' keeps them as written). CLIP-T scores the prompt without it")
     s.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
     s.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
                                                     "(antelopev2, buffalo_l) or the detector .onnx")
@@ -96,25 +103,34 @@ def _load_config(path: Path):
     return runpy.run_path(str(path))["get_config"]()
 
 
-def _scorers(args, parser):
-    from persongen_jax.evaluation.protocol import Scorers
+def _metrics(args, parser):
+    """The chosen metrics (--metrics) built from the scoring options."""
+    from persongen_jax.evaluation import metrics
 
-    missing = [f"--{k.replace('_', '-')}" for k in ("clip", "face_models", "arcface") if getattr(args, k) is None]
-    if missing:
-        parser.error(f"scoring needs {', '.join(missing)}")
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    options = {"clip": args.clip, "face_detector": args.face_models, "arcface": args.arcface,
+               "no_face": args.no_face, "det_thresh": args.det_thresh, "det_size": args.det_size,
+               "batch_size": args.batch_size, "face_select": args.face_select}
+    try:
+        classes = [metrics.get(n) for n in names]
+    except ValueError as e:
+        parser.error(str(e))
+    if not classes:
+        parser.error("--metrics names no metric")
     print("loading scoring models ...", file=sys.stderr, flush=True)
-    return Scorers.from_pretrained(clip=args.clip, detector=args.face_models, arcface=args.arcface,
-                                   no_face=args.no_face, det_thresh=args.det_thresh,
-                                   det_size=(args.det_size, args.det_size), batch_size=args.batch_size,
-                                   face_select=args.face_select)
+    return metrics.build(names, options)
 
 
-def _summary(metrics: dict) -> str:
+def _summary(summary: dict, metrics) -> str:
     lines = []
-    for name, m in [*metrics["sets"].items(), ("all", metrics["all"])]:
-        fs = "n/a" if m["face_sim"] is None else f"{m['face_sim']:.4f}"
-        ct = "n/a" if m["clip_t"] is None else f"{m['clip_t']:.2f}"
-        lines.append(f"  {name:<16} images {m['n_images']:>5}  CLIP-T {ct:>6}  Face-Sim {fs:>7}  no face {m['no_face']}")
+    for name, m in [*summary["sets"].items(), ("all", summary["all"])]:
+        cells = [f"images {m['n_images']:>5}"]
+        for metric in metrics:
+            value = m[metric.name]
+            cells.append(f"{metric.title} {'n/a' if value is None else f'{value:.{metric.digits}f}':>7}")
+            if metric.missing_key:
+                cells.append(f"{metric.missing_label} {m[metric.missing_key]}")
+        lines.append(f"  {name:<16} " + "  ".join(cells))
     return "\n".join(lines)
 
 
@@ -134,8 +150,8 @@ def main(argv=None) -> int:
             print("wrote " + ", ".join(str(p) for p in paths))
             return 0
         if args.manifest:
-            scorers = _scorers(args, parser)
-            result = protocol.score_manifest(args.manifest, scorers, args.out)
+            metrics = _metrics(args, parser)
+            result = protocol.score_manifest(args.manifest, metrics, args.out, trigger_word=args.trigger_word)
         else:
             if not args.sets:
                 parser.error("mode B needs --sets NAME=FOLDER[,NAME=FOLDER...]")
@@ -143,8 +159,8 @@ def main(argv=None) -> int:
             prompts = protocol.load_prompts(args.prompts)
             if args.num_prompts:
                 prompts = prompts[:args.num_prompts]
-            scorers = _scorers(args, parser)  # before the big model: a bad scoring path fails fast
-            refs = protocol.load_references(sets, scorers)  # and a reference without a face
+            metrics = _metrics(args, parser)  # before the big model: a bad scoring path fails fast
+            refs = protocol.load_references(sets, metrics)  # and a reference without a face
             print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
             if args.model:
                 import jax.numpy as jnp
@@ -158,7 +174,7 @@ def main(argv=None) -> int:
                 step, source = None, {"model": str(args.model), "photomaker": str(args.photomaker or ""),
                                       "lora": str(args.lora or ""), "adapters": str(args.adapters or "")}
             else:
-                from persongen_jax.training.validation import load_trained_pipeline
+                from persongen_jax.training.run_folder import load_trained_pipeline
 
                 config = _load_config(args.config) if args.config else None
                 pipe, step, config = load_trained_pipeline(args.checkpoint, config, args.step)
@@ -172,12 +188,12 @@ def main(argv=None) -> int:
             print(f"generating {n} images: {({k: len(v) for k, v in sets.items()})} identities x {len(prompts)} "
                   f"prompts x {len(args.seeds)} seeds", file=sys.stderr, flush=True)
             title = f"{source.get('model') or source['checkpoint']}" + (f" at step {step}" if step is not None else "")
-            result = protocol.run_protocol(pipe, sets, prompts, scorers, args.out, settings, step=step, title=title,
+            result = protocol.run_protocol(pipe, sets, prompts, metrics, args.out, settings, step=step, title=title,
                                            extra=source, progress=True, references=refs)
     except (ImageError, PipelineError, FaceModelError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(_summary(result.metrics))
+    print(_summary(result.metrics, metrics))
     print(f"wrote {args.out / 'metrics.json'}, scores.csv, report.html ({len(result.rows)} images, "
           f"{time.perf_counter() - t0:.1f}s)")
     return 0

@@ -3,11 +3,14 @@
     python -m persongen_jax.generate --model weights/sdxl --photomaker weights/photomaker \
         --ref face1.jpg --ref face2.jpg --prompt "a photo of a man img wearing a red hat" \
         --seeds 0-4 --out outputs/
+    python -m persongen_jax.generate --checkpoint runs/final_method [--step 4000] \
+        --ref face1.jpg --prompt "a photo of a man img" --cond bg="in the mountains" --out outputs/
 
 Writes OUT/seed_<s>.png for each seed and OUT/settings.json (every setting, so a
 run can be repeated). Without --ref it is plain SDXL text-to-image. With an
-adapter folder (--adapters), --prompt-bg / --prompt-body feed the `bg` / `body`
-cross-attention conditions of the split-prompt method.
+adapter folder (--adapters), `--cond NAME=TEXT` feeds the text condition NAME of the
+split-prompt method (e.g. --cond bg="in the mountains"); --prompt-bg / --prompt-body
+are aliases of --cond bg=... / --cond body=....
 """
 
 from __future__ import annotations
@@ -18,9 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+from persongen_jax.pipeline import MAX_SEED
+from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+
+
+MAX_SEEDS = 100_000     # a typo such as 0-4000000000 must not build a list of billions
+
 
 def parse_seeds(text: str) -> list[int]:
-    """"0-4" -> [0, 1, 2, 3, 4]; "1,5,9" -> [1, 5, 9]; "7" -> [7]."""
+    """"0-4" -> [0, 1, 2, 3, 4]; "1,5,9" -> [1, 5, 9]; "7" -> [7]. Seeds are integers in [0, 2**32 - 1]
+    (argparse type: a bad value is a usage error naming --seeds)."""
     seeds = []
     try:
         for part in text.split(","):
@@ -30,18 +40,60 @@ def parse_seeds(text: str) -> list[int]:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError
-                seeds.extend(range(lo, hi + 1))
             else:
-                seeds.append(int(part))
+                lo = hi = int(part)
+            if not 0 <= lo <= hi <= MAX_SEED:
+                raise argparse.ArgumentTypeError(f"bad --seeds {text!r}: seeds are integers in [0, {MAX_SEED}]")
+            if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                raise argparse.ArgumentTypeError(f"bad --seeds {text!r}: more than {MAX_SEEDS} seeds")
+            seeds.extend(range(lo, hi + 1))
     except (ValueError, TypeError):
         raise argparse.ArgumentTypeError(f"bad --seeds {text!r}: expected e.g. 0-4, 1,5,9 or 7") from None
     return seeds
 
 
+def parse_condition(text: str) -> tuple[str, str]:
+    """"bg=in the mountains" -> ("bg", "in the mountains")."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"bad --cond {text!r}: expected NAME=TEXT, e.g. bg=\"in the mountains\"")
+    return name.strip(), value
+
+
+def condition_texts(args) -> dict[str, str]:
+    """{name: text} from --cond and the --prompt-bg / --prompt-body aliases; a name given twice is an error."""
+    pairs = list(args.cond) + [(n, t) for n, t in (("bg", args.prompt_bg), ("body", args.prompt_body))
+                               if t is not None]
+    out = {}
+    for name, text in pairs:
+        if name in out:
+            raise ValueError(f"condition {name!r} given twice (--cond {name}=... / --prompt-{name})")
+        out[name] = text
+    return out
+
+
+def check_output_folder(out: Path) -> None:
+    """Creates `out` and proves it writable (a real write: root and read-only mounts answer honestly);
+    ValueError naming it otherwise."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m persongen_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True, help="converted SDXL folder (weights_conversion sdxl)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="converted SDXL folder (weights_conversion sdxl)")
+    src.add_argument("--checkpoint", type=Path, metavar="RUN",
+                     help="a training run folder (python -m persongen_jax.train): its model with the trained weights")
+    p.add_argument("--step", type=int, help="with --checkpoint: the checkpoint step (default: the latest)")
     p.add_argument("--photomaker", type=Path, help="converted PhotoMaker folder (id_encoder/ [+ lora/]); "
                                                    "default: look in --model")
     p.add_argument("--lora", type=Path, help="an extra LoRA folder (weights_conversion lora)")
@@ -49,8 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", type=Path, action="append", default=[], help="reference face image (repeatable)")
     p.add_argument("--prompt", required=True, help='must contain the class word followed by the trigger word '
                                                    'when --ref is given, e.g. "a man img"')
-    p.add_argument("--prompt-bg", help="background prompt (P_bg) for the bg adapter")
-    p.add_argument("--prompt-body", help="body prompt (P_body) for the body adapter")
+    p.add_argument("--cond", type=parse_condition, action="append", default=[], metavar="NAME=TEXT",
+                   help="text of the model's text condition NAME (its adapter), e.g. bg=\"in the mountains\"; "
+                        "repeatable")
+    p.add_argument("--prompt-bg", help="background prompt (P_bg): alias of --cond bg=TEXT")
+    p.add_argument("--prompt-body", help="body prompt (P_body): alias of --cond body=TEXT")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seeds", type=parse_seeds, default=[0], help="e.g. 0-4 or 1,5,9 (default 0)")
     p.add_argument("--steps", type=int, default=50)
@@ -58,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-merge-step", type=int, default=10, help="step from which the ID tokens are used")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--scheduler", choices=["euler", "ddim"], default="euler")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler")
     p.add_argument("--trigger-word", default="img")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the stored params' dtype)")
@@ -73,21 +128,33 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from persongen_jax.pipeline.image_processing import ImageError, load_image
-    from persongen_jax.pipeline.pipeline import PersonGenPipeline, PipelineError
+    from persongen_jax.pipeline.pipeline import PersonGenPipeline, PipelineError, check_settings
 
     t0 = time.perf_counter()
     try:
+        # Everything that can be checked without the model is, before minutes of loading and sampling.
+        check_settings(seeds=args.seeds, num_steps=args.steps, guidance_scale=args.guidance_scale,
+                       start_merge_step=args.start_merge_step, height=args.height, width=args.width)
+        check_output_folder(args.out)
+        texts = condition_texts(args)
         refs = [load_image(p) for p in args.ref]  # fail on a bad image before loading any model
-        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-        pipe = PersonGenPipeline.from_pretrained(
-            args.model, photomaker=args.photomaker, lora=args.lora, adapters=args.adapters,
-            dtype=getattr(jnp, args.dtype) if args.dtype else None, attention_impl=args.attention,
-            trigger_word=args.trigger_word)
+        print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
+        if args.checkpoint:
+            if args.photomaker or args.lora or args.adapters:
+                raise ValueError("--checkpoint loads the run's own model: drop --photomaker / --lora / --adapters")
+            from persongen_jax.training.run_folder import load_trained_pipeline
+
+            pipe, args.step, _ = load_trained_pipeline(args.checkpoint, step=args.step)
+        else:
+            if args.step is not None:
+                raise ValueError("--step goes with --checkpoint")
+            pipe = PersonGenPipeline.from_pretrained(
+                args.model, photomaker=args.photomaker, lora=args.lora, adapters=args.adapters,
+                dtype=getattr(jnp, args.dtype) if args.dtype else None, attention_impl=args.attention,
+                trigger_word=args.trigger_word)
         common = dict(num_steps=args.steps, guidance_scale=args.guidance_scale,
                       start_merge_step=args.start_merge_step, height=args.height, width=args.width,
-                      negative_prompt=args.negative_prompt, prompt_bg=args.prompt_bg,
-                      prompt_body=args.prompt_body, scheduler=args.scheduler)
-        args.out.mkdir(parents=True, exist_ok=True)
+                      negative_prompt=args.negative_prompt, conditions=texts, scheduler=args.scheduler)
         files = []
         # One compiled call for all seeds; the bar counts denoising steps.
         images = pipe(args.prompt, refs, seeds=args.seeds, progress=True, **common)
@@ -95,10 +162,12 @@ def main(argv=None) -> int:
             path = args.out / f"seed_{seed}.png"
             Image.fromarray(img).save(path)
             files.append(path.name)
-    except (ImageError, PipelineError, ValueError, FileNotFoundError) as e:
+    except (ImageError, PipelineError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    settings = {"model": str(args.model), "photomaker": str(args.photomaker) if args.photomaker else None,
+    settings = {"model": str(args.model) if args.model else None,
+                "checkpoint": str(args.checkpoint) if args.checkpoint else None, "step": args.step,
+                "photomaker": str(args.photomaker) if args.photomaker else None,
                 "lora": str(args.lora) if args.lora else None, "adapters": str(args.adapters) if args.adapters else None,
                 "refs": [str(p) for p in args.ref], "prompt": args.prompt, "seeds": args.seeds,
                 "height": images.shape[1], "width": images.shape[2], "trigger_word": args.trigger_word,

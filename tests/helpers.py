@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,6 +13,38 @@ import numpy as np
 from persongen_jax.testing.torch_init import randomize_  # noqa: F401  (tests call helpers.randomize_)
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The parity tests' UNet: SDXL-shaped, same block layout (plain block first,
+# then two cross-attention levels), text_time added conditions, several transformer layers per block.
+# text_embeds are 32-d, so projection_class_embeddings_input_dim = 32 + 6 * 8.
+PARITY_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "attention_head_dim": [2, 2, 4],
+    "block_out_channels": [32, 64, 64],
+    "cross_attention_dim": 32,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 8,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 80,
+    "sample_size": 32,
+    "transformer_layers_per_block": [1, 2, 2],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+
+def parity_unet_config() -> dict:
+    """A fresh copy of PARITY_UNET (three levels, more transformer layers than the `tiny` model size)."""
+    return copy.deepcopy(PARITY_UNET)
 
 
 def torch_precise() -> None:

@@ -6,6 +6,9 @@ LoRA folders round-trip.
 
 from __future__ import annotations
 
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,7 +107,8 @@ def test_gradients_reach_every_adapter_param(adapted):
     assert flat and all(not k.endswith(("to_q.kernel", "to_k.kernel")) for k in flat)  # only adapter params
     groups = {}
     for k, g in flat.items():
-        leaf = next((p for p in k.split(".") if p.startswith(("to_k_", "to_v_"))), "image_proj")
+        m = re.search(r"\.processor\.to_([kv])\.(\w+)\.", k)  # ...attn2.processor.to_k.<name>.kernel
+        leaf = f"to_{m[1]}_{m[2]}" if m else "image_proj"
         groups[leaf] = groups.get(leaf, 0.0) + float(jnp.abs(g).sum())
     assert set(groups) == {f"to_{kv}_{n}" for kv in "kv" for n in NAMES} | {"image_proj"}
     assert all(v > 0 for v in groups.values()), groups
@@ -127,6 +131,38 @@ def test_adapter_and_lora_folders_round_trip(tmp_path):
     np.testing.assert_array_equal(_call(again, INPUTS, _conditions(again), None), out)
     with pytest.raises(ValueError, match="already has adapters"):
         lora.load_adapters(again, tmp_path / "adapters")
+    # flax's own LoRA filter selects our LoRA factors (LoRAParam subclasses nnx.LoRAParam).
+    assert (jax.tree.structure(nnx.state(model, nnx.LoRAParam))
+            == jax.tree.structure(nnx.state(model, lora.LoRAParam)))
+
+
+def test_version_1_folders_load(tmp_path):
+    """Folders written before the processor layout (`...attn2.to_k_<name>`, format version 1) still load."""
+    from persongen_jax.models import modeling
+
+    model, _ = _unet("parallel", copy_lora=False)
+    lora.add_lora(model, 2, 4.0, rngs=nnx.Rngs(3), targets=(r".*\.attn2\.processor\.to_[kv]\.bg",))
+    rng = np.random.default_rng(1)
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Any(lora.AdapterParam, lora.LoRAParam))):
+        var.set_value(var.get_value() + jnp.asarray(rng.standard_normal(var.get_value().shape), jnp.float32) * 0.05)
+    out = _call(model, INPUTS, _conditions(model), None)
+    old = lambda path: re.sub(r"\.processor\.to_([kv])\.(\w+)", r".to_\1_\2", path)  # the version-1 layout
+    for kind, save, param_type in (("adapters", lora.save_adapters, lora.AdapterParam),
+                                   ("lora", lora.save_lora, lora.LoRAParam)):
+        save(model, tmp_path / kind)
+        cfg = json.loads((tmp_path / kind / "config.json").read_text())
+        cfg["version"] = 1
+        if kind == "lora":
+            cfg["modules"] = {old(p): m for p, m in cfg["modules"].items()}
+        flat = {tuple(old(lora.path_str(p)).split(".")): v.get_value()
+                for p, v in nnx.to_flat_state(nnx.state(model, param_type))}
+        assert any("to_k_bg" in k for k in flat)
+        lora.write_folder(tmp_path / f"{kind}_v1", cfg, flat)
+    assert "to_k_bg" in (tmp_path / "lora_v1" / modeling.CONFIG_FILE).read_text()
+    again = _plain_unet()
+    lora.load_adapters(again, tmp_path / "adapters_v1")
+    lora.load_lora(again, tmp_path / "lora_v1")
+    np.testing.assert_array_equal(_call(again, INPUTS, _conditions(again), None), out)
 
 
 def test_copy_lora_into_adapter_layers():
@@ -134,7 +170,7 @@ def test_copy_lora_into_adapter_layers():
     lora.add_lora(model, 2, rngs=nnx.Rngs(1))
     lora.add_adapters(model, ["bg"], mode="parallel", copy_lora=True)
     for attn in lora.cross_attentions(model).values():
-        for src, dst in ((attn.to_k, attn.to_k_bg), (attn.to_v, attn.to_v_bg)):
+        for src, dst in ((attn.to_k, attn.processor.to_k["bg"]), (attn.to_v, attn.processor.to_v["bg"])):
             np.testing.assert_array_equal(dst.kernel[...], src.kernel[...])
             np.testing.assert_array_equal(dst.lora_A.kernel[...], src.lora_A.kernel[...])
             assert isinstance(dst.kernel, lora.AdapterParam) and isinstance(dst.lora_A.kernel, lora.LoRAParam)

@@ -138,7 +138,7 @@ def test_hub_layout_checkpoint_converts(text_legacy):
     ours = modeling.flat_params(model)
     assert set(flat) == set(ours)
     for p in flat:
-        np.testing.assert_array_equal(flat[p], np.asarray(ours[p]), err_msg=modeling.path_to_str(p))
+        np.testing.assert_array_equal(flat[p], np.asarray(ours[p]), err_msg=modeling.path_str(p))
 
 
 # ----------------------------------------------------------------------------- vision

@@ -15,41 +15,79 @@ PROMPTS = ["a photo of a man wearing a red hat", "a woman in the city", "a portr
            "a boy", "a photo of a girl looking at the camera"]
 
 
+# The model folder's image preprocessing (not transformers' defaults at the model's size, 32): resize the
+# shortest edge to 40, crop 32, other mean / std and filter. OpenAI's legacy int form, as on the hub.
+PREPROCESSOR = {"crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.3, 0.5, 0.7],
+                "image_std": [0.2, 0.3, 0.25], "resample": 2, "size": 40}
+
+
 @pytest.fixture(scope="module")
 def clip_dirs(tmp_path_factory):
+    import json
+
     from persongen_jax.testing.tiny_eval import make_tiny_clip
 
     helpers.torch_precise()
     root = tmp_path_factory.mktemp("clip_t")
     model = make_tiny_clip(root / "dst", source=root / "src", convert=False)
+    (root / "src" / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
     helpers.run_cli("clip", root / "src", root / "dst")  # converted through the CLI
     return root, model
 
 
-def test_clip_t_matches_pytorch(clip_dirs):
+def _reference_scores(root, model, images, prompts, proc) -> np.ndarray:
+    """transformers: CLIPModel image / text features of `proc`'s pixels, 100 * cosine."""
     from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(root / "src")
+    with torch.no_grad():
+        pix = torch.from_numpy(proc(images, return_tensors="np").pixel_values)
+        ids = torch.from_numpy(tok(prompts, padding="max_length", max_length=77, return_tensors="np").input_ids)
+        img = model.get_image_features(pixel_values=pix)
+        txt = model.get_text_features(input_ids=ids)
+        img = getattr(img, "pooler_output", img)
+        txt = getattr(txt, "pooler_output", txt)
+        return 100 * torch.nn.functional.cosine_similarity(img, txt).numpy()
+
+
+def test_clip_t_matches_pytorch(clip_dirs):
+    """With the folder's preprocessor_config.json (carried over by the converter) and, on a scorer built
+    without one, transformers' defaults at the model's image size."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from persongen_jax.evaluation.clip_t import CLIPTScorer
 
     root, model = clip_dirs
+    carried = root / "dst" / "preprocessor_config.json"
+    assert carried.read_text() == (root / "src" / "preprocessor_config.json").read_text()
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 50, 3)).astype(np.uint8)) for i in range(5)]
-    proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    tok = CLIPTokenizer.from_pretrained(root / "src")
-    with torch.no_grad():
-        pix = torch.from_numpy(proc(images, return_tensors="np").pixel_values)
-        ids = torch.from_numpy(tok(PROMPTS, padding="max_length", max_length=77, return_tensors="np").input_ids)
-        img = model.get_image_features(pixel_values=pix)
-        txt = model.get_text_features(input_ids=ids)
-        img = getattr(img, "pooler_output", img)
-        txt = getattr(txt, "pooler_output", txt)
-        ref = 100 * torch.nn.functional.cosine_similarity(img, txt).numpy()
-
     scorer = CLIPTScorer.from_pretrained(root / "dst", batch_size=4)  # 2 batches, padded, sharded on 4 devices
-    ours = scorer(images, PROMPTS)
-    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
+    ref = _reference_scores(root, model, images, PROMPTS, CLIPImageProcessorPil.from_pretrained(root / "src"))
+    np.testing.assert_allclose(scorer(images, PROMPTS), ref, atol=1e-3, rtol=0)
     assert scorer.batch_size % len(scorer.batches.mesh.devices.flat) == 0
+
+    default = CLIPTScorer(scorer.model, scorer.tokenizer, batch_size=4)  # no processor config: today's values
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ref_default = _reference_scores(root, model, images, PROMPTS, proc)
+    np.testing.assert_allclose(default(images, PROMPTS), ref_default, atol=1e-3, rtol=0)
+    assert np.abs(ref_default - ref).max() > 0.1  # the folder's preprocessing does change the scores
+
+
+def test_clip_t_of_transparent_images_matches_pytorch(clip_dirs):
+    """RGBA / LA / palette PNGs with transparency: composited onto white as transformers does."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from persongen_jax.evaluation.clip_t import CLIPTScorer
+
+    root, model = clip_dirs
+    rgba = np.random.default_rng(3).integers(0, 256, (48, 40, 4)).astype(np.uint8)
+    rgba[:24, :, 3] = 0  # the top half transparent, its hidden colours random
+    images = [Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba[..., [0, 3]], "LA"), rgba]
+    scorer = CLIPTScorer.from_pretrained(root / "dst", batch_size=4)
+    ref = _reference_scores(root, model, images, PROMPTS[:3], CLIPImageProcessorPil.from_pretrained(root / "src"))
+    np.testing.assert_allclose(scorer(images, PROMPTS[:3]), ref, atol=1e-3, rtol=0)
 
 
 def test_clip_t_errors(clip_dirs, tmp_path):
@@ -59,3 +97,7 @@ def test_clip_t_errors(clip_dirs, tmp_path):
     scorer = CLIPTScorer.from_pretrained(root / "dst")
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         scorer([np.zeros((8, 8, 3), np.uint8)] * 2, ["a"])
+    from persongen_jax.pipeline.image_processing import CLIPImageProcessor
+
+    with pytest.raises(ValueError, match="gives 24x24 images; the CLIP vision model takes 32x32"):
+        CLIPTScorer(scorer.model, scorer.tokenizer, image_processor=CLIPImageProcessor.at_size(24))

@@ -50,9 +50,16 @@ def _fails(proc, *needles):
 def test_converts_and_writes_loadable_folder(text_src, tmp_path):
     from persongen_jax.models import from_pretrained
 
+    # The image preprocessing files go along (CLIP-T reads them from the converted folder): the image
+    # processor's own file and transformers 5's processor file.
+    src = shutil.copytree(text_src, tmp_path / "src")
+    (src / "preprocessor_config.json").write_text(json.dumps({"crop_size": 224, "size": 224}))
+    (src / "processor_config.json").write_text(json.dumps({"image_processor": {"size": {"shortest_edge": 336}}}))
     dst = tmp_path / "out"
-    proc = run_cli("clip", text_src, dst)
+    proc = run_cli("clip", src, dst)
     assert "converted CLIPTextModelWithProjection" in proc.stdout
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        assert (dst / name).read_text() == (src / name).read_text()
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["_persongen_class"] == "CLIPTextModelWithProjection"
     model = from_pretrained(dst)

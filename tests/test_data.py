@@ -285,7 +285,6 @@ def _bad(index):
 def test_paths_stay_inside_src_and_reads_are_limited(tmp_path):
     """Defect 1: `..`, absolute and symlinked paths out of SRC, `/dev/zero` and an oversized file are listed
     as bad (nothing outside SRC stored); `p0/../p0/1.png` is the image `p0/1.png` once (duplicate listed)."""
-    import os
 
     src = tmp_path / "src"
     lines = _src(src, persons=("p0", "p1", "p2"), images=3)

@@ -7,13 +7,14 @@ detector and a tiny ArcFace (`testing.tiny_eval`). Counts: sets x identities x p
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from persongen_jax.train import load_config
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -89,6 +90,7 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
     assert "images/in_train/alice/reference_0.png" in html and "Neon Bank" in html
     prompts = json.loads((REPO / "persongen_jax" / "evaluation" / "validation_prompts.json").read_text())["prompts"]
     assert {r["prompt"] for r in rows} == {p["prompt"] for p in prompts[:2]}  # CLIP-T text: no trigger word
+    assert "without the trigger word" in metrics["clip_t_text"]
 
     # A detector that finds no face in any generation: every image counted and listed; "skip" -> no mean.
     strict = tmp_path / "strict"
@@ -136,11 +138,59 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_mode_a_scores_the_prompt_without_the_trigger_word(models, tmp_path, capsys):
+    """Mode A removes the trigger word before CLIP-T, as mode B scores its prompts (--trigger-word applies
+    to both; '' keeps prompts as written); metrics.json says which text was scored; a trigger word glued
+    to another word is an error naming the manifest line. A transparent PNG is scored on white."""
+    from persongen_jax.evaluate import main
+    from persongen_jax.evaluation.clip_t import CLIPTScorer
+    from persongen_jax.pipeline.image_processing import convert_to_rgb
+
+    root = models
+    alice = root / "val" / "in_train" / "alice.png"
+    rgba = np.asarray(Image.open(alice).convert("RGBA")).copy()
+    rgba[:12, :, 3] = 0  # a transparent top band over alice's colours
+    cutout = tmp_path / "cutout.png"
+    Image.fromarray(rgba, "RGBA").save(cutout)
+    with_trigger, plain = "a photo of a man img wearing a red hat", "a photo of a man wearing a red hat"
+    lines = [{"image": str(alice), "prompt": with_trigger, "reference": str(alice)},
+             {"image": str(alice), "prompt": plain, "reference": str(alice)},
+             {"image": str(cutout), "prompt": with_trigger, "reference": str(cutout)}]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+
+    assert main(["--manifest", str(manifest), "--out", str(tmp_path / "a"), *_scoring(root)]) == 0, \
+        capsys.readouterr().err
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["trigger_word"] == "img" and "without the trigger word 'img'" in m["clip_t_text"]
+    rows = list(csv.DictReader(open(tmp_path / "a" / "scores.csv")))
+    assert [r["prompt"] for r in rows] == [plain] * 3
+    clip = CLIPTScorer.from_pretrained(root / "clip")
+    face = Image.open(alice)
+    expected = clip([face, face, convert_to_rgb(Image.open(cutout))], [plain, with_trigger, plain])
+    assert abs(expected[1] - expected[0]) > 0.1  # scoring the trigger word changes CLIP-T
+    np.testing.assert_allclose([float(r["clip_t"]) for r in rows], expected[[0, 0, 2]], atol=1e-3)
+    assert abs(float(rows[2]["face_sim"]) - 1.0) < 1e-5  # the cut-out against itself, both on white
+
+    assert main(["--manifest", str(manifest), "--trigger-word", "", "--out", str(tmp_path / "b"),
+                 *_scoring(root)]) == 0
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["trigger_word"] is None and m["clip_t_text"] == "the manifest prompt as written"
+    rows = list(csv.DictReader(open(tmp_path / "b" / "scores.csv")))
+    assert rows[0]["prompt"] == with_trigger and abs(float(rows[0]["clip_t"]) - expected[1]) < 1e-3
+
+    glued = tmp_path / "glued.jsonl"
+    glued.write_text(json.dumps(lines[0]) + "\n" + json.dumps({**lines[0], "prompt": "a photo of a man imgur"}) + "\n")
+    capsys.readouterr()
+    assert main(["--manifest", str(glued), "--out", str(tmp_path / "c"), *_scoring(root)]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "glued.jsonl, line 2: prompt 'a photo of a man imgur'" in err
+    assert "'img' must be a separate word" in err and "Traceback" not in err
+    assert not (tmp_path / "c" / "metrics.json").exists()
+
+
 def _demo_config(**eval_overrides):
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = load_config(str(REPO / "configs" / "demo.py"))
     c.model = "micro"
     c.data.source = "synthetic"
     c.data.global_batch_size = 4
@@ -157,7 +207,7 @@ def _demo_config(**eval_overrides):
 def test_validation_during_training_then_checkpoint_evaluation_and_compare(models, tmp_path, capsys):
     from persongen_jax.evaluate import main
     from persongen_jax.training import train_and_evaluate
-    from persongen_jax.training.validation import load_trained_model
+    from persongen_jax.training.run_folder import load_trained_model
 
     root = models
     sets = f"in_train={root / 'val' / 'in_train'}"
@@ -216,3 +266,27 @@ def test_validation_config_errors(models, tmp_path):
                      arcface=str(models / "arcface"))
     with pytest.raises(ValueError, match="nobody.png"):
         Validator.from_config(c, tmp_path, None)
+
+
+def test_manifest_errors_name_the_file_and_line(models, tmp_path, capsys):
+    """Issue 9 defects 5 + 10: `"reference": []` (NaN in metrics.json before), `"image": 5` and non-UTF-8
+    bytes are one `error:` line naming the manifest and the line; exit 1, no metrics.json."""
+    from persongen_jax.evaluate import main
+    from persongen_jax.evaluation.protocol import read_manifest
+
+    alice = str(models / "val" / "in_train" / "alice.png")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"image": alice, "prompt": "a photo", "reference": []}) + "\n")
+    assert main(["--manifest", str(empty), "--out", str(tmp_path / "out"), *_scoring(models)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "loading" not in line]  # progress lines
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert f"{empty}, line 1: reference=[]" in err[0] and not (tmp_path / "out" / "metrics.json").exists()
+    cases = {"image5": (json.dumps({"image": 5, "prompt": "x", "reference": alice}) + "\n").encode(),
+             "refs": (json.dumps({"image": alice, "prompt": "x", "reference": [alice, None]}) + "\n").encode(),
+             "latin1": b'{"image": "a.png", "prompt": "caf\xe9", "reference": "b.png"}\n'}
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"{path}, line 1: " + ("not UTF-8" if name == "latin1" else
+                                                                   "image=5" if name == "image5" else "reference=")):
+            read_manifest(path)

@@ -142,3 +142,61 @@ def test_batched_embeddings_match_onnxruntime(face_models):
     ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
     np.testing.assert_allclose(scorer.embed_crops(crops), ref, atol=1e-4, rtol=0)
+
+
+def test_face_sim_without_the_onnx_package(face_models, tmp_path, monkeypatch):
+    """The base install has onnxruntime but not `onnx` (the [torch] extra): finding the detector in a
+    model folder and scoring work with `import onnx` blocked."""
+    import shutil
+    import sys
+
+    from PIL import Image
+
+    from persongen_jax.evaluation.face_sim import FaceSimScorer
+    from persongen_jax.evaluation.faces import FaceModelError, find_detector_file
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    with pytest.raises(ImportError):
+        import onnx  # noqa: F401
+    # An insightface-like folder: a recognition file with a detector-looking name is looked at first.
+    folder = tmp_path / "antelope"
+    folder.mkdir()
+    shutil.copy(face_models / "arcface.onnx", folder / "2d106det.onnx")
+    shutil.copy(face_models / "det" / "det_tiny.onnx", folder / "scrfd_tiny.onnx")
+    assert find_detector_file(folder) == folder / "scrfd_tiny.onnx"
+    scorer = FaceSimScorer.from_pretrained(folder, face_models / "arcface")
+    ref_path = tmp_path / "ref.png"
+    Image.fromarray(_image(0)).save(ref_path)
+    scores, found = scorer([_image(0), _image(1)], [scorer.reference_embeddings([ref_path])] * 2)
+    assert found.all() and abs(scores[0] - 1.0) < 1e-5
+    (folder / "scrfd_tiny.onnx").unlink()
+    with pytest.raises(FaceModelError, match="no SCRFD face detector among"):
+        find_detector_file(folder)
+    (folder / "det_broken.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(FaceModelError, match="det_broken.onnx: not a readable ONNX file"):
+        find_detector_file(folder)
+
+
+def test_transparent_images_are_composited_on_white_for_detection(face_models, tmp_path):
+    """A cut-out PNG (transparent background whose hidden colours are black): the detector sees it on
+    white, as CLIP-T does -- the picture a viewer sees -- not the black that dropping alpha (cv2.imread,
+    PIL .convert("RGB")) would show it."""
+    from PIL import Image
+
+    from persongen_jax.evaluation.face_sim import FaceSimScorer
+    from persongen_jax.pipeline.image_processing import convert_to_rgb
+
+    scorer = FaceSimScorer.from_pretrained(face_models / "det", face_models / "arcface")
+    rgba = np.zeros((96, 96, 4), np.uint8)
+    rgba[24:72, 24:72] = np.concatenate([_image(2, 48, 48), np.full((48, 48, 1), 255, np.uint8)], axis=-1)
+    rgba[20:24, 20:76, 3] = 128  # a half-transparent band
+    on_white = convert_to_rgb(rgba)
+    assert len(scorer.detector.detect(rgba[..., :3])) == 0  # alpha dropped: mostly black, no face
+    path = tmp_path / "cutout.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    crops, found = scorer.align([rgba, Image.open(path), path, on_white])
+    assert found.all()
+    for crop in crops[:3]:
+        np.testing.assert_array_equal(crop, crops[3])
+    ref = scorer.reference_embeddings([path])  # references too
+    np.testing.assert_allclose(ref, scorer.reference_embeddings([on_white]), atol=0)

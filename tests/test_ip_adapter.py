@@ -15,7 +15,6 @@ from flax import nnx
 
 import helpers
 from persongen_jax.models import from_pretrained, lora
-from persongen_jax.models.unet import UNet2DConditionModel
 from weights_conversion.__main__ import main as convert_main
 from weights_conversion.lora import ip_adapter_numbering
 
@@ -33,7 +32,7 @@ def _call(model, sample, t, ehs, te, ti, image):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     helpers.torch_precise()
-    cfg = {k: v for k, v in UNet2DConditionModel.preset_config("tiny").items() if not k.startswith("_")}
+    cfg = {k: v for k, v in helpers.parity_unet_config().items() if not k.startswith("_")}
     unet = diffusers.UNet2DConditionModel(**cfg).eval()
     helpers.randomize_(unet, seed=0)
     root = tmp_path_factory.mktemp("ip")

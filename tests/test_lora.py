@@ -47,7 +47,7 @@ class _LoraLoader(diffusers.loaders.StableDiffusionXLLoraLoaderMixin):
 def tiny(tmp_path_factory):
     """(root, diffusers UNet state dict, converted UNet folder, inputs)."""
     helpers.torch_precise()
-    cfg = {k: v for k, v in UNet2DConditionModel.preset_config("tiny").items() if not k.startswith("_")}
+    cfg = {k: v for k, v in helpers.parity_unet_config().items() if not k.startswith("_")}
     model = diffusers.UNet2DConditionModel(**cfg).eval()
     helpers.randomize_(model, seed=0)
     root = tmp_path_factory.mktemp("lora")
@@ -256,7 +256,7 @@ def test_kohya_sgm_block_names_match_diffusers():
     from persongen_jax.models import modeling
     from weights_conversion.lora import _kohya_map, _sgm_to_diffusers
 
-    cfg = UNet2DConditionModel.preset_config("tiny")
+    cfg = helpers.parity_unet_config()
     kohya = _kohya_map(lora.linear_modules(modeling.abstract_model(UNet2DConditionModel, cfg)))
     names = [f"lora_unet_input_blocks_{i}_1_transformer_blocks_{k}_attn1_to_q" for i in (4, 5, 7, 8) for k in (0, 1)]
     names += [f"lora_unet_middle_block_1_transformer_blocks_{k}_attn2_to_out_0" for k in (0, 1)]

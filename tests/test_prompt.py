@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -153,3 +154,19 @@ def test_trigger_prompt_encoding_matches_torch(tokenizers, encoders, torch_pipe)
         ref_text_only = torch_pipe.encode_prompt([P.text_only_prompt(PROMPT), "a portrait of a woman smiling"],
                                                  device="cpu", do_classifier_free_guidance=False)[0]
     helpers.assert_close(text_only, ref_text_only.numpy(), name="text_only")
+
+
+def test_strip_trigger_word_agrees_with_generation(tokenizers):
+    """CLIP-T's text for a generation prompt (evaluate mode A): the text-only prompt where generation
+    accepts the prompt, an error where generation refuses a glued trigger word, unchanged without one."""
+    for ok in ["a photo of a man img wearing a red hat", "a man img, smiling", "a woman img"]:
+        P.make_prompt_batch(tokenizers, ok, 1)
+        assert P.strip_trigger_word(ok) == P.text_only_prompt(ok)
+    for glued in ["a man imgur", "a man (img) smiling", "a man,img", "a manimg"]:
+        with pytest.raises(ValueError, match="must be a separate word"):
+            P.make_prompt_batch(tokenizers, glued, 1)
+        with pytest.raises(ValueError, match=rf"prompt '{re.escape(glued)}': the trigger word 'img' must be"):
+            P.strip_trigger_word(glued)
+    assert P.strip_trigger_word("a portrait of a person") == "a portrait of a person"
+    assert P.strip_trigger_word("a man\timg in the city") == "a man in the city"
+    assert P.strip_trigger_word("a woman sks", "sks") == "a woman"

@@ -128,3 +128,50 @@ def test_id_tokens_change_the_image_only_after_the_merge_step(tiny, tmp_path):
     text_only = p("a photo of a man", [], seeds=[0], num_steps=3)
     np.testing.assert_array_equal(with_id_late, text_only)
     assert not np.array_equal(with_id, text_only)
+
+
+
+def test_generate_checks_settings_and_output_before_loading(tmp_path, capsys):
+    """Issue 9 defects 5, 7, 10: NaN guidance, --height 0 / -16, --steps 0, huge seeds, an --out that is a
+    file or read-only: one `error:` line before the model loads (the model folder here does not exist)."""
+    from persongen_jax.generate import main
+
+    def fails(*extra, out=tmp_path / "out"):
+        assert main(["--model", str(tmp_path / "no_model"), "--prompt", "a photo of a man", "--steps", "2",
+                     "--out", str(out), *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1 and "no_model" not in err, err
+        return err
+
+    assert "guidance scale nan" in fails("--guidance-scale", "nan")
+    assert "height=0" in fails("--height", "0") and "height=-16" in fails("--height", "-16")
+    assert "steps=0" in fails("--steps", "0")
+    with pytest.raises(SystemExit):  # a malformed flag value: argparse's usage error, naming --seeds
+        main(["--model", "m", "--prompt", "p", "--out", str(tmp_path), "--seeds", "99999999999999999999"])
+    assert "seeds are integers in [0, 4294967295]" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in fails(out=tmp_path / "file")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    from test_conversion_cli import _read_only
+
+    undo = _read_only(ro)
+    try:
+        assert "cannot write" in fails(out=ro)
+    finally:
+        undo()
+
+
+def test_non_finite_images_are_an_error_naming_the_seeds(pipe):
+    """Issue 9 defect 5: NaN weights decode to NaN, which used to be saved as black PNGs; now a
+    PipelineError naming the seeds (the generate CLI prints it and exits 1)."""
+    from persongen_jax.pipeline.pipeline import PipelineError
+
+    bias = pipe.vae.decoder.conv_out.bias
+    good = bias.get_value()
+    bias.set_value(good * float("nan"))
+    try:
+        with pytest.raises(PipelineError, match=r"seed\(s\) \[3, 4\] holds NaN/Inf"):
+            pipe(PROMPT, seeds=[3, 4], num_steps=STEPS, scheduler="euler")
+    finally:
+        bias.set_value(good)

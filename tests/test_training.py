@@ -8,7 +8,6 @@ A persistent XLA cache in a temp dir lets runs of identical programs (resume) sk
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -22,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
+from persongen_jax import train as train_cli
 from persongen_jax.training import train_and_evaluate
 from persongen_jax.training.loss import masked_mse
 
@@ -41,16 +42,11 @@ def _compile_cache(tmp_path_factory):
 
 
 def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg) if arg is not None or name != "demo" else mod.get_config()
+    """configs/NAME.py[:ARG] as `python -m persongen_jax.train --config` loads it."""
+    return train_cli.load_config(str(CONFIGS / f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 def tiny_config(**overrides):
-    spec = importlib.util.spec_from_file_location("configs_default", CONFIGS / "default.py")
-    default = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(default)
     c = default.tiny(default.get_config())
     c.model = "micro"  # the tiny model with a shallower UNet: half the compile time
     c.trainable = default.groups(heads=1e-5, fuse_mlp=1e-5, lora=1e-4)
@@ -225,7 +221,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
 def test_per_group_lr_and_warmup(tmp_path):
     from persongen_jax.training.model import build_model
-    from persongen_jax.training.optimizer import path_str
+    from persongen_jax.models.modeling import path_str
     from flax import nnx
 
     warmup = 10
@@ -297,3 +293,137 @@ def test_training_on_bad_data_reports_both_by_name(tmp_path, caplog):
     last = reports[-1]
     assert "2 bad records" in last and "corrupt.jpg (cannot decode image" in last \
         and "nocaption.jpg (missing caption)" in last, last
+
+
+# ----------------------------------------------------------------------------- reliability (issue 9)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A micro run of 2 steps with a checkpoint after each: the starting point of the resume tests (copied)."""
+    wd = tmp_path_factory.mktemp("trained") / "run"
+    train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=1, keep_checkpoints=5), wd, devices=jax.devices()[:1])
+    return wd
+
+
+def _copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _metric_steps(path):
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_resume_refuses_shape_changes_and_keeps_config_versions(trained_run, tmp_path):
+    """Defects 4 + 11: a rank-8 resume of a rank-4 run is refused before anything is written (config.json
+    intact, the run still loads for evaluation); harmless changes resume and are recorded with the step
+    they start at; metric lines a killed run logged after its last checkpoint are set aside, not repeated;
+    --config.resume=false starts over and keeps the previous run."""
+    from persongen_jax.training.run_folder import load_trained_model
+
+    run = _copy_run(trained_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    rank8 = tiny_config(total_steps=3, checkpoint_every=1, **{"lora.rank": 8, "lora.alpha": 8.0})
+    with pytest.raises(ValueError, match=r"lora.alpha: 4.0 -> 8.0; lora.rank: 4 -> 8\); use a new --workdir"):
+        train_and_evaluate(rank8, run, devices=jax.devices()[:1])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert load_trained_model(run)[2] == 2  # what `evaluate --checkpoint RUN` does
+    with open(run / "metrics.jsonl", "a") as f:  # a run killed after logging steps 3 and 4, checkpoint at 2
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + json.dumps({"step": 4, "loss": 9.0}) + "\n")
+    out = train_and_evaluate(tiny_config(total_steps=3, checkpoint_every=1, keep_checkpoints=4), run,
+                             devices=jax.devices()[:1])
+    assert [h["step"] for h in out["history"]] == [3]
+    assert _metric_steps(run / "metrics.jsonl") == [1, 2, 3]
+    assert _metric_steps(run / "metrics.superseded.jsonl") == [3, 4]
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [0, 2]
+    assert history[1]["changes"] == {"keep_checkpoints": [5, 4], "total_steps": [2, 3]}
+    assert json.loads((run / "config.json").read_text())["total_steps"] == 3
+    out = train_and_evaluate(tiny_config(total_steps=1, checkpoint_every=1, resume=False), run,
+                             devices=jax.devices()[:1])
+    assert out["step"] == 1 and _complete_checkpoints(run) == [1]
+    (previous,) = (run / "previous").iterdir()
+    assert _complete_checkpoints(previous) == [1, 2, 3] and _metric_steps(previous / "metrics.jsonl") == [1, 2, 3]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(trained_run, tmp_path, caplog):
+    """Defect 8: the latest checkpoint's data files truncated (TensorStore OUT_OF_RANGE): the run resumes from
+    the one before, with a warning naming the damaged checkpoint, which is kept (moved aside), not deleted."""
+    import logging
+
+    run = _copy_run(trained_run, tmp_path / "run")
+    for data in (run / "checkpoints" / "2" / "state").glob("ocdbt.process_*/d/*"):  # a copy cut short
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        out = train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=1, keep_checkpoints=5), run,
+                                 devices=jax.devices()[:1])
+    assert [h["step"] for h in out["history"]] == [2]  # step 2 computed again from checkpoint 1
+    said = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+    assert len(said) == 1 and f"checkpoint {run / 'checkpoints' / '2'} does not restore" in said[0], said
+    assert "OUT_OF_RANGE" in said[0] and "checkpoints_unreadable" in said[0]
+    assert (run / "checkpoints_unreadable" / "2" / "state").is_dir() and _complete_checkpoints(run) == [1, 2]
+
+
+def test_resume_whose_shapes_differ_names_parameter_and_checkpoint(trained_run, tmp_path):
+    """Defect 10: checkpoints of rank 4 under a config.json edited to rank 8: the error names the parameter,
+    both shapes and the checkpoint (was: `Requested shape (64, 8) is not compatible with (64, 4)`)."""
+    run = _copy_run(trained_run, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["lora"].update(rank=8, alpha=8.0)
+    (run / "config.json").write_text(json.dumps(cfg))
+    rank8 = tiny_config(total_steps=3, checkpoint_every=1, **{"lora.rank": 8, "lora.alpha": 8.0})
+    with pytest.raises(ValueError, match=rf"{run / 'checkpoints' / '2'}: the checkpoint does not match the model "
+                                         r"this config builds: unet\.\S+\.lora_A\.kernel: stored \(\d+, 4\), the "
+                                         r"config builds \(\d+, 8\)"):
+        train_and_evaluate(rank8, run, devices=jax.devices()[:1])
+    assert json.loads((run / "config.json").read_text()) == cfg  # nothing written
+
+
+def test_second_trainer_on_a_run_folder_is_refused(tmp_path):
+    """Defect 6: while a trainer runs in WORKDIR, another one fails at once naming the holder (pid, host);
+    after the holder is killed (kill -9), its lock file does not block a new run."""
+    import socket
+
+    wd = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(_cli(wd, "--config.total_steps=100000", "--config.checkpoint_every=100000"), cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (wd / ".lock").is_file() and f'"pid": {proc.pid}' in (wd / ".lock").read_text():
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the first trainer ended early"
+        with pytest.raises(ValueError, match=rf"another training run is using this folder \(pid {proc.pid} on "
+                                                 rf"{socket.gethostname()}, started "):
+            train_and_evaluate(tiny_config(total_steps=1), wd, devices=jax.devices()[:1])
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    from persongen_jax.training.run_folder import RunLock
+
+    with RunLock(wd):  # the killed holder's lock is gone with its process
+        pass
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    """Defect 10: `--config.lora.targets=5` (was: TypeError deep in LoRA) and a missing data.dir (was: a
+    FileNotFoundError traceback): one `error:` line naming the key / folder, exit 1."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(_cli(tmp_path / "run", "--config.lora.targets=5"), cwd=REPO, capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: config.lora.targets=(5,): expected a tuple of str (like the default ('to_q', 'to_k', 'to_v', "
+        "'to_out.0')), got int 5"), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "config.json").exists()
+    with pytest.raises(ValueError, match=r"config.eval.seeds=\(0, 'a'\): expected a tuple of int"):
+        train_and_evaluate(tiny_config(**{"eval.seeds": (0, "a")}), tmp_path / "r2", devices=jax.devices()[:1])
+    missing = tmp_path / "no_data"
+    with pytest.raises(FileNotFoundError, match=rf"config.data.dir='{missing}': no such folder"):
+        train_and_evaluate(tiny_config(**{"data.source": "grain", "data.dir": str(missing)}), tmp_path / "r3",
+                           devices=jax.devices()[:1])

@@ -68,7 +68,7 @@ def _compare(torch_model, flax_model, inputs: dict):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(config, diffusers model, our model converted through the real CLI)."""
-    cfg = UNet2DConditionModel.preset_config("tiny")
+    cfg = helpers.parity_unet_config()
     torch_model = _torch_unet(cfg, seed=0)
     root = tmp_path_factory.mktemp("unet")
     torch_model.save_pretrained(root / "src" / "unet")  # an SDXL folder holding only the unet
@@ -146,7 +146,7 @@ def test_sdxl_base_preset_shapes_and_keys():
     ({"transformer_layers_per_block": [[1, 1], [2, 2], [2, 2]]}, "reverse_transformer_layers_per_block"),
 ])
 def test_unsupported_config_raises(override, match):
-    cfg = UNet2DConditionModel.preset_config("tiny")
+    cfg = helpers.parity_unet_config()
     cfg.update(override)
     with pytest.raises(ValueError, match=match):
         UNet2DConditionModel.from_config(cfg, rngs=nnx.Rngs(0))

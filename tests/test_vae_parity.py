@@ -122,7 +122,7 @@ def test_legacy_attention_keys(flax_vae, ref):
     got = modeling.flat_params(model)
     assert got.keys() == want.keys()
     for p in want:
-        np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(want[p]), err_msg=modeling.path_to_str(p))
+        np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(want[p]), err_msg=modeling.path_str(p))
     check_outputs(run_flax(model, ref["images"], ref["latents"]), ref["out"])
 
 

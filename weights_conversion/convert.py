@@ -94,8 +94,10 @@ _SDXL_EXTRAS = ("model_index.json",) + SDXL_COPIED
 
 
 def _is_copied_clip_file(name: str) -> bool:
-    """Tokenizer / processor files `convert_clip` copies next to the converted model."""
-    return name.startswith(("tokenizer", "special_tokens", "preprocessor")) or name in ("vocab.json", "merges.txt")
+    """Tokenizer / processor files `convert_clip` copies next to the converted model: preprocessor_config.json /
+    processor_config.json (transformers 5 saves a processor there) hold the image preprocessing CLIP-T reads."""
+    return (name.startswith(("tokenizer", "special_tokens", "preprocessor"))
+            or name in ("vocab.json", "merges.txt", "processor_config.json"))
 
 
 def written_by_us(folder: Path) -> bool:

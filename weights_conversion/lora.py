@@ -364,7 +364,7 @@ def convert_ip_adapter(src, dst, *, unet=None, name: str = "id", scale: float = 
         for kv in ("k", "v"):
             key = f"{n}.to_{kv}_ip.weight"
             expected[key] = (a.to_k.in_features, a.to_k.out_features)  # flax layout [in, out]
-            target[key] = tuple(path.split(".")) + (f"to_{kv}_{name}", "kernel")
+            target[key] = tuple(L.adapter_param_path(path, kv, name).split(".")) + ("kernel",)
     check_keys(expected, {k: tuple(v.shape) for k, v in ip.items()}, source=f"{src} [ip_adapter]",
                transform_shape=lambda k, s: s[::-1])
     if cross != next(iter(attns.values())).to_k.in_features:
@@ -381,7 +381,7 @@ def convert_ip_adapter(src, dst, *, unet=None, name: str = "id", scale: float = 
     flat[("image_proj", "image_embeds", "bias")] = conv(image_proj["proj.bias"])
     flat[("image_proj", "norm", "scale")] = conv(image_proj["norm.weight"])
     flat[("image_proj", "norm", "bias")] = conv(image_proj["norm.bias"])
-    cfg = {"format": L.ADAPTERS_FORMAT, "version": 1, "names": [name], "mode": "parallel",
+    cfg = {"format": L.ADAPTERS_FORMAT, "version": L.ADAPTERS_VERSION, "names": [name], "mode": "parallel",
            "scales": {name: float(scale)},
            "image_projection": {"condition": name, "image_embed_dim": image_dim, "cross_attention_dim": cross,
                                 "num_tokens": tokens}}
@@ -457,7 +457,7 @@ def export_lora(src, dst, *, overwrite=False) -> str:
     cfg, params = _read_folder(src, L.read_lora_config)
     tensors, modules, skipped = {}, {}, []
     for module, m in cfg["modules"].items():
-        if re.search(r"\.to_[kv]_[a-z]\w*$", module):
+        if ".processor.to_" in module:
             skipped.append(module)  # LoRA on adapter layers has no diffusers counterpart
             continue
         try:
@@ -499,14 +499,15 @@ def export_adapter(src, dst, *, name: str | None = None, overwrite=False) -> str
         name = names[0]
     if name not in names:
         raise ConversionError(f"{src}: no adapter {name!r} (has {names})")
-    suffix = f".to_k_{name}.kernel"
+    suffix = L.adapter_param_path("", "k", name) + ".kernel"
     attn_paths = [k.removesuffix(suffix) for k in params if k.endswith(suffix)]
     tensors = {}
     for path, n in ip_adapter_numbering(attn_paths).items():
         for kv in ("k", "v"):
-            if f"{path}.to_{kv}_{name}.bias" in params:
-                raise ConversionError(f"{src}: {path}.to_{kv}_{name} has a bias; IP-Adapter layers have none")
-            tensors[f"ip_adapter.{n}.to_{kv}_ip.weight"] = np.asarray(params[f"{path}.to_{kv}_{name}.kernel"]).T
+            module = L.adapter_param_path(path, kv, name)
+            if f"{module}.bias" in params:
+                raise ConversionError(f"{src}: {module} has a bias; IP-Adapter layers have none")
+            tensors[f"ip_adapter.{n}.to_{kv}_ip.weight"] = np.asarray(params[f"{module}.kernel"]).T
     ip = cfg.get("image_projection")
     if ip and ip.get("condition") == name:
         tensors["image_proj.proj.weight"] = np.asarray(params["image_proj.image_embeds.kernel"]).T

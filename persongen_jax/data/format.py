@@ -7,7 +7,8 @@ Input (what a person prepares):
       {"image": "persons/<person_id>/<image>.jpg",   path relative to SRC
        "caption": "a photo of a man img wearing a red suit",   P_general: class word + trigger word
        "caption_bg": "mountains",                    optional, P_bg
-       "caption_body": "wearing a red suit",         optional, P_body
+       "caption_body": "wearing a red suit",         optional, P_body (any caption_<x> field is kept: the
+                                                     text of a condition with source "caption_<x>")
        "face_box": [x0, y0, x1, y1],                 pixels of the stored image, x1/y1 exclusive
        "face_mask": "masks/<person_id>/<image>.png"} optional; otherwise the mask is the box
 
@@ -59,10 +60,15 @@ from typing import Any
 
 from PIL import Image
 
+from persongen_jax import conditions as conditions_lib
+
 MAGIC = b"PGJ1"
 INDEX_FILE = "index.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_TRIGGER_WORD = "img"
+# The captions fields of configs/default.py's text conditions (P_bg, P_body).
+DEFAULT_CAPTION_FIELDS = tuple(c.source for c in conditions_lib.text_conditions(
+    conditions_lib.parse(conditions_lib.DEFAULTS)))
 # 2: shards carry nbytes + sha256 (checked by every reader). 1: counts only (still read, unverified).
 FORMAT_VERSION = 2
 # The largest image or mask file the writer reads: far above any photo, and a `/dev/zero`-like
@@ -293,12 +299,9 @@ def _check_box(box, width: int, height: int) -> list[float]:
     return [x0, y0, x1, y1]
 
 
-_TEXT_FIELDS = ("caption", "caption_bg", "caption_body")
-
-
 def _check_types(entry: dict) -> None:
     """ValueError naming the first field of a JSONL entry with the wrong type."""
-    for key in _TEXT_FIELDS + ("face_mask",):
+    for key in ["caption", "face_mask"] + sorted(k for k in entry if k.startswith("caption_")):
         v = entry.get(key)
         if v is not None and not isinstance(v, str):
             raise ValueError(f"{key} must be a string or null, got {type(v).__name__} {v!r}"[:200])
@@ -337,9 +340,12 @@ def _validate(src_real: str, rel: str, real: str, entry: dict | None, trigger_wo
             raise ValueError(f"cannot read face mask {entry['face_mask']} ({type(e).__name__})") from None
         if size != (width, height):
             raise ValueError(f"face mask {size} does not match the image {width}x{height}")
-    opt = lambda k: (entry.get(k) or "").strip() or None  # noqa: E731
-    header = dict(person_id=_person_id(rel), image=rel, caption=caption, caption_bg=opt("caption_bg"),
-                  caption_body=opt("caption_body"), face_box=box, width=width, height=height, format=fmt)
+    header = dict(person_id=_person_id(rel), image=rel, caption=caption, face_box=box, width=width, height=height,
+                  format=fmt)
+    # Every caption_* field is a text condition's text (P_bg, P_body, ...: conditions.Condition.source; types
+    # checked by _check_types); the default conditions' fields are always in the header (None when absent).
+    for key in sorted(set(DEFAULT_CAPTION_FIELDS) | {k for k in entry if k.startswith("caption_")}):
+        header[key] = (entry.get(key) or "").strip() or None
     return header, data, mask
 
 

@@ -10,7 +10,7 @@ A "person" is a stable, learnable pattern: a face ellipse with its own skin colo
 Each image places the face at a random position and size, draws the background that its `caption_bg`
 names (red or black background, mountains, city street, room) and the body its `caption_body` names
 (red or black suit, red or black hat); either may be absent, and then the caption does not mention it.
-Captions use words of the tiny test tokenizer (persongen_jax.testing.tiny_sdxl.WORDS):
+Captions use words of the tiny test tokenizer (persongen_jax.models.presets.WORDS):
 "a photo of a man img wearing a red suit in the mountains".
 
 --corrupt adds two bad inputs for the bad-data path: persons/<first>/corrupt.jpg (not an image) and

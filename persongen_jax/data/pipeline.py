@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from persongen_jax import conditions as conditions_lib
 from persongen_jax.data import format as fmt
 from persongen_jax.pipeline.image_processing import clip_preprocess
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, make_prompt_batch, tokenize
@@ -42,9 +43,20 @@ MIN_CROP_FRACTION = 0.6
 # Bad records drawn in a row for one example before giving up (a dataset of almost only bad records).
 MAX_ATTEMPTS = 100
 
-BATCH_KEYS = ("pixel_values", "face_mask", "id_pixel_values", "num_id_images", "ids_1", "ids_2",
-              "class_tokens_mask", "text_only_ids_1", "text_only_ids_2", "bg_ids_1", "bg_ids_2",
-              "body_ids_1", "body_ids_2", "has_bg", "has_body", "original_size", "crop_top_left")
+# Every batch has these; each text condition adds its own (`conditions.text_keys`).
+BASE_KEYS = ("pixel_values", "face_mask", "id_pixel_values", "num_id_images", "ids_1", "ids_2",
+             "class_tokens_mask", "text_only_ids_1", "text_only_ids_2", "original_size", "crop_top_left")
+# (name, captions field) of the text conditions a batch carries unless told otherwise: configs/default.py's.
+DEFAULT_TEXT_CONDITIONS = tuple((c.name, c.source) for c in conditions_lib.text_conditions(
+    conditions_lib.parse(conditions_lib.DEFAULTS)))
+
+
+def batch_keys(text_conditions=DEFAULT_TEXT_CONDITIONS) -> tuple[str, ...]:
+    """The keys of a batch carrying `text_conditions` ((name, captions field) pairs)."""
+    return BASE_KEYS + tuple(k for name, _ in text_conditions for k in conditions_lib.text_keys(name))
+
+
+BATCH_KEYS = batch_keys()
 
 
 # ---------------------------------------------------------------------------------------- bad records
@@ -179,7 +191,7 @@ class _Example:
     """Picklable transform: global example index -> example dict, or a `_Bad` (skipped and counted)."""
 
     def __init__(self, data_dir, tokenizers, *, global_batch_size, shard_index, shard_count, seed, resolution,
-                 num_refs, id_image_size, trigger_word):
+                 num_refs, id_image_size, trigger_word, text_conditions=DEFAULT_TEXT_CONDITIONS):
         self.data_dir = _key(data_dir)
         self.info = dataset_info(data_dir)
         self.paths = fmt.shard_paths(data_dir)
@@ -188,6 +200,7 @@ class _Example:
         self.gbs, self.lbs = global_batch_size, global_batch_size // shard_count
         self.shard_index, self.seed = shard_index, seed
         self.resolution, self.id_image_size, self.trigger_word = resolution, id_image_size, trigger_word
+        self.text_conditions = tuple((str(n), str(src)) for n, src in text_conditions)
         self.k_lo, self.k_hi = _num_refs_range(num_refs)
         self._source = None
         self._perms: dict[int, np.ndarray] = {}
@@ -317,12 +330,13 @@ class _Example:
     def _tokenize(self, header, k) -> dict[str, np.ndarray]:
         prompts = make_prompt_batch(self.tokenizers, [header["caption"]], [k], self.trigger_word)
         out = dict(ids_1=prompts.ids_1[0], ids_2=prompts.ids_2[0], class_tokens_mask=prompts.class_tokens_mask[0],
-                   text_only_ids_1=prompts.text_only_ids_1[0], text_only_ids_2=prompts.text_only_ids_2[0],
-                   has_bg=np.bool_(bool(header.get("caption_bg"))),
-                   has_body=np.bool_(bool(header.get("caption_body"))))
-        for name, key in (("bg", "caption_bg"), ("body", "caption_body")):
-            for n, tok in zip((1, 2), self.tokenizers):
-                out[f"{name}_ids_{n}"] = tokenize(tok, header[key])[0] if header.get(key) else self._empty[n]
+                   text_only_ids_1=prompts.text_only_ids_1[0], text_only_ids_2=prompts.text_only_ids_2[0])
+        for name, field in self.text_conditions:
+            text = header.get(field)
+            k1, k2, has = conditions_lib.text_keys(name)
+            out[has] = np.bool_(bool(text))
+            for key, tok, empty in ((k1, self.tokenizers[0], self._empty[1]), (k2, self.tokenizers[1], self._empty[2])):
+                out[key] = tokenize(tok, text)[0] if text else empty
         return out
 
 
@@ -335,8 +349,8 @@ class _Bad:
 def make_train_dataset(data_dir: str | os.PathLike, *, tokenizers: Sequence, global_batch_size: int,
                        resolution: int = 512, num_refs: int | tuple[int, int] = (1, 4), id_image_size: int = 224,
                        seed: int = 0, shard_index: int | None = None, shard_count: int | None = None,
-                       trigger_word: str = DEFAULT_TRIGGER_WORD, worker_count: int = 0, read_threads: int = 2,
-                       prefetch: int = 2, verify_hashes: bool = True):
+                       trigger_word: str = DEFAULT_TRIGGER_WORD, text_conditions=DEFAULT_TEXT_CONDITIONS,
+                       worker_count: int = 0, read_threads: int = 2, prefetch: int = 2, verify_hashes: bool = True):
     """The grain `IterDataset` of this process's batches (see `make_train_iterator`)."""
     import grain
     import jax
@@ -353,7 +367,7 @@ def make_train_dataset(data_dir: str | os.PathLike, *, tokenizers: Sequence, glo
     fmt.check_shards(data_dir, fmt.load_index(data_dir), verify_hashes=verify_hashes)
     example = _Example(data_dir, tokenizers, global_batch_size=global_batch_size, shard_index=shard_index,
                        shard_count=shard_count, seed=seed, resolution=resolution, num_refs=num_refs,
-                       id_image_size=id_image_size, trigger_word=trigger_word)
+                       id_image_size=id_image_size, trigger_word=trigger_word, text_conditions=text_conditions)
     # One element = one step's local batch, so the iterator state is the step and grain workers
     # (which split elements between them) cannot change which examples form a batch.
     ds = (grain.MapDataset.range(sys.maxsize)
@@ -375,9 +389,10 @@ def make_train_iterator(data_dir: str | os.PathLike, **kwargs) -> Any:
     Keyword arguments: tokenizers (the two CLIP tokenizers with the trigger word), global_batch_size,
     resolution=512, num_refs=(1, 4) (an int K or a (lo, hi) range sampled per example), id_image_size=224,
     seed=0, shard_index=jax.process_index(), shard_count=jax.process_count(), trigger_word="img",
-    worker_count=0 (grain worker processes), read_threads=2 and prefetch=2 (batches computed ahead by
-    threads of this process), verify_hashes=True (`format.check_shards` hashes every shard first; False:
-    sizes and record counts only). Element i of the stream is global step i; the state is {"next_index": step}.
+    text_conditions=DEFAULT_TEXT_CONDITIONS ((name, captions field) pairs), worker_count=0 (grain worker
+    processes), read_threads=2 and prefetch=2 (batches computed ahead by threads of this process),
+    verify_hashes=True (`format.check_shards` hashes every shard first; False: sizes and record counts
+    only). Element i of the stream is global step i; the state is {"next_index": step}.
 
     Each batch is a dict of numpy arrays, B = global_batch_size // shard_count, R = resolution,
     S = id_image_size, K = max refs:
@@ -385,7 +400,8 @@ def make_train_iterator(data_dir: str | os.PathLike, **kwargs) -> Any:
       id_pixel_values [B,K,S,S,3] f32 (CLIP-normalised; zeros past num_id_images)   num_id_images [B] i32
       ids_1, ids_2 [B,77] i32, class_tokens_mask [B,77] bool (class token repeated num_id_images times)
       text_only_ids_1, text_only_ids_2 [B,77] i32 (trigger word removed)
-      bg_ids_1, bg_ids_2, body_ids_1, body_ids_2 [B,77] i32 (empty-prompt ids when absent), has_bg, has_body [B] bool
+      per text condition (name, field) of `text_conditions` (default: P_bg and P_body, configs/default.py):
+        <name>_ids_1, <name>_ids_2 [B,77] i32 (the record's `field`; empty-prompt ids when absent), has_<name> [B] bool
       original_size [B,2] i32 (h, w), crop_top_left [B,2] i32 (top, left); target size is (R, R)
       record_index [B] i32, ref_record_indices [B,K] i32 (-1 padded): bookkeeping, not model inputs.
     """

@@ -4,9 +4,12 @@
     scores = scorer(images, prompts)                                          # np.float32 [N]
 
 Images are preprocessed exactly as transformers' CLIPImageProcessor
-(`image_processing.clip_preprocess`), prompts tokenized with the model folder's
-CLIP tokenizer (padding to 77, truncation). Features run jitted in fixed-size
-batches; with several devices each batch is sharded over a `data` mesh axis.
+(`image_processing.CLIPImageProcessor`) with the model folder's processor config
+(processor_config.json / preprocessor_config.json; without one, the defaults at the
+vision model's image size); transparency is composited onto white, as transformers
+does. Prompts are tokenized with the model folder's CLIP tokenizer (padding to 77,
+truncation). Features run jitted in fixed-size batches; with several devices each
+batch is sharded over a `data` mesh axis.
 No clamping at 0 (torchmetrics' CLIPScore clamps; the research reports the raw
 100 * cosine).
 """
@@ -24,7 +27,7 @@ from flax import nnx
 from persongen_jax.evaluation.batching import ShardedBatches
 from persongen_jax.models import modeling
 from persongen_jax.models.clip import l2_normalize
-from persongen_jax.pipeline.image_processing import clip_preprocess
+from persongen_jax.pipeline.image_processing import CLIPImageProcessor
 
 
 @nnx.jit(graph_updates=False)  # read-only: no copy of the module state as an output
@@ -34,11 +37,21 @@ def _scores(model, pixel_values, input_ids):
     return 100.0 * jnp.sum(image * text, axis=-1)
 
 
+def _check_output_size(processor: CLIPImageProcessor, image_size: int, what: str) -> None:
+    out = processor.output_size()
+    if out != (image_size, image_size):
+        got = "images of varying size (no center crop)" if out is None else f"{out[1]}x{out[0]} images"
+        raise ValueError(f"{what} gives {got}; the CLIP vision model takes {image_size}x{image_size}")
+
+
 class CLIPTScorer:
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, devices=None):
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, devices=None,
+                 image_processor: CLIPImageProcessor | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.image_size = model.config.vision_config.image_size
+        self.image_processor = image_processor or CLIPImageProcessor.at_size(self.image_size)
+        _check_output_size(self.image_processor, self.image_size, "the image processor")
         self.batches = ShardedBatches(batch_size, devices)
         self.batch_size = self.batches.batch_size
         self.batches.replicate(model)
@@ -55,17 +68,20 @@ class CLIPTScorer:
             tokenizer = CLIPTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as e:
             raise ValueError(f"{directory}: no CLIP tokenizer files next to the model ({e})") from None
-        return cls(model, tokenizer, **kw)
+        size = model.config.vision_config.image_size
+        processor = CLIPImageProcessor.from_pretrained(directory, size)
+        _check_output_size(processor, size, f"{directory}: its processor config")
+        return cls(model, tokenizer, image_processor=processor, **kw)
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         return self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
                               return_tensors="np").input_ids.astype(np.int32)
 
     def __call__(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
-        """images: PIL images or uint8 arrays [H, W, 3]; prompts: one per image -> scores [N]."""
+        """images: PIL images or uint8 arrays [H, W, 3] (or 4 with alpha); prompts: one per image -> scores [N]."""
         if len(images) != len(prompts):
             raise ValueError(f"CLIP-T: {len(images)} images but {len(prompts)} prompts")
         if not len(images):
             return np.zeros((0,), np.float32)
-        pix = np.stack([clip_preprocess(im, self.image_size) for im in images])
+        pix = np.stack([self.image_processor(im) for im in images])
         return self.batches.run(_scores, self.model, pix, self.tokenize(prompts))

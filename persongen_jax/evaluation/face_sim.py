@@ -4,11 +4,11 @@
     refs = scorer.reference_embeddings(["faces/alice_1.jpg", "faces/alice_2.jpg"])   # [R, D]
     scores, found = scorer(generated_images, [refs] * len(generated_images))
 
-Per image: detect faces (SCRFD, host), keep the largest (`select="score"`: the most confident,
-insightface's faces[0]), align it to the ArcFace template
-(`faces.norm_crop`), embed all crops in jitted fixed-size batches sharded over the `data` axis
-(the IResNet converted by `weights_conversion arcface`), L2-normalise. The score of a generated image
-is the mean cosine to its identity's reference embeddings.
+Per image (transparency composited onto white, as for CLIP-T): detect faces (SCRFD, host), keep the
+largest (`select="score"`: the most confident, insightface's faces[0]), align it to the ArcFace
+template (`faces.norm_crop`), embed all crops in jitted fixed-size batches sharded over the `data`
+axis (the IResNet converted by `weights_conversion arcface`), L2-normalise. The score of a generated
+image is the mean cosine to its identity's reference embeddings.
 
 No face in a generated image: the research scores it 0 and counts it (`no_face="zero"`, the default);
 `no_face="skip"` leaves it out of the means instead (score None). Either way `found` says which images
@@ -28,6 +28,7 @@ from flax import nnx
 from persongen_jax.evaluation.batching import ShardedBatches
 from persongen_jax.evaluation.faces import FACE_SELECT, FaceDetector, norm_crop
 from persongen_jax.models import iresnet, modeling
+from persongen_jax.pipeline.image_processing import convert_to_rgb, load_image
 
 NO_FACE_MODES = ("zero", "skip")
 
@@ -42,11 +43,15 @@ def _embed(model, crops):
 
 
 def _as_rgb(image) -> np.ndarray:
+    # Transparency is composited onto white, as CLIP-T's input (transformers' convert_to_rgb), so both
+    # metrics score the same picture: the one a viewer sees. insightface itself has no rule -- it takes
+    # the BGR array its caller read, and cv2.imread (IMREAD_COLOR) or PIL's .convert("RGB") drop alpha
+    # and keep the colours under it (often black, or the background that was cut out). Opaque images,
+    # all that SDXL generates, are unchanged either way; for a transparent PNG a table computed on
+    # cv2.imread pixels can differ from ours.
     if isinstance(image, (str, os.PathLike)):
-        from persongen_jax.pipeline.image_processing import load_image
-
-        image = load_image(image)
-    return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, np.uint8)
+        return np.asarray(load_image(image, composite_on_white=True))
+    return convert_to_rgb(image)
 
 
 class FaceSimScorer:

@@ -99,24 +99,33 @@ def _nms(dets: np.ndarray, thresh: float) -> list[int]:
     return keep
 
 
+def _num_outputs(file: Path) -> int:
+    """Outputs of an ONNX graph, through onnxruntime (a base dependency; the `onnx` package is only in the
+    [torch] extra). Graph optimisations off: the session is only asked for its signature."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise FaceModelError(f"{file}: not a readable ONNX file ({type(e).__name__}: {e})") from None
+    return len(session.get_outputs())
+
+
 def find_detector_file(path: str | os.PathLike) -> Path:
     """An .onnx file, or the SCRFD file of an insightface model folder (the .onnx with >= 6 outputs:
     det_10g.onnx in buffalo_l, scrfd_10g_bnkps.onnx in antelopev2)."""
-    import onnx
-
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
         raise FaceModelError(f"{path}: no such face model folder or .onnx file")
     files = sorted(path.glob("*.onnx"))
-    # Detector-looking names first: recognition files (glintr100.onnx, 250 MB) are parsed only if needed.
+    # Detector-looking names first: recognition files (glintr100.onnx, 250 MB) are loaded only if needed.
     for f in sorted(files, key=lambda f: not any(k in f.name.lower() for k in ("det", "scrfd"))):
-        try:
-            n_out = len(onnx.load(str(f), load_external_data=False).graph.output)
-        except Exception as e:
-            raise FaceModelError(f"{f}: not a readable ONNX file ({type(e).__name__}: {e})") from None
-        if n_out in SCRFD_LAYOUTS:
+        if _num_outputs(f) in SCRFD_LAYOUTS:
             return f
     raise FaceModelError(f"{path}: no SCRFD face detector among {[f.name for f in files] or 'no .onnx files'} "
                          "(expected an insightface model folder such as antelopev2 or buffalo_l, with "

@@ -1,22 +1,24 @@
-"""The validation protocol: validation sets x identities x prompts x seeds -> images -> CLIP-T, Face-Sim.
+"""The validation protocol: validation sets x identities x prompts x seeds -> images -> metrics (CLIP-T, Face-Sim).
 
     sets = load_sets({"in_train": "val/in_train", "out_of_domain": "val/ood"})
     prompts = load_prompts()                       # the research's 4 prompts (validation_prompts.json)
-    scorers = Scorers.from_pretrained(clip="weights/clip-vit-large-patch14",
-                                      detector="weights/antelopev2", arcface="weights/arcface_r100")
-    result = run_protocol(pipe, sets, prompts, scorers, "eval_out/", ProtocolSettings(seeds=(0, 1, 2, 3, 4)))
+    metrics = evaluation.metrics.build(["clip_t", "face_sim"], {"clip": "weights/clip-vit-large-patch14",
+                            "face_detector": "weights/antelopev2", "arcface": "weights/arcface_r100"})
+    result = run_protocol(pipe, sets, prompts, metrics, "eval_out/", ProtocolSettings(seeds=(0, 1, 2, 3, 4)))
     result.metrics["sets"]["in_train"]["face_sim"]
 
 A validation set is a folder; each image file in it is one identity (its only reference face), each
 sub-folder is one identity with all the images inside as reference faces. Every identity is generated
-with every prompt and every seed (one compiled call per prompt: all seeds together), scored with
-CLIP-T against the prompt text (without the trigger word) and Face-Sim against the identity's
-reference faces, then written as OUT/images/<set>/<identity>/<prompt>_s<seed>.png, metrics.json,
+with every prompt and every seed (one compiled call per prompt: all seeds together), scored by each
+chosen metric (`metrics.py`: CLIP-T against the prompt text without the trigger word, Face-Sim against the
+identity's reference faces), then written as OUT/images/<set>/<identity>/<prompt>_s<seed>.png, metrics.json,
 scores.csv and report.html (`report.py`).
 
-Split prompts: with a pipeline that has a `bg` adapter (the split-prompt methods) each prompt is
-generated as P_general (+ trigger word) with P_bg through the adapter (`split="auto"`, the default);
-`split="never"` always uses the full prompt.
+Split prompts: a prompt may have a split version, P_general plus the texts of text conditions keyed by
+condition name (the research's: P_bg under "bg"). With a pipeline that has adapters for all of a prompt's
+conditions (the split-prompt methods) the prompt is generated as P_general (+ trigger word) with each
+condition text through its adapter (`split="auto"`, the default); `split="never"` always uses the full
+prompt, `split="always"` fails for a model that lacks one of the adapters.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from typing import Sequence
 import numpy as np
 
 from persongen_jax.evaluation import report
+from persongen_jax.evaluation.metrics import Metric
 from persongen_jax.pipeline.image_processing import load_image
+from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, strip_trigger_word
 
 DEFAULT_PROMPTS = Path(__file__).with_name("validation_prompts.json")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -41,11 +45,13 @@ SPLIT_MODES = ("auto", "never", "always")
 
 @dataclass(frozen=True)
 class ValidationPrompt:
+    """One validation prompt: the full text, its class word, and its optional split version."""
+
     name: str
     prompt: str        # full text: what CLIP-T scores against
     class_word: str    # the trigger word goes right after its first occurrence
     general: str = ""  # split version: P_general ...
-    bg: str = ""       # ... and P_bg
+    conditions: dict = field(default_factory=dict)  # ... and {condition name: text}, e.g. {"bg": P_bg}
 
     def with_trigger(self, text: str, trigger: str) -> str:
         new, n = re.subn(rf"\b{re.escape(self.class_word)}\b", f"{self.class_word} {trigger}", text, count=1)
@@ -54,18 +60,32 @@ class ValidationPrompt:
         return new
 
 
+PROMPT_FIELDS = ("name", "prompt", "class_word", "general")
+
+
+def _prompt(item: dict) -> ValidationPrompt:
+    """A prompts-file entry: the PROMPT_FIELDS, and every other (non-"_") key is a condition's text."""
+    item = {k: v for k, v in item.items() if not k.startswith("_")}
+    conditions = {k: item.pop(k) for k in list(item) if k not in PROMPT_FIELDS}
+    bad = [k for k, v in conditions.items() if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"prompt {item.get('name')!r}: condition texts {bad} must be strings")
+    return ValidationPrompt(**item, conditions=conditions)
+
+
 def load_prompts(path: str | os.PathLike | None = None) -> list[ValidationPrompt]:
-    """A JSON file {"prompts": [{name, prompt, class_word, general?, bg?}, ...]} (default: the research's)."""
+    """A JSON file {"prompts": [{name, prompt, class_word, general?, <condition>?...}, ...]} (default: the
+    research's 4, with P_bg as "bg")."""
     path = Path(path) if path else DEFAULT_PROMPTS
     try:
         data = json.loads(path.read_text())
         items = data["prompts"]
-        prompts = [ValidationPrompt(**{k: v for k, v in p.items() if not k.startswith("_")}) for p in items]
+        prompts = [_prompt(p) for p in items]
     except FileNotFoundError:
         raise ValueError(f"{path}: no such prompts file") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: expected {{\"prompts\": [{{\"name\", \"prompt\", \"class_word\", \"general\", "
-                         f"\"bg\"}}, ...]}} ({type(e).__name__}: {e})") from None
+                         f"condition texts}}, ...]}} ({type(e).__name__}: {e})") from None
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     names = [p.name for p in prompts]
@@ -73,8 +93,9 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[ValidationPrompt
         raise ValueError(f"{path}: prompt names must be unique, got {names}")
     for p in prompts:
         p.with_trigger(p.prompt, "img")  # class word present: fail now, not after hours of generation
-        if bool(p.general) != bool(p.bg):
-            raise ValueError(f"{path}: prompt {p.name!r} needs both 'general' and 'bg' for the split version")
+        if bool(p.general) != bool(p.conditions):
+            raise ValueError(f"{path}: prompt {p.name!r} needs both 'general' and condition texts (e.g. 'bg') "
+                             "for the split version")
     return prompts
 
 
@@ -129,22 +150,6 @@ class ProtocolSettings:
 
 
 @dataclass
-class Scorers:
-    clip: object   # CLIPTScorer
-    face: object   # FaceSimScorer
-
-    @classmethod
-    def from_pretrained(cls, *, clip, detector, arcface, no_face: str = "zero", det_thresh: float = 0.5,
-                        det_size=(640, 640), batch_size: int = 32, face_select: str = "largest") -> "Scorers":
-        from persongen_jax.evaluation.clip_t import CLIPTScorer
-        from persongen_jax.evaluation.face_sim import FaceSimScorer
-
-        return cls(CLIPTScorer.from_pretrained(clip, batch_size=batch_size),
-                   FaceSimScorer.from_pretrained(detector, arcface, no_face=no_face, det_thresh=det_thresh,
-                                                 det_size=det_size, batch_size=batch_size, select=face_select))
-
-
-@dataclass
 class ProtocolResult:
     rows: list
     metrics: dict
@@ -152,60 +157,86 @@ class ProtocolResult:
     seconds: dict = field(default_factory=dict)
 
 
-def _scoring_info(scorers: Scorers) -> dict:
-    det = scorers.face.detector
-    return {"no_face": scorers.face.no_face, "face_select": scorers.face.select, "det_thresh": det.det_thresh,
-            "det_size": list(det.det_size), "detector": str(det.model_file)}
+def scoring_info(metrics: Sequence[Metric]) -> dict:
+    """What metrics.json records about the scoring: the metric names and each metric's settings."""
+    info = {"metric_names": [m.name for m in metrics]}
+    for m in metrics:
+        info.update(m.settings())
+    return info
 
 
-def score_rows(rows: list[dict], images: Sequence, scorers: Scorers, references: Sequence[np.ndarray]) -> None:
-    """Fills clip_t / face_sim / face_found of `rows` (one per image) in place."""
-    clip_t = scorers.clip(images, [r["prompt"] for r in rows])
-    face, found = scorers.face(images, references)
-    for r, c, f, ok in zip(rows, clip_t, face, found):
-        r.update(clip_t=float(c), face_sim=f, face_found=bool(ok))
+def shown_settings(metrics: Sequence[Metric]) -> dict:
+    """The scoring conventions the report's settings table shows (e.g. "no face": "zero")."""
+    return {m.missing_label: m.settings().get(m.missing_key) for m in metrics if m.missing_key}
+
+
+def empty_row(**fields) -> dict:
+    """A score row (report.py) with no scores yet."""
+    return {"prompt_index": None, "seed": None, "step": None, **fields}
+
+
+def score_rows(rows: list[dict], images: Sequence, metrics: Sequence[Metric], references: Sequence[dict]) -> None:
+    """Fills each metric's value (and found column) of `rows` (one per image) in place; references: per image,
+    {metric name: the identity's prepared references}."""
+    prompts = [r["prompt"] for r in rows]
+    for m in metrics:
+        result = m(images, prompts, [ref.get(m.name) for ref in references])
+        for i, r in enumerate(rows):
+            r[m.name] = result.values[i]
+            if m.found_key:
+                r[m.found_key] = bool(result.found[i])
+
+
+def prepare_references(metrics: Sequence[Metric], images: Sequence, names: Sequence[str]) -> dict:
+    """{metric name: what it prepared from one identity's reference images} (e.g. Face-Sim's embeddings)."""
+    return {m.name: m.prepare_references(images, names) for m in metrics}
 
 
 def _use_split(pipe, prompt: ValidationPrompt, mode: str) -> bool:
+    """Whether `prompt` is generated in its split version (P_general + condition texts) on `pipe`."""
     if mode not in SPLIT_MODES:
         raise ValueError(f"split={mode!r}; expected one of {list(SPLIT_MODES)}")
-    has_bg = bool(pipe.adapters) and "bg" in pipe.adapters["names"]
-    if mode == "always" and not has_bg:
-        raise ValueError("split='always' needs a model with a 'bg' adapter (--adapters)")
-    return bool(prompt.general) and has_bg and mode != "never"
+    missing = sorted(set(prompt.conditions) - set(pipe.text_conditions))
+    if mode == "always" and (missing or not prompt.general):
+        raise ValueError(f"split='always': prompt {prompt.name!r} needs a split version and a model with "
+                         f"adapters for {sorted(prompt.conditions) or 'its conditions'} (missing: {missing}; "
+                         "--adapters)")
+    return bool(prompt.general) and not missing and mode != "never"
 
 
-def load_references(sets: dict[str, dict[str, list[Path]]], scorers: Scorers) -> dict:
-    """{(set, identity): (reference images, embeddings [R, D])}, each file read once; a reference without
-    a face fails here, naming the file, before anything is generated."""
+def load_references(sets: dict[str, dict[str, list[Path]]], metrics: Sequence[Metric]) -> dict:
+    """{(set, identity): (reference images, {metric name: prepared references})}, each file read once; a
+    reference a metric cannot use (Face-Sim: no face) fails here, naming the file, before anything is
+    generated."""
     out = {}
     for name, ids in sets.items():
         for ident, paths in ids.items():
-            images = [load_image(p) for p in paths]
-            out[(name, ident)] = images, scorers.face.reference_embeddings(images, [str(p) for p in paths])
+            images = [load_image(p, composite_on_white=True) for p in paths]
+            out[(name, ident)] = images, prepare_references(metrics, images, [str(p) for p in paths])
     return out
 
 
 def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence[ValidationPrompt],
-                 scorers: Scorers, out_dir: str | os.PathLike, settings: ProtocolSettings | None = None,
+                 metrics: Sequence[Metric], out_dir: str | os.PathLike, settings: ProtocolSettings | None = None,
                  *, step: int | None = None, title: str = "validation", extra: dict | None = None,
                  progress: bool = False, score_every: int = 256, references: dict | None = None
                  ) -> ProtocolResult:
     """Generates, scores and writes the whole protocol into out_dir (see module doc). Images are scored
-    in chunks of about `score_every` (bounded host memory at 1024 x 1024). references: from
-    `load_references` (loaded here when not given)."""
+    in chunks of about `score_every` (bounded host memory at 1024 x 1024). metrics: `metrics.build(...)`;
+    none: the images and the report without scores. references: from `load_references` (loaded here when
+    not given)."""
     from PIL import Image
 
     settings = settings or ProtocolSettings()
     if pipe.id_encoder is None:
         raise ValueError("the validation protocol generates identities: the model needs an ID encoder "
                          "(--photomaker DIR)")
-    references = references if references is not None else load_references(sets, scorers)
+    references = references if references is not None else load_references(sets, metrics)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows, ref_paths = [], {}  # ref_paths: the report's reference column
-    pending: list[tuple[dict, np.ndarray, np.ndarray]] = []  # (row, image, reference embeddings) to score
+    pending: list[tuple[dict, np.ndarray, dict]] = []  # (row, image, prepared references) to score
     gen_s = score_s = 0.0
 
     def flush():
@@ -213,7 +244,7 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
         nonlocal score_s
         if pending:
             t = time.perf_counter()
-            score_rows([p[0] for p in pending], [p[1] for p in pending], scorers, [p[2] for p in pending])
+            score_rows([p[0] for p in pending], [p[1] for p in pending], metrics, [p[2] for p in pending])
             score_s += time.perf_counter() - t
             pending.clear()
     for set_name, identities in sets.items():
@@ -233,31 +264,33 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
                 gen = pipe(text, refs, seeds=list(settings.seeds), num_steps=settings.num_steps,
                            guidance_scale=settings.guidance_scale, start_merge_step=settings.start_merge_step,
                            height=settings.height, width=settings.width, negative_prompt=settings.negative_prompt,
-                           prompt_bg=vp.bg if split else None, scheduler=settings.scheduler, progress=progress)
+                           conditions=vp.conditions if split else None, scheduler=settings.scheduler,
+                           progress=progress)
                 gen_s += time.perf_counter() - t
                 for seed, img in zip(settings.seeds, gen):
                     rel = f"images/{set_name}/{ident}/{vp.name}_s{seed}.png"
                     Image.fromarray(img).save(out_dir / rel)
-                    rows.append({"set": set_name, "reference": ident, "prompt_index": pi, "prompt": vp.prompt,
-                                 "seed": int(seed), "image": rel, "clip_t": None, "face_sim": None,
-                                 "face_found": False, "step": step})
+                    rows.append(empty_row(set=set_name, reference=ident, prompt_index=pi, prompt=vp.prompt,
+                                          seed=int(seed), image=rel, step=step))
                     pending.append((rows[-1], img, emb))
                 if len(pending) >= score_every:
                     flush()
     flush()
-    metrics = report.aggregate(rows)
+    names = [m.name for m in metrics]
+    summary = report.aggregate(rows, names)
     seconds = {"generate": round(gen_s, 2), "score": round(score_s, 2), "total": round(time.perf_counter() - t0, 2)}
-    info = {"step": step, **_scoring_info(scorers), "settings": {**asdict(settings),
+    info = {"step": step, **scoring_info(metrics), "settings": {**asdict(settings),
                                                                        "seeds": list(settings.seeds)},
+            "clip_t_text": "the validation prompt without the trigger word (prompts[].prompt)",
             "prompts": [asdict(p) for p in prompts], "seconds": seconds, **(extra or {})}
-    report.write_scores_csv(rows, out_dir / "scores.csv")
-    report.write_metrics_json(metrics, out_dir / "metrics.json", **info)
+    report.write_scores_csv(rows, out_dir / "scores.csv", names)
+    report.write_metrics_json(summary, out_dir / "metrics.json", **info)
     shown = {"step": step, "seeds": list(settings.seeds), "steps": settings.num_steps,
-             "guidance": settings.guidance_scale, "no face": scorers.face.no_face, **(extra or {})}
+             "guidance": settings.guidance_scale, **shown_settings(metrics), **(extra or {})}
     shown = {k: v for k, v in shown.items() if v not in (None, "")}
-    report.write_report_html(out_dir / "report.html", rows, metrics, references=ref_paths, title=title,
-                             settings=shown)
-    return ProtocolResult(rows, metrics, out_dir, seconds)
+    report.write_report_html(out_dir / "report.html", rows, summary, references=ref_paths, title=title,
+                             settings=shown, metric_names=names)
+    return ProtocolResult(rows, summary, out_dir, seconds)
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict]:
@@ -272,6 +305,14 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         if missing:
             raise ValueError(f"{path}, line {n}: missing {missing} (expected image, prompt, reference[, set])")
         refs = e["reference"] if isinstance(e["reference"], list) else [e["reference"]]
+        text = lambda v: isinstance(v, str) and v.strip()  # noqa: E731
+        for key, ok, want in (("image", text(e["image"]), "a path string"), ("prompt", text(e["prompt"]), "a string"),
+                              ("reference", refs and all(text(r) for r in refs),
+                               "a path string or a non-empty list of them (Face-Sim needs a reference face)"),
+                              ("set", e.get("set") is None or isinstance(e["set"], str), "a string")):
+            if not ok:
+                raise ValueError(f"{path}, line {n}: {key}={e.get(key)!r} (a {type(e.get(key)).__name__}): "
+                                 f"expected {want}"[:400])
         entries.append({"image": (path.parent / e["image"]).resolve(), "prompt": str(e["prompt"]),
                         "references": tuple((path.parent / r).resolve() for r in refs),
                         "set": str(e.get("set") or "all"), "line": n})
@@ -280,33 +321,51 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     return entries
 
 
-def score_manifest(manifest: str | os.PathLike, scorers: Scorers, out_dir: str | os.PathLike, *,
-                   title: str | None = None, extra: dict | None = None) -> ProtocolResult:
-    """Mode A: scores existing images listed in a manifest; writes metrics.json, scores.csv, report.html."""
+def _clip_t_prompts(manifest, entries: list[dict], trigger_word: str | None) -> None:
+    """Sets e["clip_t_prompt"]: the manifest prompt without the trigger word, as mode B scores its prompts."""
+    for e in entries:
+        try:
+            e["clip_t_prompt"] = strip_trigger_word(e["prompt"], trigger_word) if trigger_word else e["prompt"]
+        except ValueError as err:
+            raise ValueError(f"{manifest}, line {e['line']}: {err} (--trigger-word names it)") from None
+
+
+def score_manifest(manifest: str | os.PathLike, metrics: Sequence[Metric], out_dir: str | os.PathLike, *,
+                   title: str | None = None, extra: dict | None = None,
+                   trigger_word: str | None = DEFAULT_TRIGGER_WORD) -> ProtocolResult:
+    """Mode A: scores existing images listed in a manifest; writes metrics.json, scores.csv, report.html.
+    CLIP-T scores each prompt without `trigger_word` (None or "": the prompt as written); scores.csv's
+    "prompt" is the text scored."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = read_manifest(manifest)
-    images = [load_image(e["image"]) for e in entries]  # every image readable before any model runs
-    ref_cache: dict[tuple, np.ndarray] = {}
+    _clip_t_prompts(manifest, entries, trigger_word)
+    images = [load_image(e["image"], composite_on_white=True) for e in entries]  # all read before any model runs
+    ref_cache: dict[tuple, dict] = {}
     references: dict[str, dict[str, list[str]]] = {}
     for e in entries:
         key = e["references"]
         if key not in ref_cache:
-            ref_cache[key] = scorers.face.reference_embeddings([load_image(p) for p in key], [str(p) for p in key])
+            ref_cache[key] = prepare_references(metrics, [load_image(p, composite_on_white=True) for p in key],
+                                                [str(p) for p in key])
         name = ", ".join(p.name for p in key)
         references.setdefault(e["set"], {})[name] = [os.path.relpath(p, out_dir) for p in key]
         e["reference_name"] = name
-    rows = [{"set": e["set"], "reference": e["reference_name"], "prompt_index": None, "prompt": e["prompt"],
-             "seed": None, "image": os.path.relpath(e["image"], out_dir), "clip_t": None, "face_sim": None,
-             "face_found": False, "step": None} for e in entries]
-    score_rows(rows, images, scorers, [ref_cache[e["references"]] for e in entries])
-    metrics = report.aggregate(rows)
-    info = {"manifest": str(Path(manifest).resolve()), **_scoring_info(scorers),
+    rows = [empty_row(set=e["set"], reference=e["reference_name"], prompt=e["clip_t_prompt"],
+                      image=os.path.relpath(e["image"], out_dir)) for e in entries]
+    score_rows(rows, images, metrics, [ref_cache[e["references"]] for e in entries])
+    names = [m.name for m in metrics]
+    summary = report.aggregate(rows, names)
+    scored = (f"the manifest prompt without the trigger word {trigger_word!r} (scores.csv 'prompt')" if trigger_word
+              else "the manifest prompt as written")
+    info = {"manifest": str(Path(manifest).resolve()), "trigger_word": trigger_word or None, "clip_t_text": scored,
+            **scoring_info(metrics),
             "seconds": {"total": round(time.perf_counter() - t0, 2)}, **(extra or {})}
-    report.write_scores_csv(rows, out_dir / "scores.csv")
-    report.write_metrics_json(metrics, out_dir / "metrics.json", **info)
-    report.write_report_html(out_dir / "report.html", rows, metrics, references=references,
+    report.write_scores_csv(rows, out_dir / "scores.csv", names)
+    report.write_metrics_json(summary, out_dir / "metrics.json", **info)
+    report.write_report_html(out_dir / "report.html", rows, summary, references=references,
                              title=title or f"scores of {Path(manifest).name}",
-                             settings={"manifest": str(manifest), "no face": scorers.face.no_face, **(extra or {})})
-    return ProtocolResult(rows, metrics, out_dir, info["seconds"])
+                             settings={"manifest": str(manifest), **shown_settings(metrics), **(extra or {})},
+                             metric_names=names)
+    return ProtocolResult(rows, summary, out_dir, info["seconds"])

@@ -8,28 +8,28 @@ Evaluation produces one score row per generated image, a dict with the keys
     prompt        str
     seed          int | None
     image         generated image path, relative to the output folder (or absolute)
-    clip_t        float
-    face_sim      float, or None when the row is excluded from Face-Sim ("skip" convention)
-    face_found    bool
     step          int | None (training step of the parameters that generated the image)
+    <metric>      per metric name (`metrics.py`; by default clip_t and face_sim): float, or None when the
+                  row is left out of that metric's mean (Face-Sim's "skip" convention)
+    <found_key>   per metric that can miss (Face-Sim: face_found): bool
 
-and this module turns them into files:
+and this module turns them into files (`names`: the metric names, in column order):
 
-    metrics = aggregate(rows)
-    write_scores_csv(rows, out / "scores.csv")
+    metrics = aggregate(rows, names)
+    write_scores_csv(rows, out / "scores.csv", names)
     write_metrics_json(metrics, out / "metrics.json", step=step, checkpoint=str(ckpt))
     write_report_html(out / "report.html", rows, metrics, references=refs, title="step 2000",
-                      settings={"steps": 30, "cfg": 5.0})
+                      settings={"steps": 30, "cfg": 5.0}, metric_names=names)
 
-    # Face-Sim / CLIP-T against the training step, one line per run:
+    # each metric against the training step, one line per run:
     plot_compare(["runs/a", "runs/b"], "compare/")
 
 A run given to `plot_compare` / `load_history` is either a training workdir (its
 `eval/history.jsonl`, one JSON object per evaluation and set) or an evaluate output
 folder (its `metrics.json`, which must carry the "step" it was evaluated at).
 
-Only numpy, Pillow, matplotlib and the standard library are used: no JAX import,
-so reports and plots can be made on any machine.
+Only numpy, Pillow, matplotlib and the standard library are used (and `metrics.py`'s display attributes,
+which import no model): no JAX import, so reports and plots can be made on any machine.
 """
 
 from __future__ import annotations
@@ -46,11 +46,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-CSV_COLUMNS = ("set", "reference", "prompt_index", "prompt", "seed", "image", "clip_t", "face_sim",
-               "face_found", "step")
-METRICS = ("face_sim", "clip_t")
-METRIC_NAMES = {"face_sim": "Face-Sim", "clip_t": "CLIP-T"}
-METRIC_AXIS_LABELS = {"face_sim": "Face-Sim (ArcFace cosine)", "clip_t": "CLIP-T (100 × CLIP cosine)"}
+from persongen_jax.evaluation.metrics import DEFAULT_METRICS, display
+
+ROW_COLUMNS = ("set", "reference", "prompt_index", "prompt", "seed", "image")
+
+
+def csv_columns(names: Sequence[str] = DEFAULT_METRICS) -> tuple[str, ...]:
+    """scores.csv's header: the row columns, each metric's value (and found column), the step."""
+    cols = [c for n in names for c in (n, display(n).found_key) if c]
+    return ROW_COLUMNS + tuple(cols) + ("step",)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,16 +66,22 @@ def _mean(values: list[float]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
 
-def _summary(rows: list[dict]) -> dict:
-    return {
-        "n_images": len(rows),
-        "clip_t": _mean([float(r["clip_t"]) for r in rows]),
-        # Rows with face_sim None are skipped, not counted as 0: that is what the "skip" convention means.
-        # Under the other convention the no-face value (e.g. 0.0) is already in face_sim and is averaged.
-        "face_sim": _mean([float(r["face_sim"]) for r in rows if r.get("face_sim") is not None]),
-        "no_face": sum(1 for r in rows if not r["face_found"]),
-        "no_face_images": [r["image"] for r in rows if not r["face_found"]],
-    }
+def _summary(rows: list[dict], names: Sequence[str]) -> dict:
+    out = {"n_images": len(rows)}
+    for name in names:
+        # Rows with a None value are skipped, not counted as 0: that is what Face-Sim's "skip" convention
+        # means. Under the other convention the no-face value (0.0) is already in the row and is averaged.
+        out[name] = _mean([float(r[name]) for r in rows if r.get(name) is not None])
+        m = display(name)
+        if m.found_key:
+            out[m.missing_key] = sum(1 for r in rows if not r[m.found_key])
+            out[f"{m.missing_key}_images"] = [r["image"] for r in rows if not r[m.found_key]]
+    return out
+
+
+def _missing(row: dict, names: Sequence[str]) -> list[str]:
+    """Labels of the metrics that found nothing to score in this row's image (e.g. ["no face"])."""
+    return [display(n).missing_label for n in names if display(n).found_key and not row[display(n).found_key]]
 
 
 def _group_by_set(rows: Iterable[dict]) -> dict[str, list[dict]]:
@@ -82,17 +92,17 @@ def _group_by_set(rows: Iterable[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def aggregate(rows: Sequence[dict]) -> dict:
-    """Means and no-face counts per validation set and over all rows.
+def aggregate(rows: Sequence[dict], names: Sequence[str] = DEFAULT_METRICS) -> dict:
+    """Means (and missing counts) of the metrics `names` per validation set and over all rows.
 
-    Returns {"sets": {set: summary}, "all": summary} where a summary is
-    {"n_images", "clip_t", "face_sim", "no_face", "no_face_images"}; a mean over no
-    values is None.
+    Returns {"sets": {set: summary}, "all": summary} where a summary is {"n_images", <name>: mean, ...}
+    plus, per metric that can miss, {<missing_key>: count, "<missing_key>_images": [...]} (Face-Sim:
+    "no_face", "no_face_images"); a mean over no values is None.
     """
     rows = list(rows)
     return {
-        "sets": {name: _summary(group) for name, group in _group_by_set(rows).items()},
-        "all": _summary(rows),
+        "sets": {name: _summary(group, names) for name, group in _group_by_set(rows).items()},
+        "all": _summary(rows, names),
     }
 
 
@@ -109,16 +119,17 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def write_scores_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """One line per generated image; None becomes an empty cell, floats get 6 decimals."""
+def write_scores_csv(rows: Sequence[dict], path: str | os.PathLike, names: Sequence[str] = DEFAULT_METRICS) -> Path:
+    """One line per generated image (`csv_columns(names)`); None becomes an empty cell, floats get 6 decimals."""
+    columns = csv_columns(names)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # newline="" is what the csv module asks for: it writes its own line endings.
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
         for row in rows:
-            writer.writerow([_csv_cell(row.get(column)) for column in CSV_COLUMNS])
+            writer.writerow([_csv_cell(row.get(column)) for column in columns])
     return path
 
 
@@ -200,16 +211,19 @@ def _settings_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def _means_table(metrics: dict) -> list[str]:
-    header = "".join(f"<th class='num'>{name}</th>" for name in ("images", "CLIP-T", "Face-Sim", "no face"))
+def _means_table(metrics: dict, names: Sequence[str]) -> list[str]:
+    shown = [display(n) for n in names]
+    titles = ["images"] + [m.title for m in shown] + [m.missing_label for m in shown if m.missing_key]
+    header = "".join(f"<th class='num'>{html.escape(t)}</th>" for t in titles)
     out = ["<table class='means'>", f"<tr><th>set</th>{header}</tr>"]
     entries = [(name, summary, "") for name, summary in metrics.get("sets", {}).items()]
     if "all" in metrics:
         entries.append(("all", metrics["all"], " class='all'"))
     for name, s, cls in entries:
-        out.append(f"<tr{cls}><td>{html.escape(name)}</td><td class='num'>{s['n_images']}</td>"
-                   f"<td class='num'>{_fmt(s['clip_t'], 2)}</td><td class='num'>{_fmt(s['face_sim'], 4)}</td>"
-                   f"<td class='num'>{s['no_face']}</td></tr>")
+        cells = [str(s["n_images"])] + [_fmt(s[m.name], m.digits) for m in shown] + \
+            [str(s[m.missing_key]) for m in shown if m.missing_key]
+        out.append(f"<tr{cls}><td>{html.escape(name)}</td>"
+                   + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>")
     out.append("</table>")
     return out
 
@@ -228,7 +242,7 @@ def _reference_card(images: list[str], html_dir: Path) -> str:
     return f"<div class='card reference'>{body}<div class='label'>reference</div></div>"
 
 
-def _generation_card(row: dict, html_dir: Path) -> str:
+def _generation_card(row: dict, html_dir: Path, names: Sequence[str]) -> str:
     href = html.escape(_href(row["image"], html_dir))
     prompt = html.escape(row.get("prompt") or "")
     ident = []
@@ -236,12 +250,14 @@ def _generation_card(row: dict, html_dir: Path) -> str:
         ident.append(f"prompt {row['prompt_index']}")
     if row.get("seed") is not None:
         ident.append(f"seed {row['seed']}")
-    lines = [html.escape(" · ".join(ident)) if ident else "", f"CLIP-T {float(row['clip_t']):.1f}"]
-    if not row["face_found"]:
-        lines.append("<span class='badge'>no face</span>")
-    else:
-        lines.append(f"Face-Sim {_fmt(row.get('face_sim'), 3)}")
-    cls = "card" if row["face_found"] else "card noface"
+    lines = [html.escape(" · ".join(ident)) if ident else ""]
+    for name in names:
+        m = display(name)
+        if m.found_key and not row[m.found_key]:
+            lines.append(f"<span class='badge'>{html.escape(m.missing_label)}</span>")
+        else:
+            lines.append(f"{html.escape(m.title)} {_fmt(row.get(name), m.card_digits)}")
+    cls = "card noface" if _missing(row, names) else "card"
     caption = "<br>".join(line for line in lines if line)
     return (f"<div class='{cls}'><a href='{href}'><img src='{href}' alt='{prompt}' title='{prompt}' "
             f"loading='lazy'></a><div class='meta'>{caption}</div></div>")
@@ -249,8 +265,9 @@ def _generation_card(row: dict, html_dir: Path) -> str:
 
 def write_report_html(path: str | os.PathLike, rows: Sequence[dict], metrics: dict, *,
                       references: dict[str, dict[str, list[str]]], title: str,
-                      settings: dict | None = None) -> Path:
-    """One HTML page: settings, means per set, then per set and identity the reference and its generations.
+                      settings: dict | None = None, metric_names: Sequence[str] = DEFAULT_METRICS) -> Path:
+    """One HTML page: settings, means per set, then per set and identity the reference and its generations
+    (each with its score per metric of `metric_names`), and the images a metric found nothing in.
 
     Images are linked, not embedded (the page stays small; keep it next to its images).
     references[set][identity] lists the reference image paths relative to the HTML file's folder.
@@ -269,7 +286,7 @@ def write_report_html(path: str | os.PathLike, rows: Sequence[dict], metrics: di
             out.append(f"<tr><td>{esc(str(key))}</td><td>{esc(_settings_value(value))}</td></tr>")
         out.append("</table>")
 
-    out.extend(_means_table(metrics))
+    out.extend(_means_table(metrics, metric_names))
 
     for set_name, set_rows in _group_by_set(rows).items():
         out.append(f"<h2>{esc(set_name)}</h2>")
@@ -282,21 +299,23 @@ def write_report_html(path: str | os.PathLike, rows: Sequence[dict], metrics: di
             out.append("<div class='identity'>")
             out.append(_reference_card(set_refs.get(identity, []), html_dir))
             out.append("<div class='grid'>")
-            out.extend(_generation_card(row, html_dir) for row in identity_rows)
+            out.extend(_generation_card(row, html_dir, metric_names) for row in identity_rows)
             out.append("</div></div>")
 
-        no_face = [row for row in set_rows if not row["face_found"]]
-        out.append(f"<h3>No face detected ({len(no_face)})</h3>")
-        if no_face:
-            out.append("<ul class='noface'>")
-            for row in no_face:
-                href = esc(_href(row["image"], html_dir))
-                out.append(f"<li><a href='{href}'>{esc(str(row['image']))}</a> "
-                           f"<span class='meta'>— {esc(str(row['reference']))}: {esc(row.get('prompt') or '')}</span>"
-                           "</li>")
-            out.append("</ul>")
-        else:
-            out.append("<p class='meta'>none</p>")
+        for m in (display(n) for n in metric_names):
+            if not m.found_key:
+                continue
+            missed = [row for row in set_rows if not row[m.found_key]]
+            out.append(f"<h3>{esc(m.missing_title)} ({len(missed)})</h3>")
+            if missed:
+                out.append("<ul class='noface'>")
+                for row in missed:
+                    href = esc(_href(row["image"], html_dir))
+                    out.append(f"<li><a href='{href}'>{esc(str(row['image']))}</a> <span class='meta'>— "
+                               f"{esc(str(row['reference']))}: {esc(row.get('prompt') or '')}</span></li>")
+                out.append("</ul>")
+            else:
+                out.append("<p class='meta'>none</p>")
 
     out.extend(["</body>", "</html>", ""])
     path.write_text("\n".join(out), encoding="utf-8")
@@ -310,8 +329,12 @@ def write_report_html(path: str | os.PathLike, rows: Sequence[dict], metrics: di
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
     """(line number, parsed value) per non-blank line; ValueError naming the file and line otherwise."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 # A trailing blank line (or one left by an interrupted append) carries nothing.
                 continue
@@ -342,12 +365,14 @@ def _read_metrics_json(path: Path) -> list[dict]:
     if not isinstance(metrics.get("sets"), dict):
         # A malformed file, not a caller's type error: ValueError like every other "not a run" case.
         raise ValueError(f"{path}: expected a 'sets' mapping of per-set metrics")  # noqa: TRY004
-    return [{**{k: v for k, v in summary.items() if k != "no_face_images"}, "step": metrics["step"], "set": name}
-            for name, summary in metrics["sets"].items()]
+    names = metrics.get("metric_names") or list(DEFAULT_METRICS)
+    return [{**{k: v for k, v in summary.items() if not k.endswith("_images")}, "step": metrics["step"], "set": name,
+             "metric_names": names} for name, summary in metrics["sets"].items()]
 
 
 def load_history(run_dir: str | os.PathLike) -> list[dict]:
-    """Evaluation records {"step", "set", "clip_t", "face_sim", ...} of a training workdir or evaluate output.
+    """Evaluation records {"step", "set", "metric_names", <metric>: mean, ...} of a training workdir or evaluate
+    output (records written before "metric_names" existed carry CLIP-T and Face-Sim).
 
     A training workdir's eval/history.jsonl wins over a metrics.json in the same folder.
     """
@@ -409,8 +434,14 @@ def plot_compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    metric_names: dict[str, None] = {}  # first-appearance order over all runs
+    for records in histories:
+        for record in records:
+            for name in record.get("metric_names") or DEFAULT_METRICS:
+                metric_names.setdefault(name, None)
     written = []
-    for metric in METRICS:
+    for metric in metric_names:
+        shown = display(metric)
         for set_name in set_names:
             # A fixed color per run ("C0", "C1", ... by position) so a run looks the same in every plot,
             # also in the plots of a set some runs lack.
@@ -423,9 +454,9 @@ def plot_compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
             try:
                 for color, label, steps, values in series:
                     ax.plot(steps, values, marker="o", markersize=4, color=color, label=label)
-                ax.set_title(f"{METRIC_NAMES[metric]} — {set_name}")
+                ax.set_title(f"{shown.title} — {set_name}")
                 ax.set_xlabel("training step")
-                ax.set_ylabel(METRIC_AXIS_LABELS[metric])
+                ax.set_ylabel(shown.axis_label)
                 # Round step ticks (500, 1000, ...) rather than the 600s MaxNLocator picks by default.
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
                 ax.grid(True, alpha=0.3)

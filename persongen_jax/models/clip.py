@@ -77,6 +77,9 @@ class CLIPVisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
+    """transformers CLIPConfig: both towers, the shared projection width and the initial logit_scale
+    (ln of the inverse temperature; 2.6592 = ln(1 / 0.07))."""
+
     text_config: CLIPTextConfig
     vision_config: CLIPVisionConfig
     projection_dim: int = 512
@@ -127,6 +130,10 @@ def _parse(dc, config: Mapping[str, Any], where: str):
 
 
 def parse_text_config(config: Mapping[str, Any] | CLIPTextConfig) -> CLIPTextConfig:
+    """transformers CLIPTextConfig dict (model_type "clip_text_model" or none) -> CLIPTextConfig; a
+    CLIPTextConfig passes through. Keys that do not change the computation are ignored; ValueError naming
+    the key for (attention_)dropout != 0, an unknown hidden_act, a non-int eos_token_id, or
+    num_attention_heads not dividing hidden_size."""
     if isinstance(config, CLIPTextConfig):
         return config
     mt = config.get("model_type")
@@ -136,6 +143,9 @@ def parse_text_config(config: Mapping[str, Any] | CLIPTextConfig) -> CLIPTextCon
 
 
 def parse_vision_config(config: Mapping[str, Any] | CLIPVisionConfig) -> CLIPVisionConfig:
+    """transformers CLIPVisionConfig dict (model_type "clip_vision_model" or none) -> CLIPVisionConfig;
+    a CLIPVisionConfig passes through. Checks as `parse_text_config`, plus: image_size / patch_size
+    are ints or square [h, w] pairs, and patch_size divides image_size."""
     if isinstance(config, CLIPVisionConfig):
         return config
     mt = config.get("model_type")
@@ -145,6 +155,9 @@ def parse_vision_config(config: Mapping[str, Any] | CLIPVisionConfig) -> CLIPVis
 
 
 def parse_clip_config(config: Mapping[str, Any] | CLIPConfig) -> CLIPConfig:
+    """transformers CLIPConfig dict (model_type "clip" or none) -> CLIPConfig; a CLIPConfig passes
+    through. text_config / vision_config are checked as in `parse_text_config` / `parse_vision_config`,
+    with the legacy `text_config_dict` / `vision_config_dict` entries winning, as in transformers."""
     if isinstance(config, CLIPConfig):
         return config
     mt = config.get("model_type")
@@ -275,6 +288,8 @@ class CLIPOutput:
 
 
 class CLIPTextEmbeddings(nnx.Module):
+    """transformers CLIPTextEmbeddings: token_embedding(input_ids) + learned position_embedding."""
+
     def __init__(self, config: CLIPTextConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         d = config.hidden_size
         self.token_embedding = nnx.Embed(config.vocab_size, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -291,6 +306,12 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPVisionEmbeddings(nnx.Module):
+    """transformers CLIPVisionEmbeddings: [CLS, patch tokens] + learned position_embedding.
+
+    patch_embedding is a patch x patch conv with stride patch and no bias; only image_size x image_size
+    inputs (no position interpolation).
+    """
+
     def __init__(self, config: CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         d = config.hidden_size
         self.dtype = dtype
@@ -345,6 +366,8 @@ class CLIPAttention(nnx.Module):
 
 
 class CLIPMLP(nnx.Module):
+    """transformers CLIPMLP: fc1 -> hidden_act -> fc2."""
+
     def __init__(self, config: CLIPTextConfig | CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -353,6 +376,7 @@ class CLIPMLP(nnx.Module):
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]."""
         return self.fc2(self.activation_fn(self.fc1(x)))
 
 
@@ -369,11 +393,14 @@ class CLIPEncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(d, epsilon=eps, **kw)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]; mask / is_causal as in `CLIPAttention`."""
         x = x + self.self_attn(self.layer_norm1(x), mask=mask, is_causal=is_causal)
         return x + self.mlp(self.layer_norm2(x))
 
 
 class CLIPEncoder(nnx.Module):
+    """transformers CLIPEncoder: `layers`, num_hidden_layers CLIPEncoderLayer in sequence."""
+
     def __init__(self, config: CLIPTextConfig | CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32,
                  attention_impl: str = "xla", rngs: nnx.Rngs):
         self.layers = nnx.List([
@@ -498,9 +525,11 @@ class CLIPTextModel(_FromConfig, nnx.Module):
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
+        """Drops old `position_ids` buffers and adds the `text_model.` level that transformers v5 omits."""
         return _add_prefix(_drop_buffers(sd), "text_model.")
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
+        """input_ids [B, T] int, attention_mask [B, T] (1 = token) or None -> CLIPTextOutput."""
         return self.text_model(input_ids, attention_mask)
 
 
@@ -521,9 +550,12 @@ class CLIPTextModelWithProjection(_FromConfig, nnx.Module):
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
+        """Drops the `position_ids` buffers that checkpoints of older transformers carry."""
         return _drop_buffers(sd)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextModelOutput:
+        """input_ids [B, T] int, attention_mask [B, T] or None -> CLIPTextModelOutput
+        (text_embeds = text_projection(pooler_output) [B, projection_dim])."""
         out = self.text_model(input_ids, attention_mask)
         return CLIPTextModelOutput(text_embeds=self.text_projection(out.pooler_output),
                                    last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
@@ -545,9 +577,11 @@ class CLIPVisionModel(_FromConfig, nnx.Module):
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
+        """Drops old `position_ids` buffers and adds the `vision_model.` level that transformers v5 omits."""
         return _add_prefix(_drop_buffers(sd), "vision_model.")
 
     def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
+        """pixel_values [B, H, W, C] channels-last, CLIP-normalised, H = W = image_size -> CLIPVisionOutput."""
         return self.vision_model(pixel_values)
 
 
@@ -568,9 +602,12 @@ class CLIPVisionModelWithProjection(_FromConfig, nnx.Module):
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
+        """Drops the `position_ids` buffers that checkpoints of older transformers carry."""
         return _drop_buffers(sd)
 
     def __call__(self, pixel_values: jax.Array) -> CLIPVisionModelOutput:
+        """pixel_values [B, H, W, C] channels-last, CLIP-normalised -> CLIPVisionModelOutput
+        (image_embeds = visual_projection(pooler_output) [B, projection_dim])."""
         out = self.vision_model(pixel_values)
         return CLIPVisionModelOutput(image_embeds=self.visual_projection(out.pooler_output),
                                      last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
@@ -578,6 +615,7 @@ class CLIPVisionModelWithProjection(_FromConfig, nnx.Module):
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / ||x||_2 over the last axis; no epsilon, as in transformers' CLIPModel (a zero vector gives NaN)."""
     return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
 
 
@@ -601,6 +639,7 @@ class CLIPModel(_FromConfig, nnx.Module):
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
+        """Drops the `position_ids` buffers that checkpoints of older transformers carry."""
         return _drop_buffers(sd)
 
     def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -613,6 +652,9 @@ class CLIPModel(_FromConfig, nnx.Module):
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array,
                  attention_mask: jax.Array | None = None) -> CLIPOutput:
+        """input_ids [Bt, T], pixel_values [Bi, H, W, C], attention_mask [Bt, T] or None -> CLIPOutput:
+        L2-normalised text_embeds [Bt, P] and image_embeds [Bi, P], logits_per_text [Bt, Bi] =
+        exp(logit_scale) * cosine similarity, logits_per_image = its transpose [Bi, Bt]."""
         image_embeds = l2_normalize(self.get_image_features(pixel_values))
         text_embeds = l2_normalize(self.get_text_features(input_ids, attention_mask))
         logits_per_text = (text_embeds @ image_embeds.T) * jnp.exp(self.logit_scale[...]).astype(text_embeds.dtype)

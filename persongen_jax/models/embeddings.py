@@ -47,6 +47,7 @@ class Timesteps(nnx.Module):
         self.scale = scale
 
     def __call__(self, timesteps: jax.Array) -> jax.Array:
+        """timesteps [N] (int or float) -> [N, num_channels] float32 (`get_timestep_embedding`)."""
         return get_timestep_embedding(timesteps, self.num_channels, flip_sin_to_cos=self.flip_sin_to_cos,
                                       downscale_freq_shift=self.downscale_freq_shift, scale=self.scale)
 
@@ -68,6 +69,7 @@ class TimestepEmbedding(nnx.Module):
         self.post_act = activation(post_act_fn) if post_act_fn is not None else None
 
     def __call__(self, sample: jax.Array) -> jax.Array:
+        """sample [B, in_channels] -> [B, out_dim or time_embed_dim]."""
         sample = self.linear_2(self.act(self.linear_1(sample)))
         if self.post_act is not None:
             sample = self.post_act(sample)

@@ -55,6 +55,7 @@ class PhotoMakerIDEncoderConfig:
 
     @property
     def embed_dim(self) -> int:
+        """D = vision.projection_dim + projection_dim_2: the ID embedding and fuse-module width."""
         return self.vision.projection_dim + self.projection_dim_2
 
 
@@ -111,6 +112,7 @@ class MLP(nnx.Module):
         self.fc2 = Linear(hidden_dim, out_dim, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., in_dim] -> [..., out_dim]."""
         y = self.fc2(jax.nn.gelu(self.fc1(self.layernorm(x)), approximate=False))
         return y + x if self.use_residual else y
 
@@ -202,6 +204,7 @@ class PhotoMakerIDEncoder(nnx.Module):
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
+        """Drops the vision tower's `position_ids` buffer; the other keys are the checkpoint's `id_encoder` ones."""
         # Checkpoints saved with older transformers carry the non-persistent `position_ids` buffer.
         return clip._drop_buffers(sd)
 
@@ -220,6 +223,8 @@ class PhotoMakerIDEncoder(nnx.Module):
 
     def __call__(self, id_pixel_values: jax.Array, prompt_embeds: jax.Array,
                  class_tokens_mask: jax.Array) -> jax.Array:
+        """id_pixel_values [B, N, H, W, C] (CLIP-normalised), prompt_embeds [B, T, D], class_tokens_mask
+        [B, T] -> [B, T, D]: fuse(prompt_embeds, id_embeds(id_pixel_values), class_tokens_mask)."""
         return self.fuse(prompt_embeds, self.id_embeds(id_pixel_values), class_tokens_mask)
 
 

@@ -51,7 +51,8 @@ from persongen_jax.models.modeling import check_field_types, register_model
 class IResNetConfig:
     """layers: IBasicBlocks per stage; widths: channels per stage; stem_width: conv1 channels.
 
-    Each stage halves the resolution, so fc takes widths[-1] * (input_size / 16)^2 features.
+    Each stage halves the resolution, so fc takes widths[-1] * fc_spatial^2 features,
+    fc_spatial = input_size / 2^len(layers) (input_size / 16 for four stages).
     """
 
     layers: tuple[int, ...] = (3, 4, 14, 3)
@@ -70,15 +71,20 @@ class IResNetConfig:
 
     @property
     def fc_spatial(self) -> int:
+        """Side of the last feature map that fc flattens: input_size / 2^len(layers) (112 -> 7)."""
         return self.input_size // 2 ** len(self.layers)
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (layers / widths as lists), the form `preset_config` returns."""
         d = dataclasses.asdict(self)
         d["layers"], d["widths"] = list(self.layers), list(self.widths)
         return d
 
 
 def parse_config(config: Mapping[str, Any] | IResNetConfig) -> IResNetConfig:
+    """IResNetConfig fields as a dict -> IResNetConfig (keys that are not fields are ignored); an
+    IResNetConfig passes through. ValueError when layers / widths are empty, differ in length or have a
+    stage without blocks, or when 2^len(layers) does not divide input_size."""
     if isinstance(config, IResNetConfig):
         return config
     known = {f.name for f in dataclasses.fields(IResNetConfig)}
@@ -124,6 +130,7 @@ class BatchNorm(nnx.Module):
         self.running_var = nnx.Param(jnp.ones((num_features,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., C] channels-last -> same shape, in `dtype` (default: x's dtype)."""
         dtype = self.dtype or x.dtype
         f32 = lambda p: p[...].astype(jnp.float32)
         mul = f32(self.scale) * jax.lax.rsqrt(f32(self.running_var) + self.epsilon)
@@ -138,6 +145,7 @@ class PReLU(nnx.Module):
         self.weight = nnx.Param(jnp.full((num_parameters,), 0.25, param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., C] channels-last -> same shape; one slope per channel."""
         return jnp.where(x >= 0, x, self.weight[...].astype(x.dtype) * x)
 
 
@@ -170,6 +178,7 @@ class IBasicBlock(nnx.Module):
             self.downsample = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, inplanes] -> [B, H / stride, W / stride, planes]."""
         out = self.conv1(self.bn1(x))
         if self.bn2 is not None:
             out = self.bn2(out)
@@ -223,6 +232,7 @@ class IResNet(nnx.Module):
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
+        """Drops the BatchNorm `num_batches_tracked` counters of a torch state dict."""
         # torch BatchNorm's step counter is a buffer that inference never reads.
         return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
 

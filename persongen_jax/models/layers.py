@@ -28,6 +28,7 @@ class Identity(nnx.Module):
     """
 
     def __call__(self, x):
+        """Returns x unchanged."""
         return x
 
 
@@ -50,6 +51,7 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, ..., C] -> same shape, in `dtype` (default: x's dtype)."""
         dtype = self.dtype or x.dtype
         shape = x.shape
         g = self.num_groups
@@ -73,6 +75,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype)) if (elementwise_affine and use_bias) else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> same shape, in `dtype` (default: x's dtype)."""
         dtype = self.dtype or x.dtype
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -86,7 +89,7 @@ class LayerNorm(nnx.Module):
 
 
 class Linear(nnx.Linear):
-    """nnx.Linear with the PyTorch-style names kernel[in, out] / bias[out], optionally with LoRA.
+    """nnx.Linear (kernel [in, out] = torch's weight.T, bias [out]), optionally with LoRA.
 
     LoRA (see `persongen_jax.models.lora.add_lora`) adds the children `lora_A` (kernel [in, r]) and
     `lora_B` (kernel [r, out]) and a static `lora_scale` = alpha / r:
@@ -105,6 +108,7 @@ class Linear(nnx.Linear):
         self.lora_scale = 1.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> [..., out], plus the LoRA term when LoRA is attached."""
         y = super().__call__(x)
         if self.lora_A is not None:
             y = y + (self.lora_B(self.lora_A(x)) * self.lora_scale).astype(y.dtype)

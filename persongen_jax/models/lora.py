@@ -1,32 +1,36 @@
 """LoRA and adapter cross-attentions for the UNet (DESIGN points 3 and 4), and their folder formats.
 
-Variable types: `LoRAParam` and `AdapterParam` subclass `nnx.Param`, so
+Variable types: `LoRAParam` subclasses flax's `nnx.LoRAParam` and `AdapterParam` `nnx.Param`, so
 
     nnx.state(unet, LoRAParam)                                    the LoRA weights
     nnx.state(unet, AdapterParam)                                 adapter layers + image projection
     nnx.All(nnx.Param, nnx.Not(LoRAParam), nnx.Not(AdapterParam))  the frozen base model
 
-select them for optimizers, freezing and checkpoints, and `modeling.flat_params` still sees them.
+select them for optimizers, freezing and checkpoints (NNX's own `nnx.LoRAParam` filter selects the LoRA
+too), and `modeling.flat_params` still sees them.
 
 LoRA (PEFT naming): a targeted `Linear` at path P gets the children `P.lora_A` (kernel [in, r]) and
 `P.lora_B` (kernel [r, out], zero-initialised) and computes
 `base(x) + (alpha / r) * lora_B(lora_A(x))`; the torch key of `P.lora_A.kernel` is PEFT's
 `P.lora_A.weight` (diffusers LoRA files prefix it with `unet.`).
 
-Adapters: on every cross-attention (`attn2`) and per condition name c, `to_k_<c>` / `to_v_<c>`
-(copies of `to_k` / `to_v`, AdapterParam) with a default scale; the wiring (`parallel` or
-`sequential`) is documented in `attention_processor`. Identity tokens for an image condition come
-from `ImageProjection` (IP-Adapter's image_proj), attached as `unet.image_proj`.
+Adapters: every cross-attention (`attn2`) gets an adapter processor (`attention_processor`: the class
+of `ADAPTER_PROCESSORS[mode]`, "parallel" or "sequential") holding, per condition name c,
+`processor.to_k[c]` / `processor.to_v[c]` (copies of `to_k` / `to_v`, AdapterParam) and a default scale.
+Identity tokens for an image condition come from `ImageProjection` (IP-Adapter's image_proj), held as
+`unet.image_proj`.
 
 Folders (config.json + params/, orbax, paths relative to the UNet, written atomically):
 
-    LoRA:     {"format": "persongen_lora", "rank", "alpha", "targets",
+    LoRA:     {"format": "persongen_lora", "version": 2, "rank", "alpha", "targets",
                "modules": {module path: {"rank", "alpha"}}}           + params of the LoRAParam leaves
-    adapters: {"format": "persongen_adapters", "names", "mode", "scales": {name: s},
+    adapters: {"format": "persongen_adapters", "version": 2, "names", "mode", "scales": {name: s},
                "image_projection": {"condition", "image_embed_dim", "cross_attention_dim",
                                     "num_tokens"} | null}               + params of the AdapterParam leaves
 
-Load adapters before LoRA when the LoRA covers adapter layers (`copy_lora=True`).
+Load adapters before LoRA when the LoRA covers adapter layers (`copy_lora=True`). Version-1 folders
+(written before the processor layout, adapter paths `...attn2.to_k_<c>`) load unchanged: their paths are
+mapped by `upgrade_adapter_path` when read.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,20 +48,22 @@ import numpy as np
 from flax import nnx
 
 from persongen_jax.models import modeling
-from persongen_jax.models.attention_processor import ADAPTER_MODES, Attention
+from persongen_jax.models.attention_processor import ADAPTER_PROCESSORS, AdapterProcessor, Attention
 from persongen_jax.models.layers import LayerNorm, Linear
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_FORMAT = "persongen_lora"
 ADAPTERS_FORMAT = "persongen_adapters"
+LORA_VERSION = ADAPTERS_VERSION = 2
+path_str = modeling.path_str
 
 
-class LoRAParam(nnx.Param):
-    """A LoRA factor (`lora_A` / `lora_B` kernels)."""
+class LoRAParam(nnx.LoRAParam):
+    """A LoRA factor (`lora_A` / `lora_B` kernels); flax's `nnx.LoRAParam` filters select it."""
 
 
 class AdapterParam(nnx.Param):
-    """A weight of an adapter cross-attention (`to_k_<name>`, `to_v_<name>`) or of `image_proj`."""
+    """A weight of an adapter projection (`processor.to_k[name]`, `processor.to_v[name]`) or of `image_proj`."""
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -77,13 +83,10 @@ class LoRADense(nnx.Module):
         self.kernel = LoRAParam(kernel)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> x @ kernel [..., out], in `dtype` (default: the promoted dtype of x and kernel)."""
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
         return jnp.matmul(x.astype(dtype), kernel.astype(dtype))
-
-
-def path_str(path: Iterable) -> str:
-    return ".".join(str(p) for p in path)
 
 
 def linear_modules(module) -> dict[str, Linear]:
@@ -93,7 +96,7 @@ def linear_modules(module) -> dict[str, Linear]:
 
 def matches(path: str, patterns: Sequence[str]) -> bool:
     """A pattern matches a module path when it is a dotted suffix of it ("to_q" matches
-    "...attn1.to_q", not "...attn2.to_k_bg") or a regex matching the whole path."""
+    "...attn1.to_q", not "...attn2.processor.to_k.bg") or a regex matching the whole path."""
     return any(path == p or path.endswith("." + p) or re.fullmatch(p, path) for p in patterns)
 
 
@@ -167,7 +170,7 @@ def lora_config(modules: Mapping[str, tuple[int, float]]) -> dict:
         raise ValueError("no LoRA modules")
     rank = collections.Counter(r for r, _ in modules.values()).most_common(1)[0][0]
     alpha = collections.Counter(a for _, a in modules.values()).most_common(1)[0][0]
-    return {"format": LORA_FORMAT, "version": 1, "rank": int(rank), "alpha": float(alpha),
+    return {"format": LORA_FORMAT, "version": LORA_VERSION, "rank": int(rank), "alpha": float(alpha),
             "targets": sorted({_target_of(p) for p in modules}),
             "modules": {p: {"rank": int(r), "alpha": float(a)} for p, (r, a) in sorted(modules.items())}}
 
@@ -181,9 +184,11 @@ def save_lora(unet, directory: str | os.PathLike, *, overwrite: bool = False) ->
 
 
 def read_lora_config(directory: str | os.PathLike) -> dict:
+    """The config.json of a LoRA folder (checked: format, modules; version-1 module paths upgraded)."""
     cfg = _read_config(directory, LORA_FORMAT)
     if not isinstance(cfg.get("modules"), dict) or not cfg["modules"]:
         raise ValueError(f"{Path(directory) / modeling.CONFIG_FILE}: no 'modules' in a LoRA config")
+    cfg["modules"] = {upgrade_adapter_path(p): m for p, m in cfg["modules"].items()}
     return cfg
 
 
@@ -197,7 +202,7 @@ def load_lora(unet, directory: str | os.PathLike) -> list[str]:
         raise ValueError(f"{directory}: LoRA for modules the UNet does not have: {missing[:10]}"
                          + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
                          + ("; LoRA on adapter layers needs load_adapters first"
-                            if any(re.search(r"\.to_[kv]_\w+$", p) for p in missing) else ""))
+                            if any(".processor.to_" in p for p in missing) else ""))
     for p, (r, a) in modules.items():
         try:
             _attach_lora(linears[p], r, a, rngs=None, init_a="zeros")
@@ -233,19 +238,30 @@ class ImageProjection(nnx.Module):
     tokens * D) -> reshape to tokens -> LayerNorm `norm`. Parameters are AdapterParam.
 
     [B, in] -> [B, tokens, D]; [B, N, in] (N reference images) -> [B, N * tokens, D].
+    `condition` names the adapter condition whose tokens it makes (the image condition).
     """
 
-    def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, *, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, *,
+                 condition: str, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.condition = condition
+        self.image_embed_dim, self.cross_attention_dim = image_embed_dim, cross_attention_dim
         self.num_tokens = num_tokens
         self.image_embeds = Linear(image_embed_dim, num_tokens * cross_attention_dim, dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
         self.norm = LayerNorm(cross_attention_dim, dtype=dtype, param_dtype=param_dtype)
-        for m, names in ((self.image_embeds, ("kernel", "bias")), (self.norm, ("scale", "bias"))):
-            for n in names:
-                setattr(m, n, _retype(getattr(m, n), AdapterParam))
+        self.image_embeds.kernel = _retype(self.image_embeds.kernel, AdapterParam)
+        self.image_embeds.bias = _retype(self.image_embeds.bias, AdapterParam)
+        self.norm.scale = _retype(self.norm.scale, AdapterParam)
+        self.norm.bias = _retype(self.norm.bias, AdapterParam)
+
+    def config(self) -> dict:
+        """The adapter folder's "image_projection" entry."""
+        return {"condition": self.condition, "image_embed_dim": self.image_embed_dim,
+                "cross_attention_dim": self.cross_attention_dim, "num_tokens": self.num_tokens}
 
     def __call__(self, image_embeds: jax.Array) -> jax.Array:
+        """image_embeds [B, in] -> [B, num_tokens, D]; [B, N, in] -> [B, N * num_tokens, D] (image n's
+        tokens contiguous)."""
         squeeze = image_embeds.ndim == 2
         x = image_embeds[:, None] if squeeze else image_embeds
         b, n, _ = x.shape
@@ -259,13 +275,19 @@ def cross_attentions(unet) -> dict[str, Attention]:
             if isinstance(m, Attention) and p and str(p[-1]) == "attn2"}
 
 
+def adapter_processors(unet) -> dict[str, AdapterProcessor]:
+    """{attention path: its AdapterProcessor} of every cross-attention that has adapters."""
+    return {p: a.processor for p, a in cross_attentions(unet).items() if isinstance(a.processor, AdapterProcessor)}
+
+
 def add_adapters(unet, names: Sequence[str], *, mode: str = "parallel",
                  scales: Mapping[str, float] | Sequence[float] | float = 1.0, copy_lora: bool = False,
                  image_projection: Mapping[str, Any] | None = None, rngs: nnx.Rngs | None = None) -> list[str]:
     """Adds adapter cross-attentions (in place) to every `attn2` of `unet`; returns their paths.
 
     names: condition names in wiring order (the target method: ["bg", "body", "id"]).
-    mode: "parallel" (IP-Adapter) or "sequential". scales: default scale per condition.
+    mode: a key of `ADAPTER_PROCESSORS` ("parallel" = IP-Adapter, "sequential"): the processor class
+    that every `attn2` gets. scales: default scale per condition.
     copy_lora: also copy the LoRA of to_k / to_v into LoRA on the new layers (LoRAParam).
     image_projection: {"condition": "id", "image_embed_dim": int, "num_tokens": 4} adds
     `unet.image_proj` (ImageProjection into the cross-attention width; needs `rngs`).
@@ -273,8 +295,8 @@ def add_adapters(unet, names: Sequence[str], *, mode: str = "parallel",
     names = tuple(names)
     if not names or len(set(names)) != len(names) or not all(re.fullmatch(r"[a-z][a-z0-9_]*", n) for n in names):
         raise ValueError(f"add_adapters: names must be unique lower-case identifiers, got {list(names)}")
-    if mode not in ADAPTER_MODES:
-        raise ValueError(f"add_adapters: mode {mode!r}; expected one of {list(ADAPTER_MODES)}")
+    if mode not in ADAPTER_PROCESSORS:
+        raise ValueError(f"add_adapters: mode {mode!r}; expected one of {list(ADAPTER_PROCESSORS)}")
     if isinstance(scales, (int, float)):
         scales = {n: float(scales) for n in names}
     elif not isinstance(scales, Mapping):
@@ -284,15 +306,14 @@ def add_adapters(unet, names: Sequence[str], *, mode: str = "parallel",
     attns = cross_attentions(unet)
     if not attns:
         raise ValueError("add_adapters: the UNet has no cross-attention layers")
+    processor_cls = ADAPTER_PROCESSORS[mode]
     for path, attn in attns.items():
-        if attn.adapter_names:
-            raise ValueError(f"add_adapters: {path} already has adapters {list(attn.adapter_names)}")
-        for n in names:
-            setattr(attn, f"to_k_{n}", _copy_linear(attn.to_k, AdapterParam, copy_lora=copy_lora))
-            setattr(attn, f"to_v_{n}", _copy_linear(attn.to_v, AdapterParam, copy_lora=copy_lora))
-        attn.adapter_names = names
-        attn.adapter_mode = mode
-        attn.adapter_scales = tuple(float(scales[n]) for n in names)
+        if isinstance(attn.processor, AdapterProcessor):
+            raise ValueError(f"add_adapters: {path} already has adapters {list(attn.processor.names)}")
+        attn.set_processor(processor_cls(
+            names, [scales[n] for n in names],
+            to_k={n: _copy_linear(attn.to_k, AdapterParam, copy_lora=copy_lora) for n in names},
+            to_v={n: _copy_linear(attn.to_v, AdapterParam, copy_lora=copy_lora) for n in names}))
     if image_projection is not None:
         ip = dict(image_projection)
         if ip.get("condition") not in names:
@@ -300,21 +321,20 @@ def add_adapters(unet, names: Sequence[str], *, mode: str = "parallel",
                              f"{list(names)}")
         cross = ip.get("cross_attention_dim") or next(iter(attns.values())).to_k.in_features
         unet.image_proj = ImageProjection(int(ip["image_embed_dim"]), int(cross), int(ip.get("num_tokens", 4)),
-                                          dtype=unet.dtype, rngs=rngs)
-        ip["cross_attention_dim"] = int(cross)
-        ip.setdefault("num_tokens", 4)
-    else:
-        ip = None
-    unet.adapter_config = json.dumps({"names": list(names), "mode": mode,
-                                      "scales": {n: float(scales[n]) for n in names},
-                                      "image_projection": ip}, sort_keys=True)  # a hashable static attribute
+                                          condition=ip["condition"], dtype=unet.dtype, rngs=rngs)
     return sorted(attns)
 
 
 def adapter_config(unet) -> dict | None:
-    """{"names", "mode", "scales", "image_projection"} of the adapters on `unet`, or None."""
-    raw = getattr(unet, "adapter_config", None)
-    return json.loads(raw) if raw else None
+    """{"names", "mode", "scales", "image_projection"} of the adapters on `unet` (read off its processors
+    and `unet.image_proj`), or None."""
+    processors = adapter_processors(unet)
+    if not processors:
+        return None
+    first = next(iter(processors.values()))
+    image_proj = getattr(unet, "image_proj", None)
+    return {"names": list(first.names), "mode": first.mode, "scales": dict(zip(first.names, first.scales)),
+            "image_projection": image_proj.config() if image_proj is not None else None}
 
 
 def save_adapters(unet, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -322,16 +342,33 @@ def save_adapters(unet, directory: str | os.PathLike, *, overwrite: bool = False
     cfg = adapter_config(unet)
     if cfg is None:
         raise ValueError("save_adapters: the UNet has no adapters (add_adapters / load_adapters first)")
-    write_folder(directory, {"format": ADAPTERS_FORMAT, "version": 1, **cfg}, _flat(unet, AdapterParam),
-                 overwrite=overwrite)
+    write_folder(directory, {"format": ADAPTERS_FORMAT, "version": ADAPTERS_VERSION, **cfg},
+                 _flat(unet, AdapterParam), overwrite=overwrite)
 
 
 def read_adapters_config(directory: str | os.PathLike) -> dict:
+    """The config.json of an adapter folder (checked: format, names, mode, scales)."""
     cfg = _read_config(directory, ADAPTERS_FORMAT)
     for key in ("names", "mode", "scales"):
         if key not in cfg:
             raise ValueError(f"{Path(directory) / modeling.CONFIG_FILE}: missing {key!r}")
     return cfg
+
+
+# Version 1 folders (before adapter processors) stored the projections as `...attn2.to_k_<c>.*`.
+_V1_ADAPTER_PATH = re.compile(r"^(.*\.attn2)\.to_([kv])_([a-z][a-z0-9_]*)(\..*|)$")
+
+
+def upgrade_adapter_path(path: str) -> str:
+    """A version-1 adapter path `...attn2.to_k_bg[.rest]` -> `...attn2.processor.to_k.bg[.rest]`
+    (other paths unchanged); reads folders written before the processor layout."""
+    m = _V1_ADAPTER_PATH.match(path)
+    return f"{m[1]}.processor.to_{m[2]}.{m[3]}{m[4]}" if m else path
+
+
+def adapter_param_path(attn_path: str, kv: str, name: str) -> str:
+    """The module path of adapter `name`'s key (kv="k") or value (kv="v") projection in `attn_path`."""
+    return f"{attn_path}.processor.to_{kv}.{name}"
 
 
 def load_adapters(unet, directory: str | os.PathLike) -> list[str]:
@@ -377,7 +414,8 @@ def _read_config(directory, fmt: str) -> dict:
 
 def read_params(directory: str | os.PathLike, *, verify_checksums: bool | None = None) -> dict[str, jax.Array]:
     """{dotted path: array} of a folder's params/ (small folders: LoRA, adapters), checked against
-    params/checksums.json like `modeling.from_pretrained`."""
+    params/checksums.json like `modeling.from_pretrained`; version-1 adapter paths are returned in the
+    current layout (`upgrade_adapter_path`)."""
     import orbax.checkpoint as ocp
 
     params_dir = (Path(directory) / modeling.PARAMS_DIR).absolute()
@@ -389,10 +427,10 @@ def read_params(directory: str | os.PathLike, *, verify_checksums: bool | None =
         raise ValueError(f"{params_dir}: cannot read the parameters ({modeling.first_line(e)}); the folder is "
                          "damaged, re-convert it") from None
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    out = {".".join(str(getattr(k, "key", k)) for k in path): v for path, v in flat}
+    out = {path_str(path): v for path, v in flat}
     if modeling.verify_default(verify_checksums):
-        modeling.check_checksums(params_dir, out)
-    return out
+        modeling.check_checksums(params_dir, out)  # the stored paths: checksums.json names them as written
+    return {upgrade_adapter_path(k): v for k, v in out.items()}
 
 
 def _restore(module, directory, param_type) -> None:

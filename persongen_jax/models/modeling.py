@@ -106,6 +106,8 @@ def register_model(cls):
 
 
 def get_model_class(name: str):
+    """The registered class called `name` (a folder's "_persongen_class"), after importing every model
+    module; ValueError for an unknown name."""
     _import_all_models()
     try:
         return MODEL_REGISTRY[name]
@@ -118,8 +120,10 @@ def _import_all_models():
     import persongen_jax.models  # noqa: F401
 
 
-def path_to_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
+def path_str(path) -> str:
+    """A parameter path (NNX path or jax tree path) as the dotted string the configs and key maps use:
+    ("down_blocks", 0, "attentions") -> "down_blocks.0.attentions"."""
+    return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
 @contextlib.contextmanager
@@ -152,6 +156,31 @@ def abstract_model(cls, config: Mapping[str, Any], *, dtype=None, param_dtype=jn
         return nnx.eval_shape(lambda: cls.from_config(dict(config), rngs=nnx.Rngs(0), dtype=dtype,
                                                       param_dtype=param_dtype,
                                                       attention_impl=attention_impl))
+
+
+def random_init(cls, config: Mapping[str, Any], seed: int, **kw):
+    """A randomly initialised model built without per-parameter device dispatch: the module is created
+    abstractly (`abstract_model`), then every parameter is drawn on the host with numpy (seeded):
+    kernels / embeddings ~ N(0, 1/fan_in), norm scales 1, biases 0. Eager NNX init of even the tiny
+    models costs ~20 s of op dispatch on a small CPU; this takes well under a second."""
+    import numpy as np
+
+    model = abstract_model(cls, config, **kw)
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, sds in flat_params(model).items():
+        shape = tuple(sds.shape)
+        if len(shape) >= 2:
+            fan_in = int(np.prod(shape[:-1]))
+            value = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)
+        elif str(path[-1]) == "scale":
+            value = np.ones(shape, np.float32)
+        elif str(path[-1]) == "bias":
+            value = np.zeros(shape, np.float32)
+        else:
+            value = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+        flat[path] = jnp.asarray(value, dtype=sds.dtype)
+    return assign_params(model, flat)
 
 
 def flat_params(model) -> dict[tuple, Any]:
@@ -291,7 +320,7 @@ def save_params(flat: Mapping[tuple, Any], directory: str | os.PathLike) -> None
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.abspath(directory), _nest({k: jnp.asarray(v) for k, v in flat.items()}))
     ckptr.wait_until_finished()
-    names = [path_to_str(k) for k in flat]
+    names = [path_str(k) for k in flat]
     arrays = {n: {"sha256": d, "shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
               for n, v, d in zip(names, flat.values(), _digests(flat.values()))}
     (Path(directory) / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": "sha256", "arrays": arrays}, indent=0))
@@ -338,6 +367,8 @@ def save_pretrained(model, config: Mapping[str, Any], directory: str | os.PathLi
 
 
 def read_config(directory: str | os.PathLike) -> dict:
+    """config.json of a converted component folder; FileNotFoundError when it is absent, ValueError when
+    it is not JSON or has no "_persongen_class"."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a folder written by "
@@ -391,10 +422,10 @@ def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=Non
         try:
             meta = _lookup(stored_tree, path)
         except (KeyError, TypeError):
-            missing.append(path_to_str(path))
+            missing.append(path_str(path))
             continue
         if tuple(meta.shape) != tuple(sds.shape):
-            raise ValueError(f"{params_dir}: {path_to_str(path)} has shape {tuple(meta.shape)}, "
+            raise ValueError(f"{params_dir}: {path_str(path)} has shape {tuple(meta.shape)}, "
                              f"the model built from config.json expects {tuple(sds.shape)}")
         # Restoring straight into device arrays (a sharding on the target) avoids a second host copy;
         # verified loads restore the stored dtype (what the checksums are of) and cast afterwards.
@@ -411,7 +442,7 @@ def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=Non
     flat = {p: _lookup(restored, p) for p in target}
     del restored
     if verify:
-        check_checksums(params_dir, {path_to_str(p): v for p, v in flat.items()})
+        check_checksums(params_dir, {path_str(p): v for p, v in flat.items()})
         if param_dtype is not None:
             want = jnp.dtype(param_dtype)
             flat = {p: v.astype(want) if v.dtype != want else v for p, v in flat.items()}
@@ -419,6 +450,7 @@ def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=Non
 
 
 def first_line(e: BaseException) -> str:
+    """`Type: first line of the message` of an exception (at most 300 characters), for one-line errors."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 

@@ -61,6 +61,8 @@ class Downsample2D(nnx.Module):
                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, C] -> [B, H', W', out_channels]; H' = ceil(H / 2) with padding 1, floor(H / 2) with
+        padding 0."""
         if self.padding == 0:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
         return self.conv(x)
@@ -90,4 +92,5 @@ class Upsample2D(nnx.Module):
                          param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        """x [B, H, W, C] -> [B, 2H, 2W, out_channels], or [B, *output_size, out_channels] when given."""
         return self.conv(upsample_nearest(x, output_size))

@@ -22,6 +22,7 @@ class GEGLU(nnx.Module):
         self.proj = Linear(dim_in, dim_out * 2, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., dim_in] -> [..., dim_out]."""
         h, gate = jnp.split(self.proj(x), 2, axis=-1)
         return h * jax.nn.gelu(gate, approximate=False)
 
@@ -41,6 +42,7 @@ class FeedForward(nnx.Module):
                              Linear(inner_dim, dim_out or dim, use_bias=bias, **kw)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., dim] -> [..., dim_out or dim]."""
         for layer in self.net:
             x = layer(x)
         return x

@@ -123,6 +123,9 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "UNetConfig":
+        """diffusers UNet2DConditionModel config.json dict -> validated UNetConfig. Keys starting with "_"
+        and IGNORED_KEYS are dropped, FIXED_KEYS must hold their one supported value, and any other unknown
+        key raises ValueError naming it."""
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in config.items():
@@ -145,9 +148,14 @@ class UNetConfig:
         return cfg
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (top-level tuples as lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def validate(self) -> None:
+        """Raises ValueError naming the key for: an unsupported down/up/mid block type; up_block_types or
+        block_out_channels not one per down block; addition_embed_type other than "text_time" / None, or
+        "text_time" without its two dims; norm_num_groups None; nested transformer_layers_per_block
+        without reverse_transformer_layers_per_block; a per-block list of the wrong length."""
         n = len(self.down_block_types)
         for t in self.down_block_types:
             if _strip(t) not in DOWN_BLOCKS:
@@ -185,9 +193,11 @@ class UNetConfig:
     # Per-block values, broadcast as diffusers does.
     @property
     def num_blocks(self) -> int:
+        """Number of down blocks (= up blocks)."""
         return len(self.down_block_types)
 
     def per_block(self, name: str) -> tuple:
+        """Field `name` as one value per down block (an int is broadcast, as diffusers does)."""
         return _per_block(name, getattr(self, name), self.num_blocks)
 
 
@@ -276,20 +286,22 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = GroupNorm(c.norm_num_groups, boc[0], epsilon=c.norm_eps, **kw)
         self.conv_act = activation(c.act_fn)
         self.conv_out = Conv(boc[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2, **kw)
+        # IP-Adapter image projection of an image condition (lora.ImageProjection); set by lora.add_adapters.
+        self.image_proj = nnx.data(None)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | UNetConfig, *, rngs: nnx.Rngs, dtype=None,
                     param_dtype=jnp.float32, attention_impl: str = "xla") -> "UNet2DConditionModel":
+        """config: a diffusers config.json dict (parsed by `UNetConfig.from_dict`) or a UNetConfig."""
         cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
         return cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
 
     @classmethod
     def preset_config(cls, name: str) -> dict:
-        """A diffusers-style config dict by name: "sdxl_base" (stable-diffusion-xl-base-1.0) or "tiny"."""
-        try:
-            return copy.deepcopy(PRESETS[name])
-        except KeyError:
-            raise ValueError(f"unknown UNet preset {name!r}; expected one of {sorted(PRESETS)}") from None
+        """A diffusers-style config dict by model size (`presets.SIZES`): "sdxl_base", "tiny", "micro"."""
+        from persongen_jax.models import presets
+
+        return copy.deepcopy(presets.get(name).unet)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                  text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None, *,
@@ -351,84 +363,3 @@ class UNet2DConditionModel(nnx.Module):
 
         sample = self.conv_act(self.conv_norm_out(sample))
         return self.conv_out(sample)
-
-
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (verbatim).
-SDXL_BASE = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.19.0.dev0",
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "class_embed_type": None,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "cross_attention_dim": 2048,
-    "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 128,
-    "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None,
-    "time_embedding_dim": None,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None,
-    "use_linear_projection": True,
-}
-
-# SDXL-shaped and small enough for CPU tests and the demo: same block layout (plain block first,
-# then two cross-attention levels), text_time added conditions, several transformer layers per block.
-# text_embeds are 32-d, so projection_class_embeddings_input_dim = 32 + 6 * 8.
-TINY = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "attention_head_dim": [2, 2, 4],
-    "block_out_channels": [32, 64, 64],
-    "cross_attention_dim": 32,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 8,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 80,
-    "sample_size": 32,
-    "transformer_layers_per_block": [1, 2, 2],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
-}
-
-PRESETS = {"sdxl_base": SDXL_BASE, "tiny": TINY}

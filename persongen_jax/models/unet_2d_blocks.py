@@ -1,7 +1,8 @@
 """UNet blocks used by SDXL (diffusers `models/unets/unet_2d_blocks.py`).
 
-Channels-last [B, H, W, C]. Every block takes `(hidden_states, temb, encoder_hidden_states)`;
-the plain blocks ignore the context so the UNet can loop over blocks uniformly.
+Channels-last [B, H, W, C]. Every block takes `(hidden_states, temb, encoder_hidden_states)` (up
+blocks: `(hidden_states, skips, temb, encoder_hidden_states, upsample_size)`); the plain blocks
+ignore the context so the UNet can loop over blocks uniformly.
 
 Down blocks return `(hidden_states, skips)`, one skip per resnet(+attention) plus one after the
 downsampler. Up blocks pop skips from the end of the tuple they are given and concatenate
@@ -42,6 +43,8 @@ def _transformers(num_layers, out_channels, num_attention_heads, transformer_lay
 
 
 class DownBlock2D(nnx.Module):
+    """diffusers DownBlock2D: ResnetBlock2D x num_layers, then an optional stride-2 Downsample2D."""
+
     has_cross_attention = False
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, num_layers: int = 1,
@@ -59,7 +62,8 @@ class DownBlock2D(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array, temb: jax.Array,
                  encoder_hidden_states: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """[B, H, W, Cin] -> ([B, H', W', Cout], skips); H' = ceil(H / 2) with a downsampler."""
+        """[B, H, W, Cin] -> ([B, H', W', Cout], skips); H' = ceil(H / 2) with a downsampler
+        (downsample_padding=1, SDXL; floor(H / 2) with 0)."""
         skips = ()
         for resnet in self.resnets:
             hidden_states = resnet(hidden_states, temb)
@@ -72,6 +76,9 @@ class DownBlock2D(nnx.Module):
 
 
 class CrossAttnDownBlock2D(nnx.Module):
+    """diffusers CrossAttnDownBlock2D: (ResnetBlock2D -> Transformer2DModel) x num_layers, then an
+    optional stride-2 Downsample2D."""
+
     has_cross_attention = True
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, num_layers: int = 1,
@@ -95,6 +102,9 @@ class CrossAttnDownBlock2D(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array, temb: jax.Array,
                  encoder_hidden_states: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """hidden_states [B, H, W, Cin], temb [B, temb_channels], encoder_hidden_states [B, S, D] or a
+        CrossAttentionContext -> ([B, H', W', Cout], skips); H' = ceil(H / 2) with a downsampler
+        (downsample_padding=1, SDXL; floor(H / 2) with 0)."""
         skips = ()
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states = resnet(hidden_states, temb)
@@ -129,6 +139,8 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array, temb: jax.Array,
                  encoder_hidden_states: jax.Array | None = None) -> jax.Array:
+        """hidden_states [B, H, W, C], temb [B, temb_channels], encoder_hidden_states [B, S, D] or a
+        CrossAttentionContext -> [B, H, W, C]."""
         hidden_states = self.resnets[0](hidden_states, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
             hidden_states = attn(hidden_states, encoder_hidden_states)
@@ -149,6 +161,12 @@ def _up_resnets(num_layers, in_channels, prev_output_channel, out_channels, temb
 
 
 class UpBlock2D(nnx.Module):
+    """diffusers UpBlock2D: ResnetBlock2D x num_layers on [hidden_states, skip], then an optional Upsample2D.
+
+    Positional order (in_channels, prev_output_channel, out_channels) is diffusers' (CrossAttnUpBlock2D
+    swaps the last two).
+    """
+
     has_cross_attention = False
 
     def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int, *,
@@ -176,6 +194,13 @@ class UpBlock2D(nnx.Module):
 
 
 class CrossAttnUpBlock2D(nnx.Module):
+    """diffusers CrossAttnUpBlock2D: (ResnetBlock2D on [hidden_states, skip] -> Transformer2DModel) x
+    num_layers, then an optional Upsample2D.
+
+    Positional order (in_channels, out_channels, prev_output_channel) is diffusers' (UpBlock2D swaps the
+    last two).
+    """
+
     has_cross_attention = True
 
     def __init__(self, in_channels: int, out_channels: int, prev_output_channel: int, temb_channels: int, *,
@@ -196,6 +221,9 @@ class CrossAttnUpBlock2D(nnx.Module):
     def __call__(self, hidden_states: jax.Array, res_hidden_states_tuple: tuple[jax.Array, ...],
                  temb: jax.Array, encoder_hidden_states: jax.Array | None = None,
                  upsample_size: tuple[int, int] | None = None) -> jax.Array:
+        """hidden_states [B, h, w, C], res_hidden_states_tuple (one skip per resnet, consumed from the end),
+        temb [B, temb_channels], encoder_hidden_states [B, S, D] or a CrossAttentionContext ->
+        [B, 2h, 2w, Cout] (upsample_size when given; [B, h, w, Cout] without an upsampler)."""
         for resnet, attn in zip(self.resnets, self.attentions):
             res = res_hidden_states_tuple[-1]
             res_hidden_states_tuple = res_hidden_states_tuple[:-1]

@@ -81,6 +81,7 @@ class UNetMidBlock2D(nnx.Module):
         self.resnets = nnx.List(resnets)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, C] -> [B, H, W, C]."""
         x = self.resnets[0](x)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
             if attn is not None:
@@ -94,7 +95,8 @@ class DownEncoderBlock2D(nnx.Module):
 
     The encoder builds it with downsample_padding=0: one zero row/column is padded at the
     bottom/right before a padding-0 conv (diffusers' asymmetric padding, kept for weight
-    compatibility). x: [B, H, W, Cin] -> [B, ceil(H/2), ceil(W/2), Cout] (or [B, H, W, Cout]).
+    compatibility). x: [B, H, W, Cin] -> [B, H', W', Cout]: H' = floor(H/2) with
+    downsample_padding=0, ceil(H/2) with 1, H without a downsampler.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int = 1,
@@ -110,6 +112,7 @@ class DownEncoderBlock2D(nnx.Module):
                              if add_downsample else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, Cin] -> [B, H', W', Cout]; H' as in the class docstring."""
         for resnet in self.resnets:
             x = resnet(x)
         if self.downsamplers is not None:
@@ -135,6 +138,7 @@ class UpDecoderBlock2D(nnx.Module):
         self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]) if add_upsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, Cin] -> [B, 2H, 2W, Cout] ([B, H, W, Cout] without an upsampler)."""
         for resnet in self.resnets:
             x = resnet(x)
         if self.upsamplers is not None:
@@ -174,6 +178,7 @@ class Encoder(nnx.Module):
                              padding=1, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, in_channels] -> moments [B, H/f, W/f, 2 * out_channels] (double_z; else out_channels)."""
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
@@ -212,6 +217,7 @@ class Decoder(nnx.Module):
         self.conv_out = Conv(block_out_channels[0], out_channels, 3, padding=1, **kw)
 
     def __call__(self, z: jax.Array) -> jax.Array:
+        """z [B, h, w, in_channels] -> [B, h*f, w*f, out_channels], f = 2^(len(block_out_channels) - 1)."""
         x = self.conv_in(z)
         x = self.mid_block(x)
         for block in self.up_blocks:
@@ -242,10 +248,12 @@ class DiagonalGaussianDistribution:
 
     @property
     def std(self) -> jax.Array:
+        """exp(logvar / 2), [B, h, w, C]."""
         return jnp.exp(0.5 * self.logvar)
 
     @property
     def var(self) -> jax.Array:
+        """exp(logvar), [B, h, w, C]."""
         return jnp.exp(self.logvar)
 
     def sample(self, key: jax.Array) -> jax.Array:
@@ -253,6 +261,7 @@ class DiagonalGaussianDistribution:
         return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
 
     def mode(self) -> jax.Array:
+        """The mean [B, h, w, C] (diffusers' `mode()`: the deterministic latent)."""
         return self.mean
 
     def kl(self, other: "DiagonalGaussianDistribution | None" = None) -> jax.Array:
@@ -302,6 +311,8 @@ class AutoencoderKLConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "AutoencoderKLConfig":
+        """diffusers AutoencoderKL config.json dict -> validated AutoencoderKLConfig; keys starting with "_"
+        are bookkeeping and ignored, any other unknown key raises ValueError."""
         fields = {f.name for f in dataclasses.fields(cls)}
         # "_class_name", "_diffusers_version", "_name_or_path", "_persongen_class": bookkeeping only.
         unknown = sorted(k for k in config if k not in fields and not k.startswith("_"))
@@ -316,9 +327,13 @@ class AutoencoderKLConfig:
         return cfg
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (tuples as lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def validate(self) -> None:
+        """Raises ValueError for: empty block_out_channels; a block type other than DownEncoderBlock2D /
+        UpDecoderBlock2D; down/up_block_types not one per block_out_channels entry; a block_out_channels
+        entry not divisible by norm_num_groups; an unsupported act_fn."""
         n = len(self.block_out_channels)
         if n == 0:
             raise ValueError("AutoencoderKL config: block_out_channels must not be empty")
@@ -337,38 +352,7 @@ class AutoencoderKLConfig:
         activation(self.act_fn)  # raises ValueError naming the activation
 
 
-# The exact vae/config.json of stabilityai/stable-diffusion-xl-base-1.0 (identical to
-# stabilityai/sdxl-vae and madebyollin/sdxl-vae-fp16-fix apart from force_upcast=false in the
-# fp16 fix), minus the "_"-prefixed bookkeeping keys. Everything else takes the diffusers
-# AutoencoderKL default (shift_factor None, use_quant_conv/use_post_quant_conv/mid_block_add_attention True).
-SDXL_VAE_CONFIG = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
 
-# Same topology (2 levels, one downsample) at a size that runs in a second on a CPU;
-# for tests and the from-scratch demo.
-TINY_VAE_CONFIG = {
-    **SDXL_VAE_CONFIG,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 64,
-}
-
-PRESETS = {"sdxl": SDXL_VAE_CONFIG, "tiny": TINY_VAE_CONFIG}
 
 
 # --------------------------------------------------------------------------- model
@@ -395,20 +379,22 @@ class AutoencoderKL(nnx.Module):
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | AutoencoderKLConfig, *, rngs: nnx.Rngs, dtype=None,
                     param_dtype=jnp.float32, attention_impl: str = "xla") -> "AutoencoderKL":
+        """config: a diffusers config.json dict (parsed by `AutoencoderKLConfig.from_dict`) or an
+        AutoencoderKLConfig."""
         if not isinstance(config, AutoencoderKLConfig):
             config = AutoencoderKLConfig.from_dict(config)
         return cls(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
 
     @staticmethod
     def preset_config(name: str) -> dict:
-        """A diffusers-style config dict: "sdxl" (the real SDXL VAE) or "tiny" (tests)."""
-        try:
-            return dict(PRESETS[name])
-        except KeyError:
-            raise ValueError(f"unknown AutoencoderKL preset {name!r}; known: {sorted(PRESETS)}") from None
+        """A diffusers-style config dict by model size (`presets.SIZES`): "sdxl_base" (alias "sdxl"), "tiny"."""
+        from persongen_jax.models import presets
+
+        return dict(presets.get("sdxl_base" if name == "sdxl" else name).vae)
 
     @property
     def scaling_factor(self) -> float:
+        """The config's scaling_factor (SDXL: 0.13025): the UNet sees (z - shift_factor) * scaling_factor."""
         return self.config.scaling_factor
 
     @property
@@ -418,6 +404,7 @@ class AutoencoderKL(nnx.Module):
 
     @property
     def downscale_factor(self) -> int:
+        """f = 2^(len(block_out_channels) - 1): image side / latent side (8 for SDXL)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     def encode(self, images: jax.Array) -> DiagonalGaussianDistribution:

@@ -7,7 +7,7 @@ Model folders (all written by `python -m weights_conversion`):
 
     MODEL/unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2 [, scheduler]   (`sdxl`)
     PHOTOMAKER/id_encoder [, lora]                                                      (`photomaker`)
-    LORA/ (a LoRA folder)                          ADAPTERS/ (an adapter folder: bg / body / id)
+    LORA/ (a LoRA folder)                          ADAPTERS/ (an adapter folder: one adapter per condition)
 
 PhotoMaker is looked for in MODEL itself when not given (MODEL/id_encoder, MODEL/lora).
 Host work (tokenizing, image preprocessing, text/ID encoding) happens once per call;
@@ -16,33 +16,56 @@ the denoising loop and the VAE decode are one compiled function per (steps, size
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from persongen_jax import conditions as conditions_lib
+from persongen_jax.conditions import Condition
 from persongen_jax.models import lora as lora_lib
+from persongen_jax.pipeline import MAX_SEED
 from persongen_jax.models import modeling
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.pipeline.image_processing import clip_preprocess
 from persongen_jax.pipeline.sampling import Conditioning, make_sampler, sdxl_time_ids
-from persongen_jax.pipeline.schedulers import read_scheduler_config, scheduler_from_config
+from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, read_scheduler_config, scheduler_from_config
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-# stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json, for folders converted without one.
-DEFAULT_SCHEDULER = dict(_class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
-                         timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear",
-                         use_karras_sigmas=False, clip_sample=False, sample_max_value=1.0, set_alpha_to_one=False,
-                         skip_prk_steps=True)
 
 
 class PipelineError(ValueError):
     """A model folder or an input that cannot be used; the message says which and why."""
+
+
+def check_settings(*, seeds: Sequence[int] = (0,), num_steps: int = 50, guidance_scale: float = 5.0,
+                   start_merge_step: int = 0, height: int | None = None, width: int | None = None,
+                   downscale_factor: int | None = None) -> None:
+    """PipelineError naming the first unusable numeric setting (the CLIs call this before loading a model)."""
+    if not seeds:
+        raise PipelineError("no seeds given")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
+            raise PipelineError(f"seed {s!r} is out of range: seeds are integers in [0, {MAX_SEED}]")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise PipelineError(f"steps={num_steps!r}: expected an integer >= 1")
+    if not isinstance(guidance_scale, (int, float, np.floating)) or not math.isfinite(guidance_scale):
+        raise PipelineError(f"guidance scale {guidance_scale!r}: expected a finite number")
+    if isinstance(start_merge_step, bool) or not isinstance(start_merge_step, (int, np.integer)) \
+            or start_merge_step < 0:
+        raise PipelineError(f"start merge step {start_merge_step!r}: expected an integer >= 0")
+    for name, v in (("height", height), ("width", width)):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise PipelineError(f"{name}={v!r}: expected a positive number of pixels")
+        if downscale_factor and v % downscale_factor:
+            raise PipelineError(f"{name}={v}: must be a multiple of {downscale_factor} (the VAE's downscale factor)")
 
 
 def _require(folder: Path, what: str) -> Path:
@@ -52,9 +75,13 @@ def _require(folder: Path, what: str) -> Path:
 
 
 class PersonGenPipeline:
+    """SDXL + PhotoMaker ID encoder (+ LoRA, adapters) as one callable: prompt, reference faces and condition
+    texts in, uint8 images out (`__call__`). Build it from converted folders (`from_pretrained`) or from a
+    training model in memory (`from_model`)."""
+
     def __init__(self, *, unet, vae, text_encoder, text_encoder_2, tokenizers, scheduler_config: dict,
                  id_encoder=None, force_zeros_for_empty_prompt: bool = True, trigger_word: str = "img",
-                 sample_size: int = 128):
+                 sample_size: int = 128, conditions: Mapping[str, Condition] | None = None):
         self.unet, self.vae = unet, vae
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizers = tokenizers
@@ -64,6 +91,13 @@ class PersonGenPipeline:
         self.trigger_word = trigger_word
         self.sample_size = sample_size  # the UNet config's latent size: default image = sample_size * vae factor
         self.adapters = lora_lib.adapter_config(unet)
+        # The model's adapter conditions (kind, gating): from the training config when known, else inferred
+        # from the adapter folder (the image projection's condition is the gated image condition).
+        names = self.adapters["names"] if self.adapters else []
+        image_proj = (self.adapters or {}).get("image_projection") or {}
+        known = dict(conditions or {})
+        self.conditions = {n: known.get(n) or conditions_lib.infer([n], image_proj.get("condition"))[n]
+                           for n in names}
         self._samplers: dict = {}
         self._bar = None
         # Read-only encoders: graph_updates=False, or nnx.jit returns a copy of every parameter per call.
@@ -77,6 +111,10 @@ class PersonGenPipeline:
                         lora: str | os.PathLike | None = None, adapters: str | os.PathLike | None = None,
                         dtype=None, attention_impl: str = "xla", merge_lora: bool = True,
                         trigger_word: str = "img") -> "PersonGenPipeline":
+        """Loads converted folders: model_dir (unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2
+        [, scheduler: default SDXL's Euler config]); the ID encoder from `photomaker`/id_encoder (default:
+        model_dir's, if any); then `adapters`, then PhotoMaker's lora/ and `lora`, each merged into the base
+        kernels unless merge_lora=False. dtype: compute dtype. PipelineError names a missing folder."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise PipelineError(f"{model_dir}: no such model folder")
@@ -97,10 +135,7 @@ class PersonGenPipeline:
             lora_lib.load_lora(unet, path)
             if merge_lora:  # inference: fold into the base kernels, no LoRA cost per step
                 lora_lib.merge_lora(unet)
-        try:
-            scheduler_config = read_scheduler_config(model_dir)
-        except FileNotFoundError:
-            scheduler_config = dict(DEFAULT_SCHEDULER)
+        scheduler_config = read_scheduler_config(model_dir, default=SDXL_SCHEDULER_CONFIG)
         return cls(unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"],
                    text_encoder_2=parts["text_encoder_2"],
                    tokenizers=prompt_lib.load_tokenizers(model_dir, trigger_word),
@@ -111,17 +146,25 @@ class PersonGenPipeline:
 
     @classmethod
     def from_model(cls, model, tokenizers, scheduler_config: dict, *, trigger_word: str = "img",
-                   force_zeros_for_empty_prompt: bool = True, sample_size: int = 128) -> "PersonGenPipeline":
+                   force_zeros_for_empty_prompt: bool = True, sample_size: int = 128,
+                   conditions: Mapping[str, Condition] | None = None) -> "PersonGenPipeline":
         """From modules in memory (a training `PersonGenModel`: unet, vae, text_encoder(_2), id_encoder);
-        LoRA stays unmerged, so later `nnx.update`s of the modules are what the pipeline samples with."""
+        LoRA stays unmerged, so later `nnx.update`s of the modules are what the pipeline samples with.
+        conditions: the training config's (`conditions.from_config`)."""
         return cls(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
                    text_encoder_2=model.text_encoder_2, tokenizers=tokenizers, scheduler_config=scheduler_config,
                    id_encoder=model.id_encoder, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-                   trigger_word=trigger_word, sample_size=sample_size)
+                   trigger_word=trigger_word, sample_size=sample_size, conditions=conditions)
 
     @property
     def default_size(self) -> int:
+        """Height = width of an image when none is asked for: the UNet's sample_size x the VAE factor."""
         return self.sample_size * self.vae.downscale_factor
+
+    @property
+    def text_conditions(self) -> list[str]:
+        """Names of the text conditions this model has adapters for (what `conditions=` may name)."""
+        return [n for n, c in self.conditions.items() if c.kind == "text"]
 
     # ------------------------------------------------------------------ conditioning (host, once per call)
 
@@ -130,10 +173,12 @@ class PersonGenPipeline:
         return self._encode_text(self.text_encoder, self.text_encoder_2, jnp.asarray(ids[0]), jnp.asarray(ids[1]))
 
     def encode(self, prompt: str, ref_images: Sequence = (), *, negative_prompt: str | None = None,
-               prompt_bg: str | None = None, prompt_body: str | None = None, height: int, width: int,
+               conditions: Mapping[str, str] | None = None, height: int, width: int,
                adapter_scales: dict | None = None) -> Conditioning:
-        """Prompt (+ reference faces) -> Conditioning for `sampling.denoise` (batch 1, shared by all seeds)."""
+        """Prompt (+ reference faces, + texts of text conditions {name: text}) -> Conditioning for
+        `sampling.denoise` (batch 1, shared by all seeds)."""
         ref_images = list(ref_images)
+        texts = dict(conditions or {})
         conditions, scales = {}, {}
         if ref_images:
             if self.id_encoder is None:
@@ -148,21 +193,21 @@ class PersonGenPipeline:
             text_only, text_only_pooled = self._encode_text(self.text_encoder, self.text_encoder_2,
                                                             jnp.asarray(batch.text_only_ids_1),
                                                             jnp.asarray(batch.text_only_ids_2))
-            if self.adapters and (self.adapters.get("image_projection") or {}).get("condition") == "id":
-                conditions["id"] = self.unet.image_proj(self._id_embeds(self.id_encoder, pixels))
+            if self.unet.image_proj is not None:  # an image adapter condition: identity tokens
+                conditions[self.unet.image_proj.condition] = self.unet.image_proj(
+                    self._id_embeds(self.id_encoder, pixels))
         else:
             if self.trigger_word in prompt.split():
                 raise PipelineError(f"prompt {prompt!r} has the trigger word {self.trigger_word!r} but no "
                                     "reference images were given (--ref FACE.jpg)")
             fused, pooled = self._plain(prompt)
             text_only, text_only_pooled = fused, pooled
-        for name, text in (("bg", prompt_bg), ("body", prompt_body)):
+        for name, text in texts.items():
             if text is None:
                 continue
-            if not self.adapters or name not in self.adapters["names"]:
-                have = self.adapters["names"] if self.adapters else []
-                raise PipelineError(f"--prompt-{name} given but the UNet has no {name!r} adapter (adapters: {have}; "
-                                    "pass --adapters DIR)")
+            if name not in self.text_conditions:
+                raise PipelineError(f"condition {name!r} given but the model has no {name!r} text adapter (text "
+                                    f"conditions: {self.text_conditions}; pass --adapters DIR)")
             conditions[name] = self._plain(text)[0]
         if self.adapters:
             for name in conditions:
@@ -173,11 +218,15 @@ class PersonGenPipeline:
             neg, neg_pooled = self._plain(negative_prompt or "")
         return Conditioning(prompt_embeds=fused, pooled=pooled, text_only_embeds=text_only,
                             text_only_pooled=text_only_pooled, negative_embeds=neg, negative_pooled=neg_pooled,
-                            time_ids=sdxl_time_ids(height, width), conditions=conditions, condition_scales=scales)
+                            time_ids=sdxl_time_ids(height, width), conditions=conditions, condition_scales=scales,
+                            gated=tuple(n for n, c in self.conditions.items() if c.gated))
 
     # ------------------------------------------------------------------ sampling
 
     def sampler(self, num_steps: int, scheduler: str = "euler", progress: bool = False):
+        """The compiled sampler for (num_steps, scheduler, progress), built once and cached:
+        sample(noise [S, h, w, C] ~ N(0, 1), cond, guidance_scale, start_merge_step) -> images [S, H, W, 3]
+        float32 in [0, 1] (`sampling.make_sampler`)."""
         key = (num_steps, scheduler, progress)
         if key not in self._samplers:
             sched = scheduler_from_config(self.scheduler_config, scheduler)
@@ -192,16 +241,18 @@ class PersonGenPipeline:
     def __call__(self, prompt: str, ref_images: Sequence = (), *, seeds: Sequence[int] = (0,),
                  num_steps: int = 50, guidance_scale: float = 5.0, start_merge_step: int = 10,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
-                 prompt_bg: str | None = None, prompt_body: str | None = None, scheduler: str = "euler",
+                 conditions: Mapping[str, str] | None = None, scheduler: str = "euler",
                  adapter_scales: dict | None = None, progress: bool = False) -> np.ndarray:
         """-> uint8 images [len(seeds), H, W, 3]. Seeds give the initial latents (jax.random.key(seed)).
+        conditions: texts of the model's text conditions, e.g. {"bg": "in the mountains"} (P_bg).
         progress: a tqdm bar over the denoising steps (host callback from inside the compiled loop)."""
-        height, width = height or self.default_size, width or self.default_size
         f = self.vae.downscale_factor
-        if height % f or width % f:
-            raise PipelineError(f"height/width must be multiples of {f}, got {height}x{width}")
-        cond = self.encode(prompt, ref_images, negative_prompt=negative_prompt, prompt_bg=prompt_bg,
-                           prompt_body=prompt_body, height=height, width=width, adapter_scales=adapter_scales)
+        check_settings(seeds=list(seeds), num_steps=num_steps, guidance_scale=guidance_scale,
+                       start_merge_step=start_merge_step, height=height, width=width, downscale_factor=f)
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        cond = self.encode(prompt, ref_images, negative_prompt=negative_prompt, conditions=conditions,
+                           height=height, width=width, adapter_scales=adapter_scales)
         shape = (height // f, width // f, self.unet.config.in_channels)
         noise = jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
         sample = self.sampler(num_steps, scheduler, progress)
@@ -215,4 +266,9 @@ class PersonGenPipeline:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+        finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+        if not finite.all():  # would be saved as black pixels, silently
+            bad = [int(s) for s, ok in zip(seeds, finite) if not ok]
+            raise PipelineError(f"the decoded image of seed(s) {bad} holds NaN/Inf values (non-finite model weights, "
+                                "or settings out of the model's range); nothing was saved for them")
         return np.round(images * 255).astype(np.uint8)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -134,6 +135,20 @@ def tokenize_with_trigger(tokenizer, prompt: str, num_id_images: int,
 def text_only_prompt(prompt: str, trigger_word: str = DEFAULT_TRIGGER_WORD) -> str:
     """The prompt without the trigger word, as PhotoMaker v1: `prompt.replace(" " + trigger_word, "")`."""
     return prompt.replace(" " + trigger_word, "")
+
+
+def strip_trigger_word(prompt: str, trigger_word: str = DEFAULT_TRIGGER_WORD) -> str:
+    """The text CLIP-T scores for a prompt written for generation: the prompt without the trigger word
+    (`text_only_prompt`), unchanged when it has none. The trigger word is matched case-sensitively
+    anywhere, as the tokenizer's added token is; one glued to another word ("imgur", "a man(img)") is a
+    ValueError, as generation refuses it (`make_prompt_batch`): removing it would join or leave words."""
+    for m in re.finditer(re.escape(trigger_word), prompt):
+        start, end = m.span()
+        after = prompt[end:end + 1]
+        if start == 0 or not prompt[start - 1].isspace() or after.isalnum() or after == "_":
+            raise ValueError(f"prompt {prompt!r}: the trigger word {trigger_word!r} must be a separate word "
+                             f"after the class word (e.g. 'a photo of a man {trigger_word} ...')")
+    return re.sub(r"\s" + re.escape(trigger_word), "", prompt)
 
 
 @flax.struct.dataclass

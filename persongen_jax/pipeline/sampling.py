@@ -11,8 +11,8 @@
 The unconditional half sees the negative prompt and no adapter conditions (their
 scale is 0 there): guidance pushes away from "no background / body / identity
 condition", as the research trains with each condition dropped at p=0.1.
-An `id` adapter condition, like the fused ID tokens, is applied after step
-`start_merge_step` (PhotoMaker v1's `i <= start_merge_step` rule).
+A gated adapter condition (`Conditioning.gated`: the identity, `conditions.Condition.gated`), like the
+fused ID tokens, is applied after step `start_merge_step` (PhotoMaker v1's `i <= start_merge_step` rule).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ class Conditioning:
     text_only_embeds / text_only_pooled: the prompt without the trigger word (steps <= start_merge_step).
     negative_embeds / negative_pooled: the unconditional branch.
     time_ids: [1, 6] SDXL (original size, crop top-left, target size).
-    conditions: {name: [1, S, D]} adapter inputs (bg / body text tokens, id tokens).
+    conditions: {name: [1, S, D]} adapter inputs (text condition tokens, identity tokens).
     condition_scales: {name: scalar} scale of each adapter condition.
+    gated: names of the conditions that join only after start_merge_step (static).
     """
 
     prompt_embeds: jax.Array
@@ -46,6 +47,7 @@ class Conditioning:
     time_ids: jax.Array
     conditions: Mapping[str, jax.Array] = flax.struct.field(default_factory=dict)
     condition_scales: Mapping[str, jax.Array] = flax.struct.field(default_factory=dict)
+    gated: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
 
 def sdxl_time_ids(height: int, width: int, crop_top_left=(0, 0), original_size=None) -> jax.Array:
@@ -85,7 +87,7 @@ def denoise(unet, scheduler, sched_state, latents: jax.Array, cond: Conditioning
             scales = {}
             for n in names:
                 on = jnp.asarray(cond.condition_scales.get(n, 1.0), jnp.float32)
-                if n == "id":
+                if n in cond.gated:
                     on = jnp.where(merged, on, 0.0)
                 scales[n] = jnp.concatenate([zeros, ones * on])  # unconditional half: condition absent
             kwargs = dict(conditions=cond_tokens, condition_scales=scales)
@@ -108,7 +110,9 @@ def decode_latents(vae, latents: jax.Array) -> jax.Array:
 
 
 def make_sampler(unet, vae, scheduler, num_steps: int, on_step: Callable[[int], None] | None = None):
-    """A jitted `(latents [S,h,w,4], cond, guidance_scale, start_merge_step) -> images [S,H,W,3] in [0,1]`.
+    """A jitted `(noise [S,h,w,4], cond, guidance_scale, start_merge_step) -> images [S,H,W,3] in [0,1]`.
+
+    noise ~ N(0, 1), unscaled: it is multiplied by the scheduler's init_noise_sigma inside.
 
     The models' graph structure is fixed here and their state is read at each call, so
     the compiled function is reused across calls with the same shapes (seeds, prompts,

@@ -118,6 +118,7 @@ class EulerState:
 
     @property
     def num_inference_steps(self) -> int:
+        """n, the number of steps in the schedule (a static int, also under jit)."""
         return self.timesteps.shape[0]
 
 
@@ -133,6 +134,7 @@ class DDIMState:
 
     @property
     def num_inference_steps(self) -> int:
+        """n, the number of steps in the schedule (a static int, also under jit)."""
         return self.timesteps.shape[0]
 
 
@@ -318,6 +320,7 @@ class DDIMScheduler(_Scheduler):
                          alpha_prod_t_prev=jnp.asarray(alpha_prev), init_noise_sigma=jnp.asarray(1.0, jnp.float32))
 
     def scale_model_input(self, state: DDIMState, sample: jax.Array, i) -> jax.Array:
+        """Returns `sample` unchanged: DDIM does not scale the model input (same signature as Euler's)."""
         del state, i
         return sample
 
@@ -342,17 +345,32 @@ class DDIMScheduler(_Scheduler):
         return alpha_prod_t_prev ** 0.5 * pred_original + pred_sample_direction
 
 
-SCHEDULERS = {"euler": EulerDiscreteScheduler, "EulerDiscreteScheduler": EulerDiscreteScheduler,
-              "ddim": DDIMScheduler, "DDIMScheduler": DDIMScheduler}
+# By the short name the CLIs offer (`--scheduler`) and by the diffusers class name a scheduler config's
+# `_class_name` gives; a new scheduler is one more class here.
+SCHEDULER_NAMES = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
+SCHEDULERS = {**SCHEDULER_NAMES, **{cls.__name__: cls for cls in SCHEDULER_NAMES.values()}}
 Scheduler = EulerDiscreteScheduler | DDIMScheduler
 
 
-def read_scheduler_config(directory: str | os.PathLike) -> dict:
-    """scheduler_config.json of `directory` or of `directory/scheduler`."""
-    directory = Path(directory)
-    for path in (directory / SCHEDULER_CONFIG, directory / "scheduler" / SCHEDULER_CONFIG):
-        if path.is_file():
-            return json.loads(path.read_text())
+# stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json: what a folder converted without a scheduler
+# (and the tiny model size) samples and trains with.
+SDXL_SCHEDULER_CONFIG = dict(_class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012,
+                             beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+                             timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear",
+                             use_karras_sigmas=False, clip_sample=False, sample_max_value=1.0,
+                             set_alpha_to_one=False, skip_prk_steps=True)
+
+
+def read_scheduler_config(directory: str | os.PathLike | None, *, default: Mapping[str, Any] | None = None) -> dict:
+    """scheduler_config.json of `directory` or of `directory/scheduler`; `default` (e.g. SDXL_SCHEDULER_CONFIG)
+    when there is none (or no directory), else FileNotFoundError."""
+    if directory:
+        directory = Path(directory)
+        for path in (directory / SCHEDULER_CONFIG, directory / "scheduler" / SCHEDULER_CONFIG):
+            if path.is_file():
+                return json.loads(path.read_text())
+    if default is not None:
+        return dict(default)
     raise FileNotFoundError(f"{directory}: no {SCHEDULER_CONFIG} (nor scheduler/{SCHEDULER_CONFIG})")
 
 

@@ -18,11 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from persongen_jax import conditions as conditions_lib
+from persongen_jax.conditions import text_keys
+from persongen_jax.data.pipeline import DEFAULT_TEXT_CONDITIONS, batch_keys
 from persongen_jax.pipeline import prompt as prompt_lib
 
 CLASS_WORDS = ("man", "woman", "person")
-BGS = ("in the city", "in the mountains", "in a room")
-BODIES = ("wearing a red suit", "wearing a black hat")
+# Synthetic texts of a text condition, by its captions field (a person's text is person % len); any other
+# condition gets SYNTHETIC_OTHER.
+SYNTHETIC_TEXTS = {"caption_bg": ("in the city", "in the mountains", "in a room"),
+                   "caption_body": ("wearing a red suit", "wearing a black hat")}
+SYNTHETIC_OTHER = ("smiling", "looking at the camera")
 
 
 class SyntheticIterator:
@@ -30,20 +36,23 @@ class SyntheticIterator:
 
     def __init__(self, tokenizers, *, global_batch_size: int, resolution: int, num_refs: int, id_image_size: int,
                  seed: int, shard_index: int = 0, shard_count: int = 1, trigger_word: str = "img",
-                 num_persons: int = 8):
+                 num_persons: int = 8, text_conditions=DEFAULT_TEXT_CONDITIONS):
         if global_batch_size % shard_count:
             raise ValueError(f"global batch {global_batch_size} not divisible by {shard_count} processes")
         self.tokenizers, self.trigger_word = tokenizers, trigger_word
         self.b, self.r, self.k, self.s = global_batch_size, resolution, num_refs, id_image_size
         self.seed, self.shard_index, self.shard_count = seed, shard_index, shard_count
         self.num_persons = num_persons
+        self.text_conditions = tuple(text_conditions)
         self.step = 0
         self._cache: dict = {}
 
     def get_state(self) -> dict:
+        """The iterator position: {"step", "seed"} (JSON)."""
         return {"step": self.step, "seed": self.seed}
 
     def set_state(self, state: dict) -> None:
+        """Resumes at the position `get_state` returned."""
         self.step = int(state["step"])
 
     def __iter__(self):
@@ -63,7 +72,10 @@ class SyntheticIterator:
         person = int(rng.integers(self.num_persons))
         r = self.r
         img = self._person_image(person, rng, r)
-        bg_color = np.random.default_rng(2000 + person % len(BGS)).uniform(-1, 1, 3).astype(np.float32)
+        # The background colour follows the person's first text condition (P_bg in the defaults), so that
+        # condition carries learnable information.
+        n_first = len(self._texts(0)) if self.text_conditions else 1
+        bg_color = np.random.default_rng(2000 + person % n_first).uniform(-1, 1, 3).astype(np.float32)
         mask = np.zeros((r, r, 1), np.float32)
         lo, hi = r // 4, 3 * r // 4
         mask[lo:hi, lo:hi] = 1
@@ -76,19 +88,26 @@ class SyntheticIterator:
         if key not in self._cache:
             self._cache[key] = prompt_lib.make_prompt_batch(self.tokenizers, caption, n, self.trigger_word)
         pb = self._cache[key]
-        bg, body = BGS[person % len(BGS)], BODIES[person % len(BODIES)]
+
         def tok(i, text):
             if (i, text) not in self._cache:
                 self._cache[(i, text)] = prompt_lib.tokenize(self.tokenizers[i], [text])[0]
             return self._cache[(i, text)]
 
-        return dict(pixel_values=pixel, face_mask=mask, id_pixel_values=refs.astype(np.float32),
-                    num_id_images=np.int32(n), ids_1=pb.ids_1[0], ids_2=pb.ids_2[0],
-                    class_tokens_mask=pb.class_tokens_mask[0], text_only_ids_1=pb.text_only_ids_1[0],
-                    text_only_ids_2=pb.text_only_ids_2[0],
-                    bg_ids_1=tok(0, bg), bg_ids_2=tok(1, bg), body_ids_1=tok(0, body), body_ids_2=tok(1, body),
-                    has_bg=np.bool_(rng.random() < 0.8), has_body=np.bool_(rng.random() < 0.8),
-                    original_size=np.array([r, r], np.int32), crop_top_left=np.array([0, 0], np.int32))
+        out = dict(pixel_values=pixel, face_mask=mask, id_pixel_values=refs.astype(np.float32),
+                   num_id_images=np.int32(n), ids_1=pb.ids_1[0], ids_2=pb.ids_2[0],
+                   class_tokens_mask=pb.class_tokens_mask[0], text_only_ids_1=pb.text_only_ids_1[0],
+                   text_only_ids_2=pb.text_only_ids_2[0],
+                   original_size=np.array([r, r], np.int32), crop_top_left=np.array([0, 0], np.int32))
+        for i, (name, _) in enumerate(self.text_conditions):
+            texts = self._texts(i)
+            text = texts[person % len(texts)]
+            k1, k2, has = text_keys(name)
+            out.update({k1: tok(0, text), k2: tok(1, text), has: np.bool_(rng.random() < 0.8)})
+        return out
+
+    def _texts(self, i: int) -> tuple[str, ...]:
+        return SYNTHETIC_TEXTS.get(self.text_conditions[i][1], SYNTHETIC_OTHER)
 
     def __next__(self) -> dict:
         per = self.b // self.shard_count
@@ -98,17 +117,18 @@ class SyntheticIterator:
         return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 
-MODEL_KEYS = ("pixel_values", "face_mask", "id_pixel_values", "num_id_images", "ids_1", "ids_2",
-              "class_tokens_mask", "text_only_ids_1", "text_only_ids_2", "bg_ids_1", "bg_ids_2",
-              "body_ids_1", "body_ids_2", "has_bg", "has_body", "original_size", "crop_top_left")
+def text_condition_fields(config) -> tuple[tuple[str, str], ...]:
+    """(name, captions field) of every text condition the config declares: what each batch carries."""
+    return tuple((c.name, c.source) for c in conditions_lib.text_conditions(conditions_lib.from_config(config)))
 
 
-def model_inputs(batch: dict) -> dict:
+def model_inputs(batch: dict, text_conditions=DEFAULT_TEXT_CONDITIONS) -> dict:
     """The arrays the train step uses (drops bookkeeping such as record_index); KeyError names a missing one."""
-    missing = [k for k in MODEL_KEYS if k not in batch]
+    keys = batch_keys(text_conditions)
+    missing = [k for k in keys if k not in batch]
     if missing:
         raise KeyError(f"training batch lacks {missing} (has {sorted(batch)})")
-    return {k: batch[k] for k in MODEL_KEYS}
+    return {k: batch[k] for k in keys}
 
 
 class BadRecordHook:
@@ -124,6 +144,7 @@ class BadRecordHook:
             self.num_records = data_pipeline.num_records(data_dir)
 
     def report(self, why: str) -> str | None:
+        """Logs the bad-record report (every bad input by name and reason) with `why`; returns its text."""
         if not self.data_dir:
             return None
         text = str(self._pipe.bad_records_report(self.data_dir))
@@ -131,6 +152,7 @@ class BadRecordHook:
         return text
 
     def after_step(self, step: int) -> None:
+        """Reports the bad records when `step` completes an epoch."""
         if self.num_records:
             ep = self._pipe.epochs_completed
             if ep(step, self.gb, self.num_records) > ep(step - 1, self.gb, self.num_records):
@@ -140,11 +162,13 @@ class BadRecordHook:
 def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count: int, id_image_size: int):
     """-> (iterator, BadRecordHook)."""
     d = config.data
+    text_conditions = text_condition_fields(config)
 
     def synthetic():
         return SyntheticIterator(tokenizers, global_batch_size=d.global_batch_size, resolution=d.resolution,
                                  num_refs=d.num_refs, id_image_size=id_image_size, seed=config.seed,
-                                 shard_index=shard_index, shard_count=shard_count, trigger_word=d.trigger_word)
+                                 shard_index=shard_index, shard_count=shard_count, trigger_word=d.trigger_word,
+                                 text_conditions=text_conditions)
 
     if d.source == "synthetic":
         return synthetic(), BadRecordHook(None, d.global_batch_size)
@@ -153,6 +177,9 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
     from persongen_jax.data import pipeline as data_pipeline  # the grain pipeline (persongen_jax/data)
 
     data_dir = d.dir
+    if data_dir and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"config.data.dir={data_dir!r}: no such folder; build a dataset with `python -m "
+                                "persongen_jax.data.format SRC CAPTIONS.jsonl DST` (or leave it empty for the demo)")
     if not data_dir:
         data_dir = str(Path(workdir) / "demo_data")
         if not (Path(data_dir) / "index.json").exists():
@@ -164,7 +191,7 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
         data_dir, tokenizers=tokenizers, global_batch_size=d.global_batch_size, resolution=d.resolution,
         num_refs=(min(d.min_refs, d.num_refs), d.num_refs), id_image_size=id_image_size, seed=config.seed,
         shard_index=shard_index, shard_count=shard_count, trigger_word=d.trigger_word,
-        worker_count=d.worker_count)
+        text_conditions=text_conditions, worker_count=d.worker_count)
     return it, BadRecordHook(data_dir, d.global_batch_size)
 
 
@@ -177,6 +204,7 @@ def iterator_state(it) -> dict:
 
 
 def restore_iterator(it, saved: dict) -> None:
+    """Puts the iterator back at a position saved by `iterator_state`."""
     it.set_state(saved["bytes"].encode() if "bytes" in saved else saved["state"])
 
 

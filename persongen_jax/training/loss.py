@@ -7,11 +7,13 @@ numbers as an uninterrupted one.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from persongen_jax.conditions import Condition, image_condition, text_conditions, text_keys
 from persongen_jax.pipeline.prompt import encode_prompt
 
 
@@ -48,17 +50,24 @@ def _bernoulli(key, p: float, shape) -> jax.Array:
 
 
 def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, scheduler, loss_cfg: Mapping[str, Any],
-                 id_injection: str, adapters: Mapping[str, Any] | None, empty_ids: tuple[jax.Array, jax.Array],
-                 compute_dtype=None) -> tuple[jax.Array, dict]:
+                 conditions: Mapping[str, Condition], id_injection: str, adapters: Mapping[str, Any] | None,
+                 empty_ids: tuple[jax.Array, jax.Array], compute_dtype=None) -> tuple[jax.Array, dict]:
     """One batch -> (loss, aux metrics). model: `PersonGenModel` (unet, vae, text encoders, id_encoder).
 
     batch (global, sharded on 'data'): pixel_values [B,R,R,3] in [-1,1]; face_mask [B,R,R,1];
     id_pixel_values [B,K,S,S,3]; num_id_images [B]; ids_1/ids_2/text_only_ids_1/2 [B,77];
-    class_tokens_mask [B,77]; bg_ids_1/2, body_ids_1/2 [B,77] + has_bg/has_body [B];
+    class_tokens_mask [B,77]; per text condition c: c_ids_1/2 [B,77] + has_c [B] (`conditions.text_keys`);
     original_size, crop_top_left [B,2].
+    conditions: the declared conditions (`conditions.from_config`); those with adapter layers
+    (`adapters["names"]`) are fed to the UNet, each dropped per example with its probability `drop`;
+    the image condition's drop also removes the fused ID tokens from the prompt (`id_injection` text/both).
     """
     b = batch["pixel_values"].shape[0]
-    k_lat, k_noise, k_t, k_mask, k_text, k_id, k_bg, k_body = jax.random.split(key, 8)
+    k_lat, k_noise, k_t, k_mask, k_text, k_cond = jax.random.split(key, 6)
+    adapter_names = list((adapters or {}).get("names", []))
+    # Each condition draws from its own key, folded from its name: adding a condition leaves the others' draws.
+    drops = {n: _bernoulli(jax.random.fold_in(k_cond, zlib.crc32(n.encode())), c.drop, (b,))
+             for n, c in conditions.items()}
 
     # Latents on the fly (frozen VAE): diffusers' SDXL training uses latent_dist.sample() * scaling_factor.
     vae = model.vae
@@ -69,10 +78,11 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, sched
     t = jax.random.randint(k_t, (b,), 0, scheduler.num_train_timesteps)
     noisy = scheduler.add_noise(latents, noise, t)
 
-    # All prompts through the frozen text encoders in one call: [ids; text_only; bg; body; empty].
-    names = [n for n in (adapters or {}).get("names", []) if n in ("bg", "body")]
-    rows_1 = [batch["ids_1"], batch["text_only_ids_1"]] + [batch[f"{n}_ids_1"] for n in names] + [empty_ids[0]]
-    rows_2 = [batch["ids_2"], batch["text_only_ids_2"]] + [batch[f"{n}_ids_2"] for n in names] + [empty_ids[1]]
+    # All prompts through the frozen text encoders in one call: [ids; text_only; text conditions...; empty].
+    texts = text_conditions(conditions, adapter_names)
+    keys = [text_keys(c.name) for c in texts]
+    rows_1 = [batch["ids_1"], batch["text_only_ids_1"]] + [batch[k1] for k1, _, _ in keys] + [empty_ids[0]]
+    rows_2 = [batch["ids_2"], batch["text_only_ids_2"]] + [batch[k2] for _, k2, _ in keys] + [empty_ids[1]]
     emb, pooled = encode_prompt(model.text_encoder, model.text_encoder_2, jnp.concatenate(rows_1),
                                 jnp.concatenate(rows_2))
     emb, pooled = jax.lax.stop_gradient(emb), jax.lax.stop_gradient(pooled)
@@ -82,9 +92,10 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, sched
     empty_emb, empty_pooled = emb[-1:], pooled[-1:]
 
     drop_text = _bernoulli(k_text, loss_cfg["drop_text"], (b,))
-    drop_id = _bernoulli(k_id, loss_cfg["drop_id"], (b,))
+    identity = image_condition(conditions)
+    drop_id = drops[identity.name] if identity is not None else jnp.zeros((b,), bool)
     col = lambda m: m[:, None, None]
-    conditions, scales = {}, {}
+    unet_conditions, scales = {}, {}
     default_scales = (adapters or {}).get("scales", {})
 
     id_embeds = model.id_encoder.id_embeds(batch["id_pixel_values"].astype(compute_dtype or jnp.float32))
@@ -100,24 +111,24 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, sched
         k = id_embeds.shape[1]
         valid = (jnp.arange(k)[None] < batch["num_id_images"][:, None]).astype(id_embeds.dtype)
         mean_id = jnp.sum(id_embeds * valid[..., None], 1) / jnp.maximum(valid.sum(1, keepdims=True), 1)
-        conditions["id"] = model.unet.image_proj(mean_id)
-        scales["id"] = default_scales.get("id", 1.0) * (1.0 - drop_id.astype(jnp.float32))
+        name = model.unet.image_proj.condition
+        unet_conditions[name] = model.unet.image_proj(mean_id)
+        scales[name] = default_scales.get(name, 1.0) * (1.0 - drop_id.astype(jnp.float32))
 
     text_emb = jnp.where(col(drop_text), empty_emb.astype(text_emb.dtype), text_emb)
     text_pooled = jnp.where(drop_text[:, None], empty_pooled.astype(text_pooled.dtype), text_pooled)
 
-    for i, n in enumerate(names):
-        drop = _bernoulli(k_bg if n == "bg" else k_body, loss_cfg[f"drop_{n}"], (b,))
-        conditions[n] = chunk(emb, 2 + i)
-        keep = batch[f"has_{n}"].astype(bool) & ~drop
-        scales[n] = default_scales.get(n, 1.0) * keep.astype(jnp.float32)
+    for i, (c, (_, _, has)) in enumerate(zip(texts, keys)):
+        unet_conditions[c.name] = chunk(emb, 2 + i)
+        keep = batch[has].astype(bool) & ~drops[c.name]
+        scales[c.name] = default_scales.get(c.name, 1.0) * keep.astype(jnp.float32)
 
     r = batch["pixel_values"].shape[1]
     target_size = jnp.full((b, 2), r, jnp.float32)
     time_ids = jnp.concatenate([batch["original_size"].astype(jnp.float32),
                                 batch["crop_top_left"].astype(jnp.float32), target_size], axis=1)
     pred = model.unet(noisy.astype(compute_dtype or jnp.float32), t, text_emb, text_embeds=text_pooled,
-                      time_ids=time_ids, conditions=conditions or None, condition_scales=scales or None)
+                      time_ids=time_ids, conditions=unet_conditions or None, condition_scales=scales or None)
     use_mask = _bernoulli(k_mask, loss_cfg["mask_loss_prob"], (b,))
     mask = downsample_mask(batch["face_mask"], r // latents.shape[1])
     loss = masked_mse(pred, noise, mask, use_mask)

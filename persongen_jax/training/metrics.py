@@ -10,6 +10,8 @@ import jax
 
 
 class MetricWriter:
+    """Writes scalars per step to WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tb); a no-op on processes
+    other than 0, so every process can call it."""
     def __init__(self, workdir, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
@@ -27,6 +29,7 @@ class MetricWriter:
             self._tb = None
 
     def write(self, step: int, scalars: dict) -> None:
+        """One JSON line {"step", **scalars} (flushed) and one TensorBoard scalar per finite value."""
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in scalars.items()}
@@ -39,6 +42,7 @@ class MetricWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        """Closes both files."""
         if self._jsonl:
             self._jsonl.close()
         if self._tb is not None:

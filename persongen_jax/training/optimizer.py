@@ -20,11 +20,8 @@ import jax
 import optax
 
 
-def path_str(path) -> str:
-    return ".".join(str(getattr(p, "key", p)) for p in path)
-
-
 def group_of(path: str, groups: Mapping[str, Mapping]) -> str | None:
+    """The trainable group whose pattern fullmatches `path` (None: frozen); ValueError when several do."""
     hits = [g for g, spec in groups.items() if re.fullmatch(spec["pattern"], path)]
     if len(hits) > 1:
         raise ValueError(f"param {path} matches several trainable groups {hits}; make their patterns disjoint")
@@ -46,12 +43,14 @@ def check_groups(paths, groups: Mapping[str, Mapping]) -> dict[str, int]:
 
 
 def warmup_factor(step, warmup_steps: int):
+    """min(1, (step + 1) / warmup_steps): the learning-rate multiplier of optimizer step `step` (0-based)."""
     if warmup_steps <= 0:
         return 1.0
     return jax.numpy.minimum(1.0, (step + 1) / warmup_steps)
 
 
 def make_schedule(lr: float, warmup_steps: int):
+    """An optax schedule: `lr` times the linear warmup factor."""
     return lambda count: lr * warmup_factor(count, warmup_steps)
 
 

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def make_mesh(cfg, devices=None) -> Mesh:
+    """The Mesh of `config.sharding` (mesh_shape with at most one -1 = the remaining devices, mesh_axes)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = list(cfg.mesh_shape)
     if shape.count(-1) > 1:
@@ -28,6 +29,7 @@ def make_mesh(cfg, devices=None) -> Mesh:
 
 
 def rule(cfg, logical: str):
+    """The mesh axis (or None) a logical axis ("batch", "params") maps to by config.sharding.logical_axis_rules."""
     rules = dict(tuple(r) for r in cfg.logical_axis_rules)
     if logical not in rules:
         raise ValueError(f"config.sharding.logical_axis_rules has no rule for {logical!r}")
@@ -35,10 +37,13 @@ def rule(cfg, logical: str):
 
 
 def batch_sharding(mesh: Mesh, cfg) -> NamedSharding:
+    """Batch arrays: the leading dimension split over the "batch" rule's mesh axis."""
     return NamedSharding(mesh, P(rule(cfg, "batch")))
 
 
 def param_sharding(shape, mesh: Mesh, cfg) -> NamedSharding:
+    """A parameter / optimizer-state array of `shape`: replicated, or (FSDP) split over the "params" rule's
+    axis along its largest dimension divisible by that axis' size."""
     axis = rule(cfg, "params")
     if axis is None or not shape:
         return NamedSharding(mesh, P())

@@ -29,8 +29,7 @@ LORA_RANK, TOKENS = 4, 4
 
 
 def jax_config(args):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
-    import default
+    from configs import default
 
     c = default.get_config()
     c.model = "tiny"

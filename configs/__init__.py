@@ -1,0 +1,6 @@
+"""Experiment configs (ml_collections): `get_config(arg)` per file, one file per research experiment.
+
+`default` holds every key with its comment; `baseline` is the research's baseline; the other experiments
+import it and state only their difference. Each file's docstring has its launch command; `FILE.py:tiny` is
+the laptop-sized variant. Load one as the train CLI does: `persongen_jax.train.load_config("configs/X.py")`.
+"""

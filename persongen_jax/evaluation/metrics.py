@@ -1,0 +1,164 @@
+"""Metrics chosen by name (as big_vision's evaluators): each turns generated images into per-image scores.
+
+    metrics = build(["clip_t", "face_sim"], {"clip": "weights/clip-l", "face_detector": "antelopev2",
+                                             "arcface": "weights/arcface_r100"})
+    prepared = {m.name: m.prepare_references(ref_images, ref_names) for m in metrics}    # once per identity
+    result = metric(images, prompts, [prepared[metric.name]] * len(images))           # MetricResult
+
+A metric is a class registered here with
+
+    name           the key of its scores everywhere: score rows, scores.csv, metrics.json, TensorBoard
+                   (eval/<set>/<name>), history.jsonl and the --compare plots
+    title, axis_label, digits, card_digits      how reports and plots show it
+    found_key, missing_key, missing_label, missing_title     only for a metric that can find nothing to
+                   score in an image (Face-Sim: no face): the row's bool column (face_found), the per-set
+                   count (no_face), the report's label ("no face") and section title ("No face detected")
+    requires       {option: what it is} that `from_options` needs (scoring model folders)
+
+and the methods `from_options(options)`, `prepare_references(images, names)` (per-identity data, e.g.
+reference embeddings; may raise naming a bad reference) and `__call__(images, prompts, references)`.
+The report, the CSV, metrics.json, validation during training and `evaluate --compare` work from the
+names that come back, so a new metric is one class here (and its model in its own module).
+
+This module imports no JAX: reports and plots read the display attributes without loading a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+DEFAULT_METRICS = ("clip_t", "face_sim")
+
+
+@dataclasses.dataclass
+class MetricResult:
+    """Per-image values (None: left out of the means) and, for metrics with a found_key, what was found."""
+
+    values: list[float | None]
+    found: list[bool] | None = None
+
+
+class Metric:
+    """Base class: display attributes and the interface; subclasses register with `@register`."""
+
+    name: str = ""
+    title: str = ""
+    axis_label: str = ""
+    digits: int = 4        # means table
+    card_digits: int = 3   # per-image caption
+    found_key: str | None = None
+    missing_key: str | None = None
+    missing_label: str | None = None
+    missing_title: str | None = None
+    requires: Mapping[str, str] = {}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "Metric":
+        """Builds the metric from scoring options (model folders and settings)."""
+        raise NotImplementedError
+
+    def prepare_references(self, images: Sequence, names: Sequence[str]) -> Any:
+        """Per-identity data computed once from its reference images (None when the metric needs none)."""
+        return None
+
+    def __call__(self, images: Sequence, prompts: Sequence[str], references: Sequence[Any]) -> MetricResult:
+        """images (uint8 [H, W, 3] arrays or PIL), the text scored for each, each image's prepared references."""
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """What metrics.json records about how this metric scored."""
+        return {}
+
+
+REGISTRY: dict[str, type[Metric]] = {}
+
+
+def register(cls: type[Metric]) -> type[Metric]:
+    """Class decorator: makes the metric available by its `name`."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Metric]:
+    """The metric class registered as `name`."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown metric {name!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def display(name: str) -> type[Metric]:
+    """The class whose display attributes describe `name` (a bare `Metric` titled by its name for a metric
+    this installation does not know, e.g. in an old history file)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    return type(name, (Metric,), {"name": name, "title": name, "axis_label": name})
+
+
+def build(names: Sequence[str], options: Mapping[str, Any]) -> list[Metric]:
+    """The metrics `names` built from `options`; a ValueError lists every option a chosen metric lacks."""
+    classes = [get(n) for n in names]
+    missing = [f"{c.name} needs {key} ({what})" for c in classes for key, what in c.requires.items()
+               if not options.get(key)]
+    if missing:
+        raise ValueError("scoring options missing: " + "; ".join(missing))
+    return [c.from_options(options) for c in classes]
+
+
+@register
+class CLIPT(Metric):
+    """CLIP-T: 100 x cosine of the CLIP image and text embeddings (`clip_t.CLIPTScorer`)."""
+
+    name, title, axis_label = "clip_t", "CLIP-T", "CLIP-T (100 × CLIP cosine)"
+    digits, card_digits = 2, 1
+    requires = {"clip": "a converted CLIP folder: --clip / config.eval.clip"}
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    @classmethod
+    def from_options(cls, options):
+        from persongen_jax.evaluation.clip_t import CLIPTScorer
+
+        return cls(CLIPTScorer.from_pretrained(options["clip"], batch_size=int(options.get("batch_size") or 32)))
+
+    def __call__(self, images, prompts, references):
+        return MetricResult([float(v) for v in self.scorer(images, prompts)])
+
+
+@register
+class FaceSim(Metric):
+    """Face-Sim: cosine of ArcFace embeddings of the generated face and the identity's reference faces
+    (`face_sim.FaceSimScorer`); an image without a face scores 0 (no_face="zero") or is left out ("skip")."""
+
+    name, title, axis_label = "face_sim", "Face-Sim", "Face-Sim (ArcFace cosine)"
+    digits, card_digits = 4, 3
+    found_key, missing_key, missing_label, missing_title = "face_found", "no_face", "no face", "No face detected"
+    requires = {"face_detector": "an insightface folder with an SCRFD detector: --face-models / "
+                                 "config.eval.face_detector",
+                "arcface": "a converted ArcFace folder: --arcface / config.eval.arcface"}
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    @classmethod
+    def from_options(cls, options):
+        from persongen_jax.evaluation.face_sim import FaceSimScorer
+
+        det_size = options.get("det_size") or 640
+        return cls(FaceSimScorer.from_pretrained(
+            options["face_detector"], options["arcface"], no_face=options.get("no_face") or "zero",
+            det_thresh=float(options.get("det_thresh") or 0.5), det_size=(int(det_size), int(det_size)),
+            batch_size=int(options.get("batch_size") or 32), select=options.get("face_select") or "largest"))
+
+    def prepare_references(self, images, names):
+        return self.scorer.reference_embeddings(images, names)
+
+    def __call__(self, images, prompts, references):
+        values, found = self.scorer(images, references)
+        return MetricResult(list(values), [bool(f) for f in found])
+
+    def settings(self):
+        det = self.scorer.detector
+        return {"no_face": self.scorer.no_face, "face_select": self.scorer.select, "det_thresh": det.det_thresh,
+                "det_size": list(det.det_size), "detector": str(det.model_file)}
