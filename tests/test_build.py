@@ -245,6 +245,10 @@ def test_bad_inputs_are_one_line_errors(inputs, tmp_path, capsys):
         (args(tmp_path / "a", "--caption-endpoint", "http://x", "--detector", str(tmp_path / "nope")),
          "no such face model folder"),
         (args(inputs, "--caption-endpoint", "http://x"), "holds the source folder"),
+        (args(tmp_path / "a", "--caption-endpoint", "http://x", "--split-fields", "caption_bg,expr"),
+         "--split-fields must be distinct caption_<name> fields"),
+        (args(tmp_path / "a", "--caption-endpoint", "http://x", "--split-fields", "caption_bg,caption_expr"),
+         'the split prompt never asks for the JSON key "expr"'),
         ([str(tmp_path / "empty_src"), str(tmp_path / "a"), *args(tmp_path)[2:], "--caption-endpoint", "http://x"],
          "no files under persons/"),
     ]
@@ -280,12 +284,18 @@ def test_marking_split_parsing_crop_geometry_and_clustering():
     for bad, why in (("a photo of a statue", "no class word"), ("a man img", "already holds the trigger")):
         with pytest.raises(ValueError, match=why):
             insert_trigger(bad, CLASS_WORDS, "img")
-    assert parse_split('{"background": "a room", "body": ""}') == ("a room", None)
-    assert parse_split('```json\n{"body": "red  hat", "background": "street"}\n```') == ("street", "red hat")
-    for bad, why in (("sure! {}", "not JSON"), ('{"background": "x"}', "exactly the keys"),
-                     ('{"background": 1, "body": "x"}', "strings"), ('["a", "b"]', "exactly the keys")):
+    fields = fmt.DEFAULT_CAPTION_FIELDS
+    assert fields == ("caption_bg", "caption_body")  # the text conditions of conditions.DEFAULTS
+    assert parse_split('{"bg": "a room", "body": ""}', fields) == {"caption_bg": "a room", "caption_body": None}
+    assert parse_split('```json\n{"body": "red  hat", "bg": "street"}\n```', fields) == {
+        "caption_bg": "street", "caption_body": "red hat"}
+    for bad, why in (("sure! {}", "not JSON"), ('{"bg": "x"}', "exactly the keys"),
+                     ('{"bg": 1, "body": "x"}', "strings"), ('["a", "b"]', "exactly the keys")):
         with pytest.raises(ValueError, match=why):
-            parse_split(bad)
+            parse_split(bad, fields)
+    # a new text condition (ARCHITECTURE.md: P_expr) is one more field; its key is the name after caption_
+    three = parse_split('{"bg": "", "body": "", "expr": "smiling"}', (*fields, "caption_expr"))
+    assert three == {"caption_bg": None, "caption_body": None, "caption_expr": "smiling"}
     assert square_around([10, 10, 50, 50], 200, 100, 0.0) == (0, 0, 100)       # largest square, face at the edge
     assert square_around([150, 40, 190, 80], 200, 100, 0.0) == (100, 0, 100)
     assert square_around([80, 30, 120, 70], 200, 100, 2.0) == (60, 10, 80)     # 2 x the face, centred

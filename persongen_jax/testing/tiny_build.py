@@ -269,7 +269,7 @@ def make_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from persongen_jax.testing.tiny_sdxl import _byte_symbols
+    from persongen_jax.models.presets import _byte_symbols
     from persongen_jax.testing.torch_init import randomize_
 
     folder = Path(folder)
@@ -317,11 +317,11 @@ def default_caption(image: Image.Image) -> str:
 
 
 def default_split(caption: str) -> dict:
-    """The test endpoint's split of a caption: the "in the ..." phrase is the background, the
-    "wearing ..." phrase the body."""
+    """The test endpoint's split of a caption into the packaged split prompt's keys: the "in the ..." phrase
+    is the background, the "wearing ..." phrase the body."""
     bg = re.search(r"\b(in the \w+|on a \w+ background)", caption)
     body = re.search(r"\bwearing an? \w+ \w+", caption)
-    return {"background": bg.group(0) if bg else "", "body": body.group(0) if body else ""}
+    return {"bg": bg.group(0) if bg else "", "body": body.group(0) if body else ""}
 
 
 class CaptionServer:

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 from persongen_jax.data.build.settings import CAPTION_BACKENDS, CLASS_WORDS, FACE_MASKS, BuildSettings, ModelSpec
-from persongen_jax.data.format import DEFAULT_TRIGGER_WORD, MAX_FILE_BYTES
+from persongen_jax.data.format import DEFAULT_CAPTION_FIELDS, DEFAULT_TRIGGER_WORD, MAX_FILE_BYTES
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line (`python -m persongen_jax.data.build --help`); defaults from BuildSettings."""
     d = BuildSettings.__dataclass_fields__
     default = lambda name: d[name].default  # noqa: E731
     p = argparse.ArgumentParser(prog="python -m persongen_jax.data.build",
@@ -59,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{what}-concurrency", type=int, default=8, help="openai: requests in flight per worker")
         g.add_argument(f"--{what}-retries", type=int, default=3)
         g.add_argument(f"--{what}-timeout", type=float, default=300.0)
+    p.add_argument("--split-fields", default=",".join(DEFAULT_CAPTION_FIELDS),
+                   help="comma-separated captions fields the split fills: the `source` of each text condition "
+                        "(persongen_jax/conditions.py); the split prompt asks for each as the JSON key after "
+                        "'caption_' (caption_bg -> \"bg\"). Default: %(default)s")
     p.add_argument("--caption-accelerator",
                    help="Beam resource hint for the caption/split stages, e.g. 'type:nvidia-l4;count:1;install-nvidia-driver'")
     g = p.add_argument_group("captions and output")
@@ -92,10 +97,12 @@ def _prompt(path: Path | None, name: str) -> dict:
 
 
 def settings_from_args(a) -> BuildSettings:
+    """Parsed arguments -> BuildSettings (prompt files read here; ValueError naming an unreadable one)."""
     caption = _spec(a, "caption")
     return BuildSettings(
         src=a.src, dst=a.dst, detector=a.detector, arcface=a.arcface, caption=caption, split=_spec(a, "split", caption),
         **_prompt(a.caption_prompt, "caption"), **_prompt(a.split_prompt, "split"),
+        split_fields=tuple(f.strip() for f in a.split_fields.split(",") if f.strip()),
         min_side=a.min_side, min_face=a.min_face, det_size=a.det_size, det_thresh=a.det_thresh,
         detector_threads=a.detector_threads,
         verify_threshold=a.verify_threshold, verify_min_samples=a.verify_min_samples, min_images=a.min_images,
@@ -106,6 +113,7 @@ def settings_from_args(a) -> BuildSettings:
 
 
 def main(argv=None) -> int:
+    """The CLI: our options before `--`, Beam's after; 0 on success, 1 with one `error:` line otherwise."""
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args = argv[argv.index("--") + 1:] if "--" in argv else []
     ours = argv[:argv.index("--")] if "--" in argv else argv

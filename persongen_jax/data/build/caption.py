@@ -18,6 +18,7 @@ from persongen_jax.data.build.vlm import load_backend
 
 
 def one_line(text: str) -> str:
+    """`text` with every run of whitespace (newlines too) as one space, stripped."""
     return " ".join(text.split())
 
 
@@ -27,10 +28,12 @@ class CaptionImages(StageDoFn):
     stage = "caption"
 
     def setup(self):
+        """Once per worker: the captioning backend (a local model is loaded once per process) and the cache."""
         self.backend = load_backend(self.settings.caption)
         self.cache = WorkCache(self.settings.dst, "captions")
 
     def run(self, batch: list[Item]):
+        """A batch of Items -> captioned Items (cached answers reused) or rejects."""
         s = self.settings
         spec = s.caption
         keys = [cache_key("caption", it.image, it.crop_sha256, spec.fingerprint, sha256_text(s.caption_prompt),

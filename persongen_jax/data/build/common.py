@@ -46,8 +46,9 @@ class Item:
     mask: bytes = b""                # PNG face mask of the crop, or b"" when the mask is the box (crop)
     crop_sha256: str = ""
     caption: str = ""                # P_general (caption; the trigger word is inserted by mark)
-    caption_bg: str | None = None    # P_bg (split)
-    caption_body: str | None = None  # P_body (split)
+    # The split's texts of the text conditions: captions field (`settings.split_fields`, e.g. the
+    # P_bg / P_body fields of conditions.DEFAULTS) -> text, None where empty; {} when the split failed.
+    captions: dict[str, str | None] = field(default_factory=dict)
 
 
 def reject(item: Item, stage: str, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:
@@ -73,6 +74,7 @@ def read_bytes(path: str, limit: int) -> bytes:
 
 
 def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of `data`: the content hash the caches and the crop stage key on."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -88,12 +90,14 @@ class WorkCache:
         return self.root / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> Any | None:
+        """The cached value of `key`, or None (missing or unreadable entry)."""
         try:
             return json.loads(self._path(key).read_text())
         except (OSError, ValueError):
             return None
 
     def put(self, key: str, value: Any) -> None:
+        """Stores `value` under `key` atomically (temp file + rename)."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -127,11 +131,13 @@ class Progress:
 
     @classmethod
     def reset(cls) -> None:
+        """Clears this process's counts (one build per process in tests and benchmarks)."""
         with cls._lock:
             cls._counts, cls._last = {}, time.monotonic()
 
     @classmethod
     def add(cls, stage: str, what: str, n: int = 1, every_s: float = 10.0) -> None:
+        """Adds `n` to the Beam counter build/<stage>_<what> and to the progress line (printed every `every_s`)."""
         beam.metrics.Metrics.counter("build", f"{stage}_{what}").inc(n)
         with cls._lock:
             key = f"{stage} {what}"
@@ -155,20 +161,25 @@ class StageDoFn(beam.DoFn):
         self.settings = settings
 
     def run(self, element):
+        """The stage's work on one element: yields kept Items and `rejected(...)` outputs."""
         raise NotImplementedError
 
     def process(self, element):
+        """Beam's entry point: `run`, timed (counter <stage>_us) before its outputs are passed on."""
         t0 = time.perf_counter()
         out = list(self.run(element))
         beam.metrics.Metrics.counter("build", f"{self.stage}_us").inc(int((time.perf_counter() - t0) * 1e6))
         yield from out
 
     def count(self, what: str, n: int = 1, group: str | None = None) -> None:
+        """Counts `n` of `what` for this stage (or `group`: the cache counters faces / embeddings)."""
         Progress.add(group or self.stage, what, n, self.settings.progress_every_s)
 
     def kept(self, n: int = 1) -> None:
+        """Counts `n` kept elements of this stage."""
         self.count("kept", n)
 
     def rejected(self, item: Item, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:
+        """Counts a reject and returns its tagged output (see `reject`)."""
         Progress.add(self.stage, "rejected", 1, self.settings.progress_every_s)
         return reject(item, self.stage, reason, detail)

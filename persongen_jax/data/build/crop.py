@@ -61,9 +61,12 @@ def crop_face(rgb: np.ndarray, face: dict, resolution: int, crop_scale: float = 
 
 
 class CropFaces(StageDoFn):
+    """Verified Items -> Items with the crop JPEG (and mask) and the face mapped into it; rejects a file
+    that changed or cannot be read again."""
     stage = "crop"
 
     def run(self, item: Item):
+        """Re-reads and decodes the image, checks its hash, crops (see the module doc)."""
         s = self.settings
         try:
             data = read_bytes(item.path, s.max_file_bytes)

@@ -17,6 +17,7 @@ from persongen_jax.data.build.common import Item, StageDoFn, read_bytes, sha256_
 
 
 class DecodeError(ValueError):
+    """The bytes are not an image PIL can decode (reason "cannot decode image")."""
     pass
 
 
@@ -37,9 +38,11 @@ def decode_rgb(data: bytes, min_side: int = 0) -> np.ndarray:
 
 
 class DecodeImages(StageDoFn):
+    """Items -> Items with `rgb`, `sha256`, `width`, `height`; rejects unreadable, undecodable and small images."""
     stage = "decode"
 
     def run(self, item: Item):
+        """Reads, hashes and decodes one image (see the module doc)."""
         s = self.settings
         try:
             data = read_bytes(item.path, s.max_file_bytes)

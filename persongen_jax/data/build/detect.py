@@ -30,6 +30,7 @@ def detect_faces(detector, rgb: np.ndarray) -> list[dict]:
 
 
 def large_faces(faces: list[dict], width: int, height: int, min_face: int) -> list[dict]:
+    """The faces whose clipped box has both sides >= `min_face`."""
     return [f for f in faces if clipped_side(f["box"], width, height) >= min_face]
 
 
@@ -41,13 +42,16 @@ def align(rgb: np.ndarray, faces: list[dict], size: int) -> np.ndarray:
 
 
 class DetectFaces(StageDoFn):
+    """Decoded Items -> Items with `faces` (large enough) and their aligned `crops`; rejects images without one."""
     stage = "detect"
 
     def setup(self):
+        """Once per worker: the detector + ArcFace (faces.face_scorer) and the detections cache."""
         self.scorer = face_scorer(self.settings)
         self.cache = WorkCache(self.settings.dst, "faces")
 
     def detections(self, item: Item) -> list[dict]:
+        """The detector's faces of `item` (cached by path + content hash + detector and its settings)."""
         s = self.settings
         key = cache_key("faces", item.image, item.sha256, s.detector_fingerprint, s.det_size, s.det_thresh)
         faces = self.cache.get(key)
@@ -60,6 +64,7 @@ class DetectFaces(StageDoFn):
         return faces
 
     def run(self, item: Item):
+        """Detects, filters by `min_face`, aligns; drops the pixels (the crop stage reads the file again)."""
         s = self.settings
         faces = self.detections(item)
         big = large_faces(faces, item.width, item.height, s.min_face)

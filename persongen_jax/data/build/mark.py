@@ -27,9 +27,11 @@ def insert_trigger(caption: str, class_words, trigger_word: str) -> str:
 
 
 class MarkTrigger(StageDoFn):
+    """Captioned Items -> Items whose caption holds the trigger word; rejects captions without a class word."""
     stage = "mark"
 
     def run(self, item: Item):
+        """Inserts the trigger word (see `insert_trigger`)."""
         s = self.settings
         try:
             item.caption = insert_trigger(item.caption, s.class_words, s.trigger_word)

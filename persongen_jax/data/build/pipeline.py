@@ -156,6 +156,7 @@ def build_dataset(settings: BuildSettings, beam_args=(), *, log=print) -> dict:
 
 
 def format_summary(index: dict, dst) -> str:
+    """The printed summary of a build: counts per stage with reasons, split failures, seconds, cache use."""
     sm = index["summary"]
     lines = [f"{dst}: {sm['images']} images -> {sm['records']} records of {len(index['persons'])} persons in "
              f"{len(index['shards'])} shard(s)"]

@@ -11,11 +11,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from persongen_jax.data.format import DEFAULT_TRIGGER_WORD, MAX_FILE_BYTES
+from persongen_jax.data.format import DEFAULT_CAPTION_FIELDS, DEFAULT_TRIGGER_WORD, MAX_FILE_BYTES
 
 # PhotoMaker's class words (the word the trigger follows), singular and plural.
 CLASS_WORDS = ("man", "woman", "boy", "girl", "person", "men", "women", "boys", "girls", "people", "guy",
@@ -25,6 +26,14 @@ FACE_MASKS = ("none", "ellipse")
 # Files larger than this are fingerprinted by name and size, not hashed (a 16 GB captioner would take a
 # minute to hash on every start); detector and ArcFace files are far smaller and hashed whole.
 HASH_LIMIT = 1 << 30
+# The captions fields the split fills are the text conditions' `source` fields (conditions.py); the JSON key
+# the split prompt asks for is the field without this prefix (caption_bg -> "bg": the condition's name).
+CAPTION_FIELD_PREFIX = "caption_"
+
+
+def split_key(field_name: str) -> str:
+    """The split answer's JSON key of a captions field: "caption_expr" -> "expr"."""
+    return field_name[len(CAPTION_FIELD_PREFIX):]
 
 
 def default_prompt(name: str) -> str:
@@ -47,6 +56,7 @@ class ModelSpec:
     fingerprint: str = ""          # filled by `fingerprinted`: what the cache keys on
 
     def describe(self) -> dict:
+        """The spec as recorded in index.json["build"] (no fingerprint, no tuning knobs)."""
         d = dict(backend=self.backend, model=self.model, max_new_tokens=self.max_new_tokens)
         if self.endpoint:
             d["endpoint"] = self.endpoint
@@ -55,6 +65,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class BuildSettings:
+    """All options of a build (the CLI's flags; field comments say what each is); `check` validates them."""
     src: str                                   # folder (or Beam filesystem URL) holding persons/<id>/<image>
     dst: str                                   # local or mounted folder: the dataset, and DST/_work
     detector: str                              # insightface model folder or SCRFD .onnx
@@ -63,6 +74,7 @@ class BuildSettings:
     split: ModelSpec
     caption_prompt: str = field(default_factory=lambda: default_prompt("caption"))
     split_prompt: str = field(default_factory=lambda: default_prompt("split"))
+    split_fields: tuple[str, ...] = DEFAULT_CAPTION_FIELDS  # the captions fields the split fills (see split_key)
     min_side: int = 512
     min_face: int = 256
     det_size: int = 640
@@ -115,6 +127,14 @@ class BuildSettings:
             raise ValueError(f"--trigger-word must be one word, got {self.trigger_word!r}")
         if "{caption}" not in self.split_prompt:
             raise ValueError("the split prompt must contain {caption} (where the caption is inserted)")
+        if not self.split_fields or len(set(self.split_fields)) != len(self.split_fields) or not all(
+                re.fullmatch(CAPTION_FIELD_PREFIX + r"[a-z][a-z0-9_]*", f) for f in self.split_fields):
+            raise ValueError(f"--split-fields must be distinct {CAPTION_FIELD_PREFIX}<name> fields, got "
+                             f"{list(self.split_fields)}")
+        for f in self.split_fields:
+            if f'"{split_key(f)}"' not in self.split_prompt:
+                raise ValueError(f'the split prompt never asks for the JSON key "{split_key(f)}" (the answer\'s key '
+                                 f"for --split-fields {f}); edit the prompt or the fields")
         for what, spec in (("caption", self.caption), ("split", self.split)):
             if spec.backend not in CAPTION_BACKENDS:
                 raise ValueError(f"--{what}-backend {spec.backend!r}; expected one of {list(CAPTION_BACKENDS)}")
@@ -141,6 +161,7 @@ class BuildSettings:
              if k not in ("caption", "split", "caption_prompt", "split_prompt", "dst", "progress_every_s",
                           "detector_fingerprint", "arcface_fingerprint")}
         d["class_words"] = list(self.class_words)
+        d["split_fields"] = list(self.split_fields)
         d["caption"] = self.caption.describe()
         d["split"] = self.split.describe()
         d["caption_prompt_sha256"] = sha256_text(self.caption_prompt)
@@ -149,6 +170,7 @@ class BuildSettings:
 
 
 def sha256_text(text: str) -> str:
+    """Hex sha256 of a text's UTF-8 bytes (prompts in cache keys and index.json)."""
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -18,6 +18,7 @@ from persongen_jax.data.format import IMAGE_EXTENSIONS
 
 
 def persons_pattern(src: str) -> str:
+    """The glob of SRC's image files: SRC/persons/*/* (on any Beam filesystem)."""
     return FileSystems.join(src, "persons", "*", "*")
 
 
@@ -39,6 +40,7 @@ class ListImages(beam.PTransform):
         self.src = src
 
     def expand(self, pbegin):
+        """Create(pattern) -> MatchAll -> Items (images of the layout only) -> Reshuffle."""
         src = self.src
         return (pbegin
                 | "Pattern" >> beam.Create([persons_pattern(src)])

@@ -49,10 +49,12 @@ class EmbedFaces(StageDoFn):
     stage = "embed"
 
     def setup(self):
+        """Once per worker: ArcFace (faces.face_scorer) and the embeddings cache."""
         self.scorer = face_scorer(self.settings)
         self.cache = WorkCache(self.settings.dst, "embeddings")
 
     def run(self, batch: list[Item]):
+        """Embeds the aligned crops of a batch (cached ones reused); drops the crops."""
         s = self.settings
         keys = [cache_key("embeddings", it.image, it.sha256, s.arcface_fingerprint, self.scorer.crop_size,
                           [f["kps"] for f in it.faces]) for it in batch]
@@ -134,9 +136,11 @@ class VerifyPerson(StageDoFn):
     stage = "verify"
 
     def setup(self):
+        """Imports scikit-learn before the first person (its import is not clustering time)."""
         import sklearn.cluster  # noqa: F401  (a second of import: not counted as clustering time)
 
     def run(self, element):
+        """One person's Items -> its verified Items and the rejects (`verify_person`)."""
         verified, rejects = verify_person(list(element[1]), self.settings)
         for it, reason, detail in rejects:
             yield self.rejected(it, reason, detail)
@@ -153,6 +157,7 @@ class VerifyIdentity(beam.PTransform):
         self.settings = settings
 
     def expand(self, items):
+        """Key by person, GroupByKey, verify each person."""
         return (items
                 | "ByPerson" >> beam.Map(lambda it: (it.person_id, it))
                 | "GroupByPerson" >> beam.GroupByKey()

@@ -41,6 +41,7 @@ class VLMError(RuntimeError):
 
 
 class OpenAIChat:
+    """The `openai` backend: an OpenAI-compatible chat-completions endpoint (see the module doc)."""
     def __init__(self, spec):
         self.spec = spec
         self.url = spec.endpoint.rstrip("/") + "/chat/completions"
@@ -100,16 +101,19 @@ class OpenAIChat:
             return list(pool.map(safe, items))
 
     def describe(self, jpegs: list[bytes], prompt: str) -> list:
+        """JPEG crops + prompt -> one answer per image (a VLMError in place of a failed request)."""
         def one(jpeg):
             url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
             return self._post([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}])
         return self._map(one, jpegs)
 
     def complete(self, prompts: list[str]) -> list:
+        """Text prompts -> one answer each (a VLMError in place of a failed request)."""
         return self._map(lambda p: self._post([{"type": "text", "text": p}]), prompts)
 
 
 class TransformersVLM:
+    """The `transformers` backend: a local Qwen2-VL-family folder, batched greedy generation (see the module doc)."""
     def __init__(self, spec):
         self.spec = spec
         self.tokenizer, self.image_processor, self.model, self.lock = _load_qwen_vl(spec.model)
@@ -138,6 +142,7 @@ class TransformersVLM:
                                                   add_generation_prompt=True)
 
     def describe(self, jpegs: list[bytes], prompt: str) -> list:
+        """JPEG crops + prompt -> one answer per image, in batches of `batch_size`."""
         from PIL import Image
 
         images = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs]
@@ -149,6 +154,7 @@ class TransformersVLM:
         return out
 
     def complete(self, prompts: list[str]) -> list:
+        """Text prompts -> one answer each, in batches of `batch_size`."""
         out = []
         for i in range(0, len(prompts), self.spec.batch_size):
             out += self._generate([self._chat([{"type": "text", "text": p}]) for p in prompts[i:i + self.spec.batch_size]])

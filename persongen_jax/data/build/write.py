@@ -2,7 +2,8 @@
 index.json as `data.format` writes it (so training reads both the same way), plus what the build adds.
 
 Records: `format.encode_record(header, crop JPEG, mask PNG or b"")`; the header has the keys of
-`data.format` (person_id, image, caption, caption_bg, caption_body, face_box, width, height, format)
+`data.format` (person_id, image, caption, the captions fields -- `format.DEFAULT_CAPTION_FIELDS` always,
+None when empty, plus any other --split-fields -- face_box, width, height, format)
 and the build's own: face_kps (5 landmarks in the crop), face_score (detector), identity_cos (mean
 cosine to the person's identity cluster), source (sha256, width, height and crop_box of the source
 image). Shards are written by `array_record.beam.arrayrecordio.WriteToArrayRecord` (group_size:1 like
@@ -34,10 +35,13 @@ SHARD_PREFIX, SHARD_SUFFIX = "data", ".array_record"
 BAD_REASONS = ("cannot decode image", "unreadable file")   # input defects, listed in "bad" as data.format does
 
 
-def record_header(item: Item, resolution: int) -> dict:
-    face = item.face
-    return dict(person_id=item.person_id, image=item.image, caption=item.caption, caption_bg=item.caption_bg,
-                caption_body=item.caption_body, face_box=face["box"], width=resolution, height=resolution,
+def record_header(item: Item, settings) -> dict:
+    """The record's JSON header (see the module doc) of a finished Item."""
+    face, res = item.face, settings.resolution
+    # As data.format: the default conditions' fields always present (None when absent), then any other.
+    fields = sorted(set(fmt.DEFAULT_CAPTION_FIELDS) | set(settings.split_fields))
+    return dict(person_id=item.person_id, image=item.image, caption=item.caption,
+                **{f: item.captions.get(f) for f in fields}, face_box=face["box"], width=res, height=res,
                 format="JPEG", face_kps=face["kps"], face_score=round(face["score"], 4),
                 identity_cos=face.get("identity_cos"),
                 source=dict(sha256=item.sha256, width=item.width, height=item.height, crop_box=item.crop_box))
@@ -51,15 +55,17 @@ class WriteRecords(beam.PTransform):
         self.out_dir, self.settings = out_dir, settings
 
     def expand(self, items):
-        res = self.settings.resolution
+        """Items -> encoded records -> ArrayRecord shards (WriteToArrayRecord)."""
+        s = self.settings
         return (items
-                | "Encode" >> beam.Map(lambda it: fmt.encode_record(record_header(it, res), it.jpeg, it.mask))
+                | "Encode" >> beam.Map(lambda it: fmt.encode_record(record_header(it, s), it.jpeg, it.mask))
                 | "ArrayRecord" >> WriteToArrayRecord(os.path.join(self.out_dir, SHARD_PREFIX),
                                                       file_name_suffix=SHARD_SUFFIX,
                                                       num_shards=self.settings.num_shards))
 
 
 def shard_names(out_dir: str | os.PathLike) -> list[str]:
+    """The shard file names in `out_dir`, sorted (the order of global record indices)."""
     return sorted(p.name for p in Path(out_dir).glob(f"{SHARD_PREFIX}-*-of-*{SHARD_SUFFIX}"))
 
 
