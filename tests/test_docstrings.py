@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("persongen_jax/models", "persongen_jax/pipeline", "persongen_jax/training")
+PACKAGES = ("persongen_jax/models", "persongen_jax/pipeline", "persongen_jax/training", "persongen_jax/data/build")
 
 
 def missing_docstrings(source: str, filename: str = "<string>") -> list[str]:

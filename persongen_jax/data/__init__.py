@@ -2,6 +2,8 @@
 
     python -m persongen_jax.data.make_demo DIR                   # synthetic dataset, seconds on a CPU
     python -m persongen_jax.data.format SRC CAPTIONS.jsonl DST   # your own persons/<id>/<img> tree
+    python -m persongen_jax.data.build SRC DST --detector ... --arcface ... --caption-model ...
+                                                                 # photos only: filter, verify, crop, caption (Beam)
 
     from persongen_jax.data import make_train_iterator, bad_records_report
 

@@ -71,8 +71,9 @@ class FaceSimScorer:
 
     @classmethod
     def from_pretrained(cls, detector: str | os.PathLike, arcface: str | os.PathLike, *, det_size=(640, 640),
-                        det_thresh: float = 0.5, providers=None, **kw) -> "FaceSimScorer":
-        det = FaceDetector.from_folder(detector, det_size=det_size, det_thresh=det_thresh, providers=providers)
+                        det_thresh: float = 0.5, providers=None, session_options=None, **kw) -> "FaceSimScorer":
+        det = FaceDetector.from_folder(detector, det_size=det_size, det_thresh=det_thresh, providers=providers,
+                                       session_options=session_options)
         model = modeling.from_pretrained(Path(arcface))
         if not isinstance(model, iresnet.IResNet):
             raise ValueError(f"{arcface}: Face-Sim needs an ArcFace IResNet folder (`python -m weights_conversion "

@@ -136,12 +136,15 @@ class FaceDetector:
     """SCRFD with 5 keypoints through onnxruntime; `detect(rgb)` -> Faces."""
 
     def __init__(self, model_file: str | os.PathLike, *, det_size: tuple[int, int] = (640, 640),
-                 det_thresh: float = 0.5, nms_thresh: float = 0.4, providers=None):
+                 det_thresh: float = 0.5, nms_thresh: float = 0.4, providers=None, session_options=None):
         import onnxruntime as ort
 
         self.model_file = Path(model_file)
         try:
-            self.session = ort.InferenceSession(str(self.model_file), providers=providers or default_providers())
+            # session_options: an ort.SessionOptions, e.g. one intra-op thread per process when several
+            # worker processes share the cores (the dataset build's workers).
+            self.session = ort.InferenceSession(str(self.model_file), sess_options=session_options,
+                                                providers=providers or default_providers())
         except Exception as e:
             raise FaceModelError(f"{self.model_file}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
         outputs = self.session.get_outputs()

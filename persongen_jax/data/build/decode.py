@@ -1,0 +1,63 @@
+"""Stage "decode": read, hash, decode (EXIF orientation applied, RGB) and the size filter.
+
+Rejected: a file that cannot be read or is over the size limit, a file PIL cannot decode, an image
+whose shorter side is below `min_side` (research: 512). The header is checked before the pixels are
+decoded, so small images cost almost nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from persongen_jax.data.build.common import Item, StageDoFn, read_bytes, sha256_bytes
+
+
+class DecodeError(ValueError):
+    """The bytes are not an image PIL can decode (reason "cannot decode image")."""
+    pass
+
+
+def decode_rgb(data: bytes, min_side: int = 0) -> np.ndarray:
+    """Image bytes -> RGB uint8 [H, W, 3] with the EXIF orientation applied; DecodeError("cannot decode
+    image ...") or ValueError("... < min_side ...")."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size  # header only: cheap
+                rgb = None if min(w, h) < min_side else np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except Exception as e:  # PIL raises many types for broken or hostile files
+        raise DecodeError(f"cannot decode image ({type(e).__name__})") from None
+    if rgb is None:
+        raise ValueError(f"shorter side {min(w, h)} px < min_side {min_side} ({w}x{h})")
+    return rgb
+
+
+class DecodeImages(StageDoFn):
+    """Items -> Items with `rgb`, `sha256`, `width`, `height`; rejects unreadable, undecodable and small images."""
+    stage = "decode"
+
+    def run(self, item: Item):
+        """Reads, hashes and decodes one image (see the module doc)."""
+        s = self.settings
+        try:
+            data = read_bytes(item.path, s.max_file_bytes)
+        except ValueError as e:
+            yield self.rejected(item, "unreadable file", str(e))
+            return
+        item.sha256 = sha256_bytes(data)
+        try:
+            item.rgb = decode_rgb(data, s.min_side)
+        except DecodeError as e:
+            yield self.rejected(item, "cannot decode image", str(e))
+            return
+        except ValueError as e:
+            yield self.rejected(item, "image too small", str(e))
+            return
+        item.height, item.width = item.rgb.shape[:2]
+        self.kept()
+        yield item

@@ -1,0 +1,308 @@
+"""Dataset construction on Apache Beam (`python -m persongen_jax.data.build`, issue 11).
+
+Real code paths on models built here: the key-colour SCRFD-layout detector and a random ArcFace IResNet
+(persongen_jax/testing/tiny_build.py, tiny_eval.py), captions from an OpenAI-compatible endpoint on
+127.0.0.1 that answers with fixed text (our client and parsing, not a model), and a tiny random
+Qwen2.5-VL (transformers backend: gibberish answers, the parse-failure path). One source tree and one
+built dataset (the CLI, DirectRunner) are shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("apache_beam")
+pytest.importorskip("sklearn")
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
+
+from persongen_jax.data import format as fmt  # noqa: E402
+from persongen_jax.testing.tiny_build import (BUILD_ARCFACE, BUILD_THRESHOLD, CaptionServer,  # noqa: E402
+                                              make_key_detector, make_raw_persons, mixed_persons)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+EXPECTED_REJECTS = {
+    "persons/p0/small.jpg": ("decode", "image too small"),
+    "persons/p0/corrupt.jpg": ("decode", "cannot decode image"),
+    "persons/p1/tinyface.jpg": ("detect", "face too small"),
+    "persons/p1/noface.jpg": ("detect", "no face"),
+    "persons/p3/intruder_0.jpg": ("verify", "not the person's identity"),
+    "persons/p3/intruder_1.jpg": ("verify", "not the person's identity"),
+    "persons/p4/0.jpg": ("verify", "too few images"),
+    "persons/p0/dark.jpg": ("mark", "no class word"),   # the endpoint captions a dark image "a dark photo ..."
+}
+RECORDS = {"p0": ["0.jpg", "1.jpg", "2.jpg", "3.png"], "p1": [f"{k}.jpg" for k in range(4)],
+           "p2": ["0.jpg", "1.jpg", "2.jpg", "group.jpg"], "p3": [f"{k}.jpg" for k in range(4)]}
+RESOLUTION = 128
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from persongen_jax.testing.tiny_eval import make_tiny_arcface
+
+    root = tmp_path_factory.mktemp("build")
+    make_key_detector(root / "det")
+    make_tiny_arcface(root / "arcface", **BUILD_ARCFACE)
+    make_raw_persons(root / "src", mixed_persons())
+    return root
+
+
+def build_args(root: Path, dst: Path, endpoint: str, *extra: str) -> list[str]:
+    return [str(root / "src"), str(dst), "--detector", str(root / "det"), "--arcface", str(root / "arcface"),
+            "--verify-threshold", str(BUILD_THRESHOLD), "--resolution", str(RESOLUTION), "--face-mask", "ellipse",
+            "--caption-backend", "openai", "--caption-endpoint", endpoint, "--caption-model", "tiny-vlm",
+            "--caption-batch-size", "2", "--caption-concurrency", "2", "--progress-every", "0", *extra]
+
+
+def run_build(args: list[str], **kw) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.Popen([sys.executable, "-m", "persongen_jax.data.build", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def built(inputs):
+    """The CLI on the synthetic tree (DirectRunner, in-process): (dst, the endpoint's requests, stdout)."""
+    dst = inputs / "dataset"
+    with CaptionServer() as server:
+        proc = run_build(build_args(inputs, dst, server.url))
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+        return dst, list(server.requests), out
+
+
+def _records_by_image(dst) -> dict:
+    return {h["image"]: (h, image, mask) for h, image, mask in fmt.read_records(dst)}
+
+
+def test_every_stage_rejects_exactly_the_expected_images(built):
+    dst, requests, out = built
+    index = fmt.load_index(dst)
+    got = {r["image"]: (r["stage"], r["reason"]) for r in index["rejected"]}
+    assert got == EXPECTED_REJECTS, got
+    details = {r["image"]: r["detail"] for r in index["rejected"]}
+    assert "480 px < min_side 512" in details["persons/p0/small.jpg"]
+    assert "< min_face 256" in details["persons/p1/tinyface.jpg"]
+    assert f"< {BUILD_THRESHOLD}" in details["persons/p3/intruder_0.jpg"]
+    assert "1 image(s) with a face < min_images 2" in details["persons/p4/0.jpg"]
+    # undecodable inputs are also "bad", as data.format lists them (training reports them by name)
+    assert [b["image"] for b in index["bad"]] == ["persons/p0/corrupt.jpg"]
+    # summary: per stage in / kept / rejected by reason, printed and in index.json
+    stages = {s["stage"]: s for s in index["summary"]["stages"]}
+    assert index["summary"]["images"] == 16 + len(EXPECTED_REJECTS) and index["summary"]["records"] == 16
+    assert stages["decode"] == {"stage": "decode", "in": 24, "kept": 22,
+                                "rejected": {"cannot decode image": 1, "image too small": 1}}
+    assert stages["verify"]["rejected"] == {"not the person's identity": 2, "too few images": 1}
+    assert stages["mark"] == {"stage": "mark", "in": 17, "kept": 16, "rejected": {"no class word": 1}}
+    assert "verify        20 in      17 kept   rejected: not the person's identity 2, too few images 1" in out
+    # every verified crop was captioned once, every distinct caption split once
+    assert index["summary"]["cache"]["caption"] == {"computed": 17, "cached": 0}
+    assert sum(r["kind"] == "caption" for r in requests) == 17
+
+
+def test_index_and_records_match_the_data_format(built):
+    dst, _, _ = built
+    index = fmt.load_index(dst)
+    fmt.check_shards(dst, index)  # what every reader does first
+    assert set(index) >= {"version", "num_records", "shards", "persons", "bad", "trigger_word"}
+    assert index["version"] == fmt.FORMAT_VERSION and index["num_records"] == 16
+    assert index["shards"] == fmt.index_shards(dst, [s["path"] for s in index["shards"]])
+    records = fmt.read_records(dst)
+    assert {p: sorted(records[i][0]["image"].rsplit("/", 1)[1] for i in recs)
+            for p, recs in index["persons"].items()} == RECORDS
+    assert index["build"]["caption"]["model"] == "tiny-vlm" and index["build"]["verify_threshold"] == BUILD_THRESHOLD
+    by_image = _records_by_image(dst)
+    from PIL import Image
+    import io
+
+    for image, (h, jpeg, mask) in by_image.items():
+        assert h["person_id"] == image.split("/")[1] and h["width"] == h["height"] == RESOLUTION
+        assert Image.open(io.BytesIO(jpeg)).size == (RESOLUTION, RESOLUTION)
+        assert Image.open(io.BytesIO(mask)).size == (RESOLUTION, RESOLUTION)  # --face-mask ellipse
+        # PhotoMaker marking: the trigger right after the class word, once
+        assert h["caption"].startswith("a photo of a man img wearing a ") and h["caption"].split().count("img") == 1
+        assert h["caption_body"] in ("wearing a red suit", "wearing a black suit")
+        x0, y0, x1, y1 = h["face_box"]
+        assert 0 <= x0 < x1 <= RESOLUTION and 0 <= y0 < y1 <= RESOLUTION and len(h["face_kps"]) == 5
+    assert by_image["persons/p0/1.jpg"][0]["caption_bg"] == "in the mountains"
+    assert by_image["persons/p0/0.jpg"][0]["caption_bg"] is None
+    # the group photo keeps the person's face (slot A, left), not the larger, more confident stranger
+    group = by_image["persons/p2/group.jpg"][0]
+    left, top, right, bottom = group["source"]["crop_box"]
+    scale = RESOLUTION / (right - left)
+    np.testing.assert_allclose(group["face_box"], [(40 - left) * scale, (80 - top) * scale,
+                                                   (300 - left) * scale, (340 - top) * scale], atol=3 * scale + 0.5)
+
+
+def test_training_runs_on_the_built_dataset(built, tmp_path):
+    dst, _, _ = built
+    wd = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "persongen_jax.train", "--config", str(REPO / "configs" / "demo.py"), "--workdir", str(wd),
+         f"--config.data.dir={dst}", "--config.model=micro", "--config.data.global_batch_size=2",
+         "--config.total_steps=2", "--config.log_every=1", "--config.checkpoint_every=2",
+         "--config.progress_bar=False"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    assert "1 bad record: persons/p0/corrupt.jpg" in proc.stdout + proc.stderr
+
+
+def test_sigkill_then_rerun_recomputes_no_cached_caption(built, inputs):
+    """SIGKILL mid-captioning: DST has no dataset (complete or absent); the rerun (multi-processing DirectRunner,
+    2 workers) asks the endpoint only for crops without a cached caption and writes the same dataset as the
+    uninterrupted run."""
+    dst_ref, _, _ = built
+    dst = inputs / "killed"
+    with CaptionServer(delay=0.3) as server:
+        proc = run_build(build_args(inputs, dst, server.url, "--caption-batch-size", "1", "--caption-concurrency", "1"),
+                         start_new_session=True)
+        captions = dst / "_work" / "captions"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(list(captions.glob("*/*.json"))) < 5:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the build and any worker it started
+        proc.wait()
+        proc.stdout.close()
+    cached = len(list(captions.glob("*/*.json")))
+    assert 5 <= cached < 17
+    assert sorted(p.name for p in dst.iterdir()) == ["_work"]  # no index.json, no shards: absent
+    with pytest.raises(FileNotFoundError):
+        fmt.load_index(dst)
+    with CaptionServer() as server:  # the rerun on 2 worker processes: same dataset from the other runner mode
+        proc = run_build(build_args(inputs, dst, server.url, "--detector-threads", "1", "--",
+                                    "--direct_num_workers=2", "--direct_running_mode=multi_processing"))
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+        assert server.count("caption") == 17 - cached
+    index = fmt.load_index(dst)
+    assert index["summary"]["cache"]["caption"] == {"computed": 17 - cached, "cached": cached}
+    assert not list(inputs.glob(".killed.tmp-*"))  # the killed run's temporary folder was cleaned
+    ref = fmt.load_index(dst_ref)
+    assert index["rejected"] == ref["rejected"] and index["summary"]["stages"] == ref["summary"]["stages"]
+    assert _records_by_image(dst) == _records_by_image(dst_ref)  # same headers, same crop and mask bytes
+
+
+def test_split_parse_failure_with_a_tiny_qwen2_5_vl(inputs, tmp_path, capsys):
+    """A tiny random Qwen2.5-VL (transformers backend) answers gibberish: as the splitter every answer fails
+    to parse -- recorded, counted, and the image keeps P_general; as the captioner no caption holds a class
+    word, so no image passes and DST is left as it was."""
+    from persongen_jax.data.build.__main__ import main
+    from persongen_jax.testing.tiny_build import make_tiny_qwen2_5_vl
+
+    qwen = make_tiny_qwen2_5_vl(tmp_path / "qwen")
+    src = make_raw_persons(tmp_path / "src", {"p1": mixed_persons()["p1"][:2], "p2": mixed_persons()["p2"][:2]})
+    common = [str(src), "--detector", str(inputs / "det"), "--arcface", str(inputs / "arcface"),
+              "--verify-threshold", str(BUILD_THRESHOLD), "--resolution", "64", "--progress-every", "0"]
+    with CaptionServer() as server:
+        rc = main([common[0], str(tmp_path / "out"), *common[1:], "--caption-backend", "openai",
+                   "--caption-endpoint", server.url, "--caption-model", "tiny-vlm",
+                   "--split-backend", "transformers", "--split-model", str(qwen), "--split-max-tokens", "12"])
+    assert rc == 0
+    index = fmt.load_index(tmp_path / "out")
+    assert index["num_records"] == 4 and index["rejected"] == []
+    assert index["summary"]["split_failures"] == 4 and len(index["split_failures"]) == 4
+    assert all(f["reason"] == "caption split did not parse" and f["detail"].startswith("not JSON")
+               for f in index["split_failures"])
+    for h, _, _ in fmt.read_records(tmp_path / "out"):
+        assert h["caption_bg"] is None and h["caption_body"] is None and " man img " in h["caption"]
+    assert "split failures (kept with P_general only): 4" in capsys.readouterr().out
+
+    rc = main([common[0], str(tmp_path / "gibberish"), *common[1:], "--caption-model", str(qwen),
+               "--caption-max-tokens", "12"])
+    assert rc == 1
+    err = capsys.readouterr()
+    assert err.err.startswith("error: no image of") and len(err.err.strip().splitlines()) == 1
+    assert "mark           4 in       0 kept   rejected: no class word 4" in err.out
+    assert sorted(p.name for p in (tmp_path / "gibberish").iterdir()) == ["_work"]
+
+
+def test_bad_inputs_are_one_line_errors(inputs, tmp_path, capsys):
+    from persongen_jax.data.build.__main__ import main
+    from persongen_jax.data.make_demo import make_demo
+
+    args = lambda dst, *x: [str(inputs / "src"), str(dst), "--detector", str(inputs / "det"),  # noqa: E731
+                            "--arcface", str(inputs / "arcface"), "--caption-backend", "openai",
+                            "--caption-model", "m", *x]
+    cases = [
+        (args(tmp_path / "a"), "--caption-backend openai needs --caption-endpoint"),
+        (args(tmp_path / "a", "--caption-endpoint", "http://x", "--min-images", "1"), "--min-images must be >= 2"),
+        (args(tmp_path / "a", "--caption-endpoint", "http://x", "--detector", str(tmp_path / "nope")),
+         "no such face model folder"),
+        (args(inputs, "--caption-endpoint", "http://x"), "holds the source folder"),
+        (args(tmp_path / "a", "--caption-endpoint", "http://x", "--split-fields", "caption_bg,expr"),
+         "--split-fields must be distinct caption_<name> fields"),
+        (args(tmp_path / "a", "--caption-endpoint", "http://x", "--split-fields", "caption_bg,caption_expr"),
+         'the split prompt never asks for the JSON key "expr"'),
+        ([str(tmp_path / "empty_src"), str(tmp_path / "a"), *args(tmp_path)[2:], "--caption-endpoint", "http://x"],
+         "no files under persons/"),
+    ]
+    raw = make_demo(tmp_path / "demo", persons=2, images_per_person=2, resolution=32, progress=False) / "raw"
+    fmt.write_dataset(raw, raw / "captions.jsonl", tmp_path / "fmt", progress=False)
+    cases.append((args(tmp_path / "fmt", "--caption-endpoint", "http://x"), "written by `data.format`"))
+    cases.append((args(tmp_path / "demo", "--caption-endpoint", "http://x"), "not a dataset written by this tool"))
+    (tmp_path / "empty_src").mkdir()
+    cases.append((args(tmp_path / "a", "--caption-endpoint", "http://127.0.0.1:9/v1"), "cannot reach the endpoint"))
+    with CaptionServer() as server:
+        cases.append((args(tmp_path / "a", "--caption-endpoint", server.url), "does not serve model 'm'"))
+        for argv, message in cases:
+            assert main(argv) == 1, message
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, (message, err)
+    assert not (tmp_path / "a").exists()  # nothing written for a run refused up front
+    assert fmt.load_index(tmp_path / "fmt")["num_records"] == 4  # untouched
+
+
+# ----------------------------------------------------------------------------- pure functions of the stages
+
+
+def test_marking_split_parsing_crop_geometry_and_clustering():
+    from persongen_jax.data.build.crop import square_around
+    from persongen_jax.data.build.mark import insert_trigger
+    from persongen_jax.data.build.settings import CLASS_WORDS
+    from persongen_jax.data.build.split import parse_split
+    from persongen_jax.data.build.verify import dominant_identity
+
+    assert insert_trigger("A photo of a Man, smiling", CLASS_WORDS, "img") == "A photo of a Man img, smiling"
+    assert insert_trigger("two women and a man", CLASS_WORDS, "img") == "two women img and a man"
+    assert insert_trigger("a woman-like statue near a boy", CLASS_WORDS, "img") == "a woman-like statue near a boy img"
+    for bad, why in (("a photo of a statue", "no class word"), ("a man img", "already holds the trigger")):
+        with pytest.raises(ValueError, match=why):
+            insert_trigger(bad, CLASS_WORDS, "img")
+    fields = fmt.DEFAULT_CAPTION_FIELDS
+    assert fields == ("caption_bg", "caption_body")  # the text conditions of conditions.DEFAULTS
+    assert parse_split('{"bg": "a room", "body": ""}', fields) == {"caption_bg": "a room", "caption_body": None}
+    assert parse_split('```json\n{"body": "red  hat", "bg": "street"}\n```', fields) == {
+        "caption_bg": "street", "caption_body": "red hat"}
+    for bad, why in (("sure! {}", "not JSON"), ('{"bg": "x"}', "exactly the keys"),
+                     ('{"bg": 1, "body": "x"}', "strings"), ('["a", "b"]', "exactly the keys")):
+        with pytest.raises(ValueError, match=why):
+            parse_split(bad, fields)
+    # a new text condition (ARCHITECTURE.md: P_expr) is one more field; its key is the name after caption_
+    three = parse_split('{"bg": "", "body": "", "expr": "smiling"}', (*fields, "caption_expr"))
+    assert three == {"caption_bg": None, "caption_body": None, "caption_expr": "smiling"}
+    assert square_around([10, 10, 50, 50], 200, 100, 0.0) == (0, 0, 100)       # largest square, face at the edge
+    assert square_around([150, 40, 190, 80], 200, 100, 0.0) == (100, 0, 100)
+    assert square_around([80, 30, 120, 70], 200, 100, 2.0) == (60, 10, 80)     # 2 x the face, centred
+    # two identities in one person's folder: 3 images of A (one a group photo with B), 2 of B alone
+    a, b = np.eye(4)[0], np.eye(4)[1]
+    emb = np.stack([a, a, a, b, b])
+    labels, dominant, _ = dominant_identity(emb, np.array([0, 1, 2, 2, 3]), 0.4, 2)
+    assert dominant is not None and (labels == dominant).tolist() == [True, True, True, False, False]
+    _, tie, _ = dominant_identity(emb[[0, 1, 3, 4]], np.array([0, 1, 2, 3]), 0.4, 2)
+    assert tie is None  # two clusters of two images each: no dominant identity
