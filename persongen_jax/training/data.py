@@ -148,8 +148,11 @@ class BadRecordHook:
         """Logs the bad-record report (every bad input by name and reason) with `why`; returns its text."""
         if not self.data_dir:
             return None
-        text = str(self._pipe.bad_records_report(self.data_dir))
-        logging.getLogger("persongen_jax.train").warning("%s: %s", why, text)
+        bad = self._pipe.bad_records_report(self.data_dir)
+        text = str(bad)
+        # A clean dataset is news, not a warning.
+        level = logging.WARNING if (bad.entries or bad.failures) else logging.INFO
+        logging.getLogger("persongen_jax.train").log(level, "%s: %s", why, text)
         return text
 
     def after_step(self, step: int) -> None:
