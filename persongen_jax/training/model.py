@@ -27,6 +27,7 @@ from persongen_jax.models import lora as lora_lib
 from persongen_jax.models import modeling, presets
 from persongen_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from persongen_jax.models.id_encoder import PhotoMakerIDEncoder
+from persongen_jax.models import unet as unet_lib
 from persongen_jax.models.unet import UNet2DConditionModel
 from persongen_jax.models.vae import AutoencoderKL
 from persongen_jax.pipeline import prompt as prompt_lib
@@ -149,4 +150,6 @@ def build_model(config, workdir: str | Path):
                          "with the image condition)")
     if not copy_lora:
         add_lora()
+    unet_lib.check_remat(config.remat)
+    unet.remat = config.remat
     return PersonGenModel(unet, vae, te1, te2, id_enc), tokenizers, scheduler
