@@ -1,7 +1,7 @@
-"""One process of tests/test_multihost.py: trains the given config and writes its result (.npz + losses).
+"""One process of tests/test_multihost.py: trains the micro config with overrides, saves params and losses.
 
-    python tests/multihost_worker.py OUT.npz WORKDIR PROCESS_ID NUM_PROCESSES PORT [key=value ...]
-NUM_PROCESSES=1 runs alone (no jax.distributed). XLA_FLAGS sets the fake CPU device count per process.
+    python tests/multihost_worker.py OUT.npz WORKDIR PROCESS_ID NUM_PROCESSES PORT [key=JSON ...]
+XLA_FLAGS sets the fake CPU device count of the process; JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo.
 """
 
 import json
@@ -14,24 +14,27 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def main(out, workdir, process_id, num_processes, port, *overrides):
+def run(workdir, overrides: dict, devices=None, **distributed) -> dict:
+    """train_and_evaluate of tests/test_training.py's tiny_config (micro model, synthetic data) + overrides."""
     from configs import default
     from persongen_jax.training import train_and_evaluate
 
-    c = default.tiny(default.get_config())  # as tests/test_training.py's tiny_config
+    c = default.tiny(default.get_config())
     c.model = "micro"
     c.trainable = default.groups(heads=1e-5, fuse_mlp=1e-5, lora=1e-4)
-    for kv in overrides:
-        key, value = kv.split("=", 1)
+    for key, value in {**overrides, **{f"distributed.{k}": v for k, v in distributed.items()}}.items():
         node = c
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
-        node[leaf] = _tuples(json.loads(value))
-    if int(num_processes) > 1:
-        c.distributed.coordinator_address = f"127.0.0.1:{port}"
-        c.distributed.num_processes, c.distributed.process_id = int(num_processes), int(process_id)
-    result = train_and_evaluate(c, workdir)
+        node[leaf] = _tuples(value)
+    return train_and_evaluate(c, workdir, devices=devices)
+
+
+def main(out, workdir, process_id, num_processes, port, *overrides):
+    kv = dict(o.split("=", 1) for o in overrides)
+    result = run(workdir, {k: json.loads(v) for k, v in kv.items()}, coordinator_address=f"127.0.0.1:{port}",
+                 num_processes=int(num_processes), process_id=int(process_id))
     np.savez(out, **{f"param/{k}": np.asarray(v, np.float32) for k, v in result["params"].items()},
              losses=np.array([h["loss"] for h in result["history"]]), step=result["step"])
 

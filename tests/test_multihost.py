@@ -1,6 +1,6 @@
 """Issue 12: a two-process run on 127.0.0.1 (CPU, 2 fake devices each, gloo collectives) trains like one
-process with 4 devices: same losses, same parameters (data parallel and FSDP across the two hosts),
-checkpoints written once per step by both processes together."""
+process with 4 devices: same losses, same parameters, checkpoints written once per step by both processes
+together (tests/multihost_worker.py is one process)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
+OVERRIDES = {"total_steps": STEPS, "checkpoint_every": STEPS, "data.global_batch_size": 4,
+             # FSDP over the 4 devices of the 2 hosts: the batch and the params / optimizer state both span the
+             # hosts (the cross-host gather of the final params too); data parallel is the same path replicated.
+             "sharding.logical_axis_rules": (("batch", "data"), ("params", "data"))}
 
 
 def _free_port() -> int:
@@ -22,38 +27,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp, name, processes, devices_each, overrides):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+    import json
+
+    from tests.multihost_worker import run
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=str(REPO))
-    port = _free_port()
-    outs = [tmp / f"{name}{i}.npz" for i in range(processes)]
-    procs = [subprocess.Popen([sys.executable, "tests/multihost_worker.py", str(outs[i]), str(tmp / name), str(i),
-                               str(processes), str(port), *overrides], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(processes)]
+    port, args = _free_port(), [f"{k}={json.dumps(v)}" for k, v in OVERRIDES.items()]
+    outs = [tmp_path / f"process{i}.npz" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "tests/multihost_worker.py", str(outs[i]), str(tmp_path / "two"),
+                               str(i), "2", str(port), *args], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
-        logs = [p.communicate(timeout=400)[0] for p in procs]
+        assert len(jax.devices()) >= 4, "conftest sets --xla_force_host_platform_device_count=4"
+        one = run(tmp_path / "one", OVERRIDES, devices=jax.devices()[:4])  # meanwhile, the reference here
+        logs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
-    return [dict(np.load(o)) for o in outs]
-
-
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
-    """FSDP over the 4 devices of 2 hosts: the batch and the parameters / optimizer state both span the
-    hosts, so this covers the data shards, the cross-host gather of the final params and the checkpoint
-    written by both processes (data parallel is the same path with replicated params)."""
-    overrides = [f"total_steps={STEPS}", f"checkpoint_every={STEPS}", "data.global_batch_size=4",
-                 'sharding.logical_axis_rules=[["batch", "data"], ["params", "data"]]']
-    (one,) = _run(tmp_path, "one", 1, 4, overrides)
-    two = _run(tmp_path, "two", 2, 2, overrides)
-    for got in two:  # both processes return the whole (gathered) parameters
-        assert int(got["step"]) == STEPS and got.keys() == one.keys()
-        np.testing.assert_allclose(got["losses"], one["losses"], rtol=1e-5)
-        for k in one:
-            if k.startswith("param/"):
-                np.testing.assert_allclose(got[k], one[k], atol=1e-5, rtol=0, err_msg=k)
+    for out in outs:  # both processes return the whole (gathered) parameters
+        got = dict(np.load(out))
+        assert int(got["step"]) == STEPS
+        np.testing.assert_allclose(got["losses"], [h["loss"] for h in one["history"]], rtol=1e-5)
+        assert {k[len("param/"):] for k in got if k.startswith("param/")} == set(one["params"])
+        for k, v in one["params"].items():
+            np.testing.assert_allclose(got[f"param/{k}"], np.asarray(v), atol=1e-5, rtol=0, err_msg=k)
     assert (tmp_path / "two" / "checkpoints" / str(STEPS) / "state").is_dir()

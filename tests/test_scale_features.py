@@ -31,11 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_frozen_bf16_state_dtypes_and_loss_close_to_fp32(tmp_path):
     """The demo config (micro, synthetic data) for 3 steps: with frozen_dtype=bfloat16 every frozen float
-    param is bf16, trainable params fp32, and each step's loss is within 1e-2 (relative) of the fp32 run."""
+    param is bf16, trainable params fp32, and each step's loss is within 1e-2 (relative) of the fp32 run.
+    The bf16 run also rematerialises (remat=full: the train loop with jax.checkpoint'ed UNet blocks; remat
+    itself does not change the numbers, test_remat_same_gradients_fewer_saved_residuals)."""
     runs = {}
-    for dt in ("float32", "bfloat16"):
+    for dt, remat in (("float32", "none"), ("bfloat16", "full")):
         c = train_cli.load_config(str(REPO / "configs" / "demo.py"))
-        c.model, c.data.source, c.frozen_dtype = "micro", "synthetic", dt
+        c.model, c.data.source, c.frozen_dtype, c.remat = "micro", "synthetic", dt, remat
         c.data.global_batch_size, c.total_steps, c.log_every, c.checkpoint_every = 2, 3, 1, 3
         c.progress_bar = False
         runs[dt] = train_and_evaluate(c, tmp_path / dt, devices=jax.devices()[:1])

@@ -387,5 +387,11 @@ class UNet2DConditionModel(nnx.Module):
         if self.remat == "none":
             return block(*args, **static)
         check_remat(self.remat, "unet.remat")
-        call = nnx.remat(lambda blk, *a: blk(*a, **static), policy=REMAT_POLICIES[self.remat])
-        return call(block, *args)
+        # Plain jax.checkpoint over the block's state (the blocks keep no state between calls, so nothing
+        # needs to flow back out, unlike nnx.remat, which would write the state back into the Variables).
+        graphdef, state = nnx.split(block)
+
+        def call(state, *a):
+            return nnx.merge(graphdef, state)(*a, **static)
+
+        return jax.checkpoint(call, policy=REMAT_POLICIES[self.remat])(state, *args)

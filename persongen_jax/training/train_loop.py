@@ -123,6 +123,16 @@ class _Setup:
     id_image_size: int
 
 
+def make_loss(config, model, tokenizers, scheduler) -> Callable[..., tuple[jax.Array, dict]]:
+    """The loss (model, batch, key) -> (loss, aux) of `config` (model: concrete or abstract, only its
+    static structure is read)."""
+    empty_ids = tuple(jnp.asarray(prompt_lib.tokenize(t, [""])) for t in tokenizers)
+    return functools.partial(
+        compute_loss, scheduler=scheduler, loss_cfg=dict(config.loss), conditions=conditions_lib.from_config(config),
+        id_injection=config.id_injection, adapters=lora_lib.adapter_config(model.unet), empty_ids=empty_ids,
+        compute_dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
+
+
 def _setup(config, workdir: Path, devices) -> _Setup:
     """Mesh, model (its trainable/frozen split), optimizer, the sharded initial state, the loss, validation."""
     mesh = shard_lib.make_mesh(config.sharding, devices)
@@ -145,12 +155,7 @@ def _setup(config, workdir: Path, devices) -> _Setup:
              n_frozen / 1e6, config.frozen_dtype)
     tx = optim_lib.make_optimizer(params, groups, config.optim)
     state = state_lib.create_state(params, frozen, rest, tx, mesh, config.sharding)
-    empty_ids = tuple(jnp.asarray(prompt_lib.tokenize(t, [""])) for t in tokenizers)
-    loss = functools.partial(
-        compute_loss, scheduler=scheduler, loss_cfg=dict(config.loss), conditions=conditions_lib.from_config(config),
-        id_injection=config.id_injection, adapters=lora_lib.adapter_config(model.unet), empty_ids=empty_ids,
-        compute_dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
-    return _Setup(mesh, state, StepSpec(split, tx, loss), groups, tokenizers, data_lib.text_condition_fields(config),
+    return _Setup(mesh, state, StepSpec(split, tx, make_loss(config, model, tokenizers, scheduler)), groups, tokenizers, data_lib.text_condition_fields(config),
                   validator, model.id_encoder.config.vision.image_size)
 
 
