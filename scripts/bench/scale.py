@@ -138,7 +138,7 @@ def main(argv=None):
                 unet_g = 3 * (m["unet_fwd_flops"] or 0) / b / 1e9
                 print(f"| {b} | {frozen} | {remat} | {gib('args_mib'):.2f} | {gib('temp_mib'):.2f} | "
                       f"{gib('output_mib'):.2f} | {gib('args_mib') + gib('temp_mib'):.2f} | {gib('saved_mib'):.2f} | "
-                      f"{step_g:.0f} | {unet_g:.0f} | {m['compile_s']:.0f} |", flush=True)
+                      f"{step_g:.4g} | {unet_g:.4g} | {m['compile_s']:.0f} |", flush=True)
                 rows.append(m)
     if rows:
         print(f"\ntrainable {rows[0]['trainable_m']:.1f}M params, frozen {rows[0]['frozen_m']:.1f}M")
