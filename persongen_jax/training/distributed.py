@@ -83,6 +83,7 @@ class StopAgreement:
             self._reduce = jax.jit(lambda x: x.max(), out_shardings=NamedSharding(flat, P()))
 
     def __call__(self, requested: bool) -> bool:
+        """This process's stop request of this step -> whether every process stops now."""
         if not self.multi:
             return requested
         flags = np.full((self._local,), int(requested), np.int32)
