@@ -43,7 +43,7 @@ def build_abstract(config, workdir):
     built = {}
 
     def make():
-        model, tokenizers, scheduler = build_model(config, workdir)
+        model, tokenizers, scheduler = build_model(config, workdir, abstract=True)
         built.update(tokenizers=tokenizers, scheduler=scheduler)
         return model
 
