@@ -1,6 +1,8 @@
 """Issue 12: a two-process run on 127.0.0.1 (CPU, 2 fake devices each, gloo collectives) trains like one
 process with 4 devices: same losses, same parameters, checkpoints written once per step by both processes
-together (tests/multihost_worker.py is one process)."""
+together (tests/multihost_worker.py is one process). A SIGTERM that only process 1 sees, during step 1 of a
+5-step run, stops both processes after the same step (2: the flags are agreed one step later) and both save
+that step."""
 
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=str(REPO))
-    port, args = _free_port(), [f"{k}={json.dumps(v)}" for k, v in OVERRIDES.items()]
+    two_args = {**OVERRIDES, "total_steps": 5}
+    port, args = _free_port(), [f"{k}={json.dumps(v)}" for k, v in two_args.items()] + ["sigterm_at=1:1"]
     outs = [tmp_path / f"process{i}.npz" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "tests/multihost_worker.py", str(outs[i]), str(tmp_path / "two"),
                                str(i), "2", str(port), *args], cwd=REPO, env=env,
@@ -56,4 +59,5 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
         assert {k[len("param/"):] for k in got if k.startswith("param/")} == set(one["params"])
         for k, v in one["params"].items():
             np.testing.assert_allclose(got[f"param/{k}"], np.asarray(v), atol=1e-5, rtol=0, err_msg=k)
-    assert (tmp_path / "two" / "checkpoints" / str(STEPS) / "state").is_dir()
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == [str(STEPS)]
+    assert "SIGTERM: saving step 2" in logs[0] and "SIGTERM: saving step 2" in logs[1]
