@@ -2,8 +2,8 @@
 "data": the data iterator's position (JSON)}. Frozen weights are never saved (they come from
 config.init). Saves are asynchronous (config.async_checkpointing): `save` returns once the arrays are
 copied off the devices and the files are written by a background thread while the next steps run; the
-next `save`, `restore` and the manager's `close` wait for it. Saves are atomic (orbax writes a temporary folder and renames it when complete), so a
-run killed mid-save resumes from the last complete checkpoint.
+next `save`, `restore` and the manager's `close` wait for it. Saves are atomic (orbax writes a temporary
+folder and renames it when complete), so a run killed mid-save resumes from the last complete checkpoint.
 
 `restore_latest` resumes from the newest checkpoint that restores: one whose files are damaged is
 named in a warning and moved to WORKDIR/checkpoints_unreadable/<step>/ (kept, never deleted; out of

@@ -155,8 +155,9 @@ def _setup(config, workdir: Path, devices) -> _Setup:
              n_frozen / 1e6, config.frozen_dtype)
     tx = optim_lib.make_optimizer(params, groups, config.optim)
     state = state_lib.create_state(params, frozen, rest, tx, mesh, config.sharding)
-    return _Setup(mesh, state, StepSpec(split, tx, make_loss(config, model, tokenizers, scheduler)), groups, tokenizers, data_lib.text_condition_fields(config),
-                  validator, model.id_encoder.config.vision.image_size)
+    spec = StepSpec(split, tx, make_loss(config, model, tokenizers, scheduler))
+    return _Setup(mesh, state, spec, groups, tokenizers, data_lib.text_condition_fields(config), validator,
+                  model.id_encoder.config.vision.image_size)
 
 
 def _compile(step_fn, state: TrainState, batch: dict, rng: jax.Array):
