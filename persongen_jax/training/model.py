@@ -92,7 +92,8 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
         tokenizers = prompt_lib.load_tokenizers(tok_dir, config.data.trigger_word)
         ip_adapter = None
     elif abstract:
-        raise ValueError(f"config.model={config.model!r}: an abstract build needs a model size ({sorted(presets.SIZES)})")
+        raise ValueError(f"config.model={config.model!r}: an abstract build needs a model size "
+                         f"({sorted(presets.SIZES)})")
     elif config.model == "sdxl":
         sdxl = Path(config.init.sdxl or "")
         if not config.init.sdxl or not sdxl.is_dir():
