@@ -61,3 +61,29 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
             np.testing.assert_allclose(got[f"param/{k}"], np.asarray(v), atol=1e-5, rtol=0, err_msg=k)
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == [str(STEPS)]
     assert "SIGTERM: saving step 2" in logs[0] and "SIGTERM: saving step 2" in logs[1]
+
+
+def test_distributed_initialize_from_config_and_environment(monkeypatch):
+    """When the run joins a job and with which arguments (jax.distributed.initialize recorded, not called)."""
+    import ml_collections
+    import pytest
+
+    from persongen_jax.training import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = lambda **kw: ml_collections.ConfigDict(dict(  # noqa: E731
+        dict(initialize="auto", coordinator_address="", num_processes=0, process_id=-1), **kw))
+    assert not distributed.initialize(cfg()) and calls == []           # a single process: nothing to join
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not distributed.initialize(cfg()) and calls == []           # a one-task SLURM job neither
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert distributed.initialize(cfg()) and calls == [{}]             # JAX reads SLURM's variables itself
+    assert distributed.initialize(cfg(coordinator_address="h:1234", num_processes=2, process_id=1))
+    assert calls[-1] == {"coordinator_address": "h:1234", "num_processes": 2, "process_id": 1}
+    assert not distributed.initialize(cfg(initialize="never")) and len(calls) == 2
+    with pytest.raises(ValueError, match=r"config.distributed.initialize='yes'; expected one of"):
+        distributed.initialize(cfg(initialize="yes"))
