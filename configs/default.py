@@ -33,6 +33,15 @@ def get_config():
     c.model = "sdxl"               # "sdxl": weights from config.init; "tiny": random tiny parts (tests, demo)
     c.dtype = "float32"            # compute dtype: "float32" | "bfloat16" (params stay float32)
     c.attention_impl = "xla"       # "xla" | "cudnn"
+    # Storage dtype of the frozen parameters (UNet base, VAE, text encoders, frozen ID-encoder parts):
+    # "bfloat16" halves their memory (what diffusers' training scripts do with weight_dtype); trainable
+    # parameters and the optimizer state always stay float32. "float32": frozen weights bit-exact.
+    c.frozen_dtype = "bfloat16"
+    # Rematerialisation of the UNet's down/mid/up blocks in training: "none" | "full" (keep only each block's
+    # inputs) | a jax.checkpoint policy name ("dots_saveable", "dots_with_no_batch_dims_saveable"). Same
+    # gradients, less activation memory, more compute; docs/BENCHMARKS.md (scripts/bench/scale.py) shows
+    # which setting fits sdxl_base at 512x512, batch 12 per device, in 80 GB.
+    c.remat = "none"
 
     c.init = ml_collections.ConfigDict()
     c.init.sdxl = ""               # converted SDXL folder (unet, vae, text_encoder(_2), tokenizer(_2))
@@ -97,10 +106,23 @@ def get_config():
     # ("params", "data") turns on FSDP.
     c.sharding.logical_axis_rules = (("batch", "data"), ("params", None))
 
+    # Multi-host (persongen_jax/training/distributed.py): every process runs the same command. "auto" joins
+    # the job when coordinator_address is set or the environment names one (JAX_COORDINATOR_ADDRESS, SLURM
+    # with several tasks, Open MPI); "always" lets jax.distributed.initialize() detect the cluster
+    # (Kubernetes, Cloud TPU too); "never": single process. 0 / -1: taken from the environment.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = "auto"
+    c.distributed.coordinator_address = ""   # "host:port" of process 0
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+
     c.total_steps = 10_000
     c.log_every = 10
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    # Checkpoints written by a background thread while training continues (the step loop only waits for
+    # the device->host copy); False: every save blocks until its files are complete.
+    c.async_checkpointing = True
     c.eval_every = 1000            # validation images (+ scores) every N steps (0: never)
 
     # Validation during training (`python -m persongen_jax.evaluate` mode B with the current params).
@@ -129,6 +151,7 @@ def get_config():
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The `runlocal` shrink: tiny random model, synthetic data, a few CPU steps."""
     c.model = "tiny"
+    c.frozen_dtype = "float32"     # CPU checks compare against float32 references
     c.lora.rank = min(c.lora.rank, 4) if c.lora.rank else 0
     c.lora.alpha = float(c.lora.rank)
     c.data.source = "synthetic"

@@ -11,6 +11,7 @@ rule per name, see `weights_conversion/core.py`.
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import jax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 AttentionImpl = Literal["xla", "cudnn"]
+_CUDNN_FALLBACKS_LOGGED: set[str] = set()  # one log line per reason, not one per attention layer / trace
 
 
 class Identity(nnx.Module):
@@ -151,10 +153,31 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     `implementation="cudnn"` selects the fused cuDNN kernel on GPUs (bf16/fp16
     only); "xla" is the portable reference used on CPU and in parity tests.
     """
-    if implementation == "cudnn" and (q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] > 128
-                                      or jax.default_backend() != "gpu"):
-        # cuDNN flash attention has no fp32 kernel, no head dims above 128 and no CPU
-        # backend: fall back to XLA there so one config runs everywhere.
-        implementation = "xla"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
-                                        implementation=implementation)
+    attend = lambda impl: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,  # noqa: E731
+                                                       scale=scale, implementation=impl)
+    if implementation != "cudnn":
+        return attend(implementation)
+    # Fall back to XLA where cuDNN cannot run, so one config runs everywhere (CPU tests, fp32 parity runs).
+    reason = _cudnn_unsupported(q)
+    if reason is None:
+        try:  # jax checks the remaining cuDNN limits (layouts, sequence lengths, masks) while tracing
+            return attend("cudnn")
+        except (ValueError, NotImplementedError, TypeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if reason not in _CUDNN_FALLBACKS_LOGGED:
+        _CUDNN_FALLBACKS_LOGGED.add(reason)
+        logging.getLogger("persongen_jax").warning("attention: cudnn unsupported (%s); using the XLA attention",
+                                                   reason)
+    return attend("xla")
+
+
+def _cudnn_unsupported(q: jax.Array) -> str | None:
+    """Why cuDNN's fused attention cannot take q [B, T, N, H] here (None: it can): it has no CPU/TPU backend,
+    no float32 kernel and no head dim above 128."""
+    if jax.default_backend() != "gpu":
+        return f"backend {jax.default_backend()}, not gpu"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {q.dtype}; cuDNN needs bfloat16/float16 (config.dtype=bfloat16)"
+    if q.shape[-1] > 128:
+        return f"head dim {q.shape[-1]} > 128"
+    return None

@@ -41,6 +41,23 @@ DOWN_BLOCKS = {"DownBlock2D": DownBlock2D, "CrossAttnDownBlock2D": CrossAttnDown
 UP_BLOCKS = {"UpBlock2D": UpBlock2D, "CrossAttnUpBlock2D": CrossAttnUpBlock2D}
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
 
+# Rematerialisation of the UNet's down / mid / up blocks (`unet.remat`, config.remat): what each block keeps
+# for the backward pass. "none": everything (fastest, most memory); "full": only the block's inputs, the
+# rest recomputed; a `jax.checkpoint_policies` name: the intermediates it marks saveable (dots_saveable:
+# matmul outputs -- attention projections and the feed-forward -- kept, convolutions / norms recomputed).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_CHOICES = ("none", *REMAT_POLICIES)
+
+
+def check_remat(name: str, key: str = "config.remat") -> None:
+    """ValueError naming `key` when `name` is not one of REMAT_CHOICES."""
+    if name not in REMAT_CHOICES:
+        raise ValueError(f"{key}={name!r}; expected one of {list(REMAT_CHOICES)}")
+
 # Keys that do not change what the supported blocks compute, so they are accepted and dropped:
 # bookkeeping, sample_size (only a pipeline default), upcast_attention (fp16 softmax upcast in torch;
 # our attention already keeps its softmax statistics in fp32), and options that diffusers only
@@ -288,6 +305,7 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = Conv(boc[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2, **kw)
         # IP-Adapter image projection of an image condition (lora.ImageProjection); set by lora.add_adapters.
         self.image_proj = nnx.data(None)
+        self.remat = "none"  # REMAT_CHOICES; training sets it from config.remat (sampling never needs it)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | UNetConfig, *, rngs: nnx.Rngs, dtype=None,
@@ -347,11 +365,11 @@ class UNet2DConditionModel(nnx.Module):
         sample = self.conv_in(sample.astype(dtype))
         skips = (sample,)
         for block in self.down_blocks:
-            sample, res = block(sample, emb, encoder_hidden_states)
+            sample, res = self._block(block, sample, emb, encoder_hidden_states)
             skips += res
 
         if self.mid_block is not None:
-            sample = self.mid_block(sample, emb, encoder_hidden_states)
+            sample = self._block(self.mid_block, sample, emb, encoder_hidden_states)
 
         for i, block in enumerate(self.up_blocks):
             k = len(block.resnets)
@@ -359,7 +377,21 @@ class UNet2DConditionModel(nnx.Module):
             upsample_size = None
             if i < len(self.up_blocks) - 1 and forward_upsample_size:
                 upsample_size = tuple(skips[-1].shape[1:3])
-            sample = block(sample, res, emb, encoder_hidden_states, upsample_size=upsample_size)
+            sample = self._block(block, sample, res, emb, encoder_hidden_states, upsample_size=upsample_size)
 
         sample = self.conv_act(self.conv_norm_out(sample))
         return self.conv_out(sample)
+
+    def _block(self, block, *args, **static):
+        """block(*args, **static), rematerialised per `self.remat` (static: Python values, e.g. upsample_size)."""
+        if self.remat == "none":
+            return block(*args, **static)
+        check_remat(self.remat, "unet.remat")
+        # Plain jax.checkpoint over the block's state (the blocks keep no state between calls, so nothing
+        # needs to flow back out, unlike nnx.remat, which would write the state back into the Variables).
+        graphdef, state = nnx.split(block)
+
+        def call(state, *a):
+            return nnx.merge(graphdef, state)(*a, **static)
+
+        return jax.checkpoint(call, policy=REMAT_POLICIES[self.remat])(state, *args)

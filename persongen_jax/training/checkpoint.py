@@ -1,7 +1,9 @@
 """Orbax checkpoints in WORKDIR/checkpoints/<step>/: {"state": trainable params + optimizer state + step,
 "data": the data iterator's position (JSON)}. Frozen weights are never saved (they come from
-config.init). Saves are atomic (orbax writes a temporary folder and renames it when complete), so a
-run killed mid-save resumes from the last complete checkpoint.
+config.init). Saves are asynchronous (config.async_checkpointing): `save` returns once the arrays are
+copied off the devices and the files are written by a background thread while the next steps run; the
+next `save`, `restore` and the manager's `close` wait for it. Saves are atomic (orbax writes a temporary
+folder and renames it when complete), so a run killed mid-save resumes from the last complete checkpoint.
 
 `restore_latest` resumes from the newest checkpoint that restores: one whose files are damaged is
 named in a warning and moved to WORKDIR/checkpoints_unreadable/<step>/ (kept, never deleted; out of
@@ -23,18 +25,24 @@ log = logging.getLogger("persongen_jax.train")
 UNREADABLE_DIR = "checkpoints_unreadable"
 
 
-def make_manager(workdir, keep: int) -> ocp.CheckpointManager:
-    """The orbax manager of WORKDIR/checkpoints: items "state" and "data", the newest `keep` kept."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+def make_manager(workdir, keep: int, *, asynchronous: bool = True) -> ocp.CheckpointManager:
+    """The orbax manager of WORKDIR/checkpoints: items "state" and "data", the newest `keep` kept; every
+    process of a multi-host run calls it (and `save`) with the same arguments, as orbax expects."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=asynchronous)
     return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
                                  item_names=("state", "data"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_state: dict, *, force: bool = False) -> None:
-    """Saves the state pytree and the data iterator position (JSON) as checkpoint `step` and waits for it."""
+def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_state: dict, *, force: bool = False,
+         wait: bool = False) -> None:
+    """Saves the state pytree and the data iterator position (JSON) as checkpoint `step`. Returns once the
+    arrays are copied to host memory (the caller may then donate / overwrite them); the write finishes in
+    the background unless `wait` (or the manager is synchronous)."""
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
               force=force)
-    mngr.wait_until_finished()
+    if wait:
+        mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[dict, dict]:
@@ -87,6 +95,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir) -> tupl
     One that fails to restore (damaged files) is named in a warning, moved to WORKDIR/checkpoints_unreadable/
     and the next older is tried; when none restores, ValueError listing each with its error."""
     directory = Path(mngr.directory)
+    mngr.wait_until_finished()
     errors = []
     for step in sorted(mngr.all_steps(), reverse=True):
         step_dir = directory / str(step)

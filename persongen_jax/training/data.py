@@ -16,6 +16,7 @@ import json
 import logging
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from persongen_jax import conditions as conditions_lib
@@ -145,14 +146,17 @@ class BadRecordHook:
             self.num_records = data_pipeline.num_records(data_dir)
 
     def report(self, why: str) -> str | None:
-        """Logs the bad-record report (every bad input by name and reason) with `why`; returns its text."""
+        """Logs the bad-record report (every bad input by name and reason) with `why`; returns its text.
+        Process 0 logs it (the writer's list is the same for every process; a record that fails at
+        runtime is also logged, once, by the process that read it)."""
         if not self.data_dir:
             return None
         bad = self._pipe.bad_records_report(self.data_dir)
         text = str(bad)
-        # A clean dataset is news, not a warning.
-        level = logging.WARNING if (bad.entries or bad.failures) else logging.INFO
-        logging.getLogger("persongen_jax.train").log(level, "%s: %s", why, text)
+        if jax.process_index() == 0:
+            # A clean dataset is news, not a warning.
+            level = logging.WARNING if (bad.entries or bad.failures) else logging.INFO
+            logging.getLogger("persongen_jax.train").log(level, "%s: %s", why, text)
         return text
 
     def after_step(self, step: int) -> None:
@@ -186,11 +190,16 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
                                 "persongen_jax.data.format SRC CAPTIONS.jsonl DST` (or leave it empty for the demo)")
     if not data_dir:
         data_dir = dataset_dir(config, workdir)
-        if not (Path(data_dir) / "index.json").exists():
+        # One writer: process 0 builds the demo dataset, the others wait for it (same folder on every host).
+        if shard_index == 0 and not (Path(data_dir) / "index.json").exists():
             from persongen_jax.data import make_demo
 
             logging.info("config.data.dir is empty: building the demo dataset in %s", data_dir)
             make_demo.main([data_dir])
+        if shard_count > 1:
+            from persongen_jax.training import distributed
+
+            distributed.sync("persongen_demo_data")
     it = data_pipeline.make_train_iterator(
         data_dir, tokenizers=tokenizers, global_batch_size=d.global_batch_size, resolution=d.resolution,
         num_refs=(min(d.min_refs, d.num_refs), d.num_refs), id_image_size=id_image_size, seed=config.seed,

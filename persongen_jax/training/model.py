@@ -27,6 +27,7 @@ from persongen_jax.models import lora as lora_lib
 from persongen_jax.models import modeling, presets
 from persongen_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from persongen_jax.models.id_encoder import PhotoMakerIDEncoder
+from persongen_jax.models import unet as unet_lib
 from persongen_jax.models.unet import UNet2DConditionModel
 from persongen_jax.models.vae import AutoencoderKL
 from persongen_jax.pipeline import prompt as prompt_lib
@@ -59,8 +60,11 @@ def _dtype(name: str):
     return {"float32": None, "bfloat16": jnp.bfloat16}[name]
 
 
-def build_model(config, workdir: str | Path):
-    """-> (PersonGenModel, (tokenizer, tokenizer_2), EulerDiscreteScheduler (training noise schedule))."""
+def build_model(config, workdir: str | Path, *, abstract: bool = False):
+    """-> (PersonGenModel, (tokenizer, tokenizer_2), EulerDiscreteScheduler (training noise schedule)).
+    abstract: for a model size, build with the modules' own initialisers, to be called under `nnx.eval_shape`
+    (scripts/bench/scale.py AOT-compiles sdxl_base this way: shapes only, nothing allocated; the default
+    path draws the weights with numpy on the host, which no tracing can make abstract)."""
     workdir = Path(workdir)
     dtype = _dtype(config.dtype)
     rngs = nnx.Rngs(config.seed)
@@ -73,17 +77,23 @@ def build_model(config, workdir: str | Path):
             logging.info("config.model=%r: ignoring config.init (random weights)", config.model)
         s = config.seed
         size = presets.get(config.model)
-        unet = modeling.random_init(UNet2DConditionModel, size.unet, s, **kw)
-        vae = modeling.random_init(AutoencoderKL, size.vae, s + 1, **kw)
-        te1 = modeling.random_init(CLIPTextModel, size.text_encoder, s + 2, **kw)
-        te2 = modeling.random_init(CLIPTextModelWithProjection, size.text_encoder_2, s + 3, **kw)
-        id_enc = modeling.random_init(PhotoMakerIDEncoder, size.id_encoder, s + 4, **kw)
+        # abstract: the modules' own initialisers, traced by the caller's nnx.eval_shape (no memory).
+        init = ((lambda cls, cfg, seed, **k: cls.from_config(dict(cfg), rngs=nnx.Rngs(seed), **k)) if abstract
+                else modeling.random_init)
+        unet = init(UNet2DConditionModel, size.unet, s, **kw)
+        vae = init(AutoencoderKL, size.vae, s + 1, **kw)
+        te1 = init(CLIPTextModel, size.text_encoder, s + 2, **kw)
+        te2 = init(CLIPTextModelWithProjection, size.text_encoder_2, s + 3, **kw)
+        id_enc = init(PhotoMakerIDEncoder, size.id_encoder, s + 4, **kw)
         tok_dir = workdir / "tokenizers"
         if not (tok_dir / "tokenizer_2").is_dir():
             presets.write_tiny_tokenizer(tok_dir / "tokenizer")
             presets.write_tiny_tokenizer(tok_dir / "tokenizer_2", pad_token="!")
         tokenizers = prompt_lib.load_tokenizers(tok_dir, config.data.trigger_word)
         ip_adapter = None
+    elif abstract:
+        raise ValueError(f"config.model={config.model!r}: an abstract build needs a model size "
+                         f"({sorted(presets.SIZES)})")
     elif config.model == "sdxl":
         sdxl = Path(config.init.sdxl or "")
         if not config.init.sdxl or not sdxl.is_dir():
@@ -149,4 +159,6 @@ def build_model(config, workdir: str | Path):
                          "with the image condition)")
     if not copy_lora:
         add_lora()
+    unet_lib.check_remat(config.remat)
+    unet.remat = config.remat
     return PersonGenModel(unet, vae, te1, te2, id_enc), tokenizers, scheduler

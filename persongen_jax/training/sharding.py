@@ -62,6 +62,20 @@ def tree_shardings(tree, mesh: Mesh, cfg):
     return jax.tree.map(lambda x: param_sharding(tuple(np.shape(x)), mesh, cfg), tree)
 
 
+def put(tree, shardings):
+    """Values every process holds in full (host or local device arrays) -> global arrays with `shardings`.
+    One process: `jax.device_put`. Several: each process fills the shards on its own devices from its copy
+    (device_put cannot target other hosts' devices)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def put_batch(batch: dict, sharding: NamedSharding) -> dict:
     """Host numpy (this process's rows) -> global arrays sharded on the batch axis (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

@@ -38,6 +38,7 @@ from persongen_jax.models.modeling import path_str
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.training import checkpoint as ckpt_lib
 from persongen_jax.training import data as data_lib
+from persongen_jax.training import distributed
 from persongen_jax.training import optimizer as optim_lib
 from persongen_jax.training import run_folder
 from persongen_jax.training import sharding as shard_lib
@@ -123,6 +124,16 @@ class _Setup:
     id_image_size: int
 
 
+def make_loss(config, model, tokenizers, scheduler) -> Callable[..., tuple[jax.Array, dict]]:
+    """The loss (model, batch, key) -> (loss, aux) of `config` (model: concrete or abstract, only its
+    static structure is read)."""
+    empty_ids = tuple(jnp.asarray(prompt_lib.tokenize(t, [""])) for t in tokenizers)
+    return functools.partial(
+        compute_loss, scheduler=scheduler, loss_cfg=dict(config.loss), conditions=conditions_lib.from_config(config),
+        id_injection=config.id_injection, adapters=lora_lib.adapter_config(model.unet), empty_ids=empty_ids,
+        compute_dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
+
+
 def _setup(config, workdir: Path, devices) -> _Setup:
     """Mesh, model (its trainable/frozen split), optimizer, the sharded initial state, the loss, validation."""
     mesh = shard_lib.make_mesh(config.sharding, devices)
@@ -137,19 +148,17 @@ def _setup(config, workdir: Path, devices) -> _Setup:
         log.info("no validation during training (config.eval_every is 0)")
     groups = {g: dict(spec) for g, spec in config.trainable.items() if spec.lr > 0}
     split, params, frozen, rest = state_lib.split_model(model, groups)
+    frozen = state_lib.cast_frozen(frozen, config.frozen_dtype)
     counts = optim_lib.check_groups(params, groups)
     n_train = sum(int(np.prod(v.shape)) for v in params.values())
     n_frozen = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(frozen))
-    log.info("trainable groups %s: %.2fM params trainable, %.2fM frozen", counts, n_train / 1e6, n_frozen / 1e6)
+    log.info("trainable groups %s: %.2fM params trainable (float32), %.2fM frozen (%s)", counts, n_train / 1e6,
+             n_frozen / 1e6, config.frozen_dtype)
     tx = optim_lib.make_optimizer(params, groups, config.optim)
     state = state_lib.create_state(params, frozen, rest, tx, mesh, config.sharding)
-    empty_ids = tuple(jnp.asarray(prompt_lib.tokenize(t, [""])) for t in tokenizers)
-    loss = functools.partial(
-        compute_loss, scheduler=scheduler, loss_cfg=dict(config.loss), conditions=conditions_lib.from_config(config),
-        id_injection=config.id_injection, adapters=lora_lib.adapter_config(model.unet), empty_ids=empty_ids,
-        compute_dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
-    return _Setup(mesh, state, StepSpec(split, tx, loss), groups, tokenizers, data_lib.text_condition_fields(config),
-                  validator, model.id_encoder.config.vision.image_size)
+    spec = StepSpec(split, tx, make_loss(config, model, tokenizers, scheduler))
+    return _Setup(mesh, state, spec, groups, tokenizers, data_lib.text_condition_fields(config), validator,
+                  model.id_encoder.config.vision.image_size)
 
 
 def _compile(step_fn, state: TrainState, batch: dict, rng: jax.Array):
@@ -204,7 +213,7 @@ def _result(step: int, state: TrainState, history, compiled_info=None) -> dict:
     """Host copies: trainable params {path: array}, frozen params {path: array}, the logged metrics,
     and facts about the compiled step (compile_s, flops_per_step, memory)."""
     flat_frozen = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(state.frozen)}
-    return {"step": step, "params": jax.device_get(state.params), "frozen": jax.device_get(flat_frozen),
+    return {"step": step, "params": distributed.to_host(state.params), "frozen": distributed.to_host(flat_frozen),
             "history": history, "compiled": dict(compiled_info or {})}
 
 
@@ -219,6 +228,7 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
     The run folder is locked for the whole run (process 0; a second trainer fails naming the holder), and
     the config is checked -- types, then against the run's saved config when resuming -- before anything
     is written (`training/run_folder.py`)."""
+    distributed.initialize(config.distributed)  # multi-host: join the job before any device is used
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -238,8 +248,9 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
     step_fn = jax.jit(functools.partial(train_step, spec=s.spec), donate_argnums=0,
                       out_shardings=(state_sh, NamedSharding(mesh, P())))
     batch_sh = shard_lib.batch_sharding(mesh, config.sharding)
-    rng = jax.device_put(jax.random.key(config.seed), NamedSharding(mesh, P()))  # replicated once, explicitly
-    mngr = ckpt_lib.make_manager(workdir, config.keep_checkpoints)
+    # Replicated once, explicitly (made on the devices: a multi-host safe way to place a key array).
+    rng = jax.jit(lambda: jax.random.key(config.seed), out_shardings=NamedSharding(mesh, P()))()
+    mngr = ckpt_lib.make_manager(workdir, config.keep_checkpoints, asynchronous=config.async_checkpointing)
     it, bad_records = data_lib.make_iterator(config, s.tokenizers, workdir, shard_index=jax.process_index(),
                                              shard_count=jax.process_count(), id_image_size=s.id_image_size)
     next_batch = lambda: shard_lib.put_batch(data_lib.model_inputs(next(it), s.text_fields), batch_sh)  # noqa: E731
@@ -269,6 +280,7 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
     bar = tqdm(total=total, initial=start, desc="train", disable=not is_main or not config.progress_bar)
     last_saved = start if latest is not None else None
     t_log, n_log, step = time.perf_counter(), 0, start
+    stop_agreed = distributed.StopAgreement(mesh)
     try:
         with _Preemption() as preempt:
             while step < total:
@@ -299,11 +311,13 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
                     t_log += time.perf_counter() - t_eval  # img/s and step time count training only
                 if stop_after_steps is not None and step >= stop_after_steps:
                     return _result(step, state, history, info)
-                if preempt.requested:
+                if stop_agreed(preempt.requested):  # all processes stop at the same step
                     log.warning("SIGTERM: saving step %d and exiting", step)
                     break
         if last_saved != step:
-            ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it), force=True)
+            ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it), force=True,
+                          wait=True)
+        mngr.wait_until_finished()  # a periodic save may still be writing
         bad_records.report(f"end of training (step {step})")
     finally:
         bar.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench import common  # noqa: E402
-from scripts.bench.unet_step import MID_CONFIG  # noqa: E402
+from scripts.bench.unet_step import unet_config  # noqa: E402
 
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
@@ -46,7 +46,7 @@ def run_torch(args) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    cfg = dict(MID_CONFIG, sample_size=args.hw)
+    cfg = unet_config(args.size, args.hw)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).to(dev, dtype).eval()
     pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
@@ -78,7 +78,7 @@ def run_jax(args) -> dict:
 
     if args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
-    cfg = dict(MID_CONFIG, sample_size=args.hw)
+    cfg = unet_config(args.size, args.hw)
     unet = UNet2DConditionModel.from_config(cfg, rngs=nnx.Rngs(0),
                                             dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None,
                                             param_dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
@@ -120,6 +120,7 @@ def main():
     p.add_argument("--framework", choices=["both", "jax", "pytorch"], default="both")
     p.add_argument("--batch", type=int, default=1, help="images per call (x2 with guidance)")
     p.add_argument("--hw", type=int, default=32, help="latent height = width")
+    p.add_argument("--size", default="mid", help='UNet shapes: "mid" or a presets size (sdxl_base, tiny, micro)')
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -129,7 +130,7 @@ def main():
         print(json.dumps(run_jax(args) if args.framework == "jax" else run_torch(args)))
         return
     base = [__file__, "--batch", str(args.batch), "--hw", str(args.hw), "--steps", str(args.steps),
-            "--repeats", str(args.repeats), "--dtype", args.dtype, "--attention", args.attention]
+            "--repeats", str(args.repeats), "--dtype", args.dtype, "--attention", args.attention, "--size", args.size]
     pt = common.run_child(base + ["--framework", "pytorch"])
     jx = common.run_child(base + ["--framework", "jax"])
     print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")

@@ -33,6 +33,16 @@ MID_CONFIG = dict(
 )
 
 
+def unet_config(size: str, hw: int) -> dict:
+    """The benchmark UNet's diffusers config: "mid" (MID_CONFIG) or a model size of
+    persongen_jax.models.presets ("sdxl_base": the real SDXL UNet shapes, "tiny"), at hw x hw latents."""
+    if size == "mid":
+        return dict(MID_CONFIG, sample_size=hw)
+    from persongen_jax.models import presets
+
+    return {k: v for k, v in dict(presets.get(size).unet, sample_size=hw).items() if not k.startswith("_")}
+
+
 def make_batch(cfg, batch: int, hw: int, seed: int = 0):
     import numpy as np
 
@@ -59,7 +69,7 @@ def run_torch(args) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = dict(MID_CONFIG, sample_size=args.hw)
+    cfg = unet_config(args.size, args.hw)
     model = torch_model(cfg).to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     b = {k: torch.from_numpy(v).to(dev) for k, v in make_batch(cfg, args.batch, args.hw).items()}
@@ -93,7 +103,7 @@ def run_jax(args) -> dict:
 
     if args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")  # equal numerics with torch fp32
-    cfg = dict(MID_CONFIG, sample_size=args.hw)
+    cfg = unet_config(args.size, args.hw)
     # Own init rather than the PyTorch weights: timing does not depend on the values, and not
     # importing torch keeps this process's peak RSS a JAX-only figure. (Parity is tested elsewhere.)
     model = UNet2DConditionModel.from_config(cfg, rngs=nnx.Rngs(0),
@@ -141,6 +151,7 @@ def main():
     p.add_argument("--framework", choices=["both", "jax", "pytorch"], default="both")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--hw", type=int, default=32, help="latent height = width")
+    p.add_argument("--size", default="mid", help='UNet shapes: "mid" or a presets size (sdxl_base, tiny, micro)')
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -153,7 +164,7 @@ def main():
         print(json.dumps(run_torch(args)))
         return
     base = [__file__, "--batch", str(args.batch), "--hw", str(args.hw), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--dtype", args.dtype, "--attention", args.attention]
+            "--warmup", str(args.warmup), "--dtype", args.dtype, "--attention", args.attention, "--size", args.size]
     pt = common.run_child(base + ["--framework", "pytorch"])
     jx = common.run_child(base + ["--framework", "jax"])
     print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")

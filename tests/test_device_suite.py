@@ -1,0 +1,29 @@
+"""Issue 12: the device suite's --tiny mode (the code a lent GPU runs, on CI-sized shapes) runs and prints
+its table. The method part (the suite's own train-loop measurement) and one comparison part (sampling, JAX
+vs diffusers) run; unet, the batch-4 sampling and eval are left out to keep CI time down (the same
+child-process path with other scripts; `device_suite.py --tiny` runs all five)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_device_suite_tiny_prints_the_table(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, "scripts/bench/device_suite.py", "--tiny", "--out", str(tmp_path),
+                           "--parts", "method,sample_1"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("device suite (tiny)")
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+    assert set(rows) >= {"method train step", "sample_1"}, rows
+    assert "failed" not in proc.stdout, proc.stdout
+    assert "img/s" in rows["method train step"] and "x |" in rows["sample_1"]
+    saved = json.loads((tmp_path / "device_suite.json").read_text())
+    assert saved["method"]["img_per_s"] > 0 and saved["sample_1"]["pytorch"]["median_s"] > 0
+    assert (tmp_path / "device_suite.md").read_text().startswith("device suite (tiny)")
