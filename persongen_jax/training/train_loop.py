@@ -299,10 +299,9 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
                     t_log, n_log = time.perf_counter(), 0
                 bar.update(1)
                 bad_records.after_step(step)
-                if step % config.checkpoint_every == 0 or preempt.requested:
-                    if not logged:  # the logged step was checked already
-                        _check_finite(metrics, step, workdir)
                 if step % config.checkpoint_every == 0:
+                    if not logged:  # a logged step was checked already; a saved step is never non-finite
+                        _check_finite(metrics, step, workdir)
                     ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it))
                     last_saved = step
                 if s.validator is not None and step % config.eval_every == 0:
@@ -315,6 +314,8 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
                     log.warning("SIGTERM: saving step %d and exiting", step)
                     break
         if last_saved != step:
+            if not logged:
+                _check_finite(metrics, step, workdir)
             ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it), force=True,
                           wait=True)
         mngr.wait_until_finished()  # a periodic save may still be writing
