@@ -478,27 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m persongen_jax.app`."""
     from persongen_jax.cli import parser
     from persongen_jax.evaluation import metrics as metrics_lib
-    from persongen_jax.generate import MERGE_HELP, parse_start_merge_step
+    from persongen_jax.generate import MERGE_HELP, add_model_arguments, parse_start_merge_step
     from persongen_jax.pipeline import DEFAULT_START_MERGE
     from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 
     p = parser("python -m persongen_jax.app", __doc__)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, help="converted SDXL folder (weights_conversion sdxl)")
-    src.add_argument("--checkpoint", type=Path, metavar="RUN",
-                     help="a training run folder (python -m persongen_jax.train): its model with the trained weights")
-    src.add_argument("--tiny", action="store_true",
-                     help="tiny random models made on the fly (the demo training's: configs/demo.py), no weights")
-    p.add_argument("--step", type=int, help="with --checkpoint: the checkpoint step (default: the latest)")
-    p.add_argument("--photomaker", type=Path, help="converted PhotoMaker folder (id_encoder/ [+ lora/]); "
-                                                   "default: look in --model")
-    p.add_argument("--lora", type=Path, help="an extra LoRA folder (weights_conversion lora)")
-    p.add_argument("--adapters", type=Path, help="adapter folder (bg / body / id cross-attentions)")
-    p.add_argument("--trigger-word", default="img", help="the word after the class word that marks the person")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: the stored params' dtype)")
-    p.add_argument("--attention", choices=["xla", "cudnn"], default="xla",
-                   help="attention kernel: xla, or cudnn's fused attention on NVIDIA GPUs")
+    add_model_arguments(p, tiny_help="tiny random models made on the fly (the demo training's: configs/demo.py), "
+                                     "no weights")
     s = p.add_argument_group("scoring (optional, as evaluate: the model folders the metrics need)")
     s.add_argument("--metrics", help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default "
                                      "when a scoring folder is given: clip_t,face_sim)")
@@ -518,24 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_pipeline(args, workdir: Path):
-    """-> (pipeline, source: the settings.json keys naming the model)."""
-    import jax.numpy as jnp
+    """-> (pipeline, source: the settings.json keys naming the model, as the generate CLI writes them)."""
+    from persongen_jax import generate
 
-    from persongen_jax.pipeline.pipeline import PersonGenPipeline
-
-    if args.tiny or args.checkpoint:
-        if args.photomaker or args.lora or args.adapters:
-            raise InputError(f"{'--tiny' if args.tiny else '--checkpoint'} brings its own model: drop "
-                             "--photomaker / --lora / --adapters")
-        if args.dtype or args.attention != "xla":
-            raise InputError("--dtype / --attention go with --model (a run's config sets them)")
-    if args.step is not None and not args.checkpoint:
-        raise InputError("--step goes with --checkpoint")
-    # The generate CLI's settings.json keys naming the model (+ "tiny").
-    path = lambda p: str(p) if p else None  # noqa: E731
-    source = {"model": path(args.model), "checkpoint": path(args.checkpoint), "step": args.step,
-              "photomaker": path(args.photomaker), "lora": path(args.lora), "adapters": path(args.adapters),
-              "dtype": args.dtype, "attention": args.attention}
+    generate.check_model_arguments(args)
+    source = generate.model_settings(args)
     if args.tiny:
         from configs import demo
         from persongen_jax.training.model import build_model
@@ -544,15 +517,7 @@ def load_pipeline(args, workdir: Path):
         config = demo.get_config()
         model, tokenizers, _ = build_model(config, workdir)  # random weights; tokenizer files in workdir
         return inference_pipeline(model, tokenizers, config), {**source, "tiny": "configs/demo.py (random weights)"}
-    if args.checkpoint:
-        from persongen_jax.training.run_folder import load_trained_pipeline
-
-        pipe, source["step"], _ = load_trained_pipeline(args.checkpoint, step=args.step)
-        return pipe, source
-    pipe = PersonGenPipeline.from_pretrained(
-        args.model, photomaker=args.photomaker, lora=args.lora, adapters=args.adapters,
-        dtype=getattr(jnp, args.dtype) if args.dtype else None, attention_impl=args.attention,
-        trigger_word=args.trigger_word)
+    pipe, source["step"] = generate.load_pipeline(args)
     return pipe, source
 
 

@@ -100,19 +100,70 @@ MERGE_HELP = ("step after which the reference faces' ID embedding is used: a ste
               "of --steps (e.g. 0.2 = step 10 of 50, the PhotoMaker / research setting); default %(default)s")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from persongen_jax.cli import parser
-
-    p = parser("python -m persongen_jax.generate", __doc__)
+def add_model_arguments(p: argparse.ArgumentParser, *, tiny_help: str | None = None) -> None:
+    """The options naming the model, shared by generate and the web app: --model (converted folders) or
+    --checkpoint (a training run) [or --tiny, with `tiny_help`], and the settings of a --model load."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="converted SDXL folder (weights_conversion sdxl)")
     src.add_argument("--checkpoint", type=Path, metavar="RUN",
                      help="a training run folder (python -m persongen_jax.train): its model with the trained weights")
+    if tiny_help:
+        src.add_argument("--tiny", action="store_true", help=tiny_help)
     p.add_argument("--step", type=int, help="with --checkpoint: the checkpoint step (default: the latest)")
     p.add_argument("--photomaker", type=Path, help="converted PhotoMaker folder (id_encoder/ [+ lora/]); "
                                                    "default: look in --model")
     p.add_argument("--lora", type=Path, help="an extra LoRA folder (weights_conversion lora); default: none")
     p.add_argument("--adapters", type=Path, help="adapter folder (bg / body / id cross-attentions); default: none")
+    p.add_argument("--trigger-word", default="img", help="the word after the class word that marks the ID tokens")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: the stored params' dtype)")
+    p.add_argument("--attention", choices=["xla", "cudnn"], default="xla",
+                   help="attention implementation (cudnn: GPU flash attention)")
+
+
+def check_model_arguments(args) -> None:
+    """ValueError for model options that do not go together (before anything loads): a run (--checkpoint) or
+    --tiny brings its own model and settings, --step needs --checkpoint."""
+    own = "--tiny" if getattr(args, "tiny", False) else "--checkpoint" if args.checkpoint else None
+    if own and (args.photomaker or args.lora or args.adapters):
+        raise ValueError(f"{own} brings its own model: drop --photomaker / --lora / --adapters")
+    if own and (args.dtype or args.attention != "xla"):
+        raise ValueError("--dtype / --attention go with --model (a run's config sets them)")
+    if args.step is not None and not args.checkpoint:
+        raise ValueError("--step goes with --checkpoint")
+
+
+def model_settings(args) -> dict:
+    """The settings.json keys naming the model (generate and the web app write the same ones)."""
+    path = lambda p: str(p) if p else None  # noqa: E731
+    return {"model": path(args.model), "checkpoint": path(args.checkpoint), "step": args.step,
+            "photomaker": path(args.photomaker), "lora": path(args.lora), "adapters": path(args.adapters),
+            "dtype": args.dtype, "attention": args.attention}
+
+
+def load_pipeline(args):
+    """The pipeline of --model / --checkpoint (checked by `check_model_arguments`) -> (pipeline, step:
+    the checkpoint's step, None for --model)."""
+    if args.checkpoint:
+        from persongen_jax.training.run_folder import load_trained_pipeline
+
+        pipe, step, _ = load_trained_pipeline(args.checkpoint, step=args.step)
+        return pipe, step
+    import jax.numpy as jnp
+
+    from persongen_jax.pipeline.pipeline import PersonGenPipeline
+
+    return PersonGenPipeline.from_pretrained(
+        args.model, photomaker=args.photomaker, lora=args.lora, adapters=args.adapters,
+        dtype=getattr(jnp, args.dtype) if args.dtype else None, attention_impl=args.attention,
+        trigger_word=args.trigger_word), None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from persongen_jax.cli import parser
+
+    p = parser("python -m persongen_jax.generate", __doc__)
+    add_model_arguments(p)
     p.add_argument("--ref", type=Path, action="append", default=[],
                    help="reference face image (repeatable); none: plain SDXL text-to-image")
     p.add_argument("--prompt", required=True, help='must contain the class word followed by the trigger word '
@@ -130,11 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's, 1024 for SDXL)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's, 1024 for SDXL)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler", help="sampler")
-    p.add_argument("--trigger-word", default="img", help="the word after the class word that marks the ID tokens")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: the stored params' dtype)")
-    p.add_argument("--attention", choices=["xla", "cudnn"], default="xla",
-                   help="attention implementation (cudnn: GPU flash attention)")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder (created): seed_<s>.png per seed and settings.json")
     return p
@@ -149,11 +195,10 @@ def warn_if_id_unused(args, refs_given: bool) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import jax.numpy as jnp
     from PIL import Image
 
     from persongen_jax.pipeline.image_processing import ImageError, load_image
-    from persongen_jax.pipeline.pipeline import PersonGenPipeline, PipelineError, check_settings
+    from persongen_jax.pipeline.pipeline import PipelineError, check_settings
 
     t0 = time.perf_counter()
     try:
@@ -162,22 +207,11 @@ def main(argv=None) -> int:
                        start_merge_step=args.start_merge_step, height=args.height, width=args.width)
         warn_if_id_unused(args, bool(args.ref))
         check_output_folder(args.out)
+        check_model_arguments(args)
         texts = condition_texts(args)
         refs = [load_image(p) for p in args.ref]  # fail on a bad image before loading any model
         print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
-        if args.checkpoint:
-            if args.photomaker or args.lora or args.adapters:
-                raise ValueError("--checkpoint loads the run's own model: drop --photomaker / --lora / --adapters")
-            from persongen_jax.training.run_folder import load_trained_pipeline
-
-            pipe, args.step, _ = load_trained_pipeline(args.checkpoint, step=args.step)
-        else:
-            if args.step is not None:
-                raise ValueError("--step goes with --checkpoint")
-            pipe = PersonGenPipeline.from_pretrained(
-                args.model, photomaker=args.photomaker, lora=args.lora, adapters=args.adapters,
-                dtype=getattr(jnp, args.dtype) if args.dtype else None, attention_impl=args.attention,
-                trigger_word=args.trigger_word)
+        pipe, step = load_pipeline(args)
         common = dict(num_steps=args.steps, guidance_scale=args.guidance_scale,
                       start_merge_step=args.start_merge_step, height=args.height, width=args.width,
                       negative_prompt=args.negative_prompt, conditions=texts, scheduler=args.scheduler)
@@ -191,13 +225,10 @@ def main(argv=None) -> int:
     except (ImageError, PipelineError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    settings = {"model": str(args.model) if args.model else None,
-                "checkpoint": str(args.checkpoint) if args.checkpoint else None, "step": args.step,
-                "photomaker": str(args.photomaker) if args.photomaker else None,
-                "lora": str(args.lora) if args.lora else None, "adapters": str(args.adapters) if args.adapters else None,
+    settings = {**model_settings(args), "step": step,
                 "refs": [str(p) for p in args.ref], "prompt": args.prompt, "seeds": args.seeds,
                 "height": images.shape[1], "width": images.shape[2], "trigger_word": args.trigger_word,
-                "dtype": args.dtype, "attention": args.attention, "images": files,
+                "images": files,
                 "seconds": round(time.perf_counter() - t0, 2), **{k: v for k, v in common.items()
                                                                    if k not in ("height", "width")}}
     (args.out / "settings.json").write_text(json.dumps(settings, indent=2))

@@ -146,6 +146,13 @@ def test_generate_checks_settings_and_output_before_loading(tmp_path, capsys):
     assert "guidance scale nan" in fails("--guidance-scale", "nan")
     assert "height=0" in fails("--height", "0") and "height=-16" in fails("--height", "-16")
     assert "steps=0" in fails("--steps", "0")
+    assert "--step goes with --checkpoint" in fails("--step", "3")
+    run = ["--checkpoint", str(tmp_path / "no_run"), "--prompt", "a photo of a man", "--out", str(tmp_path / "o2")]
+    for extra, expected in ((["--lora", "l"], "--checkpoint brings its own model"),
+                            (["--dtype", "bfloat16"], "--dtype / --attention go with --model")):
+        assert main(run + extra) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
     with pytest.raises(SystemExit):  # a malformed flag value: argparse's usage error, naming --seeds
         main(["--model", "m", "--prompt", "p", "--out", str(tmp_path), "--seeds", "99999999999999999999"])
     assert "seeds are integers in [0, 4294967295]" in capsys.readouterr().err
