@@ -517,7 +517,7 @@ def load_pipeline(args, workdir: Path):
         config = demo.get_config()
         model, tokenizers, _ = build_model(config, workdir)  # random weights; tokenizer files in workdir
         return inference_pipeline(model, tokenizers, config), {**source, "tiny": "configs/demo.py (random weights)"}
-    pipe, source["step"] = generate.load_pipeline(args)
+    pipe, source["step"], _ = generate.load_pipeline(args)
     return pipe, source
 
 

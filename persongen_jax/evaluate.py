@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from persongen_jax.evaluation import metrics as metrics_lib
-from persongen_jax.generate import MERGE_HELP, parse_seeds, parse_start_merge_step, warn_if_id_unused
+from persongen_jax.generate import MERGE_HELP, load_pipeline, parse_seeds, parse_start_merge_step, warn_if_id_unused
 from persongen_jax.pipeline import DEFAULT_START_MERGE
 from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 
@@ -169,22 +169,12 @@ def main(argv=None) -> int:
             metrics = _metrics(args, parser)  # before the big model: a bad scoring path fails fast
             refs = protocol.load_references(sets, metrics)  # and a reference without a face
             print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
+            config = _load_config(args.config) if args.checkpoint and args.config else None
+            pipe, step, config = load_pipeline(args, config)
             if args.model:
-                import jax.numpy as jnp
-
-                from persongen_jax.pipeline.pipeline import PersonGenPipeline
-
-                pipe = PersonGenPipeline.from_pretrained(
-                    args.model, photomaker=args.photomaker, lora=args.lora, adapters=args.adapters,
-                    dtype=getattr(jnp, args.dtype) if args.dtype else None, attention_impl=args.attention,
-                    trigger_word=args.trigger_word)
-                step, source = None, {"model": str(args.model), "photomaker": str(args.photomaker or ""),
-                                      "lora": str(args.lora or ""), "adapters": str(args.adapters or "")}
+                source = {"model": str(args.model), "photomaker": str(args.photomaker or ""),
+                          "lora": str(args.lora or ""), "adapters": str(args.adapters or "")}
             else:
-                from persongen_jax.training.run_folder import load_trained_pipeline
-
-                config = _load_config(args.config) if args.config else None
-                pipe, step, config = load_trained_pipeline(args.checkpoint, config, args.step)
                 args.trigger_word = config.data.trigger_word
                 source = {"checkpoint": str(args.checkpoint)}
             settings = protocol.ProtocolSettings(

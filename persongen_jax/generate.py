@@ -141,14 +141,14 @@ def model_settings(args) -> dict:
             "dtype": args.dtype, "attention": args.attention}
 
 
-def load_pipeline(args):
-    """The pipeline of --model / --checkpoint (checked by `check_model_arguments`) -> (pipeline, step:
-    the checkpoint's step, None for --model)."""
+def load_pipeline(args, config=None):
+    """The pipeline of --model / --checkpoint (checked by `check_model_arguments`) -> (pipeline, step,
+    config): a run's checkpoint step and training config (`config` instead of RUN/config.json when given),
+    None and None for --model."""
     if args.checkpoint:
         from persongen_jax.training.run_folder import load_trained_pipeline
 
-        pipe, step, _ = load_trained_pipeline(args.checkpoint, step=args.step)
-        return pipe, step
+        return load_trained_pipeline(args.checkpoint, config, args.step)
     import jax.numpy as jnp
 
     from persongen_jax.pipeline.pipeline import PersonGenPipeline
@@ -156,7 +156,7 @@ def load_pipeline(args):
     return PersonGenPipeline.from_pretrained(
         args.model, photomaker=args.photomaker, lora=args.lora, adapters=args.adapters,
         dtype=getattr(jnp, args.dtype) if args.dtype else None, attention_impl=args.attention,
-        trigger_word=args.trigger_word), None
+        trigger_word=args.trigger_word), None, None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         texts = condition_texts(args)
         refs = [load_image(p) for p in args.ref]  # fail on a bad image before loading any model
         print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
-        pipe, step = load_pipeline(args)
+        pipe, step, _ = load_pipeline(args)
         common = dict(num_steps=args.steps, guidance_scale=args.guidance_scale,
                       start_merge_step=args.start_merge_step, height=args.height, width=args.width,
                       negative_prompt=args.negative_prompt, conditions=texts, scheduler=args.scheduler)
