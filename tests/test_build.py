@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("apache_beam")
-pytest.importorskip("sklearn")
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -306,3 +305,42 @@ def test_marking_split_parsing_crop_geometry_and_clustering():
     assert dominant is not None and (labels == dominant).tolist() == [True, True, True, False, False]
     _, tie, _ = dominant_identity(emb[[0, 1, 3, 4]], np.array([0, 1, 2, 3]), 0.4, 2)
     assert tie is None  # two clusters of two images each: no dominant identity
+
+
+def test_dbscan_gives_scikit_learns_labels():
+    """verify.dbscan against scikit-learn's DBSCAN(metric="precomputed") (the test-only reference): random
+    groups of faces with the build's distance matrix (same-image pairs at 2, distances exactly at eps),
+    several eps / min_samples; the labels must be equal, numbering and border points included."""
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    from persongen_jax.data.build.verify import dbscan
+
+    rng = np.random.default_rng(0)
+    checked = clustered = 0
+    for trial in range(300):
+        n = int(rng.integers(1, 40))
+        ids = rng.integers(0, int(rng.integers(1, 4)), n)          # up to 3 identities, noisy embeddings
+        centres = rng.normal(size=(3, 16))
+        emb = centres[ids] + rng.normal(scale=float(rng.uniform(0.2, 1.5)), size=(n, 16))
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        dist = 1.0 - np.clip(emb @ emb.T, -1.0, 1.0)
+        owner = rng.integers(0, max(1, n - 3), n)                  # some images with several faces
+        dist[owner[:, None] == owner[None, :]] = 2.0
+        np.fill_diagonal(dist, 0.0)
+        eps = float(rng.choice([0.3, 0.6, 0.9]))
+        if trial % 5 == 0 and n > 1:                               # a pair exactly at eps: neighbours
+            dist[0, 1] = dist[1, 0] = eps
+        for min_samples in (1, 2, 3, 5):
+            want = sklearn_cluster.DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(dist)
+            got = dbscan(dist, eps, min_samples)
+            assert got.tolist() == want.tolist(), (trial, min_samples)
+            checked += 1
+            clustered += int(len(set(want.tolist()) - {-1}) > 1)
+    assert clustered > 100  # the cases include several clusters, not only noise or one cluster
+    # ... and the build itself does not need scikit-learn (not a [data] dependency): imports of it blocked
+    code = ("import sys; sys.modules['sklearn'] = None; import numpy as np; "
+            "from persongen_jax.data.build.verify import dominant_identity; "
+            "labels, dominant, _ = dominant_identity(np.eye(3)[[0, 0, 1]], np.arange(3), 0.4, 2); "
+            "print(labels.tolist(), dominant)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[-2] == "[0, 0, -1] 0"

@@ -3,6 +3,7 @@
     python scripts/bench/build.py                                    # 400 images, tiny ArcFace, 2 workers
     python scripts/bench/build.py --images 400 --arcface r50         # ArcFace r50-sized embedding cost
     python scripts/bench/build.py --memory 200,2000                  # peak RSS vs image count (streaming)
+    python scripts/bench/build.py --empty --images 2000              # Beam's own cost: same graph, no stage work
 
 The CPU stages of `python -m persongen_jax.data.build`: decode + size filter, SCRFD detection, ArcFace
 embedding, per-person identity verification, square crop + resize + JPEG encode, record encoding and
@@ -30,7 +31,8 @@ of the driver, of the largest worker and of all processes together, and the CPU 
 a loaded machine the wall-clock ratio moves; CPU seconds per image show the work each side does).
 `--memory A,B` runs the Beam side alone on A and then B images (`--memory-mode in_memory`: one process
 holds every stage and the runner's buffers; `multi_processing`: the driver and its workers, summed) and
-prints the ratio of the peaks.
+prints the ratio of the peaks. `--empty` runs Beam alone: the same graph shape (list + reshuffle, group
+by person, ArrayRecord sink) with no stage work, i.e. what the runner and its worker processes cost.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ class TreeMonitor:
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return {"driver_mib": max(self.peak_me, me.ru_maxrss / 1024),
                 "children_max_mib": max(self.peak_child, kids.ru_maxrss / 1024),
-                "tree_mib": self.peak_tree, "cpu_s": sum(self.cpu.values())}
+                "tree_mib": self.peak_tree, "cpu_s": sum(self.cpu.values()),
+                "cpu_driver_s": self.cpu.get(self.me.pid, 0.0)}
 
 
 def run_hand(args, work: Path, src: Path) -> dict:
@@ -146,8 +149,6 @@ def run_hand(args, work: Path, src: Path) -> dict:
     from persongen_jax.data.build.write import record_header
     from persongen_jax.data.format import encode_record
     from persongen_jax.evaluation.face_sim import FaceSimScorer
-
-    import sklearn.cluster  # noqa: F401  (imported before the clock as VerifyPerson.setup does; both pay it)
 
     monitor = TreeMonitor()
     t_start = time.perf_counter()
@@ -204,31 +205,49 @@ def run_hand(args, work: Path, src: Path) -> dict:
     return dict(side="hand loop", images=n_images, records=n_records, wall_s=wall, stage_s=dict(times), **monitor.result())
 
 
-def run_beam(args, work: Path, src: Path, mode: str, workers: int) -> dict:
+def run_beam(args, work: Path, src: Path, mode: str, workers: int, empty: bool = False) -> dict:
+    """The build's CPU stages on Beam; `empty`: Beam's own cost -- the same graph shape (list + reshuffle,
+    group by person, ArrayRecord sink) with no stage work (each record is the image's name)."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     import persongen_jax.data.build  # noqa: F401  (quiets Beam's import warning)
     from persongen_jax.data.build.pipeline import _counters, face_stages
+    from persongen_jax.data.build.source import ListImages
     from persongen_jax.data.build.write import WriteRecords, persons_of_shards, shard_names
 
     monitor = TreeMonitor()
     t_start = time.perf_counter()
     out = Path(tempfile.mkdtemp(prefix="beam-", dir=work))
-    s = _settings(work, src, out, args)
+    # As build_dataset: the stage caches in DST/_work, the shards in another folder (the sink lists the
+    # shard folder recursively when it finalizes: it must not hold the caches' thousands of files).
+    dst, shards = out / "dst", out / "shards"
+    s = _settings(work, src, dst, args)
     opts = ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
     p = beam.Pipeline(options=PipelineOptions(opts))
-    crops, _ = face_stages(p, s)
-    _ = crops | "Write" >> WriteRecords(str(out), s)
+    if empty:
+        from array_record.beam.arrayrecordio import WriteToArrayRecord
+
+        from persongen_jax.data import format as fmt
+
+        names = (p | "List" >> ListImages(s.src) | "ByPerson" >> beam.Map(lambda it: (it.person_id, it))
+                 | "GroupByPerson" >> beam.GroupByKey()
+                 | "Records" >> beam.FlatMap(lambda kv: [fmt.encode_record(dict(person_id=it.person_id), b"", b"")
+                                                         for it in kv[1]]))
+        _ = names | "Write" >> WriteToArrayRecord(str(shards / "data"), file_name_suffix=".array_record")
+    else:
+        crops, _ = face_stages(p, s)
+        _ = crops | "Write" >> WriteRecords(str(shards), s)
     result = p.run()
     result.wait_until_finish()
     wall = time.perf_counter() - t_start
     counters = _counters(result)
-    _, n_records = persons_of_shards(out, shard_names(out))
+    _, n_records = persons_of_shards(shards, shard_names(shards))
     shutil.rmtree(out, ignore_errors=True)
     stage_s = {k[:-3]: v / 1e6 for k, v in counters.items() if k.endswith("_us")}
     rejected = sum(v for k, v in counters.items() if k.endswith("_rejected"))
-    side = f"Beam DirectRunner {mode}" + (f" x{workers}" if mode == "multi_processing" else "")
+    side = f"Beam DirectRunner {mode}" + (f" x{workers}" if mode == "multi_processing" else "") + (
+        ", no stage work" if empty else "")
     return dict(side=side, images=n_records + rejected, records=n_records,
                 wall_s=wall, stage_s=stage_s, **monitor.result())
 
@@ -242,7 +261,7 @@ def child(args) -> None:
     elif args.child == "hand":
         res = run_hand(args, work, src)
     else:
-        res = run_beam(args, work, src, args.mode, args.workers)
+        res = run_beam(args, work, src, args.mode, args.workers, empty=args.child == "empty")
     print(json.dumps(res))
 
 
@@ -260,8 +279,8 @@ def _line(r: dict) -> str:
                          "source should pass every stage")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_s"].items())
     return (f"{r['side']:<40} {r['images']:>5} images {r['wall_s']:7.1f} s  {r['images'] / r['wall_s']:6.2f} img/s   "
-            f"CPU {r['cpu_s']:.0f} s, peak RSS: driver {r['driver_mib']:.0f} MiB, largest worker "
-            f"{r['children_max_mib']:.0f} MiB, all processes {r['tree_mib']:.0f} MiB\n"
+            f"CPU {r['cpu_s']:.1f} s ({r['cpu_driver_s']:.1f} s driver), peak RSS: driver {r['driver_mib']:.0f} MiB, "
+            f"largest worker {r['children_max_mib']:.0f} MiB, all processes {r['tree_mib']:.0f} MiB\n"
             f"{'':<40} stage seconds: {stages}")
 
 
@@ -279,7 +298,9 @@ def main() -> None:
     p.add_argument("--memory", help="comma-separated image counts: peak RSS of the Beam side per count")
     p.add_argument("--memory-mode", default="in_memory", choices=("in_memory", "multi_processing"))
     p.add_argument("--work", help="folder for models and sources (kept between runs); default: a temp folder")
-    p.add_argument("--child", choices=("prepare", "hand", "beam"), help=argparse.SUPPRESS)
+    p.add_argument("--empty", action="store_true",
+                   help="Beam's own cost: the same pipeline shape (list, group by person, write) without stage work")
+    p.add_argument("--child", choices=("prepare", "hand", "beam", "empty"), help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--counts", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -294,7 +315,10 @@ def main() -> None:
     print(f"machine: {common.machine()}; ArcFace {args.arcface}; images {args.size[0]}x{args.size[1]} -> crops "
           f"{args.resolution}; detector threads {args.detector_threads or 'per core'}; work {args.work}")
     common.run_child(_argv(args, child="prepare", n=0, counts=",".join(map(str, counts))))
-    if args.memory:
+    if args.empty:
+        print(_line(common.run_child(_argv(args, child="empty", n=args.images, mode="multi_processing",
+                                           workers=args.workers))))
+    elif args.memory:
         rows = [common.run_child(_argv(args, child="beam", n=n, mode=args.memory_mode, workers=args.workers))
                 for n in counts]
         for r in rows:

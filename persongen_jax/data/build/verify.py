@@ -5,15 +5,18 @@ Embedding: the project's JAX IResNet through `FaceSimScorer.embed_crops` (fixed-
 over the worker's devices), cached in DST/_work/embeddings (image path + content hash + ArcFace
 fingerprint + the faces' landmarks).
 
-Clustering: DBSCAN (scikit-learn) on the cosine distance 1 - cos between all kept faces of the person,
-eps = 1 - `verify_threshold` (so two faces are neighbours when their cosine is >= the threshold; 0.4 by
-default: insightface's ArcFace models put the same person's photos at 0.5-0.8 and different people
-below 0.3), `min_samples` = `verify_min_samples` (2: a face needs one similar face in another image
-to start a cluster). Two faces of the same image are never neighbours (one photo cannot show the person
-twice), so the other people in a group photo form their own clusters or stay noise. DBSCAN rather than
-plain connected components because `min_samples` > 2 stops one ambiguous face from chaining two
-identities into one cluster. The dominant cluster is the one that covers the most images; a tie
-between two clusters leaves the identity undecided and the person is rejected.
+Clustering: DBSCAN (`dbscan` below: scikit-learn's algorithm and labels, in numpy) on the cosine
+distance 1 - cos between all kept faces of the person, eps = 1 - `verify_threshold` (so two faces are
+neighbours when their cosine is >= the threshold; 0.4 by default: insightface's ArcFace models put the
+same person's photos at 0.5-0.8 and different people below 0.3), `min_samples` = `verify_min_samples`
+(2: a face needs one similar face in another image to start a cluster). Two faces of the same image are
+never neighbours (one photo cannot show the person twice), so the other people in a group photo form
+their own clusters or stay noise. DBSCAN rather than plain connected components because `min_samples` >
+2 stops one ambiguous face from chaining two identities into one cluster. Written here rather than
+imported from scikit-learn: a person has tens of faces, the dense distance matrix is all the algorithm
+needs, and importing `sklearn.cluster` costs each worker process about a second of CPU (and the install
+a dependency). The dominant cluster is the one that covers the most images; a tie between two clusters
+leaves the identity undecided and the person is rejected.
 
 Per image: its face in the dominant cluster (when several are, the one with the highest mean cosine to
 the cluster's faces in the other images; its face box can be smaller than a stranger's: "images with
@@ -72,18 +75,38 @@ class EmbedFaces(StageDoFn):
             yield item
 
 
+def dbscan(dist: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
+    """DBSCAN labels (-1 = noise) of a symmetric distance matrix [F, F]: the labels of scikit-learn's
+    `DBSCAN(eps, min_samples=min_samples, metric="precomputed").fit_predict(dist)`. Neighbours are at
+    distance <= eps (a point is its own neighbour); a core point has >= min_samples neighbours; clusters
+    are the connected core points plus their neighbours, numbered in the order of their first core
+    point; a border point next to two clusters joins the one numbered first (scikit-learn's order)."""
+    near = dist <= eps
+    core = near.sum(axis=1) >= min_samples
+    labels = np.full(len(dist), -1, np.intp)
+    n = 0
+    for start in np.flatnonzero(core):
+        if labels[start] != -1:
+            continue
+        labels[start], stack = n, [start]
+        while stack:  # depth-first over core points; border points are labelled, not expanded
+            for j in np.flatnonzero(near[stack.pop()] & (labels == -1)):
+                labels[j] = n
+                if core[j]:
+                    stack.append(j)
+        n += 1
+    return labels
+
+
 def dominant_identity(embeddings: np.ndarray, owner: np.ndarray, threshold: float,
                       min_samples: int) -> tuple[np.ndarray, int | None, np.ndarray]:
     """embeddings [F, D] (unit), owner [F] (image index of each face) -> (DBSCAN labels [F], -1 = noise;
     the dominant cluster's label or None when there is none or two tie; cosine similarities [F, F])."""
-    from sklearn.cluster import DBSCAN
-
     sim = np.clip(embeddings @ embeddings.T, -1.0, 1.0)
     dist = 1.0 - sim
     dist[owner[:, None] == owner[None, :]] = 2.0  # never neighbours: one photo cannot show the person twice
     np.fill_diagonal(dist, 0.0)
-    labels = DBSCAN(eps=max(1.0 - threshold, 1e-9), min_samples=min_samples,
-                    metric="precomputed").fit_predict(dist)
+    labels = dbscan(dist, max(1.0 - threshold, 1e-9), min_samples)
     covered = {int(c): len(set(owner[labels == c].tolist())) for c in np.unique(labels) if c >= 0}
     if not covered:
         return labels, None, sim
@@ -134,10 +157,6 @@ class VerifyPerson(StageDoFn):
     """(person_id, [Item]) -> verified Items (with `face`) and rejects."""
 
     stage = "verify"
-
-    def setup(self):
-        """Imports scikit-learn before the first person (its import is not clustering time)."""
-        import sklearn.cluster  # noqa: F401  (a second of import: not counted as clustering time)
 
     def run(self, element):
         """One person's Items -> its verified Items and the rejects (`verify_person`)."""
