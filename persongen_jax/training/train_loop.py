@@ -161,27 +161,41 @@ def _setup(config, workdir: Path, devices) -> _Setup:
                   model.id_encoder.config.vision.image_size)
 
 
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of an AOT-compiled function, from XLA's cost analysis (None where the backend
+    gives none)."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # best effort on some backends
+        return None
+
+
+def compiled_memory_mib(compiled) -> dict | None:
+    """XLA's memory analysis of an AOT-compiled function in MiB: {"args", "temp", "output", "code"} (None
+    where the backend does not implement it)."""
+    try:
+        mem = compiled.memory_analysis()
+        return {"args": mem.argument_size_in_bytes / 2**20, "temp": mem.temp_size_in_bytes / 2**20,
+                "output": mem.output_size_in_bytes / 2**20, "code": mem.generated_code_size_in_bytes / 2**20}
+    except Exception:  # not every backend implements it
+        return None
+
+
 def _compile(step_fn, state: TrainState, batch: dict, rng: jax.Array):
     """AOT-compiles the step (nothing runs) -> (compiled, facts: compile_s, flops_per_step, memory_mib)."""
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, rng).compile()
-    info = {"compile_s": time.perf_counter() - t0}
+    info = {"compile_s": time.perf_counter() - t0, "flops_per_step": compiled_flops(compiled)}
     log.info("train step compiled in %.1fs", info["compile_s"])
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        info["flops_per_step"] = float(cost.get("flops", 0.0)) or None
-    except Exception:  # best effort on some backends
-        info["flops_per_step"] = None
-    try:
-        mem = compiled.memory_analysis()
-        info["memory_mib"] = {"args": mem.argument_size_in_bytes / 2**20, "temp": mem.temp_size_in_bytes / 2**20,
-                              "output": mem.output_size_in_bytes / 2**20}
+    mem = compiled_memory_mib(compiled)
+    if mem is None:
+        log.info("compiled memory analysis unavailable")
+    else:
+        info["memory_mib"] = {k: mem[k] for k in ("args", "temp", "output")}
         log.info("compiled memory: args %.1f MiB, temp %.1f MiB, outputs %.1f MiB, generated code %.1f MiB",
-                 mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
-                 mem.output_size_in_bytes / 2**20, mem.generated_code_size_in_bytes / 2**20)
-    except Exception as e:  # not every backend implements it
-        log.info("compiled memory analysis unavailable: %s", e)
+                 mem["args"], mem["temp"], mem["output"], mem["code"])
     return compiled, info
 
 

@@ -95,19 +95,15 @@ def run_child(argv: list[str]) -> dict:
 
 
 def xla_flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0]
-        return float(cost.get("flops", 0.0)) or None
-    except Exception:  # cost analysis is best-effort on some backends
-        return None
+    """FLOPs of one call of `compiled` (XLA's cost analysis; the training loop's own function)."""
+    from persongen_jax.training.train_loop import compiled_flops
+
+    return compiled_flops(compiled)
 
 
 def xla_memory_mib(compiled) -> dict:
-    try:
-        m = compiled.memory_analysis()
-        return {"temp_mib": m.temp_size_in_bytes / 2**20, "args_mib": m.argument_size_in_bytes / 2**20,
-                "output_mib": m.output_size_in_bytes / 2**20}
-    except Exception:
-        return {}
+    """XLA's memory analysis of `compiled` as the benchmarks' JSON keys (temp_mib, args_mib, output_mib)."""
+    from persongen_jax.training.train_loop import compiled_memory_mib
+
+    mem = compiled_memory_mib(compiled) or {}
+    return {f"{k}_mib": mem[k] for k in ("temp", "args", "output") if k in mem}
