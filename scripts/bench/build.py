@@ -29,9 +29,9 @@ about 10 GFLOP per image); ArcFace is a random IResNet, `tiny` (testing.tiny_bui
 Peak memory and CPU: a thread samples the child process and its workers (psutil, every 0.2 s): peak RSS
 of the driver, of the largest worker and of all processes together, and the CPU seconds of all (under
 a loaded machine the wall-clock ratio moves; CPU seconds per image show the work each side does).
-`--memory A,B` runs the Beam side alone on A and then B images (`--memory-mode in_memory`: one process,
-`--workers` threads, holds every stage and the runner's buffers; `multi_processing`: the driver and its workers, summed) and
-prints the ratio of the peaks. `--empty` runs Beam alone: the same graph shape (list + reshuffle, group
+`--memory A,B` runs the Beam side alone on A and then B images (`--memory-mode in_memory`: one process
+with `--workers` threads holds every stage and the runner's buffers; `multi_processing`: the driver and
+its workers, summed) and prints the ratio of the peaks. `--empty` runs Beam alone: the same graph shape (list + reshuffle, group
 by person, ArrayRecord sink) with no stage work, i.e. what the runner and its worker processes cost.
 """
 
@@ -207,7 +207,7 @@ def run_hand(args, work: Path, src: Path) -> dict:
 
 def run_beam(args, work: Path, src: Path, mode: str, workers: int, empty: bool = False) -> dict:
     """The build's CPU stages on Beam; `empty`: Beam's own cost -- the same graph shape (list + reshuffle,
-    group by person, ArrayRecord sink) with no stage work (each record is the image's name)."""
+    group by person, ArrayRecord sink) with no stage work (each record holds only the person id)."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
