@@ -307,6 +307,27 @@ def test_marking_split_parsing_crop_geometry_and_clustering():
     assert tie is None  # two clusters of two images each: no dominant identity
 
 
+def test_unreadable_and_oversized_files_are_rejected_by_decode_and_crop(tmp_path):
+    """The decode and crop stages read the source through StageDoFn.read_source: a missing file and a file
+    over the size limit become an "unreadable file" reject of that stage, naming the cause."""
+    from persongen_jax.data.build.common import REJECTED, Item
+    from persongen_jax.data.build.crop import CropFaces
+    from persongen_jax.data.build.decode import DecodeImages
+    from persongen_jax.data.build.settings import BuildSettings, ModelSpec
+
+    unused = ModelSpec(backend="openai", model="unused", endpoint="http://unused")
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"x" * (2**20 + 1))
+    s = BuildSettings(src=str(tmp_path), dst=str(tmp_path / "dst"), detector="", arcface="", caption=unused,
+                      split=unused, max_file_bytes=2**20, progress_every_s=0)
+    for stage in (DecodeImages(s), CropFaces(s)):
+        for path, why in ((tmp_path / "missing.jpg", "cannot read the file"), (big, "over the 1048576-byte limit")):
+            out = list(stage.process(Item(image="persons/p/x.jpg", person_id="p", path=str(path))))
+            assert len(out) == 1 and out[0].tag == REJECTED, out
+            r = out[0].value
+            assert (r["stage"], r["reason"]) == (stage.stage, "unreadable file") and why in r["detail"], r
+
+
 def test_dbscan_gives_scikit_learns_labels():
     """verify.dbscan against scikit-learn's DBSCAN(metric="precomputed") (the test-only reference): random
     groups of faces with the build's distance matrix (same-image pairs at 2, distances exactly at eps),

@@ -179,6 +179,15 @@ class StageDoFn(beam.DoFn):
         """Counts `n` kept elements of this stage."""
         self.count("kept", n)
 
+    def read_source(self, item: Item):
+        """The bytes of the item's file (`read_bytes`, at most `max_file_bytes`); when it cannot be read,
+        yields the "unreadable file" reject and returns None. Use: `data = yield from self.read_source(item)`."""
+        try:
+            return read_bytes(item.path, self.settings.max_file_bytes)
+        except ValueError as e:
+            yield self.rejected(item, "unreadable file", str(e))
+            return None
+
     def rejected(self, item: Item, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:
         """Counts a reject and returns its tagged output (see `reject`)."""
         Progress.add(self.stage, "rejected", 1, self.settings.progress_every_s)

@@ -18,7 +18,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from persongen_jax.data.build.common import Item, StageDoFn, read_bytes, sha256_bytes
+from persongen_jax.data.build.common import Item, StageDoFn, sha256_bytes
 from persongen_jax.data.build.decode import decode_rgb
 
 
@@ -68,10 +68,8 @@ class CropFaces(StageDoFn):
     def run(self, item: Item):
         """Re-reads and decodes the image, checks its hash, crops (see the module doc)."""
         s = self.settings
-        try:
-            data = read_bytes(item.path, s.max_file_bytes)
-        except ValueError as e:
-            yield self.rejected(item, "unreadable file", str(e))
+        data = yield from self.read_source(item)
+        if data is None:
             return
         if sha256_bytes(data) != item.sha256:
             yield self.rejected(item, "file changed during the build",

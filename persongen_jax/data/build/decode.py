@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from persongen_jax.data.build.common import Item, StageDoFn, read_bytes, sha256_bytes
+from persongen_jax.data.build.common import Item, StageDoFn, sha256_bytes
 
 
 class DecodeError(ValueError):
@@ -44,10 +44,8 @@ class DecodeImages(StageDoFn):
     def run(self, item: Item):
         """Reads, hashes and decodes one image (see the module doc)."""
         s = self.settings
-        try:
-            data = read_bytes(item.path, s.max_file_bytes)
-        except ValueError as e:
-            yield self.rejected(item, "unreadable file", str(e))
+        data = yield from self.read_source(item)
+        if data is None:
             return
         item.sha256 = sha256_bytes(data)
         try:
