@@ -401,3 +401,74 @@ def test_stale_temp_folders_of_killed_conversions_are_removed(text_src, tmp_path
     assert not stale.exists() and live.exists()
     said = " ".join(r.getMessage() for r in caplog.records)
     assert f"removed {stale}" in said and str(live) not in said, said
+
+
+def test_deeply_nested_json_is_one_error_line_naming_the_file(text_src, tmp_path):
+    """Issue 24 defect 9: 2 MB of `[[[...` (json's RecursionError) in a safetensors header, in its
+    lora_adapter_metadata, in a source config.json, a sharded index, a --unet config: one `error:` line
+    naming the file, exit 1, nothing written; the same nesting in every JSON file a loader reads (converted
+    config.json, checksums.json, model_index.json, a dataset index, validation prompts, metrics history)
+    is a ValueError naming the file."""
+    import struct
+
+    deep = b"[" * (2 << 20)
+
+    def safetensors(path, header: bytes):
+        path.write_bytes(struct.pack("<Q", len(header)) + header)
+        return path
+
+    proc = run_cli("lora", safetensors(tmp_path / "deep.safetensors", deep), tmp_path / "o1", check=False)
+    _fails(proc, str(tmp_path / "deep.safetensors"), "corrupt safetensors header", "nested too deeply")
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    meta = json.dumps({"__metadata__": {"lora_adapter_metadata": "[" * 100_000}}).encode()
+    _one_error_line(*_main("lora", safetensors(tmp_path / "meta.safetensors", meta), tmp_path / "o2"),
+                    str(tmp_path / "meta.safetensors"), "lora_adapter_metadata", "nested too deeply")
+    src = tmp_path / "src"
+    shutil.copytree(text_src, src)
+    (src / "config.json").write_bytes(deep)
+    _one_error_line(*_main("clip", src, tmp_path / "o3"), str(src / "config.json"), "nested too deeply")
+    (tmp_path / "model.safetensors.index.json").write_bytes(b'{"weight_map": ' + deep)
+    from weights_conversion import io as wio
+    from weights_conversion.core import ConversionError
+
+    with pytest.raises(ConversionError, match="model.safetensors.index.json: not a valid sharded-checkpoint index"):
+        wio.read_checkpoint(tmp_path / "model.safetensors.index.json")
+    lora = tmp_path / "lora.safetensors"
+    shutil.copy(text_src / "model.safetensors", lora)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_bytes(deep)
+    _one_error_line(*_main("lora", lora, tmp_path / "o4", "--unet", tmp_path / "unet"),
+                    str(tmp_path / "unet" / "config.json"), "nested too deeply")
+    assert not any(tmp_path.glob("o*")), sorted(tmp_path.iterdir())
+
+    from persongen_jax.data.format import load_index
+    from persongen_jax.evaluation.protocol import load_prompts
+    from persongen_jax.evaluation.report import read_jsonl
+    from persongen_jax.models.modeling import from_pretrained
+    from persongen_jax.pipeline.prompt import read_force_zeros_for_empty_prompt
+
+    out = tmp_path / "out"
+    assert _main("clip", text_src, out)[0] == 0
+    (out / "params" / "checksums.json").write_bytes(deep)
+    with pytest.raises(ValueError, match=r"checksums.json.*nested too deeply"):
+        from_pretrained(out)
+    (out / "config.json").write_bytes(deep)
+    for path, load in [(out / "config.json", lambda p: from_pretrained(p.parent)),
+                       (tmp_path / "model_index.json", lambda p: read_force_zeros_for_empty_prompt(p.parent)),
+                       (tmp_path / "data" / "index.json", lambda p: load_index(p.parent)),
+                       (tmp_path / "prompts.json", load_prompts),
+                       (tmp_path / "history.jsonl", read_jsonl)]:
+        path.parent.mkdir(exist_ok=True)
+        if not path.exists():
+            path.write_bytes(deep)
+        with pytest.raises(ValueError, match="nested too deeply") as e:
+            load(path)
+        assert str(path) in str(e.value), e.value
+    # A captions JSONL line nested as deep is one bad line (listed with its reason), the others kept.
+    from persongen_jax.data.format import read_captions
+
+    captions = tmp_path / "captions.jsonl"
+    captions.write_bytes(b'{"image": "a.png", "caption": "a man img"}\n' + deep + b"\n")
+    entries, bad = read_captions(captions)
+    assert list(entries) == ["a.png"] and bad == [{"image": f"{captions}:2",
+                                                   "reason": "unparsable JSONL line (nested too deeply)"}], bad

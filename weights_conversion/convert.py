@@ -40,9 +40,9 @@ def read_source_config(folder: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{folder}: no config.json (expected a diffusers/transformers model folder)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+        return modeling.read_json(path)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def class_name_of(config: dict, folder: Path) -> str:

@@ -61,6 +61,7 @@ from typing import Any
 from PIL import Image
 
 from persongen_jax import conditions as conditions_lib
+from persongen_jax.io import loads_json
 
 MAGIC = b"PGJ1"
 INDEX_FILE = "index.json"
@@ -113,9 +114,9 @@ def load_index(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{data_dir}: no {INDEX_FILE}; build the dataset with "
                                 "`python -m persongen_jax.data.format SRC CAPTIONS.jsonl DST`")
     try:
-        index = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); {REBUILD_HINT}") from None
+        index = loads_json(path.read_bytes(), path)
+    except ValueError as e:
+        raise ValueError(f"{e}; {REBUILD_HINT}") from None
     ok = (isinstance(index, dict) and isinstance(index.get("shards"), list)
           and isinstance(index.get("persons"), dict) and isinstance(index.get("num_records"), int)
           and all(isinstance(s, dict) and isinstance(s.get("path"), str)
@@ -370,8 +371,8 @@ def read_captions(captions_jsonl: str | os.PathLike, src_dir: str | os.PathLike 
             continue
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append(dict(image=where, reason=f"unparsable JSONL line ({e.msg})"))
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested thousands of levels deep
+            bad.append(dict(image=where, reason=f"unparsable JSONL line ({getattr(e, 'msg', 'nested too deeply')})"))
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"].strip():
             got = type(entry.get("image")).__name__ if isinstance(entry, dict) else type(entry).__name__

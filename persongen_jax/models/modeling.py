@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from persongen_jax.io import loads_json
+
 MODEL_REGISTRY: dict[str, type] = {}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -343,7 +345,7 @@ def check_checksums(params_dir: str | os.PathLike, named: Mapping[str, Any]) -> 
                     "get them", params_dir, CHECKSUMS_FILE)
         return
     try:
-        stored = json.loads(path.read_text())["arrays"]
+        stored = loads_json(path.read_bytes(), path)["arrays"]
         sums = {k: stored[k]["sha256"] for k in named if k in stored}
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: unreadable checksums ({type(e).__name__}: {e}); {skip}") from None
@@ -371,10 +373,7 @@ def read_json(path: str | os.PathLike) -> dict:
     of them all, so a damaged file is always `ValueError("<path>: not valid JSON (...)")`, never a
     traceback from deep inside a loader. The caller decides what a missing file means."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = loads_json(path.read_bytes(), path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

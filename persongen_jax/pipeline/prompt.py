@@ -20,7 +20,6 @@ is traceable (wrap it in `nnx.jit`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -221,7 +220,9 @@ def read_force_zeros_for_empty_prompt(model_dir: str | os.PathLike) -> bool:
     index = Path(model_dir) / "model_index.json"
     if not index.is_file():
         return True
-    return bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True))
+    from persongen_jax.models.modeling import read_json
+
+    return bool(read_json(index).get("force_zeros_for_empty_prompt", True))
 
 
 def zero_negative(negative_prompt, force_zeros_for_empty_prompt: bool = True) -> bool:
