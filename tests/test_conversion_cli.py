@@ -472,3 +472,31 @@ def test_deeply_nested_json_is_one_error_line_naming_the_file(text_src, tmp_path
     entries, bad = read_captions(captions)
     assert list(entries) == ["a.png"] and bad == [{"image": f"{captions}:2",
                                                    "reason": "unparsable JSONL line (nested too deeply)"}], bad
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_outputs_get_the_users_umask(text_src, tmp_path, umask):
+    """Issue 24 (friction): every file and folder the tools write has the mode a plain open() / mkdir()
+    gives under the user's umask -- converted folders (atomic_dir, also the dataset writers' and the build's
+    DST), exported .safetensors, evaluate's metrics.json -- not mkdtemp's 0700 / mkstemp's 0600."""
+    import os
+    import stat
+
+    from persongen_jax.evaluation.report import write_metrics_json
+    from persongen_jax.models import lora as L
+
+    old = os.umask(umask)
+    try:
+        assert _main("clip", text_src, tmp_path / "clip")[0] == 0
+        L.write_folder(tmp_path / "lora", L.lora_config({"a.to_q": (1, 1.0)}),
+                       {("a", "to_q", "lora_A", "kernel"): np.ones((4, 1), np.float32),
+                        ("a", "to_q", "lora_B", "kernel"): np.ones((1, 4), np.float32)})
+        assert _main("export-lora", tmp_path / "lora", tmp_path / "lora.safetensors")[0] == 0
+        write_metrics_json({"sets": {}}, tmp_path / "eval" / "metrics.json")
+    finally:
+        os.umask(old)
+    written = [tmp_path / "clip", *(tmp_path / "clip").rglob("*"), tmp_path / "lora", *(tmp_path / "lora").rglob("*"),
+               tmp_path / "lora.safetensors", tmp_path / "eval" / "metrics.json"]
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    want = {str(p.relative_to(tmp_path)): oct((0o777 if p.is_dir() else 0o666) & ~umask) for p in written}
+    assert modes == want

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from persongen_jax.io import loads_json
+from persongen_jax.io import chmod_as_created, loads_json
 from persongen_jax.models import lora as L
 from persongen_jax.models import modeling
 from weights_conversion import io
@@ -439,6 +439,8 @@ def _write_safetensors(tensors: dict[str, np.ndarray], dst: Path, metadata: dict
     os.close(fd)
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        # Not mkstemp's private 0600 (save_file keeps the mode of the file it overwrites): the mode open() gives.
+        chmod_as_created(tmp, directory=False)
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

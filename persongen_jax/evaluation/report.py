@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from persongen_jax.evaluation.metrics import DEFAULT_METRICS, display
-from persongen_jax.io import loads_json
+from persongen_jax.io import chmod_as_created, loads_json
 
 ROW_COLUMNS = ("set", "reference", "prompt_index", "prompt", "seed", "image")
 
@@ -141,8 +141,8 @@ def write_metrics_json(metrics: dict, path: str | os.PathLike, **extra: Any) -> 
     # The temporary file is in the same folder so that os.replace is a rename on one filesystem.
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp makes the file private (0600); a metrics file is meant to be read by others too.
-        os.chmod(tmp, 0o644)
+        # mkstemp makes the file private (0600); metrics.json gets the mode open() gives (the umask's).
+        chmod_as_created(tmp, directory=False)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({**extra, **metrics}, f, indent=2)
             f.write("\n")

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from persongen_jax.io import loads_json
+from persongen_jax.io import chmod_as_created, loads_json
 
 MODEL_REGISTRY: dict[str, type] = {}
 CONFIG_FILE = "config.json"
@@ -275,7 +275,8 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     failed or killed write never leaves a half-written `dst` (nor destroys an existing one): after a
     kill -9 at any point `dst` is either the old complete folder or the new complete one. An existing
     `dst` is swapped out atomically (renameat2 exchange; two renames where the filesystem lacks it).
-    Temp folders of killed earlier writes are removed first (`clean_stale_temps`)."""
+    Temp folders of killed earlier writes are removed first (`clean_stale_temps`). `dst` gets the mode
+    of a plain mkdir (0777 less the umask), not mkdtemp's private 0700."""
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst}: already exists (pass overwrite=True to replace it)")
@@ -284,6 +285,7 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     tag = f"{os.getpid()}@{socket.gethostname()}-"
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{tag}", dir=dst.parent))
     try:
+        chmod_as_created(tmp, directory=True)  # mkdtemp's 0700 would become dst's mode
         yield tmp
         if not os.path.lexists(dst):
             tmp.rename(dst)
