@@ -500,3 +500,31 @@ def test_outputs_get_the_users_umask(text_src, tmp_path, umask):
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
     want = {str(p.relative_to(tmp_path)): oct((0o777 if p.is_dir() else 0o666) & ~umask) for p in written}
     assert modes == want
+
+
+def test_readme_conversion_commands_parse():
+    """Issue 24 (README frictions): every `python -m weights_conversion ...` command in a code block of the
+    README (the real-weights table's block included; `[--opt x]` read as given) names a subcommand and
+    options the CLI has; the block covers each conversion the table names."""
+    import shlex
+    from pathlib import Path
+
+    from weights_conversion.__main__ import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("python -m weights_conversion "):
+                commands.append(re.sub(r"\[([^\]]*)\]", r"\1", line))
+    parser = build_parser()
+    seen = set()
+    for command in commands:
+        try:
+            args = parser.parse_args(shlex.split(command)[3:])
+        except SystemExit:
+            raise AssertionError(f"README command does not parse: {command}") from None
+        seen.add(args.command)
+    assert {"sdxl", "photomaker", "clip", "arcface"} <= seen, (seen, commands)
