@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from persongen_jax.io import atomic_dir, read_json
 from persongen_jax.models import modeling
 from weights_conversion import io
 from weights_conversion.core import ConversionError, convert_state_dict
@@ -40,7 +41,7 @@ def read_source_config(folder: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{folder}: no config.json (expected a diffusers/transformers model folder)")
     try:
-        return modeling.read_json(path)
+        return read_json(path)
     except ValueError as e:
         raise ConversionError(str(e)) from None
 
@@ -169,8 +170,8 @@ def check_output(dst: Path, overwrite: bool = False, sources=(), *, kind: str = 
 
 
 def atomic_output(dst: Path, overwrite: bool = False, sources=()):
-    """`modeling.atomic_dir` behind `check_output`: errors are ConversionErrors naming DST and the flag."""
-    return modeling.atomic_dir(check_output(dst, overwrite, sources), overwrite=True)
+    """`persongen_jax.io.atomic_dir` behind `check_output`: errors are ConversionErrors naming DST and the flag."""
+    return atomic_dir(check_output(dst, overwrite, sources), overwrite=True)
 
 
 def convert_sdxl(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=False) -> list[str]:

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from persongen_jax.io import chmod_as_created, loads_json
+from persongen_jax.io import chmod_as_created, loads_json, read_json
 from persongen_jax.models import lora as L
 from persongen_jax.models import modeling
 from weights_conversion import io
@@ -70,7 +70,7 @@ def unet_config(unet: str | os.PathLike | None) -> dict:
     for cand in (p, p / "config.json", p / "unet" / "config.json"):
         if cand.is_file() and cand.name.endswith(".json"):
             try:
-                cfg = modeling.read_json(cand)
+                cfg = read_json(cand)
             except ValueError as e:
                 raise ConversionError(str(e)) from None
             if cfg.get("_class_name", cfg.get(modeling.CLASS_KEY)) != "UNet2DConditionModel":

@@ -32,7 +32,7 @@ by name (`pipeline.bad_records_report`).
 
 Safety (docs/RELIABILITY.md): every path from the JSONL must resolve, symlinks followed, inside SRC;
 only regular files are read, at most `max_file_bytes` each. DST is written through
-`modeling.atomic_dir` (a temp folder renamed into place), so a killed writer leaves the previous
+`persongen_jax.io.atomic_dir` (a temp folder renamed into place), so a killed writer leaves the previous
 dataset or the new one, never a mix; an existing DST is replaced only when it is a dataset this
 writer made, and never when it holds SRC or the captions file. Readers (`read_records`, the training
 pipeline) call `check_shards`, which refuses shards whose size, record count or sha256 differ from
@@ -494,7 +494,7 @@ def write_dataset(src_dir: str | os.PathLike, captions_jsonl: str | os.PathLike,
     (sorted by path), bad ones go to index["bad"] with the reason. trigger_word=None skips the
     trigger-word check (the pipeline still checks it when it tokenizes). DST is written atomically
     (see the module doc); ValueError when DST holds SRC or the captions, or is a foreign folder."""
-    from persongen_jax.models.modeling import atomic_dir
+    from persongen_jax.io import atomic_dir
 
     src, dst = Path(src_dir), Path(dst_dir)
     check_destination(dst, {"source folder": src, "captions file": Path(captions_jsonl)})

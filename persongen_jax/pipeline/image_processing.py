@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from persongen_jax.io import read_json
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # transformers' file names: a processor's `processor_config.json` (its "image_processor" entry wins, as in
@@ -188,8 +189,6 @@ class CLIPImageProcessor:
             path = directory / name
             if not path.is_file():
                 continue
-            from persongen_jax.models.modeling import read_json
-
             data = read_json(path)
             if entry is None:
                 return cls.from_dict(data, str(path))

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from persongen_jax.io import read_json
+
 MAX_LENGTH = 77  # CLIP's context length (max_position_embeddings of SDXL's text encoders)
 DEFAULT_TRIGGER_WORD = "img"
 TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
@@ -220,8 +222,6 @@ def read_force_zeros_for_empty_prompt(model_dir: str | os.PathLike) -> bool:
     index = Path(model_dir) / "model_index.json"
     if not index.is_file():
         return True
-    from persongen_jax.models.modeling import read_json
-
     return bool(read_json(index).get("force_zeros_for_empty_prompt", True))
 
 
