@@ -247,9 +247,13 @@ def check_checksums(params_dir: str | os.PathLike, named: Mapping[str, Any]) -> 
                     "get them", params_dir, CHECKSUMS_FILE)
         return
     try:
-        stored = loads_json(path.read_bytes(), path)["arrays"]
+        stored = loads_json(path.read_bytes(), path, "unreadable checksums")
+    except ValueError as e:
+        raise ValueError(f"{e}; {skip}") from None
+    try:
+        stored = stored["arrays"]
         sums = {k: stored[k]["sha256"] for k in named if k in stored}
-    except (ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: unreadable checksums ({type(e).__name__}: {e}); {skip}") from None
     missing = sorted(k for k in named if k not in sums)
     bad = [k for k, d in zip(named, _digests(named.values())) if k in sums and d != sums[k]]
