@@ -99,7 +99,7 @@ def _load_config(path: Path):
     import ml_collections
 
     if path.suffix == ".json":
-        from persongen_jax.models.modeling import read_json
+        from persongen_jax.io import read_json
 
         return ml_collections.ConfigDict(read_json(path))
     from persongen_jax.train import load_config

@@ -401,3 +401,130 @@ def test_stale_temp_folders_of_killed_conversions_are_removed(text_src, tmp_path
     assert not stale.exists() and live.exists()
     said = " ".join(r.getMessage() for r in caplog.records)
     assert f"removed {stale}" in said and str(live) not in said, said
+
+
+def test_deeply_nested_json_is_one_error_line_naming_the_file(text_src, tmp_path):
+    """Issue 24 defect 9: 2 MB of `[[[...` (json's RecursionError) in a safetensors header, in its
+    lora_adapter_metadata, in a source config.json, a sharded index, a --unet config: one `error:` line
+    naming the file, exit 1, nothing written; the same nesting in every JSON file a loader reads (converted
+    config.json, checksums.json, model_index.json, a dataset index, validation prompts, metrics history)
+    is a ValueError naming the file."""
+    import struct
+
+    deep = b"[" * (2 << 20)
+
+    def safetensors(path, header: bytes):
+        path.write_bytes(struct.pack("<Q", len(header)) + header)
+        return path
+
+    proc = run_cli("lora", safetensors(tmp_path / "deep.safetensors", deep), tmp_path / "o1", check=False)
+    _fails(proc, str(tmp_path / "deep.safetensors"), "corrupt safetensors header", "nested too deeply")
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    meta = json.dumps({"__metadata__": {"lora_adapter_metadata": "[" * 100_000}}).encode()
+    _one_error_line(*_main("lora", safetensors(tmp_path / "meta.safetensors", meta), tmp_path / "o2"),
+                    str(tmp_path / "meta.safetensors"), "lora_adapter_metadata", "nested too deeply")
+    src = tmp_path / "src"
+    shutil.copytree(text_src, src)
+    (src / "config.json").write_bytes(deep)
+    _one_error_line(*_main("clip", src, tmp_path / "o3"), str(src / "config.json"), "nested too deeply")
+    (tmp_path / "model.safetensors.index.json").write_bytes(b'{"weight_map": ' + deep)
+    from weights_conversion import io as wio
+    from weights_conversion.core import ConversionError
+
+    with pytest.raises(ConversionError, match="model.safetensors.index.json: not a valid sharded-checkpoint index"):
+        wio.read_checkpoint(tmp_path / "model.safetensors.index.json")
+    lora = tmp_path / "lora.safetensors"
+    shutil.copy(text_src / "model.safetensors", lora)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_bytes(deep)
+    _one_error_line(*_main("lora", lora, tmp_path / "o4", "--unet", tmp_path / "unet"),
+                    str(tmp_path / "unet" / "config.json"), "nested too deeply")
+    assert not any(tmp_path.glob("o*")), sorted(tmp_path.iterdir())
+
+    from persongen_jax.data.format import load_index
+    from persongen_jax.evaluation.protocol import load_prompts
+    from persongen_jax.evaluation.report import read_jsonl
+    from persongen_jax.models.modeling import from_pretrained
+    from persongen_jax.pipeline.prompt import read_force_zeros_for_empty_prompt
+
+    out = tmp_path / "out"
+    assert _main("clip", text_src, out)[0] == 0
+    (out / "params" / "checksums.json").write_bytes(deep)
+    with pytest.raises(ValueError, match=r"checksums.json.*nested too deeply"):
+        from_pretrained(out)
+    (out / "config.json").write_bytes(deep)
+    for path, load in [(out / "config.json", lambda p: from_pretrained(p.parent)),
+                       (tmp_path / "model_index.json", lambda p: read_force_zeros_for_empty_prompt(p.parent)),
+                       (tmp_path / "data" / "index.json", lambda p: load_index(p.parent)),
+                       (tmp_path / "prompts.json", load_prompts),
+                       (tmp_path / "history.jsonl", read_jsonl)]:
+        path.parent.mkdir(exist_ok=True)
+        if not path.exists():
+            path.write_bytes(deep)
+        with pytest.raises(ValueError, match="nested too deeply") as e:
+            load(path)
+        assert str(path) in str(e.value), e.value
+    # A captions JSONL line nested as deep is one bad line (listed with its reason), the others kept.
+    from persongen_jax.data.format import read_captions
+
+    captions = tmp_path / "captions.jsonl"
+    captions.write_bytes(b'{"image": "a.png", "caption": "a man img"}\n' + deep + b"\n")
+    entries, bad = read_captions(captions)
+    assert list(entries) == ["a.png"] and bad == [{"image": f"{captions}:2",
+                                                   "reason": "unparsable JSONL line (nested too deeply)"}], bad
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_outputs_get_the_users_umask(text_src, tmp_path, umask):
+    """Issue 24 (friction): every file and folder the tools write has the mode a plain open() / mkdir()
+    gives under the user's umask -- converted folders (atomic_dir, also the dataset writers' and the build's
+    DST), exported .safetensors, evaluate's metrics.json -- not mkdtemp's 0700 / mkstemp's 0600."""
+    import os
+    import stat
+
+    from persongen_jax.evaluation.report import write_metrics_json
+    from persongen_jax.models import lora as L
+
+    old = os.umask(umask)
+    try:
+        assert _main("clip", text_src, tmp_path / "clip")[0] == 0
+        L.write_folder(tmp_path / "lora", L.lora_config({"a.to_q": (1, 1.0)}),
+                       {("a", "to_q", "lora_A", "kernel"): np.ones((4, 1), np.float32),
+                        ("a", "to_q", "lora_B", "kernel"): np.ones((1, 4), np.float32)})
+        assert _main("export-lora", tmp_path / "lora", tmp_path / "lora.safetensors")[0] == 0
+        write_metrics_json({"sets": {}}, tmp_path / "eval" / "metrics.json")
+    finally:
+        os.umask(old)
+    written = [tmp_path / "clip", *(tmp_path / "clip").rglob("*"), tmp_path / "lora", *(tmp_path / "lora").rglob("*"),
+               tmp_path / "lora.safetensors", tmp_path / "eval" / "metrics.json"]
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    want = {str(p.relative_to(tmp_path)): oct((0o777 if p.is_dir() else 0o666) & ~umask) for p in written}
+    assert modes == want
+
+
+def test_readme_conversion_commands_parse():
+    """Issue 24 (README frictions): every `python -m weights_conversion ...` command in a code block of the
+    README (the real-weights table's block included; `[--opt x]` read as given) names a subcommand and
+    options the CLI has; the block covers each conversion the table names."""
+    import shlex
+    from pathlib import Path
+
+    from weights_conversion.__main__ import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("python -m weights_conversion "):
+                commands.append(re.sub(r"\[([^\]]*)\]", r"\1", line))
+    parser = build_parser()
+    seen = set()
+    for command in commands:
+        try:
+            args = parser.parse_args(shlex.split(command)[3:])
+        except SystemExit:
+            raise AssertionError(f"README command does not parse: {command}") from None
+        seen.add(args.command)
+    assert {"sdxl", "photomaker", "clip", "arcface"} <= seen, (seen, commands)

@@ -115,3 +115,46 @@ def test_clip_image_processor_reads_the_model_folders_config(tmp_path):
     (folder / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="preprocessor_config.json: not valid JSON"):
         CLIPImageProcessor.from_pretrained(folder, 224)
+
+
+def test_16_bit_and_float_greyscale_keep_their_brightness(tmp_path):
+    """Issue 24 defect 8: a 16-bit greyscale PNG (PIL modes I;16 / I;16B, I from a 16-bit PGM, F) decoded
+    by every reader of images -- load_image (generate / evaluate / app), convert_to_rgb (the CLIP
+    processing), the build's decode_rgb and the training pipeline's decoder -- keeps its mean within 1 of
+    the 8-bit reference (PIL's own convert("RGB") clips it to white: mean 255)."""
+    from persongen_jax.data.build.decode import decode_rgb
+    from persongen_jax.data.pipeline import _decode
+    from persongen_jax.pipeline.image_processing import convert_to_rgb
+
+    # A gradient over the whole 16-bit range: its 8-bit version (x >> 8) has mean 117.4.
+    grad16 = (np.linspace(0, 60000, 48 * 64).reshape(48, 64)).astype(np.uint16)
+    want = (grad16 >> 8).astype(np.float64)
+    assert abs(want.mean() - 117) < 1
+    png = tmp_path / "grey16.png"
+    Image.fromarray(grad16).save(png)
+    pgm = tmp_path / "grey16.pgm"  # PIL opens a 16-bit PGM in mode I
+    pgm.write_bytes(b"P5 64 48 65535\n" + grad16.astype(">u2").tobytes())
+    with Image.open(png) as im, Image.open(pgm) as im_i:
+        assert (im.mode, im_i.mode) == ("I;16", "I")
+        opened = {"I;16": im.copy(), "I": im_i.copy()}
+    opened["I;16B"] = Image.fromarray(grad16.astype(">u2"))
+    opened["F"] = Image.fromarray(grad16.astype(np.float32) / 65535)
+    assert {m: o.mode for m, o in opened.items()} == {m: m for m in opened}
+
+    def check(rgb, what):
+        rgb = np.asarray(rgb, np.float64)
+        assert rgb.shape == (48, 64, 3), what
+        assert abs(rgb.mean() - want.mean()) < 1, (what, rgb.mean(), want.mean())
+        np.testing.assert_allclose(rgb[..., 0], want, atol=1, err_msg=what)
+
+    for path in (png, pgm):
+        check(load_image(path), f"load_image {path.name}")
+        check(load_image(path, composite_on_white=True), f"load_image composite {path.name}")
+        check(decode_rgb(path.read_bytes()), f"decode_rgb {path.name}")
+        check(_decode(path.read_bytes()), f"training decoder {path.name}")
+    for mode, image in opened.items():
+        check(convert_to_rgb(image), f"convert_to_rgb {mode}")
+    check(convert_to_rgb(grad16), "convert_to_rgb uint16 array")
+    # An 8-bit image is untouched.
+    grey8 = (grad16 >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(convert_to_rgb(Image.fromarray(grey8))[..., 1], grey8)

@@ -146,7 +146,7 @@ def test_config_validation(tmp_path):
 
 
 def test_damaged_config_files_are_one_error_naming_the_file(tmp_path):
-    """Every JSON config reader goes through modeling.read_json: a damaged scheduler config, component
+    """Every JSON config reader goes through persongen_jax.io.read_json: a damaged scheduler config, component
     config.json or LoRA folder config is a ValueError naming the file, not a JSONDecodeError traceback."""
     from persongen_jax.models import lora, modeling
 

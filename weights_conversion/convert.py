@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from persongen_jax.io import atomic_dir, read_json
 from persongen_jax.models import modeling
 from weights_conversion import io
 from weights_conversion.core import ConversionError, convert_state_dict
@@ -40,9 +41,9 @@ def read_source_config(folder: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{folder}: no config.json (expected a diffusers/transformers model folder)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+        return read_json(path)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def class_name_of(config: dict, folder: Path) -> str:
@@ -169,8 +170,8 @@ def check_output(dst: Path, overwrite: bool = False, sources=(), *, kind: str = 
 
 
 def atomic_output(dst: Path, overwrite: bool = False, sources=()):
-    """`modeling.atomic_dir` behind `check_output`: errors are ConversionErrors naming DST and the flag."""
-    return modeling.atomic_dir(check_output(dst, overwrite, sources), overwrite=True)
+    """`persongen_jax.io.atomic_dir` behind `check_output`: errors are ConversionErrors naming DST and the flag."""
+    return atomic_dir(check_output(dst, overwrite, sources), overwrite=True)
 
 
 def convert_sdxl(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=False) -> list[str]:

@@ -12,7 +12,6 @@ Every failure raises `ConversionError` with a one-line message naming the file.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from persongen_jax.io import loads_json
 from weights_conversion.core import ConversionError
 
 _ST_DTYPES = {
@@ -61,9 +61,9 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             if header_len > size - 8:
                 raise ConversionError(f"{path}: truncated or corrupt safetensors file (header says "
                                       f"{header_len} header bytes, file has {size})")
-            header = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
+            header = loads_json(f.read(header_len), path, "corrupt safetensors header")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if not isinstance(header, dict):
         raise ConversionError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an "
                               "object of tensor entries)")
@@ -141,9 +141,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     name = path.name
     if name.endswith(".index.json"):
         try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ConversionError(f"{path}: not a valid sharded-checkpoint index ({e})") from None
+            weight_map = loads_json(path.read_bytes(), path, "not a valid sharded-checkpoint index")
+            weight_map = weight_map["weight_map"]
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise TypeError("weight_map must map tensor names to file names")
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+        except (KeyError, TypeError) as e:
+            raise ConversionError(f"{path}: not a valid sharded-checkpoint index ({type(e).__name__}: {e})") from None
         out = {}
         for shard in sorted(set(weight_map.values())):
             part = read_checkpoint(path.parent / shard)

@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from persongen_jax.io import chmod_as_created, loads_json, read_json
 from persongen_jax.models import lora as L
 from persongen_jax.models import modeling
 from weights_conversion import io
@@ -69,9 +70,9 @@ def unet_config(unet: str | os.PathLike | None) -> dict:
     for cand in (p, p / "config.json", p / "unet" / "config.json"):
         if cand.is_file() and cand.name.endswith(".json"):
             try:
-                cfg = json.loads(cand.read_text())
-            except json.JSONDecodeError as e:
-                raise ConversionError(f"{cand}: not valid JSON ({e})") from None
+                cfg = read_json(cand)
+            except ValueError as e:
+                raise ConversionError(str(e)) from None
             if cfg.get("_class_name", cfg.get(modeling.CLASS_KEY)) != "UNet2DConditionModel":
                 continue
             return {k: v for k, v in cfg.items() if k != modeling.CLASS_KEY}
@@ -140,9 +141,9 @@ def _read_metadata(path: Path) -> dict | None:
         return None
     where = f"{path}: __metadata__.lora_adapter_metadata"
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{where} is not valid JSON ({e})") from None
+        meta = loads_json(raw, where, "is not valid JSON")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if not isinstance(meta, dict):
         raise ConversionError(f"{where} is a JSON {type(meta).__name__}, expected an object")
     meta = {k.removeprefix("unet."): v for k, v in meta.items() if not k.startswith("text_encoder")}
@@ -438,6 +439,8 @@ def _write_safetensors(tensors: dict[str, np.ndarray], dst: Path, metadata: dict
     os.close(fd)
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        # Not mkstemp's private 0600 (save_file keeps the mode of the file it overwrites): the mode open() gives.
+        chmod_as_created(tmp, directory=False)
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

@@ -32,7 +32,7 @@ by name (`pipeline.bad_records_report`).
 
 Safety (docs/RELIABILITY.md): every path from the JSONL must resolve, symlinks followed, inside SRC;
 only regular files are read, at most `max_file_bytes` each. DST is written through
-`modeling.atomic_dir` (a temp folder renamed into place), so a killed writer leaves the previous
+`persongen_jax.io.atomic_dir` (a temp folder renamed into place), so a killed writer leaves the previous
 dataset or the new one, never a mix; an existing DST is replaced only when it is a dataset this
 writer made, and never when it holds SRC or the captions file. Readers (`read_records`, the training
 pipeline) call `check_shards`, which refuses shards whose size, record count or sha256 differ from
@@ -61,6 +61,7 @@ from typing import Any
 from PIL import Image
 
 from persongen_jax import conditions as conditions_lib
+from persongen_jax.io import loads_json
 
 MAGIC = b"PGJ1"
 INDEX_FILE = "index.json"
@@ -113,9 +114,9 @@ def load_index(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{data_dir}: no {INDEX_FILE}; build the dataset with "
                                 "`python -m persongen_jax.data.format SRC CAPTIONS.jsonl DST`")
     try:
-        index = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); {REBUILD_HINT}") from None
+        index = loads_json(path.read_bytes(), path)
+    except ValueError as e:
+        raise ValueError(f"{e}; {REBUILD_HINT}") from None
     ok = (isinstance(index, dict) and isinstance(index.get("shards"), list)
           and isinstance(index.get("persons"), dict) and isinstance(index.get("num_records"), int)
           and all(isinstance(s, dict) and isinstance(s.get("path"), str)
@@ -370,8 +371,8 @@ def read_captions(captions_jsonl: str | os.PathLike, src_dir: str | os.PathLike 
             continue
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append(dict(image=where, reason=f"unparsable JSONL line ({e.msg})"))
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested thousands of levels deep
+            bad.append(dict(image=where, reason=f"unparsable JSONL line ({getattr(e, 'msg', 'nested too deeply')})"))
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"].strip():
             got = type(entry.get("image")).__name__ if isinstance(entry, dict) else type(entry).__name__
@@ -493,7 +494,7 @@ def write_dataset(src_dir: str | os.PathLike, captions_jsonl: str | os.PathLike,
     (sorted by path), bad ones go to index["bad"] with the reason. trigger_word=None skips the
     trigger-word check (the pipeline still checks it when it tokenizes). DST is written atomically
     (see the module doc); ValueError when DST holds SRC or the captions, or is a foreign folder."""
-    from persongen_jax.models.modeling import atomic_dir
+    from persongen_jax.io import atomic_dir
 
     src, dst = Path(src_dir), Path(dst_dir)
     check_destination(dst, {"source folder": src, "captions file": Path(captions_jsonl)})

@@ -112,7 +112,7 @@ def make_demo(dst: str | Path, *, persons: int = 24, images_per_person: int = 6,
     The whole folder is written through `atomic_dir`, so a killed run leaves no half-built demo (the
     training loop builds it when its index.json is missing); an existing `dst` is replaced only when
     it is a demo dataset (index.json, its shards and raw/)."""
-    from persongen_jax.models.modeling import atomic_dir
+    from persongen_jax.io import atomic_dir
 
     dst = Path(dst)
     fmt.check_destination(dst, {}, allowed_extra=("raw",))

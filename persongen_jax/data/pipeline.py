@@ -31,7 +31,7 @@ from PIL import Image
 
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.data import format as fmt
-from persongen_jax.pipeline.image_processing import clip_preprocess
+from persongen_jax.pipeline.image_processing import clip_preprocess, to_8bit
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, make_prompt_batch, tokenize
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _ref_crop(image: Image.Image, box) -> Image.Image:
 def _decode(image_bytes: bytes) -> Image.Image:
     with Image.open(io.BytesIO(image_bytes)) as im:
         im.load()
-        return im.convert("RGB")
+        return to_8bit(im).convert("RGB")
 
 
 def _reason(e: Exception) -> str:

@@ -23,7 +23,6 @@ prompt, `split="always"` fails for a model that lacks one of the adapters.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -35,6 +34,7 @@ import numpy as np
 
 from persongen_jax.evaluation import report
 from persongen_jax.evaluation.metrics import Metric
+from persongen_jax.io import loads_json
 from persongen_jax.pipeline import DEFAULT_START_MERGE
 from persongen_jax.pipeline.image_processing import load_image
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, strip_trigger_word
@@ -79,12 +79,12 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[ValidationPrompt
     research's 4, with P_bg as "bg")."""
     path = Path(path) if path else DEFAULT_PROMPTS
     try:
-        data = json.loads(path.read_text())
+        data = loads_json(path.read_bytes(), path)
         items = data["prompts"]
         prompts = [_prompt(p) for p in items]
     except FileNotFoundError:
         raise ValueError(f"{path}: no such prompts file") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: expected {{\"prompts\": [{{\"name\", \"prompt\", \"class_word\", \"general\", "
                          f"condition texts}}, ...]}} ({type(e).__name__}: {e})") from None
     if not prompts:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from persongen_jax.evaluation.metrics import DEFAULT_METRICS, display
+from persongen_jax.io import chmod_as_created, loads_json
 
 ROW_COLUMNS = ("set", "reference", "prompt_index", "prompt", "seed", "image")
 
@@ -140,8 +141,8 @@ def write_metrics_json(metrics: dict, path: str | os.PathLike, **extra: Any) -> 
     # The temporary file is in the same folder so that os.replace is a rename on one filesystem.
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp makes the file private (0600); a metrics file is meant to be read by others too.
-        os.chmod(tmp, 0o644)
+        # mkstemp makes the file private (0600); metrics.json gets the mode open() gives (the umask's).
+        chmod_as_created(tmp, directory=False)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({**extra, **metrics}, f, indent=2)
             f.write("\n")
@@ -338,10 +339,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
             if not line.strip():
                 # A trailing blank line (or one left by an interrupted append) carries nothing.
                 continue
-            try:
-                out.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+            out.append((lineno, loads_json(line, f"{path}, line {lineno}")))
     return out
 
 
@@ -355,10 +353,7 @@ def _read_history_jsonl(path: Path) -> list[dict]:
 
 
 def _read_metrics_json(path: Path) -> list[dict]:
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    metrics = loads_json(path.read_bytes(), path)
     if not isinstance(metrics, dict) or metrics.get("step") is None:
         # Without a step an evaluation cannot be placed on the training-step axis.
         raise ValueError(f"{path}: expected an evaluate metrics.json with a 'step' field")

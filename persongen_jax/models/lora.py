@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from persongen_jax.io import atomic_dir, read_json
 from persongen_jax.models import modeling
 from persongen_jax.models.attention_processor import ADAPTER_PROCESSORS, AdapterProcessor, Attention
 from persongen_jax.models.layers import LayerNorm, Linear
@@ -395,7 +396,7 @@ def write_folder(directory: str | os.PathLike, config: Mapping[str, Any], flat: 
         (into / modeling.CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
         modeling.save_params(flat, into / modeling.PARAMS_DIR)
         return
-    with modeling.atomic_dir(directory, overwrite) as tmp:
+    with atomic_dir(directory, overwrite) as tmp:
         write_folder(directory, config, flat, into=tmp)
 
 
@@ -403,7 +404,7 @@ def _read_config(directory, fmt: str) -> dict:
     path = Path(directory) / modeling.CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a {fmt} folder")
-    cfg = modeling.read_json(path)
+    cfg = read_json(path)
     if cfg.get("format") != fmt:
         raise ValueError(f"{path}: format {cfg.get('format')!r}, expected {fmt!r}")
     return cfg

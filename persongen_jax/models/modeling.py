@@ -23,26 +23,21 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
 import os
-import re
-import secrets
-import shutil
-import socket
-import sys
-import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from persongen_jax.io import loads_json, read_json
 
 MODEL_REGISTRY: dict[str, type] = {}
 CONFIG_FILE = "config.json"
@@ -206,97 +201,6 @@ def _lookup(tree: Mapping, path: tuple):
     return node
 
 
-# Temporary folders of `atomic_dir` are named `.DST.tmp-PID@HOST-XXXXXXXX` (and `.DST.old-...` for the
-# replaced folder on filesystems without an atomic exchange), so a later run can tell a folder left by
-# a killed process of this host (removed) from one being written right now (kept).
-_TMP_RE = re.compile(r"(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>.+)-[A-Za-z0-9_]+")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def clean_stale_temps(dst: str | os.PathLike) -> list[Path]:
-    """Removes the temporary folders that `atomic_dir(dst)` runs killed mid-write (kill -9, power loss)
-    left next to `dst`: only those whose process was on this host and no longer runs, each logged with
-    its name. A `.DST.old-*` folder (the previous `dst`, renamed away by the two-rename fallback) is put
-    back when `dst` is missing instead of removed. Returns the folders removed or restored."""
-    dst = Path(dst).absolute()
-    if not dst.parent.is_dir():
-        return []
-    host, done = socket.gethostname(), []
-    prefix = f".{dst.name}."
-    for p in sorted(dst.parent.iterdir()):
-        m = _TMP_RE.fullmatch(p.name[len(prefix):]) if p.name.startswith(prefix) else None
-        if not m or m["host"] != host or _process_alive(int(m["pid"])):
-            continue
-        if m["kind"] == "old" and not os.path.lexists(dst):
-            p.rename(dst)
-            log.warning("restored %s from %s (a replacement of it was killed half-way)", dst, p.name)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-            log.warning("removed %s: left by an interrupted write of %s (process %s is gone)", p, dst.name,
-                        m["pid"])
-        done.append(p)
-    return done
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    if sys.platform != "linux":
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # filesystem or kernel without it
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-@contextlib.contextmanager
-def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temp folder next to `dst`, renamed to `dst` only if the block succeeds, so a
-    failed or killed write never leaves a half-written `dst` (nor destroys an existing one): after a
-    kill -9 at any point `dst` is either the old complete folder or the new complete one. An existing
-    `dst` is swapped out atomically (renameat2 exchange; two renames where the filesystem lacks it).
-    Temp folders of killed earlier writes are removed first (`clean_stale_temps`)."""
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst}: already exists (pass overwrite=True to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(dst)
-    tag = f"{os.getpid()}@{socket.gethostname()}-"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{tag}", dir=dst.parent))
-    try:
-        yield tmp
-        if not os.path.lexists(dst):
-            tmp.rename(dst)
-        elif _exchange(tmp, dst):
-            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
-        else:
-            old = dst.with_name(f".{dst.name}.old-{tag}{secrets.token_hex(4)}")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def array_digest(value) -> str:
     """sha256 of an array's bytes (C order, its own dtype)."""
     a = np.ascontiguousarray(np.asarray(value))
@@ -343,9 +247,13 @@ def check_checksums(params_dir: str | os.PathLike, named: Mapping[str, Any]) -> 
                     "get them", params_dir, CHECKSUMS_FILE)
         return
     try:
-        stored = json.loads(path.read_text())["arrays"]
+        stored = loads_json(path.read_bytes(), path, "unreadable checksums")
+    except ValueError as e:
+        raise ValueError(f"{e}; {skip}") from None
+    try:
+        stored = stored["arrays"]
         sums = {k: stored[k]["sha256"] for k in named if k in stored}
-    except (ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: unreadable checksums ({type(e).__name__}: {e}); {skip}") from None
     missing = sorted(k for k in named if k not in sums)
     bad = [k for k, d in zip(named, _digests(named.values())) if k in sums and d != sums[k]]
@@ -364,20 +272,6 @@ def save_pretrained(model, config: Mapping[str, Any], directory: str | os.PathLi
     cfg[CLASS_KEY] = type(model).__name__
     (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
     save_params(flat_params(model), directory / PARAMS_DIR)
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    """A JSON object file (config.json, scheduler / processor configs, a run's config): the one reader
-    of them all, so a damaged file is always `ValueError("<path>: not valid JSON (...)")`, never a
-    traceback from deep inside a loader. The caller decides what a missing file means."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def read_config(directory: str | os.PathLike) -> dict:

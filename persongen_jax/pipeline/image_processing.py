@@ -3,8 +3,9 @@
 `CLIPImageProcessor` reproduces transformers' `CLIPImageProcessor` (PIL backend)
 with the settings of a model folder's processor config (`from_pretrained`), or
 its defaults: convert to RGB (transparency composited onto white,
-`convert_to_rgb`), resize the shortest edge to `size` with PIL bicubic (long
-edge `int(size * long / short)`), center crop `crop_size` (top = (h - crop) // 2,
+`convert_to_rgb`; 16-bit and float greyscale scaled to 8 bits, `to_8bit`),
+resize the shortest edge to `size` with PIL bicubic (long edge
+`int(size * long / short)`), center crop `crop_size` (top = (h - crop) // 2,
 zero-padded when the image is smaller), rescale by 1/255, normalise with the
 OpenAI CLIP mean/std. Output is channels-last float32 [H, W, 3], what our CLIP
 vision models take. `clip_preprocess(image, size)` is the default processor at
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from persongen_jax.io import read_json
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # transformers' file names: a processor's `processor_config.json` (its "image_processor" entry wins, as in
@@ -33,6 +35,22 @@ class ImageError(ValueError):
     """An image file that cannot be used; the message names the file."""
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A PIL image of more than 8 bits per sample -> mode "L" with the same brightness; other modes are
+    returned as they are. PIL's own `.convert("RGB" | "L")` clips such samples at 255, so a 16-bit
+    greyscale PNG of mean 117 (in 8-bit terms) becomes all white. Scaling, by mode:
+    `I;16`, `I;16B`, `I;16L` (16-bit PNG / TIFF): x >> 8, as PIL's own 16-bit -> 8-bit readers;
+    `I` (32-bit int, what PIL gives 16-bit PGM and some TIFFs): the 16-bit range, clipped to [0, 65535], >> 8;
+    `F` (32-bit float): the [0, 1] range of float images, round(255 x) clipped to [0, 255] (NaN -> 0)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        arr = np.asarray(image).astype(np.int64)
+        return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        arr = np.nan_to_num(np.asarray(image, np.float64), nan=0.0)
+        return Image.fromarray(np.round(np.clip(arr, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
+    return image
+
+
 def convert_to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     """-> RGB uint8 [H, W, 3] with transparency composited onto white, as transformers'
     `image_transforms.convert_to_rgb` (the first step of its CLIP image processing): a PIL image with an
@@ -41,6 +59,7 @@ def convert_to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     [H, W] or [H, W, 1] is repeated to 3 channels. (PIL's plain `.convert("RGB")` and cv2.imread instead
     drop alpha and keep the colours under it, which no viewer sees.)"""
     if isinstance(image, Image.Image):
+        image = to_8bit(image)
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -50,7 +69,8 @@ def convert_to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
         raise ImageError(f"expected an image array [H, W, 3] (or [H, W], 1 or 4 channels), got shape {arr.shape}")
-    arr = arr.astype(np.uint8, copy=False)
+    # 16-bit samples as `to_8bit`; a plain astype would wrap them around (256 -> 0).
+    arr = (arr >> 8).astype(np.uint8) if arr.dtype == np.uint16 else arr.astype(np.uint8, copy=False)
     if arr.shape[-1] == 1:
         return np.repeat(arr, 3, axis=-1)
     if arr.shape[-1] == 4:
@@ -71,7 +91,7 @@ def load_image(path: str | os.PathLike, *, composite_on_white: bool = False) -> 
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later in a worker
-            return Image.fromarray(convert_to_rgb(im)) if composite_on_white else im.convert("RGB")
+            return Image.fromarray(convert_to_rgb(im)) if composite_on_white else to_8bit(im).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
@@ -169,8 +189,6 @@ class CLIPImageProcessor:
             path = directory / name
             if not path.is_file():
                 continue
-            from persongen_jax.models.modeling import read_json
-
             data = read_json(path)
             if entry is None:
                 return cls.from_dict(data, str(path))

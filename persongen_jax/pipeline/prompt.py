@@ -20,7 +20,6 @@ is traceable (wrap it in `nnx.jit`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -30,6 +29,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from persongen_jax.io import read_json
 
 MAX_LENGTH = 77  # CLIP's context length (max_position_embeddings of SDXL's text encoders)
 DEFAULT_TRIGGER_WORD = "img"
@@ -221,7 +222,7 @@ def read_force_zeros_for_empty_prompt(model_dir: str | os.PathLike) -> bool:
     index = Path(model_dir) / "model_index.json"
     if not index.is_file():
         return True
-    return bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True))
+    return bool(read_json(index).get("force_zeros_for_empty_prompt", True))
 
 
 def zero_negative(negative_prompt, force_zeros_for_empty_prompt: bool = True) -> bool:

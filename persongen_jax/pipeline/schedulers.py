@@ -21,7 +21,6 @@ per-step math is float32 in diffusers' order of operations.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -30,6 +29,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from persongen_jax.io import read_json
 
 SCHEDULER_CONFIG = "scheduler_config.json"
 
@@ -368,8 +369,6 @@ def read_scheduler_config(directory: str | os.PathLike | None, *, default: Mappi
         directory = Path(directory)
         for path in (directory / SCHEDULER_CONFIG, directory / "scheduler" / SCHEDULER_CONFIG):
             if path.is_file():
-                from persongen_jax.models.modeling import read_json
-
                 return read_json(path)
     if default is not None:
         return dict(default)

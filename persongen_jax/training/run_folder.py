@@ -187,7 +187,7 @@ def read_saved_config(workdir) -> dict | None:
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         return None
-    from persongen_jax.models.modeling import read_json
+    from persongen_jax.io import read_json
 
     try:
         return read_json(path)

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from persongen_jax.data.build.common import Item, StageDoFn, sha256_bytes
+from persongen_jax.pipeline.image_processing import to_8bit
 
 
 class DecodeError(ValueError):
@@ -29,7 +30,7 @@ def decode_rgb(data: bytes, min_side: int = 0) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size  # header only: cheap
-                rgb = None if min(w, h) < min_side else np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+                rgb = None if min(w, h) < min_side else np.asarray(to_8bit(ImageOps.exif_transpose(im)).convert("RGB"))
     except Exception as e:  # PIL raises many types for broken or hostile files
         raise DecodeError(f"cannot decode image ({type(e).__name__})") from None
     if rgb is None:

@@ -7,7 +7,7 @@ Graph (each arrow a stage module; every stage's rejects flow into one "rejected"
     ListImages -> Decode -> Detect -> BatchElements -> Embed -> GroupByKey(person) + Verify -> Crop
       -> BatchElements -> Caption -> BatchElements -> Split -> Mark -> Encode -> WriteToArrayRecord
 
-The run writes into a temporary folder next to DST (`modeling.atomic_dir`) that replaces DST only when
+The run writes into a temporary folder next to DST (`persongen_jax.io.atomic_dir`) that replaces DST only when
 everything -- shards, index.json -- is complete: a killed run leaves the previous DST (or none). The
 stage caches live in DST/_work during the run and move into the new DST with it, so a rerun after a
 crash reuses every finished detection, embedding, caption and split.
@@ -114,7 +114,7 @@ def build_dataset(settings: BuildSettings, beam_args=(), *, log=print) -> dict:
     from apache_beam.io.filesystems import FileSystems
 
     from persongen_jax.data.build.faces import face_scorer
-    from persongen_jax.models.modeling import atomic_dir
+    from persongen_jax.io import atomic_dir
 
     s = settings
     s.check()
