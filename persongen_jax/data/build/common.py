@@ -39,7 +39,7 @@ class Item:
     it holds either."""
     image: str                       # "persons/<person_id>/<file>", relative to SRC: the record's "image"
     person_id: str
-    path: str                        # full path or URL, read through Beam's FileSystems
+    path: str                        # full path or URL (a URL is read through Beam's FileSystems)
     sha256: str = ""                 # of the file's bytes (decode)
     width: int = 0                   # decoded size, EXIF orientation applied (decode)
     height: int = 0
