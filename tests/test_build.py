@@ -544,7 +544,8 @@ def test_long_answers_are_bounded_and_long_captions_rejected(tmp_path):
                  for side in answers]
         out = list(stage.process(batch))
     kept = [o for o in out if isinstance(o, Item)]
-    rejected = {o.value["image"]: (o.value["reason"], o.value["detail"]) for o in out if getattr(o, "tag", "") == REJECTED}
+    rejected = {o.value["image"]: (o.value["reason"], o.value["detail"])
+                for o in out if getattr(o, "tag", "") == REJECTED}
     assert [(k.image, k.caption) for k in kept] == [("persons/p/8.jpg", "a photo of a man")]
     assert rejected["persons/p/16.jpg"][0] == "caption too long"
     assert rejected["persons/p/16.jpg"][1].startswith("3016 characters > --caption-max-chars 2000")

@@ -13,8 +13,9 @@ allowed; nothing else): string values, "" for "not mentioned". An answer that do
 rejection: the image keeps P_general with no P_bg / P_body, and the failure is recorded with its reason
 (the "notes" output, index.json["split_failures"], counted in the summary); so is an answer over the
 size limit (`vlm.AnswerTooLong`). A request the endpoint failed (`vlm.EndpointError`) is not the
-caption's fault: it goes to the "failed" output and the build stops (pipeline.build_dataset). Answers are cached in DST/_work/splits, keyed by the caption text +
-the model's fingerprint + the prompt + max tokens.
+caption's fault: it goes to the "failed" output and the build stops (pipeline.build_dataset). Answers
+are cached in DST/_work/splits, keyed by the caption text + the model's fingerprint + the prompt + max
+tokens.
 """
 
 from __future__ import annotations
