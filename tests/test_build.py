@@ -527,6 +527,27 @@ def test_caption_timeout_bounds_the_whole_request():
         assert server.count("caption") == 1
 
 
+def test_server_errors_are_the_endpoints_failure_not_the_images(tmp_path):
+    """HTTP 503 is retried (--caption-retries 1: two attempts), HTTP 400 is not; either way the caption stage
+    emits a "failed" output (the run's error), never a reject of the image, and sends no further request."""
+    from persongen_jax.data.build.caption import CaptionImages
+    from persongen_jax.data.build.common import FAILED, Item
+
+    for status, attempts in ((503, 2), (400, 1)):
+        with CaptionServer(status=status) as server:
+            stage = CaptionImages(_caption_settings(server.url, tmp_path / "dst", "--caption-retries", "1",
+                                                    "--caption-concurrency", "1"))
+            stage.setup()
+            batch = [Item(image=f"persons/p/{k}.jpg", person_id="p", path="", jpeg=_jpeg(8), crop_sha256=str(k))
+                     for k in range(3)]
+            out = list(stage.process(batch))
+        assert [getattr(o, "tag", None) for o in out] == [FAILED] * 3, out
+        first, *rest = [o.value for o in out]
+        assert first["sent"] and first["endpoint"] == server.url and f"HTTP {status}" in first["error"], first
+        assert (f"(after {attempts} attempts)" in first["error"]) == (status == 503), first
+        assert not any(r["sent"] for r in rest) and server.posts == attempts
+
+
 def test_long_answers_are_bounded_and_long_captions_rejected(tmp_path):
     """A 10 MB answer is read up to the 64 KiB bound and rejected for its image; a caption over
     --caption-max-chars (default 2000) is rejected naming the limit; a normal one is kept; neither long

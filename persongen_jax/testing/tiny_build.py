@@ -333,12 +333,13 @@ class CaptionServer:
     every answered request (`requests`: list of {"model", "kind", "text"}) and can delay answers (`delay` s).
     Faults: `die_after` N -- the server dies after N answers (a request arriving meanwhile is dropped
     unanswered, later connections are refused); `trickle` s -- the answer's body is sent one byte every
-    `trickle` seconds (a server that never stops answering)."""
+    `trickle` seconds (a server that never stops answering); `status` -- every chat request is answered
+    with this HTTP error status (`posts` counts the chat requests received)."""
 
     def __init__(self, caption=default_caption, split=default_split, *, delay: float = 0.0, model: str = "tiny-vlm",
-                 die_after: int | None = None, trickle: float = 0.0):
+                 die_after: int | None = None, trickle: float = 0.0, status: int | None = None):
         self.caption, self.split, self.delay, self.model = caption, split, delay, model
-        self.die_after, self.trickle = die_after, trickle
+        self.die_after, self.trickle, self.status, self.posts = die_after, trickle, status, 0
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         server = self
@@ -359,9 +360,13 @@ class CaptionServer:
                     return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
+                    server.posts += 1
                     dead = server.die_after is not None and len(server.requests) >= server.die_after
                 if dead:  # dying: no answer, the connection just closes
                     self.close_connection = True
+                    return
+                if server.status is not None:
+                    self._reply(server.status, {"error": {"message": f"HTTP {server.status}\nfrom the test server"}})
                     return
                 if body.get("model") != server.model:
                     self._reply(404, {"error": {"message": f"model {body.get('model')!r} not found"}})
