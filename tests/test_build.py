@@ -9,8 +9,11 @@ built dataset (the CLI, DirectRunner) are shared by the module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,13 +200,127 @@ def test_sigkill_then_rerun_recomputes_no_cached_caption(built, inputs):
     assert _records_by_image(dst) == _records_by_image(dst_ref)  # same headers, same crop and mask bytes
 
 
+# The records and the image-level outcomes of the build above, measured on main before the stages returned new
+# Items instead of changing theirs (commit 6f3e456; the same on two runs): the refactor changed no byte of the
+# dataset. A change of PIL / libjpeg or of XLA's CPU numerics (ArcFace: identity_cos, face_score) changes it.
+GOLDEN_DATASET_SHA256 = "c2c3f3d81b4ebcaf2c94a756ffff1fd1dafaf91c9c631d573085eab761a6a5c6"
+
+
+def dataset_digest(dst) -> str:
+    """sha256 over the records (header JSON, image and mask bytes, in image order) and the image-level
+    outcomes of index.json (rejects' stage and reason, per-stage counts, bad inputs, split failures)."""
+    h = hashlib.sha256()
+    for head, image, mask in sorted(fmt.read_records(dst), key=lambda r: r[0]["image"]):
+        h.update(json.dumps(head, sort_keys=True).encode() + image + mask)
+    index = fmt.load_index(dst)
+    h.update(json.dumps([[(r["image"], r["stage"], r["reason"]) for r in index["rejected"]],
+                         index["summary"]["stages"], index["bad"], index["split_failures"]]).encode())
+    return h.hexdigest()
+
+
+def test_the_built_dataset_is_the_same_bit_for_bit(built):
+    assert dataset_digest(built[0]) == GOLDEN_DATASET_SHA256
+
+
+def test_the_built_dataset_follows_the_umask(built):
+    """The dataset folder and every file in it get the user's umask (the build runs with pytest's), not
+    mkdtemp's 0700: a dataset built for a team is readable by it."""
+    dst = built[0]
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(dst)): p.stat().st_mode & 0o777 for p in [dst, *dst.rglob("*")]}
+    want = {k: (0o777 if (dst / k).is_dir() else 0o666) & ~umask for k in modes}
+    assert modes == want
+
+
+def test_a_failing_endpoint_stops_the_build_and_keeps_the_dataset(built, inputs, tmp_path, capsys):
+    """DST holds a complete build; the caption endpoint dies after 4 answers (--caption-retries 1
+    --caption-batch-size 1 --caption-concurrency 1): exit 1 with one line naming the endpoint and the count of
+    failed requests, DST as it was, the captions received cached; the rerun asks only for the others and
+    writes the same dataset."""
+    from persongen_jax.data.build.__main__ import main
+
+    dst = tmp_path / "dataset"
+    shutil.copytree(built[0], dst)
+    for cache in ("captions", "splits"):  # the faces and embeddings stay cached: only captioning is redone
+        shutil.rmtree(dst / "_work" / cache)
+    before = {p: p.read_bytes() for p in dst.iterdir() if p.is_file()}
+    one_at_a_time = ["--caption-retries", "1", "--caption-batch-size", "1", "--caption-concurrency", "1"]
+    with CaptionServer(die_after=4) as server:
+        assert main(build_args(inputs, dst, server.url, *one_at_a_time)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: the endpoint {server.url} failed: "), err
+    failed = re.search(r"(\d+) caption request\(s\) failed", err)
+    assert failed and int(failed.group(1)) >= 1, err
+    assert any(why in err for why in ("ConnectionRefusedError", "RemoteDisconnected")), err
+    assert f"{dst} is left as it was" in err
+    assert {p: p.read_bytes() for p in dst.iterdir() if p.is_file()} == before   # index.json and shards
+    assert not list(tmp_path.glob(".dataset.tmp-*"))
+    cached = len(list((dst / "_work" / "captions").glob("*/*.json")))
+    assert cached == server.count("caption") and 1 <= cached < 17
+    with CaptionServer() as server:
+        assert main(build_args(inputs, dst, server.url)) == 0
+        assert server.count("caption") == 17 - cached
+    assert dataset_digest(dst) == GOLDEN_DATASET_SHA256
+
+
+def test_symlinks_fifos_and_loops_in_src_are_rejected_and_never_read(inputs, tmp_path):
+    """Only regular files inside SRC are read, as `data.format` does: symlinks are followed while they stay
+    inside SRC; a file or person folder linked from outside is rejected `outside the source folder`, a FIFO
+    `not a regular file` (the build does not wait on it), a link loop and a dangling person folder
+    `unreadable file`; each is listed (nothing vanishes from the summary) and nothing outside SRC is listed
+    or opened (an audit hook in the build process)."""
+    outside = inputs / "src"
+    src = tmp_path / "src"
+    (src / "persons" / "pa").mkdir(parents=True)
+    (src / "elsewhere").mkdir()
+    for k in (0, 1):
+        shutil.copy(outside / "persons" / "p1" / f"{k}.jpg", src / "persons" / "pa" / f"{k}.jpg")
+    shutil.copy(outside / "persons" / "p1" / "2.jpg", src / "elsewhere" / "2.jpg")
+    pa = src / "persons" / "pa"
+    (pa / "in.jpg").symlink_to("../../elsewhere/2.jpg")                     # inside SRC: read
+    (pa / "out.jpg").symlink_to(outside / "persons" / "p1" / "3.jpg")       # a good image, outside SRC
+    (pa / "loop.jpg").symlink_to("loop.jpg")
+    os.mkfifo(pa / "fifo.jpg")
+    (src / "persons" / "evil").symlink_to(outside / "persons" / "p2")       # a person folder outside SRC
+    (src / "persons" / "gone").symlink_to(src / "nothing")
+    report, dst = tmp_path / "opened.txt", tmp_path / "dataset"
+    hook = ("import sys; from persongen_jax.data.build.__main__ import main; out, seen = sys.argv[1], []; "
+            "sys.addaudithook(lambda ev, a: seen.append(f'{ev} {a[0]}') if ev in ('open', 'os.scandir', 'os.listdir') "
+            "and str(a[0]).startswith(out) else None); rc = main(sys.argv[3:]); "
+            "open(sys.argv[2], 'w').write('\\n'.join(seen)); sys.exit(rc)")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    with CaptionServer() as server:
+        args = [str(src), *build_args(inputs, dst, server.url)[1:]]
+        proc = subprocess.run([sys.executable, "-c", hook, str(outside), str(report), *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=240)  # a FIFO read would block: fail, not hang
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert report.read_text() == ""   # nothing under the outside folders was listed or opened
+    index = fmt.load_index(dst)
+    got = {r["image"]: (r["stage"], r["reason"]) for r in index["rejected"]}
+    assert got == {"persons/pa/out.jpg": ("decode", "outside the source folder"),
+                   "persons/evil": ("decode", "outside the source folder"),
+                   "persons/pa/fifo.jpg": ("decode", "not a regular file"),
+                   "persons/pa/loop.jpg": ("decode", "unreadable file"),
+                   "persons/gone": ("decode", "unreadable file")}, got
+    assert sorted(h["image"] for h, _, _ in fmt.read_records(dst)) == [
+        "persons/pa/0.jpg", "persons/pa/1.jpg", "persons/pa/in.jpg"]
+    assert index["summary"]["images"] == 8 and index["summary"]["cache"]["faces"]["computed"] == 3
+    assert {b["image"] for b in index["bad"]} == set(got)   # listed as bad inputs, as data.format does
+
+
 def test_split_parse_failure_with_a_tiny_qwen2_5_vl(inputs, tmp_path, capsys):
     """A tiny random Qwen2.5-VL (transformers backend) answers gibberish: as the splitter every answer fails
     to parse -- recorded, counted, and the image keeps P_general; as the captioner no caption holds a class
     word, so no image passes and DST is left as it was."""
+    import types
+
     from persongen_jax.data.build.__main__ import main
     from persongen_jax.testing.tiny_build import make_tiny_qwen2_5_vl
 
+    # transformers' Qwen2.5-VL imports torchvision, whose meta registrations fail where its C ops do not match
+    # the CPU torch installed; its pure-Python parts are all this path needs.
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     qwen = make_tiny_qwen2_5_vl(tmp_path / "qwen")
     src = make_raw_persons(tmp_path / "src", {"p1": mixed_persons()["p1"][:2], "p2": mixed_persons()["p2"][:2]})
     common = [str(src), "--detector", str(inputs / "det"), "--arcface", str(inputs / "arcface"),
@@ -316,13 +433,14 @@ def test_unreadable_and_oversized_files_are_rejected_by_decode_and_crop(tmp_path
     from persongen_jax.data.build.settings import BuildSettings, ModelSpec
 
     unused = ModelSpec(backend="openai", model="unused", endpoint="http://unused")
-    big = tmp_path / "big.jpg"
-    big.write_bytes(b"x" * (2**20 + 1))
+    (tmp_path / "persons" / "p").mkdir(parents=True)
+    (tmp_path / "persons" / "p" / "big.jpg").write_bytes(b"x" * (2**20 + 1))
     s = BuildSettings(src=str(tmp_path), dst=str(tmp_path / "dst"), detector="", arcface="", caption=unused,
                       split=unused, max_file_bytes=2**20, progress_every_s=0)
     for stage in (DecodeImages(s), CropFaces(s)):
-        for path, why in ((tmp_path / "missing.jpg", "cannot read the file"), (big, "over the 1048576-byte limit")):
-            out = list(stage.process(Item(image="persons/p/x.jpg", person_id="p", path=str(path))))
+        for name, why in (("missing.jpg", "no such file"), ("big.jpg", "over the 1048576-byte limit")):
+            image = f"persons/p/{name}"
+            out = list(stage.process(Item(image=image, person_id="p", path=str(tmp_path / image))))
             assert len(out) == 1 and out[0].tag == REJECTED, out
             r = out[0].value
             assert (r["stage"], r["reason"]) == (stage.stage, "unreadable file") and why in r["detail"], r
@@ -365,3 +483,167 @@ def test_dbscan_gives_scikit_learns_labels():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[-2] == "[0, 0, -1] 0"
+
+
+# ----------------------------------------------------------------------------- the caption endpoint's bounds
+
+
+def _caption_settings(endpoint: str, dst, *extra: str):
+    """BuildSettings from the CLI's own parser (the flags reach the backend and the stage as a user gives them)."""
+    from persongen_jax.data.build.__main__ import parser, settings_from_args
+
+    return settings_from_args(parser().parse_args([
+        "src", str(dst), "--detector", "d", "--arcface", "a", "--caption-backend", "openai", "--caption-endpoint",
+        endpoint, "--caption-model", "tiny-vlm", "--caption-retries", "0", "--progress-every", "0", *extra]))
+
+
+def _jpeg(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 90, 90)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_caption_timeout_bounds_the_whole_request():
+    """An endpoint that sends its answer one byte every 50 ms (each read well inside the timeout) with
+    --caption-timeout 1: the request fails at the 1 s deadline, as the endpoint's failure, and the backend
+    sends nothing more to an endpoint that failed."""
+    from persongen_jax.data.build.vlm import EndpointError, load_backend
+
+    with CaptionServer(trickle=0.05) as server:  # an answer of ~200 bytes: 10 s
+        backend = load_backend(_caption_settings(server.url, "dst", "--caption-timeout", "1").caption)
+        t0 = time.monotonic()
+        (answer,) = backend.describe([_jpeg(8)], "describe")
+        elapsed = time.monotonic() - t0
+        assert isinstance(answer, EndpointError) and answer.sent, answer
+        assert "TimeoutError" in str(answer) and "1 s timeout" in str(answer), answer
+        assert 0.9 < elapsed < 3.0, elapsed
+        t0 = time.monotonic()
+        (again,) = backend.describe([_jpeg(8)], "describe")
+        assert isinstance(again, EndpointError) and not again.sent and time.monotonic() - t0 < 0.5, again
+        assert server.count("caption") == 1
+
+
+def test_server_errors_are_the_endpoints_failure_not_the_images(tmp_path):
+    """HTTP 503 is retried (--caption-retries 1: two attempts), HTTP 400 is not; either way the caption stage
+    emits a "failed" output (the run's error), never a reject of the image, and sends no further request."""
+    from persongen_jax.data.build.caption import CaptionImages
+    from persongen_jax.data.build.common import FAILED, Item
+
+    for status, attempts in ((503, 2), (400, 1)):
+        with CaptionServer(status=status) as server:
+            stage = CaptionImages(_caption_settings(server.url, tmp_path / "dst", "--caption-retries", "1",
+                                                    "--caption-concurrency", "1"))
+            stage.setup()
+            batch = [Item(image=f"persons/p/{k}.jpg", person_id="p", path="", jpeg=_jpeg(8), crop_sha256=str(k))
+                     for k in range(3)]
+            out = list(stage.process(batch))
+        assert [getattr(o, "tag", None) for o in out] == [FAILED] * 3, out
+        first, *rest = [o.value for o in out]
+        assert first["sent"] and first["endpoint"] == server.url and f"HTTP {status}" in first["error"], first
+        assert (f"(after {attempts} attempts)" in first["error"]) == (status == 503), first
+        assert not any(r["sent"] for r in rest) and server.posts == attempts
+
+
+def test_long_answers_are_bounded_and_long_captions_rejected(tmp_path):
+    """A 10 MB answer is read up to the 64 KiB bound and rejected for its image; a caption over
+    --caption-max-chars (default 2000) is rejected naming the limit; a normal one is kept; neither long
+    answer is cached."""
+    from persongen_jax.data.build.caption import CaptionImages
+    from persongen_jax.data.build.common import REJECTED, Item
+
+    answers = {8: "a photo of a man", 16: "a photo of a man " + "very " * 600, 24: "x" * 10_000_000}
+    with CaptionServer(caption=lambda im: answers[im.size[0]]) as server:
+        s = _caption_settings(server.url, tmp_path / "dst")
+        assert s.caption_max_chars == 2000
+        stage = CaptionImages(s)
+        stage.setup()
+        batch = [Item(image=f"persons/p/{side}.jpg", person_id="p", path="", jpeg=_jpeg(side), crop_sha256=str(side))
+                 for side in answers]
+        out = list(stage.process(batch))
+    kept = [o for o in out if isinstance(o, Item)]
+    rejected = {o.value["image"]: (o.value["reason"], o.value["detail"])
+                for o in out if getattr(o, "tag", "") == REJECTED}
+    assert [(k.image, k.caption) for k in kept] == [("persons/p/8.jpg", "a photo of a man")]
+    assert rejected["persons/p/16.jpg"][0] == "caption too long"
+    assert rejected["persons/p/16.jpg"][1].startswith("3016 characters > --caption-max-chars 2000")
+    assert rejected["persons/p/24.jpg"] == ("caption too long", "the answer is over the 65536-byte limit")
+    assert len(stage.cache) == 2   # the short and the 3016-character caption; the cut answer is not stored
+    assert _caption_settings(server.url, "dst", "--caption-max-chars", "40").caption_max_chars == 40
+
+
+# ----------------------------------------------------------------------------- stages never mutate their input
+
+
+def test_every_stage_derives_new_items_and_leaves_its_input_unchanged(inputs, tmp_path):
+    """Beam's rule: a DoFn never mutates its input. Each stage, run on two of p1's images in pipeline order,
+    gets frozen Items and leaves them byte for byte as they were (lists, dicts and arrays inside included),
+    and returns new Items."""
+    import dataclasses
+    import pickle
+
+    from persongen_jax.data.build.caption import CaptionImages
+    from persongen_jax.data.build.common import Item
+    from persongen_jax.data.build.crop import CropFaces
+    from persongen_jax.data.build.decode import DecodeImages
+    from persongen_jax.data.build.detect import DetectFaces
+    from persongen_jax.data.build.mark import MarkTrigger
+    from persongen_jax.data.build.source import list_local
+    from persongen_jax.data.build.split import SplitCaptions
+    from persongen_jax.data.build.verify import EmbedFaces, VerifyPerson
+
+    with CaptionServer() as server:
+        s = dataclasses.replace(_caption_settings(server.url, tmp_path / "dst"), src=str(inputs / "src"),
+                                detector=str(inputs / "det"), arcface=str(inputs / "arcface"),
+                                verify_threshold=BUILD_THRESHOLD, resolution=64)
+        items = [it for it in list_local(s.src) if it.image in ("persons/p1/0.jpg", "persons/p1/1.jpg")]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            items[0].caption = "changed"
+
+        def run(stage, elements):
+            if hasattr(stage, "setup"):
+                stage.setup()
+            out = []
+            for element in elements:
+                before = pickle.dumps(element)
+                out += [o for o in stage.process(element) if isinstance(o, Item)]
+                assert pickle.dumps(element) == before, f"{type(stage).__name__} changed its input"
+            assert out and not {id(o) for o in out} & {id(i) for i in items_seen}, type(stage).__name__
+            items_seen.extend(out)
+            return out
+
+        items_seen = list(items)
+        items = run(DecodeImages(s), items)
+        items = run(DetectFaces(s), items)
+        items = run(EmbedFaces(s), [items])
+        items = run(VerifyPerson(s), [("p1", items)])
+        items = run(CropFaces(s), items)
+        items = run(CaptionImages(s), [items])
+        items = run(SplitCaptions(s), [items])
+        items = run(MarkTrigger(s), items)
+    assert sorted(it.image for it in items) == ["persons/p1/0.jpg", "persons/p1/1.jpg"]
+    assert all(it.caption.startswith("a photo of a man img ") and it.jpeg and it.face for it in items)
+
+
+def test_one_class_word_list_for_demo_synthetic_and_built_data():
+    """conditions.CLASS_WORDS is the only class-word list in the package (an AST count of its assignments):
+    the build marks with it, the demo and synthetic training data draw their words from its head, in the
+    order they always used (so their data is unchanged)."""
+    import ast
+
+    from persongen_jax.conditions import CLASS_WORDS
+    from persongen_jax.data.build.settings import BuildSettings
+    from persongen_jax.data.make_demo import DEMO_CLASS_WORDS
+    from persongen_jax.training.data import SYNTHETIC_CLASS_WORDS
+
+    lists = [str(p.relative_to(REPO)) for p in sorted((REPO / "persongen_jax").rglob("*.py"))
+             for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.Assign)
+             and isinstance(node.value, ast.Tuple) and len(node.value.elts) > 2
+             and all(isinstance(e, ast.Constant) and e.value in ("man", "woman") for e in node.value.elts[:2])]
+    assert lists == ["persongen_jax/conditions.py"]
+    assert BuildSettings.__dataclass_fields__["class_words"].default == CLASS_WORDS
+    assert DEMO_CLASS_WORDS == ("man", "woman", "person", "boy", "girl")
+    assert SYNTHETIC_CLASS_WORDS == ("man", "woman", "person")

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from persongen_jax.conditions import CLASS_WORDS
 from persongen_jax.data import format as fmt
 
-CLASS_WORDS = ("man", "woman", "person", "boy", "girl")
+DEMO_CLASS_WORDS = CLASS_WORDS[:5]  # man, woman, person, boy, girl: words of the tiny test tokenizer
 # caption_bg -> the phrase in the caption
 BACKGROUNDS = {"red background": "on a red background", "black background": "on a black background",
                "mountains": "in the mountains", "city street": "in the city street", "room": "in a room"}
@@ -37,7 +38,7 @@ RED, BLACK = (200, 30, 30), (25, 25, 25)
 
 def _person(rng: np.random.Generator, i: int) -> dict:
     return dict(
-        id=f"p{i:03d}", class_word=CLASS_WORDS[i % len(CLASS_WORDS)],
+        id=f"p{i:03d}", class_word=DEMO_CLASS_WORDS[i % len(DEMO_CLASS_WORDS)],
         skin=tuple(int(v) for v in rng.integers(60, 255, 3)),
         stripe=tuple(int(v) for v in rng.integers(0, 255, 3)),
         angle=float(rng.uniform(0, np.pi)), period=float(rng.uniform(0.15, 0.45)),

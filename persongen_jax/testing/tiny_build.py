@@ -29,6 +29,7 @@ import io
 import json
 import re
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -329,10 +330,16 @@ class CaptionServer:
 
     A request with an image part is answered with `caption(image)`, a text-only request with
     `json.dumps(split(caption))` where the caption is the text after the last "Caption:" line. It records
-    every request (`requests`: list of {"model", "kind", "text"}) and can delay answers (`delay` s)."""
+    every answered request (`requests`: list of {"model", "kind", "text"}) and can delay answers (`delay` s).
+    Faults: `die_after` N -- the server dies after N answers (a request arriving meanwhile is dropped
+    unanswered, later connections are refused); `trickle` s -- the answer's body is sent one byte every
+    `trickle` seconds (a server that never stops answering); `status` -- every chat request is answered
+    with this HTTP error status (`posts` counts the chat requests received)."""
 
-    def __init__(self, caption=default_caption, split=default_split, *, delay: float = 0.0, model: str = "tiny-vlm"):
+    def __init__(self, caption=default_caption, split=default_split, *, delay: float = 0.0, model: str = "tiny-vlm",
+                 die_after: int | None = None, trickle: float = 0.0, status: int | None = None):
         self.caption, self.split, self.delay, self.model = caption, split, delay, model
+        self.die_after, self.trickle, self.status, self.posts = die_after, trickle, status, 0
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         server = self
@@ -348,12 +355,19 @@ class CaptionServer:
                     self.send_error(404, f"no route {self.path}")
 
             def do_POST(self):
-                import time
-
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     self.send_error(404, f"no route {self.path}")
                     return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.posts += 1
+                    dead = server.die_after is not None and len(server.requests) >= server.die_after
+                if dead:  # dying: no answer, the connection just closes
+                    self.close_connection = True
+                    return
+                if server.status is not None:
+                    self._reply(server.status, {"error": {"message": f"HTTP {server.status}\nfrom the test server"}})
+                    return
                 if body.get("model") != server.model:
                     self._reply(404, {"error": {"message": f"model {body.get('model')!r} not found"}})
                     return
@@ -370,6 +384,9 @@ class CaptionServer:
                     kind = "split"
                 with server.lock:
                     server.requests.append(dict(model=body["model"], kind=kind, text=answer))
+                    last = server.die_after is not None and len(server.requests) >= server.die_after
+                if last:  # stop listening (a request accepted before that is dropped above)
+                    threading.Thread(target=server._die, daemon=True).start()
                 time.sleep(server.delay)
                 self._reply(200, {"id": "x", "object": "chat.completion", "model": body["model"],
                                   "choices": [{"index": 0, "finish_reason": "stop",
@@ -381,11 +398,23 @@ class CaptionServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    if not server.trickle:
+                        self.wfile.write(data)
+                    for i in range(len(data) if server.trickle else 0):
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(server.trickle)
+                except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: expected here
+                    self.close_connection = True
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def _die(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.socket.close()
 
     def __enter__(self) -> "CaptionServer":
         self.thread.start()

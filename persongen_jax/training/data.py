@@ -20,11 +20,11 @@ import jax
 import numpy as np
 
 from persongen_jax import conditions as conditions_lib
-from persongen_jax.conditions import text_keys
+from persongen_jax.conditions import CLASS_WORDS, text_keys
 from persongen_jax.data.pipeline import DEFAULT_TEXT_CONDITIONS, batch_keys
 from persongen_jax.pipeline import prompt as prompt_lib
 
-CLASS_WORDS = ("man", "woman", "person")
+SYNTHETIC_CLASS_WORDS = CLASS_WORDS[:3]  # man, woman, person (a person's word is person % 3)
 # Synthetic texts of a text condition, by its captions field (a person's text is person % len); any other
 # condition gets SYNTHETIC_OTHER.
 SYNTHETIC_TEXTS = {"caption_bg": ("in the city", "in the mountains", "in a room"),
@@ -84,7 +84,7 @@ class SyntheticIterator:
         pixel = np.where(mask > 0, img, bg_color).astype(np.float32)
         n = int(rng.integers(1, self.k + 1))
         refs = np.stack([self._person_image(person, rng, self.s) for _ in range(self.k)])
-        word = CLASS_WORDS[person % len(CLASS_WORDS)]
+        word = SYNTHETIC_CLASS_WORDS[person % len(SYNTHETIC_CLASS_WORDS)]
         caption = f"a photo of a {word} {self.trigger_word}"
         key = (caption, n)
         if key not in self._cache:

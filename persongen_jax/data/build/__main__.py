@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from persongen_jax.data.build.settings import CAPTION_BACKENDS, CLASS_WORDS, FACE_MASKS, BuildSettings, ModelSpec
+from persongen_jax.conditions import CLASS_WORDS
+from persongen_jax.data.build.settings import CAPTION_BACKENDS, FACE_MASKS, BuildSettings, ModelSpec
 from persongen_jax.data.format import DEFAULT_CAPTION_FIELDS, DEFAULT_TRIGGER_WORD, MAX_FILE_BYTES
 
 
@@ -59,7 +60,11 @@ def parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{what}-batch-size", type=int, default=8)
         g.add_argument(f"--{what}-concurrency", type=int, default=8, help="openai: requests in flight per worker")
         g.add_argument(f"--{what}-retries", type=int, default=3)
-        g.add_argument(f"--{what}-timeout", type=float, default=300.0)
+        g.add_argument(f"--{what}-timeout", type=float, default=300.0,
+                       help="openai: seconds one request may take as a whole, connect to last byte "
+                            "(default %(default)s)")
+    p.add_argument("--caption-max-chars", type=int, default=default("caption_max_chars"),
+                   help="a longer caption is rejected for its image (default %(default)s)")
     p.add_argument("--split-fields", default=",".join(DEFAULT_CAPTION_FIELDS),
                    help="comma-separated captions fields the split fills: the `source` of each text condition "
                         "(persongen_jax/conditions.py); the split prompt asks for each as the JSON key after "
@@ -107,7 +112,8 @@ def settings_from_args(a) -> BuildSettings:
         detector_threads=a.detector_threads,
         verify_threshold=a.verify_threshold, verify_min_samples=a.verify_min_samples, min_images=a.min_images,
         embed_batch_size=a.embed_batch_size, resolution=a.resolution, crop_scale=a.crop_scale, face_mask=a.face_mask,
-        jpeg_quality=a.jpeg_quality, class_words=tuple(w.strip() for w in a.class_words.split(",") if w.strip()),
+        jpeg_quality=a.jpeg_quality, caption_max_chars=a.caption_max_chars,
+        class_words=tuple(w.strip() for w in a.class_words.split(",") if w.strip()),
         trigger_word=a.trigger_word, num_shards=a.num_shards, max_file_bytes=int(a.max_file_mb * 2**20),
         caption_accelerator=a.caption_accelerator, progress_every_s=a.progress_every)
 

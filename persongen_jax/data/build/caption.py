@@ -5,16 +5,21 @@ OpenAI-compatible endpoint). Captions are cached in DST/_work/captions, keyed by
 crop's content hash + the model's fingerprint + the prompt + max tokens: captioning dominates the cost at
 scale, and a rerun after a crash (or with different later stages) asks the model only for crops it has
 not described yet (Beam counters caption_computed / caption_cached, also in the summary). The prompt is
-`prompts/caption.txt` unless --caption-prompt names another file. Rejected: a request that failed
-for good (openai backend, after retries) and an empty answer. Newlines in a caption become spaces
-(one line per prompt, as the training tokenizer expects).
+`prompts/caption.txt` unless --caption-prompt names another file. Rejected: an empty answer and a
+caption longer than --caption-max-chars (or an answer over the backend's size limit,
+`vlm.AnswerTooLong`): what the model said about this image. A request the endpoint failed (openai
+backend, after the retries: `vlm.EndpointError`) is not: it goes to the "failed" output and the build
+stops, DST as it was (pipeline.build_dataset). Newlines in a caption become spaces (one line per prompt,
+as the training tokenizer expects).
 """
 
 from __future__ import annotations
 
-from persongen_jax.data.build.common import Item, StageDoFn, WorkCache
+import dataclasses
+
+from persongen_jax.data.build.common import Item, StageDoFn, WorkCache, failed_request
 from persongen_jax.data.build.settings import cache_key, sha256_text
-from persongen_jax.data.build.vlm import load_backend
+from persongen_jax.data.build.vlm import EndpointError, load_backend
 
 
 def one_line(text: str) -> str:
@@ -23,7 +28,7 @@ def one_line(text: str) -> str:
 
 
 class CaptionImages(StageDoFn):
-    """Batches of Items -> Items with `caption`."""
+    """Batches of Items -> new Items with `caption`."""
 
     stage = "caption"
 
@@ -33,7 +38,8 @@ class CaptionImages(StageDoFn):
         self.cache = WorkCache(self.settings.dst, "captions")
 
     def run(self, batch: list[Item]):
-        """A batch of Items -> captioned Items (cached answers reused) or rejects."""
+        """A batch of Items -> captioned Items (cached answers reused), rejects, or failed outputs (the
+        requests the endpoint failed)."""
         s = self.settings
         spec = s.caption
         keys = [cache_key("caption", it.image, it.crop_sha256, spec.fingerprint, sha256_text(s.caption_prompt),
@@ -44,11 +50,17 @@ class CaptionImages(StageDoFn):
         self.count("computed", computed)
         self.count("cached", len(batch) - computed)
         for item, answer in zip(batch, answers):
-            if not isinstance(answer, str):
-                yield self.rejected(item, "caption request failed", str(answer))
-            elif not one_line(answer):
+            caption = one_line(answer) if isinstance(answer, str) else ""
+            if isinstance(answer, EndpointError):
+                self.count("request_failed")
+                yield failed_request(item, self.stage, answer)
+            elif not isinstance(answer, str):  # vlm.AnswerTooLong
+                yield self.rejected(item, "caption too long", str(answer))
+            elif not caption:
                 yield self.rejected(item, "empty caption", "the model answered with no text")
+            elif len(caption) > s.caption_max_chars:
+                yield self.rejected(item, "caption too long", f"{len(caption)} characters > --caption-max-chars "
+                                                              f"{s.caption_max_chars}: {caption[:80]!r}...")
             else:
-                item.caption = one_line(answer)
                 self.kept()
-                yield item
+                yield dataclasses.replace(item, caption=caption)

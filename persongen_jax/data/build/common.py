@@ -1,7 +1,9 @@
 """What the stages share: the element type, rejection, the DST/_work cache, progress, file reading.
 
-Every image is one `Item` that each stage fills a little further (or drops into the "rejected" output
-with its stage, a short reason and the details). Large arrays live on an item only between two
+Every image is one frozen `Item`; each stage derives a new one with its results (`dataclasses.replace`:
+Beam's rule that a DoFn never mutates its input, which a runner that fuses stages or retries a bundle
+relies on) or drops the image into the "rejected" output with its stage, a short reason and the
+details. Large arrays live on an item only between two
 adjacent stages (the decoded image between decode and detect, aligned face crops between detect and
 embed), so nothing that grows with the image count crosses a shuffle.
 """
@@ -21,18 +23,23 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
+from persongen_jax.data import format as fmt
+
 REJECTED = "rejected"   # tagged output: {"image", "person_id", "stage", "reason", "detail"}
 NOTES = "notes"         # tagged output: kept images with a remark (a caption split that did not parse)
+FAILED = "failed"       # tagged output: requests the endpoint failed {"image", "stage", "endpoint", "error", "sent"}
 STAGES = ("decode", "detect", "verify", "crop", "caption", "split", "mark")
 WORK_DIR = "_work"      # DST/_work: stage caches (faces, embeddings, captions, splits)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Item:
-    """One source image on its way through the stages (see the module doc for which stage fills what)."""
+    """One source image on its way through the stages (see the module doc for which stage fills what);
+    frozen: a stage returns `dataclasses.replace(item, ...)`, and never changes the lists, dicts or arrays
+    it holds either."""
     image: str                       # "persons/<person_id>/<file>", relative to SRC: the record's "image"
     person_id: str
-    path: str                        # full path or URL, read through Beam's FileSystems
+    path: str                        # full path or URL (a URL is read through Beam's FileSystems)
     sha256: str = ""                 # of the file's bytes (decode)
     width: int = 0                   # decoded size, EXIF orientation applied (decode)
     height: int = 0
@@ -56,6 +63,43 @@ def reject(item: Item, stage: str, reason: str, detail: str = "") -> beam.pvalue
     it), `detail` the specifics of this image."""
     return beam.pvalue.TaggedOutput(REJECTED, dict(image=item.image, person_id=item.person_id, stage=stage,
                                                    reason=reason, detail=detail))
+
+
+def failed_request(item: Item, stage: str, error) -> beam.pvalue.TaggedOutput:
+    """The failed-output element of a request the endpoint failed (`vlm.EndpointError`): not a reject, the
+    run's error (see pipeline.build_dataset)."""
+    return beam.pvalue.TaggedOutput(FAILED, dict(image=item.image, person_id=item.person_id, stage=stage,
+                                                 endpoint=error.endpoint, error=str(error), sent=error.sent))
+
+
+class SourceError(ValueError):
+    """A source file the build does not read: `reason` is the reject's reason, the message its detail."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def read_source(item: Item, src: str, limit: int) -> bytes:
+    """The bytes of the item's file, at most `limit`; SourceError otherwise. In a local SRC the rule of
+    `data.format` (its own functions): the path must resolve, symlinks followed, inside SRC ("outside the
+    source folder"), and only a regular file is read, opened without blocking ("not a regular file": a
+    FIFO would wait for a writer for ever); anything else is "unreadable file". A Beam filesystem URL
+    (gs://, s3://: no symlinks, no FIFOs) is read through Beam's FileSystems."""
+    if "://" in src:
+        try:
+            return read_bytes(item.path, limit)
+        except ValueError as e:
+            raise SourceError("unreadable file", str(e)) from None
+    try:
+        _, real = fmt._inside(os.path.realpath(src), "image", item.image)  # data.format's rule
+    except ValueError as e:
+        raise SourceError("outside the source folder", str(e)) from None
+    try:
+        return fmt.read_limited(real, limit)
+    except ValueError as e:
+        raise SourceError("not a regular file" if str(e) == "not a regular file" else "unreadable file",
+                          str(e)) from None
 
 
 def read_bytes(path: str, limit: int) -> bytes:
@@ -180,12 +224,12 @@ class StageDoFn(beam.DoFn):
         self.count("kept", n)
 
     def read_source(self, item: Item):
-        """The bytes of the item's file (`read_bytes`, at most `max_file_bytes`); when it cannot be read,
-        yields the "unreadable file" reject and returns None. Use: `data = yield from self.read_source(item)`."""
+        """The bytes of the item's file (`read_source`, at most `max_file_bytes`); when it may not or cannot
+        be read, yields the reject (its reason) and returns None. Use: `data = yield from self.read_source(item)`."""
         try:
-            return read_bytes(item.path, self.settings.max_file_bytes)
-        except ValueError as e:
-            yield self.rejected(item, "unreadable file", str(e))
+            return read_source(item, self.settings.src, self.settings.max_file_bytes)
+        except SourceError as e:
+            yield self.rejected(item, e.reason, str(e))
             return None
 
     def rejected(self, item: Item, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:

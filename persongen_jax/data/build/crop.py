@@ -13,6 +13,7 @@ image side). It is resized with Lanczos to `resolution` x `resolution` and store
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -75,9 +76,8 @@ class CropFaces(StageDoFn):
             yield self.rejected(item, "file changed during the build",
                                 "its content hash differs from the one at decode")
             return
-        rgb = decode_rgb(data)
-        item.jpeg, item.mask, item.face, item.crop_box = crop_face(
-            rgb, item.face, s.resolution, s.crop_scale, s.face_mask, s.jpeg_quality)
-        item.crop_sha256 = sha256_bytes(item.jpeg)
+        jpeg, mask, face, crop_box = crop_face(decode_rgb(data), item.face, s.resolution, s.crop_scale, s.face_mask,
+                                               s.jpeg_quality)
         self.kept()
-        yield item
+        yield dataclasses.replace(item, jpeg=jpeg, mask=mask, face=face, crop_box=crop_box,
+                                  crop_sha256=sha256_bytes(jpeg))

@@ -1,12 +1,15 @@
 """Stage "decode": read, hash, decode (EXIF orientation applied, RGB) and the size filter.
 
-Rejected: a file that cannot be read or is over the size limit, a file PIL cannot decode, an image
-whose shorter side is below `min_side` (research: 512). The header is checked before the pixels are
+Rejected: a path that resolves, symlinks followed, outside SRC; anything but a regular file (a FIFO,
+a folder named like an image); a file that cannot be read or is over the size limit
+(`common.read_source`); a file PIL cannot decode; an image whose shorter side is below `min_side`
+(research: 512). The header is checked before the pixels are
 decoded, so small images cost almost nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 
@@ -48,15 +51,13 @@ class DecodeImages(StageDoFn):
         data = yield from self.read_source(item)
         if data is None:
             return
-        item.sha256 = sha256_bytes(data)
         try:
-            item.rgb = decode_rgb(data, s.min_side)
+            rgb = decode_rgb(data, s.min_side)
         except DecodeError as e:
             yield self.rejected(item, "cannot decode image", str(e))
             return
         except ValueError as e:
             yield self.rejected(item, "image too small", str(e))
             return
-        item.height, item.width = item.rgb.shape[:2]
         self.kept()
-        yield item
+        yield dataclasses.replace(item, sha256=sha256_bytes(data), rgb=rgb, height=rgb.shape[0], width=rgb.shape[1])

@@ -9,6 +9,8 @@ or none large enough (the largest is named).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from persongen_jax.data.build.common import Item, StageDoFn, WorkCache
@@ -69,7 +71,6 @@ class DetectFaces(StageDoFn):
         faces = self.detections(item)
         big = large_faces(faces, item.width, item.height, s.min_face)
         if not big:
-            item.rgb = None
             if not faces:
                 yield self.rejected(item, "no face", f"no face detected (det_thresh {s.det_thresh})")
             else:
@@ -77,7 +78,6 @@ class DetectFaces(StageDoFn):
                 yield self.rejected(item, "face too small",
                                     f"largest face {side:.0f} px < min_face {s.min_face} ({len(faces)} detected)")
             return
-        item.crops = align(item.rgb, big, self.scorer.crop_size)
-        item.faces, item.rgb = big, None  # the pixels are not needed again until the crop stage re-reads them
         self.kept()
-        yield item
+        # The pixels are not needed again until the crop stage re-reads the file: the new Item drops them.
+        yield dataclasses.replace(item, crops=align(item.rgb, big, self.scorer.crop_size), faces=big, rgb=None)

@@ -1,7 +1,7 @@
 """Stage "mark": the trigger word goes right after the first class word of P_general (PhotoMaker's rule):
 "a photo of a man wearing a red suit" -> "a photo of a man img wearing a red suit".
 
-Class words (`--class-words`, default settings.CLASS_WORDS: man, woman, boy, girl, person, ... and their
+Class words (`--class-words`, default conditions.CLASS_WORDS: man, woman, person, boy, girl, ... and their
 plurals) match as whole words, case-insensitively; punctuation after the word stays after the trigger
 ("a man, smiling" -> "a man img, smiling"). Rejected: a caption without any class word (training
 could not attach the identity to anything) and a caption that already holds the trigger word (it must
@@ -10,6 +10,7 @@ appear exactly once).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from persongen_jax.data.build.common import Item, StageDoFn
@@ -34,10 +35,10 @@ class MarkTrigger(StageDoFn):
         """Inserts the trigger word (see `insert_trigger`)."""
         s = self.settings
         try:
-            item.caption = insert_trigger(item.caption, s.class_words, s.trigger_word)
+            caption = insert_trigger(item.caption, s.class_words, s.trigger_word)
         except ValueError as e:
             reason = "no class word" if str(e).startswith("no class word") else "trigger word in caption"
             yield self.rejected(item, reason, f"{e}: {item.caption[:200]!r}")
             return
         self.kept()
-        yield item
+        yield dataclasses.replace(item, caption=caption)

@@ -10,7 +10,9 @@ Graph (each arrow a stage module; every stage's rejects flow into one "rejected"
 The run writes into a temporary folder next to DST (`persongen_jax.io.atomic_dir`) that replaces DST only when
 everything -- shards, index.json -- is complete: a killed run leaves the previous DST (or none). The
 stage caches live in DST/_work during the run and move into the new DST with it, so a rerun after a
-crash reuses every finished detection, embedding, caption and split.
+crash reuses every finished detection, embedding, caption and split. A caption or split request that
+the endpoint failed (after its retries) is an error of the run, not a reject: the build stops with one
+line naming the endpoint and the count, DST stays as it was and the answers received stay cached.
 """
 
 from __future__ import annotations
@@ -27,19 +29,19 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from persongen_jax.data import format as fmt
 from persongen_jax.data.build.caption import CaptionImages
-from persongen_jax.data.build.common import NOTES, REJECTED, WORK_DIR, Progress
+from persongen_jax.data.build.common import FAILED, NOTES, REJECTED, WORK_DIR, Progress
 from persongen_jax.data.build.crop import CropFaces
 from persongen_jax.data.build.decode import DecodeImages
 from persongen_jax.data.build.detect import DetectFaces
 from persongen_jax.data.build.mark import MarkTrigger
 from persongen_jax.data.build.settings import BuildSettings
-from persongen_jax.data.build.source import ListImages, persons_pattern
+from persongen_jax.data.build.source import ListImages, list_local, persons_pattern
 from persongen_jax.data.build.split import SplitCaptions
 from persongen_jax.data.build.verify import EmbedFaces, VerifyIdentity
 from persongen_jax.data.build.vlm import check_backend
 from persongen_jax.data.build.write import WriteRecords, write_index
 
-REPORT_DIR = "_build"  # rejected / notes JSONL inside the temporary output folder (removed at the end)
+REPORT_DIR = "_build"  # rejected / notes / failed JSONL inside the temporary output folder (removed at the end)
 
 
 def _batched(settings_batch: int):
@@ -59,14 +61,16 @@ def face_stages(p: beam.Pipeline, s: BuildSettings):
 
 
 def build_pipeline(p: beam.Pipeline, s: BuildSettings, out_dir: str) -> None:
-    """Adds the build to `p`: records into out_dir/data-*.array_record, rejects and notes into
-    out_dir/_build/{rejected,notes}-*.jsonl."""
+    """Adds the build to `p`: records into out_dir/data-*.array_record, rejects, notes and failed requests
+    into out_dir/_build/{rejected,notes,failed}-*.jsonl."""
     crops, rejected = face_stages(p, s)
     hints = {"accelerator": s.caption_accelerator} if s.caption_accelerator else {}
     cap = (crops | "BatchCrops" >> _batched(s.caption.batch_size)
-           | "Caption" >> beam.ParDo(CaptionImages(s)).with_resource_hints(**hints).with_outputs(REJECTED, main="kept"))
+           | "Caption" >> beam.ParDo(CaptionImages(s)).with_resource_hints(**hints)
+           .with_outputs(REJECTED, FAILED, main="kept"))
     spl = (cap.kept | "BatchCaptions" >> _batched(s.split.batch_size)
-           | "Split" >> beam.ParDo(SplitCaptions(s)).with_resource_hints(**hints).with_outputs(NOTES, main="kept"))
+           | "Split" >> beam.ParDo(SplitCaptions(s)).with_resource_hints(**hints)
+           .with_outputs(NOTES, FAILED, main="kept"))
     mrk = spl.kept | "Mark" >> beam.ParDo(MarkTrigger(s)).with_outputs(REJECTED, main="kept")
     _ = mrk.kept | "Write" >> WriteRecords(out_dir, s)
     report = os.path.join(out_dir, REPORT_DIR)
@@ -75,6 +79,8 @@ def build_pipeline(p: beam.Pipeline, s: BuildSettings, out_dir: str) -> None:
          | "WriteRejected" >> beam.io.WriteToText(os.path.join(report, "rejected"), ".jsonl"))
     _ = (spl[NOTES] | "NotesJson" >> beam.Map(json.dumps)
          | "WriteNotes" >> beam.io.WriteToText(os.path.join(report, "notes"), ".jsonl"))
+    _ = ((cap[FAILED], spl[FAILED]) | "AllFailed" >> beam.Flatten() | "FailedJson" >> beam.Map(json.dumps)
+         | "WriteFailed" >> beam.io.WriteToText(os.path.join(report, "failed"), ".jsonl"))
 
 
 def _read_jsonl(folder: Path, prefix: str) -> list[dict]:
@@ -110,7 +116,8 @@ def check_destination(dst: Path, src: str) -> None:
 
 def build_dataset(settings: BuildSettings, beam_args=(), *, log=print) -> dict:
     """Runs the build (see the module doc); returns index.json's content. ValueError / OSError (one line,
-    naming the file or option) for unusable inputs; RuntimeError when no image passes every stage."""
+    naming the file or option) for unusable inputs; RuntimeError when no image passes every stage or the
+    caption endpoint failed (`endpoint_failure`)."""
     from apache_beam.io.filesystems import FileSystems
 
     from persongen_jax.data.build.faces import face_scorer
@@ -122,7 +129,8 @@ def build_dataset(settings: BuildSettings, beam_args=(), *, log=print) -> dict:
         raise ValueError(f"{s.dst}: DST must be a local or mounted folder (the ArrayRecord sink writes to disk)")
     dst = Path(s.dst).absolute()
     check_destination(dst, s.src)
-    if not FileSystems.match([persons_pattern(s.src)], limits=[1])[0].metadata_list:
+    if (next(list_local(s.src), None) is None if "://" not in s.src
+            else not FileSystems.match([persons_pattern(s.src)], limits=[1])[0].metadata_list):
         raise ValueError(f"{s.src}: no files under persons/<person_id>/ (expected SRC/persons/<id>/*.jpg)")
     face_scorer(s)  # the detector and ArcFace load here first: a bad folder is an error before the pipeline
     for spec in {s.caption, s.split}:
@@ -143,8 +151,10 @@ def build_dataset(settings: BuildSettings, beam_args=(), *, log=print) -> dict:
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise RuntimeError(f"the pipeline failed: {type(e).__name__}: {first} (traceback in {trace})") from e
         report = out / REPORT_DIR
-        rejected, notes = _read_jsonl(report, "rejected"), _read_jsonl(report, "notes")
+        rejected, notes, failed = (_read_jsonl(report, k) for k in ("rejected", "notes", "failed"))
         shutil.rmtree(report)
+        if failed:  # raised inside atomic_dir: the new folder is dropped, DST and DST/_work stay
+            raise RuntimeError(endpoint_failure(failed, dst))
         index = write_index(out, s, rejected, notes, _counters(result))
         log(format_summary(index, dst))
         if index["num_records"] == 0:
@@ -153,6 +163,23 @@ def build_dataset(settings: BuildSettings, beam_args=(), *, log=print) -> dict:
         # The caches move with the new dataset (a kill between this rename and the swap costs a recompute).
         os.rename(dst / WORK_DIR, out / WORK_DIR)
     return index
+
+
+def endpoint_failure(failed: list[dict], dst) -> str:
+    """The one-line error of a build whose endpoint failed: per endpoint and stage the requests that failed
+    after their retries (the first error), and those not sent after it."""
+    parts = []
+    for endpoint in sorted({f["endpoint"] for f in failed}):
+        counts = []
+        for stage in sorted({f["stage"] for f in failed if f["endpoint"] == endpoint}):
+            mine = [f for f in failed if (f["endpoint"], f["stage"]) == (endpoint, stage)]
+            sent = [f for f in mine if f["sent"]]
+            first = " ".join(min(sent or mine, key=lambda f: f["image"])["error"].split())  # HTTP bodies hold newlines
+            counts.append(f"{len(sent)} {stage} request(s) failed ({first})"
+                          + (f", {len(mine) - len(sent)} more not sent" if len(mine) > len(sent) else ""))
+        parts.append(f"the endpoint {endpoint} failed: " + ", ".join(counts))
+    return ("; ".join(parts) + f". {dst} is left as it was; the answers received are cached in "
+            f"{Path(dst) / WORK_DIR}, so a rerun asks only for the rest")
 
 
 def format_summary(index: dict, dst) -> str:

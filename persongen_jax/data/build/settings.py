@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from persongen_jax.conditions import CLASS_WORDS
 from persongen_jax.data.format import DEFAULT_CAPTION_FIELDS, DEFAULT_TRIGGER_WORD, MAX_FILE_BYTES
 
-# PhotoMaker's class words (the word the trigger follows), singular and plural.
-CLASS_WORDS = ("man", "woman", "boy", "girl", "person", "men", "women", "boys", "girls", "people", "guy",
-               "lady", "child", "kid")
 CAPTION_BACKENDS = ("transformers", "openai")
 FACE_MASKS = ("none", "ellipse")
 # Files larger than this are fingerprinted by name and size, not hashed (a 16 GB captioner would take a
@@ -89,6 +87,9 @@ class BuildSettings:
     face_mask: str = "none"
     jpeg_quality: int = 95
     class_words: tuple[str, ...] = CLASS_WORDS
+    # Real captions are a sentence or two (max_new_tokens 256 is about 1,000 characters): a longer one is a
+    # model that did not stop for this image.
+    caption_max_chars: int = 2000
     trigger_word: str = DEFAULT_TRIGGER_WORD
     num_shards: int = 0                        # 0: one shard per bundle (streamed); N: N shards (a shuffle)
     max_file_bytes: int = MAX_FILE_BYTES
@@ -101,7 +102,7 @@ class BuildSettings:
         """ValueError (one line, naming the option) for a setting that cannot work."""
         if self.detector_threads < 0:
             raise ValueError(f"--detector-threads must be >= 0, got {self.detector_threads}")
-        for name in ("min_side", "min_face", "resolution", "det_size", "embed_batch_size"):
+        for name in ("min_side", "min_face", "resolution", "det_size", "embed_batch_size", "caption_max_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.min_images < 2:
@@ -148,6 +149,8 @@ class BuildSettings:
                                  "config.json); models are never downloaded by the build")
             if spec.max_new_tokens < 1 or spec.batch_size < 1 or spec.concurrency < 1 or spec.retries < 0:
                 raise ValueError(f"--{what}-*: max tokens, batch size and concurrency must be >= 1, retries >= 0")
+            if not spec.timeout_s > 0:
+                raise ValueError(f"--{what}-timeout must be > 0 seconds, got {spec.timeout_s}")
 
     def fingerprinted(self) -> "BuildSettings":
         """A copy with the model fingerprints that the stage caches key on."""

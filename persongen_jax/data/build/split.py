@@ -11,22 +11,25 @@ for exactly those keys (checked at start). The answer is accepted when it is a J
 those keys (surrounding whitespace and one Markdown code fence, which chat models add by habit, are
 allowed; nothing else): string values, "" for "not mentioned". An answer that does not parse is *not* a
 rejection: the image keeps P_general with no P_bg / P_body, and the failure is recorded with its reason
-(the "notes" output, index.json["split_failures"], counted in the summary). A request that failed for
-good is recorded the same way. Answers are cached in DST/_work/splits, keyed by the caption text +
-the model's fingerprint + the prompt + max tokens.
+(the "notes" output, index.json["split_failures"], counted in the summary); so is an answer over the
+size limit (`vlm.AnswerTooLong`). A request the endpoint failed (`vlm.EndpointError`) is not the
+caption's fault: it goes to the "failed" output and the build stops (pipeline.build_dataset). Answers
+are cached in DST/_work/splits, keyed by the caption text + the model's fingerprint + the prompt + max
+tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import apache_beam as beam
 
 from persongen_jax.data.build.caption import one_line
-from persongen_jax.data.build.common import NOTES, Item, StageDoFn, WorkCache
+from persongen_jax.data.build.common import NOTES, Item, StageDoFn, WorkCache, failed_request
 from persongen_jax.data.build.settings import cache_key, sha256_text, split_key
-from persongen_jax.data.build.vlm import load_backend
+from persongen_jax.data.build.vlm import EndpointError, load_backend
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
@@ -63,8 +66,8 @@ class SplitCaptions(StageDoFn):
         self.cache = WorkCache(self.settings.dst, "splits")
 
     def run(self, batch: list[Item]):
-        """A batch of captioned Items -> the same Items with `captions` (cached answers reused), plus
-        notes for the failures."""
+        """A batch of captioned Items -> new Items with `captions` (cached answers reused), notes for the
+        answers that did not parse, failed outputs for the requests the endpoint failed."""
         s = self.settings
         spec = s.split
         prompts = [s.split_prompt.replace("{caption}", it.caption) for it in batch]
@@ -75,15 +78,19 @@ class SplitCaptions(StageDoFn):
         self.count("computed", computed)
         self.count("cached", len(batch) - computed)
         for item, answer in zip(batch, answers):
+            if isinstance(answer, EndpointError):
+                self.count("request_failed")
+                yield failed_request(item, self.stage, answer)
+                continue
             try:
-                if not isinstance(answer, str):
-                    raise ValueError(f"request failed: {answer}")
-                item.captions = parse_split(answer, s.split_fields)
+                if not isinstance(answer, str):  # vlm.AnswerTooLong
+                    raise ValueError(str(answer))
+                captions = parse_split(answer, s.split_fields)
                 self.count("parsed")
             except ValueError as e:
-                item.captions = {}
+                captions = {}
                 self.count("failed")
                 yield beam.pvalue.TaggedOutput(NOTES, dict(image=item.image, person_id=item.person_id, stage="split",
                                                            reason="caption split did not parse", detail=str(e)))
             self.kept()
-            yield item
+            yield dataclasses.replace(item, captions=captions)

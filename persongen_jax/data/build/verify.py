@@ -28,6 +28,7 @@ the images of a person left with fewer than `min_images` verified images.
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import apache_beam as beam
 import numpy as np
@@ -71,8 +72,7 @@ class EmbedFaces(StageDoFn):
         self.count("computed", computed, group="embeddings")
         self.count("cached", len(batch) - computed, group="embeddings")
         for item, e in zip(batch, found):
-            item.embeddings, item.crops = _unpack(e), None
-            yield item
+            yield dataclasses.replace(item, embeddings=_unpack(e), crops=None)
 
 
 def dbscan(dist: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
@@ -116,7 +116,7 @@ def dominant_identity(embeddings: np.ndarray, owner: np.ndarray, threshold: floa
 
 
 def verify_person(items: list[Item], s) -> tuple[list[Item], list[tuple[Item, str, str]]]:
-    """One person's Items (with `faces` and `embeddings`) -> (verified Items with `face` set, rejects as
+    """One person's Items (with `faces` and `embeddings`) -> (new verified Items with `face` set, rejects as
     (item, reason, detail)); see the module doc."""
     items = sorted(items, key=lambda it: it.image)  # the clustering must not depend on arrival order
     if len(items) < s.min_images:
@@ -143,9 +143,8 @@ def verify_person(items: list[Item], s) -> tuple[list[Item], list[tuple[Item, st
             continue
         score = {f: float(sim[f, others].mean()) if others.any() else 0.0 for f in cands}
         pick = max(cands, key=lambda f: score[f])
-        it.face = dict(it.faces[int(pick - mine[0])], identity_cos=round(score[pick], 4))
-        it.faces, it.embeddings = [], None
-        verified.append(it)
+        face = dict(it.faces[int(pick - mine[0])], identity_cos=round(score[pick], 4))
+        verified.append(dataclasses.replace(it, face=face, faces=[], embeddings=None))
     if len(verified) < s.min_images:
         rejects += [(it, "too few images", f"{len(verified)} verified image(s) < min_images {s.min_images}")
                     for it in verified]

@@ -8,8 +8,11 @@
   the image as a base64 data URL): how vLLM / SGLang / TGI servers are run at scale. Requests of a
   batch are in flight together (`concurrency`), so a server's continuous batching sees many at once.
   Temperature 0; connection errors, timeouts, HTTP 429 and 5xx are retried with exponential backoff
-  (`retries`); an API key is read from $OPENAI_API_KEY when set. A request that still fails is that
-  image's failure (a `VLMError`: the stage rejects the image with the message), not the run's.
+  (`retries`); an API key is read from $OPENAI_API_KEY when set. `timeout_s` bounds each request as a
+  whole (connect to last byte), and an answer is read up to MAX_ANSWER_BYTES. A request that still fails
+  is the endpoint's failure, not the image's (an `EndpointError`: the build stops and says so, DST stays
+  as it was); after it this backend sends no more requests. Only an answer over the size limit
+  (`AnswerTooLong`) is the image's outcome.
 - `transformers`: a local Hugging Face folder of the Qwen2-VL family (Qwen2.5-VL by default; Qwen2-VL
   and the same layout work), never downloaded. Batched greedy generation, left padding, on CUDA in
   bfloat16 when a GPU is there, else CPU float32. The inputs are built as the model's processor builds
@@ -24,20 +27,85 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import http.client
 import io
 import json
 import os
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
 
 QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 class VLMError(RuntimeError):
-    """One request that failed for good (after retries): the message says why."""
+    """A request that gave no usable answer."""
+
+
+class EndpointError(VLMError):
+    """The endpoint failed, not the image: connection refused or reset, the `timeout_s` deadline, HTTP 429 /
+    5xx after the retries, any other HTTP error, an answer that is not a chat completion. An error of the
+    run (the build stops, DST stays as it was): `sent` is False for a request not sent because the
+    endpoint had already failed."""
+
+    def __init__(self, message: str, endpoint: str, sent: bool = True):  # message: why, without the URL
+        super().__init__(message)
+        self.endpoint, self.sent = endpoint, sent
+
+
+class AnswerTooLong(VLMError):
+    """An answer over MAX_ANSWER_BYTES: the model did not stop for this input (a property of the image or
+    caption, rejected per image), not read further."""
+
+
+# A chat completion of `max_tokens` (256 by default) is a few KiB; a server that ignores the limit could
+# otherwise send any amount, all of it held in memory and stored as a caption.
+MAX_ANSWER_BYTES = 64 << 10
+
+
+def http_request(method: str, url: str, body: bytes | None, headers: dict, timeout_s: float,
+                 limit: int) -> tuple[int, bytes]:
+    """One HTTP(S) request whose whole duration (connect, send, status, headers, body) is bounded by
+    `timeout_s`: a socket timeout bounds each read only, so a server sending one byte per second would keep
+    the request alive for ever; a timer shuts the socket down at the deadline instead. Reads at most
+    `limit` + 1 bytes of the body (more means over the limit). Connects straight to the host (no proxy).
+    -> (HTTP status, body bytes); TimeoutError at the deadline, OSError / http.client.HTTPException else."""
+    u = urllib.parse.urlsplit(url)
+    conn_class = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    conn = conn_class(u.hostname, u.port, timeout=timeout_s)
+    expired, sockets = threading.Event(), []
+
+    def expire():
+        expired.set()
+        for sock in sockets:  # the connected socket (http.client drops conn.sock once the response owns it)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the read blocked on it
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        conn.connect()
+        sockets.append(conn.sock)
+        if expired.is_set():
+            raise TimeoutError
+        conn.request(method, (u.path or "/") + (f"?{u.query}" if u.query else ""), body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read(limit + 1)
+        if expired.is_set():  # a body cut short by the shutdown may read as complete
+            raise TimeoutError
+        return response.status, data
+    except (OSError, http.client.HTTPException):
+        if expired.is_set():
+            raise TimeoutError(f"no complete answer within the {timeout_s:g} s timeout") from None
+        raise
+    finally:
+        timer.cancel()
+        conn.close()
 
 
 class OpenAIChat:
@@ -48,47 +116,56 @@ class OpenAIChat:
         self.headers = {"Content-Type": "application/json"}
         if os.environ.get("OPENAI_API_KEY"):
             self.headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+        self.failed = ""  # the first request that failed for good: later ones are not sent
 
     def check(self) -> None:
         """ValueError (one line) when the endpoint cannot be reached or does not serve the model; a server
         without the `/models` listing is taken on trust."""
         url = self.spec.endpoint.rstrip("/") + "/models"
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=self.headers), timeout=30) as r:
-                served = [m.get("id") for m in json.loads(r.read()).get("data", [])]
-        except urllib.error.HTTPError:
-            return  # no model listing on this server
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-            raise ValueError(f"{self.spec.endpoint}: cannot reach the endpoint "
-                             f"({type(e).__name__}: {getattr(e, 'reason', e)})") from None
+            status, data = http_request("GET", url, None, self.headers, 30.0, 1 << 20)
+            if status != 200:
+                return  # no model listing on this server
+            served = [m.get("id") for m in json.loads(data).get("data", [])]
+        except (OSError, http.client.HTTPException) as e:
+            raise ValueError(f"{self.spec.endpoint}: cannot reach the endpoint ({type(e).__name__}: {e})") from None
         except (ValueError, AttributeError):
             return  # not an OpenAI-style listing: let the requests tell
         if served and self.spec.model not in served:
             raise ValueError(f"{self.spec.endpoint}: does not serve model {self.spec.model!r} (it serves {served})")
 
+    def _fail(self, message: str) -> EndpointError:
+        self.failed = self.failed or message
+        return EndpointError(message, self.spec.endpoint)
+
     def _post(self, content) -> str:
+        if self.failed:  # the endpoint is down: the run stops anyway, asking again only costs the retries
+            raise EndpointError(f"not sent (an earlier request failed: {self.failed})"[:400],
+                                self.spec.endpoint, sent=False)
         body = json.dumps(dict(model=self.spec.model, messages=[{"role": "user", "content": content}],
                                max_tokens=self.spec.max_new_tokens, temperature=0.0)).encode()
         delay = 1.0
         for attempt in range(self.spec.retries + 1):
-            req = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.spec.timeout_s) as r:
-                    answer = json.loads(r.read())
-                return answer["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode(errors="replace")
-                if e.code != 429 and e.code < 500:
-                    raise VLMError(f"{self.url}: HTTP {e.code} {detail}") from None
-                error = f"HTTP {e.code} {detail}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise VLMError(f"{self.url}: not a chat-completions answer ({type(e).__name__}: {e})") from None
+                status, data = http_request("POST", self.url, body, self.headers, self.spec.timeout_s,
+                                            MAX_ANSWER_BYTES)
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, the deadline (TimeoutError)
+                error = f"{type(e).__name__}: {e}"
+            else:
+                if 200 <= status < 300:
+                    if len(data) > MAX_ANSWER_BYTES:
+                        raise AnswerTooLong(f"the answer is over the {MAX_ANSWER_BYTES}-byte limit")
+                    try:
+                        return json.loads(data)["choices"][0]["message"]["content"] or ""
+                    except (ValueError, KeyError, IndexError, TypeError) as e:
+                        raise self._fail(f"not a chat-completions answer ({type(e).__name__}: {e})"[:400]) from None
+                error = f"HTTP {status} {data[:300].decode(errors='replace')}"
+                if status != 429 and status < 500:  # the request itself is refused: asking again cannot help
+                    raise self._fail(error)
             if attempt < self.spec.retries:
                 time.sleep(delay)
                 delay *= 2
-        raise VLMError(f"{self.url}: {error} (after {self.spec.retries + 1} attempts)")
+        raise self._fail(f"{error} (after {self.spec.retries + 1} attempts)")
 
     def _map(self, fn, items) -> list:
         def safe(x):

@@ -32,7 +32,8 @@ from persongen_jax.data import format as fmt
 from persongen_jax.data.build.common import STAGES, Item
 
 SHARD_PREFIX, SHARD_SUFFIX = "data", ".array_record"
-BAD_REASONS = ("cannot decode image", "unreadable file")   # input defects, listed in "bad" as data.format does
+# Input defects, listed in "bad" as data.format lists them.
+BAD_REASONS = ("cannot decode image", "unreadable file", "not a regular file", "outside the source folder")
 
 
 def record_header(item: Item, settings) -> dict:
