@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from persongen_jax.pipeline import id_unused_warning, resolve_start_merge_step  # light: no JAX
 
@@ -54,6 +55,23 @@ log = logging.getLogger("persongen_jax.app")
 
 MAX_REFS = 4      # reference photos per request; the ID encoder is compiled for each count at start-up
 MAX_IMAGES = 8    # images per request
+
+
+# Uploaded reference photos are downscaled to this long side before anything else: a face crop needs far
+# less (the ID encoder sees 224x224), and a 12000x12000 upload would otherwise cost GBs in every copy.
+MAX_REF_SIDE = 1024
+
+
+def read_reference(path: str | os.PathLike) -> tuple[str, Image.Image]:
+    """An uploaded reference photo -> (file name, PIL image of at most MAX_REF_SIDE px on the long side, the
+    aspect ratio kept). JPEGs are decoded at a reduced scale (`draft`), so a huge one never lands in memory
+    at full size."""
+    with Image.open(path) as im:
+        im.draft("RGB", (MAX_REF_SIDE, MAX_REF_SIDE))
+        im.load()
+        small = im.copy()
+    small.thumbnail((MAX_REF_SIDE, MAX_REF_SIDE), Image.Resampling.LANCZOS)
+    return Path(path).name, small
 
 
 class InputError(ValueError):
@@ -198,8 +216,6 @@ class Generator:
 
     def generate(self, refs: list[tuple[str, object]], req: Request, progress=None) -> Result:
         """refs: [(name, PIL image)] as uploaded; progress(steps_done) after each denoising step."""
-        from PIL import Image
-
         from persongen_jax.evaluation import protocol
         from persongen_jax.pipeline.image_processing import convert_to_rgb
 
@@ -259,8 +275,6 @@ class Generator:
         """WORKDIR/<n>/persongen_seed<first>.zip: seed_<s>.png per image, ref_<k>.png, settings.json."""
         import io
 
-        from PIL import Image
-
         folder = self.workdir / f"request_{self._requests:05d}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"persongen_seed{result.seeds[0]}.zip"
@@ -279,8 +293,6 @@ class Generator:
     def warm_up(self) -> float:
         """Compiles what a default request runs: the ID encoder for 1..MAX_REFS photos, the sampling loop +
         VAE decode for the default image count / size / steps / scheduler, the metrics. -> seconds."""
-        from PIL import Image
-
         t0 = time.perf_counter()
         d = self.defaults
         face = Image.new("RGB", (64, 64), (160, 130, 110))  # only the shapes matter here
@@ -359,7 +371,6 @@ def _about(gen: Generator) -> str:
 def build_ui(gen: Generator):
     """The Gradio Blocks of the page; the generate event is also the `/generate` API endpoint."""
     import gradio as gr
-    from PIL import Image
 
     from persongen_jax import conditions as conditions_lib
     from persongen_jax.evaluation.face_sim import NoFaceError
@@ -420,13 +431,10 @@ def build_ui(gen: Generator):
             paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
             loaded = []
             for p in paths:
-                name = Path(p).name
                 try:
-                    with Image.open(p) as im:
-                        im.load()
-                        loaded.append((name, im.copy()))
+                    loaded.append(read_reference(p))
                 except Exception as e:  # PIL raises several types for a non-image
-                    raise gr.Error(f"reference photo {name!r} is not a readable image ({type(e).__name__})",
+                    raise gr.Error(f"reference photo {Path(p).name!r} is not a readable image ({type(e).__name__})",
                                    duration=None, print_exception=False) from None
             seed_used = random.randint(0, MAX_SEED - MAX_IMAGES) if random_v else int(seed_v or 0)
             req = Request(prompt=prompt_v or "", conditions={n: t or "" for n, t in zip(gen.text_conditions, cond_v)},

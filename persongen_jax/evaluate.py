@@ -38,10 +38,13 @@ import sys
 import time
 from pathlib import Path
 
+from persongen_jax.cli.outputs import OutputFolder
 from persongen_jax.evaluation import metrics as metrics_lib
 from persongen_jax.generate import MERGE_HELP, load_pipeline, parse_seeds, parse_start_merge_step, warn_if_id_unused
 from persongen_jax.pipeline import DEFAULT_START_MERGE
 from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+
+OUTPUT_FILES = ("metrics.json", "scores.csv", "report.html")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="--compare: comma-separated run labels (default: folder names)")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder: metrics.json, scores.csv, report.html (--compare: the plots)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output of an earlier evaluate in --out, or write into a folder that holds "
+                        "other files (default: refuse a non-empty --out)")
     return p
 
 
@@ -149,15 +155,21 @@ def main(argv=None) -> int:
     from persongen_jax.pipeline.pipeline import PipelineError
 
     t0 = time.perf_counter()
+    out = OutputFolder(args.out, "evaluate", overwrite=args.overwrite)
     try:
+        out.check()  # before reading or loading anything
         if args.compare:
             labels = args.labels.split(",") if args.labels else None
-            paths = report.plot_compare(args.compare, args.out, labels=labels)
+            with out:
+                paths = report.plot_compare(args.compare, args.out, labels=labels)
+                out.finish(paths)
             print("wrote " + ", ".join(str(p) for p in paths))
             return 0
         if args.manifest:
             metrics = _metrics(args, parser)
-            result = protocol.score_manifest(args.manifest, metrics, args.out, trigger_word=args.trigger_word)
+            with out:
+                result = protocol.score_manifest(args.manifest, metrics, args.out, trigger_word=args.trigger_word)
+                out.finish(OUTPUT_FILES)
         else:
             if not args.sets:
                 parser.error("mode B needs --sets NAME=FOLDER[,NAME=FOLDER...]")
@@ -170,23 +182,26 @@ def main(argv=None) -> int:
             refs = protocol.load_references(sets, metrics)  # and a reference without a face
             print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
             config = _load_config(args.config) if args.checkpoint and args.config else None
-            pipe, step, config = load_pipeline(args, config)
-            if args.model:
-                source = {"model": str(args.model), "photomaker": str(args.photomaker or ""),
-                          "lora": str(args.lora or ""), "adapters": str(args.adapters or "")}
-            else:
-                args.trigger_word = config.data.trigger_word
-                source = {"checkpoint": str(args.checkpoint)}
-            settings = protocol.ProtocolSettings(
-                seeds=args.seeds, num_steps=args.steps, guidance_scale=args.guidance_scale,
-                start_merge_step=args.start_merge_step, height=args.resolution, width=args.resolution,
-                scheduler=args.scheduler, split=args.split, trigger_word=args.trigger_word)
-            n = sum(len(i) for i in sets.values()) * len(prompts) * len(args.seeds)
-            print(f"generating {n} images: {({k: len(v) for k, v in sets.items()})} identities x {len(prompts)} "
-                  f"prompts x {len(args.seeds)} seeds", file=sys.stderr, flush=True)
-            title = f"{source.get('model') or source['checkpoint']}" + (f" at step {step}" if step is not None else "")
-            result = protocol.run_protocol(pipe, sets, prompts, metrics, args.out, settings, step=step, title=title,
-                                           extra=source, progress=True, references=refs)
+            with out:
+                pipe, step, config = load_pipeline(args, config)
+                if args.model:
+                    source = {"model": str(args.model), "photomaker": str(args.photomaker or ""),
+                              "lora": str(args.lora or ""), "adapters": str(args.adapters or "")}
+                else:
+                    args.trigger_word = config.data.trigger_word
+                    source = {"checkpoint": str(args.checkpoint)}
+                settings = protocol.ProtocolSettings(
+                    seeds=args.seeds, num_steps=args.steps, guidance_scale=args.guidance_scale,
+                    start_merge_step=args.start_merge_step, height=args.resolution, width=args.resolution,
+                    scheduler=args.scheduler, split=args.split, trigger_word=args.trigger_word)
+                n = sum(len(i) for i in sets.values()) * len(prompts) * len(args.seeds)
+                print(f"generating {n} images: {({k: len(v) for k, v in sets.items()})} identities x "
+                      f"{len(prompts)} prompts x {len(args.seeds)} seeds", file=sys.stderr, flush=True)
+                title = (f"{source.get('model') or source['checkpoint']}"
+                         + (f" at step {step}" if step is not None else ""))
+                result = protocol.run_protocol(pipe, sets, prompts, metrics, args.out, settings, step=step,
+                                               title=title, extra=source, progress=True, references=refs)
+                out.finish([*OUTPUT_FILES, "images"])
     except (ImageError, PipelineError, FaceModelError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from persongen_jax.cli.outputs import OutputFolder
 from persongen_jax.pipeline import DEFAULT_START_MERGE, MAX_SEED, id_unused_warning
+from persongen_jax.pipeline.settings import MAX_BATCH, default_batch_size, seed_batches
 from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 
 
@@ -70,20 +72,6 @@ def condition_texts(args) -> dict[str, str]:
             raise ValueError(f"condition {name!r} given twice (--cond {name}=... / --prompt-{name})")
         out[name] = text
     return out
-
-
-def check_output_folder(out: Path) -> None:
-    """Creates `out` and proves it writable (a real write: root and read-only mounts answer honestly);
-    ValueError naming it otherwise."""
-    import tempfile
-
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 
 def parse_start_merge_step(text: str) -> int | float:
@@ -181,8 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's, 1024 for SDXL)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's, 1024 for SDXL)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler", help="sampler")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="seeds per compiled sampling call (default: from the image size, 4 at 1024x1024, at most "
+                        f"{MAX_BATCH}); bounds the memory of many seeds")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder (created): seed_<s>.png per seed and settings.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output of an earlier generate in --out, or write into a folder that holds "
+                        "other files (default: refuse a non-empty --out)")
     return p
 
 
@@ -201,37 +195,46 @@ def main(argv=None) -> int:
     from persongen_jax.pipeline.pipeline import PipelineError, check_settings
 
     t0 = time.perf_counter()
+    out = OutputFolder(args.out, "generate", overwrite=args.overwrite)
     try:
         # Everything that can be checked without the model is, before minutes of loading and sampling.
         check_settings(seeds=args.seeds, num_steps=args.steps, guidance_scale=args.guidance_scale,
                        start_merge_step=args.start_merge_step, height=args.height, width=args.width)
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: expected an integer >= 1")
         warn_if_id_unused(args, bool(args.ref))
-        check_output_folder(args.out)
+        out.check()
         check_model_arguments(args)
         texts = condition_texts(args)
         refs = [load_image(p) for p in args.ref]  # fail on a bad image before loading any model
-        print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
-        pipe, step, _ = load_pipeline(args)
-        common = dict(num_steps=args.steps, guidance_scale=args.guidance_scale,
-                      start_merge_step=args.start_merge_step, height=args.height, width=args.width,
-                      negative_prompt=args.negative_prompt, conditions=texts, scheduler=args.scheduler)
-        files = []
-        # One compiled call for all seeds; the bar counts denoising steps.
-        images = pipe(args.prompt, refs, seeds=args.seeds, progress=True, **common)
-        for seed, img in zip(args.seeds, images):
-            path = args.out / f"seed_{seed}.png"
-            Image.fromarray(img).save(path)
-            files.append(path.name)
+        with out:
+            print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
+            pipe, step, _ = load_pipeline(args)
+            common = dict(num_steps=args.steps, guidance_scale=args.guidance_scale,
+                          start_merge_step=args.start_merge_step, height=args.height, width=args.width,
+                          negative_prompt=args.negative_prompt, conditions=texts, scheduler=args.scheduler)
+            height, width = args.height or pipe.default_size, args.width or pipe.default_size
+            batch_size = args.batch_size or default_batch_size(height, width)
+            files = []
+            # One compiled call per batch of seeds (the last one padded: the same program); the bar counts
+            # denoising steps. Each batch is written before the next runs: host memory holds one batch.
+            for seeds, n in seed_batches(args.seeds, batch_size):
+                images = pipe(args.prompt, refs, seeds=seeds, progress=True, **common)
+                for seed, img in zip(seeds[:n], images[:n]):
+                    path = args.out / f"seed_{seed}.png"
+                    Image.fromarray(img).save(path)
+                    files.append(path.name)
+            settings = {**model_settings(args), "step": step,
+                        "refs": [str(p) for p in args.ref], "prompt": args.prompt, "seeds": args.seeds,
+                        "height": height, "width": width, "trigger_word": args.trigger_word,
+                        "images": files, "batch_size": batch_size,
+                        "seconds": round(time.perf_counter() - t0, 2), **{k: v for k, v in common.items()
+                                                                           if k not in ("height", "width")}}
+            (args.out / "settings.json").write_text(json.dumps(settings, indent=2))
+            out.finish([*files, "settings.json"])
     except (ImageError, PipelineError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    settings = {**model_settings(args), "step": step,
-                "refs": [str(p) for p in args.ref], "prompt": args.prompt, "seeds": args.seeds,
-                "height": images.shape[1], "width": images.shape[2], "trigger_word": args.trigger_word,
-                "images": files,
-                "seconds": round(time.perf_counter() - t0, 2), **{k: v for k, v in common.items()
-                                                                   if k not in ("height", "width")}}
-    (args.out / "settings.json").write_text(json.dumps(settings, indent=2))
     print(f"wrote {len(files)} image(s) and settings.json to {args.out}")
     return 0
 

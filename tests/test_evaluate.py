@@ -284,6 +284,15 @@ def test_manifest_errors_name_the_file_and_line(models, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "loading" not in line]  # progress lines
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert f"{empty}, line 1: reference=[]" in err[0] and not (tmp_path / "out" / "metrics.json").exists()
+    # An unreadable image names the manifest line as well as the file.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    unreadable = tmp_path / "unreadable.jsonl"
+    unreadable.write_text("".join(json.dumps({"image": im, "prompt": "a photo", "reference": alice}) + "\n"
+                                  for im in (alice, str(broken))))
+    assert main(["--manifest", str(unreadable), "--out", str(tmp_path / "out2"), *_scoring(models)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {unreadable}, line 2: {broken}" in err, err
     cases = {"image5": (json.dumps({"image": 5, "prompt": "x", "reference": alice}) + "\n").encode(),
              "refs": (json.dumps({"image": alice, "prompt": "x", "reference": [alice, None]}) + "\n").encode(),
              "latin1": b'{"image": "a.png", "prompt": "caf\xe9", "reference": "b.png"}\n'}

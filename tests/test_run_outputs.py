@@ -111,6 +111,7 @@ def test_generate_from_checkpoint_of_a_demo_run(demo_run, tmp_path):
     images = [np.asarray(Image.open(out / f"seed_{s}.png")) for s in (0, 1)]
     assert images[0].shape == (32, 32, 3) and not np.array_equal(images[0], images[1])
     assert main(["--checkpoint", str(wd), "--step", "7", "--prompt", "a man", "--out", str(tmp_path / "x")]) == 1
+    assert not (tmp_path / "x").exists()  # the failed run leaves no empty --out behind
 
 
 def test_evaluate_checkpoint_without_scoring_models(demo_run, tmp_path, capsys):
@@ -126,7 +127,8 @@ def test_evaluate_checkpoint_without_scoring_models(demo_run, tmp_path, capsys):
     assert main(["--checkpoint", str(wd), "--sets", f"val={sets}", "--num-prompts", "1", "--seeds", "0",
                  "--steps", "2", "--metrics", "none", "--out", str(out)]) == 0, capsys.readouterr().err
     assert (out / "images" / "val" / "p0" / "castle_s0.png").is_file() and (out / "report.html").is_file()
-    assert json.loads((out / "metrics.json").read_text())["metric_names"] == []
+    recorded = json.loads((out / "metrics.json").read_text())
+    assert recorded["metric_names"] == [] and recorded["settings"]["height"] == recorded["settings"]["width"] == 32
 
 
 def test_export_lora_and_adapter_from_a_run_folder(demo_run, tmp_path):

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +36,7 @@ import numpy as np
 from persongen_jax.evaluation import report
 from persongen_jax.evaluation.metrics import Metric
 from persongen_jax.pipeline import DEFAULT_START_MERGE
-from persongen_jax.pipeline.image_processing import load_image
+from persongen_jax.pipeline.image_processing import ImageError, load_image
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, strip_trigger_word
 
 DEFAULT_PROMPTS = Path(__file__).with_name("validation_prompts.json")
@@ -229,6 +229,8 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
     from PIL import Image
 
     settings = settings or ProtocolSettings()
+    # The size the images get, recorded in metrics.json (not None: "the model's" is not a size).
+    settings = replace(settings, height=settings.height or pipe.default_size, width=settings.width or pipe.default_size)
     if pipe.id_encoder is None:
         raise ValueError("the validation protocol generates identities: the model needs an ID encoder "
                          "(--photomaker DIR)")
@@ -331,6 +333,15 @@ def _clip_t_prompts(manifest, entries: list[dict], trigger_word: str | None) -> 
             raise ValueError(f"{manifest}, line {e['line']}: {err} (--trigger-word names it)") from None
 
 
+def _manifest_image(manifest, entry: dict, path: Path):
+    """An image of a manifest entry, as evaluation scores it; an unreadable one is an ImageError naming the
+    manifest line too (as the manifest's other errors)."""
+    try:
+        return load_image(path, composite_on_white=True)
+    except ImageError as e:
+        raise ImageError(f"{manifest}, line {entry['line']}: {e}") from None
+
+
 def score_manifest(manifest: str | os.PathLike, metrics: Sequence[Metric], out_dir: str | os.PathLike, *,
                    title: str | None = None, extra: dict | None = None,
                    trigger_word: str | None = DEFAULT_TRIGGER_WORD) -> ProtocolResult:
@@ -342,13 +353,13 @@ def score_manifest(manifest: str | os.PathLike, metrics: Sequence[Metric], out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = read_manifest(manifest)
     _clip_t_prompts(manifest, entries, trigger_word)
-    images = [load_image(e["image"], composite_on_white=True) for e in entries]  # all read before any model runs
+    images = [_manifest_image(manifest, e, e["image"]) for e in entries]  # all read before any model runs
     ref_cache: dict[tuple, dict] = {}
     references: dict[str, dict[str, list[str]]] = {}
     for e in entries:
         key = e["references"]
         if key not in ref_cache:
-            ref_cache[key] = prepare_references(metrics, [load_image(p, composite_on_white=True) for p in key],
+            ref_cache[key] = prepare_references(metrics, [_manifest_image(manifest, e, p) for p in key],
                                                 [str(p) for p in key])
         name = ", ".join(p.name for p in key)
         references.setdefault(e["set"], {})[name] = [os.path.relpath(p, out_dir) for p in key]
