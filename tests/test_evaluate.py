@@ -207,7 +207,7 @@ def _demo_config(**eval_overrides):
 def test_validation_during_training_then_checkpoint_evaluation_and_compare(models, tmp_path, capsys):
     from persongen_jax.evaluate import main
     from persongen_jax.training import train_and_evaluate
-    from persongen_jax.training.run_folder import load_trained_model
+    from persongen_jax.sources import load_trained_model
 
     root = models
     sets = f"in_train={root / 'val' / 'in_train'}"
@@ -272,7 +272,7 @@ def test_validation_config_errors(models, tmp_path):
 
 
 def test_manifest_errors_name_the_file_and_line(models, tmp_path, capsys):
-    """Issue 9 defects 5 + 10: `"reference": []` (NaN in metrics.json before), `"image": 5` and non-UTF-8
+    """`"reference": []` (NaN in metrics.json before), `"image": 5` and non-UTF-8
     bytes are one `error:` line naming the manifest and the line; exit 1, no metrics.json."""
     from persongen_jax.evaluate import main
     from persongen_jax.evaluation.protocol import read_manifest

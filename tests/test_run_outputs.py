@@ -1,4 +1,4 @@
-"""From a training run to pictures, and CLIs that explain themselves (issue 14).
+"""From a training run to pictures, and CLIs that explain themselves.
 
 One micro demo run (synthetic data, 2 steps, validation at step 2 without scoring models) feeds: the
 validation images under WORKDIR/samples/ and in the TensorBoard event file (read back), `generate
@@ -158,7 +158,7 @@ def test_export_lora_and_adapter_from_a_run_folder(demo_run, tmp_path):
 
 
 def test_start_merge_step_fraction_and_unused_id_warning(tmp_path, capsys, caplog):
-    from persongen_jax.pipeline.pipeline import PipelineError, check_settings
+    from persongen_jax.pipeline.settings import PipelineError, SamplingSettings
     from persongen_jax.training.validation import Validator
 
     assert DEFAULT_START_MERGE == 0.2 and resolve_start_merge_step(0.2, 50) == 10  # the research's 10 of 50
@@ -166,10 +166,10 @@ def test_start_merge_step_fraction_and_unused_id_warning(tmp_path, capsys, caplo
     assert resolve_start_merge_step(0.29, 100) == 29 and resolve_start_merge_step(10, 4) == 10
     assert resolve_start_merge_step(10.0, 50) == 10  # an integral float >= 1 is a step (config overrides)
     for ok in (0, 10, 0.2, 10.0):
-        check_settings(start_merge_step=ok)
+        SamplingSettings(start_merge_step=ok).check()
     for bad in (-1, 1.5, float("nan"), True):
         with pytest.raises(PipelineError, match="start merge step"):
-            check_settings(start_merge_step=bad)
+            SamplingSettings(start_merge_step=bad).check()
     assert id_unused_warning(0.2, 4) is None and id_unused_warning(2, 4) is None
     assert "never used" in id_unused_warning(3, 4) and "never used" in id_unused_warning(10, 4)
     # Every CLI says so, before loading anything (here both fail right after on a bad --out / --sets).

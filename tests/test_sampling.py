@@ -157,7 +157,7 @@ def test_id_tokens_change_the_image_only_after_the_merge_step(tiny, tmp_path):
 
 
 def test_generate_checks_settings_and_output_before_loading(tmp_path, capsys):
-    """Issue 9 defects 5, 7, 10: NaN guidance, --height 0 / -16, --steps 0, huge seeds, an --out that is a
+    """NaN guidance, --height 0 / -16, --steps 0, huge seeds, an --out that is a
     file or read-only: one `error:` line before the model loads (the model folder here does not exist)."""
     from persongen_jax.generate import main
 
@@ -222,7 +222,7 @@ def test_a_users_folder_is_never_written_into(command, files, tmp_path, capsys):
 
 
 def test_non_finite_images_are_an_error_naming_the_seeds(pipe):
-    """Issue 9 defect 5: NaN weights decode to NaN, which used to be saved as black PNGs; now a
+    """NaN weights decode to NaN, which used to be saved as black PNGs; now a
     PipelineError naming the seeds (the generate CLI prints it and exits 1)."""
     from persongen_jax.pipeline.pipeline import PipelineError
 

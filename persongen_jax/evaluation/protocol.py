@@ -4,7 +4,7 @@
     prompts = load_prompts()                       # the research's 4 prompts (validation_prompts.json)
     metrics = evaluation.metrics.build(["clip_t", "face_sim"], {"clip": "weights/clip-vit-large-patch14",
                             "face_detector": "weights/antelopev2", "arcface": "weights/arcface_r100"})
-    result = run_protocol(pipe, sets, prompts, metrics, "eval_out/", ProtocolSettings(seeds=(0, 1, 2, 3, 4)))
+    result = run_protocol(pipe, sets, prompts, metrics, "eval_out/", ProtocolSettings(seeds=(0, 1)))
     result.metrics["sets"]["in_train"]["face_sim"]
 
 A validation set is a folder; each image file in it is one identity (its only reference face), each
@@ -35,9 +35,9 @@ import numpy as np
 
 from persongen_jax.evaluation import report
 from persongen_jax.evaluation.metrics import Metric
-from persongen_jax.pipeline import DEFAULT_START_MERGE
 from persongen_jax.pipeline.image_processing import ImageError, load_image
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, strip_trigger_word
+from persongen_jax.pipeline.settings import SamplingSettings
 
 DEFAULT_PROMPTS = Path(__file__).with_name("validation_prompts.json")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -136,18 +136,14 @@ def load_sets(spec: dict[str, str | os.PathLike]) -> dict[str, dict[str, list[Pa
     return sets
 
 
-@dataclass
-class ProtocolSettings:
-    seeds: Sequence[int] = (0, 1, 2, 3, 4)
-    num_steps: int = 50
-    guidance_scale: float = 5.0
-    start_merge_step: int | float = DEFAULT_START_MERGE  # a step index or a fraction of num_steps
-    height: int | None = None
-    width: int | None = None
-    negative_prompt: str | None = None
-    scheduler: str = "euler"
+@dataclass(frozen=True)
+class ProtocolSettings(SamplingSettings):
+    """The sampling settings of the protocol (its own default seeds: the research's 5 per identity and
+    prompt), the split-prompt mode and the trigger word written after each prompt's class word."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     split: str = "auto"
-    trigger_word: str = "img"
+    trigger_word: str = DEFAULT_TRIGGER_WORD
 
 
 @dataclass
@@ -264,11 +260,8 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
                 split = _use_split(pipe, vp, settings.split)
                 text = vp.with_trigger(vp.general if split else vp.prompt, settings.trigger_word)
                 t = time.perf_counter()
-                gen = pipe(text, refs, seeds=list(settings.seeds), num_steps=settings.num_steps,
-                           guidance_scale=settings.guidance_scale, start_merge_step=settings.start_merge_step,
-                           height=settings.height, width=settings.width, negative_prompt=settings.negative_prompt,
-                           conditions=vp.conditions if split else None, scheduler=settings.scheduler,
-                           progress=progress)
+                gen = pipe(text, refs, seeds=list(settings.seeds), conditions=vp.conditions if split else None,
+                           progress=progress, **settings.call_kwargs())
                 gen_s += time.perf_counter() - t
                 for seed, img in zip(settings.seeds, gen):
                     rel = f"images/{set_name}/{ident}/{vp.name}_s{seed}.png"

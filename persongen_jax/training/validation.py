@@ -34,7 +34,7 @@ from persongen_jax.evaluation import metrics as metrics_lib
 from persongen_jax.evaluation import protocol
 from persongen_jax.pipeline import id_unused_warning
 from persongen_jax.training import data as data_lib
-from persongen_jax.training.run_folder import inference_pipeline
+from persongen_jax.training.model import inference_pipeline
 
 log = logging.getLogger("persongen_jax.train")
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "id_encoder")
