@@ -42,6 +42,7 @@ from persongen_jax.cli import parser as make_parser
 from persongen_jax.cli.config import load_config
 from persongen_jax.cli.options import (
     add_load_arguments,
+    add_output_arguments,
     add_sampling_arguments,
     add_scheduler_argument,
     load_metrics,
@@ -99,11 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a generation without a detected face: scores 0 (zero, the research) or is left out")
     s.add_argument("--batch-size", type=int, default=32, help="images per CLIP / ArcFace batch")
     p.add_argument("--labels", help="--compare: comma-separated run labels (default: folder names)")
-    p.add_argument("--out", type=Path, required=True,
-                   help="output folder: metrics.json, scores.csv, report.html (--compare: the plots)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the output of an earlier evaluate in --out, or write into a folder that holds "
-                        "other files (default: refuse a non-empty --out)")
+    add_output_arguments(p, "evaluate",
+                         out_help="output folder: metrics.json, scores.csv, report.html (--compare: the plots)")
     return p
 
 

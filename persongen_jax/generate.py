@@ -26,6 +26,7 @@ from PIL import Image
 from persongen_jax.cli import parser
 from persongen_jax.cli.options import (
     add_model_arguments,
+    add_output_arguments,
     add_sampling_arguments,
     add_scheduler_argument,
     model_source,
@@ -79,11 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="seeds per compiled sampling call (default: from the image size, 4 at 1024x1024, at most "
                         f"{MAX_BATCH}); bounds the memory of many seeds")
-    p.add_argument("--out", type=Path, required=True,
-                   help="output folder (created): seed_<s>.png per seed and settings.json")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the output of an earlier generate in --out, or write into a folder that holds "
-                        "other files (default: refuse a non-empty --out)")
+    add_output_arguments(p, "generate", out_help="output folder (created): seed_<s>.png per seed and settings.json")
     return p
 
 

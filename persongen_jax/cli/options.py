@@ -120,6 +120,17 @@ def warn_if_id_unused(settings: SamplingSettings, refs_given: bool) -> None:
         print(f"warning: {message.replace('start merge step', '--start-merge-step', 1)}", file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def add_output_arguments(p: argparse.ArgumentParser, command: str, *, out_help: str) -> None:
+    """--out and --overwrite of a command that writes files (`cli.outputs.OutputFolder`)."""
+    p.add_argument("--out", type=Path, required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace the output of an earlier {command} in --out, or write into a folder that holds "
+                        "other files (default: refuse a non-empty --out)")
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 
 

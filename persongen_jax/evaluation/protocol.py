@@ -29,9 +29,10 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 from persongen_jax.evaluation import report
 from persongen_jax.evaluation.metrics import Metric
@@ -115,7 +116,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def load_sets(spec: dict[str, str | os.PathLike]) -> dict[str, dict[str, list[Path]]]:
+def load_sets(spec: Mapping[str, str | os.PathLike]) -> dict[str, dict[str, list[Path]]]:
     """{set: folder} -> {set: {identity: [reference image paths]}}; empty or missing folders are errors."""
     sets = {}
     for name, folder in spec.items():
@@ -222,8 +223,6 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
     in chunks of about `score_every` (bounded host memory at 1024 x 1024). metrics: `metrics.build(...)`;
     none: the images and the report without scores. references: from `load_references` (loaded here when
     not given)."""
-    from PIL import Image
-
     settings = settings or ProtocolSettings()
     # The size the images get, recorded in metrics.json (not None: "the model's" is not a size).
     settings = replace(settings, height=settings.height or pipe.default_size, width=settings.width or pipe.default_size)

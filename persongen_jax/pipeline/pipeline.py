@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.conditions import Condition
@@ -84,12 +85,12 @@ class PersonGenPipeline:
         self.conditions = {n: known.get(n) or conditions_lib.infer([n], image_proj.get("condition"))[n]
                            for n in names}
         self._samplers: dict = {}
-        self._bar = None
+        self._bar: Any = None  # a tqdm bar or a _StepCallback while sampling
         # Read-only encoders: graph_updates=False, or nnx.jit returns a copy of every parameter per call.
         jit = lambda f: nnx.jit(f, graph_updates=False)  # noqa: E731
         self._encode_text = jit(prompt_lib.encode_prompt)
-        self._encode_id = jit(lambda enc, pixels, embeds, mask: enc(pixels, embeds, mask)) if id_encoder else None
-        self._id_embeds = jit(lambda enc, pixels: enc.id_embeds(pixels)) if id_encoder else None
+        self._encode_id: Any = jit(lambda enc, pixels, embeds, mask: enc(pixels, embeds, mask)) if id_encoder else None
+        self._id_embeds: Any = jit(lambda enc, pixels: enc.id_embeds(pixels)) if id_encoder else None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, photomaker: str | os.PathLike | None = None,
@@ -164,7 +165,8 @@ class PersonGenPipeline:
         `sampling.denoise` (batch 1, shared by all seeds)."""
         ref_images = list(ref_images)
         texts = dict(conditions or {})
-        conditions, scales = {}, {}
+        embeds_of: dict[str, Any] = {}  # {condition name: its embedding}
+        scales: dict[str, Any] = {}
         if ref_images:
             if self.id_encoder is None:
                 raise PipelineError("reference images were given but the model has no ID encoder "
@@ -179,7 +181,7 @@ class PersonGenPipeline:
                                                             jnp.asarray(batch.text_only_ids_1),
                                                             jnp.asarray(batch.text_only_ids_2))
             if self.unet.image_proj is not None:  # an image adapter condition: identity tokens
-                conditions[self.unet.image_proj.condition] = self.unet.image_proj(
+                embeds_of[self.unet.image_proj.condition] = self.unet.image_proj(
                     self._id_embeds(self.id_encoder, pixels))
         else:
             if self.trigger_word in prompt.split():
@@ -193,9 +195,9 @@ class PersonGenPipeline:
             if name not in self.text_conditions:
                 raise PipelineError(f"condition {name!r} given but the model has no {name!r} text adapter (text "
                                     f"conditions: {self.text_conditions}; pass --adapters DIR)")
-            conditions[name] = self._plain(text)[0]
+            embeds_of[name] = self._plain(text)[0]
         if self.adapters:
-            for name in conditions:
+            for name in embeds_of:
                 scales[name] = jnp.float32((adapter_scales or {}).get(name, self.adapters["scales"][name]))
         if prompt_lib.zero_negative(negative_prompt, self.force_zeros_for_empty_prompt):
             neg, neg_pooled = jnp.zeros_like(fused), jnp.zeros_like(pooled)
@@ -203,7 +205,7 @@ class PersonGenPipeline:
             neg, neg_pooled = self._plain(negative_prompt or "")
         return Conditioning(prompt_embeds=fused, pooled=pooled, text_only_embeds=text_only,
                             text_only_pooled=text_only_pooled, negative_embeds=neg, negative_pooled=neg_pooled,
-                            time_ids=sdxl_time_ids(height, width), conditions=conditions, condition_scales=scales,
+                            time_ids=sdxl_time_ids(height, width), conditions=embeds_of, condition_scales=scales,
                             gated=tuple(n for n, c in self.conditions.items() if c.gated))
 
     # ------------------------------------------------------------------ sampling
@@ -251,8 +253,6 @@ class PersonGenPipeline:
         if callable(progress):
             self._bar = _StepCallback(progress)
         elif progress:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=num_steps, desc=f"sampling {len(seeds)} image(s)", disable=None)
         try:
             images = np.asarray(sample(noise, cond, guidance_scale, start_merge_step))

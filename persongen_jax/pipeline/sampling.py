@@ -138,6 +138,7 @@ def make_sampler(unet, vae, scheduler, num_steps: int, on_step: Callable[[int], 
                    jnp.int32(start_merge_step))
 
     # Lowering needs only the shapes and dtypes of the scalars, not their values.
-    sample.lower = lambda noise, cond: run.lower(nnx.state(unet), nnx.state(vae), sched_state, noise, cond,
-                                                 jnp.float32(0), jnp.int32(0))
+    # A function attribute (scripts/bench/sample.py lowers the loop).
+    sample.lower = lambda noise, cond: run.lower(  # type: ignore[attr-defined]
+        nnx.state(unet), nnx.state(vae), sched_state, noise, cond, jnp.float32(0), jnp.int32(0))
     return sample

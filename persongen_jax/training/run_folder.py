@@ -27,6 +27,7 @@ take the lock in process 0 only (all processes share WORKDIR).
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 log = logging.getLogger("persongen_jax.train")
@@ -73,8 +75,6 @@ class RunLock:
         self._fd = None
 
     def __enter__(self) -> "RunLock":
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -97,8 +97,6 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        import fcntl
-
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
@@ -287,7 +285,8 @@ def supersede_metrics(workdir, step: int) -> int:
 def _supersede(path: Path, aside: Path, step: int) -> int:
     if not path.is_file():
         return 0
-    keep, moved = [], []
+    keep: list[str] = []
+    moved: list[str] = []
     for line in path.read_text(errors="replace").splitlines(keepends=True):
         try:
             later = int(json.loads(line)["step"]) > step
@@ -310,8 +309,6 @@ def _supersede(path: Path, aside: Path, step: int) -> int:
 
 def read_config(workdir):
     """The run's config (WORKDIR/config.json) as a ConfigDict: what `sources.load_trained_model` rebuilds from."""
-    import ml_collections
-
     saved = read_saved_config(workdir)
     if saved is None:
         raise RunFolderError(f"{Path(workdir) / CONFIG_FILE}: no training config (a run folder of `python -m "
