@@ -40,17 +40,16 @@ from persongen_jax.sources import load_pipeline
 
 
 def parse_condition(text: str) -> tuple[str, str]:
-    """"bg=in the mountains" -> ("bg", "in the mountains")."""
+    """ "bg=in the mountains" -> ("bg", "in the mountains")."""
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"bad --cond {text!r}: expected NAME=TEXT, e.g. bg=\"in the mountains\"")
+        raise argparse.ArgumentTypeError(f'bad --cond {text!r}: expected NAME=TEXT, e.g. bg="in the mountains"')
     return name.strip(), value
 
 
 def condition_texts(args) -> dict[str, str]:
     """{name: text} from --cond and the --prompt-bg / --prompt-body aliases; a name given twice is an error."""
-    pairs = list(args.cond) + [(n, t) for n, t in (("bg", args.prompt_bg), ("body", args.prompt_body))
-                               if t is not None]
+    pairs = list(args.cond) + [(n, t) for n, t in (("bg", args.prompt_bg), ("body", args.prompt_body)) if t is not None]
     out = {}
     for name, text in pairs:
         if name in out:
@@ -62,34 +61,64 @@ def condition_texts(args) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = parser("python -m persongen_jax.generate", __doc__)
     add_model_arguments(p)
-    p.add_argument("--ref", type=Path, action="append", default=[],
-                   help="reference face image (repeatable); none: plain SDXL text-to-image")
-    p.add_argument("--prompt", required=True, help='must contain the class word followed by the trigger word '
-                                                   'when --ref is given, e.g. "a man img"')
-    p.add_argument("--cond", type=parse_condition, action="append", default=[], metavar="NAME=TEXT",
-                   help="text of the model's text condition NAME (its adapter), e.g. bg=\"in the mountains\"; "
-                        "repeatable")
+    p.add_argument(
+        "--ref",
+        type=Path,
+        action="append",
+        default=[],
+        help="reference face image (repeatable); none: plain SDXL text-to-image",
+    )
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help='must contain the class word followed by the trigger word when --ref is given, e.g. "a man img"',
+    )
+    p.add_argument(
+        "--cond",
+        type=parse_condition,
+        action="append",
+        default=[],
+        metavar="NAME=TEXT",
+        help='text of the model\'s text condition NAME (its adapter), e.g. bg="in the mountains"; repeatable',
+    )
     p.add_argument("--prompt-bg", help="background prompt (P_bg): alias of --cond bg=TEXT")
     p.add_argument("--prompt-body", help="body prompt (P_body): alias of --cond body=TEXT")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: none, SDXL's zero embedding)")
-    p.add_argument("--seeds", type=parse_seeds, default=list(SamplingSettings.seeds), help="e.g. 0-4 or 1,5,9; one image per seed (default 0)")
+    p.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=list(SamplingSettings.seeds),
+        help="e.g. 0-4 or 1,5,9; one image per seed (default 0)",
+    )
     add_sampling_arguments(p)
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's, 1024 for SDXL)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's, 1024 for SDXL)")
     add_scheduler_argument(p)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="seeds per compiled sampling call (default: from the image size, 4 at 1024x1024, at most "
-                        f"{MAX_BATCH}); bounds the memory of many seeds")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="seeds per compiled sampling call (default: from the image size, 4 at 1024x1024, at most "
+        f"{MAX_BATCH}); bounds the memory of many seeds",
+    )
     add_output_arguments(p, "generate", out_help="output folder (created): seed_<s>.png per seed and settings.json")
     return p
 
 
 def sampling_settings(args) -> SamplingSettings:
     """The SamplingSettings of the command line."""
-    return SamplingSettings(seeds=tuple(args.seeds), num_steps=args.steps, guidance_scale=args.guidance_scale,
-                            scheduler=args.scheduler, start_merge_step=args.start_merge_step, height=args.height,
-                            width=args.width, negative_prompt=args.negative_prompt, dtype=args.dtype,
-                            attention=args.attention)
+    return SamplingSettings(
+        seeds=tuple(args.seeds),
+        num_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler,
+        start_merge_step=args.start_merge_step,
+        height=args.height,
+        width=args.width,
+        negative_prompt=args.negative_prompt,
+        dtype=args.dtype,
+        attention=args.attention,
+    )
 
 
 def main(argv=None) -> int:
@@ -117,18 +146,27 @@ def main(argv=None) -> int:
             # One compiled call per batch of seeds (the last one padded: the same program); the bar counts
             # denoising steps. Each batch is written before the next runs: host memory holds one batch.
             for seeds, n in seed_batches(args.seeds, batch_size):
-                images = pipe(args.prompt, refs, seeds=seeds, conditions=texts, progress=True,
-                              **settings.call_kwargs())
+                images = pipe(args.prompt, refs, seeds=seeds, conditions=texts, progress=True, **settings.call_kwargs())
                 for seed, img in zip(seeds[:n], images[:n]):
                     path = args.out / f"seed_{seed}.png"
                     Image.fromarray(img).save(path)
                     files.append(path.name)
             call = {k: v for k, v in settings.call_kwargs().items() if k not in ("height", "width")}
-            record = {**source.settings_json(settings), "step": step,
-                      "refs": [str(p) for p in args.ref], "prompt": args.prompt, "seeds": args.seeds,
-                      "height": height, "width": width, "trigger_word": args.trigger_word,
-                      "images": files, "batch_size": batch_size, "seconds": round(time.perf_counter() - t0, 2),
-                      **call, "conditions": texts}
+            record = {
+                **source.settings_json(settings),
+                "step": step,
+                "refs": [str(p) for p in args.ref],
+                "prompt": args.prompt,
+                "seeds": args.seeds,
+                "height": height,
+                "width": width,
+                "trigger_word": args.trigger_word,
+                "images": files,
+                "batch_size": batch_size,
+                "seconds": round(time.perf_counter() - t0, 2),
+                **call,
+                "conditions": texts,
+            }
             (args.out / "settings.json").write_text(json.dumps(record, indent=2))
             out.finish([*files, "settings.json"])
     except (ImageError, PipelineError, ValueError, OSError) as e:

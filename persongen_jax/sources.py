@@ -70,9 +70,16 @@ class ModelSource:
         """The settings.json keys naming the model (generate and the web app write the same ones)."""
         settings = settings or SamplingSettings()
         path = lambda p: str(p) if p else None  # noqa: E731
-        return {"model": path(self.model), "checkpoint": path(self.checkpoint), "step": self.step,
-                "photomaker": path(self.photomaker), "lora": path(self.lora), "adapters": path(self.adapters),
-                "dtype": settings.dtype, "attention": settings.attention}
+        return {
+            "model": path(self.model),
+            "checkpoint": path(self.checkpoint),
+            "step": self.step,
+            "photomaker": path(self.photomaker),
+            "lora": path(self.lora),
+            "adapters": path(self.adapters),
+            "dtype": settings.dtype,
+            "attention": settings.attention,
+        }
 
 
 def load_trained_model(workdir: PathLike, config=None, step: int | None = None):
@@ -102,8 +109,13 @@ def load_trained_model(workdir: PathLike, config=None, step: int | None = None):
     return split.merge(restored["params"], frozen, rest), tokenizers, step
 
 
-def load_pipeline(source: ModelSource, settings: SamplingSettings | None = None, *,
-                  workdir: PathLike | None = None, merge_lora: bool = True):
+def load_pipeline(
+    source: ModelSource,
+    settings: SamplingSettings | None = None,
+    *,
+    workdir: PathLike | None = None,
+    merge_lora: bool = True,
+):
     """The pipeline of `source` -> (pipeline, step, config): a run's checkpoint step and training config,
     (None, the config) for tiny models (built with tokenizer files in `workdir`), (None, None) for converted
     folders, loaded with `settings.dtype` / `settings.attention`."""
@@ -119,7 +131,13 @@ def load_pipeline(source: ModelSource, settings: SamplingSettings | None = None,
         model, tokenizers, step = load_trained_model(source.checkpoint, config, source.step)
         return inference_pipeline(model, tokenizers, config, merge_lora=merge_lora), step, config
     pipe = PersonGenPipeline.from_pretrained(
-        source.model, photomaker=source.photomaker, lora=source.lora, adapters=source.adapters,
-        dtype=getattr(jnp, settings.dtype) if settings.dtype else None, attention_impl=settings.attention,
-        merge_lora=merge_lora, trigger_word=source.trigger_word)
+        source.model,
+        photomaker=source.photomaker,
+        lora=source.lora,
+        adapters=source.adapters,
+        dtype=getattr(jnp, settings.dtype) if settings.dtype else None,
+        attention_impl=settings.attention,
+        merge_lora=merge_lora,
+        trigger_word=source.trigger_word,
+    )
     return pipe, None, None

@@ -15,8 +15,12 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PRODUCTION = [p for d in ("persongen_jax", "weights_conversion") for p in sorted((REPO / d).rglob("*.py"))
-              if "testing" not in p.relative_to(REPO).parts]
+PRODUCTION = [
+    p
+    for d in ("persongen_jax", "weights_conversion")
+    for p in sorted((REPO / d).rglob("*.py"))
+    if "testing" not in p.relative_to(REPO).parts
+]
 # Where the names of today's conditions may be spelled out (data, not wiring).
 CONDITION_LITERALS_ALLOWED = {"persongen_jax/conditions.py", "persongen_jax/generate.py"}
 
@@ -44,9 +48,14 @@ def _imports(path: Path, *, top_level_only: bool, modules=()) -> set[str]:
 
 
 def test_production_code_does_not_import_test_helpers():
-    offenders = [str(p.relative_to(REPO)) for p in PRODUCTION
-                 if any(m == "persongen_jax.testing" or m.startswith("persongen_jax.testing.")
-                        for m in _imports(p, top_level_only=False))]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in PRODUCTION
+        if any(
+            m == "persongen_jax.testing" or m.startswith("persongen_jax.testing.")
+            for m in _imports(p, top_level_only=False)
+        )
+    ]
     assert not offenders, f"production modules importing persongen_jax.testing: {offenders}"
 
 
@@ -60,16 +69,21 @@ CYCLE_EDGES_ALLOWED = {
 def test_no_import_cycles():
     """Function-level imports count: a cycle hidden inside a function is still a cycle."""
     modules = {_module(p): p for p in PRODUCTION}
-    graph = {m: {i for i in _imports(p, top_level_only=False, modules=modules)
-                 if i in modules and i != m and (m, i) not in CYCLE_EDGES_ALLOWED}
-             for m, p in modules.items()}
+    graph = {
+        m: {
+            i
+            for i in _imports(p, top_level_only=False, modules=modules)
+            if i in modules and i != m and (m, i) not in CYCLE_EDGES_ALLOWED
+        }
+        for m, p in modules.items()
+    }
     state: dict[str, int] = {}  # 1: on the stack, 2: done
 
     def visit(m, stack):
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n) :] + [n]))
             if n not in state:
                 visit(n, stack + [n])
         state[m] = 2
@@ -86,11 +100,16 @@ def test_condition_names_only_where_conditions_are_declared():
         if rel in CONDITION_LITERALS_ALLOWED:
             continue
         tree = ast.parse(p.read_text())
-        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)
+        }
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Constant) and node.value in ("bg", "body") and id(node) not in docstrings):
+            if isinstance(node, ast.Constant) and node.value in ("bg", "body") and id(node) not in docstrings:
                 offenders.append(f"{rel}:{node.lineno} {node.value!r}")
     assert not offenders, f"condition names outside their declarations: {offenders}"
 
@@ -104,8 +123,13 @@ def _entry_points() -> dict[str, Path]:
     out = {}
     for p in PRODUCTION:
         tree = ast.parse(p.read_text())
-        if any(isinstance(n, ast.If) and isinstance(n.test, ast.Compare) and isinstance(n.test.left, ast.Name)
-               and n.test.left.id == "__name__" for n in tree.body):
+        if any(
+            isinstance(n, ast.If)
+            and isinstance(n.test, ast.Compare)
+            and isinstance(n.test.left, ast.Name)
+            and n.test.left.id == "__name__"
+            for n in tree.body
+        ):
             out[_module(p)] = p
     return {m: p for m, p in out.items() if m not in LIBRARY_WITH_CLI}
 
@@ -113,17 +137,26 @@ def _entry_points() -> dict[str, Path]:
 def test_entry_points_do_not_import_each_other():
     entries = _entry_points()
     assert {"persongen_jax.generate", "persongen_jax.evaluate", "persongen_jax.app", "persongen_jax.train"} <= set(
-        entries), sorted(entries)
+        entries
+    ), sorted(entries)
     modules = {_module(p) for p in PRODUCTION}
-    offenders = [f"{m} imports {i}" for m, p in entries.items()
-                 for i in sorted(_imports(p, top_level_only=False, modules=modules)) if i in entries and i != m]
+    offenders = [
+        f"{m} imports {i}"
+        for m, p in entries.items()
+        for i in sorted(_imports(p, top_level_only=False, modules=modules))
+        if i in entries and i != m
+    ]
     assert not offenders, offenders
 
 
 def test_library_never_imports_configs():
     """A run's config is read from its folder; the experiment configs are files a user names."""
-    offenders = [str(p.relative_to(REPO)) for p in PRODUCTION if p.relative_to(REPO).parts[0] == "persongen_jax"
-                 and any(m == "configs" or m.startswith("configs.") for m in _imports(p, top_level_only=False))]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in PRODUCTION
+        if p.relative_to(REPO).parts[0] == "persongen_jax"
+        and any(m == "configs" or m.startswith("configs.") for m in _imports(p, top_level_only=False))
+    ]
     assert not offenders, offenders
 
 

@@ -56,10 +56,14 @@ class OutputFolder:
         first = next((e for e in entries if e != MARKER), entries[0])
         previous = self._previous()
         if previous and previous.get("command") == self.command:
-            raise ValueError(f"--out {self.path}: holds the output of an earlier `{self.command}` run "
-                             f"({self.path / first} ...); pass --overwrite to replace it, or choose a new folder")
-        raise ValueError(f"--out {self.path}: not empty and not written by `{self.command}` (first file: "
-                         f"{self.path / first}); choose a new or empty folder, or pass --overwrite to write into it")
+            raise ValueError(
+                f"--out {self.path}: holds the output of an earlier `{self.command}` run "
+                f"({self.path / first} ...); pass --overwrite to replace it, or choose a new folder"
+            )
+        raise ValueError(
+            f"--out {self.path}: not empty and not written by `{self.command}` (first file: "
+            f"{self.path / first}); choose a new or empty folder, or pass --overwrite to write into it"
+        )
 
     def __enter__(self) -> "OutputFolder":
         """Creates the folder and proves it writable (a real write: root and read-only mounts answer

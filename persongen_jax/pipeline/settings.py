@@ -53,9 +53,15 @@ class SamplingSettings:
     def check(self, downscale_factor: int | None = None) -> None:
         """PipelineError naming the first unusable setting (the CLIs call this before loading a model; the
         pipeline again with the VAE's `downscale_factor`)."""
-        check_settings(seeds=self.seeds, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-                       start_merge_step=self.start_merge_step, height=self.height, width=self.width,
-                       downscale_factor=downscale_factor)
+        check_settings(
+            seeds=self.seeds,
+            num_steps=self.num_steps,
+            guidance_scale=self.guidance_scale,
+            start_merge_step=self.start_merge_step,
+            height=self.height,
+            width=self.width,
+            downscale_factor=downscale_factor,
+        )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise PipelineError(f"dtype {self.dtype!r}: expected one of {list(DTYPES)}")
         if self.attention not in ATTENTION_IMPLS:
@@ -68,17 +74,30 @@ class SamplingSettings:
 
     def call_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `PersonGenPipeline.__call__` these settings give (all but seeds)."""
-        return {"num_steps": self.num_steps, "guidance_scale": self.guidance_scale, "scheduler": self.scheduler,
-                "start_merge_step": self.start_merge_step, "height": self.height, "width": self.width,
-                "negative_prompt": self.negative_prompt}
+        return {
+            "num_steps": self.num_steps,
+            "guidance_scale": self.guidance_scale,
+            "scheduler": self.scheduler,
+            "start_merge_step": self.start_merge_step,
+            "height": self.height,
+            "width": self.width,
+            "negative_prompt": self.negative_prompt,
+        }
 
     def replace(self, **changes) -> "SamplingSettings":
         return dataclasses.replace(self, **changes)
 
 
-def check_settings(*, seeds: Sequence[int], num_steps: int, guidance_scale: float, start_merge_step: int | float,
-                   height: int | None = None, width: int | None = None,
-                   downscale_factor: int | None = None) -> None:
+def check_settings(
+    *,
+    seeds: Sequence[int],
+    num_steps: int,
+    guidance_scale: float,
+    start_merge_step: int | float,
+    height: int | None = None,
+    width: int | None = None,
+    downscale_factor: int | None = None,
+) -> None:
     """PipelineError naming the first unusable numeric setting (`SamplingSettings.check`)."""
     if not seeds:
         raise PipelineError("no seeds given")
@@ -91,10 +110,14 @@ def check_settings(*, seeds: Sequence[int], num_steps: int, guidance_scale: floa
         raise PipelineError(f"guidance scale {guidance_scale!r}: expected a finite number")
     is_int = isinstance(start_merge_step, (int, np.integer)) and not isinstance(start_merge_step, bool)
     is_float = isinstance(start_merge_step, (float, np.floating)) and math.isfinite(start_merge_step)
-    if not ((is_int and start_merge_step >= 0)
-            or (is_float and (0 <= start_merge_step < 1 or float(start_merge_step).is_integer()))):
-        raise PipelineError(f"start merge step {start_merge_step!r}: expected a step index (an integer >= 0) or a "
-                            "fraction of the steps in [0, 1)")
+    if not (
+        (is_int and start_merge_step >= 0)
+        or (is_float and (0 <= start_merge_step < 1 or float(start_merge_step).is_integer()))
+    ):
+        raise PipelineError(
+            f"start merge step {start_merge_step!r}: expected a step index (an integer >= 0) or a "
+            "fraction of the steps in [0, 1)"
+        )
     for name, v in (("height", height), ("width", width)):
         if v is None:
             continue
@@ -117,6 +140,6 @@ def seed_batches(seeds: Sequence[int], batch_size: int) -> list[tuple[list[int],
         return [(list(seeds), len(seeds))]
     out = []
     for i in range(0, len(seeds), batch_size):
-        chunk = list(seeds[i:i + batch_size])
+        chunk = list(seeds[i : i + batch_size])
         out.append((chunk + [chunk[-1]] * (batch_size - len(chunk)), len(chunk)))
     return out
