@@ -9,6 +9,10 @@ baseline and states only its difference (`from configs import baseline`). Launch
 
 import ml_collections
 
+from persongen_jax.pipeline.settings import SamplingSettings
+
+SAMPLING = SamplingSettings()  # the sampling defaults of every entry point (generate, evaluate, the app)
+
 # Trainable groups: regexes over dotted parameter paths (see persongen_jax/training/optimizer.py).
 PATTERNS = {
     "heads": r"id_encoder\.visual_projection(_2)?\.kernel",       # image-encoder projection heads
@@ -136,9 +140,9 @@ def get_config():
     c.eval.prompts = ""            # prompts JSON; empty: the research's 4 (evaluation/validation_prompts.json)
     c.eval.num_prompts = 0         # 0: all prompts of the file
     c.eval.seeds = (0, 1, 2, 3, 4)
-    c.eval.num_steps = 50
-    c.eval.guidance_scale = 5.0
-    c.eval.start_merge_step = 0.2  # the ID joins after this step index, or fraction of num_steps (0.2: 10 of 50)
+    c.eval.num_steps = SAMPLING.num_steps
+    c.eval.guidance_scale = SAMPLING.guidance_scale
+    c.eval.start_merge_step = SAMPLING.start_merge_step  # a step index, or a fraction of num_steps (0.2: 10 of 50)
     c.eval.resolution = 0          # 0: data.resolution
     c.eval.split = "auto"          # P_general + P_bg when the model has a bg adapter ("never" | "always")
     c.eval.no_face = "zero"        # no face in a generation: scores 0 ("zero", the research) | "skip"

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import inspect
+import io
 import json
 import logging
 import os
@@ -46,14 +47,54 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
 import numpy as np
+from PIL import Image
 
-from persongen_jax.pipeline import id_unused_warning, resolve_start_merge_step  # light: no JAX
+from persongen_jax import conditions as conditions_lib
+from persongen_jax.cli import parser as make_parser
+from persongen_jax.cli.config import DEMO_CONFIG, load_config
+from persongen_jax.cli.options import (
+    MERGE_HELP,
+    add_model_arguments,
+    add_sampling_arguments,
+    add_scheduler_argument,
+    metric_names,
+    model_source,
+)
+from persongen_jax.cli.options import load_metrics as build_metrics
+from persongen_jax.evaluation import metrics as metrics_lib
+from persongen_jax.evaluation import protocol
+from persongen_jax.evaluation.face_sim import NoFaceError
+from persongen_jax.evaluation.faces import FaceModelError
+from persongen_jax.pipeline import MAX_SEED, id_unused_warning, resolve_start_merge_step
+from persongen_jax.pipeline.image_processing import ImageError, convert_to_rgb
+from persongen_jax.pipeline.prompt import strip_trigger_word
+from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+from persongen_jax.pipeline.settings import PipelineError, SamplingSettings
+from persongen_jax.sources import load_pipeline as load_source
 
 log = logging.getLogger("persongen_jax.app")
 
 MAX_REFS = 4      # reference photos per request; the ID encoder is compiled for each count at start-up
 MAX_IMAGES = 8    # images per request
+
+
+# Uploaded reference photos are downscaled to this long side before anything else: a face crop needs far
+# less (the ID encoder sees 224x224), and a 12000x12000 upload would otherwise cost GBs in every copy.
+MAX_REF_SIDE = 1024
+
+
+def read_reference(path: str | os.PathLike) -> tuple[str, Image.Image]:
+    """An uploaded reference photo -> (file name, PIL image of at most MAX_REF_SIDE px on the long side, the
+    aspect ratio kept). JPEGs are decoded at a reduced scale (`draft`), so a huge one never lands in memory
+    at full size."""
+    with Image.open(path) as im:
+        im.draft("RGB", (MAX_REF_SIDE, MAX_REF_SIDE))
+        im.load()
+        small = im.copy()
+    small.thumbnail((MAX_REF_SIDE, MAX_REF_SIDE), Image.Resampling.LANCZOS)
+    return Path(path).name, small
 
 
 class InputError(ValueError):
@@ -72,10 +113,10 @@ class Request:
     negative_prompt: str = ""
     num_images: int = 2
     seed: int = 0
-    num_steps: int = 50
-    guidance_scale: float = 5.0
-    start_merge_step: int = 10
-    scheduler: str = "euler"
+    num_steps: int = SamplingSettings.num_steps
+    guidance_scale: float = SamplingSettings.guidance_scale
+    start_merge_step: int = SamplingSettings().merge_step_index  # the page shows a step index
+    scheduler: str = SamplingSettings.scheduler
     height: int = 1024
     width: int = 1024
 
@@ -113,8 +154,6 @@ class CompileWatch:
             watch.seconds += duration
 
     def __enter__(self):
-        import jax
-
         if not CompileWatch._registered:
             jax.monitoring.register_event_duration_secs_listener(CompileWatch._listen)
             CompileWatch._registered = True
@@ -131,16 +170,10 @@ class CompileWatch:
 def load_metrics(args):
     """The metrics of --metrics (evaluation/metrics.py, as evaluate) built from --clip / --face-models /
     --arcface; None when no scoring option is given (the page then shows no scores)."""
-    from persongen_jax.evaluation import metrics as metrics_lib
-
     if not (args.metrics or args.clip or args.face_models or args.arcface):
         return None
-    names = [n.strip() for n in (args.metrics or ",".join(metrics_lib.DEFAULT_METRICS)).split(",") if n.strip()]
-    if not names:
-        raise InputError("--metrics names no metric")
     # no_face "skip": an image without a face has no Face-Sim value (the page says "no face"), not a 0.
-    options = metrics_lib.scoring_options(args, no_face="skip", batch_size=MAX_IMAGES)
-    return metrics_lib.build(names, options)
+    return build_metrics(metric_names(args.metrics), args, no_face="skip", batch_size=MAX_IMAGES)
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -166,13 +199,9 @@ class Generator:
 
     def check(self, req: Request) -> None:
         """InputError (PipelineError for a sampling setting) for a request the model cannot run, before any work."""
-        from persongen_jax.pipeline.pipeline import check_settings
-        from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
-
         if not 1 <= req.num_images <= MAX_IMAGES:
             raise InputError(f"number of images {req.num_images}: expected 1-{MAX_IMAGES}")
-        check_settings(seeds=self.seeds(req), num_steps=req.num_steps, guidance_scale=req.guidance_scale,
-                       start_merge_step=req.start_merge_step)
+        self.sampling(req).check()
         for name, value in (("height", req.height), ("width", req.width)):
             if value < self.size_step or value % self.size_step:
                 raise InputError(f"{name} {value}: expected a multiple of {self.size_step} (the model's latent grid)")
@@ -182,6 +211,13 @@ class Generator:
         if req.scheduler not in SCHEDULER_NAMES:
             raise InputError(f"scheduler {req.scheduler!r}: expected one of {sorted(SCHEDULER_NAMES)}")
 
+    def sampling(self, req: Request) -> SamplingSettings:
+        """The SamplingSettings of a request."""
+        return SamplingSettings(seeds=tuple(self.seeds(req)), num_steps=req.num_steps,
+                                guidance_scale=req.guidance_scale, scheduler=req.scheduler,
+                                start_merge_step=req.start_merge_step, height=req.height, width=req.width,
+                                negative_prompt=req.negative_prompt or None)
+
     @staticmethod
     def seeds(req: Request) -> list[int]:
         """Image k of a request uses seed + k."""
@@ -190,19 +226,12 @@ class Generator:
     def clip_text(self, req: Request) -> str:
         """What CLIP-T scores: the prompt without the trigger word, then the condition texts, joined by '. '
         (the research's full prompt is P_general + P_bg)."""
-        from persongen_jax.pipeline.prompt import strip_trigger_word
-
         parts = [strip_trigger_word(req.prompt.strip(), self.trigger_word).rstrip(". ")]
         parts += [req.conditions[n].strip() for n in self.text_conditions if req.conditions.get(n, "").strip()]
         return ". ".join(p for p in parts if p)
 
     def generate(self, refs: list[tuple[str, object]], req: Request, progress=None) -> Result:
         """refs: [(name, PIL image)] as uploaded; progress(steps_done) after each denoising step."""
-        from PIL import Image
-
-        from persongen_jax.evaluation import protocol
-        from persongen_jax.pipeline.image_processing import convert_to_rgb
-
         if not refs:
             raise InputError(f"upload 1-{MAX_REFS} reference photos of the person's face")
         if len(refs) > MAX_REFS:
@@ -224,11 +253,9 @@ class Generator:
             if self.metrics is not None:  # before generating: a reference without a face is reported now
                 scored = [Image.fromarray(convert_to_rgb(im)) for _, im in refs]  # as evaluate: alpha on white
                 references = protocol.prepare_references(self.metrics, scored, names)
-            images = self.pipe(req.prompt, images_in, seeds=seeds, num_steps=req.num_steps,
-                               guidance_scale=req.guidance_scale, start_merge_step=req.start_merge_step,
-                               height=req.height, width=req.width, negative_prompt=req.negative_prompt or None,
-                               conditions=texts, adapter_scales={n: 0.0 for n, t in texts.items() if not t},
-                               scheduler=req.scheduler, progress=progress or (lambda n: None))
+            images = self.pipe(req.prompt, images_in, seeds=seeds, conditions=texts,
+                               adapter_scales={n: 0.0 for n, t in texts.items() if not t},
+                               progress=progress or (lambda n: None), **self.sampling(req).call_kwargs())
             scores = None
             if self.metrics is not None:
                 scores = [{"prompt": self.clip_text(req)} for _ in images]
@@ -257,10 +284,6 @@ class Generator:
 
     def write_zip(self, result: Result, refs) -> Path:
         """WORKDIR/<n>/persongen_seed<first>.zip: seed_<s>.png per image, ref_<k>.png, settings.json."""
-        import io
-
-        from PIL import Image
-
         folder = self.workdir / f"request_{self._requests:05d}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"persongen_seed{result.seeds[0]}.zip"
@@ -279,8 +302,6 @@ class Generator:
     def warm_up(self) -> float:
         """Compiles what a default request runs: the ID encoder for 1..MAX_REFS photos, the sampling loop +
         VAE decode for the default image count / size / steps / scheduler, the metrics. -> seconds."""
-        from PIL import Image
-
         t0 = time.perf_counter()
         d = self.defaults
         face = Image.new("RGB", (64, 64), (160, 130, 110))  # only the shapes matter here
@@ -358,14 +379,7 @@ def _about(gen: Generator) -> str:
 
 def build_ui(gen: Generator):
     """The Gradio Blocks of the page; the generate event is also the `/generate` API endpoint."""
-    import gradio as gr
-    from PIL import Image
-
-    from persongen_jax import conditions as conditions_lib
-    from persongen_jax.evaluation.face_sim import NoFaceError
-    from persongen_jax.pipeline import MAX_SEED
-    from persongen_jax.pipeline.pipeline import PipelineError
-    from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+    import gradio as gr  # the optional [app] extra
 
     d = gen.defaults
     trig = gen.trigger_word
@@ -420,13 +434,10 @@ def build_ui(gen: Generator):
             paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
             loaded = []
             for p in paths:
-                name = Path(p).name
                 try:
-                    with Image.open(p) as im:
-                        im.load()
-                        loaded.append((name, im.copy()))
+                    loaded.append(read_reference(p))
                 except Exception as e:  # PIL raises several types for a non-image
-                    raise gr.Error(f"reference photo {name!r} is not a readable image ({type(e).__name__})",
+                    raise gr.Error(f"reference photo {Path(p).name!r} is not a readable image ({type(e).__name__})",
                                    duration=None, print_exception=False) from None
             seed_used = random.randint(0, MAX_SEED - MAX_IMAGES) if random_v else int(seed_v or 0)
             req = Request(prompt=prompt_v or "", conditions={n: t or "" for n, t in zip(gen.text_conditions, cond_v)},
@@ -476,13 +487,7 @@ def build_ui(gen: Generator):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m persongen_jax.app`."""
-    from persongen_jax.cli import parser
-    from persongen_jax.evaluation import metrics as metrics_lib
-    from persongen_jax.generate import MERGE_HELP, add_model_arguments, parse_start_merge_step
-    from persongen_jax.pipeline import DEFAULT_START_MERGE
-    from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
-
-    p = parser("python -m persongen_jax.app", __doc__)
+    p = make_parser("python -m persongen_jax.app", __doc__)
     add_model_arguments(p, tiny_help="tiny random models made on the fly (the demo training's: configs/demo.py), "
                                      "no weights")
     s = p.add_argument_group("scoring (optional, as evaluate: the model folders the metrics need)")
@@ -491,11 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     metrics_lib.add_scoring_arguments(s)
     d = p.add_argument_group("the page's defaults (the request compiled at start-up)")
     d.add_argument("--num-images", type=int, default=2, help="images per request")
-    d.add_argument("--steps", type=int, default=50, help="denoising steps")
-    d.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale")
-    d.add_argument("--start-merge-step", type=parse_start_merge_step, default=DEFAULT_START_MERGE,
-                   help=MERGE_HELP + " (the page shows it as a step index)")
-    d.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler", help="sampling scheduler")
+    add_sampling_arguments(d, merge_help=MERGE_HELP + " (the page shows it as a step index)")
+    add_scheduler_argument(d, help="sampling scheduler")
     d.add_argument("--height", type=int, help="default: the model's (sample_size x VAE factor)")
     d.add_argument("--width", type=int, help="default: the model's")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
@@ -505,20 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_pipeline(args, workdir: Path):
     """-> (pipeline, source: the settings.json keys naming the model, as the generate CLI writes them)."""
-    from persongen_jax import generate
-
-    generate.check_model_arguments(args)
-    source = generate.model_settings(args)
+    settings = SamplingSettings(dtype=args.dtype, attention=args.attention)
+    source = model_source(args, tiny=load_config(DEMO_CONFIG) if args.tiny else None)
+    source.check(settings)
+    record = source.settings_json(settings)
+    pipe, step, _ = load_source(source, settings, workdir=workdir)  # --tiny: tokenizer files in workdir
     if args.tiny:
-        from configs import demo
-        from persongen_jax.training.model import build_model
-        from persongen_jax.training.run_folder import inference_pipeline
-
-        config = demo.get_config()
-        model, tokenizers, _ = build_model(config, workdir)  # random weights; tokenizer files in workdir
-        return inference_pipeline(model, tokenizers, config), {**source, "tiny": "configs/demo.py (random weights)"}
-    pipe, source["step"], _ = generate.load_pipeline(args)
-    return pipe, source
+        return pipe, {**record, "tiny": "configs/demo.py (random weights)"}
+    return pipe, {**record, "step": step}
 
 
 def main(argv=None) -> int:
@@ -533,10 +529,6 @@ def main(argv=None) -> int:
     except ImportError:
         print("error: the app needs Gradio: pip install -e '.[app]'", file=sys.stderr)
         return 1
-    from persongen_jax.evaluation.faces import FaceModelError
-    from persongen_jax.pipeline.image_processing import ImageError
-    from persongen_jax.pipeline.pipeline import PipelineError
-
     t0 = time.perf_counter()
     workdir = tempfile.TemporaryDirectory(prefix="persongen_app_")
     try:

@@ -38,16 +38,32 @@ import sys
 import time
 from pathlib import Path
 
+from persongen_jax.cli import parser as make_parser
+from persongen_jax.cli.config import load_config
+from persongen_jax.cli.options import (
+    add_load_arguments,
+    add_output_arguments,
+    add_sampling_arguments,
+    add_scheduler_argument,
+    load_metrics,
+    metric_names,
+    model_source,
+    parse_seeds,
+    warn_if_id_unused,
+)
+from persongen_jax.cli.outputs import OutputFolder
 from persongen_jax.evaluation import metrics as metrics_lib
-from persongen_jax.generate import MERGE_HELP, load_pipeline, parse_seeds, parse_start_merge_step, warn_if_id_unused
-from persongen_jax.pipeline import DEFAULT_START_MERGE
-from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
+from persongen_jax.evaluation import protocol, report
+from persongen_jax.evaluation.faces import FaceModelError
+from persongen_jax.pipeline.image_processing import ImageError
+from persongen_jax.pipeline.settings import PipelineError
+from persongen_jax.sources import load_pipeline
+
+OUTPUT_FILES = ("metrics.json", "scores.csv", "report.html")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from persongen_jax.cli import parser
-
-    p = parser("python -m persongen_jax.evaluate", __doc__)
+    p = make_parser("python -m persongen_jax.evaluate", __doc__)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--manifest", type=Path, help="mode A: JSONL of image / prompt / reference [/ set]")
     mode.add_argument("--model", type=Path, help="mode B: converted SDXL folder (weights_conversion sdxl)")
@@ -60,21 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapters", type=Path, help="adapter folder (bg / body / id; default: none)")
     g.add_argument("--step", type=int, help="--checkpoint: which checkpoint (default: the latest)")
     g.add_argument("--config", type=Path, help="--checkpoint: a config .py/.json instead of RUN/config.json")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: the stored params' dtype)")
-    g.add_argument("--attention", choices=["xla", "cudnn"], default="xla",
-                   help="attention implementation (cudnn: GPU flash attention)")
+    add_load_arguments(g)
     b = p.add_argument_group("mode B protocol")
     b.add_argument("--sets", help="validation sets NAME=FOLDER,NAME=FOLDER (e.g. in_train=val/a,out_of_domain=val/b)")
     b.add_argument("--prompts", type=Path, help="prompts JSON (default: the research's 4 validation prompts)")
     b.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
-    b.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3, 4],
+    b.add_argument("--seeds", type=parse_seeds, default=list(protocol.ProtocolSettings.seeds),
                    help="seeds per identity and prompt, e.g. 0-4 or 1,5,9 (default 0-4)")
-    b.add_argument("--steps", type=int, default=50, help="denoising steps")
-    b.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale")
-    b.add_argument("--start-merge-step", type=parse_start_merge_step, default=DEFAULT_START_MERGE, help=MERGE_HELP)
+    add_sampling_arguments(b)
     b.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
-    b.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler", help="sampler")
+    add_scheduler_argument(b)
     b.add_argument("--split", choices=["auto", "never", "always"], default="auto",
                    help="P_general + P_bg through the bg adapter (auto: when the model has one)")
     s = p.add_argument_group("scoring")
@@ -89,42 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a generation without a detected face: scores 0 (zero, the research) or is left out")
     s.add_argument("--batch-size", type=int, default=32, help="images per CLIP / ArcFace batch")
     p.add_argument("--labels", help="--compare: comma-separated run labels (default: folder names)")
-    p.add_argument("--out", type=Path, required=True,
-                   help="output folder: metrics.json, scores.csv, report.html (--compare: the plots)")
+    add_output_arguments(p, "evaluate",
+                         out_help="output folder: metrics.json, scores.csv, report.html (--compare: the plots)")
     return p
 
 
-def _load_config(path: Path):
-    """--config: a run's config.json, or a config file as `train --config` reads it (configs/X.py[:ARG])."""
-    import ml_collections
-
-    if path.suffix == ".json":
-        from persongen_jax.io import read_json
-
-        return ml_collections.ConfigDict(read_json(path))
-    from persongen_jax.train import load_config
-
-    return load_config(str(path))
-
-
 def _metrics(args, parser):
-    """The chosen metrics (--metrics) built from the scoring options."""
-    from persongen_jax.evaluation import metrics
-
-    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    """The chosen metrics (--metrics) built from the scoring options; [] for 'none' (mode B only)."""
+    names = metric_names(args.metrics)
     if names == ["none"]:
         if args.manifest:
             parser.error("--metrics none: mode A (--manifest) only scores; choose metrics")
         return []
-    options = metrics.scoring_options(args, no_face=args.no_face, batch_size=args.batch_size)
     try:
-        classes = [metrics.get(n) for n in names]
+        for n in names:
+            metrics_lib.get(n)
     except ValueError as e:
         parser.error(str(e))
-    if not classes:
+    if not names:
         parser.error("--metrics names no metric")
-    print("loading scoring models ...", file=sys.stderr, flush=True)
-    return metrics.build(names, options)
+    return load_metrics(names, args, no_face=args.no_face, batch_size=args.batch_size)
+
+
+def protocol_settings(args) -> protocol.ProtocolSettings:
+    """The ProtocolSettings of the mode B options."""
+    return protocol.ProtocolSettings(
+        seeds=tuple(args.seeds), num_steps=args.steps, guidance_scale=args.guidance_scale,
+        start_merge_step=args.start_merge_step, height=args.resolution, width=args.resolution,
+        scheduler=args.scheduler, dtype=args.dtype, attention=args.attention, split=args.split,
+        trigger_word=args.trigger_word)
 
 
 def _summary(summary: dict, metrics) -> str:
@@ -143,25 +147,28 @@ def _summary(summary: dict, metrics) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from persongen_jax.evaluation import protocol, report
-    from persongen_jax.evaluation.faces import FaceModelError
-    from persongen_jax.pipeline.image_processing import ImageError
-    from persongen_jax.pipeline.pipeline import PipelineError
-
     t0 = time.perf_counter()
+    out = OutputFolder(args.out, "evaluate", overwrite=args.overwrite)
     try:
+        out.check()  # before reading or loading anything
         if args.compare:
             labels = args.labels.split(",") if args.labels else None
-            paths = report.plot_compare(args.compare, args.out, labels=labels)
+            with out:
+                paths = report.plot_compare(args.compare, args.out, labels=labels)
+                out.finish(paths)
             print("wrote " + ", ".join(str(p) for p in paths))
             return 0
         if args.manifest:
             metrics = _metrics(args, parser)
-            result = protocol.score_manifest(args.manifest, metrics, args.out, trigger_word=args.trigger_word)
+            with out:
+                result = protocol.score_manifest(args.manifest, metrics, args.out, trigger_word=args.trigger_word)
+                out.finish(OUTPUT_FILES)
         else:
             if not args.sets:
                 parser.error("mode B needs --sets NAME=FOLDER[,NAME=FOLDER...]")
-            warn_if_id_unused(args, True)  # every protocol image has reference faces
+            settings = protocol_settings(args)
+            settings.check()
+            warn_if_id_unused(settings, True)  # every protocol image has reference faces
             sets = protocol.load_sets(protocol.parse_sets(args.sets))
             prompts = protocol.load_prompts(args.prompts)
             if args.num_prompts:
@@ -169,24 +176,24 @@ def main(argv=None) -> int:
             metrics = _metrics(args, parser)  # before the big model: a bad scoring path fails fast
             refs = protocol.load_references(sets, metrics)  # and a reference without a face
             print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
-            config = _load_config(args.config) if args.checkpoint and args.config else None
-            pipe, step, config = load_pipeline(args, config)
-            if args.model:
-                source = {"model": str(args.model), "photomaker": str(args.photomaker or ""),
-                          "lora": str(args.lora or ""), "adapters": str(args.adapters or "")}
-            else:
-                args.trigger_word = config.data.trigger_word
-                source = {"checkpoint": str(args.checkpoint)}
-            settings = protocol.ProtocolSettings(
-                seeds=args.seeds, num_steps=args.steps, guidance_scale=args.guidance_scale,
-                start_merge_step=args.start_merge_step, height=args.resolution, width=args.resolution,
-                scheduler=args.scheduler, split=args.split, trigger_word=args.trigger_word)
-            n = sum(len(i) for i in sets.values()) * len(prompts) * len(args.seeds)
-            print(f"generating {n} images: {({k: len(v) for k, v in sets.items()})} identities x {len(prompts)} "
-                  f"prompts x {len(args.seeds)} seeds", file=sys.stderr, flush=True)
-            title = f"{source.get('model') or source['checkpoint']}" + (f" at step {step}" if step is not None else "")
-            result = protocol.run_protocol(pipe, sets, prompts, metrics, args.out, settings, step=step, title=title,
-                                           extra=source, progress=True, references=refs)
+            config = load_config(str(args.config)) if args.checkpoint and args.config else None
+            source = model_source(args, config=config)
+            with out:
+                pipe, step, config = load_pipeline(source, settings)
+                if args.model:
+                    extra = {"model": str(args.model), "photomaker": str(args.photomaker or ""),
+                             "lora": str(args.lora or ""), "adapters": str(args.adapters or "")}
+                else:
+                    settings = settings.replace(trigger_word=config.data.trigger_word)
+                    extra = {"checkpoint": str(args.checkpoint)}
+                n = sum(len(i) for i in sets.values()) * len(prompts) * len(settings.seeds)
+                print(f"generating {n} images: {({k: len(v) for k, v in sets.items()})} identities x "
+                      f"{len(prompts)} prompts x {len(settings.seeds)} seeds", file=sys.stderr, flush=True)
+                title = (f"{extra.get('model') or extra['checkpoint']}"
+                         + (f" at step {step}" if step is not None else ""))
+                result = protocol.run_protocol(pipe, sets, prompts, metrics, args.out, settings, step=step,
+                                               title=title, extra=extra, progress=True, references=refs)
+                out.finish([*OUTPUT_FILES, "images"])
     except (ImageError, PipelineError, FaceModelError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -22,27 +22,11 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+from persongen_jax.cli.config import DEMO_CONFIG as _DEMO
+from persongen_jax.cli.config import check_config_file, load_config  # noqa: F401 (`train.load_config`: tests)
+
 _CONFIG = _WORKDIR = None  # the flags: defined by `parse_flags`
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
-
-
-def load_config(spec: str):
-    """A config as `--config SPEC` gives it: "configs/final_method.py" or "configs/final_method.py:tiny"
-    (the file's `get_config(arg)`), through ml_collections' own config-file parser."""
-    # The class DEFINE_config_file parses `--config` with (not re-exported by config_flags/__init__).
-    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
-
-    check_config_file(spec)
-    return ConfigFileFlagParser(name="config").parse(spec)
-
-
-def check_config_file(spec: str) -> None:
-    """ValueError naming `--config SPEC` when its file does not exist (ml_collections would only say
-    "Failed loading config file config_config")."""
-    path = Path(spec.split(":", 1)[0])
-    if not path.is_file():
-        raise ValueError(f"--config {spec}: no such file" + (" (a folder)" if path.is_dir() else ""))
 
 
 def _config_spec(argv) -> str:

@@ -75,7 +75,7 @@ def main():
     pixels = np.asarray(jnp.clip((image[0] + 1) * 127.5, 0, 255)).astype(np.uint8)
     Image.fromarray(pixels).save(args.out / "sample.png")
     summary = {"prompt": args.prompt, "image": "sample.png", "image_shape": list(pixels.shape),
-               "verify": [l for l in proc.stdout.splitlines() if l.startswith("verify ")],
+               "verify": [ln for ln in proc.stdout.splitlines() if ln.startswith("verify ")],
                "finite": bool(np.isfinite(np.asarray(image)).all()),
                "seconds": round(time.perf_counter() - t0, 1)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -218,6 +218,22 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
         assert "Traceback" not in str(err.value)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_uploaded_references_are_downscaled_first(tmp_path, fmt):
+    """A reference upload larger than MAX_REF_SIDE is read at most MAX_REF_SIDE px on its long side (the
+    aspect ratio kept); a small one is read as it is."""
+    from persongen_jax.app import MAX_REF_SIDE, read_reference
+
+    big = tmp_path / f"big.{fmt.lower()}"
+    Image.new("RGB", (3 * MAX_REF_SIDE, 3 * MAX_REF_SIDE // 2), (200, 120, 90)).save(big, format=fmt)
+    name, im = read_reference(big)
+    assert name == big.name and im.size == (MAX_REF_SIDE, MAX_REF_SIDE // 2), im.size
+    assert np.abs(np.asarray(im.convert("RGB"), np.int16) - (200, 120, 90)).max() <= 3
+    small = tmp_path / f"small.{fmt.lower()}"
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(small, format=fmt)
+    assert read_reference(small)[1].size == (40, 30)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tiny", "--photomaker", "pm"], "--tiny brings its own model"),
     (["--tiny", "--clip", "clip"], "scoring options missing: face_sim needs face_detector"),

@@ -207,7 +207,7 @@ def _demo_config(**eval_overrides):
 def test_validation_during_training_then_checkpoint_evaluation_and_compare(models, tmp_path, capsys):
     from persongen_jax.evaluate import main
     from persongen_jax.training import train_and_evaluate
-    from persongen_jax.training.run_folder import load_trained_model
+    from persongen_jax.sources import load_trained_model
 
     root = models
     sets = f"in_train={root / 'val' / 'in_train'}"
@@ -272,7 +272,7 @@ def test_validation_config_errors(models, tmp_path):
 
 
 def test_manifest_errors_name_the_file_and_line(models, tmp_path, capsys):
-    """Issue 9 defects 5 + 10: `"reference": []` (NaN in metrics.json before), `"image": 5` and non-UTF-8
+    """`"reference": []` (NaN in metrics.json before), `"image": 5` and non-UTF-8
     bytes are one `error:` line naming the manifest and the line; exit 1, no metrics.json."""
     from persongen_jax.evaluate import main
     from persongen_jax.evaluation.protocol import read_manifest
@@ -284,6 +284,15 @@ def test_manifest_errors_name_the_file_and_line(models, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "loading" not in line]  # progress lines
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert f"{empty}, line 1: reference=[]" in err[0] and not (tmp_path / "out" / "metrics.json").exists()
+    # An unreadable image names the manifest line as well as the file.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    unreadable = tmp_path / "unreadable.jsonl"
+    unreadable.write_text("".join(json.dumps({"image": im, "prompt": "a photo", "reference": alice}) + "\n"
+                                  for im in (alice, str(broken))))
+    assert main(["--manifest", str(unreadable), "--out", str(tmp_path / "out2"), *_scoring(models)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {unreadable}, line 2: {broken}" in err, err
     cases = {"image5": (json.dumps({"image": 5, "prompt": "x", "reference": alice}) + "\n").encode(),
              "refs": (json.dumps({"image": alice, "prompt": "x", "reference": [alice, None]}) + "\n").encode(),
              "latin1": b'{"image": "a.png", "prompt": "caf\xe9", "reference": "b.png"}\n'}

@@ -1,4 +1,4 @@
-"""From a training run to pictures, and CLIs that explain themselves (issue 14).
+"""From a training run to pictures, and CLIs that explain themselves.
 
 One micro demo run (synthetic data, 2 steps, validation at step 2 without scoring models) feeds: the
 validation images under WORKDIR/samples/ and in the TensorBoard event file (read back), `generate
@@ -111,6 +111,7 @@ def test_generate_from_checkpoint_of_a_demo_run(demo_run, tmp_path):
     images = [np.asarray(Image.open(out / f"seed_{s}.png")) for s in (0, 1)]
     assert images[0].shape == (32, 32, 3) and not np.array_equal(images[0], images[1])
     assert main(["--checkpoint", str(wd), "--step", "7", "--prompt", "a man", "--out", str(tmp_path / "x")]) == 1
+    assert not (tmp_path / "x").exists()  # the failed run leaves no empty --out behind
 
 
 def test_evaluate_checkpoint_without_scoring_models(demo_run, tmp_path, capsys):
@@ -126,7 +127,8 @@ def test_evaluate_checkpoint_without_scoring_models(demo_run, tmp_path, capsys):
     assert main(["--checkpoint", str(wd), "--sets", f"val={sets}", "--num-prompts", "1", "--seeds", "0",
                  "--steps", "2", "--metrics", "none", "--out", str(out)]) == 0, capsys.readouterr().err
     assert (out / "images" / "val" / "p0" / "castle_s0.png").is_file() and (out / "report.html").is_file()
-    assert json.loads((out / "metrics.json").read_text())["metric_names"] == []
+    recorded = json.loads((out / "metrics.json").read_text())
+    assert recorded["metric_names"] == [] and recorded["settings"]["height"] == recorded["settings"]["width"] == 32
 
 
 def test_export_lora_and_adapter_from_a_run_folder(demo_run, tmp_path):
@@ -156,7 +158,7 @@ def test_export_lora_and_adapter_from_a_run_folder(demo_run, tmp_path):
 
 
 def test_start_merge_step_fraction_and_unused_id_warning(tmp_path, capsys, caplog):
-    from persongen_jax.pipeline.pipeline import PipelineError, check_settings
+    from persongen_jax.pipeline.settings import PipelineError, SamplingSettings
     from persongen_jax.training.validation import Validator
 
     assert DEFAULT_START_MERGE == 0.2 and resolve_start_merge_step(0.2, 50) == 10  # the research's 10 of 50
@@ -164,10 +166,10 @@ def test_start_merge_step_fraction_and_unused_id_warning(tmp_path, capsys, caplo
     assert resolve_start_merge_step(0.29, 100) == 29 and resolve_start_merge_step(10, 4) == 10
     assert resolve_start_merge_step(10.0, 50) == 10  # an integral float >= 1 is a step (config overrides)
     for ok in (0, 10, 0.2, 10.0):
-        check_settings(start_merge_step=ok)
+        SamplingSettings(start_merge_step=ok).check()
     for bad in (-1, 1.5, float("nan"), True):
         with pytest.raises(PipelineError, match="start merge step"):
-            check_settings(start_merge_step=bad)
+            SamplingSettings(start_merge_step=bad).check()
     assert id_unused_warning(0.2, 4) is None and id_unused_warning(2, 4) is None
     assert "never used" in id_unused_warning(3, 4) and "never used" in id_unused_warning(10, 4)
     # Every CLI says so, before loading anything (here both fail right after on a bad --out / --sets).

@@ -101,10 +101,35 @@ def test_generate_cli_end_to_end(tiny, tmp_path, capsys):
         assert main(argv) == 1
         return capsys.readouterr().err
 
-    # The prompt must carry the trigger word after the class word.
+    # A folder generate wrote before is replaced only with --overwrite: its earlier images go (seed_0), the
+    # seeds run in batches of --batch-size (the last one padded), each image the same as in one batch.
+    err = fails(tmp_path / "a", "--seeds", "1-3")
+    assert "earlier `generate` run" in err and "--overwrite" in err, err
+    from persongen_jax.pipeline.pipeline import PersonGenPipeline
+
+    calls, call = [], PersonGenPipeline.__call__
+
+    def record(self, prompt, refs, *, seeds, **kw):
+        calls.append(list(seeds))
+        return call(self, prompt, refs, seeds=seeds, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PersonGenPipeline, "__call__", record)
+        argv = ["--model", str(tiny["dst"]), "--photomaker", str(pm), "--steps", "3", "--start-merge-step", "1",
+                "--prompt", "a photo of a man img wearing a red hat", *faces, "--out", str(tmp_path / "a"),
+                "--seeds", "1-3", "--batch-size", "2", "--overwrite"]
+        assert main(argv) == 0, capsys.readouterr().err
+    assert calls == [[1, 2], [3, 3]]
+    settings = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert settings["images"] == ["seed_1.png", "seed_2.png", "seed_3.png"] and settings["batch_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == settings["images"]
+    for k in (1, 2):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a" / f"seed_{k}.png")), imgs[k])
+
+    # The prompt must carry the trigger word after the class word; the failed run leaves no --out behind.
     err = fails(tmp_path / "c", "--prompt", "a photo of a man wearing a red hat")
     assert "trigger word" in err and "img" in err, err
-    assert not (tmp_path / "c" / "seed_0.png").exists()
+    assert not (tmp_path / "c").exists()
     # An unreadable reference image is named.
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\x89PNG not really")
@@ -132,7 +157,7 @@ def test_id_tokens_change_the_image_only_after_the_merge_step(tiny, tmp_path):
 
 
 def test_generate_checks_settings_and_output_before_loading(tmp_path, capsys):
-    """Issue 9 defects 5, 7, 10: NaN guidance, --height 0 / -16, --steps 0, huge seeds, an --out that is a
+    """NaN guidance, --height 0 / -16, --steps 0, huge seeds, an --out that is a
     file or read-only: one `error:` line before the model loads (the model folder here does not exist)."""
     from persongen_jax.generate import main
 
@@ -169,8 +194,35 @@ def test_generate_checks_settings_and_output_before_loading(tmp_path, capsys):
         undo()
 
 
+@pytest.mark.parametrize("command, files", [("generate", ("seed_0.png", "settings.json")),
+                                            ("evaluate", ("metrics.json", "report.html", "scores.csv"))])
+def test_a_users_folder_is_never_written_into(command, files, tmp_path, capsys):
+    """generate / evaluate --out naming a folder of the user's files: refused before anything loads, one line
+    naming the first clashing file; the files are untouched. With --overwrite the command may write there."""
+    import importlib
+
+    main = importlib.import_module(f"persongen_jax.{command}").main
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in files:
+        (out / name).write_text(f"the user's {name}")
+    argv = {"generate": ["--model", str(tmp_path / "no_model"), "--prompt", "a photo of a man"],
+            "evaluate": ["--model", str(tmp_path / "no_model"), "--sets", f"a={tmp_path / 'no_sets'}"]}[command]
+    assert main([*argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --out {out}: not empty and not written by `{command}` (first file: {out / files[0]}); "
+                   "choose a new or empty folder, or pass --overwrite to write into it"), err
+    assert all((out / name).read_text() == f"the user's {name}" for name in files)
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    # --overwrite gets past the folder check: the next error is the missing model / sets, nothing written.
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "not written by" not in err and ("no_model" in err or "no_sets" in err), err
+    assert all((out / name).read_text() == f"the user's {name}" for name in files)
+
+
 def test_non_finite_images_are_an_error_naming_the_seeds(pipe):
-    """Issue 9 defect 5: NaN weights decode to NaN, which used to be saved as black PNGs; now a
+    """NaN weights decode to NaN, which used to be saved as black PNGs; now a
     PipelineError naming the seeds (the generate CLI prints it and exits 1)."""
     from persongen_jax.pipeline.pipeline import PipelineError
 

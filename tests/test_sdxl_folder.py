@@ -32,7 +32,7 @@ def test_whole_pipeline_folder_with_verify(sdxl_src, tmp_path):
     proc = helpers.run_cli("sdxl", sdxl_src, dst, "--verify")
     # --verify prints one line per component with the max abs difference of each output.
     diffs = {m.group(1): float(m.group(2)) for m in re.finditer(r"(\w+) max\|diff\|=([0-9.e+-]+)", proc.stdout)}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("verify ")]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("verify ")]
     assert len(lines) == 4, proc.stdout
     assert diffs and max(diffs.values()) < 1e-4, proc.stdout
     expected = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,

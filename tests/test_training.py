@@ -322,7 +322,7 @@ def test_resume_refuses_shape_changes_and_keeps_config_versions(trained_run, tmp
     intact, the run still loads for evaluation); harmless changes resume and are recorded with the step
     they start at; metric lines a killed run logged after its last checkpoint are set aside, not repeated;
     --config.resume=false starts over and keeps the previous run."""
-    from persongen_jax.training.run_folder import load_trained_model
+    from persongen_jax.sources import load_trained_model
 
     run = _copy_run(trained_run, tmp_path / "run")
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}

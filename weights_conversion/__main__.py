@@ -119,7 +119,7 @@ def _exported_folder(args):
         yield args.src
         return
     from persongen_jax.models import lora as lora_lib
-    from persongen_jax.training.run_folder import load_trained_model
+    from persongen_jax.sources import load_trained_model
 
     try:
         model, _, step = load_trained_model(args.src, step=args.step)

@@ -4,7 +4,7 @@
     prompts = load_prompts()                       # the research's 4 prompts (validation_prompts.json)
     metrics = evaluation.metrics.build(["clip_t", "face_sim"], {"clip": "weights/clip-vit-large-patch14",
                             "face_detector": "weights/antelopev2", "arcface": "weights/arcface_r100"})
-    result = run_protocol(pipe, sets, prompts, metrics, "eval_out/", ProtocolSettings(seeds=(0, 1, 2, 3, 4)))
+    result = run_protocol(pipe, sets, prompts, metrics, "eval_out/", ProtocolSettings(seeds=(0, 1)))
     result.metrics["sets"]["in_train"]["face_sim"]
 
 A validation set is a folder; each image file in it is one identity (its only reference face), each
@@ -26,18 +26,19 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 from persongen_jax.evaluation import report
 from persongen_jax.evaluation.metrics import Metric
 from persongen_jax.io import loads_json
-from persongen_jax.pipeline import DEFAULT_START_MERGE
-from persongen_jax.pipeline.image_processing import load_image
+from persongen_jax.pipeline.image_processing import ImageError, load_image
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, strip_trigger_word
+from persongen_jax.pipeline.settings import SamplingSettings
 
 DEFAULT_PROMPTS = Path(__file__).with_name("validation_prompts.json")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -115,7 +116,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def load_sets(spec: dict[str, str | os.PathLike]) -> dict[str, dict[str, list[Path]]]:
+def load_sets(spec: Mapping[str, str | os.PathLike]) -> dict[str, dict[str, list[Path]]]:
     """{set: folder} -> {set: {identity: [reference image paths]}}; empty or missing folders are errors."""
     sets = {}
     for name, folder in spec.items():
@@ -136,18 +137,14 @@ def load_sets(spec: dict[str, str | os.PathLike]) -> dict[str, dict[str, list[Pa
     return sets
 
 
-@dataclass
-class ProtocolSettings:
-    seeds: Sequence[int] = (0, 1, 2, 3, 4)
-    num_steps: int = 50
-    guidance_scale: float = 5.0
-    start_merge_step: int | float = DEFAULT_START_MERGE  # a step index or a fraction of num_steps
-    height: int | None = None
-    width: int | None = None
-    negative_prompt: str | None = None
-    scheduler: str = "euler"
+@dataclass(frozen=True)
+class ProtocolSettings(SamplingSettings):
+    """The sampling settings of the protocol (its own default seeds: the research's 5 per identity and
+    prompt), the split-prompt mode and the trigger word written after each prompt's class word."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     split: str = "auto"
-    trigger_word: str = "img"
+    trigger_word: str = DEFAULT_TRIGGER_WORD
 
 
 @dataclass
@@ -226,9 +223,9 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
     in chunks of about `score_every` (bounded host memory at 1024 x 1024). metrics: `metrics.build(...)`;
     none: the images and the report without scores. references: from `load_references` (loaded here when
     not given)."""
-    from PIL import Image
-
     settings = settings or ProtocolSettings()
+    # The size the images get, recorded in metrics.json (not None: "the model's" is not a size).
+    settings = replace(settings, height=settings.height or pipe.default_size, width=settings.width or pipe.default_size)
     if pipe.id_encoder is None:
         raise ValueError("the validation protocol generates identities: the model needs an ID encoder "
                          "(--photomaker DIR)")
@@ -262,11 +259,8 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
                 split = _use_split(pipe, vp, settings.split)
                 text = vp.with_trigger(vp.general if split else vp.prompt, settings.trigger_word)
                 t = time.perf_counter()
-                gen = pipe(text, refs, seeds=list(settings.seeds), num_steps=settings.num_steps,
-                           guidance_scale=settings.guidance_scale, start_merge_step=settings.start_merge_step,
-                           height=settings.height, width=settings.width, negative_prompt=settings.negative_prompt,
-                           conditions=vp.conditions if split else None, scheduler=settings.scheduler,
-                           progress=progress)
+                gen = pipe(text, refs, seeds=list(settings.seeds), conditions=vp.conditions if split else None,
+                           progress=progress, **settings.call_kwargs())
                 gen_s += time.perf_counter() - t
                 for seed, img in zip(settings.seeds, gen):
                     rel = f"images/{set_name}/{ident}/{vp.name}_s{seed}.png"
@@ -331,6 +325,15 @@ def _clip_t_prompts(manifest, entries: list[dict], trigger_word: str | None) -> 
             raise ValueError(f"{manifest}, line {e['line']}: {err} (--trigger-word names it)") from None
 
 
+def _manifest_image(manifest, entry: dict, path: Path):
+    """An image of a manifest entry, as evaluation scores it; an unreadable one is an ImageError naming the
+    manifest line too (as the manifest's other errors)."""
+    try:
+        return load_image(path, composite_on_white=True)
+    except ImageError as e:
+        raise ImageError(f"{manifest}, line {entry['line']}: {e}") from None
+
+
 def score_manifest(manifest: str | os.PathLike, metrics: Sequence[Metric], out_dir: str | os.PathLike, *,
                    title: str | None = None, extra: dict | None = None,
                    trigger_word: str | None = DEFAULT_TRIGGER_WORD) -> ProtocolResult:
@@ -342,13 +345,13 @@ def score_manifest(manifest: str | os.PathLike, metrics: Sequence[Metric], out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = read_manifest(manifest)
     _clip_t_prompts(manifest, entries, trigger_word)
-    images = [load_image(e["image"], composite_on_white=True) for e in entries]  # all read before any model runs
+    images = [_manifest_image(manifest, e, e["image"]) for e in entries]  # all read before any model runs
     ref_cache: dict[tuple, dict] = {}
     references: dict[str, dict[str, list[str]]] = {}
     for e in entries:
         key = e["references"]
         if key not in ref_cache:
-            ref_cache[key] = prepare_references(metrics, [load_image(p, composite_on_white=True) for p in key],
+            ref_cache[key] = prepare_references(metrics, [_manifest_image(manifest, e, p) for p in key],
                                                 [str(p) for p in key])
         name = ", ".join(p.name for p in key)
         references.setdefault(e["set"], {})[name] = [os.path.relpath(p, out_dir) for p in key]

@@ -177,7 +177,7 @@ class Attention(nnx.Module):
         tk = k.shape[1]
         split = lambda t, n: t.reshape(b, n, self.heads, self.dim_head)
         out = dot_product_attention(split(q, tq), split(k, tk), split(v, tk), mask=mask,
-                                    scale=self.scale, implementation=self.attention_impl)
+                                    scale=self.scale, implementation=self.attention_impl)  # type: ignore[arg-type]
         return out.reshape(b, tq, self.heads * self.dim_head)
 
     def __call__(self, hidden_states: jax.Array,

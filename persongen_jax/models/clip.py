@@ -361,7 +361,7 @@ class CLIPAttention(nnx.Module):
         k = self.k_proj(x).reshape(shape)
         v = self.v_proj(x).reshape(shape)
         out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale,
-                                    implementation=self.attention_impl)
+                                    implementation=self.attention_impl)  # type: ignore[arg-type]  # "xla" or "cudnn"
         return self.out_proj(out.reshape(b, t, -1))
 
 
@@ -494,15 +494,15 @@ def _drop_buffers(sd: dict) -> dict:
 
 
 class _FromConfig:
-    _parse_config = staticmethod(parse_text_config)
+    _parse_config: Any = staticmethod(parse_text_config)  # each model class its own parser
     _presets: dict = {}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
                     attention_impl: str = "xla"):
         """config: the transformers config.json dict of this model class."""
-        return cls(cls._parse_config(config), dtype=dtype, param_dtype=param_dtype,
-                   attention_impl=attention_impl, rngs=rngs)
+        return cls(cls._parse_config(config), dtype=dtype, param_dtype=param_dtype,  # type: ignore[call-arg]
+                   attention_impl=attention_impl, rngs=rngs)  # (a mixin: the model class's __init__)
 
     @classmethod
     def preset_config(cls, name: str) -> dict:

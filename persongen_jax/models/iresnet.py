@@ -167,6 +167,7 @@ class IBasicBlock(nnx.Module):
         self.conv2 = Conv(planes, planes, 3, stride=stride, padding=1, use_bias=cfg.bn_folded, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
         self.bn3 = _bn_or_none(post_bn, planes, cfg, dtype, param_dtype)
+        self.downsample: nnx.List | None
         if downsample:
             # A list so the NNX path is `downsample.0` / `downsample.1` like torch's nn.Sequential.
             self.downsample = nnx.List([

@@ -12,7 +12,7 @@ rule per name, see `weights_conversion/core.py`.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -105,11 +105,11 @@ class Linear(nnx.Linear):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype,
                          param_dtype=param_dtype, precision=None, rngs=rngs)
-        self.lora_A = nnx.data(None)  # data attributes: LoRA modules may be attached later
-        self.lora_B = nnx.data(None)
+        self.lora_A: Any = nnx.data(None)  # data attributes: LoRA modules (LoRADense) may be attached later
+        self.lora_B: Any = nnx.data(None)
         self.lora_scale = 1.0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]  # no out_sharding
         """x [..., in] -> [..., out], plus the LoRA term when LoRA is attached."""
         y = super().__call__(x)
         if self.lora_A is not None:

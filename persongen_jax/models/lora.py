@@ -79,6 +79,8 @@ class LoRADense(nnx.Module):
         if init == "zeros":
             kernel = jnp.zeros((in_features, out_features), param_dtype)
         else:  # PEFT's lora_A init: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
+            if rngs is None:
+                raise ValueError(f"LoRADense init={init!r} draws its kernel: pass rngs")
             bound = 1.0 / np.sqrt(in_features)
             kernel = jax.random.uniform(rngs.params(), (in_features, out_features), param_dtype, -bound, bound)
         self.kernel = LoRAParam(kernel)
@@ -321,6 +323,8 @@ def add_adapters(unet, names: Sequence[str], *, mode: str = "parallel",
             raise ValueError(f"add_adapters: image_projection condition {ip.get('condition')!r} is not one of "
                              f"{list(names)}")
         cross = ip.get("cross_attention_dim") or next(iter(attns.values())).to_k.in_features
+        if rngs is None:
+            raise ValueError("add_adapters: an image projection draws its weights: pass rngs")
         unet.image_proj = ImageProjection(int(ip["image_embed_dim"]), int(cross), int(ip.get("num_tokens", 4)),
                                           condition=ip["condition"], dtype=unet.dtype, rngs=rngs)
     return sorted(attns)

@@ -79,7 +79,7 @@ def _matches(value, hint) -> bool:
 
 
 def _hint_name(hint) -> str:
-    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def check_field_types(config) -> None:
@@ -204,7 +204,7 @@ def _lookup(tree: Mapping, path: tuple):
 def array_digest(value) -> str:
     """sha256 of an array's bytes (C order, its own dtype)."""
     a = np.ascontiguousarray(np.asarray(value))
-    return hashlib.sha256(a.reshape(-1).view(np.uint8)).hexdigest()
+    return hashlib.sha256(a.reshape(-1).view(np.uint8).data).hexdigest()  # the bytes (a memoryview, no copy)
 
 
 def _digests(values) -> list[str]:
@@ -362,7 +362,7 @@ def first_line(e: BaseException) -> str:
 
 def assign_params(model, flat: Mapping[tuple, Any]):
     """Returns `model` with its nnx.Param values replaced by `flat` ({path: array})."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # two filters: two states
     flat_state = list(nnx.to_flat_state(params))
     new = []
     for path, var in flat_state:

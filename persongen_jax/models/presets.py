@@ -187,7 +187,8 @@ def write_tiny_tokenizer(dst: Path, pad_token: str = "<|endoftext|>") -> None:
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + merged
                                             + ["<|startoftext|>", "<|endoftext|>"])}
     assert len(vocab) == VOCAB_SIZE
-    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], pad_token=pad_token,
+    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],  # type: ignore[misc]
+                        pad_token=pad_token,
                         model_max_length=77)
     tok.save_pretrained(dst)
 

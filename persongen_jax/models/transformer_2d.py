@@ -6,6 +6,8 @@ Channels-last: Transformer2DModel maps [B, H, W, C] -> [B, H, W, C]; the blocks 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -66,6 +68,8 @@ class BasicTransformerBlock(nnx.Module):
         ln_kw = dict(epsilon=norm_eps, elementwise_affine=norm_elementwise_affine, **kw)
         self.norm1 = LayerNorm(dim, **ln_kw)
         self.attn1 = Attention(dim, None, **attn_kw)
+        self.norm2: LayerNorm | None
+        self.attn2: Attention | None
         if cross_attention_dim is not None:
             self.norm2 = LayerNorm(dim, **ln_kw)
             self.attn2 = Attention(dim, cross_attention_dim, **attn_kw)
@@ -78,7 +82,7 @@ class BasicTransformerBlock(nnx.Module):
     def __call__(self, x: jax.Array, encoder_hidden_states: jax.Array | None = None) -> jax.Array:
         """x: [B, T, dim], encoder_hidden_states: [B, S, cross_attention_dim] -> [B, T, dim]."""
         x = self.attn1(self.norm1(x)) + x
-        if self.attn2 is not None:
+        if self.attn2 is not None and self.norm2 is not None:  # set together
             # diffusers falls back to self-attention when no context is given; so does Attention.
             x = self.attn2(self.norm2(x), encoder_hidden_states) + x
         return self.ff(self.norm3(x)) + x
@@ -101,6 +105,8 @@ class Transformer2DModel(nnx.Module):
         out_channels = out_channels or in_channels
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(norm_num_groups, in_channels, epsilon=1e-6, **kw)  # eps fixed in diffusers
+        self.proj_in: Any  # Linear | nnx.Conv (layers.Conv builds one)
+        self.proj_out: Any
         if use_linear_projection:
             self.proj_in = Linear(in_channels, inner_dim, **kw)
         else:

@@ -247,7 +247,12 @@ class UNet2DConditionModel(nnx.Module):
         self.time_proj = Timesteps(boc[0], c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(boc[0], time_embed_dim, act_fn=c.act_fn,
                                                 post_act_fn=c.timestep_post_act, **kw)
+        self.add_time_proj: Timesteps | None
+        self.add_embedding: TimestepEmbedding | None
         if c.addition_embed_type == "text_time":
+            if c.addition_time_embed_dim is None or c.projection_class_embeddings_input_dim is None:
+                raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                                 "projection_class_embeddings_input_dim")
             self.add_time_proj = Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, time_embed_dim, **kw)
         else:
@@ -255,15 +260,15 @@ class UNet2DConditionModel(nnx.Module):
             self.add_embedding = None
         self.time_embed_act = activation(c.time_embedding_act_fn) if c.time_embedding_act_fn else None
 
-        common = dict(temb_channels=time_embed_dim, resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
+        common: dict[str, Any] = dict(temb_channels=time_embed_dim, resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
                       resnet_groups=c.norm_num_groups, **kw)
-        attn_common = dict(use_linear_projection=c.use_linear_projection, attention_impl=attention_impl)
+        attn_common: dict[str, Any] = dict(use_linear_projection=c.use_linear_projection, attention_impl=attention_impl)
 
-        down = []
+        down: list[Any] = []  # CrossAttnDownBlock2D | DownBlock2D
         out_ch = boc[0]
         for i, block_type in enumerate(c.down_block_types):
             in_ch, out_ch = out_ch, boc[i]
-            args = dict(num_layers=layers[i], add_downsample=i < n - 1,
+            args: dict[str, Any] = dict(num_layers=layers[i], add_downsample=i < n - 1,
                         downsample_padding=c.downsample_padding, **common)
             if _strip(block_type) == "CrossAttnDownBlock2D":
                 down.append(CrossAttnDownBlock2D(in_ch, out_ch, transformer_layers_per_block=tlayers[i],
@@ -273,6 +278,7 @@ class UNet2DConditionModel(nnx.Module):
                 down.append(DownBlock2D(in_ch, out_ch, **args))
         self.down_blocks = nnx.List(down)
 
+        self.mid_block: UNetMidBlock2DCrossAttn | None
         if c.mid_block_type == "UNetMidBlock2DCrossAttn":
             self.mid_block = UNetMidBlock2DCrossAttn(
                 boc[-1], transformer_layers_per_block=tlayers[-1], num_attention_heads=heads[-1],
@@ -285,7 +291,7 @@ class UNet2DConditionModel(nnx.Module):
         rev_heads, rev_cross, rev_layers = heads[::-1], cross[::-1], layers[::-1]
         rev_tlayers = (tlayers[::-1] if c.reverse_transformer_layers_per_block is None
                        else c.reverse_transformer_layers_per_block)
-        up = []
+        up: list[Any] = []  # CrossAttnUpBlock2D | UpBlock2D
         out_ch = rev_boc[0]
         for i, block_type in enumerate(c.up_block_types):
             prev_out, out_ch = out_ch, rev_boc[i]
@@ -321,7 +327,7 @@ class UNet2DConditionModel(nnx.Module):
 
         return copy.deepcopy(presets.get(name).unet)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: Any,
                  text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None, *,
                  conditions: Mapping[str, jax.Array] | None = None,
                  condition_scales: Mapping[str, Any] | None = None) -> jax.Array:
@@ -352,7 +358,7 @@ class UNet2DConditionModel(nnx.Module):
         timesteps = jnp.broadcast_to(timesteps, (b,))
         emb = self.time_embedding(self.time_proj(timesteps).astype(dtype))
 
-        if self.add_embedding is not None:
+        if self.add_embedding is not None and self.add_time_proj is not None:  # set together
             if text_embeds is None or time_ids is None:
                 raise ValueError("addition_embed_type='text_time' needs text_embeds [B, P] and time_ids [B, 6]")
             # Each of the time ids gets its own sinusoidal embedding; they are concatenated per sample.
@@ -363,7 +369,7 @@ class UNet2DConditionModel(nnx.Module):
             emb = self.time_embed_act(emb)
 
         sample = self.conv_in(sample.astype(dtype))
-        skips = (sample,)
+        skips: tuple[jax.Array, ...] = (sample,)
         for block in self.down_blocks:
             sample, res = self._block(block, sample, emb, encoder_hidden_states)
             skips += res

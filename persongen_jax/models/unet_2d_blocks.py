@@ -64,7 +64,7 @@ class DownBlock2D(nnx.Module):
                  encoder_hidden_states: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """[B, H, W, Cin] -> ([B, H', W', Cout], skips); H' = ceil(H / 2) with a downsampler
         (downsample_padding=1, SDXL; floor(H / 2) with 0)."""
-        skips = ()
+        skips: tuple[jax.Array, ...] = ()
         for resnet in self.resnets:
             hidden_states = resnet(hidden_states, temb)
             skips += (hidden_states,)
@@ -105,7 +105,7 @@ class CrossAttnDownBlock2D(nnx.Module):
         """hidden_states [B, H, W, Cin], temb [B, temb_channels], encoder_hidden_states [B, S, D] or a
         CrossAttentionContext -> ([B, H', W', Cout], skips); H' = ceil(H / 2) with a downsampler
         (downsample_padding=1, SDXL; floor(H / 2) with 0)."""
-        skips = ()
+        skips: tuple[jax.Array, ...] = ()
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states = resnet(hidden_states, temb)
             hidden_states = attn(hidden_states, encoder_hidden_states)

@@ -318,7 +318,7 @@ class AutoencoderKLConfig:
         unknown = sorted(k for k in config if k not in fields and not k.startswith("_"))
         if unknown:
             raise ValueError(f"AutoencoderKL config: unsupported keys {unknown}; known keys: {sorted(fields)}")
-        kw = {}
+        kw: dict[str, Any] = {}
         for k, v in config.items():
             if k in fields:
                 kw[k] = tuple(v) if isinstance(v, list) else v

@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -150,7 +151,7 @@ class CLIPImageProcessor:
             raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
         if config.get("do_pad"):
             raise ValueError(f"{source}: do_pad is not supported for CLIP preprocessing")
-        kw = {}
+        kw: dict[str, Any] = {}
         if config.get("size") is not None:
             kw["size"] = _size(config["size"], "size", source, int_is_square=False)
         if config.get("crop_size") is not None:

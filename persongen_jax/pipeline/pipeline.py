@@ -16,59 +16,28 @@ the denoising loop and the VAE decode are one compiled function per (steps, size
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.conditions import Condition
 from persongen_jax.models import lora as lora_lib
-from persongen_jax.pipeline import DEFAULT_START_MERGE, MAX_SEED, resolve_start_merge_step
 from persongen_jax.models import modeling
 from persongen_jax.pipeline import prompt as prompt_lib
+from persongen_jax.pipeline import resolve_start_merge_step
 from persongen_jax.pipeline.image_processing import clip_preprocess
 from persongen_jax.pipeline.sampling import Conditioning, make_sampler, sdxl_time_ids
 from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, read_scheduler_config, scheduler_from_config
+from persongen_jax.pipeline.settings import PipelineError, SamplingSettings, check_settings  # noqa: F401 (re-exported)
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-class PipelineError(ValueError):
-    """A model folder or an input that cannot be used; the message says which and why."""
-
-
-def check_settings(*, seeds: Sequence[int] = (0,), num_steps: int = 50, guidance_scale: float = 5.0,
-                   start_merge_step: int | float = 0, height: int | None = None, width: int | None = None,
-                   downscale_factor: int | None = None) -> None:
-    """PipelineError naming the first unusable numeric setting (the CLIs call this before loading a model)."""
-    if not seeds:
-        raise PipelineError("no seeds given")
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
-            raise PipelineError(f"seed {s!r} is out of range: seeds are integers in [0, {MAX_SEED}]")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise PipelineError(f"steps={num_steps!r}: expected an integer >= 1")
-    if not isinstance(guidance_scale, (int, float, np.floating)) or not math.isfinite(guidance_scale):
-        raise PipelineError(f"guidance scale {guidance_scale!r}: expected a finite number")
-    is_int = isinstance(start_merge_step, (int, np.integer)) and not isinstance(start_merge_step, bool)
-    is_float = isinstance(start_merge_step, (float, np.floating)) and math.isfinite(start_merge_step)
-    if not ((is_int and start_merge_step >= 0)
-            or (is_float and (0 <= start_merge_step < 1 or float(start_merge_step).is_integer()))):
-        raise PipelineError(f"start merge step {start_merge_step!r}: expected a step index (an integer >= 0) or a "
-                            "fraction of the steps in [0, 1)")
-    for name, v in (("height", height), ("width", width)):
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-            raise PipelineError(f"{name}={v!r}: expected a positive number of pixels")
-        if downscale_factor and v % downscale_factor:
-            raise PipelineError(f"{name}={v}: must be a multiple of {downscale_factor} (the VAE's downscale factor)")
 
 
 def _require(folder: Path, what: str) -> Path:
@@ -116,12 +85,12 @@ class PersonGenPipeline:
         self.conditions = {n: known.get(n) or conditions_lib.infer([n], image_proj.get("condition"))[n]
                            for n in names}
         self._samplers: dict = {}
-        self._bar = None
+        self._bar: Any = None  # a tqdm bar or a _StepCallback while sampling
         # Read-only encoders: graph_updates=False, or nnx.jit returns a copy of every parameter per call.
         jit = lambda f: nnx.jit(f, graph_updates=False)  # noqa: E731
         self._encode_text = jit(prompt_lib.encode_prompt)
-        self._encode_id = jit(lambda enc, pixels, embeds, mask: enc(pixels, embeds, mask)) if id_encoder else None
-        self._id_embeds = jit(lambda enc, pixels: enc.id_embeds(pixels)) if id_encoder else None
+        self._encode_id: Any = jit(lambda enc, pixels, embeds, mask: enc(pixels, embeds, mask)) if id_encoder else None
+        self._id_embeds: Any = jit(lambda enc, pixels: enc.id_embeds(pixels)) if id_encoder else None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, photomaker: str | os.PathLike | None = None,
@@ -196,7 +165,8 @@ class PersonGenPipeline:
         `sampling.denoise` (batch 1, shared by all seeds)."""
         ref_images = list(ref_images)
         texts = dict(conditions or {})
-        conditions, scales = {}, {}
+        embeds_of: dict[str, Any] = {}  # {condition name: its embedding}
+        scales: dict[str, Any] = {}
         if ref_images:
             if self.id_encoder is None:
                 raise PipelineError("reference images were given but the model has no ID encoder "
@@ -211,7 +181,7 @@ class PersonGenPipeline:
                                                             jnp.asarray(batch.text_only_ids_1),
                                                             jnp.asarray(batch.text_only_ids_2))
             if self.unet.image_proj is not None:  # an image adapter condition: identity tokens
-                conditions[self.unet.image_proj.condition] = self.unet.image_proj(
+                embeds_of[self.unet.image_proj.condition] = self.unet.image_proj(
                     self._id_embeds(self.id_encoder, pixels))
         else:
             if self.trigger_word in prompt.split():
@@ -225,9 +195,9 @@ class PersonGenPipeline:
             if name not in self.text_conditions:
                 raise PipelineError(f"condition {name!r} given but the model has no {name!r} text adapter (text "
                                     f"conditions: {self.text_conditions}; pass --adapters DIR)")
-            conditions[name] = self._plain(text)[0]
+            embeds_of[name] = self._plain(text)[0]
         if self.adapters:
-            for name in conditions:
+            for name in embeds_of:
                 scales[name] = jnp.float32((adapter_scales or {}).get(name, self.adapters["scales"][name]))
         if prompt_lib.zero_negative(negative_prompt, self.force_zeros_for_empty_prompt):
             neg, neg_pooled = jnp.zeros_like(fused), jnp.zeros_like(pooled)
@@ -235,12 +205,12 @@ class PersonGenPipeline:
             neg, neg_pooled = self._plain(negative_prompt or "")
         return Conditioning(prompt_embeds=fused, pooled=pooled, text_only_embeds=text_only,
                             text_only_pooled=text_only_pooled, negative_embeds=neg, negative_pooled=neg_pooled,
-                            time_ids=sdxl_time_ids(height, width), conditions=conditions, condition_scales=scales,
+                            time_ids=sdxl_time_ids(height, width), conditions=embeds_of, condition_scales=scales,
                             gated=tuple(n for n, c in self.conditions.items() if c.gated))
 
     # ------------------------------------------------------------------ sampling
 
-    def sampler(self, num_steps: int, scheduler: str = "euler", progress: bool = False):
+    def sampler(self, num_steps: int, scheduler: str = SamplingSettings.scheduler, progress: bool = False):
         """The compiled sampler for (num_steps, scheduler, progress), built once and cached:
         sample(noise [S, h, w, C] ~ N(0, 1), cond, guidance_scale, start_merge_step) -> images [S, H, W, 3]
         float32 in [0, 1] (`sampling.make_sampler`)."""
@@ -256,10 +226,10 @@ class PersonGenPipeline:
             self._bar.update(1)
 
     def __call__(self, prompt: str, ref_images: Sequence = (), *, seeds: Sequence[int] = (0,),
-                 num_steps: int = 50, guidance_scale: float = 5.0,
-                 start_merge_step: int | float = DEFAULT_START_MERGE,
+                 num_steps: int = SamplingSettings.num_steps, guidance_scale: float = SamplingSettings.guidance_scale,
+                 start_merge_step: int | float = SamplingSettings.start_merge_step,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
-                 conditions: Mapping[str, str] | None = None, scheduler: str = "euler",
+                 conditions: Mapping[str, str] | None = None, scheduler: str = SamplingSettings.scheduler,
                  adapter_scales: dict | None = None, progress: bool | Callable[[int], None] = False) -> np.ndarray:
         """-> uint8 images [len(seeds), H, W, 3]. Seeds give the initial latents (jax.random.key(seed)).
         conditions: texts of the model's text conditions, e.g. {"bg": "in the mountains"} (P_bg).
@@ -269,8 +239,9 @@ class PersonGenPipeline:
         each step (a web page's bar; it may run on a runtime thread, not the caller's). Both come from a host
         callback inside the compiled loop (one sampler program for either)."""
         f = self.vae.downscale_factor
-        check_settings(seeds=list(seeds), num_steps=num_steps, guidance_scale=guidance_scale,
-                       start_merge_step=start_merge_step, height=height, width=width, downscale_factor=f)
+        SamplingSettings(seeds=tuple(seeds), num_steps=num_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                         start_merge_step=start_merge_step, height=height, width=width,
+                         negative_prompt=negative_prompt).check(downscale_factor=f)
         start_merge_step = resolve_start_merge_step(start_merge_step, num_steps)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
@@ -282,8 +253,6 @@ class PersonGenPipeline:
         if callable(progress):
             self._bar = _StepCallback(progress)
         elif progress:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=num_steps, desc=f"sampling {len(seeds)} image(s)", disable=None)
         try:
             images = np.asarray(sample(noise, cond, guidance_scale, start_merge_step))

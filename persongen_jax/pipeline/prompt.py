@@ -183,8 +183,8 @@ def make_prompt_batch(tokenizers, prompts: str | Sequence[str], num_id_images: i
     if len(counts) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(counts)} num_id_images")
     tok_1, tok_2 = tokenizers
-    ids = {1: [], 2: []}
-    text_only = {1: [], 2: []}
+    ids: dict[int, list] = {1: [], 2: []}
+    text_only: dict[int, list] = {1: [], 2: []}
     masks = []
     for prompt, n in zip(prompts, counts):
         row_masks = []
@@ -208,7 +208,8 @@ def make_prompt_batch(tokenizers, prompts: str | Sequence[str], num_id_images: i
                        num_id_images=np.asarray(counts, dtype=np.int32))
 
 
-def encode_prompt(text_encoder, text_encoder_2, ids_1: jax.Array, ids_2: jax.Array) -> tuple[jax.Array, jax.Array]:
+def encode_prompt(text_encoder, text_encoder_2, ids_1: jax.typing.ArrayLike,
+                  ids_2: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
     """SDXL text conditioning: concat(penultimate hidden states of both encoders) [B, 77, D1 + D2] and
     pooled = text_encoder_2's text_embeds [B, P]. Traceable (wrap in nnx.jit)."""
     out_1 = text_encoder(jnp.asarray(ids_1))

@@ -133,10 +133,12 @@ def make_sampler(unet, vae, scheduler, num_steps: int, on_step: Callable[[int], 
                           start_merge_step=start_merge_step, on_step=on_step)
         return decode_latents(vae_m, latents)
 
-    def sample(noise, cond, guidance_scale=5.0, start_merge_step=10):
+    def sample(noise, cond, guidance_scale, start_merge_step):
         return run(nnx.state(unet), nnx.state(vae), sched_state, noise, cond, jnp.float32(guidance_scale),
                    jnp.int32(start_merge_step))
 
-    sample.lower = lambda noise, cond: run.lower(nnx.state(unet), nnx.state(vae), sched_state, noise, cond,
-                                                 jnp.float32(5.0), jnp.int32(10))
+    # Lowering needs only the shapes and dtypes of the scalars, not their values.
+    # A function attribute (scripts/bench/sample.py lowers the loop).
+    sample.lower = lambda noise, cond: run.lower(  # type: ignore[attr-defined]
+        nnx.state(unet), nnx.state(vae), sched_state, noise, cond, jnp.float32(0), jnp.int32(0))
     return sample

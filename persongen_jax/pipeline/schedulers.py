@@ -97,8 +97,8 @@ def _spaced_timesteps(spacing: str, num_train: int, n: int, steps_offset: int, *
         t = (np.arange(0, n) * ratio).round()[::-1].copy()
         return t.astype(np.int64) + steps_offset if integer else t.astype(np.float32) + np.float32(steps_offset)
     if spacing == "trailing":
-        ratio = num_train / n
-        t = np.round(np.arange(num_train, 0, -ratio))
+        step = num_train / n
+        t = np.round(np.arange(num_train, 0, -step))
         return t.astype(np.int64) - 1 if integer else t.astype(np.float32) - np.float32(1)
     raise ValueError(f"timestep_spacing={spacing!r} is not supported (use 'leading', 'trailing' or 'linspace')")
 
@@ -174,7 +174,7 @@ class _Scheduler:
         settings only other scheduler classes use are ignored; a setting this class would need at a
         value it does not implement, or an unknown key, raises ValueError naming it."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         for key, value in config.items():
             if key.startswith("_"):
                 continue
@@ -349,7 +349,7 @@ class DDIMScheduler(_Scheduler):
 # By the short name the CLIs offer (`--scheduler`) and by the diffusers class name a scheduler config's
 # `_class_name` gives; a new scheduler is one more class here.
 SCHEDULER_NAMES = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
-SCHEDULERS = {**SCHEDULER_NAMES, **{cls.__name__: cls for cls in SCHEDULER_NAMES.values()}}
+SCHEDULERS: dict[str, type[EulerDiscreteScheduler] | type[DDIMScheduler]] = {**SCHEDULER_NAMES, **{cls.__name__: cls for cls in SCHEDULER_NAMES.values()}}
 Scheduler = EulerDiscreteScheduler | DDIMScheduler
 
 

@@ -82,8 +82,9 @@ def shape_mismatches(step_dir: Path, abstract_state) -> list[str]:
 def _root_reason(e: BaseException) -> str:
     """The first line of the innermost chained exception: for a damaged checkpoint that is TensorStore's
     own error, which names the array and the byte range (the outer one prints a TensorStore spec)."""
-    while (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__
+    inner = e.__cause__ or e.__context__
+    while inner is not None:
+        e, inner = inner, inner.__cause__ or inner.__context__
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
@@ -99,12 +100,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir) -> tupl
     errors = []
     for step in sorted(mngr.all_steps(), reverse=True):
         step_dir = directory / str(step)
+        meta_error: Exception | None = None
         try:
             diffs = shape_mismatches(step_dir, abstract_state)
         except Exception as e:  # noqa: BLE001 -- damaged metadata: treated as a damaged checkpoint below
             diffs, meta_error = [], e
-        else:
-            meta_error = None
         if diffs:
             raise ValueError(f"{step_dir}: the checkpoint does not match the model this config builds: "
                              + "; ".join(diffs[:10]) + (f" (+{len(diffs) - 10} more)" if len(diffs) > 10 else "")

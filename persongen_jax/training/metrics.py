@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -14,7 +15,7 @@ class MetricWriter:
     other than 0, so every process can call it."""
     def __init__(self, workdir, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._jsonl = None
+        self._jsonl: Any = None  # the open metrics.jsonl (process 0)
         self._tb = None
         if not self.enabled:
             return

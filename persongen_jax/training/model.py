@@ -25,12 +25,13 @@ from flax import nnx
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.models import lora as lora_lib
 from persongen_jax.models import modeling, presets
+from persongen_jax.models import unet as unet_lib
 from persongen_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from persongen_jax.models.id_encoder import PhotoMakerIDEncoder
-from persongen_jax.models import unet as unet_lib
 from persongen_jax.models.unet import UNet2DConditionModel
 from persongen_jax.models.vae import AutoencoderKL
 from persongen_jax.pipeline import prompt as prompt_lib
+from persongen_jax.pipeline.pipeline import PersonGenPipeline
 from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, EulerDiscreteScheduler, read_scheduler_config
 
 ID_INJECTIONS = ("text", "cross_attn", "both")
@@ -162,3 +163,15 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
     unet_lib.check_remat(config.remat)
     unet.remat = config.remat
     return PersonGenModel(unet, vae, te1, te2, id_enc), tokenizers, scheduler
+
+
+def inference_pipeline(model, tokenizers, config, *, merge_lora: bool = True) -> PersonGenPipeline:
+    """A training model of `config` (`build_model`, or restored) as a PersonGenPipeline with the config's
+    scheduler, trigger word, resolution and conditions. merge_lora: fold LoRA into the base kernels (no
+    LoRA cost per step); False keeps the modules as they are, so later `nnx.update`s are what it samples."""
+    if merge_lora and config.lora.rank > 0:
+        lora_lib.merge_lora(model.unet)
+    return PersonGenPipeline.from_model(model, tokenizers, scheduler_config(config),
+                                        trigger_word=config.data.trigger_word,
+                                        sample_size=config.data.resolution // model.vae.downscale_factor,
+                                        conditions=conditions_lib.from_config(config))

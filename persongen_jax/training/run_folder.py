@@ -1,5 +1,6 @@
 """What a training run folder (WORKDIR) guarantees -- one trainer at a time, configs checked before anything
-is written, every config version kept, metrics without duplicate steps -- and reading a run back.
+is written, every config version kept, metrics without duplicate steps -- and reading a run's config back
+(loading its model: `persongen_jax.sources`).
 
     with RunLock(workdir):                       # fcntl lock: a second trainer fails, naming the holder
         check_config_types(config)               # `--config.lora.targets=5` -> error naming the key
@@ -8,8 +9,7 @@ is written, every config version kept, metrics without duplicate steps -- and re
         record_config(config, workdir, start_step, changes)   # config.json + config_history.jsonl
         supersede_metrics(workdir, start_step)   # metrics of steps past the checkpoint set aside
 
-    pipe, step, config = load_trained_pipeline("runs/final_method")   # evaluate / generate / app --checkpoint
-    pipe = inference_pipeline(model, tokenizers, config)   # a model in memory (validation, app --tiny)
+    config = read_config("runs/final_method")   # what `persongen_jax.sources` rebuilds a run's model from
 
 Files: WORKDIR/.lock (the lock; holds the holder's pid, host and start time), WORKDIR/config.json (the
 config of the latest start: what `evaluate --checkpoint` rebuilds the model from), WORKDIR/config_history.jsonl
@@ -27,6 +27,7 @@ take the lock in process 0 only (all processes share WORKDIR).
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -35,8 +36,15 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import ml_collections
+
+from persongen_jax.io import read_json
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
 log = logging.getLogger("persongen_jax.train")
 
+# The type reference of check_config_types: every key's type in the defaults.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.py"
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
@@ -69,8 +77,6 @@ class RunLock:
         self._fd = None
 
     def __enter__(self) -> "RunLock":
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -93,8 +99,6 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        import fcntl
-
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
@@ -105,12 +109,11 @@ class RunLock:
 
 
 def _reference_config():
-    """configs/default.py's get_config(), the type reference; None when the configs package is absent."""
-    try:
-        from configs import default
-    except ImportError:
+    """configs/default.py's get_config(), the type reference, read by path (the library does not import the
+    configs package); None when the file is absent (an install without configs/)."""
+    if not DEFAULT_CONFIG.is_file():
         return None
-    return default.get_config()
+    return ConfigFileFlagParser(name="config").parse(str(DEFAULT_CONFIG))
 
 
 def _flat(config, prefix: str = "") -> dict[str, Any]:
@@ -187,8 +190,6 @@ def read_saved_config(workdir) -> dict | None:
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         return None
-    from persongen_jax.io import read_json
-
     try:
         return read_json(path)
     except ValueError as e:
@@ -284,7 +285,8 @@ def supersede_metrics(workdir, step: int) -> int:
 def _supersede(path: Path, aside: Path, step: int) -> int:
     if not path.is_file():
         return 0
-    keep, moved = [], []
+    keep: list[str] = []
+    moved: list[str] = []
     for line in path.read_text(errors="replace").splitlines(keepends=True):
         try:
             later = int(json.loads(line)["step"]) > step
@@ -306,70 +308,9 @@ def _supersede(path: Path, aside: Path, step: int) -> int:
 
 
 def read_config(workdir):
-    """The run's config (WORKDIR/config.json) as a ConfigDict: what `load_trained_model` rebuilds from."""
-    import ml_collections
-
+    """The run's config (WORKDIR/config.json) as a ConfigDict: what `sources.load_trained_model` rebuilds from."""
     saved = read_saved_config(workdir)
     if saved is None:
         raise RunFolderError(f"{Path(workdir) / CONFIG_FILE}: no training config (a run folder of `python -m "
                              "persongen_jax.train` has one; or pass --config configs/X.py)")
     return ml_collections.ConfigDict(saved)
-
-
-def load_trained_model(workdir, config=None, step: int | None = None):
-    """Rebuilds the training model of a run folder with the trained parameters of checkpoint `step`
-    (default: the latest) -> (PersonGenModel, tokenizers, step)."""
-    import jax
-    import numpy as np
-
-    from persongen_jax.training import checkpoint as ckpt_lib
-    from persongen_jax.training import optimizer as optim_lib
-    from persongen_jax.training import state as state_lib
-    from persongen_jax.training.model import build_model
-
-    workdir = Path(workdir)
-    config = config or read_config(workdir)
-    if not (workdir / "checkpoints").is_dir():  # checked first: the manager would create the folder
-        raise ValueError(f"{workdir / 'checkpoints'}: no such folder (not a training run folder)")
-    mngr = ckpt_lib.make_manager(workdir, config.keep_checkpoints)
-    try:
-        steps = list(mngr.all_steps())
-        if not steps:
-            raise ValueError(f"{workdir / 'checkpoints'}: no checkpoints")
-        step = steps[-1] if step is None else int(step)
-        if step not in steps:
-            raise ValueError(f"{workdir / 'checkpoints'}: no checkpoint at step {step} (have {sorted(steps)})")
-        model, tokenizers, _ = build_model(config, workdir)
-        groups = {g: dict(spec) for g, spec in config.trainable.items() if spec.lr > 0}
-        split, params, frozen, rest = state_lib.split_model(model, groups)
-        tx = optim_lib.make_optimizer(params, groups, config.optim)
-        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))  # one device, whatever trained
-        target = state_lib.abstract_checkpoint(params, tx, mesh, config.sharding)
-        restored, _ = ckpt_lib.restore(mngr, step, target)
-    finally:
-        mngr.close()
-    return split.merge(restored["params"], frozen, rest), tokenizers, step
-
-
-def inference_pipeline(model, tokenizers, config, *, merge_lora: bool = True):
-    """A training model of `config` (`build_model`, or restored) as a PersonGenPipeline with the config's
-    scheduler, trigger word, resolution and conditions. merge_lora: fold LoRA into the base kernels (no
-    LoRA cost per step); False keeps the modules as they are, so later `nnx.update`s are what it samples."""
-    from persongen_jax import conditions as conditions_lib
-    from persongen_jax.models import lora as lora_lib
-    from persongen_jax.pipeline.pipeline import PersonGenPipeline
-    from persongen_jax.training.model import scheduler_config
-
-    if merge_lora and config.lora.rank > 0:
-        lora_lib.merge_lora(model.unet)
-    return PersonGenPipeline.from_model(model, tokenizers, scheduler_config(config),
-                                        trigger_word=config.data.trigger_word,
-                                        sample_size=config.data.resolution // model.vae.downscale_factor,
-                                        conditions=conditions_lib.from_config(config))
-
-
-def load_trained_pipeline(workdir, config=None, step: int | None = None, *, merge_lora: bool = True):
-    """A PersonGenPipeline from a training run folder's checkpoint -> (pipeline, step, config)."""
-    config = config or read_config(workdir)
-    model, tokenizers, step = load_trained_model(workdir, config, step)
-    return inference_pipeline(model, tokenizers, config, merge_lora=merge_lora), step, config

@@ -55,7 +55,7 @@ def split_model(model, groups: Mapping[str, Mapping]) -> tuple[ModelSplit, dict,
     def trainable(path, value):
         return isinstance(value, nnx.Param) and optim_lib.group_of(path_str(path), groups) is not None
 
-    graphdef, train_state, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
+    graphdef, train_state, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)  # type: ignore[misc]
     flat = list(nnx.to_flat_state(train_state))
     params = {path_str(p): v.get_value() for p, v in flat}
     template = tuple((p, path_str(p), v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)))
@@ -84,11 +84,16 @@ def cast_frozen(frozen, dtype_name: str):
 class TrainState:
     """What the train step reads and updates (all arrays; see the module docstring)."""
 
-    step: jax.Array                 # int32 [], the number of steps taken
-    params: dict[str, jax.Array]    # trainable, {dotted path: array}
+    # Leaves are arrays; the same tree holds their shardings or ShapeDtypeStructs (state_shardings, _abstract).
+    step: Any                       # int32 [], the number of steps taken
+    params: dict[str, Any]          # trainable, {dotted path: array}
     opt_state: Any
     frozen: Any                     # nnx.State of the frozen parameters
     rest: Any                       # nnx.State of everything else (e.g. RNG counters)
+
+    def replace(self, **changes) -> "TrainState":
+        """A copy with `changes` (flax.struct's replace, declared for the type checker)."""
+        return dataclasses.replace(self, **changes)
 
 
 def state_shardings(state: TrainState, mesh, sharding_cfg) -> TrainState:

@@ -127,7 +127,7 @@ class _Setup:
 def make_loss(config, model, tokenizers, scheduler) -> Callable[..., tuple[jax.Array, dict]]:
     """The loss (model, batch, key) -> (loss, aux) of `config` (model: concrete or abstract, only its
     static structure is read)."""
-    empty_ids = tuple(jnp.asarray(prompt_lib.tokenize(t, [""])) for t in tokenizers)
+    empty_ids = (jnp.asarray(prompt_lib.tokenize(tokenizers[0], [""])), jnp.asarray(prompt_lib.tokenize(tokenizers[1], [""])))
     return functools.partial(
         compute_loss, scheduler=scheduler, loss_cfg=dict(config.loss), conditions=conditions_lib.from_config(config),
         id_injection=config.id_injection, adapters=lora_lib.adapter_config(model.unet), empty_ids=empty_ids,
@@ -187,7 +187,7 @@ def _compile(step_fn, state: TrainState, batch: dict, rng: jax.Array):
     """AOT-compiles the step (nothing runs) -> (compiled, facts: compile_s, flops_per_step, memory_mib)."""
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, rng).compile()
-    info = {"compile_s": time.perf_counter() - t0, "flops_per_step": compiled_flops(compiled)}
+    info: dict[str, Any] = {"compile_s": time.perf_counter() - t0, "flops_per_step": compiled_flops(compiled)}
     log.info("train step compiled in %.1fs", info["compile_s"])
     mem = compiled_memory_mib(compiled)
     if mem is None:
@@ -280,13 +280,14 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
     if is_main:  # only now, with the config checked and the checkpoint restored
         run_folder.record_config(config, workdir, start, config_changes)
         run_folder.supersede_metrics(workdir, start)
-    total, writer, history = config.total_steps, MetricWriter(workdir), []
+    total, writer = config.total_steps, MetricWriter(workdir)
+    history: list[dict] = []
     if start >= total:
         log.info("already at step %d >= total_steps %d: nothing to do", start, total)
         writer.close()
         return _result(start, state, history)
     # ------------------------------------------------------------------ compile (AOT)
-    batch = next_batch()
+    batch: Any = next_batch()  # None between a step and the next fetch
     compiled, info = _compile(step_fn, state, batch, rng)
     # ------------------------------------------------------------------ loop
     from tqdm import tqdm

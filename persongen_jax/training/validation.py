@@ -29,12 +29,13 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from persongen_jax.evaluation import metrics as metrics_lib
 from persongen_jax.evaluation import protocol
 from persongen_jax.pipeline import id_unused_warning
 from persongen_jax.training import data as data_lib
-from persongen_jax.training.run_folder import inference_pipeline
+from persongen_jax.training.model import inference_pipeline
 
 log = logging.getLogger("persongen_jax.train")
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "id_encoder")
@@ -60,7 +61,8 @@ def scoring_metrics(ev) -> list:
     its models set is left out (logged), one with only some of them is a ValueError naming the missing keys."""
     names = tuple(ev.get("metrics", metrics_lib.DEFAULT_METRICS))
     options = metric_options(ev)
-    chosen, left_out = [], []
+    chosen: list[str] = []
+    left_out: list[str] = []
     for name in names:
         given = [bool(options.get(key)) for key in metrics_lib.get(name).requires]
         # all of its models given, or only some (then `build` names the missing ones): chosen
@@ -78,8 +80,6 @@ def scoring_metrics(ev) -> list:
 def sample_grid(rows: list[dict], out_dir: Path, set_name: str, references: dict) -> np.ndarray:
     """The TensorBoard image of one set: a row per (identity, prompt), the identity's first reference then one
     generation per seed, uint8 [H, W, 3]."""
-    from PIL import Image
-
     rows = [r for r in rows if r["set"] == set_name]
     lines: dict = {}
     for r in rows:
@@ -118,7 +118,7 @@ class Validator:
         if ev.sets:
             sets = protocol.load_sets(protocol.parse_sets(ev.sets))
             refs = protocol.load_references(sets, metrics)  # a reference without a face fails now
-            what = {k: len(v) for k, v in sets.items()}
+            what: dict[str, int] | str = {k: len(v) for k, v in sets.items()}
         else:
             what = f"{ev.num_identities} training identities (no config.eval.sets)"
         warning = id_unused_warning(ev.start_merge_step, ev.num_steps)
