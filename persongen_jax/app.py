@@ -68,7 +68,7 @@ from persongen_jax.evaluation import protocol
 from persongen_jax.evaluation.face_sim import NoFaceError
 from persongen_jax.evaluation.faces import FaceModelError
 from persongen_jax.pipeline import MAX_SEED, id_unused_warning, resolve_start_merge_step
-from persongen_jax.pipeline.image_processing import ImageError, convert_to_rgb
+from persongen_jax.pipeline.image_processing import ImageError, convert_to_rgb, to_8bit
 from persongen_jax.pipeline.prompt import strip_trigger_word
 from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 from persongen_jax.pipeline.settings import PipelineError, SamplingSettings
@@ -92,7 +92,8 @@ def read_reference(path: str | os.PathLike) -> tuple[str, Image.Image]:
     with Image.open(path) as im:
         im.draft("RGB", (MAX_REF_SIDE, MAX_REF_SIDE))
         im.load()
-        small = im.copy()
+        small = to_8bit(im)  # a 16-bit greyscale PNG keeps its brightness (PIL's convert clips it to white)
+        small = small.copy() if small is im else small
     small.thumbnail((MAX_REF_SIDE, MAX_REF_SIDE), Image.Resampling.LANCZOS)
     return Path(path).name, small
 

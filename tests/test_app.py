@@ -234,6 +234,18 @@ def test_uploaded_references_are_downscaled_first(tmp_path, fmt):
     assert read_reference(small)[1].size == (40, 30)
 
 
+def test_16_bit_greyscale_uploads_keep_their_brightness(tmp_path):
+    """A 16-bit greyscale PNG upload is scaled to 8 bits (>> 8), not clipped to white by PIL's convert."""
+    from persongen_jax.app import read_reference
+
+    ramp = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 19).astype(np.uint16)  # 0..58349
+    path = tmp_path / "grey16.png"
+    Image.fromarray(ramp, mode="I;16").save(path)
+    _, im = read_reference(path)
+    got = np.asarray(im.convert("RGB"), np.float64)
+    assert abs(got.mean() - (ramp >> 8).mean()) <= 1, (got.mean(), (ramp >> 8).mean())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tiny", "--photomaker", "pm"], "--tiny brings its own model"),
     (["--tiny", "--clip", "clip"], "scoring options missing: face_sim needs face_detector"),
