@@ -228,7 +228,7 @@ class Generator:
                                guidance_scale=req.guidance_scale, start_merge_step=req.start_merge_step,
                                height=req.height, width=req.width, negative_prompt=req.negative_prompt or None,
                                conditions=texts, adapter_scales={n: 0.0 for n, t in texts.items() if not t},
-                               scheduler=req.scheduler, progress=progress or (lambda n: None))
+                               scheduler=req.scheduler, progress=progress or (lambda n: None), ref_names=names)
             scores = None
             if self.metrics is not None:
                 scores = [{"prompt": self.clip_text(req)} for _ in images]
@@ -287,14 +287,18 @@ class Generator:
         prompt = f"a photo of a person {self.trigger_word}"
         texts = {n: "" for n in self.text_conditions}
         scales = {n: 0.0 for n in self.text_conditions}
+        enc = self.pipe.id_encoder
+        # PhotoMaker V2: stand-in ArcFace embeddings of the right shape (the flat face has no face to detect).
+        ids = (lambda n: np.zeros((n, enc.config.id_embeddings_dim), np.float32)) \
+            if getattr(enc, "version", None) == "v2" else (lambda n: None)
         for n in range(1, MAX_REFS + 1):
             self.pipe.encode(prompt, [face] * n, conditions=texts, adapter_scales=scales,
-                             height=d.height, width=d.width)
+                             height=d.height, width=d.width, id_embeds=ids(n))
         t1 = time.perf_counter()
         self.pipe(prompt, [face], seeds=list(range(d.num_images)), num_steps=d.num_steps,
                   guidance_scale=d.guidance_scale, start_merge_step=d.start_merge_step,
                   height=d.height, width=d.width, conditions=texts, adapter_scales=scales,
-                  scheduler=d.scheduler, progress=lambda n: None)
+                  scheduler=d.scheduler, progress=lambda n: None, id_embeds=ids(1))
         t2 = time.perf_counter()
         for metric in self.metrics or ():
             metric.warm_up()
@@ -517,7 +521,13 @@ def load_pipeline(args, workdir: Path):
         config = demo.get_config()
         model, tokenizers, _ = build_model(config, workdir)  # random weights; tokenizer files in workdir
         return inference_pipeline(model, tokenizers, config), {**source, "tiny": "configs/demo.py (random weights)"}
+    if args.model:  # PhotoMaker V2 needs the face models for the references' ArcFace embeddings
+        from persongen_jax.pipeline.pipeline import require_face_models
+
+        require_face_models(args.photomaker or args.model, args.face_models, args.arcface)
     pipe, source["step"], _ = generate.load_pipeline(args)
+    if pipe.id_encoder is not None:
+        print(f"ID encoder: PhotoMaker {getattr(pipe.id_encoder, 'version', 'v1')}", file=sys.stderr, flush=True)
     return pipe, source
 
 

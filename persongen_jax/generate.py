@@ -156,7 +156,8 @@ def load_pipeline(args, config=None):
     return PersonGenPipeline.from_pretrained(
         args.model, photomaker=args.photomaker, lora=args.lora, adapters=args.adapters,
         dtype=getattr(jnp, args.dtype) if args.dtype else None, attention_impl=args.attention,
-        trigger_word=args.trigger_word), None, None
+        trigger_word=args.trigger_word, face_models=getattr(args, "face_models", None),
+        arcface=getattr(args, "arcface", None)), None, None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler", help="sampler")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder (created): seed_<s>.png per seed and settings.json")
+    p.add_argument("--face-models", type=Path, help="PhotoMaker V2: insightface model folder with an SCRFD detector "
+                                                    "(buffalo_l, as the official pipeline; or antelopev2)")
+    p.add_argument("--arcface", type=Path, help="PhotoMaker V2: converted ArcFace folder (weights_conversion arcface)")
     return p
 
 
@@ -198,7 +202,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from persongen_jax.pipeline.image_processing import ImageError, load_image
-    from persongen_jax.pipeline.pipeline import PipelineError, check_settings
+    from persongen_jax.pipeline.pipeline import PipelineError, check_settings, reference_id_embeds
 
     t0 = time.perf_counter()
     try:
@@ -210,14 +214,20 @@ def main(argv=None) -> int:
         check_model_arguments(args)
         texts = condition_texts(args)
         refs = [load_image(p) for p in args.ref]  # fail on a bad image before loading any model
+        # PhotoMaker V2: the references' ArcFace embeddings (a photo without a face fails before loading SDXL).
+        id_embeds = reference_id_embeds(args.photomaker or args.model, refs, [str(p) for p in args.ref],
+                                        args.face_models, args.arcface) if args.ref and args.model else None
         print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
         pipe, step, _ = load_pipeline(args)
+        if pipe.id_encoder is not None:
+            print(f"ID encoder: PhotoMaker {getattr(pipe.id_encoder, 'version', 'v1')}", file=sys.stderr)
         common = dict(num_steps=args.steps, guidance_scale=args.guidance_scale,
                       start_merge_step=args.start_merge_step, height=args.height, width=args.width,
                       negative_prompt=args.negative_prompt, conditions=texts, scheduler=args.scheduler)
         files = []
         # One compiled call for all seeds; the bar counts denoising steps.
-        images = pipe(args.prompt, refs, seeds=args.seeds, progress=True, **common)
+        images = pipe(args.prompt, refs, seeds=args.seeds, progress=True, ref_names=[str(p) for p in args.ref],
+                      id_embeds=id_embeds, **common)
         for seed, img in zip(args.seeds, images):
             path = args.out / f"seed_{seed}.png"
             Image.fromarray(img).save(path)
@@ -225,7 +235,9 @@ def main(argv=None) -> int:
     except (ImageError, PipelineError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    settings = {**model_settings(args), "step": step,
+    settings = {**model_settings(args), "step": step, "photomaker_version": getattr(pipe.id_encoder, "version", None),
+                "face_models": str(args.face_models) if args.face_models else None,
+                "arcface": str(args.arcface) if args.arcface else None,
                 "refs": [str(p) for p in args.ref], "prompt": args.prompt, "seeds": args.seeds,
                 "height": images.shape[1], "width": images.shape[2], "trigger_word": args.trigger_word,
                 "images": files,

@@ -112,9 +112,10 @@ _PRESETS = {
                           id_embeddings_dim=512, cross_attention_dim=2048, num_tokens=2, token_proj_dim=2048,
                           perceiver_depth=4, perceiver_heads=16, perceiver_dim_head=128, perceiver_ff_dim=8192),
     # The tiny SDXL's prompt width 64 is under one published head (128): one head of 64 (`config_from_state_dict`
-    # infers the same); hidden 128 = 2 vision heads of 64, as v1's tiny preset.
+    # infers the same); hidden 128 = 2 vision heads of 64, as v1's tiny preset; ArcFace width 16 = the tiny
+    # test ArcFace's (`testing.tiny_eval.TINY_ARCFACE`), token_proj 4x as published.
     "tiny": dict(model_type=MODEL_TYPE, vision_config=dict(clip._TINY_VISION, hidden_size=128, num_attention_heads=2),
-                 projection_dim_2=40, id_embeddings_dim=512, cross_attention_dim=64, num_tokens=2, token_proj_dim=512,
+                 projection_dim_2=40, id_embeddings_dim=16, cross_attention_dim=64, num_tokens=2, token_proj_dim=64,
                  perceiver_depth=2, perceiver_heads=1, perceiver_dim_head=64, perceiver_ff_dim=256),
 }
 
