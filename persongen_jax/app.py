@@ -521,10 +521,6 @@ def load_pipeline(args, workdir: Path):
         config = demo.get_config()
         model, tokenizers, _ = build_model(config, workdir)  # random weights; tokenizer files in workdir
         return inference_pipeline(model, tokenizers, config), {**source, "tiny": "configs/demo.py (random weights)"}
-    if args.model:  # PhotoMaker V2 needs the face models for the references' ArcFace embeddings
-        from persongen_jax.pipeline.pipeline import require_face_models
-
-        require_face_models(args.photomaker or args.model, args.face_models, args.arcface)
     pipe, source["step"], _ = generate.load_pipeline(args)
     if pipe.id_encoder is not None:
         print(f"ID encoder: PhotoMaker {getattr(pipe.id_encoder, 'version', 'v1')}", file=sys.stderr, flush=True)

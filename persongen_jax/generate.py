@@ -151,8 +151,11 @@ def load_pipeline(args, config=None):
         return load_trained_pipeline(args.checkpoint, config, args.step)
     import jax.numpy as jnp
 
-    from persongen_jax.pipeline.pipeline import PersonGenPipeline
+    from persongen_jax.pipeline.pipeline import PersonGenPipeline, require_face_models
 
+    # PhotoMaker V2 needs the face models (the references' ArcFace embeddings): say so before loading.
+    require_face_models(args.photomaker or args.model, getattr(args, "face_models", None),
+                        getattr(args, "arcface", None))
     return PersonGenPipeline.from_pretrained(
         args.model, photomaker=args.photomaker, lora=args.lora, adapters=args.adapters,
         dtype=getattr(jnp, args.dtype) if args.dtype else None, attention_impl=args.attention,

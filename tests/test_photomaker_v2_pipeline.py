@@ -213,3 +213,24 @@ def test_app_with_a_v2_folder(v2, tmp_path, capsys):
     black = Image.fromarray(np.zeros((40, 36, 3), np.uint8))
     with pytest.raises(PipelineError, match=r"no face found in reference image\(s\) no_face\.png"):
         gen.generate([("face0.png", Image.open(v2["refs"][0])), ("no_face.png", black)], req)
+
+
+def test_evaluate_mode_b_with_a_v2_folder(v2, tmp_path, capsys):
+    """`evaluate` mode B on a V2 folder: refused before loading without the face models; with them, the
+    protocol runs (the same --face-models / --arcface feed Face-Sim and V2's ArcFace embeddings)."""
+    import json
+    import shutil
+
+    from persongen_jax.evaluate import main
+
+    (tmp_path / "val" / "alice").mkdir(parents=True)
+    shutil.copy(v2["refs"][0], tmp_path / "val" / "alice" / "a.png")
+    argv = ["--model", str(v2["dst"]), "--photomaker", str(v2["pm"]), "--sets", f"in_train={tmp_path / 'val'}",
+            "--num-prompts", "1", "--seeds", "0", "--steps", "2", "--start-merge-step", "0"]
+    assert main(argv + ["--metrics", "none", "--out", str(tmp_path / "a")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "--face-models" in err[0]
+    scoring = ["--metrics", "face_sim", "--face-models", str(v2["faces"]), "--arcface", str(v2["arcface"])]
+    assert main(argv + scoring + ["--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["sets"]["in_train"]["n_images"] == 1
