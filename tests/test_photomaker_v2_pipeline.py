@@ -35,11 +35,12 @@ def v2(tmp_path_factory):
     from persongen_jax.testing.tiny_eval import make_tiny_arcface, make_tiny_detector
     from persongen_jax.testing.tiny_photomaker import make_tiny_photomaker
     from persongen_jax.testing.tiny_sdxl import make_tiny_sdxl
+    from weights_conversion.convert import convert_sdxl
     from weights_conversion.lora import convert_photomaker
 
     root = tmp_path_factory.mktemp("pm_v2")
     src = make_tiny_sdxl(root / "src")
-    helpers.run_cli("sdxl", src, root / "sdxl")
+    convert_sdxl(src, root / "sdxl")
     pm_bin = make_tiny_photomaker(root / "photomaker-v2.bin", seed=1, version="v2")
     convert_photomaker(pm_bin, root / "photomaker", unet=root / "sdxl" / "unet")
     faces = make_tiny_detector(root / "faces")
@@ -50,6 +51,14 @@ def v2(tmp_path_factory):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 36, 3)).astype(np.uint8)).save(refs[-1])
     return dict(root=root, src=src, dst=root / "sdxl", pm_bin=pm_bin, pm=root / "photomaker", faces=faces,
                 arcface=arcface, refs=refs)
+
+
+@pytest.fixture(scope="module")
+def pipe(v2):
+    from persongen_jax.pipeline.pipeline import PersonGenPipeline
+
+    return PersonGenPipeline.from_pretrained(v2["dst"], photomaker=v2["pm"], face_models=v2["faces"],
+                                             arcface=v2["arcface"])
 
 
 def _torch_loop(v2, pipe, refs, id_embeds, noise, size, start_merge_step):
@@ -122,13 +131,9 @@ def _our_latents(pipe, cond, noise, start_merge_step):
     return np.asarray(pipe._test_loop(pipe.unet, jnp.asarray(noise), cond, jnp.int32(start_merge_step)))
 
 
-def test_v2_sampling_loop_matches_torch(v2):
+def test_v2_sampling_loop_matches_torch(v2, pipe):
     from PIL import Image
 
-    from persongen_jax.pipeline.pipeline import PersonGenPipeline
-
-    pipe = PersonGenPipeline.from_pretrained(v2["dst"], photomaker=v2["pm"], face_models=v2["faces"],
-                                             arcface=v2["arcface"])
     assert pipe.id_encoder.version == "v2"
     refs = [Image.open(p).convert("RGB") for p in v2["refs"]]
     id_embeds = pipe.face_id_embeds(refs)  # the face models load on first use
@@ -192,21 +197,19 @@ def test_generate_with_a_v2_folder(v2, tmp_path, capsys):
     assert not (tmp_path / "c" / "seed_0.png").exists()
 
 
-def test_app_with_a_v2_folder(v2, tmp_path, capsys):
+def test_app_with_a_v2_folder(v2, pipe, tmp_path, capsys):
     """The web app: without --face-models / --arcface a V2 folder is refused at start-up (one line, before any
     loading); a reference photo without a face is the page's message (a PipelineError naming it, which the page
     shows as its error), raised before any sampling."""
     from PIL import Image
 
     from persongen_jax import app
-    from persongen_jax.pipeline.pipeline import PersonGenPipeline, PipelineError
+    from persongen_jax.pipeline.pipeline import PipelineError
 
     assert app.main(["--model", str(v2["dst"]), "--photomaker", str(v2["pm"])]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and "--face-models" in err[0] and "PhotoMaker V2" in err[0]
 
-    pipe = PersonGenPipeline.from_pretrained(v2["dst"], photomaker=v2["pm"], face_models=v2["faces"],
-                                             arcface=v2["arcface"])
     size = pipe.default_size
     req = app.Request(prompt=PROMPT, num_images=1, num_steps=2, start_merge_step=0, height=size, width=size)
     gen = app.Generator(pipe, None, source={}, defaults=req, workdir=tmp_path)
