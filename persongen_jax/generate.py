@@ -3,6 +3,9 @@ r"""Generate images of a person from reference face photos and a prompt.
     python -m persongen_jax.generate --model weights/sdxl --photomaker weights/photomaker \
         --ref face1.jpg --ref face2.jpg --prompt "a photo of a man img wearing a red hat" \
         --seeds 0-4 --out outputs/
+    python -m persongen_jax.generate --model weights/sdxl --photomaker weights/photomaker_v2 \
+        --face-models ~/.insightface/models/buffalo_l --arcface weights/arcface_r50 \
+        --ref face1.jpg --prompt "a photo of a woman img" --out outputs/          (PhotoMaker V2)
     python -m persongen_jax.generate --checkpoint runs/final_method [--step 4000] \
         --ref face1.jpg --prompt "a photo of a man img" --cond bg="in the mountains" --out outputs/
 

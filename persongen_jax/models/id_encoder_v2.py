@@ -311,7 +311,10 @@ def config_from_state_dict(sd: Mapping[str, Any]) -> dict:
             raise ValueError(f"not a PhotoMaker V2 id_encoder state dict: missing {key!r}")
         return tuple(sd[key].shape)
 
-    base = id_encoder_config_from_state_dict(sd)  # CLIP tower + visual projections + fuse width checks
+    try:  # CLIP tower + visual projections + fuse width, as v1's (shared) inference reads them
+        base = id_encoder_config_from_state_dict(sd)
+    except ValueError as e:
+        raise ValueError(str(e).replace("PhotoMaker v1", "PhotoMaker V2")) from None
     d = shape("fuse_module.layer_norm.weight")[0]
     tp0, tp2 = shape("qformer_perceiver.token_proj.0.weight"), shape("qformer_perceiver.token_proj.2.weight")
     if tp2[1] != tp0[0] or tp2[0] % d:
