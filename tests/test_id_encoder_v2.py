@@ -164,8 +164,8 @@ def _reference(cfg: dict, seed: int):
 
 # A second small size: width 256 = two heads of the published 128, 3 tokens, depth 1, 512-d ArcFace.
 WIDE = dict(v2.PhotoMakerV2IDEncoder.preset_config("tiny"), cross_attention_dim=256, projection_dim_2=232,
-            id_embeddings_dim=512, num_tokens=3, token_proj_dim=1024, perceiver_depth=1, perceiver_heads=2, perceiver_dim_head=128,
-            perceiver_ff_dim=512)
+            id_embeddings_dim=512, num_tokens=3, token_proj_dim=1024, perceiver_depth=1, perceiver_heads=2,
+            perceiver_dim_head=128, perceiver_ff_dim=512)
 
 
 @pytest.fixture(scope="module")
