@@ -256,7 +256,8 @@ class Generator:
                 references = protocol.prepare_references(self.metrics, scored, names)
             images = self.pipe(req.prompt, images_in, seeds=seeds, conditions=texts,
                                adapter_scales={n: 0.0 for n, t in texts.items() if not t},
-                               progress=progress or (lambda n: None), **self.sampling(req).call_kwargs())
+                               progress=progress or (lambda n: None), ref_names=names,
+                               **self.sampling(req).call_kwargs())
             scores = None
             if self.metrics is not None:
                 scores = [{"prompt": self.clip_text(req)} for _ in images]
@@ -309,14 +310,18 @@ class Generator:
         prompt = f"a photo of a person {self.trigger_word}"
         texts = {n: "" for n in self.text_conditions}
         scales = {n: 0.0 for n in self.text_conditions}
+        enc = self.pipe.id_encoder
+        # PhotoMaker V2: stand-in ArcFace embeddings of the right shape (the flat face has no face to detect).
+        ids = (lambda n: np.zeros((n, enc.config.id_embeddings_dim), np.float32)) \
+            if getattr(enc, "version", None) == "v2" else (lambda n: None)
         for n in range(1, MAX_REFS + 1):
             self.pipe.encode(prompt, [face] * n, conditions=texts, adapter_scales=scales,
-                             height=d.height, width=d.width)
+                             height=d.height, width=d.width, id_embeds=ids(n))
         t1 = time.perf_counter()
         self.pipe(prompt, [face], seeds=list(range(d.num_images)), num_steps=d.num_steps,
                   guidance_scale=d.guidance_scale, start_merge_step=d.start_merge_step,
                   height=d.height, width=d.width, conditions=texts, adapter_scales=scales,
-                  scheduler=d.scheduler, progress=lambda n: None)
+                  scheduler=d.scheduler, progress=lambda n: None, id_embeds=ids(1))
         t2 = time.perf_counter()
         for metric in self.metrics or ():
             metric.warm_up()
@@ -515,6 +520,8 @@ def load_pipeline(args, workdir: Path):
     pipe, step, _ = load_source(source, settings, workdir=workdir)  # --tiny: tokenizer files in workdir
     if args.tiny:
         return pipe, {**record, "tiny": "configs/demo.py (random weights)"}
+    if pipe.id_encoder is not None:
+        print(f"ID encoder: PhotoMaker {getattr(pipe.id_encoder, 'version', 'v1')}", file=sys.stderr, flush=True)
     return pipe, {**record, "step": step}
 
 

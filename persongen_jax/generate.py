@@ -3,6 +3,9 @@ r"""Generate images of a person from reference face photos and a prompt.
     python -m persongen_jax.generate --model weights/sdxl --photomaker weights/photomaker \
         --ref face1.jpg --ref face2.jpg --prompt "a photo of a man img wearing a red hat" \
         --seeds 0-4 --out outputs/
+    python -m persongen_jax.generate --model weights/sdxl --photomaker weights/photomaker_v2 \
+        --face-models ~/.insightface/models/buffalo_l --arcface weights/arcface_r50 \
+        --ref face1.jpg --prompt "a photo of a woman img" --out outputs/          (PhotoMaker V2)
     python -m persongen_jax.generate --checkpoint runs/final_method [--step 4000] \
         --ref face1.jpg --prompt "a photo of a man img" --cond bg="in the mountains" --out outputs/
 
@@ -25,6 +28,7 @@ from PIL import Image
 
 from persongen_jax.cli import parser
 from persongen_jax.cli.options import (
+    add_face_model_arguments,
     add_model_arguments,
     add_output_arguments,
     add_sampling_arguments,
@@ -35,6 +39,7 @@ from persongen_jax.cli.options import (
 )
 from persongen_jax.cli.outputs import OutputFolder
 from persongen_jax.pipeline.image_processing import ImageError, load_image
+from persongen_jax.pipeline.pipeline import reference_id_embeds
 from persongen_jax.pipeline.settings import MAX_BATCH, PipelineError, SamplingSettings, default_batch_size, seed_batches
 from persongen_jax.sources import load_pipeline
 
@@ -102,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{MAX_BATCH}); bounds the memory of many seeds",
     )
     add_output_arguments(p, "generate", out_help="output folder (created): seed_<s>.png per seed and settings.json")
+    add_face_model_arguments(p)
     return p
 
 
@@ -137,16 +143,24 @@ def main(argv=None) -> int:
         source.check(settings)
         texts = condition_texts(args)
         refs = [load_image(p) for p in args.ref]  # fail on a bad image before loading any model
+        ref_names = [str(p) for p in args.ref]
+        # PhotoMaker V2: the references' ArcFace embeddings (a photo without a face fails before loading SDXL).
+        id_embeds = (reference_id_embeds(args.photomaker or args.model, refs, ref_names, args.face_models, args.arcface)
+                     if args.ref and args.model else None)
         with out:
             print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
             pipe, step, _ = load_pipeline(source, settings)
+            version = getattr(pipe.id_encoder, "version", "v1") if pipe.id_encoder is not None else None
+            if version:
+                print(f"ID encoder: PhotoMaker {version}", file=sys.stderr)
             height, width = args.height or pipe.default_size, args.width or pipe.default_size
             batch_size = args.batch_size or default_batch_size(height, width)
             files = []
             # One compiled call per batch of seeds (the last one padded: the same program); the bar counts
             # denoising steps. Each batch is written before the next runs: host memory holds one batch.
             for seeds, n in seed_batches(args.seeds, batch_size):
-                images = pipe(args.prompt, refs, seeds=seeds, conditions=texts, progress=True, **settings.call_kwargs())
+                images = pipe(args.prompt, refs, seeds=seeds, conditions=texts, progress=True, ref_names=ref_names,
+                              id_embeds=id_embeds, **settings.call_kwargs())
                 for seed, img in zip(seeds[:n], images[:n]):
                     path = args.out / f"seed_{seed}.png"
                     Image.fromarray(img).save(path)
@@ -155,6 +169,7 @@ def main(argv=None) -> int:
             record = {
                 **source.settings_json(settings),
                 "step": step,
+                "photomaker_version": version,
                 "refs": [str(p) for p in args.ref],
                 "prompt": args.prompt,
                 "seeds": args.seeds,

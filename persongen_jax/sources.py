@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from persongen_jax.pipeline.pipeline import PersonGenPipeline
+from persongen_jax.pipeline.pipeline import PersonGenPipeline, require_face_models
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD
 from persongen_jax.pipeline.settings import SamplingSettings
 from persongen_jax.training import checkpoint as ckpt_lib
@@ -47,6 +47,8 @@ class ModelSource:
     lora: PathLike | None = None
     adapters: PathLike | None = None
     trigger_word: str = DEFAULT_TRIGGER_WORD
+    face_models: PathLike | None = None  # PhotoMaker V2: SCRFD folder + converted ArcFace of the references
+    arcface: PathLike | None = None
     config: Any = None
     tiny: Any = None
 
@@ -77,6 +79,8 @@ class ModelSource:
             "photomaker": path(self.photomaker),
             "lora": path(self.lora),
             "adapters": path(self.adapters),
+            "face_models": path(self.face_models),
+            "arcface": path(self.arcface),
             "dtype": settings.dtype,
             "attention": settings.attention,
         }
@@ -130,6 +134,8 @@ def load_pipeline(
         config = source.config or read_config(source.checkpoint)
         model, tokenizers, step = load_trained_model(source.checkpoint, config, source.step)
         return inference_pipeline(model, tokenizers, config, merge_lora=merge_lora), step, config
+    # PhotoMaker V2 needs the face models (the references' ArcFace embeddings): say so before loading.
+    require_face_models(source.photomaker or source.model, source.face_models, source.arcface)
     pipe = PersonGenPipeline.from_pretrained(
         source.model,
         photomaker=source.photomaker,
@@ -139,5 +145,7 @@ def load_pipeline(
         attention_impl=settings.attention,
         merge_lora=merge_lora,
         trigger_word=source.trigger_word,
+        face_models=source.face_models,
+        arcface=source.arcface,
     )
     return pipe, None, None

@@ -4,7 +4,8 @@
     python -m weights_conversion clip SRC DST [--verify]
     python -m weights_conversion lora SRC.safetensors DST [--unet UNET_DIR] [--skip-text-encoder]
     python -m weights_conversion ip-adapter SRC.bin DST [--unet UNET_DIR] [--name id] [--scale 1.0]
-    python -m weights_conversion photomaker SRC.bin DST [--unet UNET_DIR]      (DST/id_encoder + DST/lora)
+    python -m weights_conversion photomaker SRC.bin DST [--unet UNET_DIR] [--version v1|v2]  (DST/id_encoder + DST/lora)
+    python -m weights_conversion export-photomaker PHOTOMAKER_DIR DST.bin|DST.safetensors   (official key layout)
     python -m weights_conversion export-lora LORA_DIR|RUN DST.safetensors [--step N]
     python -m weights_conversion export-adapter ADAPTER_DIR|RUN DST.safetensors [--name bg] [--step N]
     python -m weights_conversion arcface SRC.onnx DST                          (insightface IResNet ONNX)
@@ -58,10 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in [("lora", "a standalone SDXL LoRA file (PEFT/diffusers, old diffusers or kohya keys)"),
                         ("ip-adapter", "an SDXL IP-Adapter checkpoint (image_proj + ip_adapter) -> an adapter "
                                        "folder (parallel mode)"),
-                        ("photomaker", "a PhotoMaker v1 checkpoint -> DST/id_encoder + DST/lora")]:
+                        ("photomaker", "a PhotoMaker v1 or V2 checkpoint (photomaker-v2.bin) -> DST/id_encoder + "
+                                       "DST/lora")]:
         s = add(name, help_, "the PyTorch checkpoint file (.safetensors or .bin)", "the folder to write")
         s.add_argument("--unet", type=Path, default=None, help=unet_help)
         s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
+        if name == "photomaker":
+            s.add_argument("--version", choices=("v1", "v2"), default=None,
+                           help="insist on this PhotoMaker version (default: detected from the keys; V2 has the "
+                                "qformer_perceiver)")
         if name == "ip-adapter":
             s.add_argument("--name", default="id", help="condition name of the adapter")
             s.add_argument("--scale", type=float, default=1.0, help="the adapter's stored scale")
@@ -78,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with a training run: the checkpoint step (default: the latest)")
         if name == "export-adapter":
             s.add_argument("--name", default=None, help="which condition to export (default: the only one)")
+    add("export-photomaker", "a converted PhotoMaker folder (id_encoder/ + lora/, v1 or V2) -> the official "
+        "checkpoint layout ({id_encoder, lora_weights}: .bin as torch.save, or flat .safetensors)",
+        "the converted PhotoMaker folder", "the .bin or .safetensors file to write")
     s = add("arcface", "an insightface ArcFace recognition ONNX file (IResNet, e.g. w600k_r50.onnx, "
                        "glintr100.onnx) -> an IResNet folder", "the .onnx file", "the folder to write")
     s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params (auto: float32)")
@@ -95,7 +104,10 @@ def _lora_command(args, dtype) -> str:
                                        dtype=dtype, overwrite=args.overwrite)
     if args.command == "photomaker":
         return lora.convert_photomaker(args.src, args.dst, unet=args.unet, dtype=dtype,
-                                       skip_text_encoder=args.skip_text_encoder, overwrite=args.overwrite)
+                                       skip_text_encoder=args.skip_text_encoder, overwrite=args.overwrite,
+                                       version=args.version)
+    if args.command == "export-photomaker":
+        return lora.export_photomaker(args.src, args.dst, overwrite=args.overwrite)
     with _exported_folder(args) as src:
         if args.command == "export-lora":
             return lora.export_lora(src, args.dst, overwrite=args.overwrite)

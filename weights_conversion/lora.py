@@ -14,12 +14,15 @@ Import (every key used, shapes checked against the UNet, errors name file and ke
                 {"<n>.to_k_ip.weight", "<n>.to_v_ip.weight"}} -> an adapter folder with one `parallel`
                 condition (default "id") + ImageProjection. n = 1 + 2 * (index of the cross-attention in
                 diffusers' `unet.attn_processors` order: down blocks, up blocks, then the mid block).
-    photomaker  PhotoMaker v1 {"id_encoder": ..., "lora_weights": ...} -> DST/id_encoder + DST/lora.
+    photomaker  PhotoMaker v1 or V2 {"id_encoder": ..., "lora_weights": ...} -> DST/id_encoder + DST/lora
+                (the version from the keys: V2 has `qformer_perceiver.*`).
 
 Export (PyTorch-loadable safetensors):
 
     export-lora     keys unet.<module>.lora_A.weight / lora_B.weight, rank/alpha in the
                     `lora_adapter_metadata` header entry (diffusers' `load_lora_weights` reads both)
+    export-photomaker  a converted PhotoMaker folder -> {"id_encoder", "lora_weights"} .bin / .safetensors in
+                    the official key layout (bitwise round trip)
     export-adapter  keys image_proj.proj.* / image_proj.norm.* / ip_adapter.<n>.to_k_ip.weight (the
                     flat IP-Adapter .safetensors layout that diffusers' `load_ip_adapter` reads)
 
@@ -394,37 +397,61 @@ def convert_ip_adapter(src, dst, *, unet=None, name: str = "id", scale: float = 
 # ----------------------------------------------------------------------------- PhotoMaker import
 
 
-def convert_photomaker(src, dst, *, unet=None, skip_text_encoder=False, dtype=None, overwrite=False) -> str:
-    """PhotoMaker v1 checkpoint -> DST/id_encoder (PhotoMakerIDEncoder folder) + DST/lora (LoRA folder)."""
-    from persongen_jax.models.id_encoder import PhotoMakerIDEncoder, id_encoder_config_from_state_dict
+PHOTOMAKER_VERSIONS = ("v1", "v2")
 
+
+def photomaker_encoder(enc_sd: Mapping[str, Any], *, source: str, version: str | None = None):
+    """(version, class, config) of a PhotoMaker `id_encoder` state dict: V2 when it holds the QFormerPerceiver
+    (`qformer_perceiver.*`), else v1; every size read from the shapes. `version` insists (a ConversionError
+    when the keys say otherwise)."""
+    from persongen_jax.models import id_encoder as v1
+    from persongen_jax.models import id_encoder_v2 as v2
+
+    detected = "v2" if v2.is_v2_state_dict(enc_sd) else "v1"
+    if version is not None and version != detected:
+        raise ConversionError(f"{source}: --version {version}, but the keys are those of PhotoMaker {detected} "
+                              f"(qformer_perceiver.* {'present' if detected == 'v2' else 'absent'})")
+    cls, infer = ((v2.PhotoMakerV2IDEncoder, v2.config_from_state_dict) if detected == "v2"
+                  else (v1.PhotoMakerIDEncoder, v1.id_encoder_config_from_state_dict))
+    try:
+        return detected, cls, infer(enc_sd)
+    except ValueError as e:
+        raise ConversionError(f"{source}: {e}") from None
+
+
+def convert_photomaker(src, dst, *, unet=None, skip_text_encoder=False, dtype=None, overwrite=False,
+                       version: str | None = None) -> str:
+    """PhotoMaker v1 or V2 checkpoint (detected from the keys; `version` insists) -> DST/id_encoder
+    (PhotoMakerIDEncoder / PhotoMakerV2IDEncoder folder) + DST/lora (LoRA folder)."""
     src = Path(src)
     check_output(dst, overwrite, [src, unet])
     sd = io.read_checkpoint(src)
+    if sd and all(k.startswith(("id_encoder.", "lora_weights.")) for k in sd):  # the flat .safetensors layout
+        sections: dict[str, dict] = {"id_encoder": {}, "lora_weights": {}}
+        for k, v in sd.items():
+            section, _, key = k.partition(".")
+            sections[section][key] = v
+        sd = sections
     if set(sd) != {"id_encoder", "lora_weights"}:
         raise ConversionError(f"{src}: expected a PhotoMaker checkpoint with sections id_encoder and "
                               f"lora_weights, found {sorted(sd)[:10]}")
     for section in ("id_encoder", "lora_weights"):
         if not isinstance(sd[section], Mapping):
             raise ConversionError(f"{src}: section {section!r} is a {type(sd[section]).__name__}, expected a "
-                                  "dict of tensors (a PhotoMaker v1 checkpoint)")
+                                  "dict of tensors (a PhotoMaker checkpoint)")
     enc_sd = dict(sd["id_encoder"])
-    try:
-        enc_cfg = id_encoder_config_from_state_dict(enc_sd)
-    except ValueError as e:
-        raise ConversionError(f"{src} [id_encoder]: {e}") from None
-    enc_flat = convert_state_dict(PhotoMakerIDEncoder, enc_cfg, enc_sd, source=f"{src} [id_encoder]",
-                                  param_dtype=dtype)
+    found, cls, enc_cfg = photomaker_encoder(enc_sd, source=f"{src} [id_encoder]", version=version)
+    enc_flat = convert_state_dict(cls, enc_cfg, enc_sd, source=f"{src} [id_encoder]", param_dtype=dtype)
     modules, flat, skipped = _lora_from_state_dict(dict(sd["lora_weights"]), source=f"{src} [lora_weights]",
                                                    unet=unet, skip_text_encoder=skip_text_encoder, dtype=dtype)
     with atomic_output(dst, overwrite, [src, unet]) as tmp:
         (tmp / "id_encoder").mkdir()
         cfg = dict(enc_cfg)
-        cfg[modeling.CLASS_KEY] = "PhotoMakerIDEncoder"
+        cfg[modeling.CLASS_KEY] = cls.__name__
         (tmp / "id_encoder" / modeling.CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         modeling.save_params(enc_flat, tmp / "id_encoder" / modeling.PARAMS_DIR)
         L.write_folder(dst, L.lora_config(modules), flat, into=tmp / "lora")
-    return f"id_encoder + {_summary(modules, skipped)}"
+    return f"PhotoMaker {found}: id_encoder + {_summary(modules, skipped)}"
 
 
 # ----------------------------------------------------------------------------- export
@@ -454,10 +481,9 @@ def _read_folder(src, reader):
         raise ConversionError(str(e)) from None
 
 
-def export_lora(src, dst, *, overwrite=False) -> str:
-    """A LoRA folder -> diffusers/PEFT safetensors (unet.<module>.lora_A/lora_B.weight + metadata)."""
-    check_output(dst, overwrite, [src], kind="file")
-    cfg, params = _read_folder(src, L.read_lora_config)
+def _peft_lora_tensors(src, cfg: Mapping[str, Any], params: Mapping[str, Any]):
+    """A LoRA folder's (config, params) -> ({unet.<module>.lora_A/lora_B.weight: [out, in] array}, {module:
+    (rank, alpha)}, skipped adapter-layer modules)."""
     tensors, modules, skipped = {}, {}, []
     for module, m in cfg["modules"].items():
         if ".processor.to_" in module:
@@ -472,6 +498,14 @@ def export_lora(src, dst, *, overwrite=False) -> str:
         modules[module] = (int(m["rank"]), float(m["alpha"]))
     if not modules:
         raise ConversionError(f"{src}: no exportable LoRA modules")
+    return tensors, modules, skipped
+
+
+def export_lora(src, dst, *, overwrite=False) -> str:
+    """A LoRA folder -> diffusers/PEFT safetensors (unet.<module>.lora_A/lora_B.weight + metadata)."""
+    check_output(dst, overwrite, [src], kind="file")
+    cfg, params = _read_folder(src, L.read_lora_config)
+    tensors, modules, skipped = _peft_lora_tensors(src, cfg, params)
     r = collections_mode(r for r, _ in modules.values())
     alpha = collections_mode(a for _, a in modules.values())
     meta = {"r": r, "lora_alpha": alpha, "target_modules": sorted(modules),
@@ -483,6 +517,59 @@ def export_lora(src, dst, *, overwrite=False) -> str:
     return (f"{len(modules)} LoRA modules -> {dst}"
             + (f" (skipped {len(skipped)} LoRA modules on adapter layers, no diffusers equivalent)"
                if skipped else ""))
+
+
+def export_photomaker(src, dst, *, overwrite=False) -> str:
+    """A converted PhotoMaker folder (id_encoder/ [+ lora/], v1 or V2) -> the official checkpoint layout:
+    `{"id_encoder": {key: tensor}, "lora_weights": {unet.<module>.lora_A/B.weight}}` as a torch .bin, or the
+    flat `id_encoder.<key>` / `lora_weights.<key>` .safetensors the official pipeline also reads (by DST's
+    suffix). The id_encoder keys and layouts are the published module's (`core.torch_key`), so converting
+    the export gives the same folder bit for bit. A LoRA whose alpha differs from its rank gets
+    `<module>.alpha` keys (PhotoMaker's own LoRA has none: alpha = rank)."""
+    from weights_conversion.core import to_torch_layout, torch_key
+
+    src, dst = Path(src), Path(dst)
+    check_output(dst, overwrite, [src], kind="file")
+    if dst.suffix not in (".bin", ".safetensors"):
+        raise ConversionError(f"{dst}: expected a .bin (torch.save, as photomaker-v2.bin) or .safetensors path")
+    try:
+        enc_cfg = modeling.read_config(src / "id_encoder")
+        enc_params = L.read_params(src / "id_encoder")
+    except (FileNotFoundError, ValueError) as e:
+        raise ConversionError(f"{src}: not a converted PhotoMaker folder ({e})") from None
+    version = getattr(modeling.get_model_class(enc_cfg[modeling.CLASS_KEY]), "version", None)
+    if version not in PHOTOMAKER_VERSIONS:
+        raise ConversionError(f"{src / 'id_encoder'}: a {enc_cfg[modeling.CLASS_KEY]}, not a PhotoMaker ID encoder")
+    encoder = {torch_key(tuple(k.split("."))): np.ascontiguousarray(to_torch_layout(tuple(k.split(".")), np.asarray(v)))
+               for k, v in enc_params.items()}
+    lora: dict[str, np.ndarray] = {}
+    if (src / "lora").is_dir():
+        cfg, params = _read_folder(src / "lora", L.read_lora_config)
+        lora, modules, _ = _peft_lora_tensors(src / "lora", cfg, params)
+        lora.update({f"unet.{m}.alpha": np.asarray(a, np.float32) for m, (r, a) in modules.items() if a != r})
+    if dst.suffix == ".safetensors":
+        flat = {f"id_encoder.{k}": v for k, v in encoder.items()} | {f"lora_weights.{k}": v for k, v in lora.items()}
+        _write_safetensors(flat, dst, {"format": "pt"}, overwrite)
+    else:
+        _write_torch_bin({"id_encoder": encoder, "lora_weights": lora}, dst)
+    return f"PhotoMaker {version}: {len(encoder)} id_encoder + {len(lora)} lora_weights tensors -> {dst}"
+
+
+def _write_torch_bin(sections: Mapping[str, Mapping[str, np.ndarray]], dst: Path) -> None:
+    """torch.save of {section: {key: tensor}}, written to a temp file and renamed (never half a file)."""
+    import torch
+
+    dst = Path(dst).absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
+    os.close(fd)
+    try:
+        torch.save({s: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
+                    for s, sd in sections.items()}, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def collections_mode(values):

@@ -104,6 +104,18 @@ def add_model_arguments(p: argparse.ArgumentParser, *, tiny_help: str | None = N
     add_load_arguments(p)
 
 
+def add_face_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--face-models / --arcface for an entry point without the scoring options (generate): the models of the
+    references' ArcFace embeddings that PhotoMaker V2 takes (the scoring options declare the same two)."""
+    p.add_argument(
+        "--face-models",
+        type=Path,
+        help="PhotoMaker V2: insightface model folder with an SCRFD detector (buffalo_l, as the official pipeline; "
+        "or antelopev2)",
+    )
+    p.add_argument("--arcface", type=Path, help="PhotoMaker V2: converted ArcFace folder (weights_conversion arcface)")
+
+
 def model_source(args, *, config=None, tiny=None) -> ModelSource:
     """The ModelSource of the model options (`config`: a run's config instead of RUN/config.json; `tiny`: the
     config of --tiny's random models)."""
@@ -116,6 +128,8 @@ def model_source(args, *, config=None, tiny=None) -> ModelSource:
         adapters=args.adapters,
         config=config,
         trigger_word=getattr(args, "trigger_word", None) or "img",
+        face_models=getattr(args, "face_models", None),
+        arcface=getattr(args, "arcface", None),
         tiny=tiny if getattr(args, "tiny", False) else None,
     )
 

@@ -9,4 +9,5 @@ from persongen_jax.models.vae import AutoencoderKL  # noqa: F401
 from persongen_jax.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection,  # noqa: F401
                                        CLIPVisionModel, CLIPVisionModelWithProjection)
 from persongen_jax.models.id_encoder import PhotoMakerIDEncoder  # noqa: F401
+from persongen_jax.models.id_encoder_v2 import PhotoMakerV2IDEncoder  # noqa: F401
 from persongen_jax.models.iresnet import IResNet  # noqa: F401

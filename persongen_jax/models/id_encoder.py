@@ -178,6 +178,9 @@ class PhotoMakerIDEncoder(nnx.Module):
     encoder.fuse(prompt_embeds, id_embeds, class_tokens_mask) -> [B, T, D]
     """
 
+    version = "v1"
+    num_tokens = 1  # ID tokens per reference image (the class word is repeated num_images * num_tokens times)
+
     def __init__(self, config: PhotoMakerIDEncoderConfig, *, dtype=None, param_dtype=jnp.float32,
                  attention_impl: str = "xla", rngs: nnx.Rngs):
         self.config = config

@@ -7,6 +7,7 @@ Model folders (all written by `python -m weights_conversion`):
 
     MODEL/unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2 [, scheduler]   (`sdxl`)
     PHOTOMAKER/id_encoder [, lora]                                                      (`photomaker`)
+                                                   (PhotoMaker v1 or V2; V2 also needs `face_models` + `arcface`)
     LORA/ (a LoRA folder)                          ADAPTERS/ (an adapter folder: one adapter per condition)
 
 PhotoMaker is looked for in MODEL itself when not given (MODEL/id_encoder, MODEL/lora).
@@ -17,6 +18,7 @@ the denoising loop and the VAE decode are one compiled function per (steps, size
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,6 +40,72 @@ from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, read_schedu
 from persongen_jax.pipeline.settings import PipelineError, SamplingSettings, check_settings  # noqa: F401 (re-exported)
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+V2_NEEDS_FACE_MODELS = ("PhotoMaker V2 needs each reference face's ArcFace embedding: pass --face-models DIR (an "
+                        "insightface folder with an SCRFD detector, buffalo_l as the official pipeline) and --arcface "
+                        "DIR (weights_conversion arcface w600k_r50.onnx DIR)")
+
+
+def photomaker_version(folder: str | os.PathLike) -> str | None:
+    """"v1" / "v2" of the converted PhotoMaker in `folder` (its id_encoder/config.json), None without one."""
+    config = Path(folder) / "id_encoder" / modeling.CONFIG_FILE
+    if not config.is_file():
+        return None
+    try:
+        return getattr(modeling.get_model_class(modeling.read_config(config.parent)[modeling.CLASS_KEY]), "version",
+                       None)
+    except (ValueError, KeyError) as e:
+        raise PipelineError(f"{config}: {e}") from None
+
+
+def require_face_models(photomaker: str | os.PathLike, face_models, arcface) -> None:
+    """Before loading anything: PipelineError when the PhotoMaker in `photomaker` is V2 and the face models its
+    ArcFace embeddings need are not both given."""
+    if photomaker_version(photomaker) == "v2" and not (face_models and arcface):
+        raise PipelineError(f"{Path(photomaker) / 'id_encoder'}: {V2_NEEDS_FACE_MODELS}")
+
+
+def load_face_embedder(face_models, arcface, *, id_embeddings_dim: int, where):
+    """The ReferenceFaceEmbedder PhotoMaker V2 needs (`evaluation.id_embeds`) from the SCRFD folder and the
+    converted ArcFace; PipelineError when they are missing, unusable or of another width than the encoder's."""
+    if not (face_models and arcface):
+        raise PipelineError(f"{where}: {V2_NEEDS_FACE_MODELS}")
+    from persongen_jax.evaluation.id_embeds import ReferenceFaceEmbedder
+
+    try:
+        embedder = ReferenceFaceEmbedder.from_pretrained(face_models, arcface)
+    except (ValueError, FileNotFoundError) as e:
+        raise PipelineError(str(e)) from None
+    if embedder.num_features != id_embeddings_dim:
+        raise PipelineError(f"{arcface}: ArcFace embeddings of width {embedder.num_features}, but the PhotoMaker V2 "
+                            f"encoder {where} takes {id_embeddings_dim}")
+    return embedder
+
+
+def embed_references(embedder, images: Sequence, names: Sequence[str] | None) -> np.ndarray:
+    """embedder(images, names) -> [N, F]; a reference without a face is a PipelineError naming it."""
+    from persongen_jax.evaluation.face_sim import NoFaceError
+
+    try:
+        return embedder(list(images), names)
+    except NoFaceError as e:
+        raise PipelineError(str(e)) from None
+
+
+def reference_id_embeds(photomaker: str | os.PathLike, images: Sequence, names: Sequence[str] | None,
+                        face_models, arcface) -> np.ndarray | None:
+    """Before loading SDXL (a CLI's early check): the references' ArcFace embeddings [N, F] when the PhotoMaker
+    in `photomaker` is V2, None otherwise. PipelineError when the face models are missing or a reference has no
+    face (named)."""
+    if photomaker_version(photomaker) != "v2":
+        return None
+    where = Path(photomaker) / "id_encoder"
+    from persongen_jax.models.id_encoder_v2 import parse_config
+
+    width = parse_config(modeling.read_config(where)).id_embeddings_dim
+    embedder = load_face_embedder(face_models, arcface, id_embeddings_dim=width, where=where)
+    return embed_references(embedder, images, names)
 
 
 def _require(folder: Path, what: str) -> Path:
@@ -67,12 +135,15 @@ class PersonGenPipeline:
 
     def __init__(self, *, unet, vae, text_encoder, text_encoder_2, tokenizers, scheduler_config: dict,
                  id_encoder=None, force_zeros_for_empty_prompt: bool = True, trigger_word: str = "img",
-                 sample_size: int = 128, conditions: Mapping[str, Condition] | None = None):
+                 sample_size: int = 128, conditions: Mapping[str, Condition] | None = None, face_embedder=None):
         self.unet, self.vae = unet, vae
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
         self.id_encoder = id_encoder
+        # PhotoMaker V2: the references' ArcFace embeddings (`evaluation.id_embeds.ReferenceFaceEmbedder`, or
+        # a function that loads it on first use).
+        self.face_embedder = face_embedder
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.trigger_word = trigger_word
         self.sample_size = sample_size  # the UNet config's latent size: default image = sample_size * vae factor
@@ -89,18 +160,21 @@ class PersonGenPipeline:
         # Read-only encoders: graph_updates=False, or nnx.jit returns a copy of every parameter per call.
         jit = lambda f: nnx.jit(f, graph_updates=False)  # noqa: E731
         self._encode_text = jit(prompt_lib.encode_prompt)
-        self._encode_id: Any = jit(lambda enc, pixels, embeds, mask: enc(pixels, embeds, mask)) if id_encoder else None
+        self._encode_id: Any = jit(lambda enc, pixels, embeds, mask, *ids: enc(pixels, embeds, mask, *ids)) \
+            if id_encoder else None
         self._id_embeds: Any = jit(lambda enc, pixels: enc.id_embeds(pixels)) if id_encoder else None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, photomaker: str | os.PathLike | None = None,
                         lora: str | os.PathLike | None = None, adapters: str | os.PathLike | None = None,
                         dtype=None, attention_impl: str = "xla", merge_lora: bool = True,
-                        trigger_word: str = "img") -> "PersonGenPipeline":
+                        trigger_word: str = "img", face_models: str | os.PathLike | None = None,
+                        arcface: str | os.PathLike | None = None) -> "PersonGenPipeline":
         """Loads converted folders: model_dir (unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2
         [, scheduler: default SDXL's Euler config]); the ID encoder from `photomaker`/id_encoder (default:
         model_dir's, if any); then `adapters`, then PhotoMaker's lora/ and `lora`, each merged into the base
-        kernels unless merge_lora=False. dtype: compute dtype. PipelineError names a missing folder."""
+        kernels unless merge_lora=False. dtype: compute dtype. face_models / arcface: the SCRFD folder and the
+        converted ArcFace a PhotoMaker V2 encoder needs (`face_embedder`). PipelineError names a missing folder."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise PipelineError(f"{model_dir}: no such model folder")
@@ -113,6 +187,12 @@ class PersonGenPipeline:
         elif photomaker:
             raise PipelineError(f"{pm}: no id_encoder/ folder (convert PhotoMaker with "
                                 "`python -m weights_conversion photomaker SRC.bin DST`)")
+        # V2's face models load when first needed (a caller that passes id_embeds never loads them).
+        face_embedder = None
+        if getattr(id_encoder, "version", None) == "v2":
+            width = id_encoder.config.id_embeddings_dim  # type: ignore[union-attr]
+            face_embedder = lambda: load_face_embedder(face_models, arcface, id_embeddings_dim=width,  # noqa: E731
+                                                       where=pm / "id_encoder")
         unet = parts["unet"]
         if adapters:
             lora_lib.load_adapters(unet, adapters)
@@ -127,7 +207,7 @@ class PersonGenPipeline:
                    tokenizers=prompt_lib.load_tokenizers(model_dir, trigger_word),
                    scheduler_config=scheduler_config, id_encoder=id_encoder,
                    force_zeros_for_empty_prompt=prompt_lib.read_force_zeros_for_empty_prompt(model_dir),
-                   trigger_word=trigger_word,
+                   trigger_word=trigger_word, face_embedder=face_embedder,
                    sample_size=int(modeling.read_config(model_dir / "unet").get("sample_size") or 128))
 
     @classmethod
@@ -160,9 +240,11 @@ class PersonGenPipeline:
 
     def encode(self, prompt: str, ref_images: Sequence = (), *, negative_prompt: str | None = None,
                conditions: Mapping[str, str] | None = None, height: int, width: int,
-               adapter_scales: dict | None = None) -> Conditioning:
+               adapter_scales: dict | None = None, id_embeds=None,
+               ref_names: Sequence[str] | None = None) -> Conditioning:
         """Prompt (+ reference faces, + texts of text conditions {name: text}) -> Conditioning for
-        `sampling.denoise` (batch 1, shared by all seeds)."""
+        `sampling.denoise` (batch 1, shared by all seeds). PhotoMaker V2: id_embeds [N, F] are the references'
+        ArcFace embeddings (default: computed by `face_embedder`; ref_names name the photos in its errors)."""
         ref_images = list(ref_images)
         texts = dict(conditions or {})
         embeds_of: dict[str, Any] = {}  # {condition name: its embedding}
@@ -171,15 +253,23 @@ class PersonGenPipeline:
             if self.id_encoder is None:
                 raise PipelineError("reference images were given but the model has no ID encoder "
                                     "(pass --photomaker DIR, a folder converted by `weights_conversion photomaker`)")
-            batch = prompt_lib.make_prompt_batch(self.tokenizers, prompt, len(ref_images), self.trigger_word)
+            # V2 fuses num_tokens (2) ID tokens per image: the class word is repeated N * num_tokens times.
+            num_tokens = getattr(self.id_encoder, "num_tokens", 1)
+            batch = prompt_lib.make_prompt_batch(self.tokenizers, prompt, len(ref_images) * num_tokens,
+                                                 self.trigger_word)
             embeds, pooled = self._encode_text(self.text_encoder, self.text_encoder_2,
                                                jnp.asarray(batch.ids_1), jnp.asarray(batch.ids_2))
             size = self.id_encoder.config.vision.image_size
             pixels = jnp.asarray(np.stack([clip_preprocess(im, size) for im in ref_images])[None])  # [1,N,H,W,3]
-            fused = self._encode_id(self.id_encoder, pixels, embeds, jnp.asarray(batch.class_tokens_mask))
+            extra = (self._reference_id_embeds(ref_images, id_embeds, ref_names),) \
+                if getattr(self.id_encoder, "version", "v1") == "v2" else ()
+            fused = self._encode_id(self.id_encoder, pixels, embeds, jnp.asarray(batch.class_tokens_mask), *extra)
             text_only, text_only_pooled = self._encode_text(self.text_encoder, self.text_encoder_2,
                                                             jnp.asarray(batch.text_only_ids_1),
                                                             jnp.asarray(batch.text_only_ids_2))
+            if self.unet.image_proj is not None and extra:
+                raise PipelineError("an identity adapter (image projection) takes PhotoMaker v1 ID embeddings; "
+                                    "the model's ID encoder is PhotoMaker V2")
             if self.unet.image_proj is not None:  # an image adapter condition: identity tokens
                 embeds_of[self.unet.image_proj.condition] = self.unet.image_proj(
                     self._id_embeds(self.id_encoder, pixels))
@@ -208,6 +298,26 @@ class PersonGenPipeline:
                             time_ids=sdxl_time_ids(height, width), conditions=embeds_of, condition_scales=scales,
                             gated=tuple(n for n, c in self.conditions.items() if c.gated))
 
+    def face_id_embeds(self, ref_images: Sequence, ref_names: Sequence[str] | None = None) -> np.ndarray:
+        """PhotoMaker V2: the references' raw ArcFace embeddings [N, F] (`face_embedder`, loaded on first use);
+        PipelineError when the face models were not given or a reference has no face (named)."""
+        if self.face_embedder is None:
+            raise PipelineError(V2_NEEDS_FACE_MODELS)
+        if isinstance(self.face_embedder, types.FunctionType):
+            self.face_embedder = self.face_embedder()
+        return embed_references(self.face_embedder, ref_images, ref_names)
+
+    def _reference_id_embeds(self, ref_images: Sequence, id_embeds, ref_names) -> jax.Array:
+        """PhotoMaker V2's id_embeds [1, N, F]: the given ones, or the references' ArcFace embeddings."""
+        n, width = len(ref_images), self.id_encoder.config.id_embeddings_dim
+        if id_embeds is None:
+            id_embeds = self.face_id_embeds(ref_images, ref_names)
+        id_embeds = np.asarray(id_embeds, np.float32)
+        if id_embeds.shape != (n, width):
+            raise PipelineError(f"id_embeds of shape {id_embeds.shape}: PhotoMaker V2 takes one {width}-d ArcFace "
+                                f"embedding per reference image ({n})")
+        return jnp.asarray(id_embeds[None])
+
     # ------------------------------------------------------------------ sampling
 
     def sampler(self, num_steps: int, scheduler: str = SamplingSettings.scheduler, progress: bool = False):
@@ -230,11 +340,12 @@ class PersonGenPipeline:
                  start_merge_step: int | float = SamplingSettings.start_merge_step,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
                  conditions: Mapping[str, str] | None = None, scheduler: str = SamplingSettings.scheduler,
-                 adapter_scales: dict | None = None, progress: bool | Callable[[int], None] = False) -> np.ndarray:
+                 adapter_scales: dict | None = None, progress: bool | Callable[[int], None] = False,
+                 id_embeds=None, ref_names: Sequence[str] | None = None) -> np.ndarray:
         """-> uint8 images [len(seeds), H, W, 3]. Seeds give the initial latents (jax.random.key(seed)).
         conditions: texts of the model's text conditions, e.g. {"bg": "in the mountains"} (P_bg).
         start_merge_step: the step index, or a fraction of num_steps (`resolve_start_merge_step`), after which
-        the ID embedding is used.
+        the ID embedding is used. id_embeds / ref_names: PhotoMaker V2's ArcFace embeddings (`encode`).
         progress: True: a tqdm bar over the denoising steps; a callable: called as progress(steps_done) after
         each step (a web page's bar; it may run on a runtime thread, not the caller's). Both come from a host
         callback inside the compiled loop (one sampler program for either)."""
@@ -246,7 +357,8 @@ class PersonGenPipeline:
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         cond = self.encode(prompt, ref_images, negative_prompt=negative_prompt, conditions=conditions,
-                           height=height, width=width, adapter_scales=adapter_scales)
+                           height=height, width=width, adapter_scales=adapter_scales, id_embeds=id_embeds,
+                           ref_names=ref_names)
         shape = (height // f, width // f, self.unet.config.in_channels)
         noise = jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
         sample = self.sampler(num_steps, scheduler, bool(progress))

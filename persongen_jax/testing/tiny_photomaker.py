@@ -1,4 +1,4 @@
-"""A tiny random PhotoMaker v1 checkpoint (`{'id_encoder': ..., 'lora_weights': ...}` .bin), offline.
+"""A tiny random PhotoMaker v1 or V2 checkpoint (`{'id_encoder': ..., 'lora_weights': ...}` .bin), offline.
 
 The id_encoder tensors have PhotoMaker's key names and the shapes of
 `PhotoMakerIDEncoder.preset_config("tiny")` (fuse width 64 = the tiny SDXL text
@@ -48,6 +48,32 @@ def id_encoder_state_dict(seed: int = 0) -> dict:
     return sd
 
 
+def id_encoder_v2_state_dict(seed: int = 0, preset: str = "tiny") -> dict:
+    """A PhotoMaker V2 `id_encoder` state dict with the official key names and the shapes of
+    `PhotoMakerV2IDEncoder.preset_config(preset)`: matrices ~ N(0, 1/fan_in), norms 1 + 0.1 N(0, 1),
+    biases and embeddings 0.1 N(0, 1) (nothing at its default init)."""
+    import numpy as np
+    import torch
+
+    from persongen_jax.models import modeling
+    from persongen_jax.models.id_encoder_v2 import PhotoMakerV2IDEncoder
+    from weights_conversion.core import to_torch_layout, torch_key
+
+    cfg = PhotoMakerV2IDEncoder.preset_config(preset)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for path, sds in sorted(modeling.flat_params(modeling.abstract_model(PhotoMakerV2IDEncoder, cfg)).items(),
+                            key=lambda kv: torch_key(kv[0])):
+        shape = to_torch_layout(path, np.empty(sds.shape, bool)).shape
+        if len(shape) >= 2:
+            sd[torch_key(path)] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        elif str(path[-1]) == "scale":
+            sd[torch_key(path)] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            sd[torch_key(path)] = 0.1 * torch.randn(shape, generator=g)
+    return sd
+
+
 def unet_lora_state_dict(rank: int = 4, seed: int = 0, prefix: str = "unet.") -> dict:
     """PEFT-style LoRA for every attention projection of the tiny SDXL UNet."""
     import torch
@@ -69,12 +95,13 @@ def unet_lora_state_dict(rank: int = 4, seed: int = 0, prefix: str = "unet.") ->
     return sd
 
 
-def make_tiny_photomaker(dst: str | Path, seed: int = 0, lora: bool = True) -> Path:
-    """Writes the tiny checkpoint to `dst` (a .bin path) and returns it."""
+def make_tiny_photomaker(dst: str | Path, seed: int = 0, lora: bool = True, version: str = "v1") -> Path:
+    """Writes the tiny checkpoint (version "v1" or "v2") to `dst` (a .bin path) and returns it."""
     import torch
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"id_encoder": id_encoder_state_dict(seed), "lora_weights": unet_lora_state_dict(seed=seed) if lora
+    encoder = {"v1": id_encoder_state_dict, "v2": id_encoder_v2_state_dict}[version](seed)
+    torch.save({"id_encoder": encoder, "lora_weights": unet_lora_state_dict(seed=seed) if lora
                 else {}}, dst)
     return dst
