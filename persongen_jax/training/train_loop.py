@@ -90,7 +90,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec
 
 
 class _Preemption:
-    """SIGTERM -> save and exit cleanly after the current step."""
+    """SIGTERM -> save and exit cleanly after the current step. Installed until the final save has been
+    written: a second SIGTERM (a user pressing twice, a supervisor repeating its signal) is logged and
+    ignored instead of killing the save half-way (SIGKILL still forces an exit)."""
 
     def __init__(self):
         self.requested = False
@@ -104,6 +106,10 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested:
+            log.warning("SIGTERM again: ignored, the checkpoint of the current step is being saved and the run "
+                        "exits when it is written (kill -9 forces an exit and loses the steps since the last "
+                        "checkpoint)")
         self.requested = True
 
     def __exit__(self, *exc):
@@ -317,12 +323,13 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes, on_
                 if stop_agreed(preempt.requested):  # all processes stop at the same step
                     log.warning("SIGTERM: saving step %d and exiting", step)
                     break
-        if last_saved != step:
-            if not logged:
-                _check_finite(metrics, step, workdir)
-            ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it), force=True,
-                          wait=True)
-        mngr.wait_until_finished()  # a periodic save may still be writing
+            # Still inside `_Preemption`: a SIGTERM now must not kill the save.
+            if last_saved != step:
+                if not logged:
+                    _check_finite(metrics, step, workdir)
+                ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it),
+                              force=True, wait=True)
+            mngr.wait_until_finished()  # a periodic save may still be writing
         bad_records.report(f"end of training (step {step})")
     finally:
         bar.close()
