@@ -3,7 +3,8 @@
 Runs use config.model="micro" (the tiny model with a one-layer-per-block UNet) to halve compile
 times. One-step CLI run + SIGTERM, loss falling on the demo dataset, data parallel 1 vs 4 devices, resume
 after a kill, per-group learning rates with warmup, the masked loss, and every config in configs/.
-A persistent XLA cache in a temp dir lets runs of identical programs (resume) skip recompiling.
+A persistent XLA cache in a temp dir, shared with the CLI subprocesses, lets runs of identical programs (resume)
+skip recompiling.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def _compile_cache(tmp_path_factory):
     yield
     jax.config.update("jax_compilation_cache_dir", old[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def _cli_env() -> dict:
+    """Environment of a training CLI subprocess: one CPU device and this module's persistent XLA cache, so
+    the CLI runs of one program (the same config) compile it once."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def load_config(name: str, arg: str | None = None):
@@ -82,7 +91,7 @@ def test_masked_loss_known_values():
 def test_cli_one_step_then_sigterm_saves_and_exits(tmp_path):
     """The real CLI: artifacts after the first step, SIGTERM -> checkpoint of the current step, exit 0."""
     wd = tmp_path / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = _cli_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "persongen_jax.train", "--config", str(CONFIGS / "demo.py"), "--workdir", str(wd),
          "--config.model=micro", "--config.data.source=synthetic", "--config.data.global_batch_size=2",
@@ -119,7 +128,7 @@ def test_second_sigterm_during_the_final_save_is_ignored(tmp_path):
     temp folder left) and a rerun resumes from that step. Before, the second signal killed the save (exit
     143) and the rerun started from step 0."""
     wd = tmp_path / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = _cli_env()
     proc = subprocess.Popen(_cli(wd, "--config.total_steps=100000", "--config.checkpoint_every=100000"), cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     second = None
@@ -250,7 +259,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     N+2-step run: bitwise params and optimizer state, and the same losses (same data order)."""
     import orbax.checkpoint as ocp
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = _cli_env()
     run = lambda wd, *o: subprocess.run(_cli(wd, *o), cwd=REPO, env=env, capture_output=True, text=True)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(killed, "--config.total_steps=100000", "--config.checkpoint_every=2",
@@ -478,7 +487,7 @@ def test_second_trainer_on_a_run_folder_is_refused(tmp_path):
     import socket
 
     wd = tmp_path / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = _cli_env()
     proc = subprocess.Popen(_cli(wd, "--config.total_steps=100000", "--config.checkpoint_every=100000"), cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -518,7 +527,7 @@ def test_non_finite_step_stops_before_its_checkpoint(trained_run, tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     """Defect 10: `--config.lora.targets=5` (was: TypeError deep in LoRA) and a missing data.dir (was: a
     FileNotFoundError traceback): one `error:` line naming the key / folder, exit 1."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = _cli_env()
     proc = subprocess.run(_cli(tmp_path / "run", "--config.lora.targets=5"), cwd=REPO, capture_output=True,
                           text=True, env=env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
