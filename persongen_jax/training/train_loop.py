@@ -107,9 +107,8 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         if self.requested:
-            log.warning("SIGTERM again: ignored, the checkpoint of the current step is being saved and the run "
-                        "exits when it is written (kill -9 forces an exit and loses the steps since the last "
-                        "checkpoint)")
+            log.warning("SIGTERM again: ignored; the run saves its current step and exits once that checkpoint "
+                        "is written (kill -9 forces an exit and loses the steps since the last checkpoint)")
         self.requested = True
 
     def __exit__(self, *exc):
