@@ -155,7 +155,7 @@ def test_second_sigterm_during_the_final_save_is_ignored(tmp_path):
     n = _metric_lines(wd)[-1]["step"]
     assert _complete_checkpoints(wd) == [n] and not list((wd / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
     rerun = subprocess.run(_cli(wd, f"--config.total_steps={n + 1}", "--config.checkpoint_every=100000"), cwd=REPO,
-                           env=env, capture_output=True, text=True)
+                           env=env, capture_output=True, text=True, check=False)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {(wd / 'checkpoints').absolute()} at step {n}" in rerun.stderr and _metric_lines(wd)[-1]["step"] == n + 1, rerun.stderr[-3000:]
 
