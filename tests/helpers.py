@@ -82,3 +82,25 @@ def assert_close(actual, expected, rtol: float = 1e-4, atol: float = 1e-4, name:
     expected = np.asarray(expected)
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=name)
+
+
+def add_damaged_record(data_dir: Path, person_id: str, image: str) -> int:
+    """Appends to a dataset a record that passes the writer's checks but whose image bytes do not decode (a
+    damaged shard): a shard of its own, listed in index.json with its checksum. -> its global record index."""
+    import json
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from persongen_jax.data import format as fmt
+
+    index = fmt.load_index(data_dir)
+    header = dict(person_id=person_id, image=image, caption="a photo of a man img", caption_bg=None,
+                  caption_body=None, face_box=[0, 0, 8, 8], width=32, height=32, format="JPEG")
+    w = ArrayRecordWriter(str(Path(data_dir) / "extra.array_record"), "group_size:1")
+    w.write(fmt.encode_record(header, b"\xff\xd8 truncated"))
+    w.close()
+    index["shards"] += fmt.index_shards(data_dir, ["extra.array_record"])
+    index["persons"][person_id].append(index["num_records"])
+    index["num_records"] += 1
+    (Path(data_dir) / "index.json").write_text(json.dumps(index))
+    return index["num_records"] - 1

@@ -14,6 +14,7 @@ from PIL import Image
 from persongen_jax.data import format as fmt
 from persongen_jax.data import pipeline as dp
 from persongen_jax.data.make_demo import make_demo
+from tests.helpers import add_damaged_record
 
 PERSONS, IMAGES = 6, 4
 R, S, K = 32, 32, 3
@@ -171,23 +172,13 @@ def test_bad_records_reported(tmp_path, tokenizers):
     assert "persons/p000/corrupt.jpg (cannot decode image)" in str(report)
     assert "persons/p000/nocaption.jpg (missing caption)" in str(report)
     # A record that passed the writer but fails in the pipeline (damaged shard): skipped, counted, named.
-    index = fmt.load_index(data)
-    header = dict(person_id="p001", image="persons/p001/damaged.jpg", caption="a photo of a man img",
-                  caption_bg=None, caption_body=None, face_box=[0, 0, 8, 8], width=32, height=32, format="JPEG")
-    from array_record.python.array_record_module import ArrayRecordWriter
-    w = ArrayRecordWriter(str(data / "extra.array_record"), "group_size:1")
-    w.write(fmt.encode_record(header, b"\xff\xd8 truncated"))
-    w.close()
-    index["shards"] += fmt.index_shards(data, ["extra.array_record"])
-    index["persons"]["p001"].append(index["num_records"])
-    index["num_records"] += 1
-    (data / "index.json").write_text(json.dumps(index))
+    damaged = add_damaged_record(data, "p001", "persons/p001/damaged.jpg")
     it = _iterator(data, tokenizers, global_batch_size=5)
     batches = _batches(it, 4)  # two epochs: the damaged record comes up (twice) and is replaced
     assert all(b["pixel_values"].shape == (5, R, R, 3) for b in batches)
     seen = np.concatenate([b["record_index"] for b in batches])
     refs = np.concatenate([b["ref_record_indices"].ravel() for b in batches])
-    assert index["num_records"] - 1 not in seen and index["num_records"] - 1 not in refs
+    assert damaged not in seen and damaged not in refs
     report = str(dp.bad_records_report(data))
     assert report.startswith("3 bad records:")
     assert "persons/p001/damaged.jpg (cannot decode image" in report

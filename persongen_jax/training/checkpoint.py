@@ -3,7 +3,8 @@
 config.init). Saves are asynchronous (config.async_checkpointing): `save` returns once the arrays are
 copied off the devices and the files are written by a background thread while the next steps run; the
 next `save`, `restore` and the manager's `close` wait for it. Saves are atomic (orbax writes a temporary
-folder and renames it when complete), so a run killed mid-save resumes from the last complete checkpoint.
+folder and renames it when complete), so a run killed mid-save resumes from the last complete checkpoint;
+the next run removes the half-written folder (`remove_partial_saves`, with a warning naming it).
 
 `restore_latest` resumes from the newest checkpoint that restores: one whose files are damaged is
 named in a warning and moved to WORKDIR/checkpoints_unreadable/<step>/ (kept, never deleted; out of
@@ -23,15 +24,37 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger("persongen_jax.train")
 UNREADABLE_DIR = "checkpoints_unreadable"
+# Orbax writes checkpoint <step> into `<step>.orbax-checkpoint-tmp` (some versions add `-<timestamp>`) and
+# renames it when complete: such a folder found at start is a save that was killed or failed.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def remove_partial_saves(directory: Path) -> list[Path]:
+    """Removes the temporary folders (`<step>.orbax-checkpoint-tmp*`) of saves that never finished -- a run
+    killed with SIGKILL mid-save, a full disk -- each named in a warning; -> the removed paths. Only
+    called under the run folder's lock (`run_folder.RunLock`): no other trainer is writing there."""
+    removed = []
+    for tmp in sorted(Path(directory).glob(f"*{TMP_SUFFIX}*")) if Path(directory).is_dir() else ():
+        log.warning("removing %s: a checkpoint whose save did not finish (the run was killed or the disk was "
+                    "full while writing it); resuming from the last complete checkpoint", tmp)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink()
+        removed.append(tmp)
+    return removed
 
 
 def make_manager(workdir, keep: int, *, asynchronous: bool = True) -> ocp.CheckpointManager:
     """The orbax manager of WORKDIR/checkpoints: items "state" and "data", the newest `keep` kept; every
-    process of a multi-host run calls it (and `save`) with the same arguments, as orbax expects."""
+    process of a multi-host run calls it (and `save`) with the same arguments, as orbax expects. Process 0
+    first removes the half-written folders of killed saves (`remove_partial_saves`)."""
+    directory = Path(workdir).absolute() / "checkpoints"
+    if jax.process_index() == 0:
+        remove_partial_saves(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=asynchronous)
-    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
-                                 item_names=("state", "data"))
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_state: dict, *, force: bool = False,

@@ -134,28 +134,39 @@ def model_inputs(batch: dict, text_conditions=DEFAULT_TEXT_CONDITIONS) -> dict:
 
 
 class BadRecordHook:
-    """Logs the data pipeline's bad-record report (by name) each time an epoch completes and at the end."""
+    """Logs the records that failed while training (by name and reason) each time an epoch completes and at
+    the end. The inputs the dataset's writer left out (index.json "bad"; `data.build` also lists every
+    reject in "rejected" and its summary) were reported when the dataset was made and never reach
+    training: they are counted in one info line at the start, not repeated as a warning."""
 
     def __init__(self, data_dir: str | None, global_batch_size: int):
         self.data_dir, self.gb = data_dir, global_batch_size
         self.num_records = None
         if data_dir:
+            from persongen_jax.data import format as fmt
             from persongen_jax.data import pipeline as data_pipeline
 
             self._pipe = data_pipeline
             self.num_records = data_pipeline.num_records(data_dir)
+            left_out = len(fmt.load_index(data_dir).get("bad", []))
+            if left_out and jax.process_index() == 0:
+                logging.getLogger("persongen_jax.train").info(
+                    "%s: %d input(s) left out when the dataset was written (index.json \"bad\"); not "
+                    "training data", data_dir, left_out)
 
     def report(self, why: str) -> str | None:
-        """Logs the bad-record report (every bad input by name and reason) with `why`; returns its text.
-        Process 0 logs it (the writer's list is the same for every process; a record that fails at
-        runtime is also logged, once, by the process that read it)."""
+        """Logs the records that failed in this process's data pipeline so far (each by name and reason)
+        with `why`; returns the text. Process 0 logs it; a record that fails in a grain worker process is
+        logged, once, by that worker."""
         if not self.data_dir:
             return None
         bad = self._pipe.bad_records_report(self.data_dir)
-        text = str(bad)
+        # bad.entries also holds the writer's list (index.json "bad"); only runtime failures are news here.
+        failed = self._pipe.BadRecords(entries={k: bad.entries[k] for k in bad.failures}, failures=bad.failures)
+        text = str(failed)
         if jax.process_index() == 0:
-            # A clean dataset is news, not a warning.
-            level = logging.WARNING if (bad.entries or bad.failures) else logging.INFO
+            # A clean epoch is news, not a warning.
+            level = logging.WARNING if failed.entries else logging.INFO
             logging.getLogger("persongen_jax.train").log(level, "%s: %s", why, text)
         return text
 

@@ -48,6 +48,7 @@ from persongen_jax.training.metrics import MetricWriter
 from persongen_jax.training.model import build_model
 from persongen_jax.training.state import ModelSplit, TrainState
 from persongen_jax.training.validation import Validator
+from persongen_jax.utils.xla_stats import compiled_flops, compiled_memory_mib
 
 log = logging.getLogger("persongen_jax.train")
 
@@ -89,7 +90,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec
 
 
 class _Preemption:
-    """SIGTERM -> save and exit cleanly after the current step."""
+    """SIGTERM -> save and exit cleanly after the current step. Installed until the final save has been
+    written: a second SIGTERM (a user pressing twice, a supervisor repeating its signal) is logged and
+    ignored instead of killing the save half-way (SIGKILL still forces an exit)."""
 
     def __init__(self):
         self.requested = False
@@ -103,6 +106,9 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested:
+            log.warning("SIGTERM again: ignored; the run saves its current step and exits once that checkpoint "
+                        "is written (kill -9 forces an exit and loses the steps since the last checkpoint)")
         self.requested = True
 
     def __exit__(self, *exc):
@@ -161,28 +167,6 @@ def _setup(config, workdir: Path, devices) -> _Setup:
                   model.id_encoder.config.vision.image_size)
 
 
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of an AOT-compiled function, from XLA's cost analysis (None where the backend
-    gives none)."""
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", 0.0)) or None
-    except Exception:  # best effort on some backends
-        return None
-
-
-def compiled_memory_mib(compiled) -> dict | None:
-    """XLA's memory analysis of an AOT-compiled function in MiB: {"args", "temp", "output", "code"} (None
-    where the backend does not implement it)."""
-    try:
-        mem = compiled.memory_analysis()
-        return {"args": mem.argument_size_in_bytes / 2**20, "temp": mem.temp_size_in_bytes / 2**20,
-                "output": mem.output_size_in_bytes / 2**20, "code": mem.generated_code_size_in_bytes / 2**20}
-    except Exception:  # not every backend implements it
-        return None
-
-
 def _compile(step_fn, state: TrainState, batch: dict, rng: jax.Array):
     """AOT-compiles the step (nothing runs) -> (compiled, facts: compile_s, flops_per_step, memory_mib)."""
     t0 = time.perf_counter()
@@ -234,10 +218,13 @@ def _result(step: int, state: TrainState, history, compiled_info=None) -> dict:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_steps: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_steps: int | None = None,
+                       on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Trains per `config` in `workdir`; returns {"step", "params" (host numpy, flat), "frozen", "history",
     "compiled"}. devices: the mesh devices (default: all). stop_after_steps: return right after that step
-    without the final save (tests: simulates a kill after a periodic checkpoint).
+    without the final save (tests: simulates a kill after a periodic checkpoint). on_step(step, metrics):
+    called right after each step is dispatched, with its metrics as device arrays (benchmarks block on
+    them with `jax.block_until_ready` and read their own clock).
 
     The run folder is locked for the whole run (process 0; a second trainer fails naming the holder), and
     the config is checked -- types, then against the run's saved config when resuming -- before anything
@@ -249,10 +236,10 @@ def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_
     with run_folder.RunLock(workdir) if is_main else contextlib.nullcontext():
         run_folder.check_config_types(config)
         changes = run_folder.check_resume(config, workdir, is_main=is_main)
-        return _train(config, workdir, devices, stop_after_steps, changes)
+        return _train(config, workdir, devices, stop_after_steps, changes, on_step)
 
 
-def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> dict:
+def _train(config, workdir: Path, devices, stop_after_steps, config_changes, on_step) -> dict:
     """The run itself: setup -> restore -> compile -> loop (see the module docstring)."""
     is_main = jax.process_index() == 0
     # ------------------------------------------------------------------ setup
@@ -305,13 +292,20 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
                 with jax.transfer_guard("disallow"):
                     state, metrics = compiled(state, batch, rng)
                 batch, step, n_log = None, step + 1, n_log + 1
+                if on_step is not None:
+                    on_step(step, metrics)
                 logged = step % config.log_every == 0 or step == total
                 if logged:
-                    m = _host_metrics(metrics, step, n_log, time.perf_counter() - t_log, config, s.groups, workdir)
+                    # Dispatch is asynchronous: the clock is read once the step has finished, not when it was
+                    # queued (which timed the dispatch: img/s 4.5x too high at log_every=1). From one reading
+                    # to the next, so logging, batches and checkpoints count: the rate seen from outside.
+                    jax.block_until_ready(metrics)
+                    now = time.perf_counter()
+                    m = _host_metrics(metrics, step, n_log, now - t_log, config, s.groups, workdir)
                     writer.write(step, m)
                     history.append({"step": step, **m})
                     bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['img_per_s']:.1f}")
-                    t_log, n_log = time.perf_counter(), 0
+                    t_log, n_log = now, 0
                 bar.update(1)
                 bad_records.after_step(step)
                 if step % config.checkpoint_every == 0:
@@ -320,6 +314,7 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
                     ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it))
                     last_saved = step
                 if s.validator is not None and step % config.eval_every == 0:
+                    jax.block_until_ready(metrics)  # the step's own time is not counted as validation
                     t_eval = time.perf_counter()
                     s.validator(s.spec.split.merge(state.params, state.frozen, state.rest), step, writer)
                     t_log += time.perf_counter() - t_eval  # img/s and step time count training only
@@ -328,12 +323,13 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes) -> 
                 if stop_agreed(preempt.requested):  # all processes stop at the same step
                     log.warning("SIGTERM: saving step %d and exiting", step)
                     break
-        if last_saved != step:
-            if not logged:
-                _check_finite(metrics, step, workdir)
-            ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it), force=True,
-                          wait=True)
-        mngr.wait_until_finished()  # a periodic save may still be writing
+            # Still inside `_Preemption`: a SIGTERM now must not kill the save.
+            if last_saved != step:
+                if not logged:
+                    _check_finite(metrics, step, workdir)
+                ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it),
+                              force=True, wait=True)
+            mngr.wait_until_finished()  # a periodic save may still be writing
         bad_records.report(f"end of training (step {step})")
     finally:
         bar.close()

@@ -1,4 +1,5 @@
-"""Shared bits of the benchmarks: timing, peak memory, device facts, XLA cost analysis."""
+"""Shared bits of the benchmarks: timing, peak memory, device facts. XLA's cost and memory analysis:
+`xla_flops` / `xla_memory_mib`, read by `persongen_jax.utils.xla_stats` (the training loop's reading too)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+from persongen_jax.utils.xla_stats import compiled_flops as xla_flops  # noqa: F401 -- the benchmarks' name
+from persongen_jax.utils.xla_stats import memory_fields as xla_memory_mib  # noqa: F401 -- the benchmarks' name
 
 # Peak dense throughput (FLOP/s) per device kind, for MFU. fp32 without TF32 / bf16 tensor cores.
 PEAK_FLOPS = {
@@ -31,6 +35,28 @@ def median_time(fn, steps: int, sync) -> tuple[float, list[float]]:
         sync(out)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+class StepClock:
+    """`train_and_evaluate(..., on_step=StepClock())`: blocks on each step's outputs
+    (`jax.block_until_ready`) and reads the clock, so the benchmark times finished steps from outside the
+    loop (the loop's logged step_time_s is its own reading)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, step: int, metrics) -> None:
+        import jax
+
+        jax.block_until_ready(metrics)
+        self.stamps.append(time.perf_counter())
+
+    def step_times(self, warmup: int) -> list[float]:
+        """Seconds of each step after the first `warmup` (>= 1: a step's time runs from the previous
+        step's end): host batch, dispatch and the step itself."""
+        if warmup < 1:
+            raise ValueError(f"warmup={warmup}: at least 1 step (a step is timed from the previous one's end)")
+        return [b - a for a, b in zip(self.stamps[warmup - 1:], self.stamps[warmup:])]
 
 
 def time_torch(fn, steps: int, warmup: int, dev: str) -> tuple[float, list[float], float]:
@@ -92,18 +118,3 @@ def run_child(argv: list[str]) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"child {' '.join(argv)} failed:\n{proc.stdout}\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def xla_flops(compiled) -> float | None:
-    """FLOPs of one call of `compiled` (XLA's cost analysis; the training loop's own function)."""
-    from persongen_jax.training.train_loop import compiled_flops
-
-    return compiled_flops(compiled)
-
-
-def xla_memory_mib(compiled) -> dict:
-    """XLA's memory analysis of `compiled` as the benchmarks' JSON keys (temp_mib, args_mib, output_mib)."""
-    from persongen_jax.training.train_loop import compiled_memory_mib
-
-    mem = compiled_memory_mib(compiled) or {}
-    return {f"{k}_mib": mem[k] for k in ("temp", "args", "output") if k in mem}

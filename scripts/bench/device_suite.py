@@ -41,22 +41,24 @@ def method_config(args):
     c.remat, c.attention_impl = args.remat, args.attention
     c.data.source, c.data.resolution, c.data.global_batch_size = "synthetic", args.res, args.batch
     c.total_steps = args.warmup + args.steps
-    c.log_every, c.checkpoint_every, c.progress_bar = 1, 10**9, False
+    c.log_every, c.checkpoint_every, c.progress_bar = c.total_steps, 10**9, False  # timed by common.StepClock
     c.optim.warmup_steps = 1
     return c
 
 
 def run_method(args) -> dict:
-    """The method's train step in the train loop (synthetic host batches, one device)."""
+    """The method's train step in the train loop (synthetic host batches, one device), each step timed from
+    outside the loop after `jax.block_until_ready` on its outputs."""
     import jax
 
     from persongen_jax.training import train_and_evaluate
 
+    clock = common.StepClock()  # each step timed from outside after jax.block_until_ready on its outputs
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
-        out = train_and_evaluate(method_config(args), wd, devices=jax.devices()[:1])
+        out = train_and_evaluate(method_config(args), wd, devices=jax.devices()[:1], on_step=clock)
         wall = time.perf_counter() - t0
-    times = [h["step_time_s"] for h in out["history"][args.warmup:]]
+    times = clock.step_times(args.warmup)
     med = statistics.median(times)
     flops = out["compiled"].get("flops_per_step")
     dev = jax.devices()[0]
