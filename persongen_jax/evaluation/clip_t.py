@@ -1,7 +1,11 @@
-"""CLIP-T: 100 * cos(CLIP image embedding, CLIP text embedding) of a generated image and its prompt.
+"""CLIP-T: 100 * cos(CLIP image embedding, CLIP text embedding) of a generated image and its prompt;
+CLIP-I: 100 * the mean over an identity's reference images of cos(CLIP image embeddings) of the generated
+image and the reference (PhotoMaker's Table 1).
 
     scorer = CLIPTScorer.from_pretrained("weights/clip-vit-large-patch14")   # `weights_conversion clip`
     scores = scorer(images, prompts)                                          # np.float32 [N]
+    refs = scorer.image_embeddings(reference_images)                          # unit [R, D]
+    clip_i = clip_i_scores(scorer.image_embeddings(images), [refs] * N)       # np.float32 [N]
 
 Images are preprocessed exactly as transformers' CLIPImageProcessor
 (`image_processing.CLIPImageProcessor`) with the model folder's processor config
@@ -35,6 +39,18 @@ def _scores(model, pixel_values, input_ids):
     image = l2_normalize(model.get_image_features(pixel_values).astype(jnp.float32))
     text = l2_normalize(model.get_text_features(input_ids).astype(jnp.float32))
     return 100.0 * jnp.sum(image * text, axis=-1)
+
+
+@nnx.jit(graph_updates=False)
+def _image_embeddings(model, pixel_values):
+    return l2_normalize(model.get_image_features(pixel_values).astype(jnp.float32))
+
+
+def clip_i_scores(embeddings: np.ndarray, references: Sequence[np.ndarray]) -> np.ndarray:
+    """CLIP-I: unit image embeddings [N, D] and, per image, its references' unit embeddings [R_i, D] ->
+    100 * mean_r cos [N] (float32)."""
+    return np.asarray([100.0 * float(np.mean(np.asarray(r, np.float32) @ e)) for e, r in zip(embeddings, references)],
+                      np.float32)
 
 
 def _check_output_size(processor: CLIPImageProcessor, image_size: int, what: str) -> None:
@@ -85,3 +101,11 @@ class CLIPTScorer:
             return np.zeros((0,), np.float32)
         pix = np.stack([self.image_processor(im) for im in images])
         return self.batches.run(_scores, self.model, pix, self.tokenize(prompts))
+
+    def image_embeddings(self, images: Sequence) -> np.ndarray:
+        """images (PIL or uint8 [H, W, 3|4]) -> unit `get_image_features` embeddings [N, D] (float32), the
+        images preprocessed as for CLIP-T."""
+        if not len(images):
+            return np.zeros((0, self.model.config.projection_dim), np.float32)
+        pix = np.stack([self.image_processor(im) for im in images])
+        return self.batches.run(_image_embeddings, self.model, pix)

@@ -133,7 +133,31 @@ def build(names: Sequence[str], options: Mapping[str, Any]) -> list[Metric]:
                if not options.get(key)]
     if missing:
         raise ValueError("scoring options missing: " + "; ".join(missing))
-    return [c.from_options(options) for c in classes]
+    # One scoring model for the metrics that share it (CLIP-T and CLIP-I: one CLIP in memory, one compile).
+    shared: dict = {}
+    return [c.from_options({**options, SHARED_KEY: shared}) for c in classes]
+
+
+SHARED_KEY = "_shared_models"
+
+
+def shared_model(options: Mapping[str, Any], key: tuple, load):
+    """The model `load()` returns, loaded once per `build` call for every metric that asks with the same
+    key (e.g. ("clip", folder, batch size)); without `build`'s cache, loaded each time."""
+    cache = options.get(SHARED_KEY)
+    if cache is None:
+        return load()
+    if key not in cache:
+        cache[key] = load()
+    return cache[key]
+
+
+def _clip_scorer(options: Mapping[str, Any]):
+    from persongen_jax.evaluation.clip_t import CLIPTScorer
+
+    batch_size = int(options.get("batch_size") or 32)
+    return shared_model(options, ("clip", str(options["clip"]), batch_size),
+                        lambda: CLIPTScorer.from_pretrained(options["clip"], batch_size=batch_size))
 
 
 @register
@@ -149,15 +173,42 @@ class CLIPT(Metric):
 
     @classmethod
     def from_options(cls, options):
-        from persongen_jax.evaluation.clip_t import CLIPTScorer
-
-        return cls(CLIPTScorer.from_pretrained(options["clip"], batch_size=int(options.get("batch_size") or 32)))
+        return cls(_clip_scorer(options))
 
     def __call__(self, images, prompts, references):
         return MetricResult([float(v) for v in self.scorer(images, prompts)])
 
     def warm_up(self):
         self.scorer([np.zeros((8, 8, 3), np.uint8)], [""])
+
+
+@register
+class CLIPI(Metric):
+    """CLIP-I: 100 x the mean over the identity's reference images of the cosine between the CLIP image
+    embeddings (`get_image_features`) of the generated image and the reference (PhotoMaker's Table 1); the
+    images preprocessed as CLIP-T's, the model CLIP-T's (one copy in memory when both are chosen)."""
+
+    name, title, axis_label = "clip_i", "CLIP-I", "CLIP-I (100 × CLIP image cosine)"
+    digits, card_digits = 2, 1
+    requires = {"clip": "a converted CLIP folder: --clip / config.eval.clip"}
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    @classmethod
+    def from_options(cls, options):
+        return cls(_clip_scorer(options))
+
+    def prepare_references(self, images, names):
+        return self.scorer.image_embeddings(images)
+
+    def __call__(self, images, prompts, references):
+        from persongen_jax.evaluation.clip_t import clip_i_scores
+
+        return MetricResult([float(v) for v in clip_i_scores(self.scorer.image_embeddings(images), references)])
+
+    def warm_up(self):
+        self.scorer.image_embeddings([np.zeros((8, 8, 3), np.uint8)])
 
 
 @register
