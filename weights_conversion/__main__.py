@@ -2,6 +2,7 @@
 
     python -m weights_conversion sdxl SRC DST [--dtype float16] [--variant fp16] [--verify]
     python -m weights_conversion clip SRC DST [--verify]
+    python -m weights_conversion dino SRC DST [--verify]                      (transformers ViTModel, DINO v1)
     python -m weights_conversion lora SRC.safetensors DST [--unet UNET_DIR] [--skip-text-encoder]
     python -m weights_conversion ip-adapter SRC.bin DST [--unet UNET_DIR] [--name id] [--scale 1.0]
     python -m weights_conversion photomaker SRC.bin DST [--unet UNET_DIR]      (DST/id_encoder + DST/lora)
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in [("sdxl", "a diffusers SDXL folder (model_index.json + unet/ vae/ text_encoder/ "
                                  "text_encoder_2/ tokenizer*/), some of its components, or one component folder"),
                         ("clip", "a transformers CLIPModel / CLIPTextModel(WithProjection) / "
-                                 "CLIPVisionModel(WithProjection) folder")]:
+                                 "CLIPVisionModel(WithProjection) folder"),
+                        ("dino", "a transformers ViTModel folder (DINO v1: facebook/dino-vits16 ...) for the DINO "
+                                 "metric; its preprocessor_config.json is copied")]:
         s = add(name, help_, "the source folder", "the converted folder to write")
         s.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="dtype of the stored params (auto: keep each tensor's source dtype)")
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
     from weights_conversion.core import ConversionError
 
     dtype = None if getattr(args, "dtype", "auto") == "auto" else args.dtype
-    if args.command not in ("sdxl", "clip"):
+    if args.command not in ("sdxl", "clip", "dino"):
         try:
             if args.command == "arcface":
                 from weights_conversion.onnx_arcface import convert_arcface
@@ -165,6 +168,9 @@ def main(argv=None) -> int:
     try:
         if args.command == "sdxl":
             done = convert_sdxl(args.src, args.dst, dtype=dtype, variant=args.variant, overwrite=args.overwrite)
+        elif args.command == "dino":
+            done = [convert_clip(args.src, args.dst, dtype=dtype, variant=args.variant, overwrite=args.overwrite,
+                                 supported=("ViTModel",))]
         else:
             done = [convert_clip(args.src, args.dst, dtype=dtype, variant=args.variant, overwrite=args.overwrite)]
     except ConversionError as e:

@@ -5,7 +5,7 @@ image and the reference (PhotoMaker's Table 1).
     scorer = CLIPTScorer.from_pretrained("weights/clip-vit-large-patch14")   # `weights_conversion clip`
     scores = scorer(images, prompts)                                          # np.float32 [N]
     refs = scorer.image_embeddings(reference_images)                          # unit [R, D]
-    clip_i = clip_i_scores(scorer.image_embeddings(images), [refs] * N)       # np.float32 [N]
+    clip_i = metrics.mean_cosine_x100(scorer.image_embeddings(images), [refs] * N)   # [N]
 
 Images are preprocessed exactly as transformers' CLIPImageProcessor
 (`image_processing.CLIPImageProcessor`) with the model folder's processor config
@@ -31,7 +31,7 @@ from flax import nnx
 from persongen_jax.evaluation.batching import ShardedBatches
 from persongen_jax.models import modeling
 from persongen_jax.models.clip import l2_normalize
-from persongen_jax.pipeline.image_processing import CLIPImageProcessor
+from persongen_jax.pipeline.image_processing import CLIPImageProcessor, check_output_size
 
 
 @nnx.jit(graph_updates=False)  # read-only: no copy of the module state as an output
@@ -46,18 +46,6 @@ def _image_embeddings(model, pixel_values):
     return l2_normalize(model.get_image_features(pixel_values).astype(jnp.float32))
 
 
-def clip_i_scores(embeddings: np.ndarray, references: Sequence[np.ndarray]) -> np.ndarray:
-    """CLIP-I: unit image embeddings [N, D] and, per image, its references' unit embeddings [R_i, D] ->
-    100 * mean_r cos [N] (float32)."""
-    return np.asarray([100.0 * float(np.mean(np.asarray(r, np.float32) @ e)) for e, r in zip(embeddings, references)],
-                      np.float32)
-
-
-def _check_output_size(processor: CLIPImageProcessor, image_size: int, what: str) -> None:
-    out = processor.output_size()
-    if out != (image_size, image_size):
-        got = "images of varying size (no center crop)" if out is None else f"{out[1]}x{out[0]} images"
-        raise ValueError(f"{what} gives {got}; the CLIP vision model takes {image_size}x{image_size}")
 
 
 class CLIPTScorer:
@@ -67,7 +55,7 @@ class CLIPTScorer:
         self.tokenizer = tokenizer
         self.image_size = model.config.vision_config.image_size
         self.image_processor = image_processor or CLIPImageProcessor.at_size(self.image_size)
-        _check_output_size(self.image_processor, self.image_size, "the image processor")
+        check_output_size(self.image_processor, self.image_size, "the image processor", "the CLIP vision model")
         self.batches = ShardedBatches(batch_size, devices)
         self.batch_size = self.batches.batch_size
         self.batches.replicate(model)
@@ -86,7 +74,7 @@ class CLIPTScorer:
             raise ValueError(f"{directory}: no CLIP tokenizer files next to the model ({e})") from None
         size = model.config.vision_config.image_size
         processor = CLIPImageProcessor.from_pretrained(directory, size)
-        _check_output_size(processor, size, f"{directory}: its processor config")
+        check_output_size(processor, size, f"{directory}: its processor config", "the CLIP vision model")
         return cls(model, tokenizer, image_processor=processor, **kw)
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:

@@ -78,6 +78,13 @@ class Metric:
         request is not the slow one (the web app calls it at start-up); nothing by default."""
 
 
+def mean_cosine_x100(embeddings: np.ndarray, references) -> list[float]:
+    """CLIP-I / DINO: unit embeddings [N, D] and, per image, its identity's unit reference embeddings
+    [R_i, D] -> 100 x the mean over the references of the cosine, one float per image."""
+    return [100.0 * float(np.mean(np.asarray(r, np.float32) @ np.asarray(e, np.float32)))
+            for e, r in zip(embeddings, references)]
+
+
 REGISTRY: dict[str, type[Metric]] = {}
 
 
@@ -108,6 +115,7 @@ def add_scoring_arguments(group) -> None:
     from pathlib import Path
 
     group.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
+    group.add_argument("--dino", type=Path, help="converted DINO ViT folder (weights_conversion dino) for DINO")
     group.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
                                                         "(antelopev2, buffalo_l) or the detector .onnx")
     group.add_argument("--arcface", type=Path, help="converted ArcFace folder (weights_conversion arcface)")
@@ -121,7 +129,7 @@ def add_scoring_arguments(group) -> None:
 def scoring_options(args, **overrides) -> dict:
     """The `build` options of the arguments `add_scoring_arguments` declared (+ overrides: no_face,
     batch_size)."""
-    return {"clip": args.clip, "face_detector": args.face_models, "arcface": args.arcface,
+    return {"clip": args.clip, "dino": args.dino, "face_detector": args.face_models, "arcface": args.arcface,
             "det_thresh": args.det_thresh, "det_size": args.det_size, "face_select": args.face_select,
             **overrides}
 
@@ -203,12 +211,38 @@ class CLIPI(Metric):
         return self.scorer.image_embeddings(images)
 
     def __call__(self, images, prompts, references):
-        from persongen_jax.evaluation.clip_t import clip_i_scores
-
-        return MetricResult([float(v) for v in clip_i_scores(self.scorer.image_embeddings(images), references)])
+        return MetricResult(mean_cosine_x100(self.scorer.image_embeddings(images), references))
 
     def warm_up(self):
         self.scorer.image_embeddings([np.zeros((8, 8, 3), np.uint8)])
+
+
+@register
+class DINO(Metric):
+    """DINO: 100 x the mean over the identity's reference images of the cosine between DINO ViT embeddings
+    (the CLS token after the final LayerNorm) of the generated image and the reference (`dino.DINOScorer`)."""
+
+    name, title, axis_label = "dino", "DINO", "DINO (100 × DINO ViT cosine)"
+    digits, card_digits = 2, 1
+    requires = {"dino": "a converted DINO ViT folder: --dino / config.eval.dino"}
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    @classmethod
+    def from_options(cls, options):
+        from persongen_jax.evaluation.dino import DINOScorer
+
+        return cls(DINOScorer.from_pretrained(options["dino"], batch_size=int(options.get("batch_size") or 32)))
+
+    def prepare_references(self, images, names):
+        return self.scorer.embeddings(images)
+
+    def __call__(self, images, prompts, references):
+        return MetricResult(mean_cosine_x100(self.scorer.embeddings(images), references))
+
+    def warm_up(self):
+        self.scorer.embeddings([np.zeros((8, 8, 3), np.uint8)])
 
 
 @register

@@ -10,3 +10,4 @@ from persongen_jax.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWi
                                        CLIPVisionModel, CLIPVisionModelWithProjection)
 from persongen_jax.models.id_encoder import PhotoMakerIDEncoder  # noqa: F401
 from persongen_jax.models.iresnet import IResNet  # noqa: F401
+from persongen_jax.models.vit import ViTModel  # noqa: F401
