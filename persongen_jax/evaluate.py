@@ -133,7 +133,8 @@ def _summary(summary: dict, metrics) -> str:
         cells = [f"images {m['n_images']:>5}"]
         for metric in metrics:
             value = m[metric.name]
-            cells.append(f"{metric.title} {'n/a' if value is None else f'{value:.{metric.digits}f}':>7}")
+            shown = m.get(f"{metric.name}_note", "n/a") if value is None else f"{value:.{metric.digits}f}"
+            cells.append(f"{metric.title} {shown:>7}")
             if metric.missing_key:
                 cells.append(f"{metric.missing_label} {m[metric.missing_key]}")
         lines.append(f"  {name:<16} " + "  ".join(cells))

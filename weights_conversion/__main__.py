@@ -9,6 +9,7 @@
     python -m weights_conversion export-lora LORA_DIR|RUN DST.safetensors [--step N]
     python -m weights_conversion export-adapter ADAPTER_DIR|RUN DST.safetensors [--name bg] [--step N]
     python -m weights_conversion arcface SRC.onnx DST                          (insightface IResNet ONNX)
+    python -m weights_conversion inception SRC.pth DST                         (pytorch-fid's FID InceptionV3)
 
 (also installed as the `persongen-convert` console script). Exits 1 with a
 message naming the file and keys when a checkpoint does not match.
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("arcface", "an insightface ArcFace recognition ONNX file (IResNet, e.g. w600k_r50.onnx, "
                        "glintr100.onnx) -> an IResNet folder", "the .onnx file", "the folder to write")
     s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params (auto: float32)")
+    s = add("inception", "pytorch-fid's FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth, or an "
+                         "InceptionV3 state dict) -> the FID metric's network", "the .pth / .safetensors file",
+            "the folder to write")
+    s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
     return p
 
 
@@ -158,6 +163,10 @@ def main(argv=None) -> int:
                 from weights_conversion.onnx_arcface import convert_arcface
 
                 summary = convert_arcface(args.src, args.dst, dtype=dtype, overwrite=args.overwrite)
+            elif args.command == "inception":
+                from weights_conversion.metric_models import convert_inception
+
+                summary = convert_inception(args.src, args.dst, dtype=dtype, overwrite=args.overwrite)
             else:
                 summary = _lora_command(args, dtype)
         except ConversionError as e:

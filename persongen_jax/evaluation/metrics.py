@@ -18,6 +18,12 @@ A metric is a class registered here with
 and the methods `from_options(options)`, `prepare_references(images, names)` (per-identity data, e.g.
 reference embeddings; may raise naming a bad reference), `__call__(images, prompts, references)` and
 `warm_up()` (compiles its programs ahead of the first call; optional).
+
+A metric of a whole set of images (FID: the generated set against a reference set; Face Div.: the images
+of one identity and prompt against each other) sets `per_set = True` and implements `reset()`,
+`accumulate(images, groups)` (called chunk by chunk with each image's (set, identity, prompt) key; the
+rows get no value) and `set_values()` -> {set name and "all": {name: value or None, name + "_note": text
+when there is no value, ...}}, which the evaluation writes into metrics.json's per-set summaries.
 The report, the CSV, metrics.json, validation during training and `evaluate --compare` work from the
 names that come back, so a new metric is one class here (and its model in its own module).
 
@@ -55,6 +61,7 @@ class Metric:
     missing_label: str | None = None
     missing_title: str | None = None
     requires: Mapping[str, str] = {}
+    per_set: bool = False  # one value per set (FID, Face Div.), not a mean of per-image values
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "Metric":
@@ -76,6 +83,18 @@ class Metric:
     def warm_up(self) -> None:
         """Compiles what scoring runs (fixed-size batches: one program each), so that a server's first
         request is not the slow one (the web app calls it at start-up); nothing by default."""
+
+    # per_set metrics only
+    def reset(self) -> None:
+        """Forgets what `accumulate` gathered (a new evaluation starts)."""
+
+    def accumulate(self, images: Sequence, groups: Sequence[tuple]) -> None:
+        """images and, per image, its (set, identity, prompt) key."""
+        raise NotImplementedError
+
+    def set_values(self) -> dict[str, dict]:
+        """{set name, and "all": {name: value or None, ...}} of what was accumulated."""
+        raise NotImplementedError
 
 
 def mean_cosine_x100(embeddings: np.ndarray, references) -> list[float]:
@@ -116,6 +135,10 @@ def add_scoring_arguments(group) -> None:
 
     group.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
     group.add_argument("--dino", type=Path, help="converted DINO ViT folder (weights_conversion dino) for DINO")
+    group.add_argument("--inception", type=Path, help="converted FID InceptionV3 folder (weights_conversion "
+                                                      "inception) for FID")
+    group.add_argument("--fid-reference", type=Path, help="FID's reference: an image folder or pytorch-fid's .npz "
+                                                          "statistics (mu, sigma)")
     group.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
                                                         "(antelopev2, buffalo_l) or the detector .onnx")
     group.add_argument("--arcface", type=Path, help="converted ArcFace folder (weights_conversion arcface)")
@@ -129,7 +152,8 @@ def add_scoring_arguments(group) -> None:
 def scoring_options(args, **overrides) -> dict:
     """The `build` options of the arguments `add_scoring_arguments` declared (+ overrides: no_face,
     batch_size)."""
-    return {"clip": args.clip, "dino": args.dino, "face_detector": args.face_models, "arcface": args.arcface,
+    return {"clip": args.clip, "dino": args.dino, "inception": args.inception, "fid_reference": args.fid_reference,
+            "face_detector": args.face_models, "arcface": args.arcface,
             "det_thresh": args.det_thresh, "det_size": args.det_size, "face_select": args.face_select,
             **overrides}
 
@@ -143,7 +167,13 @@ def build(names: Sequence[str], options: Mapping[str, Any]) -> list[Metric]:
         raise ValueError("scoring options missing: " + "; ".join(missing))
     # One scoring model for the metrics that share it (CLIP-T and CLIP-I: one CLIP in memory, one compile).
     shared: dict = {}
-    return [c.from_options({**options, SHARED_KEY: shared}) for c in classes]
+    built = []
+    for c in classes:
+        try:
+            built.append(c.from_options({**options, SHARED_KEY: shared}))
+        except (ValueError, FileNotFoundError) as e:  # a missing folder, one of another kind: named by metric
+            raise ValueError(f"metric {c.name}: {e}") from None
+    return built
 
 
 SHARED_KEY = "_shared_models"
@@ -243,6 +273,61 @@ class DINO(Metric):
 
     def warm_up(self):
         self.scorer.embeddings([np.zeros((8, 8, 3), np.uint8)])
+
+
+@register
+class FID(Metric):
+    """FID between the generated images of a set (and of all sets) and the reference set (`--fid-reference`:
+    an image folder or pytorch-fid's .npz), on pytorch-fid's InceptionV3 pool features (`fid.FIDScorer`);
+    features are streamed into running statistics, so memory does not grow with the number of images."""
+
+    name, title, axis_label = "fid", "FID", "FID (lower is better)"
+    digits, card_digits = 2, 1
+    per_set = True
+    requires = {"inception": "a converted FID InceptionV3 folder: --inception / config.eval.inception",
+                "fid_reference": "a reference image folder or .npz statistics: --fid-reference / "
+                                 "config.eval.fid_reference"}
+
+    def __init__(self, scorer, reference):
+        self.scorer = scorer
+        self.reference_path = reference
+        self.reference = scorer.reference_statistics(reference)  # read now: a bad reference fails first
+        self.stats: dict = {}
+
+    @classmethod
+    def from_options(cls, options):
+        from persongen_jax.evaluation.fid import FIDScorer
+
+        scorer = FIDScorer.from_pretrained(options["inception"], batch_size=int(options.get("batch_size") or 32))
+        return cls(scorer, options["fid_reference"])
+
+    def reset(self):
+        self.stats = {}
+
+    def accumulate(self, images, groups):
+        from persongen_jax.evaluation.fid import FeatureStats
+
+        feats = self.scorer.features_of(images)
+        for key in {g[0] for g in groups} | {"all"}:
+            rows = [i for i, g in enumerate(groups) if key == "all" or g[0] == key]
+            self.stats.setdefault(key, FeatureStats()).update(feats[rows])
+
+    def set_values(self):
+        from persongen_jax.evaluation.fid import frechet_distance
+
+        out = {}
+        for key in sorted(self.stats, key=lambda k: k == "all"):  # the sets, then all
+            stats = self.stats[key]
+            if key == "all" and len(self.stats) == 2:  # one set: "all" is that set (a 2048-d sqrt saved)
+                out[key] = dict(next(iter(out.values())))
+            elif stats.n < 2:
+                out[key] = {self.name: None, f"{self.name}_note": f"n/a ({stats.n} image; FID needs 2)"}
+            else:
+                out[key] = {self.name: frechet_distance(*stats.mean_cov(), *self.reference)}
+        return out
+
+    def settings(self):
+        return {"fid_reference": str(self.reference_path)}
 
 
 @register

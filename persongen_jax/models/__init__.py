@@ -11,3 +11,4 @@ from persongen_jax.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWi
 from persongen_jax.models.id_encoder import PhotoMakerIDEncoder  # noqa: F401
 from persongen_jax.models.iresnet import IResNet  # noqa: F401
 from persongen_jax.models.vit import ViTModel  # noqa: F401
+from persongen_jax.models.inception import FIDInceptionV3  # noqa: F401
