@@ -27,6 +27,7 @@ P_general / P_bg split versions used when the model has a bg adapter) or --promp
 Compare runs (training run folders with eval/history.jsonl, or evaluate outputs with a step):
 
     python -m persongen_jax.evaluate --compare runs/a runs/b --out plots/
+    python -m persongen_jax.evaluate --compare eval/photomaker eval/final --table --out tables/   (Table 1 layout)
 
 writes plots/face_sim_<set>.png and plots/clip_t_<set>.png (metric over training steps, a line per run).
 """
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a generation without a detected face: scores 0 (zero, the research) or is left out")
     s.add_argument("--batch-size", type=int, default=32, help="images per CLIP / ArcFace batch")
     p.add_argument("--labels", help="--compare: comma-separated run labels (default: folder names)")
+    p.add_argument("--table", action="store_true",
+                   help="--compare: instead of plots, the method-comparison table of evaluate output folders "
+                        "(PhotoMaker's Table 1 layout: a row per run, a column per metric, seconds per image); "
+                        "printed and written as OUT/table.md and OUT/table.csv")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder: metrics.json, scores.csv, report.html (--compare: the plots)")
     return p
@@ -151,6 +156,14 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     try:
+        if args.compare and args.table:
+            from persongen_jax.evaluation.table import write_table
+
+            text, paths = write_table(args.compare, args.out, labels=args.labels.split(",") if args.labels else None)
+            print(text + "wrote " + ", ".join(str(p) for p in paths))
+            return 0
+        if args.table:
+            parser.error("--table goes with --compare RUN_A RUN_B ...")
         if args.compare:
             labels = args.labels.split(",") if args.labels else None
             paths = report.plot_compare(args.compare, args.out, labels=labels)
