@@ -41,11 +41,11 @@ def _read(run: Path) -> dict:
 def comparison(run_dirs: Sequence[str | os.PathLike], labels: Sequence[str] | None = None
                ) -> tuple[list[dict], list[str]]:
     """-> (rows {"run", <metric>: value or None, "gen s/img", "eval s/img", "images"}, metric names)."""
-    run_dirs = [Path(d) for d in run_dirs]
-    labels = list(labels) if labels is not None else [d.resolve().name or str(d) for d in run_dirs]
-    if len(labels) != len(run_dirs):
-        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
-    data = [_read(d) for d in run_dirs]
+    runs = [Path(d) for d in run_dirs]
+    labels = list(labels) if labels is not None else [d.resolve().name or str(d) for d in runs]
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    data = [_read(d) for d in runs]
     names: dict[str, None] = {}
     for d in data:
         for n in d.get("metric_names") or [k for k in d["all"] if display(k).title != k]:
