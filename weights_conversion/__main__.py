@@ -10,6 +10,7 @@
     python -m weights_conversion export-adapter ADAPTER_DIR|RUN DST.safetensors [--name bg] [--step N]
     python -m weights_conversion arcface SRC.onnx DST                          (insightface IResNet ONNX)
     python -m weights_conversion inception SRC.pth DST                         (pytorch-fid's FID InceptionV3)
+    python -m weights_conversion lpips SRC.pth DST                             (lpips.LPIPS(net="alex") state dict)
 
 (also installed as the `persongen-convert` console script). Exits 1 with a
 message naming the file and keys when a checkpoint does not match.
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "InceptionV3 state dict) -> the FID metric's network", "the .pth / .safetensors file",
             "the folder to write")
     s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
+    s = add("lpips", "a whole lpips.LPIPS state dict (backbone + linear layers: torch.save(lpips.LPIPS(net='alex')"
+                     ".state_dict(), 'lpips_alex.pth')) -> the Face Div. metric's network",
+            "the .pth / .safetensors file", "the folder to write")
+    s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
     return p
 
 
@@ -163,6 +168,10 @@ def main(argv=None) -> int:
                 from weights_conversion.onnx_arcface import convert_arcface
 
                 summary = convert_arcface(args.src, args.dst, dtype=dtype, overwrite=args.overwrite)
+            elif args.command == "lpips":
+                from weights_conversion.metric_models import convert_lpips
+
+                summary = convert_lpips(args.src, args.dst, dtype=dtype, overwrite=args.overwrite)
             elif args.command == "inception":
                 from weights_conversion.metric_models import convert_inception
 

@@ -1,6 +1,7 @@
 """Converting the evaluation metrics' networks that come as a single PyTorch state-dict file.
 
     python -m weights_conversion inception pt_inception-2015-12-05-6726825d.pth DST     (FID)
+    python -m weights_conversion lpips lpips_alex.pth DST                                 (Face Div.)
 
 Each writes DST (config.json with "_persongen_class" + params/ + checksums) atomically through
 `convert.atomic_output`, after the strict key/shape check of `core.convert_state_dict`: every source tensor
@@ -45,3 +46,12 @@ def convert_inception(src: Path, dst: Path, *, dtype: str | None = None, overwri
     n = convert_file(src, dst, "FIDInceptionV3", {"resize_input": True, "normalize_input": True}, dtype=dtype,
                      overwrite=overwrite)
     return f"FIDInceptionV3 ({n} tensors; fc classifier dropped)"
+
+
+def convert_lpips(src: Path, dst: Path, *, net: str = "alex", dtype: str | None = None,
+                  overwrite: bool = False) -> str:
+    """A whole lpips.LPIPS state dict (backbone + linear layers: `torch.save(lpips.LPIPS(net="alex")
+    .state_dict(), "lpips_alex.pth")`; the package's weights/v0.1/alex.pth holds only the linear layers)
+    -> DST (`models.lpips.LPIPS`)."""
+    n = convert_file(src, dst, "LPIPS", {"net": net}, dtype=dtype, overwrite=overwrite)
+    return f"LPIPS net={net} ({n} tensors)"

@@ -139,6 +139,7 @@ def add_scoring_arguments(group) -> None:
                                                       "inception) for FID")
     group.add_argument("--fid-reference", type=Path, help="FID's reference: an image folder or pytorch-fid's .npz "
                                                           "statistics (mu, sigma)")
+    group.add_argument("--lpips", type=Path, help="converted LPIPS folder (weights_conversion lpips) for Face Div.")
     group.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
                                                         "(antelopev2, buffalo_l) or the detector .onnx")
     group.add_argument("--arcface", type=Path, help="converted ArcFace folder (weights_conversion arcface)")
@@ -153,7 +154,7 @@ def scoring_options(args, **overrides) -> dict:
     """The `build` options of the arguments `add_scoring_arguments` declared (+ overrides: no_face,
     batch_size)."""
     return {"clip": args.clip, "dino": args.dino, "inception": args.inception, "fid_reference": args.fid_reference,
-            "face_detector": args.face_models, "arcface": args.arcface,
+            "lpips": args.lpips, "face_detector": args.face_models, "arcface": args.arcface,
             "det_thresh": args.det_thresh, "det_size": args.det_size, "face_select": args.face_select,
             **overrides}
 
@@ -328,6 +329,66 @@ class FID(Metric):
 
     def settings(self):
         return {"fid_reference": str(self.reference_path)}
+
+
+@register
+class FaceDiv(Metric):
+    """Face Div.: mean pairwise LPIPS between the detected face regions of the images generated for one
+    identity and prompt (`face_div.FaceDivScorer`, definition in its docstring); per set, the mean over its
+    (identity, prompt) groups; a group with fewer than 2 images with a face is "n/a" (counted), never a
+    number."""
+
+    name, title, axis_label = "face_div", "Face Div.", "Face Div. (pairwise LPIPS of face regions)"
+    digits, card_digits = 4, 3
+    per_set = True
+    requires = {"lpips": "a converted LPIPS folder: --lpips / config.eval.lpips",
+                "face_detector": "an insightface folder with an SCRFD detector: --face-models / "
+                                 "config.eval.face_detector"}
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self.groups: dict = {}
+
+    @classmethod
+    def from_options(cls, options):
+        from persongen_jax.evaluation.face_div import FaceDivScorer
+
+        det_size = int(options.get("det_size") or 640)
+        return cls(FaceDivScorer.from_pretrained(options["lpips"], options["face_detector"],
+                                                 det_size=(det_size, det_size),
+                                                 det_thresh=float(options.get("det_thresh") or 0.5),
+                                                 batch_size=int(options.get("batch_size") or 32)))
+
+    def reset(self):
+        self.groups = {}
+
+    def accumulate(self, images, groups):
+        for image, key in zip(images, groups):
+            entry = self.groups.setdefault(tuple(key), {"images": 0, "crops": []})
+            entry["images"] += 1
+            crop = self.scorer.face_region(image)
+            if crop is not None:
+                entry["crops"].append(crop)
+
+    def set_values(self):
+        per_set: dict = {}
+        for key, entry in self.groups.items():
+            value = self.scorer.group_diversity(entry["crops"]) if len(entry["crops"]) >= 2 else None
+            for name in (key[0], "all"):
+                per_set.setdefault(name, []).append((key, len(entry["crops"]), entry["images"], value))
+        out = {}
+        for name, rows in per_set.items():
+            values = [v for *_, v in rows if v is not None]
+            na = [f"{k[1]} / prompt {k[2]}: {faces} of {n} images with a face" for k, faces, n, v in rows if v is None]
+            entry = {self.name: float(np.mean(values)) if values else None, "face_div_groups": len(rows),
+                     "face_div_na": len(na), "face_div_na_groups": na}
+            if not values:
+                entry[f"{self.name}_note"] = f"n/a ({len(na)} of {len(rows)} prompts with < 2 face images)"
+            out[name] = entry
+        return out
+
+    def settings(self):
+        return {"face_div_size": self.scorer.size, "detector": str(self.scorer.detector.model_file)}
 
 
 @register

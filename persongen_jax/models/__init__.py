@@ -12,3 +12,4 @@ from persongen_jax.models.id_encoder import PhotoMakerIDEncoder  # noqa: F401
 from persongen_jax.models.iresnet import IResNet  # noqa: F401
 from persongen_jax.models.vit import ViTModel  # noqa: F401
 from persongen_jax.models.inception import FIDInceptionV3  # noqa: F401
+from persongen_jax.models.lpips import LPIPS  # noqa: F401

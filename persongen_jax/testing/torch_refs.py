@@ -71,3 +71,22 @@ def fid_inception(seed: int = 0, **kwargs):
     finally:
         fid.fid_inception_v3 = original
     return model
+
+
+def lpips_model(net: str = "alex", seed: int = 0):
+    """lpips.LPIPS(net=net) with random backbone and random linear layers (pretrained=False, pnet_rand=True:
+    nothing is downloaded), every weight re-drawn by `randomize_` and the linear weights made positive as
+    the released ones are (a distance)."""
+    install_torchvision_shim()
+    import lpips
+    import torch
+
+    from persongen_jax.testing.torch_init import randomize_
+
+    model = lpips.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False).eval()
+    g = randomize_(model, seed)
+    with torch.no_grad():
+        for lin in model.lins:
+            w = lin.model[-1].weight
+            w.copy_(torch.rand(w.shape, generator=g))
+    return model
