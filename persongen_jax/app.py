@@ -138,6 +138,10 @@ def load_metrics(args):
     names = [n.strip() for n in (args.metrics or ",".join(metrics_lib.DEFAULT_METRICS)).split(",") if n.strip()]
     if not names:
         raise InputError("--metrics names no metric")
+    per_set = [n for n in names if n in metrics_lib.REGISTRY and metrics_lib.get(n).per_set]
+    if per_set:  # FID, Face Div.: a value of a whole set of images, not of one request's images
+        raise InputError(f"--metrics {','.join(per_set)}: scored over a whole set of images by "
+                         "`python -m persongen_jax.evaluate`, not per request in the app")
     # no_face "skip": an image without a face has no Face-Sim value (the page says "no face"), not a 0.
     options = metrics_lib.scoring_options(args, no_face="skip", batch_size=MAX_IMAGES)
     return metrics_lib.build(names, options)
