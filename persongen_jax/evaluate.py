@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="P_general + P_bg through the bg adapter (auto: when the model has one)")
     s = p.add_argument_group("scoring")
     s.add_argument("--metrics", default="clip_t,face_sim",
-                   help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default: %(default)s); "
+                   help="comma-separated metric names (persongen_jax/evaluation/metrics.py: clip_t, face_sim, clip_i, "
+                        "dino, face_div, fid; default: %(default)s); "
                         "'none': mode B writes the images and the report without scores (no scoring models needed)")
     s.add_argument("--trigger-word", default="img",
                    help="mode B: written after the class word of each prompt; mode A: removed from the manifest "
