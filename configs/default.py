@@ -135,6 +135,10 @@ def get_config():
     c.eval.num_identities = 4      # without eval.sets: this many training identities (a fixed sample)
     c.eval.metrics = ("clip_t", "face_sim")  # by name (evaluation/metrics.py); scored when their models are set
     c.eval.clip = ""               # converted CLIP (weights_conversion clip), e.g. clip-vit-large-patch14
+    c.eval.dino = ""               # converted DINO ViT (weights_conversion dino facebook/dino-vits16 DST): metric dino
+    c.eval.inception = ""          # converted FID InceptionV3 (weights_conversion inception): metric fid
+    c.eval.fid_reference = ""      # FID reference: an image folder or pytorch-fid's .npz statistics
+    c.eval.lpips = ""              # converted LPIPS (weights_conversion lpips): metric face_div
     c.eval.face_detector = ""      # insightface model folder with an SCRFD detector (antelopev2 / buffalo_l)
     c.eval.arcface = ""            # converted ArcFace (weights_conversion arcface glintr100.onnx DST)
     c.eval.prompts = ""            # prompts JSON; empty: the research's 4 (evaluation/validation_prompts.json)

@@ -173,8 +173,13 @@ def load_metrics(args):
     --arcface; None when no scoring option is given (the page then shows no scores)."""
     if not (args.metrics or args.clip or args.face_models or args.arcface):
         return None
+    names = metric_names(args.metrics)
+    per_set = [n for n in names if n in metrics_lib.REGISTRY and metrics_lib.get(n).per_set]
+    if per_set:  # FID, Face Div.: a value of a whole set of images, not of one request's images
+        raise InputError(f"--metrics {','.join(per_set)}: scored over a whole set of images by "
+                         "`python -m persongen_jax.evaluate`, not per request in the app")
     # no_face "skip": an image without a face has no Face-Sim value (the page says "no face"), not a 0.
-    return build_metrics(metric_names(args.metrics), args, no_face="skip", batch_size=MAX_IMAGES)
+    return build_metrics(names, args, no_face="skip", batch_size=MAX_IMAGES)
 
 
 # ---------------------------------------------------------------------------------------------- generation

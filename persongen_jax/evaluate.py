@@ -27,6 +27,7 @@ P_general / P_bg split versions used when the model has a bg adapter) or --promp
 Compare runs (training run folders with eval/history.jsonl, or evaluate outputs with a step):
 
     python -m persongen_jax.evaluate --compare runs/a runs/b --out plots/
+    python -m persongen_jax.evaluate --compare eval/photomaker eval/final --table --out tables/   (Table 1 layout)
 
 writes plots/face_sim_<set>.png and plots/clip_t_<set>.png (metric over training steps, a line per run).
 """
@@ -52,6 +53,7 @@ from persongen_jax.cli.options import (
     warn_if_id_unused,
 )
 from persongen_jax.cli.outputs import OutputFolder
+from persongen_jax.evaluation.table import write_table
 from persongen_jax.evaluation import metrics as metrics_lib
 from persongen_jax.evaluation import protocol, report
 from persongen_jax.evaluation.faces import FaceModelError
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="P_general + P_bg through the bg adapter (auto: when the model has one)")
     s = p.add_argument_group("scoring")
     s.add_argument("--metrics", default="clip_t,face_sim",
-                   help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default: %(default)s); "
+                   help="comma-separated metric names (persongen_jax/evaluation/metrics.py: clip_t, face_sim, clip_i, "
+                        "dino, face_div, fid; default: %(default)s); "
                         "'none': mode B writes the images and the report without scores (no scoring models needed)")
     s.add_argument("--trigger-word", default="img",
                    help="mode B: written after the class word of each prompt; mode A: removed from the manifest "
@@ -100,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a generation without a detected face: scores 0 (zero, the research) or is left out")
     s.add_argument("--batch-size", type=int, default=32, help="images per CLIP / ArcFace batch")
     p.add_argument("--labels", help="--compare: comma-separated run labels (default: folder names)")
+    p.add_argument("--table", action="store_true",
+                   help="--compare: instead of plots, the method-comparison table of evaluate output folders "
+                        "(PhotoMaker's Table 1 layout: a row per run, a column per metric, seconds per image); "
+                        "printed and written as OUT/table.md and OUT/table.csv")
     add_output_arguments(p, "evaluate",
                          out_help="output folder: metrics.json, scores.csv, report.html (--compare: the plots)")
     return p
@@ -137,7 +144,8 @@ def _summary(summary: dict, metrics) -> str:
         cells = [f"images {m['n_images']:>5}"]
         for metric in metrics:
             value = m[metric.name]
-            cells.append(f"{metric.title} {'n/a' if value is None else f'{value:.{metric.digits}f}':>7}")
+            shown = m.get(f"{metric.name}_note", "n/a") if value is None else f"{value:.{metric.digits}f}"
+            cells.append(f"{metric.title} {shown:>7}")
             if metric.missing_key:
                 cells.append(f"{metric.missing_label} {m[metric.missing_key]}")
         lines.append(f"  {name:<16} " + "  ".join(cells))
@@ -150,7 +158,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     out = OutputFolder(args.out, "evaluate", overwrite=args.overwrite)
     try:
+        if args.table and not args.compare:
+            parser.error("--table goes with --compare RUN_A RUN_B ...")
         out.check()  # before reading or loading anything
+        if args.compare and args.table:
+            with out:
+                text, paths = write_table(args.compare, args.out, labels=args.labels.split(",") if args.labels else None)
+                out.finish([Path(p).name for p in paths])
+            print(text + "wrote " + ", ".join(str(p) for p in paths))
+            return 0
         if args.compare:
             labels = args.labels.split(",") if args.labels else None
             with out:

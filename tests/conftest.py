@@ -12,5 +12,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # noqa: E402
 
+from persongen_jax.testing.torch_refs import install_torchvision_shim  # noqa: E402
+
+install_torchvision_shim()  # transformers and the lpips / pytorch-fid references import torchvision
+
 # Parity tests compare against fp32 PyTorch: no reduced-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")

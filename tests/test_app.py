@@ -249,7 +249,8 @@ def test_16_bit_greyscale_uploads_keep_their_brightness(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--tiny", "--photomaker", "pm"], "--tiny brings its own model"),
     (["--tiny", "--clip", "clip"], "scoring options missing: face_sim needs face_detector"),
-    (["--tiny", "--metrics", "fid"], "unknown metric 'fid'"),
+    (["--tiny", "--metrics", "kid"], "unknown metric 'kid'"),
+    (["--tiny", "--metrics", "clip_t,fid"], "--metrics fid: scored over a whole set of images"),
     (["--tiny", "--step", "3"], "--step goes with --checkpoint"),
     (["--model", "no/such/folder"], "no/such/folder: no such model folder"),
 ])

@@ -101,3 +101,29 @@ def test_clip_t_errors(clip_dirs, tmp_path):
 
     with pytest.raises(ValueError, match="gives 24x24 images; the CLIP vision model takes 32x32"):
         CLIPTScorer(scorer.model, scorer.tokenizer, image_processor=CLIPImageProcessor.at_size(24))
+
+
+def test_clip_i_matches_pytorch(clip_dirs):
+    """CLIP-I through the metric registry (sharing CLIP-T's model) vs transformers: 100 x the mean over the
+    references of the cosine of `get_image_features`, the folder's preprocessing, within 1e-3 score units."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from persongen_jax.evaluation import metrics
+
+    root, model = clip_dirs
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, (40 + 5 * i, 44, 3)).astype(np.uint8)) for i in range(3)]
+    refs = [Image.fromarray(rng.integers(0, 256, (50, 40 + 3 * i, 3)).astype(np.uint8)) for i in range(2)]
+    clip_t, clip_i = metrics.build(["clip_t", "clip_i"], {"clip": root / "dst", "batch_size": 2})
+    assert clip_i.scorer is clip_t.scorer  # one CLIP in memory for both metrics
+    prepared = clip_i.prepare_references(refs, ["r0", "r1"])
+    got = clip_i(images, PROMPTS[:3], [prepared] * 3).values
+
+    proc = CLIPImageProcessorPil.from_pretrained(root / "src")
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=torch.from_numpy(proc(images + refs, return_tensors="np")
+                                                                       .pixel_values))
+        feats = torch.nn.functional.normalize(getattr(feats, "pooler_output", feats), dim=-1)
+    ref = 100 * (feats[:3] @ feats[3:].T).mean(dim=1).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    assert np.ptp(ref) > 0.1  # the images score differently: a constant would not pass

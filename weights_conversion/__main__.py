@@ -2,6 +2,7 @@
 
     python -m weights_conversion sdxl SRC DST [--dtype float16] [--variant fp16] [--verify]
     python -m weights_conversion clip SRC DST [--verify]
+    python -m weights_conversion dino SRC DST [--verify]                      (transformers ViTModel, DINO v1)
     python -m weights_conversion lora SRC.safetensors DST [--unet UNET_DIR] [--skip-text-encoder]
     python -m weights_conversion ip-adapter SRC.bin DST [--unet UNET_DIR] [--name id] [--scale 1.0]
     python -m weights_conversion photomaker SRC.bin DST [--unet UNET_DIR] [--version v1|v2]  (DST/id_encoder + DST/lora)
@@ -9,6 +10,8 @@
     python -m weights_conversion export-lora LORA_DIR|RUN DST.safetensors [--step N]
     python -m weights_conversion export-adapter ADAPTER_DIR|RUN DST.safetensors [--name bg] [--step N]
     python -m weights_conversion arcface SRC.onnx DST                          (insightface IResNet ONNX)
+    python -m weights_conversion inception SRC.pth DST                         (pytorch-fid's FID InceptionV3)
+    python -m weights_conversion lpips SRC.pth DST                             (lpips.LPIPS(net="alex") state dict)
 
 (also installed as the `persongen-convert` console script). Exits 1 with a
 message naming the file and keys when a checkpoint does not match.
@@ -45,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in [("sdxl", "a diffusers SDXL folder (model_index.json + unet/ vae/ text_encoder/ "
                                  "text_encoder_2/ tokenizer*/), some of its components, or one component folder"),
                         ("clip", "a transformers CLIPModel / CLIPTextModel(WithProjection) / "
-                                 "CLIPVisionModel(WithProjection) folder")]:
+                                 "CLIPVisionModel(WithProjection) folder"),
+                        ("dino", "a transformers ViTModel folder (DINO v1: facebook/dino-vits16 ...) for the DINO "
+                                 "metric; its preprocessor_config.json is copied")]:
         s = add(name, help_, "the source folder", "the converted folder to write")
         s.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="dtype of the stored params (auto: keep each tensor's source dtype)")
@@ -90,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("arcface", "an insightface ArcFace recognition ONNX file (IResNet, e.g. w600k_r50.onnx, "
                        "glintr100.onnx) -> an IResNet folder", "the .onnx file", "the folder to write")
     s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params (auto: float32)")
+    s = add("inception", "pytorch-fid's FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth, or an "
+                         "InceptionV3 state dict) -> the FID metric's network", "the .pth / .safetensors file",
+            "the folder to write")
+    s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
+    s = add("lpips", "a whole lpips.LPIPS state dict (backbone + linear layers: torch.save(lpips.LPIPS(net='alex')"
+                     ".state_dict(), 'lpips_alex.pth')) -> the Face Div. metric's network",
+            "the .pth / .safetensors file", "the folder to write")
+    s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
     return p
 
 
@@ -161,12 +174,20 @@ def main(argv=None) -> int:
     from weights_conversion.core import ConversionError
 
     dtype = None if getattr(args, "dtype", "auto") == "auto" else args.dtype
-    if args.command not in ("sdxl", "clip"):
+    if args.command not in ("sdxl", "clip", "dino"):
         try:
             if args.command == "arcface":
                 from weights_conversion.onnx_arcface import convert_arcface
 
                 summary = convert_arcface(args.src, args.dst, dtype=dtype, overwrite=args.overwrite)
+            elif args.command == "lpips":
+                from weights_conversion.metric_models import convert_lpips
+
+                summary = convert_lpips(args.src, args.dst, dtype=dtype, overwrite=args.overwrite)
+            elif args.command == "inception":
+                from weights_conversion.metric_models import convert_inception
+
+                summary = convert_inception(args.src, args.dst, dtype=dtype, overwrite=args.overwrite)
             else:
                 summary = _lora_command(args, dtype)
         except ConversionError as e:
@@ -177,6 +198,9 @@ def main(argv=None) -> int:
     try:
         if args.command == "sdxl":
             done = convert_sdxl(args.src, args.dst, dtype=dtype, variant=args.variant, overwrite=args.overwrite)
+        elif args.command == "dino":
+            done = [convert_clip(args.src, args.dst, dtype=dtype, variant=args.variant, overwrite=args.overwrite,
+                                 supported=("ViTModel",))]
         else:
             done = [convert_clip(args.src, args.dst, dtype=dtype, variant=args.variant, overwrite=args.overwrite)]
     except ConversionError as e:

@@ -31,7 +31,7 @@ SDXL_COPIED = ("tokenizer", "tokenizer_2", "scheduler")
 
 # transformers `model_type` -> class, for configs without `architectures`.
 _MODEL_TYPES = {"clip": "CLIPModel", "clip_text_model": "CLIPTextModel",
-                "clip_vision_model": "CLIPVisionModel"}
+                "clip_vision_model": "CLIPVisionModel", "vit": "ViTModel"}
 SUPPORTED = ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel", "CLIPTextModelWithProjection",
              "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
 
@@ -46,16 +46,17 @@ def read_source_config(folder: Path) -> dict:
         raise ConversionError(str(e)) from None
 
 
-def class_name_of(config: dict, folder: Path) -> str:
-    """Our class for a reference config: diffusers `_class_name`, transformers `architectures`/`model_type`."""
+def class_name_of(config: dict, folder: Path, supported=SUPPORTED) -> str:
+    """Our class for a reference config: diffusers `_class_name`, transformers `architectures`/`model_type`;
+    ConversionError unless it is one of `supported`."""
     name = config.get("_class_name")
     if name is None and config.get("architectures"):
         name = config["architectures"][0]
     if name is None:
         name = _MODEL_TYPES.get(config.get("model_type", ""))
-    if name not in SUPPORTED:
+    if name not in supported:
         raise ConversionError(f"{folder / 'config.json'}: model class {name!r} is not supported; "
-                              f"expected one of {', '.join(SUPPORTED)}")
+                              f"expected one of {', '.join(supported)}")
     return name
 
 
@@ -73,10 +74,12 @@ def _progress(state_dict: dict, desc: str):
     return wrap
 
 
-def convert_component(src: Path, dst: Path, *, dtype: str | None = None, variant: str | None = None) -> str:
-    """Converts one diffusers/transformers model folder into `dst` (config.json + params/)."""
+def convert_component(src: Path, dst: Path, *, dtype: str | None = None, variant: str | None = None,
+                      supported=SUPPORTED) -> str:
+    """Converts one diffusers/transformers model folder (a class of `supported`) into `dst` (config.json +
+    params/)."""
     config = read_source_config(src)
-    name = class_name_of(config, src)
+    name = class_name_of(config, src, supported)
     cls = modeling.get_model_class(name)
     weights = io.find_weights(src, variant)
     state_dict = io.read_checkpoint(weights)
@@ -201,13 +204,14 @@ def convert_sdxl(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=Fa
     return done
 
 
-def convert_clip(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=False) -> str:
-    """A transformers CLIP folder -> `dst`; tokenizer/processor files are copied alongside."""
+def convert_clip(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=False, supported=SUPPORTED) -> str:
+    """A transformers CLIP folder (or another class of `supported`: `weights_conversion dino` passes ViTModel)
+    -> `dst`; tokenizer/processor files are copied alongside."""
     src = Path(src)
     if not src.is_dir():
         raise ConversionError(f"{src}: no such folder")
     with atomic_output(dst, overwrite, [src]) as tmp:
-        name = convert_component(src, tmp, dtype=dtype, variant=variant)
+        name = convert_component(src, tmp, dtype=dtype, variant=variant, supported=supported)
         for f in src.iterdir():
             if f.is_file() and _is_copied_clip_file(f.name):
                 shutil.copy2(f, tmp / f.name)

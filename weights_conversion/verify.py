@@ -40,6 +40,9 @@ def reference_inputs(name: str, config: dict, seed: int = 0, latent_hw=(32, 32),
         return out
     if name == "AutoencoderKL":
         return {"images": np.clip(f(batch, 64, 64, config.get("in_channels", 3)) * 0.5, -1, 1)}
+    if name == "ViTModel":
+        size = config.get("image_size", 224)
+        return {"pixel_values": f(batch, size, size, config.get("num_channels", 3))}
     text = config.get("text_config", config)
     vision = config.get("vision_config", config)
     out = {}
@@ -79,6 +82,10 @@ def run_torch(name: str, folder: Path, inputs: dict, variant=None) -> dict:
             dist = m.encode(T(_nchw(inputs["images"]))).latent_dist
             res = {"mean": _nhwc(dist.mean.numpy()), "logvar": _nhwc(dist.logvar.numpy()),
                    "decoded": _nhwc(m.decode(dist.mean).sample.numpy())}
+        elif name == "ViTModel":
+            from transformers import ViTModel
+            m = ViTModel.from_pretrained(folder, dtype=torch.float32, add_pooling_layer=False).eval()
+            res = {"last_hidden_state": m(T(_nchw(inputs["pixel_values"]))).last_hidden_state.numpy()}
         else:
             import transformers
             m = getattr(transformers, name).from_pretrained(folder, dtype=torch.float32).eval()
@@ -115,6 +122,8 @@ def run_flax(name: str, folder: Path, inputs: dict) -> dict:
         elif name == "AutoencoderKL":
             dist = m.encode(J(inputs["images"]))
             res = {"mean": dist.mean, "logvar": dist.logvar, "decoded": m.decode(dist.mean)}
+        elif name == "ViTModel":
+            res = {"last_hidden_state": m(J(inputs["pixel_values"])).last_hidden_state}
         elif name == "CLIPModel":
             res = {"text_embeds": m.get_text_features(J(inputs["input_ids"])),
                    "image_embeds": m.get_image_features(J(inputs["pixel_values"]))}

@@ -1,7 +1,11 @@
-"""CLIP-T: 100 * cos(CLIP image embedding, CLIP text embedding) of a generated image and its prompt.
+"""CLIP-T: 100 * cos(CLIP image embedding, CLIP text embedding) of a generated image and its prompt;
+CLIP-I: 100 * the mean over an identity's reference images of cos(CLIP image embeddings) of the generated
+image and the reference (PhotoMaker's Table 1).
 
     scorer = CLIPTScorer.from_pretrained("weights/clip-vit-large-patch14")   # `weights_conversion clip`
     scores = scorer(images, prompts)                                          # np.float32 [N]
+    refs = scorer.image_embeddings(reference_images)                          # unit [R, D]
+    clip_i = metrics.mean_cosine_x100(scorer.image_embeddings(images), [refs] * N)   # [N]
 
 Images are preprocessed exactly as transformers' CLIPImageProcessor
 (`image_processing.CLIPImageProcessor`) with the model folder's processor config
@@ -27,7 +31,7 @@ from flax import nnx
 from persongen_jax.evaluation.batching import ShardedBatches
 from persongen_jax.models import modeling
 from persongen_jax.models.clip import l2_normalize
-from persongen_jax.pipeline.image_processing import CLIPImageProcessor
+from persongen_jax.pipeline.image_processing import CLIPImageProcessor, check_output_size
 
 
 @nnx.jit(graph_updates=False)  # read-only: no copy of the module state as an output
@@ -37,11 +41,11 @@ def _scores(model, pixel_values, input_ids):
     return 100.0 * jnp.sum(image * text, axis=-1)
 
 
-def _check_output_size(processor: CLIPImageProcessor, image_size: int, what: str) -> None:
-    out = processor.output_size()
-    if out != (image_size, image_size):
-        got = "images of varying size (no center crop)" if out is None else f"{out[1]}x{out[0]} images"
-        raise ValueError(f"{what} gives {got}; the CLIP vision model takes {image_size}x{image_size}")
+@nnx.jit(graph_updates=False)
+def _image_embeddings(model, pixel_values):
+    return l2_normalize(model.get_image_features(pixel_values).astype(jnp.float32))
+
+
 
 
 class CLIPTScorer:
@@ -51,7 +55,7 @@ class CLIPTScorer:
         self.tokenizer = tokenizer
         self.image_size = model.config.vision_config.image_size
         self.image_processor = image_processor or CLIPImageProcessor.at_size(self.image_size)
-        _check_output_size(self.image_processor, self.image_size, "the image processor")
+        check_output_size(self.image_processor, self.image_size, "the image processor", "the CLIP vision model")
         self.batches = ShardedBatches(batch_size, devices)
         self.batch_size = self.batches.batch_size
         self.batches.replicate(model)
@@ -70,7 +74,7 @@ class CLIPTScorer:
             raise ValueError(f"{directory}: no CLIP tokenizer files next to the model ({e})") from None
         size = model.config.vision_config.image_size
         processor = CLIPImageProcessor.from_pretrained(directory, size)
-        _check_output_size(processor, size, f"{directory}: its processor config")
+        check_output_size(processor, size, f"{directory}: its processor config", "the CLIP vision model")
         return cls(model, tokenizer, image_processor=processor, **kw)
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
@@ -85,3 +89,11 @@ class CLIPTScorer:
             return np.zeros((0,), np.float32)
         pix = np.stack([self.image_processor(im) for im in images])
         return self.batches.run(_scores, self.model, pix, self.tokenize(prompts))
+
+    def image_embeddings(self, images: Sequence) -> np.ndarray:
+        """images (PIL or uint8 [H, W, 3|4]) -> unit `get_image_features` embeddings [N, D] (float32), the
+        images preprocessed as for CLIP-T."""
+        if not len(images):
+            return np.zeros((0, self.model.config.projection_dim), np.float32)
+        pix = np.stack([self.image_processor(im) for im in images])
+        return self.batches.run(_image_embeddings, self.model, pix)

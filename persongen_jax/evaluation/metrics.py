@@ -18,6 +18,12 @@ A metric is a class registered here with
 and the methods `from_options(options)`, `prepare_references(images, names)` (per-identity data, e.g.
 reference embeddings; may raise naming a bad reference), `__call__(images, prompts, references)` and
 `warm_up()` (compiles its programs ahead of the first call; optional).
+
+A metric of a whole set of images (FID: the generated set against a reference set; Face Div.: the images
+of one identity and prompt against each other) sets `per_set = True` and implements `reset()`,
+`accumulate(images, groups)` (called chunk by chunk with each image's (set, identity, prompt) key; the
+rows get no value) and `set_values()` -> {set name and "all": {name: value or None, name + "_note": text
+when there is no value, ...}}, which the evaluation writes into metrics.json's per-set summaries.
 The report, the CSV, metrics.json, validation during training and `evaluate --compare` work from the
 names that come back, so a new metric is one class here (and its model in its own module).
 
@@ -55,6 +61,7 @@ class Metric:
     missing_label: str | None = None
     missing_title: str | None = None
     requires: Mapping[str, str] = {}
+    per_set: bool = False  # one value per set (FID, Face Div.), not a mean of per-image values
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "Metric":
@@ -76,6 +83,25 @@ class Metric:
     def warm_up(self) -> None:
         """Compiles what scoring runs (fixed-size batches: one program each), so that a server's first
         request is not the slow one (the web app calls it at start-up); nothing by default."""
+
+    # per_set metrics only
+    def reset(self) -> None:
+        """Forgets what `accumulate` gathered (a new evaluation starts)."""
+
+    def accumulate(self, images: Sequence, groups: Sequence[tuple]) -> None:
+        """images and, per image, its (set, identity, prompt) key."""
+        raise NotImplementedError
+
+    def set_values(self) -> dict[str, dict]:
+        """{set name, and "all": {name: value or None, ...}} of what was accumulated."""
+        raise NotImplementedError
+
+
+def mean_cosine_x100(embeddings: np.ndarray, references) -> list[float]:
+    """CLIP-I / DINO: unit embeddings [N, D] and, per image, its identity's unit reference embeddings
+    [R_i, D] -> 100 x the mean over the references of the cosine, one float per image."""
+    return [100.0 * float(np.mean(np.asarray(r, np.float32) @ np.asarray(e, np.float32)))
+            for e, r in zip(embeddings, references)]
 
 
 REGISTRY: dict[str, type[Metric]] = {}
@@ -108,6 +134,12 @@ def add_scoring_arguments(group) -> None:
     from pathlib import Path
 
     group.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
+    group.add_argument("--dino", type=Path, help="converted DINO ViT folder (weights_conversion dino) for DINO")
+    group.add_argument("--inception", type=Path, help="converted FID InceptionV3 folder (weights_conversion "
+                                                      "inception) for FID")
+    group.add_argument("--fid-reference", type=Path, help="FID's reference: an image folder or pytorch-fid's .npz "
+                                                          "statistics (mu, sigma)")
+    group.add_argument("--lpips", type=Path, help="converted LPIPS folder (weights_conversion lpips) for Face Div.")
     group.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
                                                         "(antelopev2, buffalo_l) or the detector .onnx")
     group.add_argument("--arcface", type=Path, help="converted ArcFace folder (weights_conversion arcface)")
@@ -121,7 +153,8 @@ def add_scoring_arguments(group) -> None:
 def scoring_options(args, **overrides) -> dict:
     """The `build` options of the arguments `add_scoring_arguments` declared (+ overrides: no_face,
     batch_size)."""
-    return {"clip": args.clip, "face_detector": args.face_models, "arcface": args.arcface,
+    return {"clip": args.clip, "dino": args.dino, "inception": args.inception, "fid_reference": args.fid_reference,
+            "lpips": args.lpips, "face_detector": args.face_models, "arcface": args.arcface,
             "det_thresh": args.det_thresh, "det_size": args.det_size, "face_select": args.face_select,
             **overrides}
 
@@ -133,7 +166,37 @@ def build(names: Sequence[str], options: Mapping[str, Any]) -> list[Metric]:
                if not options.get(key)]
     if missing:
         raise ValueError("scoring options missing: " + "; ".join(missing))
-    return [c.from_options(options) for c in classes]
+    # One scoring model for the metrics that share it (CLIP-T and CLIP-I: one CLIP in memory, one compile).
+    shared: dict = {}
+    built = []
+    for c in classes:
+        try:
+            built.append(c.from_options({**options, SHARED_KEY: shared}))
+        except (ValueError, FileNotFoundError) as e:  # a missing folder, one of another kind: named by metric
+            raise ValueError(f"metric {c.name}: {e}") from None
+    return built
+
+
+SHARED_KEY = "_shared_models"
+
+
+def shared_model(options: Mapping[str, Any], key: tuple, load):
+    """The model `load()` returns, loaded once per `build` call for every metric that asks with the same
+    key (e.g. ("clip", folder, batch size)); without `build`'s cache, loaded each time."""
+    cache = options.get(SHARED_KEY)
+    if cache is None:
+        return load()
+    if key not in cache:
+        cache[key] = load()
+    return cache[key]
+
+
+def _clip_scorer(options: Mapping[str, Any]):
+    from persongen_jax.evaluation.clip_t import CLIPTScorer
+
+    batch_size = int(options.get("batch_size") or 32)
+    return shared_model(options, ("clip", str(options["clip"]), batch_size),
+                        lambda: CLIPTScorer.from_pretrained(options["clip"], batch_size=batch_size))
 
 
 @register
@@ -149,15 +212,183 @@ class CLIPT(Metric):
 
     @classmethod
     def from_options(cls, options):
-        from persongen_jax.evaluation.clip_t import CLIPTScorer
-
-        return cls(CLIPTScorer.from_pretrained(options["clip"], batch_size=int(options.get("batch_size") or 32)))
+        return cls(_clip_scorer(options))
 
     def __call__(self, images, prompts, references):
         return MetricResult([float(v) for v in self.scorer(images, prompts)])
 
     def warm_up(self):
         self.scorer([np.zeros((8, 8, 3), np.uint8)], [""])
+
+
+@register
+class CLIPI(Metric):
+    """CLIP-I: 100 x the mean over the identity's reference images of the cosine between the CLIP image
+    embeddings (`get_image_features`) of the generated image and the reference (PhotoMaker's Table 1); the
+    images preprocessed as CLIP-T's, the model CLIP-T's (one copy in memory when both are chosen)."""
+
+    name, title, axis_label = "clip_i", "CLIP-I", "CLIP-I (100 × CLIP image cosine)"
+    digits, card_digits = 2, 1
+    requires = {"clip": "a converted CLIP folder: --clip / config.eval.clip"}
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    @classmethod
+    def from_options(cls, options):
+        return cls(_clip_scorer(options))
+
+    def prepare_references(self, images, names):
+        return self.scorer.image_embeddings(images)
+
+    def __call__(self, images, prompts, references):
+        return MetricResult(mean_cosine_x100(self.scorer.image_embeddings(images), references))
+
+    def warm_up(self):
+        self.scorer.image_embeddings([np.zeros((8, 8, 3), np.uint8)])
+
+
+@register
+class DINO(Metric):
+    """DINO: 100 x the mean over the identity's reference images of the cosine between DINO ViT embeddings
+    (the CLS token after the final LayerNorm) of the generated image and the reference (`dino.DINOScorer`)."""
+
+    name, title, axis_label = "dino", "DINO", "DINO (100 × DINO ViT cosine)"
+    digits, card_digits = 2, 1
+    requires = {"dino": "a converted DINO ViT folder: --dino / config.eval.dino"}
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    @classmethod
+    def from_options(cls, options):
+        from persongen_jax.evaluation.dino import DINOScorer
+
+        return cls(DINOScorer.from_pretrained(options["dino"], batch_size=int(options.get("batch_size") or 32)))
+
+    def prepare_references(self, images, names):
+        return self.scorer.embeddings(images)
+
+    def __call__(self, images, prompts, references):
+        return MetricResult(mean_cosine_x100(self.scorer.embeddings(images), references))
+
+    def warm_up(self):
+        self.scorer.embeddings([np.zeros((8, 8, 3), np.uint8)])
+
+
+@register
+class FID(Metric):
+    """FID between the generated images of a set (and of all sets) and the reference set (`--fid-reference`:
+    an image folder or pytorch-fid's .npz), on pytorch-fid's InceptionV3 pool features (`fid.FIDScorer`);
+    features are streamed into running statistics, so memory does not grow with the number of images."""
+
+    name, title, axis_label = "fid", "FID", "FID (lower is better)"
+    digits, card_digits = 2, 1
+    per_set = True
+    requires = {"inception": "a converted FID InceptionV3 folder: --inception / config.eval.inception",
+                "fid_reference": "a reference image folder or .npz statistics: --fid-reference / "
+                                 "config.eval.fid_reference"}
+
+    def __init__(self, scorer, reference):
+        self.scorer = scorer
+        self.reference_path = reference
+        self.reference = scorer.reference_statistics(reference)  # read now: a bad reference fails first
+        self.stats: dict = {}
+
+    @classmethod
+    def from_options(cls, options):
+        from persongen_jax.evaluation.fid import FIDScorer
+
+        scorer = FIDScorer.from_pretrained(options["inception"], batch_size=int(options.get("batch_size") or 32))
+        return cls(scorer, options["fid_reference"])
+
+    def reset(self):
+        self.stats = {}
+
+    def accumulate(self, images, groups):
+        from persongen_jax.evaluation.fid import FeatureStats
+
+        feats = self.scorer.features_of(images)
+        for key in {g[0] for g in groups} | {"all"}:
+            rows = [i for i, g in enumerate(groups) if key == "all" or g[0] == key]
+            self.stats.setdefault(key, FeatureStats()).update(feats[rows])
+
+    def set_values(self):
+        from persongen_jax.evaluation.fid import frechet_distance
+
+        out = {}
+        for key in sorted(self.stats, key=lambda k: k == "all"):  # the sets, then all
+            stats = self.stats[key]
+            if key == "all" and len(self.stats) == 2:  # one set: "all" is that set (a 2048-d sqrt saved)
+                out[key] = dict(next(iter(out.values())))
+            elif stats.n < 2:
+                out[key] = {self.name: None, f"{self.name}_note": f"n/a ({stats.n} image; FID needs 2)"}
+            else:
+                out[key] = {self.name: frechet_distance(*stats.mean_cov(), *self.reference)}
+        return out
+
+    def settings(self):
+        return {"fid_reference": str(self.reference_path)}
+
+
+@register
+class FaceDiv(Metric):
+    """Face Div.: mean pairwise LPIPS between the detected face regions of the images generated for one
+    identity and prompt (`face_div.FaceDivScorer`, definition in its docstring); per set, the mean over its
+    (identity, prompt) groups; a group with fewer than 2 images with a face is "n/a" (counted), never a
+    number."""
+
+    name, title, axis_label = "face_div", "Face Div.", "Face Div. (pairwise LPIPS of face regions)"
+    digits, card_digits = 4, 3
+    per_set = True
+    requires = {"lpips": "a converted LPIPS folder: --lpips / config.eval.lpips",
+                "face_detector": "an insightface folder with an SCRFD detector: --face-models / "
+                                 "config.eval.face_detector"}
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self.groups: dict = {}
+
+    @classmethod
+    def from_options(cls, options):
+        from persongen_jax.evaluation.face_div import FaceDivScorer
+
+        det_size = int(options.get("det_size") or 640)
+        return cls(FaceDivScorer.from_pretrained(options["lpips"], options["face_detector"],
+                                                 det_size=(det_size, det_size),
+                                                 det_thresh=float(options.get("det_thresh") or 0.5),
+                                                 batch_size=int(options.get("batch_size") or 32)))
+
+    def reset(self):
+        self.groups = {}
+
+    def accumulate(self, images, groups):
+        for image, key in zip(images, groups):
+            entry = self.groups.setdefault(tuple(key), {"images": 0, "crops": []})
+            entry["images"] += 1
+            crop = self.scorer.face_region(image)
+            if crop is not None:
+                entry["crops"].append(crop)
+
+    def set_values(self):
+        per_set: dict = {}
+        for key, entry in self.groups.items():
+            value = self.scorer.group_diversity(entry["crops"]) if len(entry["crops"]) >= 2 else None
+            for name in (key[0], "all"):
+                per_set.setdefault(name, []).append((key, len(entry["crops"]), entry["images"], value))
+        out = {}
+        for name, rows in per_set.items():
+            values = [v for *_, v in rows if v is not None]
+            na = [f"{k[1]} / prompt {k[2]}: {faces} of {n} images with a face" for k, faces, n, v in rows if v is None]
+            entry = {self.name: float(np.mean(values)) if values else None, "face_div_groups": len(rows),
+                     "face_div_na": len(na), "face_div_na_groups": na}
+            if not values:
+                entry[f"{self.name}_note"] = f"n/a ({len(na)} of {len(rows)} prompts with < 2 face images)"
+            out[name] = entry
+        return out
+
+    def settings(self):
+        return {"face_div_size": self.scorer.size, "detector": str(self.scorer.detector.model_file)}
 
 
 @register

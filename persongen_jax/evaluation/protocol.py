@@ -178,11 +178,33 @@ def score_rows(rows: list[dict], images: Sequence, metrics: Sequence[Metric], re
     {metric name: the identity's prepared references}."""
     prompts = [r["prompt"] for r in rows]
     for m in metrics:
+        if m.per_set:  # FID, Face Div.: gathered here, one value per set at the end (`add_set_values`)
+            m.accumulate(images, [(r["set"], r["reference"], r.get("prompt_index", r["prompt"])) for r in rows])
+            for r in rows:
+                r[m.name] = None
+            continue
         result = m(images, prompts, [ref.get(m.name) for ref in references])
         for i, r in enumerate(rows):
             r[m.name] = result.values[i]
             if m.found_key:
                 r[m.found_key] = bool(result.found[i])
+
+
+def reset_set_metrics(metrics: Sequence[Metric]) -> None:
+    """A new evaluation: the per-set metrics forget earlier images."""
+    for m in metrics:
+        if m.per_set:
+            m.reset()
+
+
+def add_set_values(summary: dict, metrics: Sequence[Metric]) -> dict:
+    """Writes each per-set metric's values (FID, Face Div.) into `report.aggregate`'s summary, in place."""
+    for m in metrics:
+        if m.per_set:
+            values = m.set_values()
+            for name, entry in [*summary["sets"].items(), ("all", summary["all"])]:
+                entry.update(values.get(name, {m.name: None}))
+    return summary
 
 
 def prepare_references(metrics: Sequence[Metric], images: Sequence, names: Sequence[str]) -> dict:
@@ -230,6 +252,7 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
         raise ValueError("the validation protocol generates identities: the model needs an ID encoder "
                          "(--photomaker DIR)")
     references = references if references is not None else load_references(sets, metrics)
+    reset_set_metrics(metrics)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -272,7 +295,7 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
                     flush()
     flush()
     names = [m.name for m in metrics]
-    summary = report.aggregate(rows, names)
+    summary = add_set_values(report.aggregate(rows, names), metrics)
     seconds = {"generate": round(gen_s, 2), "score": round(score_s, 2), "total": round(time.perf_counter() - t0, 2)}
     info = {"step": step, **scoring_info(metrics), "settings": {**asdict(settings),
                                                                        "seeds": list(settings.seeds)},
@@ -358,9 +381,10 @@ def score_manifest(manifest: str | os.PathLike, metrics: Sequence[Metric], out_d
         e["reference_name"] = name
     rows = [empty_row(set=e["set"], reference=e["reference_name"], prompt=e["clip_t_prompt"],
                       image=os.path.relpath(e["image"], out_dir)) for e in entries]
+    reset_set_metrics(metrics)
     score_rows(rows, images, metrics, [ref_cache[e["references"]] for e in entries])
     names = [m.name for m in metrics]
-    summary = report.aggregate(rows, names)
+    summary = add_set_values(report.aggregate(rows, names), metrics)
     scored = (f"the manifest prompt without the trigger word {trigger_word!r} (scores.csv 'prompt')" if trigger_word
               else "the manifest prompt as written")
     info = {"manifest": str(Path(manifest).resolve()), "trigger_word": trigger_word or None, "clip_t_text": scored,

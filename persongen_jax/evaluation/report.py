@@ -212,6 +212,13 @@ def _settings_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
+def _cell(summary: dict, metric) -> str:
+    """A means-table cell: the value, or the per-set metric's note when it has none ("n/a (1 of 3 ...)")."""
+    if summary.get(metric.name) is None and summary.get(f"{metric.name}_note"):
+        return html.escape(summary[f"{metric.name}_note"])
+    return _fmt(summary.get(metric.name), metric.digits)
+
+
 def _means_table(metrics: dict, names: Sequence[str]) -> list[str]:
     shown = [display(n) for n in names]
     titles = ["images"] + [m.title for m in shown] + [m.missing_label for m in shown if m.missing_key]
@@ -221,7 +228,7 @@ def _means_table(metrics: dict, names: Sequence[str]) -> list[str]:
     if "all" in metrics:
         entries.append(("all", metrics["all"], " class='all'"))
     for name, s, cls in entries:
-        cells = [str(s["n_images"])] + [_fmt(s[m.name], m.digits) for m in shown] + \
+        cells = [str(s["n_images"])] + [_cell(s, m) for m in shown] + \
             [str(s[m.missing_key]) for m in shown if m.missing_key]
         out.append(f"<tr{cls}><td>{html.escape(name)}</td>"
                    + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>")
@@ -254,6 +261,8 @@ def _generation_card(row: dict, html_dir: Path, names: Sequence[str]) -> str:
     lines = [html.escape(" · ".join(ident)) if ident else ""]
     for name in names:
         m = display(name)
+        if m.per_set:  # no value per image
+            continue
         if m.found_key and not row[m.found_key]:
             lines.append(f"<span class='badge'>{html.escape(m.missing_label)}</span>")
         else:

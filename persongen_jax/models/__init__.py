@@ -11,3 +11,6 @@ from persongen_jax.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWi
 from persongen_jax.models.id_encoder import PhotoMakerIDEncoder  # noqa: F401
 from persongen_jax.models.id_encoder_v2 import PhotoMakerV2IDEncoder  # noqa: F401
 from persongen_jax.models.iresnet import IResNet  # noqa: F401
+from persongen_jax.models.vit import ViTModel  # noqa: F401
+from persongen_jax.models.inception import FIDInceptionV3  # noqa: F401
+from persongen_jax.models.lpips import LPIPS  # noqa: F401

@@ -25,6 +25,8 @@ from PIL import Image, UnidentifiedImageError
 
 from persongen_jax.io import read_json
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)  # transformers' ViTImageProcessor defaults
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # transformers' file names: a processor's `processor_config.json` (its "image_processor" entry wins, as in
 # transformers' get_image_processor_dict) and the image processor's own `preprocessor_config.json`.
@@ -136,6 +138,8 @@ class CLIPImageProcessor:
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
     do_convert_rgb: bool = True
+    # How a processor config's int `size` reads: CLIP's is the shortest edge, ViT's a square.
+    size_int_is_square = False
 
     @classmethod
     def at_size(cls, size: int) -> "CLIPImageProcessor":
@@ -153,7 +157,7 @@ class CLIPImageProcessor:
             raise ValueError(f"{source}: do_pad is not supported for CLIP preprocessing")
         kw: dict[str, Any] = {}
         if config.get("size") is not None:
-            kw["size"] = _size(config["size"], "size", source, int_is_square=False)
+            kw["size"] = _size(config["size"], "size", source, int_is_square=cls.size_int_is_square)
         if config.get("crop_size") is not None:
             kw["crop_size"] = _size(config["crop_size"], "crop_size", source, int_is_square=True)
         for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"):
@@ -235,6 +239,35 @@ class CLIPImageProcessor:
         if self.do_normalize:
             out = (out - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return out
+
+
+@dataclass(frozen=True)
+class ViTImageProcessor(CLIPImageProcessor):
+    """transformers' ViTImageProcessor (PIL backend; DINO's folders): the same steps with its defaults --
+    resize to size (height, width) = 224 x 224 without keeping the aspect ratio (an int `size` in a config is
+    a square), bilinear, no center crop, rescale 1/255, mean = std = 0.5. `from_pretrained` reads the
+    folder's preprocessor_config.json. One difference: an image with transparency is composited onto white
+    first (as every metric here scores it); transformers would keep 4 channels and fail."""
+
+    size: int | tuple[int, int] = (224, 224)
+    resample: int = 2
+    do_center_crop: bool = False
+    image_mean: tuple[float, ...] = IMAGENET_STANDARD_MEAN
+    image_std: tuple[float, ...] = IMAGENET_STANDARD_STD
+    size_int_is_square = True
+
+    @classmethod
+    def at_size(cls, size: int) -> "ViTImageProcessor":
+        """The defaults at another image size (size x size)."""
+        return cls(size=(size, size), crop_size=(size, size))
+
+
+def check_output_size(processor: CLIPImageProcessor, image_size: int, what: str, model: str) -> None:
+    """ValueError unless `processor` gives image_size x image_size images, what `model` takes."""
+    out = processor.output_size()
+    if out != (image_size, image_size):
+        got = "images of varying size (no center crop)" if out is None else f"{out[1]}x{out[0]} images"
+        raise ValueError(f"{what} gives {got}; {model} takes {image_size}x{image_size}")
 
 
 def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:

@@ -53,7 +53,8 @@ def protocol_settings(config) -> protocol.ProtocolSettings:
 
 def metric_options(ev) -> dict:
     """The scoring options (`metrics.build`) of a config's `eval` section."""
-    return {k: ev.get(k) for k in ("clip", "face_detector", "arcface", "no_face", "det_thresh", "face_select")}
+    return {k: ev.get(k) for k in ("clip", "dino", "inception", "fid_reference", "lpips", "face_detector", "arcface",
+                                   "no_face", "det_thresh", "face_select")}
 
 
 def scoring_metrics(ev) -> list:
