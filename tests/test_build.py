@@ -30,8 +30,14 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 from persongen_jax.data import format as fmt  # noqa: E402
-from persongen_jax.testing.tiny_build import (BUILD_ARCFACE, BUILD_THRESHOLD, CaptionServer,  # noqa: E402
-                                              make_key_detector, make_raw_persons, mixed_persons)
+from persongen_jax.testing.tiny_build import (  # noqa: E402
+    BUILD_ARCFACE,
+    BUILD_THRESHOLD,
+    CaptionServer,
+    make_key_detector,
+    make_raw_persons,
+    mixed_persons,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,8 +133,9 @@ def test_index_and_records_match_the_data_format(built):
             for p, recs in index["persons"].items()} == RECORDS
     assert index["build"]["caption"]["model"] == "tiny-vlm" and index["build"]["verify_threshold"] == BUILD_THRESHOLD
     by_image = _records_by_image(dst)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     for image, (h, jpeg, mask) in by_image.items():
         assert h["person_id"] == image.split("/")[1] and h["width"] == h["height"] == RESOLUTION
@@ -318,14 +325,10 @@ def test_split_parse_failure_with_a_tiny_qwen2_5_vl(inputs, tmp_path, capsys):
     """A tiny random Qwen2.5-VL (transformers backend) answers gibberish: as the splitter every answer fails
     to parse -- recorded, counted, and the image keeps P_general; as the captioner no caption holds a class
     word, so no image passes and DST is left as it was."""
-    import types
 
     from persongen_jax.data.build.__main__ import main
     from persongen_jax.testing.tiny_build import make_tiny_qwen2_5_vl
 
-    # transformers' Qwen2.5-VL imports torchvision, whose meta registrations fail where its C ops do not match
-    # the CPU torch installed; its pure-Python parts are all this path needs.
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     qwen = make_tiny_qwen2_5_vl(tmp_path / "qwen")
     src = make_raw_persons(tmp_path / "src", {"p1": mixed_persons()["p1"][:2], "p2": mixed_persons()["p2"][:2]})
     common = [str(src), "--detector", str(inputs / "det"), "--arcface", str(inputs / "arcface"),

@@ -12,21 +12,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _torchvision_shim(folder: Path) -> str:
-    """A sitecustomize for the child processes: with the CPU torch of this venv `import torchvision` fails in
-    its C ops registration (`torchvision._meta_registrations`), which diffusers / transformers / peft reach
-    on import; an empty stand-in for that module leaves the pure-Python parts importable."""
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(
-        "import sys, types\n"
-        "sys.modules.setdefault('torchvision._meta_registrations', types.ModuleType('torchvision._meta_registrations'))\n")
-    return str(folder)
-
-
 def test_device_suite_tiny_prints_the_table(tmp_path):
-    path = os.pathsep.join(p for p in (_torchvision_shim(tmp_path / "shim"), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONPATH=path)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run([sys.executable, "scripts/bench/device_suite.py", "--tiny", "--out", str(tmp_path),
                            "--parts", "method,sample_1"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)

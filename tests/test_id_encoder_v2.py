@@ -9,8 +9,6 @@ Tolerance: rtol = atol = 1e-4 on the updated prompt embeddings.
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import helpers  # tests/ is on sys.path (rootdir conftest, no package)
 import jax
@@ -23,9 +21,6 @@ from persongen_jax.models import id_encoder_v2 as v2
 from persongen_jax.models import modeling
 from weights_conversion import core
 
-# torchvision's C ops do not load with the CPU torch build; transformers imports torchvision when it is
-# installed. Its pure-Python parts load once the op registrations are skipped.
-sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 nn = torch.nn

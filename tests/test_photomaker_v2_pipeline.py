@@ -9,14 +9,9 @@ Tolerance: max |ours - torch| <= 1e-4 x max |torch| on the final latents.
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
 
-# torchvision's C ops do not load with the CPU torch build (transformers imports torchvision).
-sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 

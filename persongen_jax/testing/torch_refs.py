@@ -20,12 +20,12 @@ from pathlib import Path
 
 
 def install_torchvision_shim() -> None:
-    # torchvision is not installed in the venv itself: transformers probes any installed torchvision, and
-    # this CUDA build breaks its imports in every process without this shim (the CLI subprocesses of the
-    # tests too). The README's test command puts it in a side folder, `<venv>/torchvision-ref`, which only
-    # the test process adds to its path.
+    # torchvision (which lpips and pytorch-fid import) is not installed in the venv itself: transformers
+    # probes any installed torchvision, and PyPI's build (CUDA) breaks its imports in every process without
+    # this shim, the CLI subprocesses of the tests too. The README's test command installs torchvision,
+    # lpips and pytorch-fid into a side folder, `<venv>/torch-refs`, which only the test process adds to its path.
     if importlib.util.find_spec("torchvision") is None:
-        side = Path(sys.prefix) / "torchvision-ref"
+        side = Path(sys.prefix) / "torch-refs"
         if side.is_dir():
             sys.path.append(str(side))
     sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
