@@ -1,4 +1,4 @@
-"""Dataset construction on Apache Beam (`python -m persongen_jax.data.build`, issue 11).
+"""Dataset construction on Apache Beam (`python -m persongen_jax.data.build`).
 
 Real code paths on models built here: the key-colour SCRFD-layout detector and a random ArcFace IResNet
 (persongen_jax/testing/tiny_build.py, tiny_eval.py), captions from an OpenAI-compatible endpoint on

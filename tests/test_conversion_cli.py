@@ -411,7 +411,7 @@ def test_stale_temp_folders_of_killed_conversions_are_removed(text_src, tmp_path
 
 
 def test_deeply_nested_json_is_one_error_line_naming_the_file(text_src, tmp_path):
-    """Issue 24 defect 9: 2 MB of `[[[...` (json's RecursionError) in a safetensors header, in its
+    """2 MB of `[[[...` (json's RecursionError) in a safetensors header, in its
     lora_adapter_metadata, in a source config.json, a sharded index, a --unet config: one `error:` line
     naming the file, exit 1, nothing written; the same nesting in every JSON file a loader reads (converted
     config.json, checksums.json, model_index.json, a dataset index, validation prompts, metrics history)
@@ -483,7 +483,7 @@ def test_deeply_nested_json_is_one_error_line_naming_the_file(text_src, tmp_path
 
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
 def test_outputs_get_the_users_umask(text_src, tmp_path, umask):
-    """Issue 24 (friction): every file and folder the tools write has the mode a plain open() / mkdir()
+    """Every file and folder the tools write has the mode a plain open() / mkdir()
     gives under the user's umask -- converted folders (atomic_dir, also the dataset writers' and the build's
     DST), exported .safetensors, evaluate's metrics.json -- not mkdtemp's 0700 / mkstemp's 0600."""
     import os
@@ -510,7 +510,7 @@ def test_outputs_get_the_users_umask(text_src, tmp_path, umask):
 
 
 def test_readme_conversion_commands_parse():
-    """Issue 24 (README frictions): every `python -m weights_conversion ...` command in a code block of the
+    """Every `python -m weights_conversion ...` command in a code block of the
     README (the real-weights table's block included; `[--opt x]` read as given) names a subcommand and
     options the CLI has; the block covers each conversion the table names."""
     import shlex

@@ -242,7 +242,7 @@ def test_face_mask_file(tmp_path, tokenizers):
     assert not batch["has_bg"].any() and not batch["has_body"].any()
 
 
-# ----------------------------------------------------------------------------- reliability (issue 9)
+# ----------------------------------------------------------------------------- reliability
 
 
 def _png(path, color, size=(16, 16)):
@@ -274,7 +274,7 @@ def _bad(index):
 
 
 def test_paths_stay_inside_src_and_reads_are_limited(tmp_path):
-    """Defect 1: `..`, absolute and symlinked paths out of SRC, `/dev/zero` and an oversized file are listed
+    """`..`, absolute and symlinked paths out of SRC, `/dev/zero` and an oversized file are listed
     as bad (nothing outside SRC stored); `p0/../p0/1.png` is the image `p0/1.png` once (duplicate listed)."""
 
     src = tmp_path / "src"
@@ -436,7 +436,7 @@ fmt.write_dataset(sys.argv[1], sys.argv[2], sys.argv[3], num_shards=2, progress=
 
 
 def test_dataset_rewrite_killed_keeps_the_old_dataset(tmp_path):
-    """Defect 3: a rewrite of DST killed (SIGKILL) after its shards are written leaves the old dataset whole
+    """A rewrite of DST killed (SIGKILL) after its shards are written leaves the old dataset whole
     (on main: the old index over the new shards, read without complaint); the next write removes the
     killed run's temp folder and says so; DST holding SRC or foreign files is refused."""
     import os
@@ -471,7 +471,7 @@ def test_dataset_rewrite_killed_keeps_the_old_dataset(tmp_path):
 
 
 def test_reader_refuses_an_index_of_other_shards(tmp_path, tokenizers, caplog):
-    """Defect 3: index.json over shards it did not describe (same record counts, other persons), a truncated
+    """An index.json over shards it did not describe (same record counts, other persons), a truncated
     shard, a missing shard: every reader (read_records, the training pipeline) refuses, naming the shard.
     A version-1 index is still read, with a warning that it is unverified."""
     import logging

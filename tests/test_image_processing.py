@@ -118,7 +118,7 @@ def test_clip_image_processor_reads_the_model_folders_config(tmp_path):
 
 
 def test_16_bit_and_float_greyscale_keep_their_brightness(tmp_path):
-    """Issue 24 defect 8: a 16-bit greyscale PNG (PIL modes I;16 / I;16B, I from a 16-bit PGM, F) decoded
+    """A 16-bit greyscale PNG (PIL modes I;16 / I;16B, I from a 16-bit PGM, F) decoded
     by every reader of images -- load_image (generate / evaluate / app), convert_to_rgb (the CLIP
     processing), the build's decode_rgb and the training pipeline's decoder -- keeps its mean within 1 of
     the 8-bit reference (PIL's own convert("RGB") clips it to white: mean 255)."""

@@ -1,4 +1,4 @@
-"""Issue 12: a two-process run on 127.0.0.1 (CPU, 2 fake devices each, gloo collectives) trains like one
+"""A two-process run on 127.0.0.1 (CPU, 2 fake devices each, gloo collectives) trains like one
 process with 4 devices: same losses, same parameters, checkpoints written once per step by both processes
 together (tests/multihost_worker.py is one process). A SIGTERM that only process 1 sees, during step 1 of a
 5-step run, stops both processes after the same step (2: the flags are agreed one step later) and both save

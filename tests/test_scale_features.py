@@ -1,4 +1,4 @@
-"""Issue 12: the memory / speed features for research-scale training, each checked on the micro/tiny sizes.
+"""The memory / speed features for research-scale training, each checked on the micro/tiny sizes.
 
 frozen_dtype (frozen params bf16, trainable + optimizer state fp32), remat (same gradients, fewer saved
 residuals), attention cudnn (falls back on CPU with one log line, same numbers as xla), asynchronous

@@ -1,4 +1,4 @@
-"""Training (issue 4 points 4-5): the real loop on tiny models and synthetic / demo data.
+"""Training: the real loop on tiny models and synthetic / demo data.
 
 Runs use config.model="micro" (the tiny model with a one-layer-per-block UNet) to halve compile
 times. One-step CLI run + SIGTERM, loss falling on the demo dataset, data parallel 1 vs 4 devices, resume
@@ -376,7 +376,7 @@ def test_bad_record_warnings_name_training_failures_only(tmp_path, caplog):
     assert f"{data}: 2 input(s) left out when the dataset was written" in caplog.text
 
 
-# ----------------------------------------------------------------------------- reliability (issue 9)
+# ----------------------------------------------------------------------------- reliability
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +431,7 @@ def test_resume_refuses_shape_changes_and_keeps_config_versions(trained_run, tmp
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(trained_run, tmp_path, caplog):
-    """Defect 8: the latest checkpoint's data files truncated (TensorStore OUT_OF_RANGE): the run resumes from
+    """The latest checkpoint's data files truncated (TensorStore OUT_OF_RANGE): the run resumes from
     the one before, with a warning naming the damaged checkpoint, which is kept (moved aside), not deleted."""
     import logging
 
@@ -467,7 +467,7 @@ def test_half_written_checkpoint_of_a_killed_save_is_removed(trained_run, tmp_pa
 
 
 def test_resume_whose_shapes_differ_names_parameter_and_checkpoint(trained_run, tmp_path):
-    """Defect 10: checkpoints of rank 4 under a config.json edited to rank 8: the error names the parameter,
+    """Checkpoints of rank 4 under a config.json edited to rank 8: the error names the parameter,
     both shapes and the checkpoint (was: `Requested shape (64, 8) is not compatible with (64, 4)`)."""
     run = _copy_run(trained_run, tmp_path / "run")
     cfg = json.loads((run / "config.json").read_text())
@@ -482,7 +482,7 @@ def test_resume_whose_shapes_differ_names_parameter_and_checkpoint(trained_run, 
 
 
 def test_second_trainer_on_a_run_folder_is_refused(tmp_path):
-    """Defect 6: while a trainer runs in WORKDIR, another one fails at once naming the holder (pid, host);
+    """While a trainer runs in WORKDIR, another one fails at once naming the holder (pid, host);
     after the holder is killed (kill -9), its lock file does not block a new run."""
     import socket
 
@@ -525,7 +525,7 @@ def test_non_finite_step_stops_before_its_checkpoint(trained_run, tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    """Defect 10: `--config.lora.targets=5` (was: TypeError deep in LoRA) and a missing data.dir (was: a
+    """`--config.lora.targets=5` (was: TypeError deep in LoRA) and a missing data.dir (was: a
     FileNotFoundError traceback): one `error:` line naming the key / folder, exit 1."""
     env = _cli_env()
     proc = subprocess.run(_cli(tmp_path / "run", "--config.lora.targets=5"), cwd=REPO, capture_output=True,
