@@ -119,6 +119,7 @@ class _FakePipe:
     """What run_protocol calls on a pipeline (mode B / validation): random images per seed."""
 
     id_encoder = object()
+    default_size = 48  # the size of its images (run_protocol records it in metrics.json)
     text_conditions: tuple = ()
 
     def __call__(self, text, refs, *, seeds, **kw):
