@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from persongen_jax.testing.torch_init import randomize_  # noqa: F401  (tests call helpers.randomize_)
+from persongen_jax.testing.torch_init import allow_torchvision_import, randomize_  # noqa: F401  (helpers.X)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,12 +83,3 @@ def assert_close(actual, expected, rtol: float = 1e-4, atol: float = 1e-4, name:
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=name)
 
-
-def allow_torchvision_import() -> None:
-    """diffusers' ControlNet / T2I-Adapter classes import transformers' PEFT integration, which imports
-    torchvision; with the CPU-only torch of this venv, torchvision's C-op registrations fail. Its pure-Python
-    parts are all the references need, so the registration module is stubbed (tests only)."""
-    import sys
-    import types
-
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))

@@ -33,7 +33,8 @@ from persongen_jax.pipeline import DEFAULT_START_MERGE, MAX_SEED, resolve_start_
 from persongen_jax.models import modeling
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.pipeline.image_processing import clip_preprocess
-from persongen_jax.pipeline.sampling import Conditioning, make_sampler, sdxl_time_ids
+from persongen_jax.pipeline.control import prepare_control_image
+from persongen_jax.pipeline.sampling import ControlConditioning, Conditioning, make_sampler, sdxl_time_ids
 from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, read_scheduler_config, scheduler_from_config
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -77,6 +78,26 @@ def _require(folder: Path, what: str) -> Path:
     return folder
 
 
+def load_controlnet(path: str | os.PathLike, unet, vae, **kw):
+    """A converted ControlNet folder, checked against the UNet it steers and the VAE's factor; PipelineError
+    (one line, naming the folder and listing the shapes) otherwise."""
+    from persongen_jax.models.controlnet import ControlNetModel, check_matches_unet
+
+    path = Path(path)
+    cn = modeling.from_pretrained(_require(path, "ControlNet (config.json)"), **kw)
+    if not isinstance(cn, ControlNetModel):
+        raise PipelineError(f"{path}: holds a {type(cn).__name__}, not a ControlNet (convert one with "
+                            "`python -m weights_conversion controlnet SRC DST`)")
+    try:
+        check_matches_unet(cn.config, unet.config, name=f"{path}: this ControlNet")
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    if cn.downscale_factor != vae.downscale_factor:
+        raise PipelineError(f"{path}: this ControlNet takes control images at {cn.downscale_factor}x the latent size, "
+                            f"the VAE decodes at {vae.downscale_factor}x")
+    return cn
+
+
 class _StepCallback:
     """The part of a tqdm bar the sampling callback uses (update / close), calling fn(steps done)."""
 
@@ -98,8 +119,10 @@ class PersonGenPipeline:
 
     def __init__(self, *, unet, vae, text_encoder, text_encoder_2, tokenizers, scheduler_config: dict,
                  id_encoder=None, force_zeros_for_empty_prompt: bool = True, trigger_word: str = "img",
-                 sample_size: int = 128, conditions: Mapping[str, Condition] | None = None):
+                 sample_size: int = 128, conditions: Mapping[str, Condition] | None = None,
+                 controlnets: Sequence = ()):
         self.unet, self.vae = unet, vae
+        self.controlnets = list(controlnets)  # ControlNetModel modules (`generate --controlnet`), in order
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
@@ -127,11 +150,13 @@ class PersonGenPipeline:
     def from_pretrained(cls, model_dir: str | os.PathLike, *, photomaker: str | os.PathLike | None = None,
                         lora: str | os.PathLike | None = None, adapters: str | os.PathLike | None = None,
                         dtype=None, attention_impl: str = "xla", merge_lora: bool = True,
-                        trigger_word: str = "img") -> "PersonGenPipeline":
+                        trigger_word: str = "img",
+                        controlnets: Sequence[str | os.PathLike] = ()) -> "PersonGenPipeline":
         """Loads converted folders: model_dir (unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2
         [, scheduler: default SDXL's Euler config]); the ID encoder from `photomaker`/id_encoder (default:
         model_dir's, if any); then `adapters`, then PhotoMaker's lora/ and `lora`, each merged into the base
-        kernels unless merge_lora=False. dtype: compute dtype. PipelineError names a missing folder."""
+        kernels unless merge_lora=False. dtype: compute dtype. controlnets: converted ControlNet folders
+        (`weights_conversion controlnet`), checked against the UNet. PipelineError names a missing folder."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise PipelineError(f"{model_dir}: no such model folder")
@@ -153,13 +178,15 @@ class PersonGenPipeline:
             if merge_lora:  # inference: fold into the base kernels, no LoRA cost per step
                 lora_lib.merge_lora(unet)
         scheduler_config = read_scheduler_config(model_dir, default=SDXL_SCHEDULER_CONFIG)
+        cns = [load_controlnet(path, unet, parts["vae"], **kw) for path in controlnets]
         return cls(unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"],
                    text_encoder_2=parts["text_encoder_2"],
                    tokenizers=prompt_lib.load_tokenizers(model_dir, trigger_word),
                    scheduler_config=scheduler_config, id_encoder=id_encoder,
                    force_zeros_for_empty_prompt=prompt_lib.read_force_zeros_for_empty_prompt(model_dir),
                    trigger_word=trigger_word,
-                   sample_size=int(modeling.read_config(model_dir / "unet").get("sample_size") or 128))
+                   sample_size=int(modeling.read_config(model_dir / "unet").get("sample_size") or 128),
+                   controlnets=cns)
 
     @classmethod
     def from_model(cls, model, tokenizers, scheduler_config: dict, *, trigger_word: str = "img",
@@ -191,9 +218,10 @@ class PersonGenPipeline:
 
     def encode(self, prompt: str, ref_images: Sequence = (), *, negative_prompt: str | None = None,
                conditions: Mapping[str, str] | None = None, height: int, width: int,
-               adapter_scales: dict | None = None) -> Conditioning:
+               adapter_scales: dict | None = None, controls: Sequence[ControlConditioning] = ()) -> Conditioning:
         """Prompt (+ reference faces, + texts of text conditions {name: text}) -> Conditioning for
-        `sampling.denoise` (batch 1, shared by all seeds)."""
+        `sampling.denoise` (batch 1, shared by all seeds). controls: the active ControlNets' inputs
+        (`control_inputs`)."""
         ref_images = list(ref_images)
         texts = dict(conditions or {})
         conditions, scales = {}, {}
@@ -236,19 +264,54 @@ class PersonGenPipeline:
         return Conditioning(prompt_embeds=fused, pooled=pooled, text_only_embeds=text_only,
                             text_only_pooled=text_only_pooled, negative_embeds=neg, negative_pooled=neg_pooled,
                             time_ids=sdxl_time_ids(height, width), conditions=conditions, condition_scales=scales,
-                            gated=tuple(n for n, c in self.conditions.items() if c.gated))
+                            gated=tuple(n for n, c in self.conditions.items() if c.gated), controls=tuple(controls))
+
+    def control_inputs(self, images: Sequence | None, *, height: int, width: int,
+                       scales: float | Sequence[float] = 1.0, guidance_start: float | Sequence[float] = 0.0,
+                       guidance_end: float | Sequence[float] = 1.0) -> tuple[tuple[int, ...], list]:
+        """One control image per loaded ControlNet (None: that ControlNet is off) -> (indices of the active
+        ControlNets, their ControlConditioning). A float for scales / start / end applies to every ControlNet
+        (diffusers' rule). Images are resized to the output size as diffusers does (`prepare_control_image`)."""
+        images = list(images or [])
+        n = len(self.controlnets)
+        if any(im is not None for im in images) and len(images) != n:
+            raise PipelineError(f"{len(images)} control image(s) for {n} ControlNet(s): give one per ControlNet"
+                                + ("" if n else " (load one with --controlnet DIR)"))
+
+        def per(value, what):
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(values) != n:
+                raise PipelineError(f"{len(values)} {what} for {n} ControlNet(s): give one, or one per ControlNet")
+            for v in values:
+                if not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise PipelineError(f"{what} {v!r}: expected a finite number")
+            return [float(v) for v in values]
+
+        scale_l, start_l, end_l = (per(scales, "control scale(s)"), per(guidance_start, "control guidance start(s)"),
+                                   per(guidance_end, "control guidance end(s)"))
+        for a, b in zip(start_l, end_l):
+            if not 0.0 <= a < b <= 1.0:
+                raise PipelineError(f"control guidance start {a} / end {b}: expected 0 <= start < end <= 1 "
+                                    "(fractions of the steps)")
+        active = tuple(i for i, im in enumerate(images) if im is not None)
+        controls = [ControlConditioning(image=jnp.asarray(prepare_control_image(images[i], height, width)),
+                                        scale=jnp.float32(scale_l[i]), start=start_l[i], end=end_l[i])
+                    for i in active]
+        return active, controls
 
     # ------------------------------------------------------------------ sampling
 
-    def sampler(self, num_steps: int, scheduler: str = "euler", progress: bool = False):
-        """The compiled sampler for (num_steps, scheduler, progress), built once and cached:
-        sample(noise [S, h, w, C] ~ N(0, 1), cond, guidance_scale, start_merge_step) -> images [S, H, W, 3]
-        float32 in [0, 1] (`sampling.make_sampler`)."""
-        key = (num_steps, scheduler, progress)
+    def sampler(self, num_steps: int, scheduler: str = "euler", progress: bool = False,
+                controlnets: tuple[int, ...] = ()):
+        """The compiled sampler for (num_steps, scheduler, progress, active ControlNets by index), built once and
+        cached: sample(noise [S, h, w, C] ~ N(0, 1), cond, guidance_scale, start_merge_step) -> images
+        [S, H, W, 3] float32 in [0, 1] (`sampling.make_sampler`)."""
+        key = (num_steps, scheduler, progress, tuple(controlnets))
         if key not in self._samplers:
             sched = scheduler_from_config(self.scheduler_config, scheduler)
             on_step = self._progress_step if progress else None
-            self._samplers[key] = make_sampler(self.unet, self.vae, sched, num_steps, on_step=on_step)
+            self._samplers[key] = make_sampler(self.unet, self.vae, sched, num_steps, on_step=on_step,
+                                               controlnets=[self.controlnets[i] for i in controlnets])
         return self._samplers[key]
 
     def _progress_step(self, i) -> None:
@@ -260,25 +323,33 @@ class PersonGenPipeline:
                  start_merge_step: int | float = DEFAULT_START_MERGE,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
                  conditions: Mapping[str, str] | None = None, scheduler: str = "euler",
-                 adapter_scales: dict | None = None, progress: bool | Callable[[int], None] = False) -> np.ndarray:
+                 adapter_scales: dict | None = None, progress: bool | Callable[[int], None] = False,
+                 control_images: Sequence | None = None, control_scales: float | Sequence[float] = 1.0,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0) -> np.ndarray:
         """-> uint8 images [len(seeds), H, W, 3]. Seeds give the initial latents (jax.random.key(seed)).
         conditions: texts of the model's text conditions, e.g. {"bg": "in the mountains"} (P_bg).
         start_merge_step: the step index, or a fraction of num_steps (`resolve_start_merge_step`), after which
         the ID embedding is used.
         progress: True: a tqdm bar over the denoising steps; a callable: called as progress(steps_done) after
         each step (a web page's bar; it may run on a runtime thread, not the caller's). Both come from a host
-        callback inside the compiled loop (one sampler program for either)."""
+        callback inside the compiled loop (one sampler program for either).
+        control_images: one PIL image / uint8 array (or None: off) per loaded ControlNet; control_scales,
+        control_guidance_start / _end: a float for all or one per ControlNet (diffusers' meaning)."""
         f = self.vae.downscale_factor
         check_settings(seeds=list(seeds), num_steps=num_steps, guidance_scale=guidance_scale,
                        start_merge_step=start_merge_step, height=height, width=width, downscale_factor=f)
         start_merge_step = resolve_start_merge_step(start_merge_step, num_steps)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
+        active, controls = self.control_inputs(control_images, height=height, width=width, scales=control_scales,
+                                               guidance_start=control_guidance_start,
+                                               guidance_end=control_guidance_end)
         cond = self.encode(prompt, ref_images, negative_prompt=negative_prompt, conditions=conditions,
-                           height=height, width=width, adapter_scales=adapter_scales)
+                           height=height, width=width, adapter_scales=adapter_scales, controls=controls)
         shape = (height // f, width // f, self.unet.config.in_channels)
         noise = jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
-        sample = self.sampler(num_steps, scheduler, bool(progress))
+        sample = self.sampler(num_steps, scheduler, bool(progress), active)
         if callable(progress):
             self._bar = _StepCallback(progress)
         elif progress:

@@ -1,0 +1,167 @@
+"""ControlNet inside the compiled sampling loop: 10-step final latents against diffusers'
+StableDiffusionXLControlNetPipeline (one ControlNet; two ControlNets with different scales and guidance
+windows = diffusers' MultiControlNetModel), and against a PyTorch reference of PhotoMaker's ControlNet loop
+(ID embedding merged after start_merge_step, the ControlNet on the text-only prompt). Same Euler scheduler,
+same initial latents, fp32. Tolerance: rtol = atol = 1e-4 on the final latents.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import helpers  # noqa: E402
+
+helpers.allow_torchvision_import()
+diffusers = pytest.importorskip("diffusers")
+
+PROMPT = "a photo of a man wearing a red hat"
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from persongen_jax.pipeline.pipeline import PersonGenPipeline
+    from persongen_jax.testing.tiny_sdxl import make_tiny_controlnet, make_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("control")
+    src = make_tiny_sdxl(root / "src")
+    helpers.run_cli("sdxl", src, root / "sdxl")
+    cns = []
+    for k in range(2):
+        make_tiny_controlnet(root / f"cn{k}_src", seed=10 + k)
+        helpers.run_cli("controlnet", root / f"cn{k}_src", root / f"cn{k}", "--unet", root / "sdxl" / "unet")
+        cns.append(root / f"cn{k}")
+    pipe = PersonGenPipeline.from_pretrained(root / "sdxl", controlnets=cns)
+    rng = np.random.default_rng(0)
+    size = pipe.default_size
+    # Control images at another size than the output: both sides resize them (PIL Lanczos).
+    images = [rng.integers(0, 256, (size + 6, size - 4, 3)).astype(np.uint8) for _ in range(2)]
+    noise = rng.standard_normal((2, size // 2, size // 2, 4)).astype(np.float32)
+    return {"root": root, "src": src, "cn_src": [root / f"cn{k}_src" for k in range(2)], "pipe": pipe,
+            "images": images, "noise": noise, "size": size}
+
+
+def _ours(pipe, cond, noise, active, start_merge_step=0):
+    """Final latents of our compiled loop (the same `denoise` the sampler runs, without the VAE decode)."""
+    import jax
+    import jax.numpy as jnp
+
+    from persongen_jax.pipeline.sampling import control_keep, denoise
+    from persongen_jax.pipeline.schedulers import scheduler_from_config
+
+    sched = scheduler_from_config(pipe.scheduler_config, "euler")
+    state = sched.set_timesteps(STEPS)
+    cns = [pipe.controlnets[i] for i in active]
+    keep = control_keep(cond.controls, STEPS)
+    from flax import nnx
+
+    @nnx.jit
+    def run(unet, cns, noise, cond, keep):
+        return denoise(unet, sched, state, noise * sched.init_noise_sigma(state), cond, guidance_scale=5.0,
+                       start_merge_step=start_merge_step, controlnets=cns, controlnet_keep=keep)
+
+    return np.asarray(jax.block_until_ready(run(pipe.unet, cns, jnp.asarray(noise), cond, keep)))
+
+
+def _reference_pipeline(tiny, cn_idx):
+    from PIL import Image
+
+    helpers.torch_precise()
+    nets = [diffusers.ControlNetModel.from_pretrained(tiny["cn_src"][k]) for k in cn_idx]
+    ref = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(
+        tiny["src"], controlnet=nets[0] if len(nets) == 1 else nets, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    return ref, [Image.fromarray(tiny["images"][k]) for k in cn_idx]
+
+
+def _nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def test_one_controlnet_matches_diffusers_pipeline(tiny):
+    pipe, size, noise = tiny["pipe"], tiny["size"], tiny["noise"]
+    ref, images = _reference_pipeline(tiny, [0])
+    with torch.no_grad():
+        out = ref(PROMPT, image=images[0], num_inference_steps=STEPS, guidance_scale=5.0, height=size, width=size,
+                  num_images_per_prompt=2, latents=_nchw(noise), controlnet_conditioning_scale=0.8,
+                  output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+    active, controls = pipe.control_inputs([tiny["images"][0], None], height=size, width=size, scales=0.8)
+    assert active == (0,)
+    cond = pipe.encode(PROMPT, height=size, width=size, controls=controls)
+    helpers.assert_close(_ours(pipe, cond, noise, active), out, rtol=1e-4, atol=1e-4, name="final latents")
+
+
+def test_two_controlnets_match_multicontrolnet(tiny):
+    """Different scales and guidance windows (start/end fractions that switch each ControlNet on/off mid-loop)."""
+    pipe, size, noise = tiny["pipe"], tiny["size"], tiny["noise"]
+    ref, images = _reference_pipeline(tiny, [0, 1])
+    assert isinstance(ref.controlnet, diffusers.models.controlnets.MultiControlNetModel)
+    kw = dict(scales=[0.7, 1.3], guidance_start=[0.0, 0.25], guidance_end=[0.6, 1.0])
+    with torch.no_grad():
+        out = ref(PROMPT, image=images, num_inference_steps=STEPS, guidance_scale=5.0, height=size, width=size,
+                  num_images_per_prompt=2, latents=_nchw(noise), controlnet_conditioning_scale=kw["scales"],
+                  control_guidance_start=kw["guidance_start"], control_guidance_end=kw["guidance_end"],
+                  output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+    active, controls = pipe.control_inputs(tiny["images"], height=size, width=size, **kw)
+    cond = pipe.encode(PROMPT, height=size, width=size, controls=controls)
+    ours = _ours(pipe, cond, noise, active)
+    helpers.assert_close(ours, out, rtol=1e-4, atol=1e-4, name="final latents")
+    # The second ControlNet matters (a test that cannot fail without it would prove nothing).
+    _, only_first = pipe.control_inputs([tiny["images"][0], None], height=size, width=size, scales=0.7,
+                                        guidance_end=0.6)
+    alone = _ours(pipe, pipe.encode(PROMPT, height=size, width=size, controls=only_first), noise, (0,))
+    assert np.abs(alone - ours).max() > 1e-3
+
+
+def test_photomaker_with_controlnet_matches_reference_loop(tiny, tmp_path):
+    """PhotoMaker's ControlNet pipeline loop in PyTorch (diffusers' UNet, ControlNet and Euler scheduler) fed
+    with our prompt / ID / negative embeddings: steps <= start_merge_step use the text-only prompt, later ones
+    the ID-fused prompt; the ControlNet always sees the text-only prompt and the current pooled embedding."""
+    import shutil
+
+    from PIL import Image
+
+    from persongen_jax.pipeline.pipeline import PersonGenPipeline
+    from persongen_jax.testing.tiny_photomaker import make_tiny_photomaker
+
+    root = tiny["root"]
+    pm = tmp_path / "photomaker"
+    helpers.run_cli("photomaker", make_tiny_photomaker(tmp_path / "pm.bin"), pm, "--unet", root / "sdxl" / "unet")
+    shutil.rmtree(pm / "lora")  # the ID encoder only: the reference UNet is the plain one
+    pipe = PersonGenPipeline.from_pretrained(root / "sdxl", photomaker=pm, controlnets=[root / "cn0"])
+    size, noise, start_merge = tiny["size"], tiny["noise"], 3
+    face = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 36, 3)).astype(np.uint8))
+    active, controls = pipe.control_inputs([tiny["images"][0]], height=size, width=size, scales=0.9,
+                                           guidance_end=0.8)
+    cond = pipe.encode("a photo of a man img wearing a red hat", [face], negative_prompt="a hat", height=size,
+                       width=size, controls=controls)
+    ours = _ours(pipe, cond, noise, active, start_merge_step=start_merge)
+
+    helpers.torch_precise()
+    ref, _ = _reference_pipeline(tiny, [0])
+    unet, cn, sched = ref.unet, ref.controlnet, ref.scheduler
+    T = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+    neg, neg_pooled = T(cond.negative_embeds).repeat(2, 1, 1), T(cond.negative_pooled).repeat(2, 1)
+    fused, text_only = T(cond.prompt_embeds).repeat(2, 1, 1), T(cond.text_only_embeds).repeat(2, 1, 1)
+    pooled, text_only_pooled = T(cond.pooled).repeat(2, 1), T(cond.text_only_pooled).repeat(2, 1)
+    time_ids = T(cond.time_ids).repeat(4, 1)
+    image = torch.cat([_nchw(np.asarray(controls[0].image))] * 4)
+    sched.set_timesteps(STEPS)
+    latents = _nchw(noise) * sched.init_noise_sigma
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            x_in = sched.scale_model_input(torch.cat([latents] * 2), t)
+            merged = i > start_merge
+            emb = torch.cat([neg, fused if merged else text_only])
+            added = {"text_embeds": torch.cat([neg_pooled, pooled if merged else text_only_pooled]),
+                     "time_ids": time_ids}
+            keep = 1.0 - float(i / STEPS < 0.0 or (i + 1) / STEPS > 0.8)
+            down, mid = cn(x_in, t, encoder_hidden_states=torch.cat([neg, text_only]), controlnet_cond=image,
+                           conditioning_scale=0.9 * keep, added_cond_kwargs=added, return_dict=False)
+            eps = unet(x_in, t, encoder_hidden_states=emb, added_cond_kwargs=added,
+                       down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            eps_u, eps_c = eps.chunk(2)
+            latents = sched.step(eps_u + 5.0 * (eps_c - eps_u), t, latents).prev_sample
+    helpers.assert_close(ours, latents.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4, name="final latents")
