@@ -11,6 +11,10 @@ run can be repeated). Without --ref it is plain SDXL text-to-image. With an
 adapter folder (--adapters), `--cond NAME=TEXT` feeds the text condition NAME of the
 split-prompt method (e.g. --cond bg="in the mountains"); --prompt-bg / --prompt-body
 are aliases of --cond bg=... / --cond body=....
+
+Spatial control and styles (persongen_jax/pipeline/control.py): --controlnet DIR --control-image PATH
+[--control-scale S] (repeatable pairs; --control-preprocess canny turns a photo into edges), --style NAME
+(PhotoMaker's templates), --aspect W:H (SDXL presets).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import time
 from pathlib import Path
 
 from persongen_jax.pipeline import DEFAULT_START_MERGE, MAX_SEED, id_unused_warning
+from persongen_jax.pipeline.control import (add_control_arguments, apply_style, aspect_size, control_arguments,
+                                            style_settings)
 from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
 
 
@@ -183,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler", help="sampler")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder (created): seed_<s>.png per seed and settings.json")
+    add_control_arguments(p)
     return p
 
 
@@ -210,14 +217,23 @@ def main(argv=None) -> int:
         check_model_arguments(args)
         texts = condition_texts(args)
         refs = [load_image(p) for p in args.ref]  # fail on a bad image before loading any model
+        control = control_arguments(args)
+        prompt, negative = (apply_style(args.style, args.prompt, args.negative_prompt) if args.style
+                            else (args.prompt, args.negative_prompt))
         print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
         pipe, step, _ = load_pipeline(args)
+        pipe.add_controlnets(args.controlnet)
+        height, width = args.height, args.width
+        if args.aspect:
+            width, height = aspect_size(args.aspect, pipe.default_size, pipe.vae.downscale_factor)
         common = dict(num_steps=args.steps, guidance_scale=args.guidance_scale,
-                      start_merge_step=args.start_merge_step, height=args.height, width=args.width,
-                      negative_prompt=args.negative_prompt, conditions=texts, scheduler=args.scheduler)
+                      start_merge_step=args.start_merge_step, height=height, width=width,
+                      negative_prompt=negative, conditions=texts, scheduler=args.scheduler)
         files = []
         # One compiled call for all seeds; the bar counts denoising steps.
-        images = pipe(args.prompt, refs, seeds=args.seeds, progress=True, **common)
+        images = pipe(prompt, refs, seeds=args.seeds, progress=True, control_images=control["images"] or None,
+                      control_scales=control["scales"], control_guidance_start=control["start"],
+                      control_guidance_end=control["end"], **common)
         for seed, img in zip(args.seeds, images):
             path = args.out / f"seed_{seed}.png"
             Image.fromarray(img).save(path)
@@ -230,7 +246,12 @@ def main(argv=None) -> int:
                 "height": images.shape[1], "width": images.shape[2], "trigger_word": args.trigger_word,
                 "images": files,
                 "seconds": round(time.perf_counter() - t0, 2), **{k: v for k, v in common.items()
-                                                                   if k not in ("height", "width")}}
+                                                                   if k not in ("height", "width")},
+                "negative_prompt": args.negative_prompt, "aspect": args.aspect,
+                **style_settings(args.style, args.prompt, args.negative_prompt),
+                "controlnets": args.controlnet, "control_images": args.control_image,
+                "control_scales": control["scales"], "control_preprocess": control["preprocess"],
+                "control_guidance_start": control["start"], "control_guidance_end": control["end"]}
     (args.out / "settings.json").write_text(json.dumps(settings, indent=2))
     print(f"wrote {len(files)} image(s) and settings.json to {args.out}")
     return 0

@@ -28,10 +28,13 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("control")
     src = make_tiny_sdxl(root / "src")
     helpers.run_cli("sdxl", src, root / "sdxl")
+    from weights_conversion.__main__ import main as convert
+
     cns = []
-    for k in range(2):
+    for k in range(2):  # in-process: the CLI's subprocess path is test_controlnet's
         make_tiny_controlnet(root / f"cn{k}_src", seed=10 + k)
-        helpers.run_cli("controlnet", root / f"cn{k}_src", root / f"cn{k}", "--unet", root / "sdxl" / "unet")
+        assert convert(["controlnet", str(root / f"cn{k}_src"), str(root / f"cn{k}"), "--unet",
+                        str(root / "sdxl" / "unet")]) == 0
         cns.append(root / f"cn{k}")
     pipe = PersonGenPipeline.from_pretrained(root / "sdxl", controlnets=cns)
     rng = np.random.default_rng(0)
@@ -128,7 +131,10 @@ def test_photomaker_with_controlnet_matches_reference_loop(tiny, tmp_path):
 
     root = tiny["root"]
     pm = tmp_path / "photomaker"
-    helpers.run_cli("photomaker", make_tiny_photomaker(tmp_path / "pm.bin"), pm, "--unet", root / "sdxl" / "unet")
+    from weights_conversion.__main__ import main as convert
+
+    assert convert(["photomaker", str(make_tiny_photomaker(tmp_path / "pm.bin")), str(pm), "--unet",
+                    str(root / "sdxl" / "unet")]) == 0
     shutil.rmtree(pm / "lora")  # the ID encoder only: the reference UNet is the plain one
     pipe = PersonGenPipeline.from_pretrained(root / "sdxl", photomaker=pm, controlnets=[root / "cn0"])
     size, noise, start_merge = tiny["size"], tiny["noise"], 3
@@ -165,3 +171,69 @@ def test_photomaker_with_controlnet_matches_reference_loop(tiny, tmp_path):
             eps_u, eps_c = eps.chunk(2)
             latents = sched.step(eps_u + 5.0 * (eps_c - eps_u), t, latents).prev_sample
     helpers.assert_close(ours, latents.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4, name="final latents")
+
+
+def test_generate_cli_canny_control_style_and_aspect(tiny, tmp_path, capsys):
+    """generate --controlnet --control-image --control-preprocess canny --style --aspect: the images are the
+    pipeline's for the canny edges of the image, the styled prompt / merged negative, at the 16:9 preset scaled
+    to the tiny model (32 x 18); settings.json holds the template text. Bad options: one `error:` line."""
+    import json
+
+    from PIL import Image
+
+    from persongen_jax.generate import main
+    from persongen_jax.pipeline.control import STYLES, apply_style, canny
+
+    root, pipe = tiny["root"], tiny["pipe"]
+    photo = tmp_path / "pose.png"
+    Image.fromarray(np.kron(tiny["images"][0], np.ones((2, 2, 1), np.uint8))).save(photo)
+    base = ["--model", str(root / "sdxl"), "--prompt", "a photo of a man", "--steps", "2", "--seeds", "3"]
+    argv = base + ["--controlnet", str(root / "cn1"), "--control-image", str(photo), "--control-scale", "1.5",
+                   "--control-preprocess", "canny", "--style", "Cinematic", "--negative-prompt", "a hat",
+                   "--aspect", "16:9", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings["style_template"] == {"prompt": STYLES["Cinematic"][0], "negative_prompt": STYLES["Cinematic"][1]}
+    assert settings["styled_negative_prompt"] == STYLES["Cinematic"][1] + " a hat"
+    assert settings["control_scales"] == [1.5] and settings["control_preprocess"] == ["canny"]
+    image = np.asarray(Image.open(tmp_path / "out" / "seed_3.png"))
+    assert image.shape == (18, 32, 3)
+
+    # The same through the library (pipe holds cn0, cn1: cn0 off): identical pixels; without control: different.
+    prompt, negative = apply_style("Cinematic", "a photo of a man", "a hat")
+    kw = dict(seeds=[3], num_steps=2, height=18, width=32, negative_prompt=negative)
+    same = pipe(prompt, control_images=[None, canny(Image.open(photo))], control_scales=[1.0, 1.5], **kw)
+    np.testing.assert_array_equal(same[0], image)
+    assert not np.array_equal(pipe(prompt, **kw)[0], image)
+
+    def fails(*extra, after_loading=False):
+        assert main(base + ["--out", str(tmp_path / "bad"), *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        if after_loading:  # the "loading MODEL ..." progress line comes first
+            assert err.startswith("loading "), err
+            err = err.split("\n", 1)[1]
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+        return err
+
+    err = fails("--style", "Vaporwave")
+    assert "unknown style 'Vaporwave'" in err and "'Cinematic'" in err and "'(No style)'" in err
+    assert "unknown aspect '5:4'" in fails("--aspect", "5:4")
+    assert "--aspect sets the size" in fails("--aspect", "16:9", "--height", "32")
+    assert "1 --control-image for 2 --controlnet" in fails("--controlnet", "a", "--controlnet", "b",
+                                                           "--control-image", str(photo))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    assert "--control-image" in fails("--controlnet", str(root / "cn0"), "--control-image", str(bad))
+    # A ControlNet made for another UNet: named, shapes listed (after the model loads: it needs the UNet).
+    from persongen_jax.testing.tiny_sdxl import make_tiny_controlnet
+
+    make_tiny_controlnet(tmp_path / "other_src", unet=helpers.parity_unet_config())
+    (tmp_path / "other_unet").mkdir()
+    (tmp_path / "other_unet" / "config.json").write_text(json.dumps(helpers.parity_unet_config()))
+    from weights_conversion.__main__ import main as convert
+
+    assert convert(["controlnet", str(tmp_path / "other_src"), str(tmp_path / "other"), "--unet",
+                    str(tmp_path / "other_unet")]) == 0
+    err = fails("--controlnet", str(tmp_path / "other"), "--control-image", str(photo), after_loading=True)
+    assert "made for another UNet: residual channels [32, 32" in err and "vs the UNet's [32, 32, 32, 32, 64" in err

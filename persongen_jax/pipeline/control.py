@@ -147,3 +147,73 @@ def aspect_size(ratio: str, base: int = 1024, multiple: int = 8) -> tuple[int, i
     _, w, h = ASPECT_RATIOS[ratio]
     fit = lambda v: max(multiple, int(round(v * base / 1024 / multiple)) * multiple)  # noqa: E731
     return fit(w), fit(h)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_control_arguments(p) -> None:
+    """The options of spatial control, styles and sizes (generate; the web app takes --controlnet)."""
+    p.add_argument("--controlnet", type=str, action="append", default=[], metavar="DIR",
+                   help="a converted ControlNet folder (weights_conversion controlnet); repeatable, each with its "
+                        "--control-image (in the same order)")
+    p.add_argument("--control-image", type=str, action="append", default=[], metavar="PATH",
+                   help="the control image of each --controlnet (pose / depth / edges ...), resized to the output size")
+    p.add_argument("--control-scale", type=float, action="append", default=[], metavar="S",
+                   help="conditioning scale: once for all ControlNets or once per --controlnet (default 1.0)")
+    p.add_argument("--control-preprocess", choices=sorted(PREPROCESSORS), action="append", default=[],
+                   help="turn the control image into the ControlNet's input first (canny: OpenCV edges); once for "
+                        "all or once per --controlnet (default none)")
+    p.add_argument("--control-guidance-start", type=float, default=0.0,
+                   help="fraction of the steps at which the ControlNets start acting (default 0)")
+    p.add_argument("--control-guidance-end", type=float, default=1.0,
+                   help="fraction of the steps at which the ControlNets stop acting (default 1)")
+    p.add_argument("--style", default=None, help="a PhotoMaker style template: " + ", ".join(map(repr, STYLES)))
+    p.add_argument("--aspect", default=None, metavar="W:H",
+                   help="an SDXL aspect preset (scaled to the model's size): " + ", ".join(ASPECT_RATIOS))
+
+
+def _per_controlnet(values: list, n: int, flag: str, default):
+    if len(values) not in (0, 1, n):
+        raise ValueError(f"{flag} given {len(values)} times for {n} --controlnet: give it once for all, or once per "
+                         "--controlnet")
+    return list(values) * n if len(values) == 1 else (list(values) or [default] * n)
+
+
+def control_arguments(args) -> dict:
+    """Checks the options of `add_control_arguments` before any model loads and reads the control images
+    (ValueError / ImageError naming the flag or file) -> {"images": [PIL RGB], "scales", "preprocess",
+    "start", "end"}: the images already preprocessed."""
+    from persongen_jax.pipeline.image_processing import ImageError, load_image
+
+    n = len(args.controlnet)
+    if len(args.control_image) != n:
+        raise ValueError(f"{len(args.control_image)} --control-image for {n} --controlnet: give one image per "
+                         "ControlNet")
+    if args.style is not None:
+        check_style(args.style)
+    if args.aspect is not None:
+        check_aspect(args.aspect)
+        if args.height is not None or args.width is not None:
+            raise ValueError("--aspect sets the size: drop --height / --width")
+    scales = _per_controlnet(args.control_scale, n, "--control-scale", 1.0)
+    preprocess = _per_controlnet(args.control_preprocess, n, "--control-preprocess", "none")
+    if not 0.0 <= args.control_guidance_start < args.control_guidance_end <= 1.0:
+        raise ValueError(f"--control-guidance-start {args.control_guidance_start} / --control-guidance-end "
+                         f"{args.control_guidance_end}: expected 0 <= start < end <= 1")
+    try:
+        images = [PREPROCESSORS[pre](load_image(path)) for path, pre in zip(args.control_image, preprocess)]
+    except ImageError as e:
+        raise ImageError(f"--control-image {e}") from None
+    return {"images": images, "scales": scales, "preprocess": preprocess, "start": args.control_guidance_start,
+            "end": args.control_guidance_end}
+
+
+def style_settings(style: str | None, prompt: str, negative_prompt: str | None) -> dict:
+    """settings.json entries of a style: the template text and the prompts it produced (empty without one)."""
+    if style is None:
+        return {}
+    template, negative = STYLES[style]
+    styled, merged = apply_style(style, prompt, negative_prompt)
+    return {"style": style, "style_template": {"prompt": template, "negative_prompt": negative},
+            "styled_prompt": styled, "styled_negative_prompt": merged}

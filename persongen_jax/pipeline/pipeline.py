@@ -200,6 +200,12 @@ class PersonGenPipeline:
                    id_encoder=model.id_encoder, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
                    trigger_word=trigger_word, sample_size=sample_size, conditions=conditions)
 
+    def add_controlnets(self, paths: Sequence[str | os.PathLike]) -> None:
+        """Loads converted ControlNet folders (checked against this UNet and VAE: `load_controlnet`) after the
+        ones already loaded; compiled samplers are kept (their key names the ControlNets they run)."""
+        dtype = getattr(self.unet, "dtype", None)
+        self.controlnets += [load_controlnet(p, self.unet, self.vae, dtype=dtype) for p in paths]
+
     @property
     def default_size(self) -> int:
         """Height = width of an image when none is asked for: the UNet's sample_size x the VAE factor."""
