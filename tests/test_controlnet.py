@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 
+import helpers
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import helpers
 from persongen_jax.models.controlnet import ControlNetConfig, ControlNetModel, check_matches_unet
 from persongen_jax.models.unet import UNetConfig
 
@@ -110,8 +110,8 @@ def test_bgr_order_and_global_pooling_match_diffusers():
 
 def test_unet_with_residuals_matches_diffusers(converted):
     """The UNet adds the residuals where diffusers does (skips and mid block)."""
-    from weights_conversion import core
     from persongen_jax.models.unet import UNet2DConditionModel
+    from weights_conversion import core
 
     _, ref, model, _ = converted
     ucfg = helpers.parity_unet_config()

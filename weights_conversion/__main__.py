@@ -9,6 +9,7 @@
     python -m weights_conversion export-adapter ADAPTER_DIR|RUN DST.safetensors [--name bg] [--step N]
     python -m weights_conversion arcface SRC.onnx DST                          (insightface IResNet ONNX)
     python -m weights_conversion controlnet SRC DST [--unet UNET_DIR] [--verify]  (diffusers ControlNetModel)
+    python -m weights_conversion t2i-adapter SRC DST [--unet UNET_DIR] [--verify] (diffusers T2IAdapter, SDXL)
 
 (also installed as the `persongen-convert` console script). Exits 1 with a
 message naming the file and keys when a checkpoint does not match.
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-CONTROL_COMMANDS = ("controlnet",)  # weights_conversion/controlnet.py
+CONTROL_COMMANDS = ("controlnet", "t2i-adapter")  # weights_conversion/controlnet.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export-adapter":
             s.add_argument("--name", default=None, help="which condition to export (default: the only one)")
     for name, help_ in [("controlnet", "a diffusers ControlNetModel folder (SDXL) -> a ControlNet folder for "
-                                       "generate --controlnet")]:
+                                       "generate --controlnet"),
+                        ("t2i-adapter", "a diffusers T2IAdapter folder (full_adapter_xl) -> a folder for "
+                                        "generate --t2i-adapter")]:
         s = add(name, help_, "the diffusers folder (config.json + weights)", "the converted folder to write")
         s.add_argument("--unet", type=Path, default=None, help=unet_help)
         s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")

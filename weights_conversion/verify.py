@@ -46,6 +46,10 @@ def reference_inputs(name: str, config: dict, seed: int = 0, latent_hw=(32, 32),
         return out
     if name == "AutoencoderKL":
         return {"images": np.clip(f(batch, 64, 64, config.get("in_channels", 3)) * 0.5, -1, 1)}
+    if name == "T2IAdapter":  # an image at 2 x 2 of the adapter's last features (odd sizes: the ceil pool)
+        size = 2 * 2 * config.get("downscale_factor", 16)
+        return {"image": rng.random((batch, size, size + config.get("downscale_factor", 16),
+                                     config.get("in_channels", 3)), dtype=np.float32)}
     text = config.get("text_config", config)
     vision = config.get("vision_config", config)
     out = {}
@@ -88,6 +92,10 @@ def run_torch(name: str, folder: Path, inputs: dict, variant=None) -> dict:
                           T(inputs["encoder_hidden_states"]), controlnet_cond=T(_nchw(inputs["controlnet_cond"])),
                           added_cond_kwargs=added, return_dict=False)
             res = {f"down_{i}": _nhwc(d.numpy()) for i, d in enumerate(down)} | {"mid": _nhwc(mid.numpy())}
+        elif name == "T2IAdapter":
+            from diffusers import T2IAdapter
+            m = T2IAdapter.from_pretrained(folder, variant=variant, **kw).eval()
+            res = {f"feature_{i}": _nhwc(f.numpy()) for i, f in enumerate(m(T(_nchw(inputs["image"]))))}
         elif name == "AutoencoderKL":
             from diffusers import AutoencoderKL
             m = AutoencoderKL.from_pretrained(folder, variant=variant, **kw).eval()
@@ -132,6 +140,8 @@ def run_flax(name: str, folder: Path, inputs: dict) -> dict:
             down, mid = m(J(inputs["sample"]), J(inputs["timesteps"]), J(inputs["encoder_hidden_states"]),
                           J(inputs["controlnet_cond"]), **extra)
             res = {f"down_{i}": d for i, d in enumerate(down)} | {"mid": mid}
+        elif name == "T2IAdapter":
+            res = {f"feature_{i}": f for i, f in enumerate(m(J(inputs["image"])))}
         elif name == "AutoencoderKL":
             dist = m.encode(J(inputs["images"]))
             res = {"mean": dist.mean, "logvar": dist.logvar, "decoded": m.decode(dist.mean)}

@@ -70,7 +70,8 @@ class ControlNetConfig:
     def from_dict(cls, config: Mapping[str, Any]) -> "ControlNetConfig":
         """diffusers ControlNetModel config.json dict -> validated config; ValueError naming the key for an
         unknown or unsupported one (the UNet's rules: `UNetConfig.from_dict`)."""
-        own = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in CONTROLNET_KEYS}
+        own: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()
+                               if k in CONTROLNET_KEYS}
         rest = {k: v for k, v in config.items() if k not in CONTROLNET_KEYS}
         for key in rest:
             if key in _UNET_ONLY_KEYS:

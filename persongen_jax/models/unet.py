@@ -313,7 +313,10 @@ class UNetEncoderMixin:
             else:
                 sample, res = self._block(block, sample, emb, encoder_hidden_states)
                 if pending:
+                    # diffusers adds in place (`sample += ...`): the block's last skip is the same tensor, so
+                    # it carries the feature too.
                     sample = sample + pending.pop(0).astype(sample.dtype)
+                    res = res[:-1] + (sample,)
             skips += res
         if self.mid_block is not None:
             sample = self._block(self.mid_block, sample, emb, encoder_hidden_states)
