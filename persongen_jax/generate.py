@@ -13,7 +13,8 @@ split-prompt method (e.g. --cond bg="in the mountains"); --prompt-bg / --prompt-
 are aliases of --cond bg=... / --cond body=....
 
 Spatial control and styles (persongen_jax/pipeline/control.py): --controlnet DIR --control-image PATH
-[--control-scale S] (repeatable pairs; --control-preprocess canny turns a photo into edges), --style NAME
+[--control-scale S] (repeatable pairs; --control-preprocess canny turns a photo into edges), --t2i-adapter DIR
+--adapter-image PATH [--adapter-scale S --adapter-factor F], --style NAME
 (PhotoMaker's templates), --aspect W:H (SDXL presets).
 """
 
@@ -223,6 +224,8 @@ def main(argv=None) -> int:
         print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
         pipe, step, _ = load_pipeline(args)
         pipe.add_controlnets(args.controlnet)
+        if args.t2i_adapter:
+            pipe.add_t2i_adapter(args.t2i_adapter)
         height, width = args.height, args.width
         if args.aspect:
             width, height = aspect_size(args.aspect, pipe.default_size, pipe.vae.downscale_factor)
@@ -233,7 +236,9 @@ def main(argv=None) -> int:
         # One compiled call for all seeds; the bar counts denoising steps.
         images = pipe(prompt, refs, seeds=args.seeds, progress=True, control_images=control["images"] or None,
                       control_scales=control["scales"], control_guidance_start=control["start"],
-                      control_guidance_end=control["end"], **common)
+                      control_guidance_end=control["end"], adapter_image=control["adapter_image"],
+                      adapter_conditioning_scale=args.adapter_scale, adapter_conditioning_factor=args.adapter_factor,
+                      **common)
         for seed, img in zip(args.seeds, images):
             path = args.out / f"seed_{seed}.png"
             Image.fromarray(img).save(path)
@@ -251,7 +256,9 @@ def main(argv=None) -> int:
                 **style_settings(args.style, args.prompt, args.negative_prompt),
                 "controlnets": args.controlnet, "control_images": args.control_image,
                 "control_scales": control["scales"], "control_preprocess": control["preprocess"],
-                "control_guidance_start": control["start"], "control_guidance_end": control["end"]}
+                "control_guidance_start": control["start"], "control_guidance_end": control["end"],
+                "t2i_adapter": args.t2i_adapter, "adapter_image": args.adapter_image,
+                "adapter_conditioning_scale": args.adapter_scale, "adapter_conditioning_factor": args.adapter_factor}
     (args.out / "settings.json").write_text(json.dumps(settings, indent=2))
     print(f"wrote {len(files)} image(s) and settings.json to {args.out}")
     return 0

@@ -237,3 +237,52 @@ def test_generate_cli_canny_control_style_and_aspect(tiny, tmp_path, capsys):
                     str(tmp_path / "other_unet")]) == 0
     err = fails("--controlnet", str(tmp_path / "other"), "--control-image", str(photo), after_loading=True)
     assert "made for another UNet: residual channels [32, 32" in err and "vs the UNet's [32, 32, 32, 32, 64" in err
+
+
+def test_t2i_adapter_loop_matches_diffusers_and_generate_cli(tiny, tmp_path, capsys):
+    """A T2I-Adapter for the tiny UNet: 10-step final latents vs diffusers' StableDiffusionXLAdapterPipeline
+    (adapter_conditioning_scale 0.8, factor 0.5: the features stop after step 5); generate --t2i-adapter
+    --adapter-image gives the library's pixels."""
+    from PIL import Image
+
+    from persongen_jax.generate import main
+    from persongen_jax.pipeline.sampling import Conditioning
+    from weights_conversion.__main__ import main as convert
+
+    root, pipe, size, noise = tiny["root"], tiny["pipe"], tiny["size"], tiny["noise"]
+    helpers.torch_precise()
+    ref_adapter = diffusers.T2IAdapter(in_channels=3, channels=[32, 64, 64], num_res_blocks=2, downscale_factor=4,
+                                       adapter_type="full_adapter_xl").eval()
+    helpers.randomize_(ref_adapter, seed=7)
+    ref_adapter.save_pretrained(tmp_path / "t2i_src")
+    assert convert(["t2i-adapter", str(tmp_path / "t2i_src"), str(tmp_path / "t2i"), "--unet",
+                    str(root / "sdxl" / "unet")]) == 0
+    capsys.readouterr()
+    pipe.add_t2i_adapter(tmp_path / "t2i")
+    image = Image.fromarray(tiny["images"][1])
+
+    ref = diffusers.StableDiffusionXLAdapterPipeline.from_pretrained(tiny["src"], adapter=ref_adapter,
+                                                                     torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        out = ref(PROMPT, image=image, num_inference_steps=STEPS, guidance_scale=5.0, height=size, width=size,
+                  num_images_per_prompt=2, latents=_nchw(noise), adapter_conditioning_scale=0.8,
+                  adapter_conditioning_factor=0.5, output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+    cond: Conditioning = pipe.encode(PROMPT, height=size, width=size)
+    import jax.numpy as jnp
+
+    cond = cond.replace(t2i_features=pipe.t2i_features(image, height=size, width=size, scale=0.8),
+                        t2i_steps=jnp.int32(int(STEPS * 0.5)))
+    helpers.assert_close(_ours(pipe, cond, noise, ()), out, rtol=1e-4, atol=1e-4, name="final latents")
+
+    photo = tmp_path / "sketch.png"
+    image.save(photo)
+    argv = ["--model", str(root / "sdxl"), "--prompt", PROMPT, "--steps", "2", "--seeds", "1", "--t2i-adapter",
+            str(tmp_path / "t2i"), "--adapter-image", str(photo), "--adapter-scale", "1.2", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0, capsys.readouterr().err
+    got = np.asarray(Image.open(tmp_path / "o" / "seed_1.png"))
+    kw = dict(seeds=[1], num_steps=2)
+    np.testing.assert_array_equal(pipe(PROMPT, adapter_image=image, adapter_conditioning_scale=1.2, **kw)[0], got)
+    assert not np.array_equal(pipe(PROMPT, **kw)[0], got)
+    assert main(argv[:-6] + ["--out", str(tmp_path / "p")]) == 1  # --t2i-adapter without --adapter-image
+    assert "--t2i-adapter and --adapter-image go together" in capsys.readouterr().err

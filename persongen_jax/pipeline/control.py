@@ -18,19 +18,21 @@ from PIL import Image
 # ---------------------------------------------------------------------------------------------- control images
 
 
-def prepare_control_image(image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
+def prepare_control_image(image: Image.Image | np.ndarray, height: int, width: int, mode: str = "RGB") -> np.ndarray:
     """A control image as diffusers' ControlNet pipelines prepare it (`VaeImageProcessor(do_convert_rgb=True,
-    do_normalize=False).preprocess(image, height, width)`): RGB, resized to the output size with PIL Lanczos
-    (aspect ratio not kept), scaled to [0, 1] -> [1, height, width, 3] float32."""
+    do_normalize=False).preprocess(image, height, width)`; the T2I-Adapter pipeline's `_preprocess_adapter_image`
+    is the same): RGB (mode "L": one grey channel, for 1-channel adapters), resized to the output size with PIL
+    Lanczos (aspect ratio not kept), scaled to [0, 1] -> [1, height, width, 3 (or 1)] float32."""
     if not isinstance(image, Image.Image):
         arr = np.asarray(image)
         if arr.dtype != np.uint8:
             raise ValueError(f"control image array: expected uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
         image = Image.fromarray(arr)
-    image = image.convert("RGB")
+    image = image.convert(mode)
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
-    return (np.asarray(image, np.float32) / 255.0)[None]
+    arr = np.asarray(image, np.float32) / 255.0
+    return (arr[..., None] if arr.ndim == 2 else arr)[None]
 
 
 def canny(image: Image.Image | np.ndarray, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
@@ -168,6 +170,15 @@ def add_control_arguments(p) -> None:
                    help="fraction of the steps at which the ControlNets start acting (default 0)")
     p.add_argument("--control-guidance-end", type=float, default=1.0,
                    help="fraction of the steps at which the ControlNets stop acting (default 1)")
+    p.add_argument("--t2i-adapter", default=None, metavar="DIR",
+                   help="a converted T2I-Adapter folder (weights_conversion t2i-adapter; SDXL full_adapter_xl), with "
+                        "--adapter-image")
+    p.add_argument("--adapter-image", default=None, metavar="PATH", help="the T2I-Adapter's input image (sketch, "
+                   "lineart, depth ...), resized to the output size (--control-preprocess canny applies to it too "
+                   "when it is given once and there is no --controlnet)")
+    p.add_argument("--adapter-scale", type=float, default=1.0, help="adapter_conditioning_scale (default 1.0)")
+    p.add_argument("--adapter-factor", type=float, default=1.0,
+                   help="adapter_conditioning_factor: the fraction of the steps the adapter acts on (default 1.0)")
     p.add_argument("--style", default=None, help="a PhotoMaker style template: " + ", ".join(map(repr, STYLES)))
     p.add_argument("--aspect", default=None, metavar="W:H",
                    help="an SDXL aspect preset (scaled to the model's size): " + ", ".join(ASPECT_RATIOS))
@@ -205,8 +216,19 @@ def control_arguments(args) -> dict:
         images = [PREPROCESSORS[pre](load_image(path)) for path, pre in zip(args.control_image, preprocess)]
     except ImageError as e:
         raise ImageError(f"--control-image {e}") from None
+    if (args.t2i_adapter is None) != (args.adapter_image is None):
+        raise ValueError("--t2i-adapter and --adapter-image go together")
+    if not 0.0 <= args.adapter_factor <= 1.0:
+        raise ValueError(f"--adapter-factor {args.adapter_factor}: expected a fraction of the steps in [0, 1]")
+    adapter_image = None
+    if args.adapter_image is not None:
+        pre = args.control_preprocess[0] if len(args.control_preprocess) == 1 and not n else "none"
+        try:
+            adapter_image = PREPROCESSORS[pre](load_image(args.adapter_image))
+        except ImageError as e:
+            raise ImageError(f"--adapter-image {e}") from None
     return {"images": images, "scales": scales, "preprocess": preprocess, "start": args.control_guidance_start,
-            "end": args.control_guidance_end}
+            "end": args.control_guidance_end, "adapter_image": adapter_image}
 
 
 def style_settings(style: str | None, prompt: str, negative_prompt: str | None) -> dict:

@@ -123,6 +123,8 @@ class PersonGenPipeline:
                  controlnets: Sequence = ()):
         self.unet, self.vae = unet, vae
         self.controlnets = list(controlnets)  # ControlNetModel modules (`generate --controlnet`), in order
+        self.t2i_adapter = None  # a T2IAdapter module (`add_t2i_adapter`, `generate --t2i-adapter`)
+        self._t2i = nnx.jit(lambda m, x: m(x), graph_updates=False)
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
@@ -205,6 +207,35 @@ class PersonGenPipeline:
         ones already loaded; compiled samplers are kept (their key names the ControlNets they run)."""
         dtype = getattr(self.unet, "dtype", None)
         self.controlnets += [load_controlnet(p, self.unet, self.vae, dtype=dtype) for p in paths]
+
+    def add_t2i_adapter(self, path: str | os.PathLike) -> None:
+        """Loads a converted T2I-Adapter folder (`weights_conversion t2i-adapter`), checked against this UNet and
+        VAE (PipelineError, one line, listing the shapes)."""
+        from persongen_jax.models.t2i_adapter import T2IAdapter, check_adapter_matches_unet
+
+        path = Path(path)
+        adapter = modeling.from_pretrained(_require(path, "T2I-Adapter (config.json)"),
+                                           dtype=getattr(self.unet, "dtype", None))
+        if not isinstance(adapter, T2IAdapter):
+            raise PipelineError(f"{path}: holds a {type(adapter).__name__}, not a T2I-Adapter (convert one with "
+                                "`python -m weights_conversion t2i-adapter SRC DST`)")
+        try:
+            check_adapter_matches_unet(adapter.config, self.unet.config, self.vae.downscale_factor,
+                                       name=f"{path}: this T2I-Adapter")
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        self.t2i_adapter = adapter
+
+    def t2i_features(self, image, *, height: int, width: int, scale: float = 1.0) -> tuple:
+        """The loaded T2I-Adapter's features of `image` (PIL / uint8 array), resized to the output size as diffusers'
+        adapter pipeline does (PIL Lanczos, [0, 1]), times `scale` -> tuple of [1, h_i, w_i, C_i]."""
+        if self.t2i_adapter is None:
+            raise PipelineError("an adapter image was given but no T2I-Adapter is loaded (--t2i-adapter DIR)")
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise PipelineError(f"adapter conditioning scale {scale!r}: expected a finite number")
+        grey = self.t2i_adapter.config.in_channels == 1
+        pixels = prepare_control_image(image, height, width, mode="L" if grey else "RGB")
+        return tuple(f * jnp.float32(scale) for f in self._t2i(self.t2i_adapter, jnp.asarray(pixels)))
 
     @property
     def default_size(self) -> int:
@@ -332,7 +363,8 @@ class PersonGenPipeline:
                  adapter_scales: dict | None = None, progress: bool | Callable[[int], None] = False,
                  control_images: Sequence | None = None, control_scales: float | Sequence[float] = 1.0,
                  control_guidance_start: float | Sequence[float] = 0.0,
-                 control_guidance_end: float | Sequence[float] = 1.0) -> np.ndarray:
+                 control_guidance_end: float | Sequence[float] = 1.0, adapter_image=None,
+                 adapter_conditioning_scale: float = 1.0, adapter_conditioning_factor: float = 1.0) -> np.ndarray:
         """-> uint8 images [len(seeds), H, W, 3]. Seeds give the initial latents (jax.random.key(seed)).
         conditions: texts of the model's text conditions, e.g. {"bg": "in the mountains"} (P_bg).
         start_merge_step: the step index, or a fraction of num_steps (`resolve_start_merge_step`), after which
@@ -341,7 +373,9 @@ class PersonGenPipeline:
         each step (a web page's bar; it may run on a runtime thread, not the caller's). Both come from a host
         callback inside the compiled loop (one sampler program for either).
         control_images: one PIL image / uint8 array (or None: off) per loaded ControlNet; control_scales,
-        control_guidance_start / _end: a float for all or one per ControlNet (diffusers' meaning)."""
+        control_guidance_start / _end: a float for all or one per ControlNet (diffusers' meaning).
+        adapter_image: the loaded T2I-Adapter's input; its features times adapter_conditioning_scale act on the
+        first int(num_steps * adapter_conditioning_factor) steps (diffusers' adapter pipeline)."""
         f = self.vae.downscale_factor
         check_settings(seeds=list(seeds), num_steps=num_steps, guidance_scale=guidance_scale,
                        start_merge_step=start_merge_step, height=height, width=width, downscale_factor=f)
@@ -353,6 +387,14 @@ class PersonGenPipeline:
                                                guidance_end=control_guidance_end)
         cond = self.encode(prompt, ref_images, negative_prompt=negative_prompt, conditions=conditions,
                            height=height, width=width, adapter_scales=adapter_scales, controls=controls)
+        if adapter_image is not None:
+            if not (isinstance(adapter_conditioning_factor, (int, float))
+                    and 0.0 <= adapter_conditioning_factor <= 1.0):
+                raise PipelineError(f"adapter conditioning factor {adapter_conditioning_factor!r}: expected a "
+                                    "fraction of the steps in [0, 1]")
+            cond = cond.replace(t2i_features=self.t2i_features(adapter_image, height=height, width=width,
+                                                               scale=adapter_conditioning_scale),
+                                t2i_steps=jnp.int32(int(num_steps * adapter_conditioning_factor)))
         shape = (height // f, width // f, self.unet.config.in_channels)
         noise = jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
         sample = self.sampler(num_steps, scheduler, bool(progress), active)

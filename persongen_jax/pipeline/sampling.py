@@ -66,6 +66,9 @@ class Conditioning:
     condition_scales: {name: scalar} scale of each adapter condition.
     gated: names of the conditions that join only after start_merge_step (static).
     controls: one ControlConditioning per ControlNet given to `denoise` (same order).
+    t2i_features: a T2I-Adapter's features [1, h_i, w_i, C_i], already times adapter_conditioning_scale,
+        added by the UNet (`down_intrablock_additional_residuals`) at steps i < t2i_steps
+        (= int(num_steps * adapter_conditioning_factor), diffusers' rule).
     """
 
     prompt_embeds: jax.Array
@@ -79,6 +82,8 @@ class Conditioning:
     condition_scales: Mapping[str, jax.Array] = flax.struct.field(default_factory=dict)
     gated: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
     controls: tuple[ControlConditioning, ...] = ()
+    t2i_features: tuple[jax.Array, ...] = ()
+    t2i_steps: int | jax.Array = 0
 
 
 def sdxl_time_ids(height: int, width: int, crop_top_left=(0, 0), original_size=None) -> jax.Array:
@@ -154,6 +159,10 @@ def denoise(unet, scheduler, sched_state, latents: jax.Array, cond: Conditioning
             down, mid = _control_residuals(controlnets, cond.controls, controlnet_keep[:, i], x_in, t, cn_context,
                                            text_embeds, time_ids)
             kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        if cond.t2i_features:
+            on = (i < cond.t2i_steps).astype(jnp.float32)  # x + 0 * f is x exactly: "no adapter" after the steps
+            kwargs["down_intrablock_additional_residuals"] = [
+                jnp.broadcast_to(f, (2 * s,) + f.shape[1:]) * on.astype(f.dtype) for f in cond.t2i_features]
         eps = unet(x_in, t, context, text_embeds=text_embeds, time_ids=time_ids, **kwargs)
         eps_u, eps_c = jnp.split(eps.astype(jnp.float32), 2)
         eps = eps_u + guidance_scale * (eps_c - eps_u)
