@@ -2,7 +2,8 @@
 
 One app process serves the module: tiny random models (the demo training's) at 32x48 with 3 steps, a tiny
 random ControlNet for that UNet (--controlnet), the tiny test scoring models (CLIP, SCRFD-layout detector,
-ArcFace) passed as --clip / --face-models / --arcface. The browser is Debian's chromium driven through Debian's chromium-driver (Selenium); nothing
+ArcFace) passed as --clip / --face-models / --arcface.
+The browser is Debian's chromium driven through Debian's chromium-driver (Selenium); nothing
 downloads a browser. Screenshots are written under the test's tmp dir (the path is printed, and
 recorded as a property in --junitxml reports).
 """
@@ -173,7 +174,8 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
 
         prompt.clear()
         prompt.send_keys("a photo of a man img wearing a red hat")
-        driver.find_element(By.CSS_SELECTOR, "#control_image input[type=file]").send_keys(str(app["root"] / "pose.png"))
+        upload = driver.find_element(By.CSS_SELECTOR, "#control_image input[type=file]")
+        upload.send_keys(str(app["root"] / "pose.png"))
         wait.until(lambda d: "pose" in d.find_element(By.CSS_SELECTOR, "#control_image").text)
         for elem, text in (("#style", "Cinematic"), ("#aspect", "Widescreen TV / Landscape (16:9)")):
             box = driver.find_element(By.CSS_SELECTOR, f"{elem} input")
@@ -192,7 +194,8 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
 
         # A control image that cannot be decoded: a message in the page.
         driver.find_element(By.CSS_SELECTOR, "#control_image button[aria-label='Clear']").click()
-        driver.find_element(By.CSS_SELECTOR, "#control_image input[type=file]").send_keys(str(app["root"] / "notes.png"))
+        upload = driver.find_element(By.CSS_SELECTOR, "#control_image input[type=file]")
+        upload.send_keys(str(app["root"] / "notes.png"))
         wait.until(lambda d: "notes" in d.find_element(By.CSS_SELECTOR, "#control_image").text)
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         wait.until(lambda d: any("control image 'notes.png' is not a readable image" in e.text
@@ -284,8 +287,8 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
              (dict(reference_photos=[face], prompt="a photo of a man img",
                    control_image=handle_file(str(app["root"] / "notes.png"))),
               "control image 'notes.png' is not a readable image"),
-             (dict(reference_photos=[face], prompt="a photo of a man img", style="Vaporwave"),
-              "unknown style 'Vaporwave'")]
+             (dict(reference_photos=[face], prompt="a photo of a man img", style="Vaporwave"),  # Gradio's own check
+              "Value: Vaporwave is not in the list of choices: ['(No style)', 'Cinematic'")]
     for kwargs, message in cases:
         with pytest.raises(AppError) as err:
             client.predict(**{"control_image": None, **kwargs}, api_name="/generate")

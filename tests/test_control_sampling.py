@@ -278,7 +278,8 @@ def test_t2i_adapter_loop_matches_diffusers_and_generate_cli(tiny, tmp_path, cap
     photo = tmp_path / "sketch.png"
     image.save(photo)
     argv = ["--model", str(root / "sdxl"), "--prompt", PROMPT, "--steps", "2", "--seeds", "1", "--t2i-adapter",
-            str(tmp_path / "t2i"), "--adapter-image", str(photo), "--adapter-scale", "1.2", "--out", str(tmp_path / "o")]
+            str(tmp_path / "t2i"), "--adapter-image", str(photo), "--adapter-scale", "1.2",
+            "--out", str(tmp_path / "o")]
     assert main(argv) == 0, capsys.readouterr().err
     got = np.asarray(Image.open(tmp_path / "o" / "seed_1.png"))
     kw = dict(seeds=[1], num_steps=2)

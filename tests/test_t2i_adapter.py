@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 
+import helpers
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import helpers
 from persongen_jax.models.t2i_adapter import T2IAdapter
 
 torch = pytest.importorskip("torch")

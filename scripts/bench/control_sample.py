@@ -40,8 +40,12 @@ def run_torch(args) -> dict:
     from persongen_jax.testing.torch_init import allow_torchvision_import, randomize_
 
     allow_torchvision_import()
-    from diffusers import (ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        ControlNetModel,
+        EulerDiscreteScheduler,
+        StableDiffusionXLControlNetPipeline,
+        UNet2DConditionModel,
+    )
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
