@@ -148,6 +148,7 @@ class FullAdapterXL(nnx.Module):
         self.body = nnx.List(body)
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
+        """[B, H, W, Cin] -> one feature [B, h_i, w_i, C_i] per block (T2IAdapter.__call__ gives the sizes)."""
         x = self.conv_in(pixel_unshuffle(x, self.downscale_factor))
         features = []
         for block in self.body:
