@@ -48,10 +48,14 @@ def run_torch(args) -> dict:
     )
 
     torch.backends.cuda.matmul.allow_tf32 = False
+    # XLA:CPU flushes denormals to zero; eager PyTorch does not by default, and random tiny models produce
+    # denormals that slow every CPU kernel many times over: both sides flush, so the ratio measures the loops.
+    torch.set_flush_denormal(True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = unet_config(args.size, args.hw)
     unet = UNet2DConditionModel(**cfg).eval()
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CN_EMBEDDING).eval()
+    randomize_(unet, seed=0)  # random weights on both sides (the JAX side: modeling.random_init)
     randomize_(cn, seed=1)  # no zero convolutions: the residuals are real work for both sides
     unet, cn = unet.to(dev), cn.to(dev)
     pipe = StableDiffusionXLControlNetPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
