@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,16 @@ from persongen_jax.evaluation import protocol
 from persongen_jax.evaluation.face_sim import NoFaceError
 from persongen_jax.evaluation.faces import FaceModelError
 from persongen_jax.pipeline import MAX_SEED, id_unused_warning, resolve_start_merge_step
+from persongen_jax.pipeline.control import (
+    ASPECT_RATIOS,
+    NO_STYLE,
+    STYLES,
+    apply_style,
+    aspect_size,
+    check_aspect,
+    check_style,
+    style_settings,
+)
 from persongen_jax.pipeline.image_processing import ImageError, convert_to_rgb, to_8bit
 from persongen_jax.pipeline.prompt import strip_trigger_word
 from persongen_jax.pipeline.schedulers import SCHEDULER_NAMES
@@ -78,6 +89,7 @@ log = logging.getLogger("persongen_jax.app")
 
 MAX_REFS = 4      # reference photos per request; the ID encoder is compiled for each count at start-up
 MAX_IMAGES = 8    # images per request
+CUSTOM_SIZE = "custom (Height / Width)"  # the aspect dropdown's entry that keeps the sliders' size
 
 
 # Uploaded reference photos are downscaled to this long side before anything else: a face crop needs far
@@ -120,6 +132,9 @@ class Request:
     scheduler: str = SamplingSettings.scheduler
     height: int = 1024
     width: int = 1024
+    style: str = NO_STYLE       # persongen_jax.pipeline.control.STYLES (PhotoMaker's templates)
+    aspect: str = ""            # an ASPECT_RATIOS key ("16:9"): overrides height / width; "": use them
+    control_scale: float = 1.0  # the ControlNet's conditioning scale (with a control image)
 
 
 @dataclass
@@ -203,8 +218,23 @@ class Generator:
         self.size_step = f * 2 ** (len(pipe.unet.config.down_block_types) - 1)
         self._requests = 0
 
+    def sized(self, req: Request) -> Request:
+        """The request with height / width of its aspect preset (scaled to the model, on its latent grid)."""
+        if not req.aspect:
+            return req
+        try:
+            check_aspect(req.aspect)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        width, height = aspect_size(req.aspect, self.pipe.default_size, self.size_step)
+        return dataclasses.replace(req, height=height, width=width)
+
     def check(self, req: Request) -> None:
         """InputError (PipelineError for a sampling setting) for a request the model cannot run, before any work."""
+        try:
+            check_style(req.style)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if not 1 <= req.num_images <= MAX_IMAGES:
             raise InputError(f"number of images {req.num_images}: expected 1-{MAX_IMAGES}")
         self.sampling(req).check()
@@ -236,13 +266,19 @@ class Generator:
         parts += [req.conditions[n].strip() for n in self.text_conditions if req.conditions.get(n, "").strip()]
         return ". ".join(p for p in parts if p)
 
-    def generate(self, refs: list[tuple[str, object]], req: Request, progress=None) -> Result:
-        """refs: [(name, PIL image)] as uploaded; progress(steps_done) after each denoising step."""
+    def generate(self, refs: list[tuple[str, object]], req: Request, progress=None, control_image=None) -> Result:
+        """refs: [(name, PIL image)] as uploaded; progress(steps_done) after each denoising step;
+        control_image: a PIL image for the loaded ControlNet (None: no spatial control)."""
         if not refs:
             raise InputError(f"upload 1-{MAX_REFS} reference photos of the person's face")
         if len(refs) > MAX_REFS:
             raise InputError(f"{len(refs)} reference photos: at most {MAX_REFS}")
+        if control_image is not None and not self.pipe.controlnets:
+            raise InputError("a control image was given but no ControlNet is loaded (start the app with "
+                             "--controlnet DIR)")
+        req = self.sized(req)
         self.check(req)
+        prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt or None)
         t0 = time.perf_counter()
         names = [n for n, _ in refs]
         images_in = [im.convert("RGB") for _, im in refs]  # what the generate CLI feeds (alpha dropped)
@@ -259,10 +295,14 @@ class Generator:
             if self.metrics is not None:  # before generating: a reference without a face is reported now
                 scored = [Image.fromarray(convert_to_rgb(im)) for _, im in refs]  # as evaluate: alpha on white
                 references = protocol.prepare_references(self.metrics, scored, names)
-            images = self.pipe(req.prompt, images_in, seeds=seeds, conditions=texts,
+            controls = ([control_image.convert("RGB")] if control_image is not None
+                        else [None] * len(self.pipe.controlnets))
+            images = self.pipe(prompt, images_in, seeds=seeds, conditions=texts,
                                adapter_scales={n: 0.0 for n, t in texts.items() if not t},
                                progress=progress or (lambda n: None), ref_names=names,
-                               **self.sampling(req).call_kwargs())
+                               control_images=controls if self.pipe.controlnets else None,
+                               control_scales=req.control_scale,
+                               **self.sampling(req).replace(negative_prompt=negative).call_kwargs())
             scores = None
             if self.metrics is not None:
                 scores = [{"prompt": self.clip_text(req)} for _ in images]
@@ -272,6 +312,9 @@ class Generator:
         seconds = time.perf_counter() - t0
         self._requests += 1
         settings = self.settings(req, names, seeds, images, seconds, scores)
+        if control_image is not None:
+            settings.update(controlnets=list(self.source.get("controlnets") or []), control_images=["control.png"],
+                            control_scales=[req.control_scale])
         return Result(images, seeds, scores, settings, seconds, watch.count, watch.seconds, notes)
 
     def settings(self, req: Request, ref_names, seeds, images, seconds, scores) -> dict:
@@ -284,13 +327,17 @@ class Generator:
              "num_steps": req.num_steps, "guidance_scale": req.guidance_scale,
              "start_merge_step": req.start_merge_step, "negative_prompt": req.negative_prompt or None,
              "conditions": {n: t for n, t in req.conditions.items() if t.strip()}, "scheduler": req.scheduler}
+        s["aspect"] = req.aspect or None
+        if req.style != NO_STYLE:
+            s.update(style_settings(req.style, req.prompt, req.negative_prompt or None))
         if scores is not None:
             s["clip_t_text"] = self.clip_text(req)
             s["scores"] = [{"seed": sd, **sc} for sd, sc in zip(seeds, scores)]
         return s
 
-    def write_zip(self, result: Result, refs) -> Path:
-        """WORKDIR/<n>/persongen_seed<first>.zip: seed_<s>.png per image, ref_<k>.png, settings.json."""
+    def write_zip(self, result: Result, refs, control_image=None) -> Path:
+        """WORKDIR/<n>/persongen_seed<first>.zip: seed_<s>.png per image, ref_<k>.png, settings.json
+        (+ control.png)."""
         folder = self.workdir / f"request_{self._requests:05d}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"persongen_seed{result.seeds[0]}.zip"
@@ -303,6 +350,10 @@ class Generator:
                 buf = io.BytesIO()
                 im.save(buf, format="PNG")
                 zf.writestr(f"ref_{k}.png", buf.getvalue())
+            if control_image is not None:
+                buf = io.BytesIO()
+                control_image.save(buf, format="PNG")
+                zf.writestr("control.png", buf.getvalue())
             zf.writestr("settings.json", json.dumps(result.settings, indent=2))
         return path
 
@@ -430,6 +481,20 @@ def build_ui(gen: Generator):
                                        elem_id="height")
                     width = gr.Slider(gen.size_step, hi, value=d.width, step=gen.size_step, label="Width",
                                       elem_id="width")
+                with gr.Row():
+                    style = gr.Dropdown(list(STYLES), value=NO_STYLE, label="Style template", elem_id="style",
+                                        interactive=True,
+                                        info="PhotoMaker's styles: the prompt goes into the template, the style's "
+                                             "negative prompt joins yours")
+                    aspect = gr.Dropdown([(CUSTOM_SIZE, "")] + [(v[0], k) for k, v in ASPECT_RATIOS.items()],
+                                         value="", label="Aspect ratio", elem_id="aspect", interactive=True,
+                                         info="an SDXL preset scaled to the model's size; custom: Height / Width")
+                control_inputs = []
+                if gen.pipe.controlnets:  # spatial control only when a ControlNet is loaded
+                    control_inputs = [
+                        gr.File(label="Control image (pose / depth / edges for the ControlNet; empty: none)",
+                                file_count="single", file_types=["image"], elem_id="control_image"),
+                        gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control scale", elem_id="control_scale")]
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Generated", columns=2, format="png", elem_id="gallery", interactive=False)
@@ -441,7 +506,19 @@ def build_ui(gen: Generator):
 
         def on_generate(*values):
             (files, prompt_v, negative_v, n_v, seed_v, random_v, steps_v, guidance_v, merge_v, sched_v,
-             height_v, width_v, *cond_v, progress) = values
+             height_v, width_v, style_v, aspect_v, *rest, progress) = values
+            control_v, scale_v = rest[:len(control_inputs)] if control_inputs else (None, 1.0)
+            cond_v = rest[len(control_inputs):]
+            control_image = None
+            if control_v:
+                cpath = control_v if isinstance(control_v, str) else getattr(control_v, "name", control_v)
+                try:
+                    with Image.open(cpath) as im:
+                        im.load()
+                        control_image = im.convert("RGB")
+                except Exception as e:  # PIL raises several types for a non-image
+                    raise gr.Error(f"control image {Path(cpath).name!r} is not a readable image ({type(e).__name__})",
+                                   duration=None, print_exception=False) from None
             paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
             loaded = []
             for p in paths:
@@ -454,7 +531,8 @@ def build_ui(gen: Generator):
             req = Request(prompt=prompt_v or "", conditions={n: t or "" for n, t in zip(gen.text_conditions, cond_v)},
                           negative_prompt=negative_v or "", num_images=int(n_v), seed=seed_used,
                           num_steps=int(steps_v), guidance_scale=float(guidance_v), start_merge_step=int(merge_v),
-                          scheduler=sched_v, height=int(height_v), width=int(width_v))
+                          scheduler=sched_v, height=int(height_v), width=int(width_v), style=style_v or NO_STYLE,
+                          aspect=aspect_v or "", control_scale=float(scale_v))
             # The step callback may come from a runtime thread: run it in this request's context, where
             # Gradio finds the event to report progress to.
             ctx = contextvars.copy_context()
@@ -464,24 +542,26 @@ def build_ui(gen: Generator):
                 ctx.run(progress, (done, total), desc="denoising", unit="steps")
 
             try:
-                result = gen.generate(loaded, req, progress=on_step)
+                result = gen.generate(loaded, req, progress=on_step, control_image=control_image)
             except (InputError, PipelineError, NoFaceError, ValueError) as e:
                 log.info("request refused: %s", e)
                 raise gr.Error(str(e), duration=None, print_exception=False) from None
+            req = gen.sized(req)
             log.info("%d image(s) %dx%d, %d steps: %.2f s, %d compile(s)", len(result.seeds), req.width,
                      req.height, req.num_steps, result.seconds, result.compiles)
-            zip_path = gen.write_zip(result, loaded)
+            zip_path = gen.write_zip(result, loaded, control_image)
             items = [(img, _caption(s, sc, gen.metrics)) for s, img, sc in
                      zip(result.seeds, result.images, result.scores or [None] * len(result.seeds))]
             table = _score_table(result.seeds, result.scores, gen.metrics) if result.scores else None
             return items, _status(result, req), table, str(zip_path), seed_used
 
         inputs = [refs, prompt, negative, num_images, seed, randomize, steps, guidance, merge, scheduler, height,
-                  width, *cond_boxes]
+                  width, style, aspect, *control_inputs, *cond_boxes]
         # The API's parameter names (gradio_client, "Use via API"); one `p_<name>` per text condition. Gradio
         # reads them, and where to pass its progress tracker, from the signature.
         names = ["reference_photos", "prompt", "negative_prompt", "num_images", "seed", "random_seed", "steps",
-                 "guidance_scale", "start_merge_step", "scheduler", "height", "width",
+                 "guidance_scale", "start_merge_step", "scheduler", "height", "width", "style", "aspect",
+                 *(["control_image", "control_scale"] if control_inputs else []),
                  *[f"p_{n}" for n in gen.text_conditions]]
         param = inspect.Parameter
         on_generate.__signature__ = inspect.Signature(
@@ -511,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheduler_argument(d, help="sampling scheduler")
     d.add_argument("--height", type=int, help="default: the model's (sample_size x VAE factor)")
     d.add_argument("--width", type=int, help="default: the model's")
+    p.add_argument("--controlnet", default=None, metavar="DIR",
+                   help="a converted ControlNet folder (weights_conversion controlnet): the page then takes a control "
+                        "image and its scale")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
     return p
@@ -548,6 +631,9 @@ def main(argv=None) -> int:
         metrics = load_metrics(args)  # before the big model: a bad scoring path fails fast
         print(f"loading {args.model or args.checkpoint or 'tiny random models'} ...", file=sys.stderr, flush=True)
         pipe, source = load_pipeline(args, Path(workdir.name))
+        if args.controlnet:
+            pipe.add_controlnets([args.controlnet])
+            source["controlnets"] = [args.controlnet]
         size = pipe.default_size
         defaults = Request(prompt="", num_images=args.num_images, num_steps=args.steps,
                            guidance_scale=args.guidance_scale,

@@ -14,6 +14,11 @@ run can be repeated). Without --ref it is plain SDXL text-to-image. With an
 adapter folder (--adapters), `--cond NAME=TEXT` feeds the text condition NAME of the
 split-prompt method (e.g. --cond bg="in the mountains"); --prompt-bg / --prompt-body
 are aliases of --cond bg=... / --cond body=....
+
+Spatial control and styles (persongen_jax/pipeline/control.py): --controlnet DIR --control-image PATH
+[--control-scale S] (repeatable pairs; --control-preprocess canny turns a photo into edges), --t2i-adapter DIR
+--adapter-image PATH [--adapter-scale S --adapter-factor F], --style NAME
+(PhotoMaker's templates), --aspect W:H (SDXL presets).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from persongen_jax.cli.options import (
 )
 from persongen_jax.cli.outputs import OutputFolder
 from persongen_jax.pipeline.image_processing import ImageError, load_image
+from persongen_jax.pipeline.control import add_control_arguments, apply_style, aspect_size, control_arguments, style_settings
 from persongen_jax.pipeline.pipeline import reference_id_embeds
 from persongen_jax.pipeline.settings import MAX_BATCH, PipelineError, SamplingSettings, default_batch_size, seed_batches
 from persongen_jax.sources import load_pipeline
@@ -108,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_output_arguments(p, "generate", out_help="output folder (created): seed_<s>.png per seed and settings.json")
     add_face_model_arguments(p)
+    add_control_arguments(p)
     return p
 
 
@@ -143,6 +150,11 @@ def main(argv=None) -> int:
         source.check(settings)
         texts = condition_texts(args)
         refs = [load_image(p) for p in args.ref]  # fail on a bad image before loading any model
+        control = control_arguments(args)  # the control images read and preprocessed, before any model loads
+        prompt = args.prompt
+        if args.style:  # PhotoMaker's style template around the prompt, its negative prompt before the user's
+            prompt, negative = apply_style(args.style, args.prompt, args.negative_prompt)
+            settings = settings.replace(negative_prompt=negative)
         ref_names = [str(p) for p in args.ref]
         # PhotoMaker V2: the references' ArcFace embeddings (a photo without a face fails before loading SDXL).
         id_embeds = (reference_id_embeds(args.photomaker or args.model, refs, ref_names, args.face_models, args.arcface)
@@ -153,14 +165,24 @@ def main(argv=None) -> int:
             version = getattr(pipe.id_encoder, "version", "v1") if pipe.id_encoder is not None else None
             if version:
                 print(f"ID encoder: PhotoMaker {version}", file=sys.stderr)
-            height, width = args.height or pipe.default_size, args.width or pipe.default_size
+            pipe.add_controlnets(args.controlnet)
+            if args.t2i_adapter:
+                pipe.add_t2i_adapter(args.t2i_adapter)
+            if args.aspect:
+                width, height = aspect_size(args.aspect, pipe.default_size, pipe.vae.downscale_factor)
+                settings = settings.replace(height=height, width=width)
+            height, width = settings.height or pipe.default_size, settings.width or pipe.default_size
             batch_size = args.batch_size or default_batch_size(height, width)
             files = []
             # One compiled call per batch of seeds (the last one padded: the same program); the bar counts
             # denoising steps. Each batch is written before the next runs: host memory holds one batch.
             for seeds, n in seed_batches(args.seeds, batch_size):
-                images = pipe(args.prompt, refs, seeds=seeds, conditions=texts, progress=True, ref_names=ref_names,
-                              id_embeds=id_embeds, **settings.call_kwargs())
+                images = pipe(prompt, refs, seeds=seeds, conditions=texts, progress=True, ref_names=ref_names,
+                              id_embeds=id_embeds, control_images=control["images"] or None,
+                              control_scales=control["scales"], control_guidance_start=control["start"],
+                              control_guidance_end=control["end"], adapter_image=control["adapter_image"],
+                              adapter_conditioning_scale=args.adapter_scale,
+                              adapter_conditioning_factor=args.adapter_factor, **settings.call_kwargs())
                 for seed, img in zip(seeds[:n], images[:n]):
                     path = args.out / f"seed_{seed}.png"
                     Image.fromarray(img).save(path)
@@ -180,7 +202,20 @@ def main(argv=None) -> int:
                 "batch_size": batch_size,
                 "seconds": round(time.perf_counter() - t0, 2),
                 **call,
+                "negative_prompt": args.negative_prompt,
                 "conditions": texts,
+                "aspect": args.aspect,
+                **style_settings(args.style, args.prompt, args.negative_prompt),
+                "controlnets": [str(p) for p in args.controlnet],
+                "control_images": [str(p) for p in args.control_image],
+                "control_scales": control["scales"],
+                "control_preprocess": control["preprocess"],
+                "control_guidance_start": control["start"],
+                "control_guidance_end": control["end"],
+                "t2i_adapter": str(args.t2i_adapter) if args.t2i_adapter else None,
+                "adapter_image": str(args.adapter_image) if args.adapter_image else None,
+                "adapter_conditioning_scale": args.adapter_scale,
+                "adapter_conditioning_factor": args.adapter_factor,
             }
             (args.out / "settings.json").write_text(json.dumps(record, indent=2))
             out.finish([*files, "settings.json"])

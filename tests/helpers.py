@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from persongen_jax.testing.torch_init import randomize_  # noqa: F401  (tests call helpers.randomize_)
+from persongen_jax.testing.torch_init import allow_torchvision_import, randomize_  # noqa: F401  (helpers.X)
 
 REPO = Path(__file__).resolve().parents[1]
 

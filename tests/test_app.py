@@ -1,8 +1,9 @@
 """The web app (`python -m persongen_jax.app --tiny`) in a real headless Chromium and through gradio_client.
 
-One app process serves the module: tiny random models (the demo training's) at 32x48 with 3 steps, the
-tiny test scoring models (CLIP, SCRFD-layout detector, ArcFace) passed as --clip / --face-models /
---arcface. The browser is Debian's chromium driven through Debian's chromium-driver (Selenium); nothing
+One app process serves the module: tiny random models (the demo training's) at 32x48 with 3 steps, a tiny
+random ControlNet for that UNet (--controlnet), the tiny test scoring models (CLIP, SCRFD-layout detector,
+ArcFace) passed as --clip / --face-models / --arcface.
+The browser is Debian's chromium driven through Debian's chromium-driver (Selenium); nothing
 downloads a browser. Screenshots are written under the test's tmp dir (the path is printed, and
 recorded as a property in --junitxml reports).
 """
@@ -52,12 +53,23 @@ def app(tmp_path_factory):
     Image.fromarray(rng.integers(60, 256, (48, 48, 3)).astype(np.uint8)).save(root / "face.png")
     Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(root / "black.png")  # the tiny detector: no face
     (root / "notes.png").write_text("not an image")
+    Image.fromarray(rng.integers(0, 256, (40, 70, 3)).astype(np.uint8)).save(root / "pose.png")
+    # A ControlNet for the demo's tiny UNet, converted in-process (the CLI's subprocess path: test_controlnet).
+    from persongen_jax.models import presets
+    from persongen_jax.testing.tiny_sdxl import make_tiny_controlnet
+    from weights_conversion.__main__ import main as convert
+
+    make_tiny_controlnet(root / "cn_src")
+    (root / "unet").mkdir()
+    (root / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                           **presets.get("tiny").unet}))
+    assert convert(["controlnet", str(root / "cn_src"), str(root / "cn"), "--unet", str(root / "unet")]) == 0
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     cmd = [sys.executable, "-m", "persongen_jax.app", "--tiny", "--steps", str(STEPS), "--start-merge-step", "1",
            "--num-images", str(NUM_IMAGES), "--height", str(HEIGHT), "--width", str(WIDTH),
            "--clip", str(root / "clip"), "--face-models", str(root / "faces"), "--arcface", str(root / "arcface"),
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--controlnet", str(root / "cn"), "--host", "127.0.0.1", "--port", str(port)]
     env = dict(os.environ, GRADIO_TEMP_DIR=str(root / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
     log_path = root / "app.log"
     with open(log_path, "w") as log:
@@ -155,6 +167,42 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
         driver.save_screenshot(str(shot))
         print(f"screenshot: {shot}")
         record_property("screenshot_error", str(shot))
+
+        # Spatial control + style + aspect: a control image uploaded, a style and a 16:9 preset chosen; the
+        # images come back at the preset scaled to the tiny model (32 x 16 on its grid of 4).
+        from selenium.webdriver.common.keys import Keys
+
+        prompt.clear()
+        prompt.send_keys("a photo of a man img wearing a red hat")
+        upload = driver.find_element(By.CSS_SELECTOR, "#control_image input[type=file]")
+        upload.send_keys(str(app["root"] / "pose.png"))
+        wait.until(lambda d: "pose" in d.find_element(By.CSS_SELECTOR, "#control_image").text)
+        for elem, text in (("#style", "Cinematic"), ("#aspect", "Widescreen TV / Landscape (16:9)")):
+            box = driver.find_element(By.CSS_SELECTOR, f"{elem} input")
+            box.click()
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(text)
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "li.item"))  # the filtered options
+            driver.find_element(By.CSS_SELECTOR, "li.item").click()
+            wait.until(lambda d, e=elem, t=text: d.find_element(By.CSS_SELECTOR, f"{e} input").get_attribute("value")
+                       == t)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: f"{NUM_IMAGES} image(s) of 32x16" in d.find_element(By.CSS_SELECTOR, "#status").text)
+        sizes = driver.execute_script("return Array.from(document.querySelectorAll('#gallery .gallery-item img'))"
+                                      ".map(i => [i.naturalWidth, i.naturalHeight])")
+        assert sizes == [[32, 16]] * NUM_IMAGES, sizes
+
+        # A control image that cannot be decoded: a message in the page.
+        driver.find_element(By.CSS_SELECTOR, "#control_image button[aria-label='Clear']").click()
+        upload = driver.find_element(By.CSS_SELECTOR, "#control_image input[type=file]")
+        upload.send_keys(str(app["root"] / "notes.png"))
+        wait.until(lambda d: "notes" in d.find_element(By.CSS_SELECTOR, "#control_image").text)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: any("control image 'notes.png' is not a readable image" in e.text
+                                 for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")))
+        shot = tmp_path / "app_control.png"
+        driver.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
     finally:
         driver.quit()
 
@@ -165,8 +213,10 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
 
     client = Client(app["url"], verbose=False, download_files=str(tmp_path / "downloads"))
     face = handle_file(str(app["root"] / "face.png"))
+    # control_image: the app runs with a ControlNet, so the endpoint has the parameter (None: no control).
     job = client.submit(reference_photos=[face], prompt="a portrait of a woman img smiling", p_bg="in the city",
-                        num_images=NUM_IMAGES, seed=5, height=HEIGHT, width=WIDTH, api_name="/generate")
+                        num_images=NUM_IMAGES, seed=5, height=HEIGHT, width=WIDTH, control_image=None,
+                        api_name="/generate")
     progress = []
     while not job.done():  # gr.Progress over the denoising steps reaches the client
         st = job.status()
@@ -201,6 +251,29 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
     for s, row in zip(settings["scores"], scores["data"]):  # no face: null in the JSON, "no face" in the page
         assert (s["face_sim"] is None) == (not s["face_found"]) == (row[3] == "no face"), (s, row)
 
+    # A control image (the loaded ControlNet), a style and an aspect preset: images at the preset scaled to the
+    # model (32 x 16), the style's template and merged negative prompt and the control image in the download.
+    from persongen_jax.pipeline.control import STYLES
+
+    gallery, status, _, zip_path, _ = client.predict(
+        reference_photos=[face], prompt="a portrait of a woman img", negative_prompt="a hat", seed=5,
+        style="Neonpunk", aspect="16:9", control_image=handle_file(str(app["root"] / "pose.png")),
+        control_scale=0.7, api_name="/generate")
+    for item in gallery:
+        with Image.open(item["image"]) as im:
+            assert im.size == (32, 16)
+    with zipfile.ZipFile(zip_path) as zf:
+        settings = json.loads(zf.read("settings.json"))
+        assert "control.png" in zf.namelist()
+    assert settings["style_template"] == {"prompt": STYLES["Neonpunk"][0], "negative_prompt": STYLES["Neonpunk"][1]}
+    assert settings["styled_negative_prompt"] == STYLES["Neonpunk"][1] + " a hat"
+    assert settings["aspect"] == "16:9" and settings["control_scales"] == [0.7] and (settings["height"],
+                                                                                   settings["width"]) == (16, 32)
+    # The same request without the control image: other pixels (the ControlNet acts).
+    plain, *_ = client.predict(reference_photos=[face], prompt="a portrait of a woman img", negative_prompt="a hat",
+                               seed=5, style="Neonpunk", aspect="16:9", control_image=None, api_name="/generate")
+    assert not np.array_equal(np.asarray(Image.open(plain[0]["image"])), np.asarray(Image.open(gallery[0]["image"])))
+
     # Bad requests: the message, no traceback.
     cases = [(dict(reference_photos=[handle_file(str(app["root"] / "black.png"))], prompt="a photo of a man img"),
               "no face found in reference image(s) ['black.png']"),
@@ -210,10 +283,15 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
              (dict(reference_photos=[face], prompt="a photo of a man"), "the trigger word 'img' is missing"),
              (dict(reference_photos=[face] * 5, prompt="a photo of a man img"), "at most 4"),
              (dict(reference_photos=[face], prompt="a photo of a man img", height=34),  # tiny: VAE x2, 2 UNet levels
-              "height 34: expected a multiple of 4")]
+              "height 34: expected a multiple of 4"),
+             (dict(reference_photos=[face], prompt="a photo of a man img",
+                   control_image=handle_file(str(app["root"] / "notes.png"))),
+              "control image 'notes.png' is not a readable image"),
+             (dict(reference_photos=[face], prompt="a photo of a man img", style="Vaporwave"),  # Gradio's own check
+              "Value: Vaporwave is not in the list of choices: ['(No style)', 'Cinematic'")]
     for kwargs, message in cases:
         with pytest.raises(AppError) as err:
-            client.predict(**kwargs, api_name="/generate")
+            client.predict(**{"control_image": None, **kwargs}, api_name="/generate")
         assert message in str(err.value), (message, str(err.value))
         assert "Traceback" not in str(err.value)
 

@@ -12,6 +12,8 @@
     python -m weights_conversion arcface SRC.onnx DST                          (insightface IResNet ONNX)
     python -m weights_conversion inception SRC.pth DST                         (pytorch-fid's FID InceptionV3)
     python -m weights_conversion lpips SRC.pth DST                             (lpips.LPIPS(net="alex") state dict)
+    python -m weights_conversion controlnet SRC DST [--unet UNET_DIR] [--verify]  (diffusers ControlNetModel)
+    python -m weights_conversion t2i-adapter SRC DST [--unet UNET_DIR] [--verify] (diffusers T2IAdapter, SDXL)
 
 (also installed as the `persongen-convert` console script). Exits 1 with a
 message naming the file and keys when a checkpoint does not match.
@@ -27,6 +29,7 @@ import sys
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+CONTROL_COMMANDS = ("controlnet", "t2i-adapter")  # weights_conversion/controlnet.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("export-photomaker", "a converted PhotoMaker folder (id_encoder/ + lora/, v1 or V2) -> the official "
         "checkpoint layout ({id_encoder, lora_weights}: .bin as torch.save, or flat .safetensors)",
         "the converted PhotoMaker folder", "the .bin or .safetensors file to write")
+    for name, help_ in [("controlnet", "a diffusers ControlNetModel folder (SDXL) -> a ControlNet folder for "
+                                       "generate --controlnet"),
+                        ("t2i-adapter", "a diffusers T2IAdapter folder (full_adapter_xl) -> a folder for "
+                                        "generate --t2i-adapter")]:
+        s = add(name, help_, "the diffusers folder (config.json + weights)", "the converted folder to write")
+        s.add_argument("--unet", type=Path, default=None, help=unet_help)
+        s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
+        s.add_argument("--variant", default=None, help="weight file variant, e.g. fp16 (default: none)")
+        s.add_argument("--verify", action="store_true",
+                       help="run the PyTorch and Flax models on the same random inputs; print the max abs diff")
     s = add("arcface", "an insightface ArcFace recognition ONNX file (IResNet, e.g. w600k_r50.onnx, "
                        "glintr100.onnx) -> an IResNet folder", "the .onnx file", "the folder to write")
     s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params (auto: float32)")
@@ -188,12 +201,19 @@ def main(argv=None) -> int:
                 from weights_conversion.metric_models import convert_inception
 
                 summary = convert_inception(args.src, args.dst, dtype=dtype, overwrite=args.overwrite)
+            elif args.command in CONTROL_COMMANDS:
+                from weights_conversion.controlnet import convert_control_model
+
+                summary = convert_control_model(args.command, args.src, args.dst, unet=args.unet, dtype=dtype,
+                                                variant=args.variant, overwrite=args.overwrite)
             else:
                 summary = _lora_command(args, dtype)
         except ConversionError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"converted {args.src} -> {args.dst}: {summary}")
+        if getattr(args, "verify", False):
+            return _verify(args)
         return 0
     try:
         if args.command == "sdxl":
@@ -207,14 +227,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"converted {', '.join(done)} -> {args.dst}")
-    if args.verify:
-        from weights_conversion.verify import verify_folder
+    return _verify(args) if args.verify else 0
 
-        worst = verify_folder(args.src, args.dst, variant=args.variant)
-        if not math.isfinite(worst):
-            print(f"error: --verify: a PyTorch or Flax output of {args.dst} holds NaN/Inf (see the warnings above "
-                  "for non-finite weights); the converted model is not usable as is", file=sys.stderr)
-            return 1
+
+def _verify(args) -> int:
+    from weights_conversion.verify import verify_folder
+
+    worst = verify_folder(args.src, args.dst, variant=args.variant)
+    if not math.isfinite(worst):
+        print(f"error: --verify: a PyTorch or Flax output of {args.dst} holds NaN/Inf (see the warnings above "
+              "for non-finite weights); the converted model is not usable as is", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -33,7 +33,8 @@ SDXL_COPIED = ("tokenizer", "tokenizer_2", "scheduler")
 _MODEL_TYPES = {"clip": "CLIPModel", "clip_text_model": "CLIPTextModel",
                 "clip_vision_model": "CLIPVisionModel", "vit": "ViTModel"}
 SUPPORTED = ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel", "CLIPTextModelWithProjection",
-             "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
+             "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "ControlNetModel",
+             "T2IAdapter")
 
 
 def read_source_config(folder: Path) -> dict:

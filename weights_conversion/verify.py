@@ -26,7 +26,7 @@ def reference_inputs(name: str, config: dict, seed: int = 0, latent_hw=(32, 32),
     """Random inputs (channels-last numpy) that exercise every part of the model."""
     rng = np.random.default_rng(seed)
     f = lambda *s: rng.standard_normal(s).astype(np.float32)
-    if name == "UNet2DConditionModel":
+    if name in ("UNet2DConditionModel", "ControlNetModel"):
         h, w = latent_hw
         cross = config.get("cross_attention_dim", 2048)
         cross = cross[0] if isinstance(cross, (list, tuple)) else cross
@@ -37,12 +37,22 @@ def reference_inputs(name: str, config: dict, seed: int = 0, latent_hw=(32, 32),
             pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
             out["text_embeds"] = f(batch, pooled)
             out["time_ids"] = np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32), (batch, 1))
+        if name == "ControlNetModel":  # the control image, at the conditioning embedding's scale of the latents
+            from persongen_jax.models.controlnet import ControlNetConfig
+
+            f = ControlNetConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")}).downscale_factor
+            out["controlnet_cond"] = rng.random((batch, f * h, f * w, config.get("conditioning_channels", 3)),
+                                                dtype=np.float32)
         return out
     if name == "AutoencoderKL":
         return {"images": np.clip(f(batch, 64, 64, config.get("in_channels", 3)) * 0.5, -1, 1)}
     if name == "ViTModel":
         size = config.get("image_size", 224)
         return {"pixel_values": f(batch, size, size, config.get("num_channels", 3))}
+    if name == "T2IAdapter":  # an image at 2 x 2 of the adapter's last features (odd sizes: the ceil pool)
+        size = 2 * 2 * config.get("downscale_factor", 16)
+        return {"image": rng.random((batch, size, size + config.get("downscale_factor", 16),
+                                     config.get("in_channels", 3)), dtype=np.float32)}
     text = config.get("text_config", config)
     vision = config.get("vision_config", config)
     out = {}
@@ -76,6 +86,19 @@ def run_torch(name: str, folder: Path, inputs: dict, variant=None) -> dict:
             out = m(T(_nchw(inputs["sample"])), T(inputs["timesteps"]).long(), T(inputs["encoder_hidden_states"]),
                     added_cond_kwargs=added).sample
             res = {"sample": _nhwc(out.numpy())}
+        elif name == "ControlNetModel":
+            from diffusers import ControlNetModel
+            m = ControlNetModel.from_pretrained(folder, variant=variant, **kw).eval()
+            added = {"text_embeds": T(inputs["text_embeds"]), "time_ids": T(inputs["time_ids"])} \
+                if "text_embeds" in inputs else None
+            down, mid = m(T(_nchw(inputs["sample"])), T(inputs["timesteps"]).long(),
+                          T(inputs["encoder_hidden_states"]), controlnet_cond=T(_nchw(inputs["controlnet_cond"])),
+                          added_cond_kwargs=added, return_dict=False)
+            res = {f"down_{i}": _nhwc(d.numpy()) for i, d in enumerate(down)} | {"mid": _nhwc(mid.numpy())}
+        elif name == "T2IAdapter":
+            from diffusers import T2IAdapter
+            m = T2IAdapter.from_pretrained(folder, variant=variant, **kw).eval()
+            res = {f"feature_{i}": _nhwc(f.numpy()) for i, f in enumerate(m(T(_nchw(inputs["image"]))))}
         elif name == "AutoencoderKL":
             from diffusers import AutoencoderKL
             m = AutoencoderKL.from_pretrained(folder, variant=variant, **kw).eval()
@@ -119,6 +142,13 @@ def run_flax(name: str, folder: Path, inputs: dict) -> dict:
         if name == "UNet2DConditionModel":
             extra = {k: J(inputs[k]) for k in ("text_embeds", "time_ids") if k in inputs}
             res = {"sample": m(J(inputs["sample"]), J(inputs["timesteps"]), J(inputs["encoder_hidden_states"]), **extra)}
+        elif name == "ControlNetModel":
+            extra = {k: J(inputs[k]) for k in ("text_embeds", "time_ids") if k in inputs}
+            down, mid = m(J(inputs["sample"]), J(inputs["timesteps"]), J(inputs["encoder_hidden_states"]),
+                          J(inputs["controlnet_cond"]), **extra)
+            res = {f"down_{i}": d for i, d in enumerate(down)} | {"mid": mid}
+        elif name == "T2IAdapter":
+            res = {f"feature_{i}": f for i, f in enumerate(m(J(inputs["image"])))}
         elif name == "AutoencoderKL":
             dist = m.encode(J(inputs["images"]))
             res = {"mean": dist.mean, "logvar": dist.logvar, "decoded": m.decode(dist.mean)}

@@ -5,6 +5,8 @@
 
 from persongen_jax.models.modeling import from_pretrained, register_model, save_pretrained  # noqa: F401
 from persongen_jax.models.unet import UNet2DConditionModel  # noqa: F401
+from persongen_jax.models.controlnet import ControlNetModel  # noqa: F401
+from persongen_jax.models.t2i_adapter import T2IAdapter  # noqa: F401
 from persongen_jax.models.vae import AutoencoderKL  # noqa: F401
 from persongen_jax.models.clip import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection,  # noqa: F401
                                        CLIPVisionModel, CLIPVisionModelWithProjection)

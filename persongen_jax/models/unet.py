@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -223,16 +223,13 @@ def _strip(block_type: str) -> str:
     return block_type[7:] if block_type.startswith("UNetRes") else block_type
 
 
-@register_model
-class UNet2DConditionModel(nnx.Module):
-    """SDXL-style conditional UNet; module names mirror diffusers so param paths are state-dict keys."""
+class UNetEncoderMixin:
+    """The half of the UNet that a ControlNet copies (diffusers builds both from one config): conv_in, the
+    time and added-condition embeddings, the down blocks and the mid block. Module names are diffusers'."""
 
-    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla"):
-        c = config
-        self.config = c
-        self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def _init_encoder(self, c: UNetConfig, kw: dict, attention_impl: str) -> dict:
+        """Builds conv_in, time_proj, time_embedding, add_time_proj, add_embedding, time_embed_act, down_blocks
+        and mid_block; returns the keyword arguments the blocks share (the up blocks take them too)."""
         boc = c.block_out_channels
         n = c.num_blocks
         heads = c.per_block("attention_head_dim")
@@ -286,6 +283,88 @@ class UNet2DConditionModel(nnx.Module):
                 **attn_common, **common)
         else:
             self.mid_block = None
+        return dict(common=common, attn_common=attn_common)
+
+    def _embed(self, c: UNetConfig, timesteps, batch: int, dtype, text_embeds, time_ids) -> jax.Array:
+        """timesteps [B] or scalar (+ text_embeds [B, P], time_ids [B, 6]) -> emb [B, time_embed_dim]."""
+        timesteps = jnp.asarray(timesteps)
+        if timesteps.ndim == 0:
+            timesteps = timesteps[None]
+        timesteps = jnp.broadcast_to(timesteps, (batch,))
+        emb = self.time_embedding(self.time_proj(timesteps).astype(dtype))
+
+        if self.add_embedding is not None and self.add_time_proj is not None:  # set together
+            if text_embeds is None or time_ids is None:
+                raise ValueError("addition_embed_type='text_time' needs text_embeds [B, P] and time_ids [B, 6]")
+            # Each of the time ids gets its own sinusoidal embedding; they are concatenated per sample.
+            time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(text_embeds.shape[0], -1)
+            add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+            emb = emb + self.add_embedding(add_embeds.astype(emb.dtype))
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        return emb
+
+    def _encode(self, sample: jax.Array, emb: jax.Array, encoder_hidden_states,
+                intrablock_residuals: Sequence[jax.Array] | None = None) -> tuple[jax.Array, tuple]:
+        """Down blocks then mid block on `sample` [B, H, W, C0] (after conv_in) -> (mid output, skips: conv_in's
+        output then every down block's). intrablock_residuals: T2I-Adapter features, added as diffusers adds them
+        (to the last resnet+attention output of a cross-attention block, to the output of a plain block, and,
+        where one is left over with the mid block's shape, to the mid block's output)."""
+        pending = list(intrablock_residuals) if intrablock_residuals is not None else []
+        skips: tuple = (sample,)
+        for block in self.down_blocks:
+            if block.has_cross_attention:
+                extra = {"additional_residuals": pending.pop(0)} if pending else {}
+                sample, res = self._block(block, sample, emb, encoder_hidden_states, **extra)
+            else:
+                sample, res = self._block(block, sample, emb, encoder_hidden_states)
+                if pending:
+                    # diffusers adds in place (`sample += ...`): the block's last skip is the same tensor, so
+                    # it carries the feature too.
+                    sample = sample + pending.pop(0).astype(sample.dtype)
+                    res = res[:-1] + (sample,)
+            skips += res
+        if self.mid_block is not None:
+            sample = self._block(self.mid_block, sample, emb, encoder_hidden_states)
+            if pending and pending[0].shape == sample.shape:
+                sample = sample + pending.pop(0).astype(sample.dtype)
+        return sample, skips
+
+    def _block(self, block, *args, **static):
+        """block(*args, **static), rematerialised per `self.remat` (static: Python values, e.g. upsample_size;
+        an array passed as a static keyword is closed over)."""
+        remat = getattr(self, "remat", "none")
+        if remat == "none":
+            return block(*args, **static)
+        check_remat(remat, "unet.remat")
+        # Plain jax.checkpoint over the block's state (the blocks keep no state between calls, so nothing
+        # needs to flow back out, unlike nnx.remat, which would write the state back into the Variables).
+        graphdef, state = nnx.split(block)
+
+        def call(state, *a):
+            return nnx.merge(graphdef, state)(*a, **static)
+
+        return jax.checkpoint(call, policy=REMAT_POLICIES[remat])(state, *args)
+
+
+@register_model
+class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
+    """SDXL-style conditional UNet; module names mirror diffusers so param paths are state-dict keys."""
+
+    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                 attention_impl: str = "xla"):
+        c = config
+        self.config = c
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        boc = c.block_out_channels
+        n = c.num_blocks
+        heads = c.per_block("attention_head_dim")
+        cross = c.per_block("cross_attention_dim")
+        layers = c.per_block("layers_per_block")
+        tlayers = c.per_block("transformer_layers_per_block")
+        shared = self._init_encoder(c, kw, attention_impl)
+        common, attn_common = shared["common"], shared["attn_common"]
 
         rev_boc = boc[::-1]
         rev_heads, rev_cross, rev_layers = heads[::-1], cross[::-1], layers[::-1]
@@ -330,9 +409,16 @@ class UNet2DConditionModel(nnx.Module):
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: Any,
                  text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None, *,
                  conditions: Mapping[str, jax.Array] | None = None,
-                 condition_scales: Mapping[str, Any] | None = None) -> jax.Array:
+                 condition_scales: Mapping[str, Any] | None = None,
+                 down_block_additional_residuals: Sequence[jax.Array] | None = None,
+                 mid_block_additional_residual: jax.Array | None = None,
+                 down_intrablock_additional_residuals: Sequence[jax.Array] | None = None) -> jax.Array:
         """sample [B, H, W, Cin], timesteps [B] or scalar, encoder_hidden_states [B, T, D],
         text_embeds [B, P], time_ids [B, 6] -> noise prediction [B, H, W, Cout].
+
+        down_block_additional_residuals / mid_block_additional_residual: a ControlNet's outputs (one [B, h, w, C]
+        per skip connection, and the mid block's), added to the skips and the mid block's output as diffusers
+        does; down_intrablock_additional_residuals: a T2I-Adapter's features (`UNetEncoderMixin._encode`).
 
         conditions: {name: [B, S, D]} for the adapter cross-attentions added by
         `lora.add_adapters` (a name left out = condition absent); condition_scales: {name: scalar
@@ -352,30 +438,16 @@ class UNet2DConditionModel(nnx.Module):
         if c.center_input_sample:
             sample = 2 * sample - 1.0
 
-        timesteps = jnp.asarray(timesteps)
-        if timesteps.ndim == 0:
-            timesteps = timesteps[None]
-        timesteps = jnp.broadcast_to(timesteps, (b,))
-        emb = self.time_embedding(self.time_proj(timesteps).astype(dtype))
-
-        if self.add_embedding is not None and self.add_time_proj is not None:  # set together
-            if text_embeds is None or time_ids is None:
-                raise ValueError("addition_embed_type='text_time' needs text_embeds [B, P] and time_ids [B, 6]")
-            # Each of the time ids gets its own sinusoidal embedding; they are concatenated per sample.
-            time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(text_embeds.shape[0], -1)
-            add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
-            emb = emb + self.add_embedding(add_embeds.astype(emb.dtype))
-        if self.time_embed_act is not None:
-            emb = self.time_embed_act(emb)
-
+        emb = self._embed(c, timesteps, b, dtype, text_embeds, time_ids)
         sample = self.conv_in(sample.astype(dtype))
-        skips: tuple[jax.Array, ...] = (sample,)
-        for block in self.down_blocks:
-            sample, res = self._block(block, sample, emb, encoder_hidden_states)
-            skips += res
-
-        if self.mid_block is not None:
-            sample = self._block(self.mid_block, sample, emb, encoder_hidden_states)
+        sample, skips = self._encode(sample, emb, encoder_hidden_states, down_intrablock_additional_residuals)
+        if down_block_additional_residuals is not None:  # ControlNet: one residual per skip, then the mid one
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals: {len(down_block_additional_residuals)} "
+                                 f"residuals, the UNet has {len(skips)} skip connections")
+            skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals))
+        if mid_block_additional_residual is not None:
+            sample = sample + mid_block_additional_residual.astype(sample.dtype)
 
         for i, block in enumerate(self.up_blocks):
             k = len(block.resnets)
@@ -387,17 +459,3 @@ class UNet2DConditionModel(nnx.Module):
 
         sample = self.conv_act(self.conv_norm_out(sample))
         return self.conv_out(sample)
-
-    def _block(self, block, *args, **static):
-        """block(*args, **static), rematerialised per `self.remat` (static: Python values, e.g. upsample_size)."""
-        if self.remat == "none":
-            return block(*args, **static)
-        check_remat(self.remat, "unet.remat")
-        # Plain jax.checkpoint over the block's state (the blocks keep no state between calls, so nothing
-        # needs to flow back out, unlike nnx.remat, which would write the state back into the Variables).
-        graphdef, state = nnx.split(block)
-
-        def call(state, *a):
-            return nnx.merge(graphdef, state)(*a, **static)
-
-        return jax.checkpoint(call, policy=REMAT_POLICIES[self.remat])(state, *args)

@@ -101,14 +101,19 @@ class CrossAttnDownBlock2D(nnx.Module):
                              if add_downsample else None)
 
     def __call__(self, hidden_states: jax.Array, temb: jax.Array,
-                 encoder_hidden_states: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+                 encoder_hidden_states: jax.Array | None = None,
+                 additional_residuals: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """hidden_states [B, H, W, Cin], temb [B, temb_channels], encoder_hidden_states [B, S, D] or a
         CrossAttentionContext -> ([B, H', W', Cout], skips); H' = ceil(H / 2) with a downsampler
-        (downsample_padding=1, SDXL; floor(H / 2) with 0)."""
+        (downsample_padding=1, SDXL; floor(H / 2) with 0). additional_residuals [B, H, W, Cout]: a
+        T2I-Adapter feature, added to the last resnet+attention output (diffusers' place for it)."""
         skips: tuple[jax.Array, ...] = ()
-        for resnet, attn in zip(self.resnets, self.attentions):
+        last = len(self.resnets) - 1
+        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
             hidden_states = resnet(hidden_states, temb)
             hidden_states = attn(hidden_states, encoder_hidden_states)
+            if i == last and additional_residuals is not None:
+                hidden_states = hidden_states + additional_residuals.astype(hidden_states.dtype)
             skips += (hidden_states,)
         if self.downsamplers is not None:
             for down in self.downsamplers:

@@ -17,6 +17,7 @@ the denoising loop and the VAE decode are one compiled function per (steps, size
 
 from __future__ import annotations
 
+import math
 import os
 import types
 from pathlib import Path
@@ -35,7 +36,8 @@ from persongen_jax.models import modeling
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.pipeline import resolve_start_merge_step
 from persongen_jax.pipeline.image_processing import clip_preprocess
-from persongen_jax.pipeline.sampling import Conditioning, make_sampler, sdxl_time_ids
+from persongen_jax.pipeline.control import prepare_control_image
+from persongen_jax.pipeline.sampling import ControlConditioning, Conditioning, make_sampler, sdxl_time_ids
 from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, read_scheduler_config, scheduler_from_config
 from persongen_jax.pipeline.settings import PipelineError, SamplingSettings, check_settings  # noqa: F401 (re-exported)
 
@@ -114,6 +116,26 @@ def _require(folder: Path, what: str) -> Path:
     return folder
 
 
+def load_controlnet(path: str | os.PathLike, unet, vae, **kw):
+    """A converted ControlNet folder, checked against the UNet it steers and the VAE's factor; PipelineError
+    (one line, naming the folder and listing the shapes) otherwise."""
+    from persongen_jax.models.controlnet import ControlNetModel, check_matches_unet
+
+    path = Path(path)
+    cn = modeling.from_pretrained(_require(path, "ControlNet (config.json)"), **kw)
+    if not isinstance(cn, ControlNetModel):
+        raise PipelineError(f"{path}: holds a {type(cn).__name__}, not a ControlNet (convert one with "
+                            "`python -m weights_conversion controlnet SRC DST`)")
+    try:
+        check_matches_unet(cn.config, unet.config, name=f"{path}: this ControlNet")
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    if cn.downscale_factor != vae.downscale_factor:
+        raise PipelineError(f"{path}: this ControlNet takes control images at {cn.downscale_factor}x the latent size, "
+                            f"the VAE decodes at {vae.downscale_factor}x")
+    return cn
+
+
 class _StepCallback:
     """The part of a tqdm bar the sampling callback uses (update / close), calling fn(steps done)."""
 
@@ -135,8 +157,12 @@ class PersonGenPipeline:
 
     def __init__(self, *, unet, vae, text_encoder, text_encoder_2, tokenizers, scheduler_config: dict,
                  id_encoder=None, force_zeros_for_empty_prompt: bool = True, trigger_word: str = "img",
-                 sample_size: int = 128, conditions: Mapping[str, Condition] | None = None, face_embedder=None):
+                 sample_size: int = 128, conditions: Mapping[str, Condition] | None = None, face_embedder=None,
+                 controlnets: Sequence = ()):
         self.unet, self.vae = unet, vae
+        self.controlnets = list(controlnets)  # ControlNetModel modules (`generate --controlnet`), in order
+        self.t2i_adapter = None  # a T2IAdapter module (`add_t2i_adapter`, `generate --t2i-adapter`)
+        self._t2i = nnx.jit(lambda m, x: m(x), graph_updates=False)
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
@@ -169,12 +195,14 @@ class PersonGenPipeline:
                         lora: str | os.PathLike | None = None, adapters: str | os.PathLike | None = None,
                         dtype=None, attention_impl: str = "xla", merge_lora: bool = True,
                         trigger_word: str = "img", face_models: str | os.PathLike | None = None,
-                        arcface: str | os.PathLike | None = None) -> "PersonGenPipeline":
+                        arcface: str | os.PathLike | None = None,
+                        controlnets: Sequence[str | os.PathLike] = ()) -> "PersonGenPipeline":
         """Loads converted folders: model_dir (unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2
         [, scheduler: default SDXL's Euler config]); the ID encoder from `photomaker`/id_encoder (default:
         model_dir's, if any); then `adapters`, then PhotoMaker's lora/ and `lora`, each merged into the base
         kernels unless merge_lora=False. dtype: compute dtype. face_models / arcface: the SCRFD folder and the
-        converted ArcFace a PhotoMaker V2 encoder needs (`face_embedder`). PipelineError names a missing folder."""
+        converted ArcFace a PhotoMaker V2 encoder needs (`face_embedder`). controlnets: converted ControlNet
+        folders (`weights_conversion controlnet`), checked against the UNet. PipelineError names a missing folder."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise PipelineError(f"{model_dir}: no such model folder")
@@ -202,13 +230,15 @@ class PersonGenPipeline:
             if merge_lora:  # inference: fold into the base kernels, no LoRA cost per step
                 lora_lib.merge_lora(unet)
         scheduler_config = read_scheduler_config(model_dir, default=SDXL_SCHEDULER_CONFIG)
+        cns = [load_controlnet(path, unet, parts["vae"], **kw) for path in controlnets]
         return cls(unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"],
                    text_encoder_2=parts["text_encoder_2"],
                    tokenizers=prompt_lib.load_tokenizers(model_dir, trigger_word),
                    scheduler_config=scheduler_config, id_encoder=id_encoder,
                    force_zeros_for_empty_prompt=prompt_lib.read_force_zeros_for_empty_prompt(model_dir),
                    trigger_word=trigger_word, face_embedder=face_embedder,
-                   sample_size=int(modeling.read_config(model_dir / "unet").get("sample_size") or 128))
+                   sample_size=int(modeling.read_config(model_dir / "unet").get("sample_size") or 128),
+                   controlnets=cns)
 
     @classmethod
     def from_model(cls, model, tokenizers, scheduler_config: dict, *, trigger_word: str = "img",
@@ -221,6 +251,41 @@ class PersonGenPipeline:
                    text_encoder_2=model.text_encoder_2, tokenizers=tokenizers, scheduler_config=scheduler_config,
                    id_encoder=model.id_encoder, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
                    trigger_word=trigger_word, sample_size=sample_size, conditions=conditions)
+
+    def add_controlnets(self, paths: Sequence[str | os.PathLike]) -> None:
+        """Loads converted ControlNet folders (checked against this UNet and VAE: `load_controlnet`) after the
+        ones already loaded; compiled samplers are kept (their key names the ControlNets they run)."""
+        dtype = getattr(self.unet, "dtype", None)
+        self.controlnets += [load_controlnet(p, self.unet, self.vae, dtype=dtype) for p in paths]
+
+    def add_t2i_adapter(self, path: str | os.PathLike) -> None:
+        """Loads a converted T2I-Adapter folder (`weights_conversion t2i-adapter`), checked against this UNet and
+        VAE (PipelineError, one line, listing the shapes)."""
+        from persongen_jax.models.t2i_adapter import T2IAdapter, check_adapter_matches_unet
+
+        path = Path(path)
+        adapter = modeling.from_pretrained(_require(path, "T2I-Adapter (config.json)"),
+                                           dtype=getattr(self.unet, "dtype", None))
+        if not isinstance(adapter, T2IAdapter):
+            raise PipelineError(f"{path}: holds a {type(adapter).__name__}, not a T2I-Adapter (convert one with "
+                                "`python -m weights_conversion t2i-adapter SRC DST`)")
+        try:
+            check_adapter_matches_unet(adapter.config, self.unet.config, self.vae.downscale_factor,
+                                       name=f"{path}: this T2I-Adapter")
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        self.t2i_adapter = adapter
+
+    def t2i_features(self, image, *, height: int, width: int, scale: float = 1.0) -> tuple:
+        """The loaded T2I-Adapter's features of `image` (PIL / uint8 array), resized to the output size as diffusers'
+        adapter pipeline does (PIL Lanczos, [0, 1]), times `scale` -> tuple of [1, h_i, w_i, C_i]."""
+        if self.t2i_adapter is None:
+            raise PipelineError("an adapter image was given but no T2I-Adapter is loaded (--t2i-adapter DIR)")
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise PipelineError(f"adapter conditioning scale {scale!r}: expected a finite number")
+        grey = self.t2i_adapter.config.in_channels == 1
+        pixels = prepare_control_image(image, height, width, mode="L" if grey else "RGB")
+        return tuple(f * jnp.float32(scale) for f in self._t2i(self.t2i_adapter, jnp.asarray(pixels)))
 
     @property
     def default_size(self) -> int:
@@ -241,10 +306,11 @@ class PersonGenPipeline:
     def encode(self, prompt: str, ref_images: Sequence = (), *, negative_prompt: str | None = None,
                conditions: Mapping[str, str] | None = None, height: int, width: int,
                adapter_scales: dict | None = None, id_embeds=None,
-               ref_names: Sequence[str] | None = None) -> Conditioning:
+               ref_names: Sequence[str] | None = None, controls: Sequence[ControlConditioning] = ()) -> Conditioning:
         """Prompt (+ reference faces, + texts of text conditions {name: text}) -> Conditioning for
         `sampling.denoise` (batch 1, shared by all seeds). PhotoMaker V2: id_embeds [N, F] are the references'
-        ArcFace embeddings (default: computed by `face_embedder`; ref_names name the photos in its errors)."""
+        ArcFace embeddings (default: computed by `face_embedder`; ref_names name the photos in its errors).
+        controls: the active ControlNets' inputs (`control_inputs`)."""
         ref_images = list(ref_images)
         texts = dict(conditions or {})
         embeds_of: dict[str, Any] = {}  # {condition name: its embedding}
@@ -296,7 +362,40 @@ class PersonGenPipeline:
         return Conditioning(prompt_embeds=fused, pooled=pooled, text_only_embeds=text_only,
                             text_only_pooled=text_only_pooled, negative_embeds=neg, negative_pooled=neg_pooled,
                             time_ids=sdxl_time_ids(height, width), conditions=embeds_of, condition_scales=scales,
-                            gated=tuple(n for n, c in self.conditions.items() if c.gated))
+                            gated=tuple(n for n, c in self.conditions.items() if c.gated), controls=tuple(controls))
+
+    def control_inputs(self, images: Sequence | None, *, height: int, width: int,
+                       scales: float | Sequence[float] = 1.0, guidance_start: float | Sequence[float] = 0.0,
+                       guidance_end: float | Sequence[float] = 1.0) -> tuple[tuple[int, ...], list]:
+        """One control image per loaded ControlNet (None: that ControlNet is off) -> (indices of the active
+        ControlNets, their ControlConditioning). A float for scales / start / end applies to every ControlNet
+        (diffusers' rule). Images are resized to the output size as diffusers does (`prepare_control_image`)."""
+        images = list(images or [])
+        n = len(self.controlnets)
+        if any(im is not None for im in images) and len(images) != n:
+            raise PipelineError(f"{len(images)} control image(s) for {n} ControlNet(s): give one per ControlNet"
+                                + ("" if n else " (load one with --controlnet DIR)"))
+
+        def per(value, what):
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(values) != n:
+                raise PipelineError(f"{len(values)} {what} for {n} ControlNet(s): give one, or one per ControlNet")
+            for v in values:
+                if not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise PipelineError(f"{what} {v!r}: expected a finite number")
+            return [float(v) for v in values]
+
+        scale_l, start_l, end_l = (per(scales, "control scale(s)"), per(guidance_start, "control guidance start(s)"),
+                                   per(guidance_end, "control guidance end(s)"))
+        for a, b in zip(start_l, end_l):
+            if not 0.0 <= a < b <= 1.0:
+                raise PipelineError(f"control guidance start {a} / end {b}: expected 0 <= start < end <= 1 "
+                                    "(fractions of the steps)")
+        active = tuple(i for i, im in enumerate(images) if im is not None)
+        controls = [ControlConditioning(image=jnp.asarray(prepare_control_image(images[i], height, width)),
+                                        scale=jnp.float32(scale_l[i]), start=start_l[i], end=end_l[i])
+                    for i in active]
+        return active, controls
 
     def face_id_embeds(self, ref_images: Sequence, ref_names: Sequence[str] | None = None) -> np.ndarray:
         """PhotoMaker V2: the references' raw ArcFace embeddings [N, F] (`face_embedder`, loaded on first use);
@@ -320,15 +419,17 @@ class PersonGenPipeline:
 
     # ------------------------------------------------------------------ sampling
 
-    def sampler(self, num_steps: int, scheduler: str = SamplingSettings.scheduler, progress: bool = False):
-        """The compiled sampler for (num_steps, scheduler, progress), built once and cached:
-        sample(noise [S, h, w, C] ~ N(0, 1), cond, guidance_scale, start_merge_step) -> images [S, H, W, 3]
-        float32 in [0, 1] (`sampling.make_sampler`)."""
-        key = (num_steps, scheduler, progress)
+    def sampler(self, num_steps: int, scheduler: str = SamplingSettings.scheduler, progress: bool = False,
+                controlnets: tuple[int, ...] = ()):
+        """The compiled sampler for (num_steps, scheduler, progress, active ControlNets by index), built once and
+        cached: sample(noise [S, h, w, C] ~ N(0, 1), cond, guidance_scale, start_merge_step) -> images
+        [S, H, W, 3] float32 in [0, 1] (`sampling.make_sampler`)."""
+        key = (num_steps, scheduler, progress, tuple(controlnets))
         if key not in self._samplers:
             sched = scheduler_from_config(self.scheduler_config, scheduler)
             on_step = self._progress_step if progress else None
-            self._samplers[key] = make_sampler(self.unet, self.vae, sched, num_steps, on_step=on_step)
+            self._samplers[key] = make_sampler(self.unet, self.vae, sched, num_steps, on_step=on_step,
+                                               controlnets=[self.controlnets[i] for i in controlnets])
         return self._samplers[key]
 
     def _progress_step(self, i) -> None:
@@ -341,14 +442,22 @@ class PersonGenPipeline:
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
                  conditions: Mapping[str, str] | None = None, scheduler: str = SamplingSettings.scheduler,
                  adapter_scales: dict | None = None, progress: bool | Callable[[int], None] = False,
-                 id_embeds=None, ref_names: Sequence[str] | None = None) -> np.ndarray:
+                 id_embeds=None, ref_names: Sequence[str] | None = None,
+                 control_images: Sequence | None = None, control_scales: float | Sequence[float] = 1.0,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, adapter_image=None,
+                 adapter_conditioning_scale: float = 1.0, adapter_conditioning_factor: float = 1.0) -> np.ndarray:
         """-> uint8 images [len(seeds), H, W, 3]. Seeds give the initial latents (jax.random.key(seed)).
         conditions: texts of the model's text conditions, e.g. {"bg": "in the mountains"} (P_bg).
         start_merge_step: the step index, or a fraction of num_steps (`resolve_start_merge_step`), after which
         the ID embedding is used. id_embeds / ref_names: PhotoMaker V2's ArcFace embeddings (`encode`).
         progress: True: a tqdm bar over the denoising steps; a callable: called as progress(steps_done) after
         each step (a web page's bar; it may run on a runtime thread, not the caller's). Both come from a host
-        callback inside the compiled loop (one sampler program for either)."""
+        callback inside the compiled loop (one sampler program for either).
+        control_images: one PIL image / uint8 array (or None: off) per loaded ControlNet; control_scales,
+        control_guidance_start / _end: a float for all or one per ControlNet (diffusers' meaning).
+        adapter_image: the loaded T2I-Adapter's input; its features times adapter_conditioning_scale act on the
+        first int(num_steps * adapter_conditioning_factor) steps (diffusers' adapter pipeline)."""
         f = self.vae.downscale_factor
         SamplingSettings(seeds=tuple(seeds), num_steps=num_steps, guidance_scale=guidance_scale, scheduler=scheduler,
                          start_merge_step=start_merge_step, height=height, width=width,
@@ -356,12 +465,23 @@ class PersonGenPipeline:
         start_merge_step = resolve_start_merge_step(start_merge_step, num_steps)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
+        active, controls = self.control_inputs(control_images, height=height, width=width, scales=control_scales,
+                                               guidance_start=control_guidance_start,
+                                               guidance_end=control_guidance_end)
         cond = self.encode(prompt, ref_images, negative_prompt=negative_prompt, conditions=conditions,
                            height=height, width=width, adapter_scales=adapter_scales, id_embeds=id_embeds,
-                           ref_names=ref_names)
+                           ref_names=ref_names, controls=controls)
+        if adapter_image is not None:
+            if not (isinstance(adapter_conditioning_factor, (int, float))
+                    and 0.0 <= adapter_conditioning_factor <= 1.0):
+                raise PipelineError(f"adapter conditioning factor {adapter_conditioning_factor!r}: expected a "
+                                    "fraction of the steps in [0, 1]")
+            cond = cond.replace(t2i_features=self.t2i_features(adapter_image, height=height, width=width,
+                                                               scale=adapter_conditioning_scale),
+                                t2i_steps=jnp.int32(int(num_steps * adapter_conditioning_factor)))
         shape = (height // f, width // f, self.unet.config.in_channels)
         noise = jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
-        sample = self.sampler(num_steps, scheduler, bool(progress))
+        sample = self.sampler(num_steps, scheduler, bool(progress), active)
         if callable(progress):
             self._bar = _StepCallback(progress)
         elif progress:

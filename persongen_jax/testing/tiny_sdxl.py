@@ -68,3 +68,21 @@ def make_tiny_sdxl(dst: str | Path, seed: int = 0) -> Path:
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     return dst
+
+
+def make_tiny_controlnet(dst: str | Path, seed: int = 0, unet: dict | None = None) -> Path:
+    """Writes a random diffusers ControlNetModel folder for the tiny UNet (or the UNet config `unet`) at `dst`:
+    the UNet's encoder shapes, a 2-step conditioning embedding (control images at 2x the latent size, the
+    tiny VAE's factor), every weight random (the zero convolutions too). Returns `dst`."""
+    from persongen_jax.models.controlnet import ControlNetModel
+    from persongen_jax.testing.torch_init import allow_torchvision_import
+
+    allow_torchvision_import()
+    from diffusers import ControlNetModel as TorchControlNet
+
+    cfg = ControlNetModel.config_for_unet(unet or UNET, conditioning_embedding_out_channels=[8, 16])
+    model = TorchControlNet(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    _randomize(model, seed)
+    dst = Path(dst)
+    model.save_pretrained(dst)
+    return dst

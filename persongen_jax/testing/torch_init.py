@@ -25,3 +25,13 @@ def randomize_(module, seed: int = 0, scale: float = 1.0):
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return g
+
+
+def allow_torchvision_import() -> None:
+    """diffusers' ControlNet / T2I-Adapter classes import transformers' PEFT integration, which imports
+    torchvision; with a CPU-only torch build, torchvision's C-op registrations fail. Its pure-Python parts are
+    all the references need, so the registration module is stubbed (tests, tiny-model builders, benchmarks)."""
+    import sys
+    import types
+
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
