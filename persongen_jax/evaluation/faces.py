@@ -284,4 +284,4 @@ def arcface_input(image, size: int, landmarks=None) -> np.ndarray:
         if size == 112:
             return aligned
         pil = Image.fromarray(aligned)
-    return np.asarray(pil.resize((size, size), Image.BICUBIC), np.uint8)
+    return np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC), np.uint8)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -234,7 +235,7 @@ def inference_pipeline(model, tokenizers, config, *, merge_lora: bool = True, fa
     records without a stored embedding)."""
     if merge_lora and config.lora.rank > 0:
         lora_lib.merge_lora(model.unet)
-    face_embedder = None
+    face_embedder: Any = None
     if getattr(model.id_encoder, "version", "v1") == "v2":
         from persongen_jax.evaluation.id_embeds import CropEmbedder
         from persongen_jax.pipeline.pipeline import load_face_embedder
