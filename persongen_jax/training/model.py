@@ -8,7 +8,8 @@ tests --, "sdxl_base"): random weights in that size's shapes (the tiny CLIP toke
 Otherwise: `config.init.sdxl` (a converted SDXL folder: unet, vae, text_encoder(_2), tokenizer(_2)),
 `config.init.photomaker` (id_encoder/ [+ lora/]; without it a random ID encoder of the PhotoMaker v1
 shape, as the research's "from CLIP" runs start from CLIP ViT-L/14 -- give its folder as
-`config.init.id_encoder`), `config.init.ip_adapter` (an adapters folder).
+`config.init.id_encoder`), `config.init.ip_adapter` (an adapters folder). PhotoMaker V2 reads
+`config.init.arcface` at every size (a model size then sizes its random encoder for that ArcFace's width).
 
 Then LoRA (`config.lora.rank` > 0) and adapters (`config.adapters.names`; an `id` adapter gets an
 `ImageProjection` head when `config.id_injection` is cross_attn or both).
@@ -91,13 +92,13 @@ def id_inputs(model) -> IdInputs:
                     arcface_size=arcface.config.input_size if arcface is not None else 0)
 
 
-def _check_arcface(arcface, id_enc, where: str) -> None:
+def _load_arcface(config, dtype) -> iresnet.IResNet:
+    """config.init.arcface's converted IResNet; ValueError naming the key when it is another model."""
+    arcface = modeling.from_pretrained(config.init.arcface, dtype=dtype)
     if not isinstance(arcface, iresnet.IResNet):
-        raise ValueError(f"{where}: expected a converted ArcFace IResNet folder (`python -m weights_conversion "
-                         f"arcface w600k_r50.onnx DST`), found {type(arcface).__name__}")
-    if arcface.config.num_features != id_enc.config.id_embeddings_dim:
-        raise ValueError(f"{where}: ArcFace embeddings of width {arcface.config.num_features}, but the PhotoMaker V2 "
-                         f"encoder takes {id_enc.config.id_embeddings_dim}")
+        raise ValueError(f"config.init.arcface={config.init.arcface!r}: expected a converted ArcFace IResNet folder "
+                         f"(`python -m weights_conversion arcface w600k_r50.onnx DST`), found {type(arcface).__name__}")
+    return arcface
 
 
 def build_model(config, workdir: str | Path, *, abstract: bool = False):
@@ -120,7 +121,8 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
     photomaker_lora = None
     if config.model in presets.SIZES:  # random weights in a model size's shapes (demo, tests, scale.py)
         if any(config.init.get(k) for k in ("sdxl", "photomaker", "ip_adapter", "id_encoder")):
-            logging.info("config.model=%r: ignoring config.init (random weights)", config.model)
+            logging.info("config.model=%r: ignoring config.init (random weights; PhotoMaker V2 still reads "
+                         "config.init.arcface)", config.model)
         s = config.seed
         size = presets.get(config.model)
         # abstract: the modules' own initialisers, traced by the caller's nnx.eval_shape (no memory).
@@ -131,11 +133,17 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
         te1 = init(CLIPTextModel, size.text_encoder, s + 2, **kw)
         te2 = init(CLIPTextModelWithProjection, size.text_encoder_2, s + 3, **kw)
         if v2:  # the V2 preset at this size: the published one for sdxl_base, else the tiny one
-            id_enc = init(PhotoMakerV2IDEncoder, PhotoMakerV2IDEncoder.preset_config(
-                "photomaker_v2" if config.model == "sdxl_base" else "tiny"), s + 4, **kw)
-            arcface_cfg = iresnet.IResNet.preset_config("r50" if config.model == "sdxl_base" else "tiny")
-            arcface = (init(iresnet.IResNet, arcface_cfg, s + 5, dtype=dtype) if abstract
-                       else iresnet.random_iresnet(arcface_cfg, s + 5, dtype=dtype))
+            v2_cfg = PhotoMakerV2IDEncoder.preset_config("photomaker_v2" if config.model == "sdxl_base" else "tiny")
+            if config.init.get("arcface") and not abstract:
+                # a converted ArcFace (e.g. the one a data.build dataset was embedded with): its embedding width
+                # sizes the random encoder's token projection, so the records' stored embeddings fit
+                arcface = _load_arcface(config, dtype)
+                v2_cfg["id_embeddings_dim"] = arcface.config.num_features
+            else:
+                arcface_cfg = iresnet.IResNet.preset_config("r50" if config.model == "sdxl_base" else "tiny")
+                arcface = (init(iresnet.IResNet, arcface_cfg, s + 5, dtype=dtype) if abstract
+                           else iresnet.random_iresnet(arcface_cfg, s + 5, dtype=dtype))
+            id_enc = init(PhotoMakerV2IDEncoder, v2_cfg, s + 4, **kw)
         else:
             id_enc = init(PhotoMakerIDEncoder, size.id_encoder, s + 4, **kw)
         tok_dir = workdir / "tokenizers"
@@ -170,8 +178,11 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
             raise ValueError(f"config.id_encoder={kind!r}, but config.init.photomaker / id_encoder holds a "
                              f"{type(id_enc).__name__} (PhotoMaker {getattr(id_enc, 'version', 'v1')})")
         if v2 and config.init.get("arcface"):
-            arcface = modeling.from_pretrained(config.init.arcface, dtype=dtype)
-            _check_arcface(arcface, id_enc, f"config.init.arcface={config.init.arcface!r}")
+            arcface = _load_arcface(config, dtype)
+            if arcface.config.num_features != id_enc.config.id_embeddings_dim:
+                raise ValueError(f"config.init.arcface={config.init.arcface!r}: ArcFace embeddings of width "
+                                 f"{arcface.config.num_features}, but the PhotoMaker V2 encoder takes "
+                                 f"{id_enc.config.id_embeddings_dim}")
         ip_adapter = config.init.ip_adapter or None
     else:
         raise ValueError(f"config.model={config.model!r}; expected 'sdxl' (weights from config.init) or a model size "
