@@ -31,6 +31,7 @@ from PIL import Image
 
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.data import format as fmt
+from persongen_jax.evaluation.faces import arcface_input
 from persongen_jax.pipeline.image_processing import clip_preprocess, to_8bit
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, make_prompt_batch, tokenize
 
@@ -109,8 +110,6 @@ class IdInputs:
                                     f"{self.embed_dim} (the dataset was built with another ArcFace)")
             arrays["id_embeds"][j], arrays["has_id_embeds"][j] = emb, True
         elif self.arcface_size:
-            from persongen_jax.evaluation.faces import arcface_input
-
             arrays["arcface_pixel_values"][j] = arcface_input(image, self.arcface_size,
                                                               (header or {}).get("face_kps"))
         else:

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from persongen_jax.evaluation.face_sim import FaceSimScorer, NoFaceError, _as_rgb
-from persongen_jax.evaluation.faces import Faces, norm_crop
+from persongen_jax.evaluation.faces import Faces, arcface_input, norm_crop
 from persongen_jax.models import iresnet
 
 # analyze_faces' fallbacks after the current size: 640, 576, ..., 320, then 256.
@@ -122,8 +122,6 @@ class CropEmbedder:
     def __call__(self, images: Sequence, names: Sequence[str] | None = None) -> np.ndarray:
         """Reference images (paths, PIL images or RGB arrays) -> [N, F] float32 (names: unused, no face can be
         missing)."""
-        from persongen_jax.evaluation.faces import arcface_input
-
         if not len(images):
             return np.zeros((0, self.num_features), np.float32)
         size = self.arcface.config.input_size

@@ -31,6 +31,7 @@ from flax import nnx
 
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.data.pipeline import IdInputs
+from persongen_jax.evaluation.id_embeds import CropEmbedder
 from persongen_jax.models import iresnet, modeling, presets
 from persongen_jax.models import lora as lora_lib
 from persongen_jax.models import unet as unet_lib
@@ -40,7 +41,7 @@ from persongen_jax.models.id_encoder_v2 import PhotoMakerV2IDEncoder
 from persongen_jax.models.unet import UNet2DConditionModel
 from persongen_jax.models.vae import AutoencoderKL
 from persongen_jax.pipeline import prompt as prompt_lib
-from persongen_jax.pipeline.pipeline import PersonGenPipeline
+from persongen_jax.pipeline.pipeline import PersonGenPipeline, load_face_embedder
 from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, EulerDiscreteScheduler, read_scheduler_config
 
 ID_INJECTIONS = ("text", "cross_attn", "both")
@@ -248,9 +249,6 @@ def inference_pipeline(model, tokenizers, config, *, merge_lora: bool = True, fa
         lora_lib.merge_lora(model.unet)
     face_embedder: Any = None
     if getattr(model.id_encoder, "version", "v1") == "v2":
-        from persongen_jax.evaluation.id_embeds import CropEmbedder
-        from persongen_jax.pipeline.pipeline import load_face_embedder
-
         width = model.id_encoder.config.id_embeddings_dim
         if face_models and arcface:
             face_embedder = lambda: load_face_embedder(face_models, arcface, id_embeddings_dim=width,  # noqa: E731
