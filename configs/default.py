@@ -21,6 +21,8 @@ PATTERNS = {
     "lora": r".*\.lora_[AB]\.kernel",                              # LoRA (LoRAParam), adapters' LoRA too
     "adapters": r"unet\..*\.processor\.to_[kv]\.[a-z0-9_]+\.(kernel|bias)",  # adapter k/v (AdapterParam)
     "image_proj": r"unet\.image_proj\..*",                         # IP-Adapter identity projection head
+    # PhotoMaker V2: the ArcFace token projection + face perceiver resampler (QFormerPerceiver)
+    "qformer_perceiver": r"id_encoder\.qformer_perceiver\..*",
 }
 
 
@@ -171,6 +173,16 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint_every = 2
     c.optim.warmup_steps = 1
     c.progress_bar = False
+    return c
+
+
+def photomaker_v2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The PhotoMaker V2 ID encoder (`training/model.py`): its keys exist only in V2 configs, so the v1 configs
+    and their runs stay as they were."""
+    c.id_encoder = "photomaker_v2"  # absent: "photomaker_v1"
+    # A converted ArcFace (weights_conversion arcface w600k_r50.onnx DST, the official pipeline's buffalo_l R50):
+    # embeds the references of records without a stored embedding. Empty: every record must have one.
+    c.init.arcface = ""
     return c
 
 

@@ -104,3 +104,14 @@ def add_damaged_record(data_dir: Path, person_id: str, image: str) -> int:
     index["num_records"] += 1
     (Path(data_dir) / "index.json").write_text(json.dumps(index))
     return index["num_records"] - 1
+
+
+def assert_loss_falls(losses, k: int = 10, z: float = 3.0) -> None:
+    """The training tests' rule: the mean of the last k losses is below the mean of the first k by more than
+    z standard errors of that difference (sqrt(var_first / k + var_last / k), sample variances), so a loss
+    that only wanders (diffusion losses are noisy: random timesteps) does not pass."""
+    losses = np.asarray(losses, np.float64)
+    first, last = losses[:k], losses[-k:]
+    se = float(np.sqrt(first.var(ddof=1) / k + last.var(ddof=1) / k))
+    drop = float(first.mean() - last.mean())
+    assert drop > z * se, f"loss fell by {drop:.4f}, not more than {z} standard errors ({z} x {se:.4f}): {losses}"

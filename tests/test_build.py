@@ -146,6 +146,16 @@ def test_index_and_records_match_the_data_format(built):
         assert h["caption_body"] in ("wearing a red suit", "wearing a black suit")
         x0, y0, x1, y1 = h["face_box"]
         assert 0 <= x0 < x1 <= RESOLUTION and 0 <= y0 < y1 <= RESOLUTION and len(h["face_kps"]) == 5
+    # the verified face's raw ArcFace embedding (PhotoMaker V2's id_embeds): not normalised, and the person's
+    # identity (its direction is within the verify threshold of another image of the person)
+    emb = {image: fmt.unpack_float32(h["arcface_embedding"]) for image, (h, _, _) in by_image.items()}
+    assert {e.shape for e in emb.values()} == {(BUILD_ARCFACE["num_features"],)}
+    unit = {k: e / np.linalg.norm(e) for k, e in emb.items()}
+    assert min(abs(np.linalg.norm(e) - 1) for e in emb.values()) > 1e-3
+    for image in emb:
+        person = image.split("/")[1]
+        assert max(float(unit[image] @ unit[o]) for o in emb if o != image and o.split("/")[1] == person) \
+            >= BUILD_THRESHOLD, image
     assert by_image["persons/p0/1.jpg"][0]["caption_bg"] == "in the mountains"
     assert by_image["persons/p0/0.jpg"][0]["caption_bg"] is None
     # the group photo keeps the person's face (slot A, left), not the larger, more confident stranger
@@ -174,6 +184,26 @@ def test_training_runs_on_the_built_dataset(built, tmp_path):
     assert not [line for line in log if "bad record" in line and not line.startswith("I")], log[-20:]
     assert any(f"{dst}: 1 input(s) left out when the dataset was written" in line for line in log), log[-20:]
     assert any(line.endswith("end of training (step 2): 0 bad records") for line in log), log[-20:]
+
+
+def test_photomaker_v2_trains_on_the_built_dataset(built, inputs, tmp_path):
+    """configs/photomaker_v2.py:tiny on the built records' stored ArcFace embeddings (the build's ArcFace, so its
+    width sizes the tiny V2 encoder): 30 steps through the CLI, the loss falls by more than 3 standard errors."""
+    from tests.helpers import assert_loss_falls
+    from tests.test_training_v2 import STEPS, TRAIN_ARGS
+
+    dst, _, _ = built
+    wd = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "persongen_jax.train", "--config", str(REPO / "configs" / "photomaker_v2.py") + ":tiny",
+         "--workdir", str(wd), f"--config.data.dir={dst}", f"--config.init.arcface={inputs / 'arcface'}", *TRAIN_ARGS],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert_loss_falls([losses[s] for s in range(1, STEPS + 1)])
 
 
 def test_sigkill_then_rerun_recomputes_no_cached_caption(built, inputs):
@@ -223,6 +253,8 @@ def dataset_digest(dst) -> str:
     outcomes of index.json (rejects' stage and reason, per-stage counts, bad inputs, split failures)."""
     h = hashlib.sha256()
     for head, image, mask in sorted(fmt.read_records(dst), key=lambda r: r[0]["image"]):
+        # arcface_embedding came later (issue 20, PhotoMaker V2 training): the rest is unchanged by it
+        head = {k: v for k, v in head.items() if k != "arcface_embedding"}
         h.update(json.dumps(head, sort_keys=True).encode() + image + mask)
     index = fmt.load_index(dst)
     h.update(json.dumps([[(r["image"], r["stage"], r["reason"]) for r in index["rejected"]],

@@ -80,6 +80,26 @@ REBUILD_HINT = "rebuild it with `python -m persongen_jax.data.format SRC CAPTION
 log = logging.getLogger(__name__)
 
 
+def pack_float32(a) -> dict:
+    """A float32 array as a JSON-able {"shape", "float32": base64 of its bytes} (exact; a record header's
+    `arcface_embedding`, the build's caches)."""
+    import base64
+
+    import numpy as np
+
+    a = np.ascontiguousarray(a, np.float32)
+    return dict(shape=list(a.shape), float32=base64.b64encode(a.tobytes()).decode())
+
+
+def unpack_float32(d: dict):
+    """Inverse of `pack_float32` -> numpy float32 array."""
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(d["float32"]), np.float32).reshape(d["shape"])
+
+
 def encode_record(header: dict[str, Any], image_bytes: bytes, mask_bytes: bytes = b"") -> bytes:
     """One record: MAGIC, uint32 LE header length, UTF-8 JSON header, image bytes, mask bytes.
     The header gets `image_nbytes` / `mask_nbytes` so the payload can be split again."""

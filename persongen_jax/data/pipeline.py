@@ -31,6 +31,7 @@ from PIL import Image
 
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.data import format as fmt
+from persongen_jax.evaluation.faces import arcface_input
 from persongen_jax.pipeline.image_processing import clip_preprocess, to_8bit
 from persongen_jax.pipeline.prompt import DEFAULT_TRIGGER_WORD, make_prompt_batch, tokenize
 
@@ -54,6 +55,67 @@ DEFAULT_TEXT_CONDITIONS = tuple((c.name, c.source) for c in conditions_lib.text_
 def batch_keys(text_conditions=DEFAULT_TEXT_CONDITIONS) -> tuple[str, ...]:
     """The keys of a batch carrying `text_conditions` ((name, captions field) pairs)."""
     return BASE_KEYS + tuple(k for name, _ in text_conditions for k in conditions_lib.text_keys(name))
+
+
+# PhotoMaker V2's extra batch keys (`IdInputs.keys`).
+ID_INPUT_KEYS = ("id_embeds", "has_id_embeds", "arcface_pixel_values")
+
+
+class IdEmbedsError(ValueError):
+    """A record without the ArcFace embedding PhotoMaker V2 training needs, and no ArcFace to compute it: an
+    error of the run (the dataset and the config do not go together), never a skipped record."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IdInputs:
+    """What the ID encoder reads besides the CLIP crops of the references.
+
+    PhotoMaker v1: `IdInputs()` (one ID token per reference image, nothing more). PhotoMaker V2: `num_tokens`
+    ID tokens per image (the class word is repeated K x num_tokens times), and per reference its raw ArcFace
+    embedding (`id_embeds` [K, embed_dim]) from the record's `arcface_embedding` (what `data.build` stores;
+    `has_id_embeds` [K] says which slots have one); with `arcface_size` > 0 the references lacking it get
+    their ArcFace input crop (`arcface_pixel_values` [K, A, A, 3] uint8, `evaluation.faces.arcface_input`),
+    embedded in the train step by the model's frozen ArcFace. arcface_size 0 and a record without the
+    embedding: IdEmbedsError."""
+
+    num_tokens: int = 1
+    embed_dim: int = 0     # 0: no id_embeds (PhotoMaker v1)
+    arcface_size: int = 0  # 0: no ArcFace crops
+
+    def keys(self) -> tuple[str, ...]:
+        """The batch keys these inputs add."""
+        if not self.embed_dim:
+            return ()
+        return ID_INPUT_KEYS if self.arcface_size else ID_INPUT_KEYS[:2]
+
+    def arrays(self, k: int) -> dict[str, np.ndarray]:
+        """Empty per-example arrays for K reference slots (zeros: padded slots and stored embeddings)."""
+        out: dict[str, np.ndarray] = {}
+        if self.embed_dim:
+            out.update(id_embeds=np.zeros((k, self.embed_dim), np.float32), has_id_embeds=np.zeros((k,), bool))
+        if self.embed_dim and self.arcface_size:
+            out["arcface_pixel_values"] = np.zeros((k, self.arcface_size, self.arcface_size, 3), np.uint8)
+        return out
+
+    def fill(self, arrays: dict, j: int, header: dict | None, image, where: str) -> None:
+        """Slot j of `arrays` from a reference: its record's stored embedding (header), else the ArcFace crop of
+        `image` (the record image when the header has `face_kps`, else a face crop), else IdEmbedsError."""
+        if not self.embed_dim:
+            return
+        stored = (header or {}).get("arcface_embedding")
+        if stored is not None:
+            emb = fmt.unpack_float32(stored).reshape(-1)
+            if emb.shape != (self.embed_dim,):
+                raise IdEmbedsError(f"{where}: arcface_embedding of width {emb.shape[0]}, but the ID encoder takes "
+                                    f"{self.embed_dim} (the dataset was built with another ArcFace)")
+            arrays["id_embeds"][j], arrays["has_id_embeds"][j] = emb, True
+        elif self.arcface_size:
+            arrays["arcface_pixel_values"][j] = arcface_input(image, self.arcface_size,
+                                                              (header or {}).get("face_kps"))
+        else:
+            raise IdEmbedsError(f"{where}: no arcface_embedding in the record (build the dataset with "
+                                "`python -m persongen_jax.data.build`, which stores it), and no ArcFace to compute "
+                                "it (set config.init.arcface to a converted ArcFace folder)")
 
 
 BATCH_KEYS = batch_keys()
@@ -191,8 +253,10 @@ class _Example:
     """Picklable transform: global example index -> example dict, or a `_Bad` (skipped and counted)."""
 
     def __init__(self, data_dir, tokenizers, *, global_batch_size, shard_index, shard_count, seed, resolution,
-                 num_refs, id_image_size, trigger_word, text_conditions=DEFAULT_TEXT_CONDITIONS):
+                 num_refs, id_image_size, trigger_word, text_conditions=DEFAULT_TEXT_CONDITIONS,
+                 id_inputs: IdInputs = IdInputs()):
         self.data_dir = _key(data_dir)
+        self.id_inputs = id_inputs
         self.info = dataset_info(data_dir)
         self.paths = fmt.shard_paths(data_dir)
         # Own copies: the caller's tokenizers may be used by other threads (another iterator's prefetch).
@@ -245,6 +309,8 @@ class _Example:
             header, image_bytes, mask_bytes = fmt.decode_record(self.source[t])
             image = header["image"]
             return self._example(g, attempt, t, header, image_bytes, mask_bytes)
+        except IdEmbedsError:
+            raise  # the dataset does not fit the model: the run's error, not a bad record
         except Exception as e:  # noqa: BLE001 -- a bad record must never stop training
             return _Bad(image, _reason(e))
 
@@ -295,23 +361,35 @@ class _Example:
             pixels, mask = pixels[:, ::-1], mask[:, ::-1]
 
         id_pixels = np.zeros((self.k_hi, S, S, 3), np.float32)
-        kept = []
+        id_arrays = self.id_inputs.arrays(self.k_hi)
+
+        def add_reference(rh, image):
+            face = _ref_crop(image, rh["face_box"])
+            id_pixels[len(kept)] = clip_preprocess(face, S)
+            # ArcFace input: the whole record image with its landmarks (aligned), else the face crop
+            self.id_inputs.fill(id_arrays, len(kept), rh, image if rh.get("face_kps") else face, rh["image"])
+
+        kept: list[int] = []
         for r in refs:
             name = f"record {r}"
             try:
                 rh, rb, _ = (header, image_bytes, b"") if r == t else fmt.decode_record(self.source[r])
                 name = rh["image"]
-                id_pixels[len(kept)] = clip_preprocess(_ref_crop(_decode(rb), rh["face_box"]), S)
+                add_reference(rh, _decode(rb))
                 kept.append(r)
+            except IdEmbedsError:
+                raise
             except Exception as e:  # noqa: BLE001 -- the reference's fault, not the target's: name it, go on
                 _record_failure(self.data_dir, name, _reason(e))
         if not kept:  # every sampled reference was bad: the target's own face, as for one-image persons
-            id_pixels[0] = clip_preprocess(_ref_crop(target, box), S)
+            id_arrays = self.id_inputs.arrays(self.k_hi)
+            add_reference(header, target)
             kept = [t]
         refs, k = kept, len(kept)
 
         with self._lock:
-            out = self._tokenize(header, k)
+            out = self._tokenize(header, k * self.id_inputs.num_tokens)
+        out.update(id_arrays)
         out.update(
             pixel_values=np.ascontiguousarray(pixels, np.float32),
             face_mask=np.ascontiguousarray(mask, np.float32)[..., None],
@@ -327,8 +405,9 @@ class _Example:
         )
         return out
 
-    def _tokenize(self, header, k) -> dict[str, np.ndarray]:
-        prompts = make_prompt_batch(self.tokenizers, [header["caption"]], [k], self.trigger_word)
+    def _tokenize(self, header, n_tokens) -> dict[str, np.ndarray]:
+        """n_tokens: ID tokens fused into the class word (images x tokens per image)."""
+        prompts = make_prompt_batch(self.tokenizers, [header["caption"]], [n_tokens], self.trigger_word)
         out = dict(ids_1=prompts.ids_1[0], ids_2=prompts.ids_2[0], class_tokens_mask=prompts.class_tokens_mask[0],
                    text_only_ids_1=prompts.text_only_ids_1[0], text_only_ids_2=prompts.text_only_ids_2[0])
         for name, field in self.text_conditions:
@@ -372,7 +451,8 @@ def make_train_dataset(data_dir: str | os.PathLike, *, tokenizers: Sequence, glo
                        resolution: int = 512, num_refs: int | tuple[int, int] = (1, 4), id_image_size: int = 224,
                        seed: int = 0, shard_index: int | None = None, shard_count: int | None = None,
                        trigger_word: str = DEFAULT_TRIGGER_WORD, text_conditions=DEFAULT_TEXT_CONDITIONS,
-                       worker_count: int = 0, read_threads: int = 2, prefetch: int = 2, verify_hashes: bool = True):
+                       worker_count: int = 0, read_threads: int = 2, prefetch: int = 2, verify_hashes: bool = True,
+                       id_inputs: IdInputs = IdInputs()):
     """The grain `IterDataset` of this process's batches (see `make_train_iterator`)."""
     import grain
     import jax
@@ -389,7 +469,8 @@ def make_train_dataset(data_dir: str | os.PathLike, *, tokenizers: Sequence, glo
     fmt.check_shards(data_dir, fmt.load_index(data_dir), verify_hashes=verify_hashes)
     example = _Example(data_dir, tokenizers, global_batch_size=global_batch_size, shard_index=shard_index,
                        shard_count=shard_count, seed=seed, resolution=resolution, num_refs=num_refs,
-                       id_image_size=id_image_size, trigger_word=trigger_word, text_conditions=text_conditions)
+                       id_image_size=id_image_size, trigger_word=trigger_word, text_conditions=text_conditions,
+                       id_inputs=id_inputs)
     # One element = one step's local batch, so the iterator state is the step and grain workers
     # (which split elements between them) cannot change which examples form a batch.
     ds = (grain.MapDataset.range(sys.maxsize)
@@ -414,7 +495,8 @@ def make_train_iterator(data_dir: str | os.PathLike, **kwargs) -> Any:
     text_conditions=DEFAULT_TEXT_CONDITIONS ((name, captions field) pairs), worker_count=0 (grain worker
     processes), read_threads=2 and prefetch=2 (batches computed ahead by threads of this process),
     verify_hashes=True (`format.check_shards` hashes every shard first; False: sizes and record counts
-    only). Element i of the stream is global step i; the state is {"next_index": step}.
+    only), id_inputs=IdInputs() (PhotoMaker V2's extra inputs: `IdInputs`). Element i of the stream is global
+    step i; the state is {"next_index": step}.
 
     Each batch is a dict of numpy arrays, B = global_batch_size // shard_count, R = resolution,
     S = id_image_size, K = max refs:
@@ -426,5 +508,7 @@ def make_train_iterator(data_dir: str | os.PathLike, **kwargs) -> Any:
         <name>_ids_1, <name>_ids_2 [B,77] i32 (the record's `field`; empty-prompt ids when absent), has_<name> [B] bool
       original_size [B,2] i32 (h, w), crop_top_left [B,2] i32 (top, left); target size is (R, R)
       record_index [B] i32, ref_record_indices [B,K] i32 (-1 padded): bookkeeping, not model inputs.
+      PhotoMaker V2 (`IdInputs.keys`): id_embeds [B,K,F] f32, has_id_embeds [B,K] bool,
+      arcface_pixel_values [B,K,A,A,3] u8; class_tokens_mask then repeats the class token K x num_tokens times.
     """
     return iter(make_train_dataset(data_dir, **kwargs))

@@ -18,6 +18,7 @@ it would silently change what the identity is.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -37,9 +38,9 @@ class NoFaceError(ValueError):
     """A reference image in which no face was found."""
 
 
-@nnx.jit(graph_updates=False)  # read-only: no copy of the module state as an output
-def _embed(model, crops):
-    return iresnet.embed(model, crops)
+@nnx.jit(graph_updates=False, static_argnames="normalize")  # read-only: no copy of the module state as an output
+def _embed(model, crops, normalize=True):
+    return iresnet.embed(model, crops, normalize=normalize)
 
 
 def _as_rgb(image) -> np.ndarray:
@@ -93,11 +94,13 @@ class FaceSimScorer:
                 found[i] = True
         return crops, found
 
-    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
-        """Aligned RGB crops [N, S, S, 3] -> unit embeddings [N, D] (float32)."""
+    def embed_crops(self, crops: np.ndarray, *, normalize: bool = True) -> np.ndarray:
+        """Aligned RGB crops [N, S, S, 3] -> unit embeddings [N, D] (float32; normalize=False: the raw ArcFace
+        outputs)."""
         if not len(crops):
             return np.zeros((0, self.arcface.config.num_features), np.float32)
-        return self.batches.run(_embed, self.arcface, np.asarray(crops, np.uint8))
+        fn = _embed if normalize else functools.partial(_embed, normalize=False)
+        return self.batches.run(fn, self.arcface, np.asarray(crops, np.uint8))
 
     def embed(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """-> (unit embeddings [N, D], zeros where no face; found [N])."""

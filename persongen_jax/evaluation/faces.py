@@ -267,3 +267,21 @@ def norm_crop(image: np.ndarray, landmarks: np.ndarray, image_size: int = 112) -
     """The aligned face crop [image_size, image_size, 3] (insightface face_align.norm_crop)."""
     m = estimate_norm(landmarks, image_size)
     return _cv2().warpAffine(np.ascontiguousarray(image), m, (image_size, image_size), borderValue=0.0)
+
+
+def arcface_input(image, size: int, landmarks=None) -> np.ndarray:
+    """A face image -> the ArcFace input [size, size, 3] uint8 RGB, without detection (PhotoMaker V2 training
+    and the references of a trained run): with the face's 5 `landmarks` (in `image` pixels; a built dataset's
+    `face_kps`), aligned as the build and Face-Sim align (`norm_crop` at 112, resized when the network takes
+    another size); without them, `image` is taken as a face crop and resized (BICUBIC) to size x size (the
+    demo / `data.format` datasets store only a face box, and a trained run's references are face crops)."""
+    from PIL import Image
+
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    pil = pil.convert("RGB")
+    if landmarks is not None:
+        aligned = norm_crop(np.asarray(pil), np.asarray(landmarks, np.float32), 112)
+        if size == 112:
+            return aligned
+        pil = Image.fromarray(aligned)
+    return np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC), np.uint8)

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from persongen_jax.evaluation.face_sim import FaceSimScorer, NoFaceError, _as_rgb
-from persongen_jax.evaluation.faces import Faces, norm_crop
+from persongen_jax.evaluation.faces import Faces, arcface_input, norm_crop
 from persongen_jax.models import iresnet
 
 # analyze_faces' fallbacks after the current size: 640, 576, ..., 320, then 256.
@@ -102,4 +102,28 @@ class ReferenceFaceEmbedder:
                               "256); PhotoMaker V2 needs each reference's face: use a clear photo of the face")
         if not len(images):
             return np.zeros((0, self.num_features), np.float32)
+        return np.asarray(_embed_raw(self.arcface, crops), np.float32)
+
+
+class CropEmbedder:
+    """Reference images taken as face crops -> raw ArcFace embeddings [N, F], with no detection: each image is
+    resized to the network's input (`faces.arcface_input`). A PhotoMaker V2 training run's own references are
+    embedded this way (`training.model.inference_pipeline`), as training embeds records that carry no
+    embedding, so a run trained with a random tiny ArcFace samples coherently."""
+
+    def __init__(self, arcface):
+        self.arcface = arcface
+
+    @property
+    def num_features(self) -> int:
+        """F: the ArcFace embedding width."""
+        return int(self.arcface.config.num_features)
+
+    def __call__(self, images: Sequence, names: Sequence[str] | None = None) -> np.ndarray:
+        """Reference images (paths, PIL images or RGB arrays) -> [N, F] float32 (names: unused, no face can be
+        missing)."""
+        if not len(images):
+            return np.zeros((0, self.num_features), np.float32)
+        size = self.arcface.config.input_size
+        crops = np.stack([arcface_input(_as_rgb(im), size) for im in images])
         return np.asarray(_embed_raw(self.arcface, crops), np.float32)

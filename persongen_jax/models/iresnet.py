@@ -39,8 +39,10 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from persongen_jax.models import modeling
 from persongen_jax.models.layers import Conv, Linear
 from persongen_jax.models.modeling import check_field_types, register_model
 
@@ -276,3 +278,16 @@ def embed(model: IResNet, images, *, normalize: bool = True) -> jax.Array:
     if normalize:
         e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
     return e
+
+
+def random_iresnet(config: Mapping[str, Any], seed: int, **kw) -> IResNet:
+    """A random IResNet (`modeling.random_init`: kernels ~ N(0, 1/fan_in), seeded) with usable BatchNorm
+    statistics: running_var 1 + |0.1 N(0, 1)| (random_init draws 1-D parameters around 0, and a negative
+    variance is a NaN). The frozen ArcFace of tiny PhotoMaker V2 training runs (`training.model`)."""
+    model = modeling.random_init(IResNet, config, seed, **kw)
+    rng = np.random.default_rng([seed, 1])
+    flat = modeling.flat_params(model)
+    for path, value in flat.items():
+        if str(path[-1]) == "running_var":
+            flat[path] = jnp.asarray(1 + np.abs(0.1 * rng.standard_normal(value.shape)), value.dtype)
+    return modeling.assign_params(model, flat)

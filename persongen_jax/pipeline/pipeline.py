@@ -243,14 +243,16 @@ class PersonGenPipeline:
     @classmethod
     def from_model(cls, model, tokenizers, scheduler_config: dict, *, trigger_word: str = "img",
                    force_zeros_for_empty_prompt: bool = True, sample_size: int = 128,
-                   conditions: Mapping[str, Condition] | None = None) -> "PersonGenPipeline":
+                   conditions: Mapping[str, Condition] | None = None, face_embedder=None) -> "PersonGenPipeline":
         """From modules in memory (a training `PersonGenModel`: unet, vae, text_encoder(_2), id_encoder);
         LoRA stays unmerged, so later `nnx.update`s of the modules are what the pipeline samples with.
-        conditions: the training config's (`conditions.from_config`)."""
+        conditions: the training config's (`conditions.from_config`); face_embedder: PhotoMaker V2's
+        (see `__init__`)."""
         return cls(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
                    text_encoder_2=model.text_encoder_2, tokenizers=tokenizers, scheduler_config=scheduler_config,
                    id_encoder=model.id_encoder, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-                   trigger_word=trigger_word, sample_size=sample_size, conditions=conditions)
+                   trigger_word=trigger_word, sample_size=sample_size, conditions=conditions,
+                   face_embedder=face_embedder)
 
     def add_controlnets(self, paths: Sequence[str | os.PathLike]) -> None:
         """Loads converted ControlNet folders (checked against this UNet and VAE: `load_controlnet`) after the

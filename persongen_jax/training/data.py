@@ -21,7 +21,7 @@ import numpy as np
 
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.conditions import CLASS_WORDS, text_keys
-from persongen_jax.data.pipeline import DEFAULT_TEXT_CONDITIONS, batch_keys
+from persongen_jax.data.pipeline import DEFAULT_TEXT_CONDITIONS, ID_INPUT_KEYS, IdInputs, batch_keys
 from persongen_jax.pipeline import prompt as prompt_lib
 
 SYNTHETIC_CLASS_WORDS = CLASS_WORDS[:3]  # man, woman, person (a person's word is person % 3)
@@ -37,7 +37,7 @@ class SyntheticIterator:
 
     def __init__(self, tokenizers, *, global_batch_size: int, resolution: int, num_refs: int, id_image_size: int,
                  seed: int, shard_index: int = 0, shard_count: int = 1, trigger_word: str = "img",
-                 num_persons: int = 8, text_conditions=DEFAULT_TEXT_CONDITIONS):
+                 num_persons: int = 8, text_conditions=DEFAULT_TEXT_CONDITIONS, id_inputs: IdInputs = IdInputs()):
         if global_batch_size % shard_count:
             raise ValueError(f"global batch {global_batch_size} not divisible by {shard_count} processes")
         self.tokenizers, self.trigger_word = tokenizers, trigger_word
@@ -45,6 +45,10 @@ class SyntheticIterator:
         self.seed, self.shard_index, self.shard_count = seed, shard_index, shard_count
         self.num_persons = num_persons
         self.text_conditions = tuple(text_conditions)
+        if id_inputs.embed_dim and not id_inputs.arcface_size:
+            raise ValueError("synthetic data has no stored ArcFace embeddings: PhotoMaker V2 training on it needs "
+                             "an ArcFace (config.init.arcface, or a model size such as 'tiny')")
+        self.id_inputs = id_inputs
         self.step = 0
         self._cache: dict = {}
 
@@ -86,9 +90,10 @@ class SyntheticIterator:
         refs = np.stack([self._person_image(person, rng, self.s) for _ in range(self.k)])
         word = SYNTHETIC_CLASS_WORDS[person % len(SYNTHETIC_CLASS_WORDS)]
         caption = f"a photo of a {word} {self.trigger_word}"
-        key = (caption, n)
+        n_tokens = n * self.id_inputs.num_tokens  # PhotoMaker V2 fuses num_tokens ID tokens per image
+        key = (caption, n_tokens)
         if key not in self._cache:
-            self._cache[key] = prompt_lib.make_prompt_batch(self.tokenizers, caption, n, self.trigger_word)
+            self._cache[key] = prompt_lib.make_prompt_batch(self.tokenizers, caption, n_tokens, self.trigger_word)
         pb = self._cache[key]
 
         def tok(i, text):
@@ -101,6 +106,10 @@ class SyntheticIterator:
                    class_tokens_mask=pb.class_tokens_mask[0], text_only_ids_1=pb.text_only_ids_1[0],
                    text_only_ids_2=pb.text_only_ids_2[0],
                    original_size=np.array([r, r], np.int32), crop_top_left=np.array([0, 0], np.int32))
+        id_arrays = self.id_inputs.arrays(self.k)
+        for j in range(n if self.id_inputs.embed_dim else 0):  # no stored embeddings: ArcFace crops of the refs
+            self.id_inputs.fill(id_arrays, j, None, np.round((refs[j] + 1) * 127.5).astype(np.uint8), f"person{person}")
+        out.update(id_arrays)
         for i, (name, _) in enumerate(self.text_conditions):
             texts = self._texts(i)
             text = texts[person % len(texts)]
@@ -125,8 +134,9 @@ def text_condition_fields(config) -> tuple[tuple[str, str], ...]:
 
 
 def model_inputs(batch: dict, text_conditions=DEFAULT_TEXT_CONDITIONS) -> dict:
-    """The arrays the train step uses (drops bookkeeping such as record_index); KeyError names a missing one."""
-    keys = batch_keys(text_conditions)
+    """The arrays the train step uses (drops bookkeeping such as record_index; keeps PhotoMaker V2's
+    `IdInputs` keys when present); KeyError names a missing one."""
+    keys = batch_keys(text_conditions) + tuple(k for k in ID_INPUT_KEYS if k in batch)
     missing = [k for k in keys if k not in batch]
     if missing:
         raise KeyError(f"training batch lacks {missing} (has {sorted(batch)})")
@@ -178,8 +188,9 @@ class BadRecordHook:
                 self.report(f"epoch {ep(step, self.gb, self.num_records)} done (step {step})")
 
 
-def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count: int, id_image_size: int):
-    """-> (iterator, BadRecordHook)."""
+def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count: int, id_image_size: int,
+                  id_inputs: IdInputs = IdInputs()):
+    """-> (iterator, BadRecordHook). id_inputs: the model's (`training.model.id_inputs`; PhotoMaker V2)."""
     d = config.data
     text_conditions = text_condition_fields(config)
 
@@ -187,7 +198,7 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
         return SyntheticIterator(tokenizers, global_batch_size=d.global_batch_size, resolution=d.resolution,
                                  num_refs=d.num_refs, id_image_size=id_image_size, seed=config.seed,
                                  shard_index=shard_index, shard_count=shard_count, trigger_word=d.trigger_word,
-                                 text_conditions=text_conditions)
+                                 text_conditions=text_conditions, id_inputs=id_inputs)
 
     if d.source == "synthetic":
         return synthetic(), BadRecordHook(None, d.global_batch_size)
@@ -215,7 +226,7 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
         data_dir, tokenizers=tokenizers, global_batch_size=d.global_batch_size, resolution=d.resolution,
         num_refs=(min(d.min_refs, d.num_refs), d.num_refs), id_image_size=id_image_size, seed=config.seed,
         shard_index=shard_index, shard_count=shard_count, trigger_word=d.trigger_word,
-        text_conditions=text_conditions, worker_count=d.worker_count)
+        text_conditions=text_conditions, worker_count=d.worker_count, id_inputs=id_inputs)
     return it, BadRecordHook(data_dir, d.global_batch_size)
 
 

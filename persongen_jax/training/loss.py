@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from persongen_jax.conditions import Condition, image_condition, text_conditions, text_keys
+from persongen_jax.models import iresnet
 from persongen_jax.pipeline.prompt import encode_prompt
 
 
@@ -49,6 +50,19 @@ def _bernoulli(key, p: float, shape) -> jax.Array:
     return jax.random.bernoulli(key, p, shape)
 
 
+def arcface_embeds(model, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """PhotoMaker V2's id_embeds [B, K, F] (raw ArcFace embeddings, no gradient): the records' stored ones
+    (`has_id_embeds`), the others computed by the model's frozen ArcFace from `arcface_pixel_values`
+    [B, K, A, A, 3] (`data.pipeline.IdInputs`)."""
+    stored = batch["id_embeds"].astype(jnp.float32)
+    if getattr(model, "arcface", None) is None:
+        return stored  # the data pipeline refused records without an embedding (IdEmbedsError)
+    crops = batch["arcface_pixel_values"]
+    b, k = crops.shape[:2]
+    computed = iresnet.embed(model.arcface, crops.reshape(b * k, *crops.shape[2:]), normalize=False).reshape(b, k, -1)
+    return jax.lax.stop_gradient(jnp.where(batch["has_id_embeds"][..., None], stored, computed))
+
+
 def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, scheduler, loss_cfg: Mapping[str, Any],
                  conditions: Mapping[str, Condition], id_injection: str, adapters: Mapping[str, Any] | None,
                  empty_ids: tuple[jax.Array, jax.Array], compute_dtype=None) -> tuple[jax.Array, dict]:
@@ -56,7 +70,8 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, sched
 
     batch (global, sharded on 'data'): pixel_values [B,R,R,3] in [-1,1]; face_mask [B,R,R,1];
     id_pixel_values [B,K,S,S,3]; num_id_images [B]; ids_1/ids_2/text_only_ids_1/2 [B,77];
-    class_tokens_mask [B,77]; per text condition c: c_ids_1/2 [B,77] + has_c [B] (`conditions.text_keys`);
+    class_tokens_mask [B,77]; PhotoMaker V2 also id_embeds [B,K,F], has_id_embeds [B,K] and (with the model's
+    ArcFace) arcface_pixel_values [B,K,A,A,3] (`arcface_embeds`); per text condition c: c_ids_1/2 [B,77] + has_c [B] (`conditions.text_keys`);
     original_size, crop_top_left [B,2].
     conditions: the declared conditions (`conditions.from_config`); those with adapter layers
     (`adapters["names"]`) are fed to the UNet, each dropped per example with its probability `drop`;
@@ -98,7 +113,11 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, sched
     unet_conditions, scales = {}, {}
     default_scales = (adapters or {}).get("scales", {})
 
-    id_embeds = model.id_encoder.id_embeds(batch["id_pixel_values"].astype(compute_dtype or jnp.float32))
+    id_pixels = batch["id_pixel_values"].astype(compute_dtype or jnp.float32)
+    if getattr(model.id_encoder, "version", "v1") == "v2":  # PhotoMaker V2: num_tokens tokens per image
+        id_embeds = model.id_encoder.id_tokens(id_pixels, arcface_embeds(model, batch))
+    else:
+        id_embeds = model.id_encoder.id_embeds(id_pixels)
     if id_injection in ("text", "both"):
         fused = model.id_encoder.fuse(emb_ids, id_embeds, batch["class_tokens_mask"])
         # identity dropped -> the prompt without the trigger word (no ID fusion)

@@ -57,7 +57,8 @@ RUN_OUTPUTS = ("checkpoints", CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SUPERSEDE
 # Config keys whose change makes a checkpoint mean something else: parameter shapes, the set of trained
 # parameters, the optimizer state's structure, or the frozen weights (which checkpoints do not hold).
 # A key matches an entry equal to it or below it ("lora" covers lora.rank, lora.alpha, lora.targets).
-STRUCTURAL_KEYS = ("model", "seed", "init", "lora", "adapters", "id_injection", "optim.grad_accum_steps")
+STRUCTURAL_KEYS = ("model", "seed", "init", "lora", "adapters", "id_injection", "id_encoder",
+                   "optim.grad_accum_steps")
 # Element types of tuple keys whose default is empty (the others are inferred from their default).
 ELEMENT_TYPES = {"adapters.names": str, "adapters.scales": float}
 

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from persongen_jax import conditions as conditions_lib
+from persongen_jax.data.pipeline import IdInputs
 from persongen_jax.models import lora as lora_lib
 from persongen_jax.models.modeling import path_str
 from persongen_jax.pipeline import prompt as prompt_lib
@@ -45,7 +46,7 @@ from persongen_jax.training import sharding as shard_lib
 from persongen_jax.training import state as state_lib
 from persongen_jax.training.loss import compute_loss
 from persongen_jax.training.metrics import MetricWriter
-from persongen_jax.training.model import build_model
+from persongen_jax.training.model import build_model, id_inputs
 from persongen_jax.training.state import ModelSplit, TrainState
 from persongen_jax.training.validation import Validator
 from persongen_jax.utils.xla_stats import compiled_flops, compiled_memory_mib
@@ -128,6 +129,7 @@ class _Setup:
     text_fields: tuple
     validator: Validator | None
     id_image_size: int
+    id_inputs: IdInputs  # PhotoMaker V2's extra data (model.id_inputs)
 
 
 def make_loss(config, model, tokenizers, scheduler) -> Callable[..., tuple[jax.Array, dict]]:
@@ -164,7 +166,7 @@ def _setup(config, workdir: Path, devices) -> _Setup:
     state = state_lib.create_state(params, frozen, rest, tx, mesh, config.sharding)
     spec = StepSpec(split, tx, make_loss(config, model, tokenizers, scheduler))
     return _Setup(mesh, state, spec, groups, tokenizers, data_lib.text_condition_fields(config), validator,
-                  model.id_encoder.config.vision.image_size)
+                  model.id_encoder.config.vision.image_size, id_inputs(model))
 
 
 def _compile(step_fn, state: TrainState, batch: dict, rng: jax.Array):
@@ -253,7 +255,8 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes, on_
     rng = jax.jit(lambda: jax.random.key(config.seed), out_shardings=NamedSharding(mesh, P()))()
     mngr = ckpt_lib.make_manager(workdir, config.keep_checkpoints, asynchronous=config.async_checkpointing)
     it, bad_records = data_lib.make_iterator(config, s.tokenizers, workdir, shard_index=jax.process_index(),
-                                             shard_count=jax.process_count(), id_image_size=s.id_image_size)
+                                             shard_count=jax.process_count(), id_image_size=s.id_image_size,
+                                             id_inputs=s.id_inputs)
     next_batch = lambda: shard_lib.put_batch(data_lib.model_inputs(next(it), s.text_fields), batch_sh)  # noqa: E731
     # ------------------------------------------------------------------ restore
     start, latest = 0, None

@@ -141,7 +141,13 @@ class Validator:
         """Runs the protocol on `model` (the current parameters), writes WORKDIR/samples/<step>/, the sample
         grids and the per-set means through `writer` and eval/history.jsonl; returns the metrics."""
         if self.pipe is None:
-            self.pipe = inference_pipeline(model, self.tokenizers, self.config, merge_lora=False)
+            # PhotoMaker V2 without its own ArcFace (config.init.arcface empty): the references' embeddings from
+            # the scoring face models (config.eval.face_detector + arcface), as `generate` computes them
+            ev = self.config.eval
+            own = getattr(model, "arcface", None) is not None
+            self.pipe = inference_pipeline(model, self.tokenizers, self.config, merge_lora=False,
+                                           face_models=None if own else ev.face_detector,
+                                           arcface=None if own else ev.arcface)
         else:
             for name in MODULES:
                 nnx.update(getattr(self.pipe, name), nnx.state(getattr(model, name)))

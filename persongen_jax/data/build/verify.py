@@ -27,28 +27,21 @@ the images of a person left with fewer than `min_images` verified images.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 
 import apache_beam as beam
 import numpy as np
 
+from persongen_jax.data import format as fmt
 from persongen_jax.data.build.common import REJECTED, Item, StageDoFn, WorkCache
 from persongen_jax.data.build.faces import face_scorer
 from persongen_jax.data.build.settings import cache_key
 
 
-def _pack(a: np.ndarray) -> dict:
-    a = np.ascontiguousarray(a, np.float32)
-    return dict(shape=list(a.shape), float32=base64.b64encode(a.tobytes()).decode())
-
-
-def _unpack(d: dict) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(d["float32"]), np.float32).reshape(d["shape"])
-
-
 class EmbedFaces(StageDoFn):
-    """Batches of Items (beam.BatchElements) -> the same Items with `embeddings` (crops dropped)."""
+    """Batches of Items (beam.BatchElements) -> the same Items with `embeddings` (crops dropped): the raw
+    ArcFace outputs (not L2-normalised; PhotoMaker V2's `id_embeds` are these, and the record keeps the
+    verified face's); verification normalises them."""
 
     stage = "embed"
 
@@ -60,19 +53,19 @@ class EmbedFaces(StageDoFn):
     def run(self, batch: list[Item]):
         """Embeds the aligned crops of a batch (cached ones reused); drops the crops."""
         s = self.settings
-        keys = [cache_key("embeddings", it.image, it.sha256, s.arcface_fingerprint, self.scorer.crop_size,
+        keys = [cache_key("embeddings_raw", it.image, it.sha256, s.arcface_fingerprint, self.scorer.crop_size,
                           [f["kps"] for f in it.faces]) for it in batch]
 
         def compute(todo):
-            emb = self.scorer.embed_crops(np.concatenate([batch[i].crops for i in todo]))
+            emb = self.scorer.embed_crops(np.concatenate([batch[i].crops for i in todo]), normalize=False)
             ends = np.cumsum([len(batch[i].faces) for i in todo])
-            return [_pack(e) for e in np.split(emb, ends[:-1])]
+            return [fmt.pack_float32(e) for e in np.split(emb, ends[:-1])]
 
         found, computed = self.cache.fetch(keys, compute)
         self.count("computed", computed, group="embeddings")
         self.count("cached", len(batch) - computed, group="embeddings")
         for item, e in zip(batch, found):
-            yield dataclasses.replace(item, embeddings=_unpack(e), crops=None)
+            yield dataclasses.replace(item, embeddings=fmt.unpack_float32(e), crops=None)
 
 
 def dbscan(dist: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
@@ -116,14 +109,15 @@ def dominant_identity(embeddings: np.ndarray, owner: np.ndarray, threshold: floa
 
 
 def verify_person(items: list[Item], s) -> tuple[list[Item], list[tuple[Item, str, str]]]:
-    """One person's Items (with `faces` and `embeddings`) -> (new verified Items with `face` set, rejects as
-    (item, reason, detail)); see the module doc."""
+    """One person's Items (with `faces` and raw `embeddings`) -> (new verified Items with `face` set -- its raw
+    ArcFace embedding under "embedding" --, rejects as (item, reason, detail)); see the module doc."""
     items = sorted(items, key=lambda it: it.image)  # the clustering must not depend on arrival order
     if len(items) < s.min_images:
         return [], [(it, "too few images", f"{len(items)} image(s) with a face < min_images {s.min_images}")
                     for it in items]
     owner = np.concatenate([np.full(len(it.faces), i) for i, it in enumerate(items)])
-    emb = np.concatenate([it.embeddings for it in items]).astype(np.float32)
+    raw = np.concatenate([it.embeddings for it in items]).astype(np.float32)
+    emb = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)  # cosines need unit vectors
     labels, dominant, sim = dominant_identity(emb, owner, s.verify_threshold, s.verify_min_samples)
     if dominant is None:
         sizes = sorted((len(set(owner[labels == c].tolist())) for c in set(labels.tolist()) if c >= 0), reverse=True)
@@ -143,7 +137,7 @@ def verify_person(items: list[Item], s) -> tuple[list[Item], list[tuple[Item, st
             continue
         score = {f: float(sim[f, others].mean()) if others.any() else 0.0 for f in cands}
         pick = max(cands, key=lambda f: score[f])
-        face = dict(it.faces[int(pick - mine[0])], identity_cos=round(score[pick], 4))
+        face = dict(it.faces[int(pick - mine[0])], identity_cos=round(score[pick], 4), embedding=raw[pick])
         verified.append(dataclasses.replace(it, face=face, faces=[], embeddings=None))
     if len(verified) < s.min_images:
         rejects += [(it, "too few images", f"{len(verified)} verified image(s) < min_images {s.min_images}")

@@ -5,7 +5,8 @@ Records: `format.encode_record(header, crop JPEG, mask PNG or b"")`; the header 
 `data.format` (person_id, image, caption, the captions fields -- `format.DEFAULT_CAPTION_FIELDS` always,
 None when empty, plus any other --split-fields -- face_box, width, height, format)
 and the build's own: face_kps (5 landmarks in the crop), face_score (detector), identity_cos (mean
-cosine to the person's identity cluster), source (sha256, width, height and crop_box of the source
+cosine to the person's identity cluster), arcface_embedding (the raw ArcFace embedding of the verified
+face, `format.pack_float32`: PhotoMaker V2's `id_embeds`, read by the training pipeline), source (sha256, width, height and crop_box of the source
 image). Shards are written by `array_record.beam.arrayrecordio.WriteToArrayRecord` (group_size:1 like
 `data.format`) as data-SSSSS-of-NNNNN.array_record: with `num_shards` 0 one shard per bundle of the
 runner, streamed; with N > 0 exactly N, which costs a shuffle of every record (on the DirectRunner
@@ -45,6 +46,7 @@ def record_header(item: Item, settings) -> dict:
                 **{f: item.captions.get(f) for f in fields}, face_box=face["box"], width=res, height=res,
                 format="JPEG", face_kps=face["kps"], face_score=round(face["score"], 4),
                 identity_cos=face.get("identity_cos"),
+                **({"arcface_embedding": fmt.pack_float32(face["embedding"])} if "embedding" in face else {}),
                 source=dict(sha256=item.sha256, width=item.width, height=item.height, crop_box=item.crop_box))
 
 
