@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import dataclasses
 import inspect
 import io
 import json
@@ -44,7 +45,6 @@ import sys
 import tempfile
 import time
 import zipfile
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,8 +87,8 @@ from persongen_jax.sources import load_pipeline as load_source
 
 log = logging.getLogger("persongen_jax.app")
 
-MAX_REFS = 4      # reference photos per request; the ID encoder is compiled for each count at start-up
-MAX_IMAGES = 8    # images per request
+MAX_REFS = 4  # reference photos per request; the ID encoder is compiled for each count at start-up
+MAX_IMAGES = 8  # images per request
 CUSTOM_SIZE = "custom (Height / Width)"  # the aspect dropdown's entry that keeps the sliders' size
 
 
@@ -132,8 +132,8 @@ class Request:
     scheduler: str = SamplingSettings.scheduler
     height: int = 1024
     width: int = 1024
-    style: str = NO_STYLE       # persongen_jax.pipeline.control.STYLES (PhotoMaker's templates)
-    aspect: str = ""            # an ASPECT_RATIOS key ("16:9"): overrides height / width; "": use them
+    style: str = NO_STYLE  # persongen_jax.pipeline.control.STYLES (PhotoMaker's templates)
+    aspect: str = ""  # an ASPECT_RATIOS key ("16:9"): overrides height / width; "": use them
     control_scale: float = 1.0  # the ControlNet's conditioning scale (with a control image)
 
 
@@ -141,12 +141,12 @@ class Request:
 class Result:
     """What a request produced: the images, their seeds and scores, the download's settings, timings."""
 
-    images: np.ndarray       # uint8 [N, H, W, 3]
+    images: np.ndarray  # uint8 [N, H, W, 3]
     seeds: list[int]
     scores: list[dict] | None  # per image: {metric name: value, its found_key: bool}; None without metrics
-    settings: dict           # settings.json of the download (the generate CLI's keys)
+    settings: dict  # settings.json of the download (the generate CLI's keys)
     seconds: float
-    compiles: int            # XLA programs built during the request (0 for every shape compiled at start-up)
+    compiles: int  # XLA programs built during the request (0 for every shape compiled at start-up)
     compile_seconds: float
     notes: list[str]
 
@@ -164,8 +164,10 @@ class CompileWatch:
     @classmethod
     def _listen(cls, event: str, duration: float = 0.0, **_):
         watch = cls._active
-        if watch is not None and event in ("/jax/core/compile/backend_compile_duration",
-                                           "/jax/compilation_cache/cache_retrieval_time_sec"):
+        if watch is not None and event in (
+            "/jax/core/compile/backend_compile_duration",
+            "/jax/compilation_cache/cache_retrieval_time_sec",
+        ):
             watch.count += 1
             watch.seconds += duration
 
@@ -191,8 +193,10 @@ def load_metrics(args):
     names = metric_names(args.metrics)
     per_set = [n for n in names if n in metrics_lib.REGISTRY and metrics_lib.get(n).per_set]
     if per_set:  # FID, Face Div.: a value of a whole set of images, not of one request's images
-        raise InputError(f"--metrics {','.join(per_set)}: scored over a whole set of images by "
-                         "`python -m persongen_jax.evaluate`, not per request in the app")
+        raise InputError(
+            f"--metrics {','.join(per_set)}: scored over a whole set of images by "
+            "`python -m persongen_jax.evaluate`, not per request in the app"
+        )
     # no_face "skip": an image without a face has no Face-Sim value (the page says "no face"), not a 0.
     return build_metrics(names, args, no_face="skip", batch_size=MAX_IMAGES)
 
@@ -205,8 +209,10 @@ class Generator:
 
     def __init__(self, pipe, metrics=None, *, source: dict, defaults: Request, workdir: Path):
         if pipe.id_encoder is None:
-            raise InputError("the app generates a person from reference photos: the model needs an ID encoder "
-                             "(--photomaker DIR, converted by `weights_conversion photomaker`)")
+            raise InputError(
+                "the app generates a person from reference photos: the model needs an ID encoder "
+                "(--photomaker DIR, converted by `weights_conversion photomaker`)"
+            )
         self.pipe, self.metrics = pipe, metrics
         self.source = source
         self.defaults = defaults
@@ -249,10 +255,16 @@ class Generator:
 
     def sampling(self, req: Request) -> SamplingSettings:
         """The SamplingSettings of a request."""
-        return SamplingSettings(seeds=tuple(self.seeds(req)), num_steps=req.num_steps,
-                                guidance_scale=req.guidance_scale, scheduler=req.scheduler,
-                                start_merge_step=req.start_merge_step, height=req.height, width=req.width,
-                                negative_prompt=req.negative_prompt or None)
+        return SamplingSettings(
+            seeds=tuple(self.seeds(req)),
+            num_steps=req.num_steps,
+            guidance_scale=req.guidance_scale,
+            scheduler=req.scheduler,
+            start_merge_step=req.start_merge_step,
+            height=req.height,
+            width=req.width,
+            negative_prompt=req.negative_prompt or None,
+        )
 
     @staticmethod
     def seeds(req: Request) -> list[int]:
@@ -274,8 +286,9 @@ class Generator:
         if len(refs) > MAX_REFS:
             raise InputError(f"{len(refs)} reference photos: at most {MAX_REFS}")
         if control_image is not None and not self.pipe.controlnets:
-            raise InputError("a control image was given but no ControlNet is loaded (start the app with "
-                             "--controlnet DIR)")
+            raise InputError(
+                "a control image was given but no ControlNet is loaded (start the app with --controlnet DIR)"
+            )
         req = self.sized(req)
         self.check(req)
         prompt, negative = apply_style(req.style, req.prompt, req.negative_prompt or None)
@@ -295,14 +308,21 @@ class Generator:
             if self.metrics is not None:  # before generating: a reference without a face is reported now
                 scored = [Image.fromarray(convert_to_rgb(im)) for _, im in refs]  # as evaluate: alpha on white
                 references = protocol.prepare_references(self.metrics, scored, names)
-            controls = ([control_image.convert("RGB")] if control_image is not None
-                        else [None] * len(self.pipe.controlnets))
-            images = self.pipe(prompt, images_in, seeds=seeds, conditions=texts,
-                               adapter_scales={n: 0.0 for n, t in texts.items() if not t},
-                               progress=progress or (lambda n: None), ref_names=names,
-                               control_images=controls if self.pipe.controlnets else None,
-                               control_scales=req.control_scale,
-                               **self.sampling(req).replace(negative_prompt=negative).call_kwargs())
+            controls = (
+                [control_image.convert("RGB")] if control_image is not None else [None] * len(self.pipe.controlnets)
+            )
+            images = self.pipe(
+                prompt,
+                images_in,
+                seeds=seeds,
+                conditions=texts,
+                adapter_scales={n: 0.0 for n, t in texts.items() if not t},
+                progress=progress or (lambda n: None),
+                ref_names=names,
+                control_images=controls if self.pipe.controlnets else None,
+                control_scales=req.control_scale,
+                **self.sampling(req).replace(negative_prompt=negative).call_kwargs(),
+            )
             scores = None
             if self.metrics is not None:
                 scores = [{"prompt": self.clip_text(req)} for _ in images]
@@ -313,20 +333,34 @@ class Generator:
         self._requests += 1
         settings = self.settings(req, names, seeds, images, seconds, scores)
         if control_image is not None:
-            settings.update(controlnets=list(self.source.get("controlnets") or []), control_images=["control.png"],
-                            control_scales=[req.control_scale])
+            settings.update(
+                controlnets=list(self.source.get("controlnets") or []),
+                control_images=["control.png"],
+                control_scales=[req.control_scale],
+            )
         return Result(images, seeds, scores, settings, seconds, watch.count, watch.seconds, notes)
 
     def settings(self, req: Request, ref_names, seeds, images, seconds, scores) -> dict:
         """settings.json of a request: the generate CLI's keys (refs: the references' files in the zip),
         plus the scores when computed."""
-        s = {**self.source, "refs": [f"ref_{k}.png" for k in range(len(ref_names))],
-             "ref_names": list(ref_names), "prompt": req.prompt, "seeds": seeds,
-             "height": int(images.shape[1]), "width": int(images.shape[2]), "trigger_word": self.trigger_word,
-             "images": [f"seed_{s}.png" for s in seeds], "seconds": round(seconds, 2),
-             "num_steps": req.num_steps, "guidance_scale": req.guidance_scale,
-             "start_merge_step": req.start_merge_step, "negative_prompt": req.negative_prompt or None,
-             "conditions": {n: t for n, t in req.conditions.items() if t.strip()}, "scheduler": req.scheduler}
+        s = {
+            **self.source,
+            "refs": [f"ref_{k}.png" for k in range(len(ref_names))],
+            "ref_names": list(ref_names),
+            "prompt": req.prompt,
+            "seeds": seeds,
+            "height": int(images.shape[1]),
+            "width": int(images.shape[2]),
+            "trigger_word": self.trigger_word,
+            "images": [f"seed_{s}.png" for s in seeds],
+            "seconds": round(seconds, 2),
+            "num_steps": req.num_steps,
+            "guidance_scale": req.guidance_scale,
+            "start_merge_step": req.start_merge_step,
+            "negative_prompt": req.negative_prompt or None,
+            "conditions": {n: t for n, t in req.conditions.items() if t.strip()},
+            "scheduler": req.scheduler,
+        }
         s["aspect"] = req.aspect or None
         if req.style != NO_STYLE:
             s.update(style_settings(req.style, req.prompt, req.negative_prompt or None))
@@ -368,22 +402,48 @@ class Generator:
         scales = {n: 0.0 for n in self.text_conditions}
         enc = self.pipe.id_encoder
         # PhotoMaker V2: stand-in ArcFace embeddings of the right shape (the flat face has no face to detect).
-        ids = (lambda n: np.zeros((n, enc.config.id_embeddings_dim), np.float32)) \
-            if getattr(enc, "version", None) == "v2" else (lambda n: None)
+        ids = (
+            (lambda n: np.zeros((n, enc.config.id_embeddings_dim), np.float32))
+            if getattr(enc, "version", None) == "v2"
+            else (lambda n: None)
+        )
         for n in range(1, MAX_REFS + 1):
-            self.pipe.encode(prompt, [face] * n, conditions=texts, adapter_scales=scales,
-                             height=d.height, width=d.width, id_embeds=ids(n))
+            self.pipe.encode(
+                prompt,
+                [face] * n,
+                conditions=texts,
+                adapter_scales=scales,
+                height=d.height,
+                width=d.width,
+                id_embeds=ids(n),
+            )
         t1 = time.perf_counter()
-        self.pipe(prompt, [face], seeds=list(range(d.num_images)), num_steps=d.num_steps,
-                  guidance_scale=d.guidance_scale, start_merge_step=d.start_merge_step,
-                  height=d.height, width=d.width, conditions=texts, adapter_scales=scales,
-                  scheduler=d.scheduler, progress=lambda n: None, id_embeds=ids(1))
+        self.pipe(
+            prompt,
+            [face],
+            seeds=list(range(d.num_images)),
+            num_steps=d.num_steps,
+            guidance_scale=d.guidance_scale,
+            start_merge_step=d.start_merge_step,
+            height=d.height,
+            width=d.width,
+            conditions=texts,
+            adapter_scales=scales,
+            scheduler=d.scheduler,
+            progress=lambda n: None,
+            id_embeds=ids(1),
+        )
         t2 = time.perf_counter()
         for metric in self.metrics or ():
             metric.warm_up()
         t3 = time.perf_counter()
-        log.info("warm-up: text + ID encoders for 1-%d photos %.1f s, sampling + decode %.1f s, metrics %.1f s",
-                 MAX_REFS, t1 - t0, t2 - t1, t3 - t2)
+        log.info(
+            "warm-up: text + ID encoders for 1-%d photos %.1f s, sampling + decode %.1f s, metrics %.1f s",
+            MAX_REFS,
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+        )
         return t3 - t0
 
 
@@ -399,7 +459,7 @@ def _value(metric, score: dict, digits: int) -> str | None:
 
 
 def _caption(seed: int, score: dict | None, metrics) -> str:
-    """"seed 3 · CLIP-T 24.1 · Face-Sim 0.412" (or "no face" in place of the Face-Sim)."""
+    """ "seed 3 · CLIP-T 24.1 · Face-Sim 0.412" (or "no face" in place of the Face-Sim)."""
     parts = [f"seed {seed}"]
     for m in metrics if score is not None else ():
         value = _value(m, score, m.card_digits)
@@ -408,35 +468,50 @@ def _caption(seed: int, score: dict | None, metrics) -> str:
 
 
 def _score_table(seeds, scores, metrics) -> list[list]:
-    return [[k + 1, seed, *[_value(m, sc, m.digits) or m.missing_label for m in metrics]]
-            for k, (seed, sc) in enumerate(zip(seeds, scores))]
+    return [
+        [k + 1, seed, *[_value(m, sc, m.digits) or m.missing_label for m in metrics]]
+        for k, (seed, sc) in enumerate(zip(seeds, scores))
+    ]
 
 
 def _status(result: Result, req: Request) -> str:
     n = len(result.seeds)
-    compiled = ("no compilation" if not result.compiles else
-                f"compiled {result.compiles} new program(s) in {result.compile_seconds:.1f} s: the first request of "
-                "this image count / size / steps / scheduler")
-    lines = [f"**{n} image(s)** of {req.width}x{req.height}, {req.num_steps} steps, seeds "
-             f"{result.seeds[0]}-{result.seeds[-1]}: {result.seconds:.2f} s ({result.seconds / n:.2f} s per image, "
-             f"{compiled})."]
+    compiled = (
+        "no compilation"
+        if not result.compiles
+        else f"compiled {result.compiles} new program(s) in {result.compile_seconds:.1f} s: the first request of "
+        "this image count / size / steps / scheduler"
+    )
+    lines = [
+        f"**{n} image(s)** of {req.width}x{req.height}, {req.num_steps} steps, seeds "
+        f"{result.seeds[0]}-{result.seeds[-1]}: {result.seconds:.2f} s ({result.seconds / n:.2f} s per image, "
+        f"{compiled})."
+    ]
     lines += [f"Note: {x}" for x in result.notes]
     return "\n\n".join(lines)
 
 
 def _about(gen: Generator) -> str:
     d = gen.defaults
-    src = ", ".join(f"{k} `{gen.source[k]}`" for k in ("tiny", "model", "checkpoint", "step", "photomaker", "lora",
-                                                        "adapters") if gen.source.get(k) not in (None, ""))
+    src = ", ".join(
+        f"{k} `{gen.source[k]}`"
+        for k in ("tiny", "model", "checkpoint", "step", "photomaker", "lora", "adapters")
+        if gen.source.get(k) not in (None, "")
+    )
     conds = ", ".join(gen.text_conditions) or "none (no text adapters)"
-    scoring = (", ".join(m.title for m in gen.metrics) + " per image (evaluate's metrics; the text scored is the "
-               "prompt without the trigger word, then the condition texts)" if gen.metrics else
-               "off: start the app with `--clip DIR --face-models DIR --arcface DIR` to score each image")
-    return (f"# persongen_jax\n"
-            f"Model: {src}. Text conditions: {conds}. Scores: {scoring}.\n\n"
-            f"Compiled at start-up: {d.num_images} image(s) of {d.width}x{d.height}, {d.num_steps} steps, "
-            f"{d.scheduler}. Another image count, size, step count or scheduler compiles once, on its first "
-            f"request; requests run one at a time (queue).")
+    scoring = (
+        ", ".join(m.title for m in gen.metrics) + " per image (evaluate's metrics; the text scored is the "
+        "prompt without the trigger word, then the condition texts)"
+        if gen.metrics
+        else "off: start the app with `--clip DIR --face-models DIR --arcface DIR` to score each image"
+    )
+    return (
+        f"# persongen_jax\n"
+        f"Model: {src}. Text conditions: {conds}. Scores: {scoring}.\n\n"
+        f"Compiled at start-up: {d.num_images} image(s) of {d.width}x{d.height}, {d.num_steps} steps, "
+        f"{d.scheduler}. Another image count, size, step count or scheduler compiles once, on its first "
+        f"request; requests run one at a time (queue)."
+    )
 
 
 def build_ui(gen: Generator):
@@ -449,66 +524,135 @@ def build_ui(gen: Generator):
         gr.Markdown(_about(gen), elem_id="about")
         with gr.Row():
             with gr.Column():
-                refs = gr.File(label=f"Reference photos of one person (1-{MAX_REFS})", file_count="multiple",
-                               file_types=["image"], elem_id="refs")
-                prompt = gr.Textbox(label="Prompt (P_general)", elem_id="prompt", lines=2,
-                                    value=f"a photo of a person {trig}",
-                                    info=f"the class word followed by the trigger word '{trig}', e.g. "
-                                         f"'a photo of a man {trig} wearing a red hat' (one '{trig}', right after "
-                                         "man / woman / person / ...)")
+                refs = gr.File(
+                    label=f"Reference photos of one person (1-{MAX_REFS})",
+                    file_count="multiple",
+                    file_types=["image"],
+                    elem_id="refs",
+                )
+                prompt = gr.Textbox(
+                    label="Prompt (P_general)",
+                    elem_id="prompt",
+                    lines=2,
+                    value=f"a photo of a person {trig}",
+                    info=f"the class word followed by the trigger word '{trig}', e.g. "
+                    f"'a photo of a man {trig} wearing a red hat' (one '{trig}', right after "
+                    "man / woman / person / ...)",
+                )
                 cond_boxes = []
                 for name in gen.text_conditions:  # the loaded model's: P_bg / P_body for the research model
-                    cond_boxes.append(gr.Textbox(label=conditions_lib.label(name), value="", elem_id=f"cond_{name}",
-                                                 info=f"{conditions_lib.describe(name)}; empty: not used"))
+                    cond_boxes.append(
+                        gr.Textbox(
+                            label=conditions_lib.label(name),
+                            value="",
+                            elem_id=f"cond_{name}",
+                            info=f"{conditions_lib.describe(name)}; empty: not used",
+                        )
+                    )
                 negative = gr.Textbox(label="Negative prompt", value="", elem_id="negative")
                 with gr.Row():
-                    num_images = gr.Slider(1, MAX_IMAGES, value=d.num_images, step=1, label="Images",
-                                           elem_id="num_images")
-                    seed = gr.Number(value=d.seed, precision=0, minimum=0, maximum=MAX_SEED, label="Seed",
-                                     info="image k uses seed + k", elem_id="seed")
+                    num_images = gr.Slider(
+                        1, MAX_IMAGES, value=d.num_images, step=1, label="Images", elem_id="num_images"
+                    )
+                    seed = gr.Number(
+                        value=d.seed,
+                        precision=0,
+                        minimum=0,
+                        maximum=MAX_SEED,
+                        label="Seed",
+                        info="image k uses seed + k",
+                        elem_id="seed",
+                    )
                     randomize = gr.Checkbox(value=False, label="Random seed", elem_id="randomize")
                 with gr.Accordion("Sampling", open=False):
                     steps = gr.Slider(1, 100, value=d.num_steps, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0.0, 20.0, value=d.guidance_scale, step=0.5, label="Guidance scale",
-                                         elem_id="guidance")
-                    merge = gr.Slider(0, 100, value=d.start_merge_step, step=1, label="start_merge_step",
-                                      info="the identity tokens are used after this step (PhotoMaker v1)",
-                                      elem_id="start_merge_step")
-                    scheduler = gr.Radio(sorted(SCHEDULER_NAMES), value=d.scheduler, label="Scheduler",
-                                         elem_id="scheduler")
+                    guidance = gr.Slider(
+                        0.0, 20.0, value=d.guidance_scale, step=0.5, label="Guidance scale", elem_id="guidance"
+                    )
+                    merge = gr.Slider(
+                        0,
+                        100,
+                        value=d.start_merge_step,
+                        step=1,
+                        label="start_merge_step",
+                        info="the identity tokens are used after this step (PhotoMaker v1)",
+                        elem_id="start_merge_step",
+                    )
+                    scheduler = gr.Radio(
+                        sorted(SCHEDULER_NAMES), value=d.scheduler, label="Scheduler", elem_id="scheduler"
+                    )
                     hi = max(2048, d.height, d.width)
-                    height = gr.Slider(gen.size_step, hi, value=d.height, step=gen.size_step, label="Height",
-                                       elem_id="height")
-                    width = gr.Slider(gen.size_step, hi, value=d.width, step=gen.size_step, label="Width",
-                                      elem_id="width")
+                    height = gr.Slider(
+                        gen.size_step, hi, value=d.height, step=gen.size_step, label="Height", elem_id="height"
+                    )
+                    width = gr.Slider(
+                        gen.size_step, hi, value=d.width, step=gen.size_step, label="Width", elem_id="width"
+                    )
                 with gr.Row():
-                    style = gr.Dropdown(list(STYLES), value=NO_STYLE, label="Style template", elem_id="style",
-                                        interactive=True,
-                                        info="PhotoMaker's styles: the prompt goes into the template, the style's "
-                                             "negative prompt joins yours")
-                    aspect = gr.Dropdown([(CUSTOM_SIZE, "")] + [(v[0], k) for k, v in ASPECT_RATIOS.items()],
-                                         value="", label="Aspect ratio", elem_id="aspect", interactive=True,
-                                         info="an SDXL preset scaled to the model's size; custom: Height / Width")
+                    style = gr.Dropdown(
+                        list(STYLES),
+                        value=NO_STYLE,
+                        label="Style template",
+                        elem_id="style",
+                        interactive=True,
+                        info="PhotoMaker's styles: the prompt goes into the template, the style's "
+                        "negative prompt joins yours",
+                    )
+                    aspect = gr.Dropdown(
+                        [(CUSTOM_SIZE, "")] + [(v[0], k) for k, v in ASPECT_RATIOS.items()],
+                        value="",
+                        label="Aspect ratio",
+                        elem_id="aspect",
+                        interactive=True,
+                        info="an SDXL preset scaled to the model's size; custom: Height / Width",
+                    )
                 control_inputs = []
                 if gen.pipe.controlnets:  # spatial control only when a ControlNet is loaded
                     control_inputs = [
-                        gr.File(label="Control image (pose / depth / edges for the ControlNet; empty: none)",
-                                file_count="single", file_types=["image"], elem_id="control_image"),
-                        gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control scale", elem_id="control_scale")]
+                        gr.File(
+                            label="Control image (pose / depth / edges for the ControlNet; empty: none)",
+                            file_count="single",
+                            file_types=["image"],
+                            elem_id="control_image",
+                        ),
+                        gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control scale", elem_id="control_scale"),
+                    ]
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Generated", columns=2, format="png", elem_id="gallery", interactive=False)
                 status = gr.Markdown(label="Status", elem_id="status")
-                scores = gr.Dataframe(headers=["image", "seed", *[m.title for m in gen.metrics or ()]],
-                                      label="Scores", interactive=False, visible=bool(gen.metrics), elem_id="scores")
-                download = gr.File(label="Download: images + settings.json (zip)", interactive=False,
-                                   elem_id="download")
+                scores = gr.Dataframe(
+                    headers=["image", "seed", *[m.title for m in gen.metrics or ()]],
+                    label="Scores",
+                    interactive=False,
+                    visible=bool(gen.metrics),
+                    elem_id="scores",
+                )
+                download = gr.File(
+                    label="Download: images + settings.json (zip)", interactive=False, elem_id="download"
+                )
 
         def on_generate(*values):
-            (files, prompt_v, negative_v, n_v, seed_v, random_v, steps_v, guidance_v, merge_v, sched_v,
-             height_v, width_v, style_v, aspect_v, *rest, progress) = values
-            control_v, scale_v = rest[:len(control_inputs)] if control_inputs else (None, 1.0)
-            cond_v = rest[len(control_inputs):]
+            (
+                files,
+                prompt_v,
+                negative_v,
+                n_v,
+                seed_v,
+                random_v,
+                steps_v,
+                guidance_v,
+                merge_v,
+                sched_v,
+                height_v,
+                width_v,
+                style_v,
+                aspect_v,
+                *rest,
+                progress,
+            ) = values
+            control_v, scale_v = rest[: len(control_inputs)] if control_inputs else (None, 1.0)
+            cond_v = rest[len(control_inputs) :]
             control_image = None
             if control_v:
                 cpath = control_v if isinstance(control_v, str) else getattr(control_v, "name", control_v)
@@ -517,22 +661,39 @@ def build_ui(gen: Generator):
                         im.load()
                         control_image = im.convert("RGB")
                 except Exception as e:  # PIL raises several types for a non-image
-                    raise gr.Error(f"control image {Path(cpath).name!r} is not a readable image ({type(e).__name__})",
-                                   duration=None, print_exception=False) from None
+                    raise gr.Error(
+                        f"control image {Path(cpath).name!r} is not a readable image ({type(e).__name__})",
+                        duration=None,
+                        print_exception=False,
+                    ) from None
             paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
             loaded = []
             for p in paths:
                 try:
                     loaded.append(read_reference(p))
                 except Exception as e:  # PIL raises several types for a non-image
-                    raise gr.Error(f"reference photo {Path(p).name!r} is not a readable image ({type(e).__name__})",
-                                   duration=None, print_exception=False) from None
+                    raise gr.Error(
+                        f"reference photo {Path(p).name!r} is not a readable image ({type(e).__name__})",
+                        duration=None,
+                        print_exception=False,
+                    ) from None
             seed_used = random.randint(0, MAX_SEED - MAX_IMAGES) if random_v else int(seed_v or 0)
-            req = Request(prompt=prompt_v or "", conditions={n: t or "" for n, t in zip(gen.text_conditions, cond_v)},
-                          negative_prompt=negative_v or "", num_images=int(n_v), seed=seed_used,
-                          num_steps=int(steps_v), guidance_scale=float(guidance_v), start_merge_step=int(merge_v),
-                          scheduler=sched_v, height=int(height_v), width=int(width_v), style=style_v or NO_STYLE,
-                          aspect=aspect_v or "", control_scale=float(scale_v))
+            req = Request(
+                prompt=prompt_v or "",
+                conditions={n: t or "" for n, t in zip(gen.text_conditions, cond_v)},
+                negative_prompt=negative_v or "",
+                num_images=int(n_v),
+                seed=seed_used,
+                num_steps=int(steps_v),
+                guidance_scale=float(guidance_v),
+                start_merge_step=int(merge_v),
+                scheduler=sched_v,
+                height=int(height_v),
+                width=int(width_v),
+                style=style_v or NO_STYLE,
+                aspect=aspect_v or "",
+                control_scale=float(scale_v),
+            )
             # The step callback may come from a runtime thread: run it in this request's context, where
             # Gradio finds the event to report progress to.
             ctx = contextvars.copy_context()
@@ -547,28 +708,74 @@ def build_ui(gen: Generator):
                 log.info("request refused: %s", e)
                 raise gr.Error(str(e), duration=None, print_exception=False) from None
             req = gen.sized(req)
-            log.info("%d image(s) %dx%d, %d steps: %.2f s, %d compile(s)", len(result.seeds), req.width,
-                     req.height, req.num_steps, result.seconds, result.compiles)
+            log.info(
+                "%d image(s) %dx%d, %d steps: %.2f s, %d compile(s)",
+                len(result.seeds),
+                req.width,
+                req.height,
+                req.num_steps,
+                result.seconds,
+                result.compiles,
+            )
             zip_path = gen.write_zip(result, loaded, control_image)
-            items = [(img, _caption(s, sc, gen.metrics)) for s, img, sc in
-                     zip(result.seeds, result.images, result.scores or [None] * len(result.seeds))]
+            items = [
+                (img, _caption(s, sc, gen.metrics))
+                for s, img, sc in zip(result.seeds, result.images, result.scores or [None] * len(result.seeds))
+            ]
             table = _score_table(result.seeds, result.scores, gen.metrics) if result.scores else None
             return items, _status(result, req), table, str(zip_path), seed_used
 
-        inputs = [refs, prompt, negative, num_images, seed, randomize, steps, guidance, merge, scheduler, height,
-                  width, style, aspect, *control_inputs, *cond_boxes]
+        inputs = [
+            refs,
+            prompt,
+            negative,
+            num_images,
+            seed,
+            randomize,
+            steps,
+            guidance,
+            merge,
+            scheduler,
+            height,
+            width,
+            style,
+            aspect,
+            *control_inputs,
+            *cond_boxes,
+        ]
         # The API's parameter names (gradio_client, "Use via API"); one `p_<name>` per text condition. Gradio
         # reads them, and where to pass its progress tracker, from the signature.
-        names = ["reference_photos", "prompt", "negative_prompt", "num_images", "seed", "random_seed", "steps",
-                 "guidance_scale", "start_merge_step", "scheduler", "height", "width", "style", "aspect",
-                 *(["control_image", "control_scale"] if control_inputs else []),
-                 *[f"p_{n}" for n in gen.text_conditions]]
+        names = [
+            "reference_photos",
+            "prompt",
+            "negative_prompt",
+            "num_images",
+            "seed",
+            "random_seed",
+            "steps",
+            "guidance_scale",
+            "start_merge_step",
+            "scheduler",
+            "height",
+            "width",
+            "style",
+            "aspect",
+            *(["control_image", "control_scale"] if control_inputs else []),
+            *[f"p_{n}" for n in gen.text_conditions],
+        ]
         param = inspect.Parameter
         on_generate.__signature__ = inspect.Signature(
             [param(n, param.POSITIONAL_OR_KEYWORD) for n in names]
-            + [param("progress", param.POSITIONAL_OR_KEYWORD, default=gr.Progress())])
-        run.click(on_generate, inputs=inputs, outputs=[gallery, status, scores, download, seed],
-                  api_name="generate", concurrency_limit=1, show_progress_on=[gallery])
+            + [param("progress", param.POSITIONAL_OR_KEYWORD, default=gr.Progress())]
+        )
+        run.click(
+            on_generate,
+            inputs=inputs,
+            outputs=[gallery, status, scores, download, seed],
+            api_name="generate",
+            concurrency_limit=1,
+            show_progress_on=[gallery],
+        )
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -579,11 +786,15 @@ def build_ui(gen: Generator):
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m persongen_jax.app`."""
     p = make_parser("python -m persongen_jax.app", __doc__)
-    add_model_arguments(p, tiny_help="tiny random models made on the fly (the demo training's: configs/demo.py), "
-                                     "no weights")
+    add_model_arguments(
+        p, tiny_help="tiny random models made on the fly (the demo training's: configs/demo.py), no weights"
+    )
     s = p.add_argument_group("scoring (optional, as evaluate: the model folders the metrics need)")
-    s.add_argument("--metrics", help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default "
-                                     "when a scoring folder is given: clip_t,face_sim)")
+    s.add_argument(
+        "--metrics",
+        help="comma-separated metric names (persongen_jax/evaluation/metrics.py; default "
+        "when a scoring folder is given: clip_t,face_sim)",
+    )
     metrics_lib.add_scoring_arguments(s)
     d = p.add_argument_group("the page's defaults (the request compiled at start-up)")
     d.add_argument("--num-images", type=int, default=2, help="images per request")
@@ -591,9 +802,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheduler_argument(d, help="sampling scheduler")
     d.add_argument("--height", type=int, help="default: the model's (sample_size x VAE factor)")
     d.add_argument("--width", type=int, help="default: the model's")
-    p.add_argument("--controlnet", default=None, metavar="DIR",
-                   help="a converted ControlNet folder (weights_conversion controlnet): the page then takes a control "
-                        "image and its scale")
+    p.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="DIR",
+        help="a converted ControlNet folder (weights_conversion controlnet): the page then takes a control "
+        "image and its scale",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
     return p
@@ -635,28 +850,47 @@ def main(argv=None) -> int:
             pipe.add_controlnets([args.controlnet])
             source["controlnets"] = [args.controlnet]
         size = pipe.default_size
-        defaults = Request(prompt="", num_images=args.num_images, num_steps=args.steps,
-                           guidance_scale=args.guidance_scale,
-                           start_merge_step=resolve_start_merge_step(args.start_merge_step, args.steps),
-                           scheduler=args.scheduler, height=args.height or size, width=args.width or size)
+        defaults = Request(
+            prompt="",
+            num_images=args.num_images,
+            num_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            start_merge_step=resolve_start_merge_step(args.start_merge_step, args.steps),
+            scheduler=args.scheduler,
+            height=args.height or size,
+            width=args.width or size,
+        )
         gen = Generator(pipe, metrics, source=source, defaults=defaults, workdir=Path(workdir.name) / "out")
         gen.check(defaults)  # the defaults are a valid request
         t_load = time.perf_counter() - t0
-        print(f"loaded in {t_load:.1f} s; compiling the default request ({defaults.num_images} image(s) "
-              f"{defaults.width}x{defaults.height}, {defaults.num_steps} steps, {defaults.scheduler}) ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"loaded in {t_load:.1f} s; compiling the default request ({defaults.num_images} image(s) "
+            f"{defaults.width}x{defaults.height}, {defaults.num_steps} steps, {defaults.scheduler}) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         with CompileWatch() as watch:
             t_warm = gen.warm_up()
-        print(f"compiled {watch.count} program(s) in {t_warm:.1f} s (compile {watch.seconds:.1f} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"compiled {watch.count} program(s) in {t_warm:.1f} s (compile {watch.seconds:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     except (InputError, ImageError, PipelineError, FaceModelError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         workdir.cleanup()
         return 1
     demo = build_ui(gen)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False,
-                    allowed_paths=[workdir.name], prevent_thread_lock=True, quiet=True)
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            show_error=True,
+            ssr_mode=False,
+            allowed_paths=[workdir.name],
+            prevent_thread_lock=True,
+            quiet=True,
+        )
     except OSError as e:
         print(f"error: cannot serve on {args.host}:{args.port} ({e}); pick another --port", file=sys.stderr)
         workdir.cleanup()

@@ -34,8 +34,22 @@ KINDS = ("text", "image")
 # (PhotoMaker: "the trigger word `img` must follow the class word", e.g. man, woman, girl, boy; its
 # repository publishes no longer list), singular first, then plurals and informal words. One list for the
 # demo data, the synthetic training data and the dataset build's marking (`--class-words`).
-CLASS_WORDS = ("man", "woman", "person", "boy", "girl", "men", "women", "people", "boys", "girls", "guy", "lady",
-               "child", "kid")
+CLASS_WORDS = (
+    "man",
+    "woman",
+    "person",
+    "boy",
+    "girl",
+    "men",
+    "women",
+    "people",
+    "boys",
+    "girls",
+    "guy",
+    "lady",
+    "child",
+    "kid",
+)
 # The record field an image condition reads: the reference faces of the person (the dataset's persons).
 REFERENCES = "references"
 

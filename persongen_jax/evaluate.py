@@ -53,10 +53,10 @@ from persongen_jax.cli.options import (
     warn_if_id_unused,
 )
 from persongen_jax.cli.outputs import OutputFolder
-from persongen_jax.evaluation.table import write_table
 from persongen_jax.evaluation import metrics as metrics_lib
 from persongen_jax.evaluation import protocol, report
 from persongen_jax.evaluation.faces import FaceModelError
+from persongen_jax.evaluation.table import write_table
 from persongen_jax.pipeline.image_processing import ImageError
 from persongen_jax.pipeline.settings import PipelineError
 from persongen_jax.sources import load_pipeline
@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--manifest", type=Path, help="mode A: JSONL of image / prompt / reference [/ set]")
     mode.add_argument("--model", type=Path, help="mode B: converted SDXL folder (weights_conversion sdxl)")
-    mode.add_argument("--checkpoint", type=Path, metavar="RUN",
-                      help="mode B: a training run folder (checkpoints/ + config.json)")
+    mode.add_argument(
+        "--checkpoint", type=Path, metavar="RUN", help="mode B: a training run folder (checkpoints/ + config.json)"
+    )
     mode.add_argument("--compare", type=Path, nargs="+", help="plot Face-Sim / CLIP-T over steps for these runs")
     g = p.add_argument_group("mode B model")
     g.add_argument("--photomaker", type=Path, help="converted PhotoMaker folder (default: look in --model)")
@@ -83,32 +84,54 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sets", help="validation sets NAME=FOLDER,NAME=FOLDER (e.g. in_train=val/a,out_of_domain=val/b)")
     b.add_argument("--prompts", type=Path, help="prompts JSON (default: the research's 4 validation prompts)")
     b.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
-    b.add_argument("--seeds", type=parse_seeds, default=list(protocol.ProtocolSettings.seeds),
-                   help="seeds per identity and prompt, e.g. 0-4 or 1,5,9 (default 0-4)")
+    b.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=list(protocol.ProtocolSettings.seeds),
+        help="seeds per identity and prompt, e.g. 0-4 or 1,5,9 (default 0-4)",
+    )
     add_sampling_arguments(b)
     b.add_argument("--resolution", type=int, help="image height = width (default: the model's)")
     add_scheduler_argument(b)
-    b.add_argument("--split", choices=["auto", "never", "always"], default="auto",
-                   help="P_general + P_bg through the bg adapter (auto: when the model has one)")
+    b.add_argument(
+        "--split",
+        choices=["auto", "never", "always"],
+        default="auto",
+        help="P_general + P_bg through the bg adapter (auto: when the model has one)",
+    )
     s = p.add_argument_group("scoring")
-    s.add_argument("--metrics", default="clip_t,face_sim",
-                   help="comma-separated metric names (persongen_jax/evaluation/metrics.py: clip_t, face_sim, clip_i, "
-                        "dino, face_div, fid; default: %(default)s); "
-                        "'none': mode B writes the images and the report without scores (no scoring models needed)")
-    s.add_argument("--trigger-word", default="img",
-                   help="mode B: written after the class word of each prompt; mode A: removed from the manifest "
-                        "prompts before CLIP-T ('' keeps them as written). CLIP-T scores the prompt without it")
+    s.add_argument(
+        "--metrics",
+        default="clip_t,face_sim",
+        help="comma-separated metric names (persongen_jax/evaluation/metrics.py: clip_t, face_sim, clip_i, "
+        "dino, face_div, fid; default: %(default)s); "
+        "'none': mode B writes the images and the report without scores (no scoring models needed)",
+    )
+    s.add_argument(
+        "--trigger-word",
+        default="img",
+        help="mode B: written after the class word of each prompt; mode A: removed from the manifest "
+        "prompts before CLIP-T ('' keeps them as written). CLIP-T scores the prompt without it",
+    )
     metrics_lib.add_scoring_arguments(s)
-    s.add_argument("--no-face", choices=["zero", "skip"], default="zero",
-                   help="a generation without a detected face: scores 0 (zero, the research) or is left out")
+    s.add_argument(
+        "--no-face",
+        choices=["zero", "skip"],
+        default="zero",
+        help="a generation without a detected face: scores 0 (zero, the research) or is left out",
+    )
     s.add_argument("--batch-size", type=int, default=32, help="images per CLIP / ArcFace batch")
     p.add_argument("--labels", help="--compare: comma-separated run labels (default: folder names)")
-    p.add_argument("--table", action="store_true",
-                   help="--compare: instead of plots, the method-comparison table of evaluate output folders "
-                        "(PhotoMaker's Table 1 layout: a row per run, a column per metric, seconds per image); "
-                        "printed and written as OUT/table.md and OUT/table.csv")
-    add_output_arguments(p, "evaluate",
-                         out_help="output folder: metrics.json, scores.csv, report.html (--compare: the plots)")
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="--compare: instead of plots, the method-comparison table of evaluate output folders "
+        "(PhotoMaker's Table 1 layout: a row per run, a column per metric, seconds per image); "
+        "printed and written as OUT/table.md and OUT/table.csv",
+    )
+    add_output_arguments(
+        p, "evaluate", out_help="output folder: metrics.json, scores.csv, report.html (--compare: the plots)"
+    )
     return p
 
 
@@ -132,10 +155,18 @@ def _metrics(args, parser):
 def protocol_settings(args) -> protocol.ProtocolSettings:
     """The ProtocolSettings of the mode B options."""
     return protocol.ProtocolSettings(
-        seeds=tuple(args.seeds), num_steps=args.steps, guidance_scale=args.guidance_scale,
-        start_merge_step=args.start_merge_step, height=args.resolution, width=args.resolution,
-        scheduler=args.scheduler, dtype=args.dtype, attention=args.attention, split=args.split,
-        trigger_word=args.trigger_word)
+        seeds=tuple(args.seeds),
+        num_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        start_merge_step=args.start_merge_step,
+        height=args.resolution,
+        width=args.resolution,
+        scheduler=args.scheduler,
+        dtype=args.dtype,
+        attention=args.attention,
+        split=args.split,
+        trigger_word=args.trigger_word,
+    )
 
 
 def _summary(summary: dict, metrics) -> str:
@@ -163,7 +194,9 @@ def main(argv=None) -> int:
         out.check()  # before reading or loading anything
         if args.compare and args.table:
             with out:
-                text, paths = write_table(args.compare, args.out, labels=args.labels.split(",") if args.labels else None)
+                text, paths = write_table(
+                    args.compare, args.out, labels=args.labels.split(",") if args.labels else None
+                )
                 out.finish([Path(p).name for p in paths])
             print(text + "wrote " + ", ".join(str(p) for p in paths))
             return 0
@@ -188,7 +221,7 @@ def main(argv=None) -> int:
             sets = protocol.load_sets(protocol.parse_sets(args.sets))
             prompts = protocol.load_prompts(args.prompts)
             if args.num_prompts:
-                prompts = prompts[:args.num_prompts]
+                prompts = prompts[: args.num_prompts]
             metrics = _metrics(args, parser)  # before the big model: a bad scoring path fails fast
             refs = protocol.load_references(sets, metrics)  # and a reference without a face
             print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
@@ -197,25 +230,47 @@ def main(argv=None) -> int:
             with out:
                 pipe, step, config = load_pipeline(source, settings)
                 if args.model:
-                    extra = {"model": str(args.model), "photomaker": str(args.photomaker or ""),
-                             "lora": str(args.lora or ""), "adapters": str(args.adapters or "")}
+                    extra = {
+                        "model": str(args.model),
+                        "photomaker": str(args.photomaker or ""),
+                        "lora": str(args.lora or ""),
+                        "adapters": str(args.adapters or ""),
+                    }
                 else:
                     settings = settings.replace(trigger_word=config.data.trigger_word)
                     extra = {"checkpoint": str(args.checkpoint)}
                 n = sum(len(i) for i in sets.values()) * len(prompts) * len(settings.seeds)
-                print(f"generating {n} images: {({k: len(v) for k, v in sets.items()})} identities x "
-                      f"{len(prompts)} prompts x {len(settings.seeds)} seeds", file=sys.stderr, flush=True)
-                title = (f"{extra.get('model') or extra['checkpoint']}"
-                         + (f" at step {step}" if step is not None else ""))
-                result = protocol.run_protocol(pipe, sets, prompts, metrics, args.out, settings, step=step,
-                                               title=title, extra=extra, progress=True, references=refs)
+                print(
+                    f"generating {n} images: { ({k: len(v) for k, v in sets.items()}) } identities x "
+                    f"{len(prompts)} prompts x {len(settings.seeds)} seeds",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                title = f"{extra.get('model') or extra['checkpoint']}" + (
+                    f" at step {step}" if step is not None else ""
+                )
+                result = protocol.run_protocol(
+                    pipe,
+                    sets,
+                    prompts,
+                    metrics,
+                    args.out,
+                    settings,
+                    step=step,
+                    title=title,
+                    extra=extra,
+                    progress=True,
+                    references=refs,
+                )
                 out.finish([*OUTPUT_FILES, "images"])
     except (ImageError, PipelineError, FaceModelError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(_summary(result.metrics, metrics))
-    print(f"wrote {args.out / 'metrics.json'}, scores.csv, report.html ({len(result.rows)} images, "
-          f"{time.perf_counter() - t0:.1f}s)")
+    print(
+        f"wrote {args.out / 'metrics.json'}, scores.csv, report.html ({len(result.rows)} images, "
+        f"{time.perf_counter() - t0:.1f}s)"
+    )
     return 0
 
 

@@ -43,8 +43,14 @@ from persongen_jax.cli.options import (
     warn_if_id_unused,
 )
 from persongen_jax.cli.outputs import OutputFolder
+from persongen_jax.pipeline.control import (
+    add_control_arguments,
+    apply_style,
+    aspect_size,
+    control_arguments,
+    style_settings,
+)
 from persongen_jax.pipeline.image_processing import ImageError, load_image
-from persongen_jax.pipeline.control import add_control_arguments, apply_style, aspect_size, control_arguments, style_settings
 from persongen_jax.pipeline.pipeline import reference_id_embeds
 from persongen_jax.pipeline.settings import MAX_BATCH, PipelineError, SamplingSettings, default_batch_size, seed_batches
 from persongen_jax.sources import load_pipeline
@@ -157,8 +163,11 @@ def main(argv=None) -> int:
             settings = settings.replace(negative_prompt=negative)
         ref_names = [str(p) for p in args.ref]
         # PhotoMaker V2: the references' ArcFace embeddings (a photo without a face fails before loading SDXL).
-        id_embeds = (reference_id_embeds(args.photomaker or args.model, refs, ref_names, args.face_models, args.arcface)
-                     if args.ref and args.model else None)
+        id_embeds = (
+            reference_id_embeds(args.photomaker or args.model, refs, ref_names, args.face_models, args.arcface)
+            if args.ref and args.model
+            else None
+        )
         with out:
             print(f"loading {args.model or args.checkpoint} ...", file=sys.stderr, flush=True)
             pipe, step, _ = load_pipeline(source, settings)
@@ -177,12 +186,23 @@ def main(argv=None) -> int:
             # One compiled call per batch of seeds (the last one padded: the same program); the bar counts
             # denoising steps. Each batch is written before the next runs: host memory holds one batch.
             for seeds, n in seed_batches(args.seeds, batch_size):
-                images = pipe(prompt, refs, seeds=seeds, conditions=texts, progress=True, ref_names=ref_names,
-                              id_embeds=id_embeds, control_images=control["images"] or None,
-                              control_scales=control["scales"], control_guidance_start=control["start"],
-                              control_guidance_end=control["end"], adapter_image=control["adapter_image"],
-                              adapter_conditioning_scale=args.adapter_scale,
-                              adapter_conditioning_factor=args.adapter_factor, **settings.call_kwargs())
+                images = pipe(
+                    prompt,
+                    refs,
+                    seeds=seeds,
+                    conditions=texts,
+                    progress=True,
+                    ref_names=ref_names,
+                    id_embeds=id_embeds,
+                    control_images=control["images"] or None,
+                    control_scales=control["scales"],
+                    control_guidance_start=control["start"],
+                    control_guidance_end=control["end"],
+                    adapter_image=control["adapter_image"],
+                    adapter_conditioning_scale=args.adapter_scale,
+                    adapter_conditioning_factor=args.adapter_factor,
+                    **settings.call_kwargs(),
+                )
                 for seed, img in zip(seeds[:n], images[:n]):
                     path = args.out / f"seed_{seed}.png"
                     Image.fromarray(img).save(path)

@@ -102,7 +102,7 @@ def clean_stale_temps(dst: str | os.PathLike) -> list[Path]:
     host, done = socket.gethostname(), []
     prefix = f".{dst.name}."
     for p in sorted(dst.parent.iterdir()):
-        m = _TMP_RE.fullmatch(p.name[len(prefix):]) if p.name.startswith(prefix) else None
+        m = _TMP_RE.fullmatch(p.name[len(prefix) :]) if p.name.startswith(prefix) else None
         if not m or m["host"] != host or _process_alive(int(m["pid"])):
             continue
         if m["kind"] == "old" and not os.path.lexists(dst):
@@ -110,8 +110,7 @@ def clean_stale_temps(dst: str | os.PathLike) -> list[Path]:
             log.warning("restored %s from %s (a replacement of it was killed half-way)", dst, p.name)
         else:
             shutil.rmtree(p, ignore_errors=True)
-            log.warning("removed %s: left by an interrupted write of %s (process %s is gone)", p, dst.name,
-                        m["pid"])
+            log.warning("removed %s: left by an interrupted write of %s (process %s is gone)", p, dst.name, m["pid"])
         done.append(p)
     return done
 

@@ -134,8 +134,13 @@ def load_pipeline(
         config = source.config or read_config(source.checkpoint)
         model, tokenizers, step = load_trained_model(source.checkpoint, config, source.step)
         # PhotoMaker V2 runs: --face-models / --arcface when given, else the run's own frozen ArcFace
-        return inference_pipeline(model, tokenizers, config, merge_lora=merge_lora, face_models=source.face_models,
-                                  arcface=source.arcface), step, config
+        return (
+            inference_pipeline(
+                model, tokenizers, config, merge_lora=merge_lora, face_models=source.face_models, arcface=source.arcface
+            ),
+            step,
+            config,
+        )
     # PhotoMaker V2 needs the face models (the references' ArcFace embeddings): say so before loading.
     require_face_models(source.photomaker or source.model, source.face_models, source.arcface)
     pipe = PersonGenPipeline.from_pretrained(

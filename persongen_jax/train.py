@@ -52,12 +52,14 @@ def help_text(argv) -> str:
     spec = _config_spec(argv)
     config = load_config(spec)
     keys = "\n".join(f"  --config.{k}={v!r}" for k, v in _flat(config))
-    return (f"usage: python -m persongen_jax.train [--config FILE.py[:ARG]] --workdir DIR [--config.KEY=VALUE ...]\n\n"
-            f"{__doc__.split(chr(10) + chr(10), 1)[1]}\n"
-            f"flags:\n  --config FILE.py[:ARG]  ml_collections config file; ARG goes to its get_config "
-            f"(default: configs/demo.py)\n"
-            f"  --workdir DIR           run folder: checkpoints/, metrics.jsonl, tb/, samples/ (required)\n\n"
-            f"config keys of {spec} (override any with --config.KEY=VALUE; meanings: configs/default.py):\n{keys}\n")
+    return (
+        f"usage: python -m persongen_jax.train [--config FILE.py[:ARG]] --workdir DIR [--config.KEY=VALUE ...]\n\n"
+        f"{__doc__.split(chr(10) + chr(10), 1)[1]}\n"
+        f"flags:\n  --config FILE.py[:ARG]  ml_collections config file; ARG goes to its get_config "
+        f"(default: configs/demo.py)\n"
+        f"  --workdir DIR           run folder: checkpoints/, metrics.jsonl, tb/, samples/ (required)\n\n"
+        f"config keys of {spec} (override any with --config.KEY=VALUE; meanings: configs/default.py):\n{keys}\n"
+    )
 
 
 def _message(e: BaseException, argv=()) -> str:
@@ -72,10 +74,12 @@ def _message(e: BaseException, argv=()) -> str:
     hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
     if hint:
         wrong, right = hint.group(2), hint.group(1)
-        given = [a.split("=", 1)[0].lstrip("-")[len("config."):] for a in argv if a.lstrip("-").startswith("config.")]
+        given = [a.split("=", 1)[0].lstrip("-")[len("config.") :] for a in argv if a.lstrip("-").startswith("config.")]
         full = next((g for g in given if g == wrong or g.endswith("." + wrong)), wrong)
-        return (f"unknown config key {full!r}: did you mean {full[:len(full) - len(wrong)] + right!r}? "
-                "(--help lists the keys)")
+        return (
+            f"unknown config key {full!r}: did you mean {full[: len(full) - len(wrong)] + right!r}? "
+            "(--help lists the keys)"
+        )
     if isinstance(e, (KeyError, AttributeError)):
         return f"unknown config key {text.splitlines()[0]} (--help lists the keys)"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("Traceback", "  "))]

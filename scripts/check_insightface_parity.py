@@ -101,8 +101,9 @@ def main() -> int:
             d_prev, k_prev = theirs.detect(np.ascontiguousarray(prev[..., ::-1]), input_size=(640, 640))
             if len(d_prev):
                 a = (d_prev[:, 2] - d_prev[:, 0]) * (d_prev[:, 3] - d_prev[:, 1])
-                f_prev = rec.get_feat(face_align.norm_crop(np.ascontiguousarray(prev[..., ::-1]),
-                                                           landmark=k_prev[int(np.argmax(a))])).ravel()
+                f_prev = rec.get_feat(
+                    face_align.norm_crop(np.ascontiguousarray(prev[..., ::-1]), landmark=k_prev[int(np.argmax(a))])
+                ).ravel()
                 sim_theirs = rec.compute_sim(e_theirs, f_prev)
                 ref = scorer.reference_embeddings([prev])
                 sim_ours = scorer.scores(e_ours, found, [ref])[0]
@@ -112,8 +113,10 @@ def main() -> int:
         good = v <= tol[k]
         ok &= good
         print(f"  {k:10s} max abs diff {v:.3g} (tolerance {tol[k]:g}) {'OK' if good else 'ABOVE'}")
-    print(f"{args.images} images, {n_faces} detections; detector {det_file.name}, recognition {Path(rec_file).name}: "
-          f"{'MATCH' if ok else 'MISMATCH'}")
+    print(
+        f"{args.images} images, {n_faces} detections; detector {det_file.name}, recognition {Path(rec_file).name}: "
+        f"{'MATCH' if ok else 'MISMATCH'}"
+    )
     return 0 if ok else 1
 
 

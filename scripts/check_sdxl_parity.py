@@ -56,8 +56,11 @@ def stage_torch(workdir: Path, hw: int) -> None:
     t0 = time.perf_counter()
     ref = run_torch("UNet2DConditionModel", workdir / "src" / "unet", inputs)
     np.savez(workdir / "io.npz", **inputs, ref=ref["sample"])
-    print(json.dumps({"stage": "torch", "params": n_params, "forward_s": time.perf_counter() - t0,
-                      "peak_gib": peak_gib()}))
+    print(
+        json.dumps(
+            {"stage": "torch", "params": n_params, "forward_s": time.perf_counter() - t0, "peak_gib": peak_gib()}
+        )
+    )
 
 
 def stage_jax(workdir: Path) -> None:
@@ -68,15 +71,23 @@ def stage_jax(workdir: Path) -> None:
     t0 = time.perf_counter()
     ours = run_flax("UNet2DConditionModel", workdir / "dst" / "unet", data)["sample"]
     diff = np.abs(ours - ref)
-    print(json.dumps({"stage": "jax", "forward_s": time.perf_counter() - t0, "peak_gib": peak_gib(),
-                      "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                      "ref_abs_max": float(np.abs(ref).max()),
-                      "allclose_1e-4": bool(np.allclose(ours, ref, rtol=1e-4, atol=1e-4))}))
+    print(
+        json.dumps(
+            {
+                "stage": "jax",
+                "forward_s": time.perf_counter() - t0,
+                "peak_gib": peak_gib(),
+                "max_abs_diff": float(diff.max()),
+                "mean_abs_diff": float(diff.mean()),
+                "ref_abs_max": float(np.abs(ref).max()),
+                "allclose_1e-4": bool(np.allclose(ours, ref, rtol=1e-4, atol=1e-4)),
+            }
+        )
+    )
 
 
 def child(*args) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *map(str, args)], cwd=REPO, text=True,
-                          capture_output=True)
+    proc = subprocess.run([sys.executable, __file__, *map(str, args)], cwd=REPO, text=True, capture_output=True)
     if proc.returncode:
         raise SystemExit(f"stage {args} failed:\n{proc.stdout}\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -98,21 +109,40 @@ def main():
     args.workdir.mkdir(parents=True)
     t0 = time.perf_counter()
     torch_res = child("--stage", "torch", "--workdir", args.workdir, "--hw", args.hw)
-    print(f"[torch] {torch_res['params']:,} params, forward {torch_res['forward_s']:.1f} s, "
-          f"peak RSS {torch_res['peak_gib']:.1f} GiB", flush=True)
+    print(
+        f"[torch] {torch_res['params']:,} params, forward {torch_res['forward_s']:.1f} s, "
+        f"peak RSS {torch_res['peak_gib']:.1f} GiB",
+        flush=True,
+    )
     t1 = time.perf_counter()
-    conv = subprocess.run([sys.executable, "-m", "weights_conversion", "sdxl", args.workdir / "src",
-                           args.workdir / "dst", "--dtype", "float32"], cwd=REPO, text=True,
-                          capture_output=True)
+    conv = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "weights_conversion",
+            "sdxl",
+            args.workdir / "src",
+            args.workdir / "dst",
+            "--dtype",
+            "float32",
+        ],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+    )
     if conv.returncode:
         raise SystemExit(f"conversion failed:\n{conv.stdout}\n{conv.stderr}")
     conv_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    print(f"[convert] {time.perf_counter() - t1:.1f} s, peak RSS (max over children so far) {conv_peak:.1f} GiB",
-          flush=True)
+    print(
+        f"[convert] {time.perf_counter() - t1:.1f} s, peak RSS (max over children so far) {conv_peak:.1f} GiB",
+        flush=True,
+    )
     jax_res = child("--stage", "jax", "--workdir", args.workdir)
     print(f"[jax] forward (incl. load+compile) {jax_res['forward_s']:.1f} s, peak RSS {jax_res['peak_gib']:.1f} GiB")
-    print(f"max |diff| = {jax_res['max_abs_diff']:.3g}, mean |diff| = {jax_res['mean_abs_diff']:.3g}, "
-          f"max |ref| = {jax_res['ref_abs_max']:.3g}, allclose(rtol=atol=1e-4): {jax_res['allclose_1e-4']}")
+    print(
+        f"max |diff| = {jax_res['max_abs_diff']:.3g}, mean |diff| = {jax_res['mean_abs_diff']:.3g}, "
+        f"max |ref| = {jax_res['ref_abs_max']:.3g}, allclose(rtol=atol=1e-4): {jax_res['allclose_1e-4']}"
+    )
     print(f"total {time.perf_counter() - t0:.0f} s")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)

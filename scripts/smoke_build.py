@@ -34,8 +34,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("runs/build_smoke"))
     p.add_argument("beam_args", nargs="*", help="Beam pipeline options (after --)")
     args = p.parse_args()
-    from persongen_jax.testing.tiny_build import (BUILD_ARCFACE, BUILD_THRESHOLD, CaptionServer, make_key_detector,
-                                                  make_raw_persons, mixed_persons)
+    from persongen_jax.testing.tiny_build import (
+        BUILD_ARCFACE,
+        BUILD_THRESHOLD,
+        CaptionServer,
+        make_key_detector,
+        make_raw_persons,
+        mixed_persons,
+    )
     from persongen_jax.testing.tiny_eval import make_tiny_arcface
 
     models, src = args.out / "models", args.out / "src"
@@ -45,10 +51,27 @@ def main() -> int:
     if not src.is_dir():
         make_raw_persons(src, mixed_persons())
     with CaptionServer() as server:
-        cmd = [sys.executable, "-m", "persongen_jax.data.build", str(src), str(args.out / "dataset"),
-               "--detector", str(models / "det"), "--arcface", str(models / "arcface"),
-               "--caption-backend", "openai", "--caption-endpoint", server.url, "--caption-model", server.model,
-               "--verify-threshold", str(BUILD_THRESHOLD), "--resolution", "256"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "persongen_jax.data.build",
+            str(src),
+            str(args.out / "dataset"),
+            "--detector",
+            str(models / "det"),
+            "--arcface",
+            str(models / "arcface"),
+            "--caption-backend",
+            "openai",
+            "--caption-endpoint",
+            server.url,
+            "--caption-model",
+            server.model,
+            "--verify-threshold",
+            str(BUILD_THRESHOLD),
+            "--resolution",
+            "256",
+        ]
         if args.beam_args:
             cmd += ["--", *args.beam_args]
         print(" ".join(cmd))

@@ -38,8 +38,9 @@ def build(models: Path) -> dict:
 
     if not (models / "sdxl").is_dir():
         convert_sdxl(make_tiny_sdxl(models / "sdxl_src"), models / "sdxl")
-        convert_photomaker(make_tiny_photomaker(models / "pm.bin"), models / "photomaker",
-                           unet=models / "sdxl" / "unet")
+        convert_photomaker(
+            make_tiny_photomaker(models / "pm.bin"), models / "photomaker", unet=models / "sdxl" / "unet"
+        )
         make_tiny_clip(models / "clip")
         make_tiny_detector(models / "faces")
         make_tiny_arcface(models / "arcface")
@@ -57,10 +58,26 @@ def evaluate_argv(models: Path, sets: dict, out: Path, steps: int) -> list[str]:
     """The evaluate arguments of the smoke run. --start-merge-step is left at its default, a fraction of the
     steps (0.2 of 4 -> step 0): the reference faces enter sampling however few steps run, so the identities'
     images differ (a fixed step 10 of 4 steps gave pixel-identical images for every identity)."""
-    return ["--model", str(models / "sdxl"), "--photomaker", str(models / "photomaker"),
-            "--sets", ",".join(f"{k}={v}" for k, v in sets.items()), "--seeds", "0-1", "--steps", str(steps),
-            "--clip", str(models / "clip"), "--face-models", str(models / "faces"),
-            "--arcface", str(models / "arcface"), "--out", str(out)]
+    return [
+        "--model",
+        str(models / "sdxl"),
+        "--photomaker",
+        str(models / "photomaker"),
+        "--sets",
+        ",".join(f"{k}={v}" for k, v in sets.items()),
+        "--seeds",
+        "0-1",
+        "--steps",
+        str(steps),
+        "--clip",
+        str(models / "clip"),
+        "--face-models",
+        str(models / "faces"),
+        "--arcface",
+        str(models / "arcface"),
+        "--out",
+        str(out),
+    ]
 
 
 def main() -> int:

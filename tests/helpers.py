@@ -60,11 +60,17 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None) -> subproce
     """Runs `python -m weights_conversion ARGS` in a subprocess (the real CLI)."""
     full_env = dict(os.environ, **(env or {}))
     full_env.setdefault("JAX_PLATFORMS", "cpu")
-    proc = subprocess.run([sys.executable, "-m", "weights_conversion", *map(str, args)],
-                          cwd=REPO, env=full_env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "weights_conversion", *map(str, args)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"weights_conversion {' '.join(map(str, args))} failed "
-                             f"({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"weights_conversion {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -94,8 +100,17 @@ def add_damaged_record(data_dir: Path, person_id: str, image: str) -> int:
     from persongen_jax.data import format as fmt
 
     index = fmt.load_index(data_dir)
-    header = dict(person_id=person_id, image=image, caption="a photo of a man img", caption_bg=None,
-                  caption_body=None, face_box=[0, 0, 8, 8], width=32, height=32, format="JPEG")
+    header = dict(
+        person_id=person_id,
+        image=image,
+        caption="a photo of a man img",
+        caption_bg=None,
+        caption_body=None,
+        face_box=[0, 0, 8, 8],
+        width=32,
+        height=32,
+        format="JPEG",
+    )
     w = ArrayRecordWriter(str(Path(data_dir) / "extra.array_record"), "group_size:1")
     w.write(fmt.encode_record(header, b"\xff\xd8 truncated"))
     w.close()

@@ -51,10 +51,19 @@ def main(out, workdir, process_id, num_processes, port, *overrides):
     kv = dict(o.split("=", 1) for o in overrides)
     if "sigterm_at" in kv:
         _sigterm_at(*map(int, kv.pop("sigterm_at").split(":")))
-    result = run(workdir, {k: json.loads(v) for k, v in kv.items()}, coordinator_address=f"127.0.0.1:{port}",
-                 num_processes=int(num_processes), process_id=int(process_id))
-    np.savez(out, **{f"param/{k}": np.asarray(v, np.float32) for k, v in result["params"].items()},
-             losses=np.array([h["loss"] for h in result["history"]]), step=result["step"])
+    result = run(
+        workdir,
+        {k: json.loads(v) for k, v in kv.items()},
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=int(num_processes),
+        process_id=int(process_id),
+    )
+    np.savez(
+        out,
+        **{f"param/{k}": np.asarray(v, np.float32) for k, v in result["params"].items()},
+        losses=np.array([h["loss"] for h in result["history"]]),
+        step=result["step"],
+    )
 
 
 if __name__ == "__main__":

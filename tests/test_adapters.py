@@ -21,11 +21,20 @@ from persongen_jax.models.unet import UNet2DConditionModel
 B, IMG_DIM = 2, 24
 NAMES = ("bg", "body", "id")
 # Smaller than the "tiny" preset (one cross-attention level) so each compiled variant stays cheap.
-CONFIG = {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-          "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
-          "attention_head_dim": [2, 2], "cross_attention_dim": 32, "norm_num_groups": 8,
-          "transformer_layers_per_block": 1, "use_linear_projection": True, "addition_embed_type": "text_time",
-          "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80}
+CONFIG = {
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "attention_head_dim": [2, 2],
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "transformer_layers_per_block": 1,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,
+}
 
 
 def _plain_unet():
@@ -34,25 +43,39 @@ def _plain_unet():
 
 @nnx.jit
 def _call(model, x, cond, scales):
-    return model(x["sample"], x["timesteps"], x["ehs"], x["text_embeds"], x["time_ids"], conditions=cond,
-                 condition_scales=scales)
+    return model(
+        x["sample"], x["timesteps"], x["ehs"], x["text_embeds"], x["time_ids"], conditions=cond, condition_scales=scales
+    )
 
 
 def _unet(mode, **kw):
     model = _plain_unet()
     plain = _call(model, INPUTS, None, None)
-    lora.add_adapters(model, NAMES, mode=mode, scales={"bg": 1.0, "body": 0.5, "id": 0.8},
-                      image_projection={"condition": "id", "image_embed_dim": IMG_DIM, "num_tokens": 4},
-                      rngs=nnx.Rngs(1), **kw)
+    lora.add_adapters(
+        model,
+        NAMES,
+        mode=mode,
+        scales={"bg": 1.0, "body": 0.5, "id": 0.8},
+        image_projection={"condition": "id", "image_embed_dim": IMG_DIM, "num_tokens": 4},
+        rngs=nnx.Rngs(1),
+        **kw,
+    )
     return model, plain
 
 
 def _inputs(seed=0):
     k = iter(jax.random.split(jax.random.key(seed), 8))
     n = lambda *s: jax.random.normal(next(k), s)
-    return dict(sample=n(B, 8, 8, 4), timesteps=jnp.array([5, 600]), ehs=n(B, 7, 32), text_embeds=n(B, 32),
-                time_ids=jnp.tile(jnp.array([[64.0, 64, 0, 0, 64, 64]]), (B, 1)),
-                bg=n(B, 5, 32), body=n(B, 6, 32), image=n(B, 2, IMG_DIM))
+    return dict(
+        sample=n(B, 8, 8, 4),
+        timesteps=jnp.array([5, 600]),
+        ehs=n(B, 7, 32),
+        text_embeds=n(B, 32),
+        time_ids=jnp.tile(jnp.array([[64.0, 64, 0, 0, 64, 64]]), (B, 1)),
+        bg=n(B, 5, 32),
+        body=n(B, 6, 32),
+        image=n(B, 2, IMG_DIM),
+    )
 
 
 INPUTS = _inputs()
@@ -98,8 +121,14 @@ def test_gradients_reach_every_adapter_param(adapted):
 
     def loss(m):
         cond = {"bg": INPUTS["bg"], "body": INPUTS["body"], "id": m.image_proj(INPUTS["image"])}
-        y = m(INPUTS["sample"], INPUTS["timesteps"], INPUTS["ehs"], INPUTS["text_embeds"], INPUTS["time_ids"],
-              conditions=cond)
+        y = m(
+            INPUTS["sample"],
+            INPUTS["timesteps"],
+            INPUTS["ehs"],
+            INPUTS["text_embeds"],
+            INPUTS["time_ids"],
+            conditions=cond,
+        )
         return jnp.mean(jnp.square(y))
 
     grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, lora.AdapterParam)))(model)
@@ -132,8 +161,7 @@ def test_adapter_and_lora_folders_round_trip(tmp_path):
     with pytest.raises(ValueError, match="already has adapters"):
         lora.load_adapters(again, tmp_path / "adapters")
     # flax's own LoRA filter selects our LoRA factors (LoRAParam subclasses nnx.LoRAParam).
-    assert (jax.tree.structure(nnx.state(model, nnx.LoRAParam))
-            == jax.tree.structure(nnx.state(model, lora.LoRAParam)))
+    assert jax.tree.structure(nnx.state(model, nnx.LoRAParam)) == jax.tree.structure(nnx.state(model, lora.LoRAParam))
 
 
 def test_version_1_folders_load(tmp_path):
@@ -147,15 +175,19 @@ def test_version_1_folders_load(tmp_path):
         var.set_value(var.get_value() + jnp.asarray(rng.standard_normal(var.get_value().shape), jnp.float32) * 0.05)
     out = _call(model, INPUTS, _conditions(model), None)
     old = lambda path: re.sub(r"\.processor\.to_([kv])\.(\w+)", r".to_\1_\2", path)  # the version-1 layout
-    for kind, save, param_type in (("adapters", lora.save_adapters, lora.AdapterParam),
-                                   ("lora", lora.save_lora, lora.LoRAParam)):
+    for kind, save, param_type in (
+        ("adapters", lora.save_adapters, lora.AdapterParam),
+        ("lora", lora.save_lora, lora.LoRAParam),
+    ):
         save(model, tmp_path / kind)
         cfg = json.loads((tmp_path / kind / "config.json").read_text())
         cfg["version"] = 1
         if kind == "lora":
             cfg["modules"] = {old(p): m for p, m in cfg["modules"].items()}
-        flat = {tuple(old(lora.path_str(p)).split(".")): v.get_value()
-                for p, v in nnx.to_flat_state(nnx.state(model, param_type))}
+        flat = {
+            tuple(old(lora.path_str(p)).split(".")): v.get_value()
+            for p, v in nnx.to_flat_state(nnx.state(model, param_type))
+        }
         assert any("to_k_bg" in k for k in flat)
         lora.write_folder(tmp_path / f"{kind}_v1", cfg, flat)
     assert "to_k_bg" in (tmp_path / "lora_v1" / modeling.CONFIG_FILE).read_text()
@@ -175,5 +207,13 @@ def test_copy_lora_into_adapter_layers():
             np.testing.assert_array_equal(dst.lora_A.kernel[...], src.lora_A.kernel[...])
             assert isinstance(dst.kernel, lora.AdapterParam) and isinstance(dst.lora_A.kernel, lora.LoRAParam)
     with pytest.raises(ValueError, match="no adapter layers"):
-        jax.eval_shape(lambda: model(INPUTS["sample"], INPUTS["timesteps"], INPUTS["ehs"], INPUTS["text_embeds"],
-                                     INPUTS["time_ids"], conditions={"id": INPUTS["bg"]}))
+        jax.eval_shape(
+            lambda: model(
+                INPUTS["sample"],
+                INPUTS["timesteps"],
+                INPUTS["ehs"],
+                INPUTS["text_embeds"],
+                INPUTS["time_ids"],
+                conditions={"id": INPUTS["bg"]},
+            )
+        )

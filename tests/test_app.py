@@ -30,9 +30,30 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 HEIGHT, WIDTH, STEPS, NUM_IMAGES = 32, 48, 3, 2  # the app's defaults here: compiled at start-up
 # The keys of the generate CLI's settings.json (persongen_jax/generate.py), which the app's download repeats.
-GENERATE_SETTINGS = {"model", "checkpoint", "step", "photomaker", "lora", "adapters", "refs", "prompt", "seeds",
-                     "height", "width", "trigger_word", "dtype", "attention", "images", "seconds", "num_steps",
-                     "guidance_scale", "start_merge_step", "negative_prompt", "conditions", "scheduler"}
+GENERATE_SETTINGS = {
+    "model",
+    "checkpoint",
+    "step",
+    "photomaker",
+    "lora",
+    "adapters",
+    "refs",
+    "prompt",
+    "seeds",
+    "height",
+    "width",
+    "trigger_word",
+    "dtype",
+    "attention",
+    "images",
+    "seconds",
+    "num_steps",
+    "guidance_scale",
+    "start_merge_step",
+    "negative_prompt",
+    "conditions",
+    "scheduler",
+}
 
 
 def _free_port() -> int:
@@ -61,15 +82,40 @@ def app(tmp_path_factory):
 
     make_tiny_controlnet(root / "cn_src")
     (root / "unet").mkdir()
-    (root / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
-                                                           **presets.get("tiny").unet}))
+    (root / "unet" / "config.json").write_text(
+        json.dumps({"_class_name": "UNet2DConditionModel", **presets.get("tiny").unet})
+    )
     assert convert(["controlnet", str(root / "cn_src"), str(root / "cn"), "--unet", str(root / "unet")]) == 0
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
-    cmd = [sys.executable, "-m", "persongen_jax.app", "--tiny", "--steps", str(STEPS), "--start-merge-step", "1",
-           "--num-images", str(NUM_IMAGES), "--height", str(HEIGHT), "--width", str(WIDTH),
-           "--clip", str(root / "clip"), "--face-models", str(root / "faces"), "--arcface", str(root / "arcface"),
-           "--controlnet", str(root / "cn"), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "persongen_jax.app",
+        "--tiny",
+        "--steps",
+        str(STEPS),
+        "--start-merge-step",
+        "1",
+        "--num-images",
+        str(NUM_IMAGES),
+        "--height",
+        str(HEIGHT),
+        "--width",
+        str(WIDTH),
+        "--clip",
+        str(root / "clip"),
+        "--face-models",
+        str(root / "faces"),
+        "--arcface",
+        str(root / "arcface"),
+        "--controlnet",
+        str(root / "cn"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     env = dict(os.environ, GRADIO_TEMP_DIR=str(root / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
     log_path = root / "app.log"
     with open(log_path, "w") as log:
@@ -104,16 +150,27 @@ def _browser(tmp_path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path, prefix='chromium-')}", "--window-size=1280,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path, prefix='chromium-')}",
+        "--window-size=1280,1000",
+    ):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
 
 
-@pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-                    reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
-                           "apt-get install -y chromium chromium-driver (.ci/run does)")
+@pytest.mark.skipif(
+    not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+    reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
+    "apt-get install -y chromium chromium-driver (.ci/run does)",
+)
 def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -124,21 +181,30 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
         driver.get(app["url"])
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#generate"))
         # One field per text condition of the model: the demo model has a bg adapter and no body adapter.
-        assert driver.find_elements(By.CSS_SELECTOR, "#cond_bg") and not driver.find_elements(By.CSS_SELECTOR,
-                                                                                              "#cond_body")
+        assert driver.find_elements(By.CSS_SELECTOR, "#cond_bg") and not driver.find_elements(
+            By.CSS_SELECTOR, "#cond_body"
+        )
         assert "P_bg" in driver.find_element(By.CSS_SELECTOR, "#cond_bg").text
 
         driver.find_element(By.CSS_SELECTOR, "#refs input[type=file]").send_keys(str(app["root"] / "face.png"))
-        wait.until(lambda d: "face" in d.find_element(By.CSS_SELECTOR, "#refs").text
-                   and "KB" in d.find_element(By.CSS_SELECTOR, "#refs").text)  # listed once uploaded
+        wait.until(
+            lambda d: (
+                "face" in d.find_element(By.CSS_SELECTOR, "#refs").text
+                and "KB" in d.find_element(By.CSS_SELECTOR, "#refs").text
+            )
+        )  # listed once uploaded
         prompt = driver.find_element(By.CSS_SELECTOR, "#prompt textarea")
         prompt.clear()
         prompt.send_keys("a photo of a man img wearing a red hat")
         driver.find_element(By.CSS_SELECTOR, "#cond_bg textarea").send_keys("in the mountains")
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .gallery-item img")) == NUM_IMAGES
-                   and "CLIP-T" in d.find_element(By.CSS_SELECTOR, "#gallery").text
-                   and "image(s)" in d.find_element(By.CSS_SELECTOR, "#status").text)
+        wait.until(
+            lambda d: (
+                len(d.find_elements(By.CSS_SELECTOR, "#gallery .gallery-item img")) == NUM_IMAGES
+                and "CLIP-T" in d.find_element(By.CSS_SELECTOR, "#gallery").text
+                and "image(s)" in d.find_element(By.CSS_SELECTOR, "#status").text
+            )
+        )
         captions = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#gallery .caption-label")]
         assert len(captions) == NUM_IMAGES, captions
         table = driver.find_element(By.CSS_SELECTOR, "#scores").text
@@ -161,8 +227,12 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
         prompt.clear()
         prompt.send_keys("a photo of a man wearing a red hat")  # no trigger word
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(lambda d: any("trigger word 'img' is missing" in e.text
-                                 for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")))
+        wait.until(
+            lambda d: any(
+                "trigger word 'img' is missing" in e.text
+                for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")
+            )
+        )
         shot = tmp_path / "app_prompt_error.png"
         driver.save_screenshot(str(shot))
         print(f"screenshot: {shot}")
@@ -184,12 +254,15 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
             box.send_keys(text)
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "li.item"))  # the filtered options
             driver.find_element(By.CSS_SELECTOR, "li.item").click()
-            wait.until(lambda d, e=elem, t=text: d.find_element(By.CSS_SELECTOR, f"{e} input").get_attribute("value")
-                       == t)
+            wait.until(
+                lambda d, e=elem, t=text: d.find_element(By.CSS_SELECTOR, f"{e} input").get_attribute("value") == t
+            )
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         wait.until(lambda d: f"{NUM_IMAGES} image(s) of 32x16" in d.find_element(By.CSS_SELECTOR, "#status").text)
-        sizes = driver.execute_script("return Array.from(document.querySelectorAll('#gallery .gallery-item img'))"
-                                      ".map(i => [i.naturalWidth, i.naturalHeight])")
+        sizes = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#gallery .gallery-item img'))"
+            ".map(i => [i.naturalWidth, i.naturalHeight])"
+        )
         assert sizes == [[32, 16]] * NUM_IMAGES, sizes
 
         # A control image that cannot be decoded: a message in the page.
@@ -198,8 +271,12 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
         upload.send_keys(str(app["root"] / "notes.png"))
         wait.until(lambda d: "notes" in d.find_element(By.CSS_SELECTOR, "#control_image").text)
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(lambda d: any("control image 'notes.png' is not a readable image" in e.text
-                                 for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")))
+        wait.until(
+            lambda d: any(
+                "control image 'notes.png' is not a readable image" in e.text
+                for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")
+            )
+        )
         shot = tmp_path / "app_control.png"
         driver.save_screenshot(str(shot))
         print(f"screenshot: {shot}")
@@ -214,9 +291,17 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
     client = Client(app["url"], verbose=False, download_files=str(tmp_path / "downloads"))
     face = handle_file(str(app["root"] / "face.png"))
     # control_image: the app runs with a ControlNet, so the endpoint has the parameter (None: no control).
-    job = client.submit(reference_photos=[face], prompt="a portrait of a woman img smiling", p_bg="in the city",
-                        num_images=NUM_IMAGES, seed=5, height=HEIGHT, width=WIDTH, control_image=None,
-                        api_name="/generate")
+    job = client.submit(
+        reference_photos=[face],
+        prompt="a portrait of a woman img smiling",
+        p_bg="in the city",
+        num_images=NUM_IMAGES,
+        seed=5,
+        height=HEIGHT,
+        width=WIDTH,
+        control_image=None,
+        api_name="/generate",
+    )
     progress = []
     while not job.done():  # gr.Progress over the denoising steps reaches the client
         st = job.status()
@@ -256,9 +341,16 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
     from persongen_jax.pipeline.control import STYLES
 
     gallery, status, _, zip_path, _ = client.predict(
-        reference_photos=[face], prompt="a portrait of a woman img", negative_prompt="a hat", seed=5,
-        style="Neonpunk", aspect="16:9", control_image=handle_file(str(app["root"] / "pose.png")),
-        control_scale=0.7, api_name="/generate")
+        reference_photos=[face],
+        prompt="a portrait of a woman img",
+        negative_prompt="a hat",
+        seed=5,
+        style="Neonpunk",
+        aspect="16:9",
+        control_image=handle_file(str(app["root"] / "pose.png")),
+        control_scale=0.7,
+        api_name="/generate",
+    )
     for item in gallery:
         with Image.open(item["image"]) as im:
             assert im.size == (32, 16)
@@ -267,28 +359,54 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
         assert "control.png" in zf.namelist()
     assert settings["style_template"] == {"prompt": STYLES["Neonpunk"][0], "negative_prompt": STYLES["Neonpunk"][1]}
     assert settings["styled_negative_prompt"] == STYLES["Neonpunk"][1] + " a hat"
-    assert settings["aspect"] == "16:9" and settings["control_scales"] == [0.7] and (settings["height"],
-                                                                                   settings["width"]) == (16, 32)
+    assert (
+        settings["aspect"] == "16:9"
+        and settings["control_scales"] == [0.7]
+        and (settings["height"], settings["width"]) == (16, 32)
+    )
     # The same request without the control image: other pixels (the ControlNet acts).
-    plain, *_ = client.predict(reference_photos=[face], prompt="a portrait of a woman img", negative_prompt="a hat",
-                               seed=5, style="Neonpunk", aspect="16:9", control_image=None, api_name="/generate")
+    plain, *_ = client.predict(
+        reference_photos=[face],
+        prompt="a portrait of a woman img",
+        negative_prompt="a hat",
+        seed=5,
+        style="Neonpunk",
+        aspect="16:9",
+        control_image=None,
+        api_name="/generate",
+    )
     assert not np.array_equal(np.asarray(Image.open(plain[0]["image"])), np.asarray(Image.open(gallery[0]["image"])))
 
     # Bad requests: the message, no traceback.
-    cases = [(dict(reference_photos=[handle_file(str(app["root"] / "black.png"))], prompt="a photo of a man img"),
-              "no face found in reference image(s) ['black.png']"),
-             (dict(reference_photos=[], prompt="a photo of a man img"), "upload 1-4 reference photos"),
-             (dict(reference_photos=[handle_file(str(app["root"] / "notes.png"))], prompt="a photo of a man img"),
-              "reference photo 'notes.png' is not a readable image"),
-             (dict(reference_photos=[face], prompt="a photo of a man"), "the trigger word 'img' is missing"),
-             (dict(reference_photos=[face] * 5, prompt="a photo of a man img"), "at most 4"),
-             (dict(reference_photos=[face], prompt="a photo of a man img", height=34),  # tiny: VAE x2, 2 UNet levels
-              "height 34: expected a multiple of 4"),
-             (dict(reference_photos=[face], prompt="a photo of a man img",
-                   control_image=handle_file(str(app["root"] / "notes.png"))),
-              "control image 'notes.png' is not a readable image"),
-             (dict(reference_photos=[face], prompt="a photo of a man img", style="Vaporwave"),  # Gradio's own check
-              "Value: Vaporwave is not in the list of choices: ['(No style)', 'Cinematic'")]
+    cases = [
+        (
+            dict(reference_photos=[handle_file(str(app["root"] / "black.png"))], prompt="a photo of a man img"),
+            "no face found in reference image(s) ['black.png']",
+        ),
+        (dict(reference_photos=[], prompt="a photo of a man img"), "upload 1-4 reference photos"),
+        (
+            dict(reference_photos=[handle_file(str(app["root"] / "notes.png"))], prompt="a photo of a man img"),
+            "reference photo 'notes.png' is not a readable image",
+        ),
+        (dict(reference_photos=[face], prompt="a photo of a man"), "the trigger word 'img' is missing"),
+        (dict(reference_photos=[face] * 5, prompt="a photo of a man img"), "at most 4"),
+        (
+            dict(reference_photos=[face], prompt="a photo of a man img", height=34),  # tiny: VAE x2, 2 UNet levels
+            "height 34: expected a multiple of 4",
+        ),
+        (
+            dict(
+                reference_photos=[face],
+                prompt="a photo of a man img",
+                control_image=handle_file(str(app["root"] / "notes.png")),
+            ),
+            "control image 'notes.png' is not a readable image",
+        ),
+        (
+            dict(reference_photos=[face], prompt="a photo of a man img", style="Vaporwave"),  # Gradio's own check
+            "Value: Vaporwave is not in the list of choices: ['(No style)', 'Cinematic'",
+        ),
+    ]
     for kwargs, message in cases:
         with pytest.raises(AppError) as err:
             client.predict(**{"control_image": None, **kwargs}, api_name="/generate")
@@ -324,14 +442,17 @@ def test_16_bit_greyscale_uploads_keep_their_brightness(tmp_path):
     assert abs(got.mean() - (ramp >> 8).mean()) <= 1, (got.mean(), (ramp >> 8).mean())
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tiny", "--photomaker", "pm"], "--tiny brings its own model"),
-    (["--tiny", "--clip", "clip"], "scoring options missing: face_sim needs face_detector"),
-    (["--tiny", "--metrics", "kid"], "unknown metric 'kid'"),
-    (["--tiny", "--metrics", "clip_t,fid"], "--metrics fid: scored over a whole set of images"),
-    (["--tiny", "--step", "3"], "--step goes with --checkpoint"),
-    (["--model", "no/such/folder"], "no/such/folder: no such model folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tiny", "--photomaker", "pm"], "--tiny brings its own model"),
+        (["--tiny", "--clip", "clip"], "scoring options missing: face_sim needs face_detector"),
+        (["--tiny", "--metrics", "kid"], "unknown metric 'kid'"),
+        (["--tiny", "--metrics", "clip_t,fid"], "--metrics fid: scored over a whole set of images"),
+        (["--tiny", "--step", "3"], "--step goes with --checkpoint"),
+        (["--model", "no/such/folder"], "no/such/folder: no such model folder"),
+    ],
+)
 def test_cli_errors(argv, message, capsys):
     from persongen_jax.app import main
 

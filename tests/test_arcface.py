@@ -23,8 +23,10 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 # The TorchScript exporter is deprecated (the dynamo one needs onnxscript, not a dependency) and warns
 # that constant folding in PRESERVE mode may mutate params: with the model in eval mode it does not.
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore:It is recommended that constant folding:UserWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:It is recommended that constant folding:UserWarning"),
+]
 
 TINY = dict(layers=[2, 1, 1, 1], widths=[8, 16, 16, 32], num_features=16, input_size=32)
 
@@ -39,8 +41,17 @@ def _reference(seed=0):
 def _export(m, path: Path, *, folded: bool) -> Path:
     s = TINY["input_size"]
     kw = {} if folded else dict(training=torch.onnx.TrainingMode.PRESERVE)
-    torch.onnx.export(m, torch.randn(2, 3, s, s), str(path), input_names=["input.1"], output_names=["embedding"],
-                      dynamic_axes={"input.1": {0: "batch"}}, dynamo=False, do_constant_folding=True, **kw)
+    torch.onnx.export(
+        m,
+        torch.randn(2, 3, s, s),
+        str(path),
+        input_names=["input.1"],
+        output_names=["embedding"],
+        dynamic_axes={"input.1": {0: "batch"}},
+        dynamo=False,
+        do_constant_folding=True,
+        **kw,
+    )
     return path
 
 
@@ -89,6 +100,7 @@ def test_arcface_folded_export_matches_onnxruntime(tmp_path):
         x = torch.from_numpy(((imgs.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2))
         ref = m(x).numpy()
     from persongen_jax.models.iresnet import preprocess
+
     assert_close(model(preprocess(imgs)), ref, rtol=1e-4, atol=1e-4, name="IResNet vs torch")
 
 

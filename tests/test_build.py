@@ -26,8 +26,10 @@ import pytest
 pytest.importorskip("apache_beam")
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
 
 from persongen_jax.data import format as fmt  # noqa: E402
 from persongen_jax.testing.tiny_build import (  # noqa: E402
@@ -50,10 +52,14 @@ EXPECTED_REJECTS = {
     "persons/p3/intruder_0.jpg": ("verify", "not the person's identity"),
     "persons/p3/intruder_1.jpg": ("verify", "not the person's identity"),
     "persons/p4/0.jpg": ("verify", "too few images"),
-    "persons/p0/dark.jpg": ("mark", "no class word"),   # the endpoint captions a dark image "a dark photo ..."
+    "persons/p0/dark.jpg": ("mark", "no class word"),  # the endpoint captions a dark image "a dark photo ..."
 }
-RECORDS = {"p0": ["0.jpg", "1.jpg", "2.jpg", "3.png"], "p1": [f"{k}.jpg" for k in range(4)],
-           "p2": ["0.jpg", "1.jpg", "2.jpg", "group.jpg"], "p3": [f"{k}.jpg" for k in range(4)]}
+RECORDS = {
+    "p0": ["0.jpg", "1.jpg", "2.jpg", "3.png"],
+    "p1": [f"{k}.jpg" for k in range(4)],
+    "p2": ["0.jpg", "1.jpg", "2.jpg", "group.jpg"],
+    "p3": [f"{k}.jpg" for k in range(4)],
+}
 RESOLUTION = 128
 
 
@@ -69,16 +75,46 @@ def inputs(tmp_path_factory):
 
 
 def build_args(root: Path, dst: Path, endpoint: str, *extra: str) -> list[str]:
-    return [str(root / "src"), str(dst), "--detector", str(root / "det"), "--arcface", str(root / "arcface"),
-            "--verify-threshold", str(BUILD_THRESHOLD), "--resolution", str(RESOLUTION), "--face-mask", "ellipse",
-            "--caption-backend", "openai", "--caption-endpoint", endpoint, "--caption-model", "tiny-vlm",
-            "--caption-batch-size", "2", "--caption-concurrency", "2", "--progress-every", "0", *extra]
+    return [
+        str(root / "src"),
+        str(dst),
+        "--detector",
+        str(root / "det"),
+        "--arcface",
+        str(root / "arcface"),
+        "--verify-threshold",
+        str(BUILD_THRESHOLD),
+        "--resolution",
+        str(RESOLUTION),
+        "--face-mask",
+        "ellipse",
+        "--caption-backend",
+        "openai",
+        "--caption-endpoint",
+        endpoint,
+        "--caption-model",
+        "tiny-vlm",
+        "--caption-batch-size",
+        "2",
+        "--caption-concurrency",
+        "2",
+        "--progress-every",
+        "0",
+        *extra,
+    ]
 
 
 def run_build(args: list[str], **kw) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return subprocess.Popen([sys.executable, "-m", "persongen_jax.data.build", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "persongen_jax.data.build", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +147,12 @@ def test_every_stage_rejects_exactly_the_expected_images(built):
     # summary: per stage in / kept / rejected by reason, printed and in index.json
     stages = {s["stage"]: s for s in index["summary"]["stages"]}
     assert index["summary"]["images"] == 16 + len(EXPECTED_REJECTS) and index["summary"]["records"] == 16
-    assert stages["decode"] == {"stage": "decode", "in": 24, "kept": 22,
-                                "rejected": {"cannot decode image": 1, "image too small": 1}}
+    assert stages["decode"] == {
+        "stage": "decode",
+        "in": 24,
+        "kept": 22,
+        "rejected": {"cannot decode image": 1, "image too small": 1},
+    }
     assert stages["verify"]["rejected"] == {"not the person's identity": 2, "too few images": 1}
     assert stages["mark"] == {"stage": "mark", "in": 17, "kept": 16, "rejected": {"no class word": 1}}
     assert "verify        20 in      17 kept   rejected: not the person's identity 2, too few images 1" in out
@@ -129,8 +169,9 @@ def test_index_and_records_match_the_data_format(built):
     assert index["version"] == fmt.FORMAT_VERSION and index["num_records"] == 16
     assert index["shards"] == fmt.index_shards(dst, [s["path"] for s in index["shards"]])
     records = fmt.read_records(dst)
-    assert {p: sorted(records[i][0]["image"].rsplit("/", 1)[1] for i in recs)
-            for p, recs in index["persons"].items()} == RECORDS
+    assert {
+        p: sorted(records[i][0]["image"].rsplit("/", 1)[1] for i in recs) for p, recs in index["persons"].items()
+    } == RECORDS
     assert index["build"]["caption"]["model"] == "tiny-vlm" and index["build"]["verify_threshold"] == BUILD_THRESHOLD
     by_image = _records_by_image(dst)
     import io
@@ -154,16 +195,21 @@ def test_index_and_records_match_the_data_format(built):
     assert min(abs(np.linalg.norm(e) - 1) for e in emb.values()) > 1e-3
     for image in emb:
         person = image.split("/")[1]
-        assert max(float(unit[image] @ unit[o]) for o in emb if o != image and o.split("/")[1] == person) \
-            >= BUILD_THRESHOLD, image
+        assert (
+            max(float(unit[image] @ unit[o]) for o in emb if o != image and o.split("/")[1] == person)
+            >= BUILD_THRESHOLD
+        ), image
     assert by_image["persons/p0/1.jpg"][0]["caption_bg"] == "in the mountains"
     assert by_image["persons/p0/0.jpg"][0]["caption_bg"] is None
     # the group photo keeps the person's face (slot A, left), not the larger, more confident stranger
     group = by_image["persons/p2/group.jpg"][0]
     left, top, right, bottom = group["source"]["crop_box"]
     scale = RESOLUTION / (right - left)
-    np.testing.assert_allclose(group["face_box"], [(40 - left) * scale, (80 - top) * scale,
-                                                   (300 - left) * scale, (340 - top) * scale], atol=3 * scale + 0.5)
+    np.testing.assert_allclose(
+        group["face_box"],
+        [(40 - left) * scale, (80 - top) * scale, (300 - left) * scale, (340 - top) * scale],
+        atol=3 * scale + 0.5,
+    )
 
 
 def test_training_runs_on_the_built_dataset(built, tmp_path):
@@ -171,10 +217,28 @@ def test_training_runs_on_the_built_dataset(built, tmp_path):
     wd = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run(
-        [sys.executable, "-m", "persongen_jax.train", "--config", str(REPO / "configs" / "demo.py"), "--workdir", str(wd),
-         f"--config.data.dir={dst}", "--config.model=micro", "--config.data.global_batch_size=2",
-         "--config.total_steps=2", "--config.log_every=1", "--config.checkpoint_every=2",
-         "--config.progress_bar=False"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "persongen_jax.train",
+            "--config",
+            str(REPO / "configs" / "demo.py"),
+            "--workdir",
+            str(wd),
+            f"--config.data.dir={dst}",
+            "--config.model=micro",
+            "--config.data.global_batch_size=2",
+            "--config.total_steps=2",
+            "--config.log_every=1",
+            "--config.checkpoint_every=2",
+            "--config.progress_bar=False",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
@@ -196,9 +260,24 @@ def test_photomaker_v2_trains_on_the_built_dataset(built, inputs, tmp_path):
     wd = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run(
-        [sys.executable, "-m", "persongen_jax.train", "--config", str(REPO / "configs" / "photomaker_v2.py") + ":tiny",
-         "--workdir", str(wd), f"--config.data.dir={dst}", f"--config.init.arcface={inputs / 'arcface'}", *TRAIN_ARGS],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "persongen_jax.train",
+            "--config",
+            str(REPO / "configs" / "photomaker_v2.py") + ":tiny",
+            "--workdir",
+            str(wd),
+            f"--config.data.dir={dst}",
+            f"--config.init.arcface={inputs / 'arcface'}",
+            *TRAIN_ARGS,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -213,8 +292,10 @@ def test_sigkill_then_rerun_recomputes_no_cached_caption(built, inputs):
     dst_ref, _, _ = built
     dst = inputs / "killed"
     with CaptionServer(delay=0.3) as server:
-        proc = run_build(build_args(inputs, dst, server.url, "--caption-batch-size", "1", "--caption-concurrency", "1"),
-                         start_new_session=True)
+        proc = run_build(
+            build_args(inputs, dst, server.url, "--caption-batch-size", "1", "--caption-concurrency", "1"),
+            start_new_session=True,
+        )
         captions = dst / "_work" / "captions"
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and len(list(captions.glob("*/*.json"))) < 5:
@@ -229,8 +310,18 @@ def test_sigkill_then_rerun_recomputes_no_cached_caption(built, inputs):
     with pytest.raises(FileNotFoundError):
         fmt.load_index(dst)
     with CaptionServer() as server:  # the rerun on 2 worker processes: same dataset from the other runner mode
-        proc = run_build(build_args(inputs, dst, server.url, "--detector-threads", "1", "--",
-                                    "--direct_num_workers=2", "--direct_running_mode=multi_processing"))
+        proc = run_build(
+            build_args(
+                inputs,
+                dst,
+                server.url,
+                "--detector-threads",
+                "1",
+                "--",
+                "--direct_num_workers=2",
+                "--direct_running_mode=multi_processing",
+            )
+        )
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-4000:]
         assert server.count("caption") == 17 - cached
@@ -257,8 +348,16 @@ def dataset_digest(dst) -> str:
         head = {k: v for k, v in head.items() if k != "arcface_embedding"}
         h.update(json.dumps(head, sort_keys=True).encode() + image + mask)
     index = fmt.load_index(dst)
-    h.update(json.dumps([[(r["image"], r["stage"], r["reason"]) for r in index["rejected"]],
-                         index["summary"]["stages"], index["bad"], index["split_failures"]]).encode())
+    h.update(
+        json.dumps(
+            [
+                [(r["image"], r["stage"], r["reason"]) for r in index["rejected"]],
+                index["summary"]["stages"],
+                index["bad"],
+                index["split_failures"],
+            ]
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -298,7 +397,7 @@ def test_a_failing_endpoint_stops_the_build_and_keeps_the_dataset(built, inputs,
     assert failed and int(failed.group(1)) >= 1, err
     assert any(why in err for why in ("ConnectionRefusedError", "RemoteDisconnected")), err
     assert f"{dst} is left as it was" in err
-    assert {p: p.read_bytes() for p in dst.iterdir() if p.is_file()} == before   # index.json and shards
+    assert {p: p.read_bytes() for p in dst.iterdir() if p.is_file()} == before  # index.json and shards
     assert not list(tmp_path.glob(".dataset.tmp-*"))
     cached = len(list((dst / "_work" / "captions").glob("*/*.json")))
     assert cached == server.count("caption") and 1 <= cached < 17
@@ -322,35 +421,48 @@ def test_symlinks_fifos_and_loops_in_src_are_rejected_and_never_read(inputs, tmp
         shutil.copy(outside / "persons" / "p1" / f"{k}.jpg", src / "persons" / "pa" / f"{k}.jpg")
     shutil.copy(outside / "persons" / "p1" / "2.jpg", src / "elsewhere" / "2.jpg")
     pa = src / "persons" / "pa"
-    (pa / "in.jpg").symlink_to("../../elsewhere/2.jpg")                     # inside SRC: read
-    (pa / "out.jpg").symlink_to(outside / "persons" / "p1" / "3.jpg")       # a good image, outside SRC
+    (pa / "in.jpg").symlink_to("../../elsewhere/2.jpg")  # inside SRC: read
+    (pa / "out.jpg").symlink_to(outside / "persons" / "p1" / "3.jpg")  # a good image, outside SRC
     (pa / "loop.jpg").symlink_to("loop.jpg")
     os.mkfifo(pa / "fifo.jpg")
-    (src / "persons" / "evil").symlink_to(outside / "persons" / "p2")       # a person folder outside SRC
+    (src / "persons" / "evil").symlink_to(outside / "persons" / "p2")  # a person folder outside SRC
     (src / "persons" / "gone").symlink_to(src / "nothing")
     report, dst = tmp_path / "opened.txt", tmp_path / "dataset"
-    hook = ("import sys; from persongen_jax.data.build.__main__ import main; out, seen = sys.argv[1], []; "
-            "sys.addaudithook(lambda ev, a: seen.append(f'{ev} {a[0]}') if ev in ('open', 'os.scandir', 'os.listdir') "
-            "and str(a[0]).startswith(out) else None); rc = main(sys.argv[3:]); "
-            "open(sys.argv[2], 'w').write('\\n'.join(seen)); sys.exit(rc)")
+    hook = (
+        "import sys; from persongen_jax.data.build.__main__ import main; out, seen = sys.argv[1], []; "
+        "sys.addaudithook(lambda ev, a: seen.append(f'{ev} {a[0]}') if ev in ('open', 'os.scandir', 'os.listdir') "
+        "and str(a[0]).startswith(out) else None); rc = main(sys.argv[3:]); "
+        "open(sys.argv[2], 'w').write('\\n'.join(seen)); sys.exit(rc)"
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     with CaptionServer() as server:
         args = [str(src), *build_args(inputs, dst, server.url)[1:]]
-        proc = subprocess.run([sys.executable, "-c", hook, str(outside), str(report), *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=240)  # a FIFO read would block: fail, not hang
+        proc = subprocess.run(
+            [sys.executable, "-c", hook, str(outside), str(report), *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )  # a FIFO read would block: fail, not hang
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert report.read_text() == ""   # nothing under the outside folders was listed or opened
+    assert report.read_text() == ""  # nothing under the outside folders was listed or opened
     index = fmt.load_index(dst)
     got = {r["image"]: (r["stage"], r["reason"]) for r in index["rejected"]}
-    assert got == {"persons/pa/out.jpg": ("decode", "outside the source folder"),
-                   "persons/evil": ("decode", "outside the source folder"),
-                   "persons/pa/fifo.jpg": ("decode", "not a regular file"),
-                   "persons/pa/loop.jpg": ("decode", "unreadable file"),
-                   "persons/gone": ("decode", "unreadable file")}, got
+    assert got == {
+        "persons/pa/out.jpg": ("decode", "outside the source folder"),
+        "persons/evil": ("decode", "outside the source folder"),
+        "persons/pa/fifo.jpg": ("decode", "not a regular file"),
+        "persons/pa/loop.jpg": ("decode", "unreadable file"),
+        "persons/gone": ("decode", "unreadable file"),
+    }, got
     assert sorted(h["image"] for h, _, _ in fmt.read_records(dst)) == [
-        "persons/pa/0.jpg", "persons/pa/1.jpg", "persons/pa/in.jpg"]
+        "persons/pa/0.jpg",
+        "persons/pa/1.jpg",
+        "persons/pa/in.jpg",
+    ]
     assert index["summary"]["images"] == 8 and index["summary"]["cache"]["faces"]["computed"] == 3
-    assert {b["image"] for b in index["bad"]} == set(got)   # listed as bad inputs, as data.format does
+    assert {b["image"] for b in index["bad"]} == set(got)  # listed as bad inputs, as data.format does
 
 
 def test_split_parse_failure_with_a_tiny_qwen2_5_vl(inputs, tmp_path, capsys):
@@ -363,24 +475,62 @@ def test_split_parse_failure_with_a_tiny_qwen2_5_vl(inputs, tmp_path, capsys):
 
     qwen = make_tiny_qwen2_5_vl(tmp_path / "qwen")
     src = make_raw_persons(tmp_path / "src", {"p1": mixed_persons()["p1"][:2], "p2": mixed_persons()["p2"][:2]})
-    common = [str(src), "--detector", str(inputs / "det"), "--arcface", str(inputs / "arcface"),
-              "--verify-threshold", str(BUILD_THRESHOLD), "--resolution", "64", "--progress-every", "0"]
+    common = [
+        str(src),
+        "--detector",
+        str(inputs / "det"),
+        "--arcface",
+        str(inputs / "arcface"),
+        "--verify-threshold",
+        str(BUILD_THRESHOLD),
+        "--resolution",
+        "64",
+        "--progress-every",
+        "0",
+    ]
     with CaptionServer() as server:
-        rc = main([common[0], str(tmp_path / "out"), *common[1:], "--caption-backend", "openai",
-                   "--caption-endpoint", server.url, "--caption-model", "tiny-vlm",
-                   "--split-backend", "transformers", "--split-model", str(qwen), "--split-max-tokens", "12"])
+        rc = main(
+            [
+                common[0],
+                str(tmp_path / "out"),
+                *common[1:],
+                "--caption-backend",
+                "openai",
+                "--caption-endpoint",
+                server.url,
+                "--caption-model",
+                "tiny-vlm",
+                "--split-backend",
+                "transformers",
+                "--split-model",
+                str(qwen),
+                "--split-max-tokens",
+                "12",
+            ]
+        )
     assert rc == 0
     index = fmt.load_index(tmp_path / "out")
     assert index["num_records"] == 4 and index["rejected"] == []
     assert index["summary"]["split_failures"] == 4 and len(index["split_failures"]) == 4
-    assert all(f["reason"] == "caption split did not parse" and f["detail"].startswith("not JSON")
-               for f in index["split_failures"])
+    assert all(
+        f["reason"] == "caption split did not parse" and f["detail"].startswith("not JSON")
+        for f in index["split_failures"]
+    )
     for h, _, _ in fmt.read_records(tmp_path / "out"):
         assert h["caption_bg"] is None and h["caption_body"] is None and " man img " in h["caption"]
     assert "split failures (kept with P_general only): 4" in capsys.readouterr().out
 
-    rc = main([common[0], str(tmp_path / "gibberish"), *common[1:], "--caption-model", str(qwen),
-               "--caption-max-tokens", "12"])
+    rc = main(
+        [
+            common[0],
+            str(tmp_path / "gibberish"),
+            *common[1:],
+            "--caption-model",
+            str(qwen),
+            "--caption-max-tokens",
+            "12",
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr()
     assert err.err.startswith("error: no image of") and len(err.err.strip().splitlines()) == 1
@@ -392,21 +542,39 @@ def test_bad_inputs_are_one_line_errors(inputs, tmp_path, capsys):
     from persongen_jax.data.build.__main__ import main
     from persongen_jax.data.make_demo import make_demo
 
-    args = lambda dst, *x: [str(inputs / "src"), str(dst), "--detector", str(inputs / "det"),  # noqa: E731
-                            "--arcface", str(inputs / "arcface"), "--caption-backend", "openai",
-                            "--caption-model", "m", *x]
+    args = lambda dst, *x: [
+        str(inputs / "src"),
+        str(dst),
+        "--detector",
+        str(inputs / "det"),  # noqa: E731
+        "--arcface",
+        str(inputs / "arcface"),
+        "--caption-backend",
+        "openai",
+        "--caption-model",
+        "m",
+        *x,
+    ]
     cases = [
         (args(tmp_path / "a"), "--caption-backend openai needs --caption-endpoint"),
         (args(tmp_path / "a", "--caption-endpoint", "http://x", "--min-images", "1"), "--min-images must be >= 2"),
-        (args(tmp_path / "a", "--caption-endpoint", "http://x", "--detector", str(tmp_path / "nope")),
-         "no such face model folder"),
+        (
+            args(tmp_path / "a", "--caption-endpoint", "http://x", "--detector", str(tmp_path / "nope")),
+            "no such face model folder",
+        ),
         (args(inputs, "--caption-endpoint", "http://x"), "holds the source folder"),
-        (args(tmp_path / "a", "--caption-endpoint", "http://x", "--split-fields", "caption_bg,expr"),
-         "--split-fields must be distinct caption_<name> fields"),
-        (args(tmp_path / "a", "--caption-endpoint", "http://x", "--split-fields", "caption_bg,caption_expr"),
-         'the split prompt never asks for the JSON key "expr"'),
-        ([str(tmp_path / "empty_src"), str(tmp_path / "a"), *args(tmp_path)[2:], "--caption-endpoint", "http://x"],
-         "no files under persons/"),
+        (
+            args(tmp_path / "a", "--caption-endpoint", "http://x", "--split-fields", "caption_bg,expr"),
+            "--split-fields must be distinct caption_<name> fields",
+        ),
+        (
+            args(tmp_path / "a", "--caption-endpoint", "http://x", "--split-fields", "caption_bg,caption_expr"),
+            'the split prompt never asks for the JSON key "expr"',
+        ),
+        (
+            [str(tmp_path / "empty_src"), str(tmp_path / "a"), *args(tmp_path)[2:], "--caption-endpoint", "http://x"],
+            "no files under persons/",
+        ),
     ]
     raw = make_demo(tmp_path / "demo", persons=2, images_per_person=2, resolution=32, progress=False) / "raw"
     fmt.write_dataset(raw, raw / "captions.jsonl", tmp_path / "fmt", progress=False)
@@ -444,17 +612,23 @@ def test_marking_split_parsing_crop_geometry_and_clustering():
     assert fields == ("caption_bg", "caption_body")  # the text conditions of conditions.DEFAULTS
     assert parse_split('{"bg": "a room", "body": ""}', fields) == {"caption_bg": "a room", "caption_body": None}
     assert parse_split('```json\n{"body": "red  hat", "bg": "street"}\n```', fields) == {
-        "caption_bg": "street", "caption_body": "red hat"}
-    for bad, why in (("sure! {}", "not JSON"), ('{"bg": "x"}', "exactly the keys"),
-                     ('{"bg": 1, "body": "x"}', "strings"), ('["a", "b"]', "exactly the keys")):
+        "caption_bg": "street",
+        "caption_body": "red hat",
+    }
+    for bad, why in (
+        ("sure! {}", "not JSON"),
+        ('{"bg": "x"}', "exactly the keys"),
+        ('{"bg": 1, "body": "x"}', "strings"),
+        ('["a", "b"]', "exactly the keys"),
+    ):
         with pytest.raises(ValueError, match=why):
             parse_split(bad, fields)
     # a new text condition (ARCHITECTURE.md: P_expr) is one more field; its key is the name after caption_
     three = parse_split('{"bg": "", "body": "", "expr": "smiling"}', (*fields, "caption_expr"))
     assert three == {"caption_bg": None, "caption_body": None, "caption_expr": "smiling"}
-    assert square_around([10, 10, 50, 50], 200, 100, 0.0) == (0, 0, 100)       # largest square, face at the edge
+    assert square_around([10, 10, 50, 50], 200, 100, 0.0) == (0, 0, 100)  # largest square, face at the edge
     assert square_around([150, 40, 190, 80], 200, 100, 0.0) == (100, 0, 100)
-    assert square_around([80, 30, 120, 70], 200, 100, 2.0) == (60, 10, 80)     # 2 x the face, centred
+    assert square_around([80, 30, 120, 70], 200, 100, 2.0) == (60, 10, 80)  # 2 x the face, centred
     # two identities in one person's folder: 3 images of A (one a group photo with B), 2 of B alone
     a, b = np.eye(4)[0], np.eye(4)[1]
     emb = np.stack([a, a, a, b, b])
@@ -475,8 +649,16 @@ def test_unreadable_and_oversized_files_are_rejected_by_decode_and_crop(tmp_path
     unused = ModelSpec(backend="openai", model="unused", endpoint="http://unused")
     (tmp_path / "persons" / "p").mkdir(parents=True)
     (tmp_path / "persons" / "p" / "big.jpg").write_bytes(b"x" * (2**20 + 1))
-    s = BuildSettings(src=str(tmp_path), dst=str(tmp_path / "dst"), detector="", arcface="", caption=unused,
-                      split=unused, max_file_bytes=2**20, progress_every_s=0)
+    s = BuildSettings(
+        src=str(tmp_path),
+        dst=str(tmp_path / "dst"),
+        detector="",
+        arcface="",
+        caption=unused,
+        split=unused,
+        max_file_bytes=2**20,
+        progress_every_s=0,
+    )
     for stage in (DecodeImages(s), CropFaces(s)):
         for name, why in (("missing.jpg", "no such file"), ("big.jpg", "over the 1048576-byte limit")):
             image = f"persons/p/{name}"
@@ -497,16 +679,16 @@ def test_dbscan_gives_scikit_learns_labels():
     checked = clustered = 0
     for trial in range(300):
         n = int(rng.integers(1, 40))
-        ids = rng.integers(0, int(rng.integers(1, 4)), n)          # up to 3 identities, noisy embeddings
+        ids = rng.integers(0, int(rng.integers(1, 4)), n)  # up to 3 identities, noisy embeddings
         centres = rng.normal(size=(3, 16))
         emb = centres[ids] + rng.normal(scale=float(rng.uniform(0.2, 1.5)), size=(n, 16))
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         dist = 1.0 - np.clip(emb @ emb.T, -1.0, 1.0)
-        owner = rng.integers(0, max(1, n - 3), n)                  # some images with several faces
+        owner = rng.integers(0, max(1, n - 3), n)  # some images with several faces
         dist[owner[:, None] == owner[None, :]] = 2.0
         np.fill_diagonal(dist, 0.0)
         eps = float(rng.choice([0.3, 0.6, 0.9]))
-        if trial % 5 == 0 and n > 1:                               # a pair exactly at eps: neighbours
+        if trial % 5 == 0 and n > 1:  # a pair exactly at eps: neighbours
             dist[0, 1] = dist[1, 0] = eps
         for min_samples in (1, 2, 3, 5):
             want = sklearn_cluster.DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(dist)
@@ -516,10 +698,12 @@ def test_dbscan_gives_scikit_learns_labels():
             clustered += int(len(set(want.tolist()) - {-1}) > 1)
     assert clustered > 100  # the cases include several clusters, not only noise or one cluster
     # ... and the build itself does not need scikit-learn (not a [data] dependency): imports of it blocked
-    code = ("import sys; sys.modules['sklearn'] = None; import numpy as np; "
-            "from persongen_jax.data.build.verify import dominant_identity; "
-            "labels, dominant, _ = dominant_identity(np.eye(3)[[0, 0, 1]], np.arange(3), 0.4, 2); "
-            "print(labels.tolist(), dominant)")
+    code = (
+        "import sys; sys.modules['sklearn'] = None; import numpy as np; "
+        "from persongen_jax.data.build.verify import dominant_identity; "
+        "labels, dominant, _ = dominant_identity(np.eye(3)[[0, 0, 1]], np.arange(3), 0.4, 2); "
+        "print(labels.tolist(), dominant)"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[-2] == "[0, 0, -1] 0"
@@ -532,9 +716,29 @@ def _caption_settings(endpoint: str, dst, *extra: str):
     """BuildSettings from the CLI's own parser (the flags reach the backend and the stage as a user gives them)."""
     from persongen_jax.data.build.__main__ import parser, settings_from_args
 
-    return settings_from_args(parser().parse_args([
-        "src", str(dst), "--detector", "d", "--arcface", "a", "--caption-backend", "openai", "--caption-endpoint",
-        endpoint, "--caption-model", "tiny-vlm", "--caption-retries", "0", "--progress-every", "0", *extra]))
+    return settings_from_args(
+        parser().parse_args(
+            [
+                "src",
+                str(dst),
+                "--detector",
+                "d",
+                "--arcface",
+                "a",
+                "--caption-backend",
+                "openai",
+                "--caption-endpoint",
+                endpoint,
+                "--caption-model",
+                "tiny-vlm",
+                "--caption-retries",
+                "0",
+                "--progress-every",
+                "0",
+                *extra,
+            ]
+        )
+    )
 
 
 def _jpeg(side: int) -> bytes:
@@ -575,11 +779,14 @@ def test_server_errors_are_the_endpoints_failure_not_the_images(tmp_path):
 
     for status, attempts in ((503, 2), (400, 1)):
         with CaptionServer(status=status) as server:
-            stage = CaptionImages(_caption_settings(server.url, tmp_path / "dst", "--caption-retries", "1",
-                                                    "--caption-concurrency", "1"))
+            stage = CaptionImages(
+                _caption_settings(server.url, tmp_path / "dst", "--caption-retries", "1", "--caption-concurrency", "1")
+            )
             stage.setup()
-            batch = [Item(image=f"persons/p/{k}.jpg", person_id="p", path="", jpeg=_jpeg(8), crop_sha256=str(k))
-                     for k in range(3)]
+            batch = [
+                Item(image=f"persons/p/{k}.jpg", person_id="p", path="", jpeg=_jpeg(8), crop_sha256=str(k))
+                for k in range(3)
+            ]
             out = list(stage.process(batch))
         assert [getattr(o, "tag", None) for o in out] == [FAILED] * 3, out
         first, *rest = [o.value for o in out]
@@ -601,17 +808,20 @@ def test_long_answers_are_bounded_and_long_captions_rejected(tmp_path):
         assert s.caption_max_chars == 2000
         stage = CaptionImages(s)
         stage.setup()
-        batch = [Item(image=f"persons/p/{side}.jpg", person_id="p", path="", jpeg=_jpeg(side), crop_sha256=str(side))
-                 for side in answers]
+        batch = [
+            Item(image=f"persons/p/{side}.jpg", person_id="p", path="", jpeg=_jpeg(side), crop_sha256=str(side))
+            for side in answers
+        ]
         out = list(stage.process(batch))
     kept = [o for o in out if isinstance(o, Item)]
-    rejected = {o.value["image"]: (o.value["reason"], o.value["detail"])
-                for o in out if getattr(o, "tag", "") == REJECTED}
+    rejected = {
+        o.value["image"]: (o.value["reason"], o.value["detail"]) for o in out if getattr(o, "tag", "") == REJECTED
+    }
     assert [(k.image, k.caption) for k in kept] == [("persons/p/8.jpg", "a photo of a man")]
     assert rejected["persons/p/16.jpg"][0] == "caption too long"
     assert rejected["persons/p/16.jpg"][1].startswith("3016 characters > --caption-max-chars 2000")
     assert rejected["persons/p/24.jpg"] == ("caption too long", "the answer is over the 65536-byte limit")
-    assert len(stage.cache) == 2   # the short and the 3016-character caption; the cut answer is not stored
+    assert len(stage.cache) == 2  # the short and the 3016-character caption; the cut answer is not stored
     assert _caption_settings(server.url, "dst", "--caption-max-chars", "40").caption_max_chars == 40
 
 
@@ -636,9 +846,14 @@ def test_every_stage_derives_new_items_and_leaves_its_input_unchanged(inputs, tm
     from persongen_jax.data.build.verify import EmbedFaces, VerifyPerson
 
     with CaptionServer() as server:
-        s = dataclasses.replace(_caption_settings(server.url, tmp_path / "dst"), src=str(inputs / "src"),
-                                detector=str(inputs / "det"), arcface=str(inputs / "arcface"),
-                                verify_threshold=BUILD_THRESHOLD, resolution=64)
+        s = dataclasses.replace(
+            _caption_settings(server.url, tmp_path / "dst"),
+            src=str(inputs / "src"),
+            detector=str(inputs / "det"),
+            arcface=str(inputs / "arcface"),
+            verify_threshold=BUILD_THRESHOLD,
+            resolution=64,
+        )
         items = [it for it in list_local(s.src) if it.image in ("persons/p1/0.jpg", "persons/p1/1.jpg")]
         with pytest.raises(dataclasses.FrozenInstanceError):
             items[0].caption = "changed"
@@ -679,10 +894,15 @@ def test_one_class_word_list_for_demo_synthetic_and_built_data():
     from persongen_jax.data.make_demo import DEMO_CLASS_WORDS
     from persongen_jax.training.data import SYNTHETIC_CLASS_WORDS
 
-    lists = [str(p.relative_to(REPO)) for p in sorted((REPO / "persongen_jax").rglob("*.py"))
-             for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.Assign)
-             and isinstance(node.value, ast.Tuple) and len(node.value.elts) > 2
-             and all(isinstance(e, ast.Constant) and e.value in ("man", "woman") for e in node.value.elts[:2])]
+    lists = [
+        str(p.relative_to(REPO))
+        for p in sorted((REPO / "persongen_jax").rglob("*.py"))
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Tuple)
+        and len(node.value.elts) > 2
+        and all(isinstance(e, ast.Constant) and e.value in ("man", "woman") for e in node.value.elts[:2])
+    ]
     assert lists == ["persongen_jax/conditions.py"]
     assert BuildSettings.__dataclass_fields__["class_words"].default == CLASS_WORDS
     assert DEMO_CLASS_WORDS == ("man", "woman", "person", "boy", "girl")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 
+import helpers  # tests/ is on sys.path (rootdir conftest, no package)
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from persongen_jax.models import clip, modeling
-import helpers  # tests/ is on sys.path (rootdir conftest, no package)
 from weights_conversion import core
 
 torch = pytest.importorskip("torch")
@@ -89,8 +89,7 @@ def text_legacy(tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_proj(tmp_path_factory):
     """SDXL text_encoder_2 kind: CLIPTextModelWithProjection, gelu, first-EOS pooling."""
-    cfg = _tiny_text(hidden_act="gelu", bos_token_id=499, eos_token_id=500, pad_token_id=1,
-                     layer_norm_eps=1e-6)
+    cfg = _tiny_text(hidden_act="gelu", bos_token_id=499, eos_token_id=500, pad_token_id=1, layer_norm_eps=1e-6)
     tm = _torch_model(transformers.CLIPTextModelWithProjection, transformers.CLIPTextConfig, cfg, seed=2)
     return tm, _load(clip.CLIPTextModelWithProjection, tm, tmp_path_factory.mktemp("text_proj"))
 
@@ -100,8 +99,11 @@ def test_text_model_legacy_pooling(text_legacy, use_mask):
     tm, model = text_legacy
     ids, mask = _text_inputs("legacy")
     with torch.no_grad():
-        ref = tm(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask) if use_mask else None,
-                 output_hidden_states=True)
+        ref = tm(
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask) if use_mask else None,
+            output_hidden_states=True,
+        )
     out = _call(model, jnp.asarray(ids), jnp.asarray(mask) if use_mask else None)
     assert len(out.hidden_states) == len(ref.hidden_states) == 4
     helpers.assert_close(out.last_hidden_state, _np(ref.last_hidden_state), name="last_hidden_state")
@@ -116,8 +118,11 @@ def test_text_model_with_projection_eos_pooling(text_proj, use_mask):
     tm, model = text_proj
     ids, mask = _text_inputs("eos")
     with torch.no_grad():
-        ref = tm(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask) if use_mask else None,
-                 output_hidden_states=True)
+        ref = tm(
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask) if use_mask else None,
+            output_hidden_states=True,
+        )
     out = _call(model, jnp.asarray(ids), jnp.asarray(mask) if use_mask else None)
     assert len(out.hidden_states) == len(ref.hidden_states) == 4
     helpers.assert_close(out.last_hidden_state, _np(ref.last_hidden_state), name="last_hidden_state")
@@ -133,8 +138,9 @@ def test_hub_layout_checkpoint_converts(text_legacy):
     tm, model = text_legacy
     sd = {"text_model." + k: v for k, v in tm.state_dict().items()}
     sd["text_model.embeddings.position_ids"] = torch.arange(16)[None]
-    flat = core.convert_state_dict(clip.CLIPTextModel, clip.CLIPTextModel.preset_config("tiny") |
-                                   {"num_hidden_layers": 3}, sd)
+    flat = core.convert_state_dict(
+        clip.CLIPTextModel, clip.CLIPTextModel.preset_config("tiny") | {"num_hidden_layers": 3}, sd
+    )
     ours = modeling.flat_params(model)
     assert set(flat) == set(ours)
     for p in flat:
@@ -207,8 +213,9 @@ def test_clip_model_features(clip_model):
     with torch.no_grad():
         ref_t = tm.get_text_features(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
         ref_i = tm.get_image_features(torch.from_numpy(px))
-        ref = tm(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(px),
-                 attention_mask=torch.from_numpy(mask))
+        ref = tm(
+            input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(px), attention_mask=torch.from_numpy(mask)
+        )
     ref_t = getattr(ref_t, "pooler_output", ref_t)  # v5 returns an output object, v4 a tensor
     ref_i = getattr(ref_i, "pooler_output", ref_i)
     text = nnx.jit(lambda m, i, a: m.get_text_features(i, a))(model, jnp.asarray(ids), jnp.asarray(mask))
@@ -227,15 +234,13 @@ PRESETS = [
     (clip.CLIPTextModel, "tiny", "CLIPTextModel", "CLIPTextConfig"),
     (clip.CLIPTextModelWithProjection, "sdxl_text_encoder_2", "CLIPTextModelWithProjection", "CLIPTextConfig"),
     (clip.CLIPTextModelWithProjection, "tiny", "CLIPTextModelWithProjection", "CLIPTextConfig"),
-    (clip.CLIPVisionModelWithProjection, "vit_large_patch14", "CLIPVisionModelWithProjection",
-     "CLIPVisionConfig"),
+    (clip.CLIPVisionModelWithProjection, "vit_large_patch14", "CLIPVisionModelWithProjection", "CLIPVisionConfig"),
     (clip.CLIPVisionModel, "tiny", "CLIPVisionModel", "CLIPVisionConfig"),
     (clip.CLIPModel, "clip_vit_large_patch14", "CLIPModel", "CLIPConfig"),
 ]
 
 
-@pytest.mark.parametrize("cls,preset,torch_cls,torch_cfg", PRESETS,
-                         ids=[f"{p[0].__name__}-{p[1]}" for p in PRESETS])
+@pytest.mark.parametrize("cls,preset,torch_cls,torch_cfg", PRESETS, ids=[f"{p[0].__name__}-{p[1]}" for p in PRESETS])
 def test_preset_param_count_matches_transformers(cls, preset, torch_cls, torch_cfg):
     from transformers.initialization import no_init_weights  # init on meta is slow and pointless
 
@@ -249,8 +254,14 @@ def test_preset_param_count_matches_transformers(cls, preset, torch_cls, torch_c
 
 def test_preset_sizes():
     c = clip.parse_text_config(clip.CLIPTextModelWithProjection.preset_config("sdxl_text_encoder_2"))
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size,
-            c.projection_dim, c.hidden_act) == (1280, 32, 20, 5120, 1280, "gelu")
+    assert (
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.intermediate_size,
+        c.projection_dim,
+        c.hidden_act,
+    ) == (1280, 32, 20, 5120, 1280, "gelu")
     v = clip.parse_vision_config(clip.CLIPVisionModelWithProjection.preset_config("vit_large_patch14"))
     assert (v.image_size, v.patch_size, v.projection_dim, v.hidden_size) == (224, 14, 768, 1024)
     with pytest.raises(ValueError, match="unknown preset"):
@@ -276,11 +287,13 @@ def test_bf16_compute_runs(text_legacy):
     """dtype=bfloat16 compute with fp32 params: same structure, finite, close-ish."""
     _, model = text_legacy
     cfg = _tiny_text(hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2)
-    bf = modeling.assign_params(modeling.abstract_model(clip.CLIPTextModel, cfg, dtype=jnp.bfloat16),
-                                modeling.flat_params(model))
+    bf = modeling.assign_params(
+        modeling.abstract_model(clip.CLIPTextModel, cfg, dtype=jnp.bfloat16), modeling.flat_params(model)
+    )
     ids, _ = _text_inputs("legacy")
     out = _call(bf, jnp.asarray(ids), None)
     ref = _call(model, jnp.asarray(ids), None)
     assert out.last_hidden_state.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out.pooler_output, np.float32), np.asarray(ref.pooler_output),
-                               atol=0.15, rtol=0.05)
+    np.testing.assert_allclose(
+        np.asarray(out.pooler_output, np.float32), np.asarray(ref.pooler_output), atol=0.15, rtol=0.05
+    )

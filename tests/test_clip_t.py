@@ -11,15 +11,28 @@ transformers = pytest.importorskip("transformers")
 
 import helpers  # noqa: E402
 
-PROMPTS = ["a photo of a man wearing a red hat", "a woman in the city", "a portrait of a person smiling",
-           "a boy", "a photo of a girl looking at the camera"]
+PROMPTS = [
+    "a photo of a man wearing a red hat",
+    "a woman in the city",
+    "a portrait of a person smiling",
+    "a boy",
+    "a photo of a girl looking at the camera",
+]
 
 
 # The model folder's image preprocessing (not transformers' defaults at the model's size, 32): resize the
 # shortest edge to 40, crop 32, other mean / std and filter. OpenAI's legacy int form, as on the hub.
-PREPROCESSOR = {"crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-                "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.3, 0.5, 0.7],
-                "image_std": [0.2, 0.3, 0.25], "resample": 2, "size": 40}
+PREPROCESSOR = {
+    "crop_size": 32,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.3, 0.5, 0.7],
+    "image_std": [0.2, 0.3, 0.25],
+    "resample": 2,
+    "size": 40,
+}
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +134,9 @@ def test_clip_i_matches_pytorch(clip_dirs):
 
     proc = CLIPImageProcessorPil.from_pretrained(root / "src")
     with torch.no_grad():
-        feats = model.get_image_features(pixel_values=torch.from_numpy(proc(images + refs, return_tensors="np")
-                                                                       .pixel_values))
+        feats = model.get_image_features(
+            pixel_values=torch.from_numpy(proc(images + refs, return_tensors="np").pixel_values)
+        )
         feats = torch.nn.functional.normalize(getattr(feats, "pooler_output", feats), dim=-1)
     ref = 100 * (feats[:3] @ feats[3:].T).mean(dim=1).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)

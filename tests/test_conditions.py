@@ -38,11 +38,17 @@ def test_condition_specs_validate():
     table = dict(conditions.DEFAULTS, expr=dict(kind="text", source="caption_expr"))
     specs = conditions.parse(table)
     assert [c.name for c in conditions.text_conditions(specs, ["expr", "id", "bg"])] == ["expr", "bg"]
-    assert conditions.image_condition(specs).gated and specs["expr"].batch_keys == ("expr_ids_1", "expr_ids_2",
-                                                                                   "has_expr")
-    for bad, match in ((dict(kind="video", source="x"), "kind"), (dict(kind="text", source=""), "source"),
-                       (dict(kind="text", source="caption_x", drop=2.0), "probability"),
-                       (dict(kind="text", source="caption_x", colour=1), "unknown keys")):
+    assert conditions.image_condition(specs).gated and specs["expr"].batch_keys == (
+        "expr_ids_1",
+        "expr_ids_2",
+        "has_expr",
+    )
+    for bad, match in (
+        (dict(kind="video", source="x"), "kind"),
+        (dict(kind="text", source=""), "source"),
+        (dict(kind="text", source="caption_x", drop=2.0), "probability"),
+        (dict(kind="text", source="caption_x", colour=1), "unknown keys"),
+    ):
         with pytest.raises(ValueError, match=match):
             conditions.parse({"x": bad})
     with pytest.raises(ValueError, match="one image condition"):
@@ -76,8 +82,20 @@ def test_new_text_condition_by_config_trains_and_generates(tmp_path):
 
     face = tmp_path / "face.png"
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(face)
-    common = ["--checkpoint", str(run), "--ref", str(face), "--prompt", "a photo of a man img", "--steps", "2",
-              "--start-merge-step", "0", "--seeds", "0"]
+    common = [
+        "--checkpoint",
+        str(run),
+        "--ref",
+        str(face),
+        "--prompt",
+        "a photo of a man img",
+        "--steps",
+        "2",
+        "--start-merge-step",
+        "0",
+        "--seeds",
+        "0",
+    ]
     assert generate_main(common + ["--cond", "expr=smiling", "--out", str(tmp_path / "with")]) == 0
     assert generate_main(common + ["--out", str(tmp_path / "without")]) == 0
     settings = json.loads((tmp_path / "with" / "settings.json").read_text())
@@ -94,8 +112,16 @@ def test_new_text_condition_by_config_trains_and_generates(tmp_path):
 
     args = app.build_parser().parse_args(["--checkpoint", str(run)])
     pipe, source = app.load_pipeline(args, tmp_path / "app")
-    request = app.Request(prompt="a photo of a man img", conditions={"expr": "smiling"}, num_images=1, seed=0,
-                          num_steps=2, start_merge_step=0, height=32, width=32)
+    request = app.Request(
+        prompt="a photo of a man img",
+        conditions={"expr": "smiling"},
+        num_images=1,
+        seed=0,
+        num_steps=2,
+        start_merge_step=0,
+        height=32,
+        width=32,
+    )
     gen = app.Generator(pipe, source=source, defaults=request, workdir=tmp_path / "app")
     assert gen.text_conditions == ["bg", "expr"] and source["step"] == 3
     fields = {b.elem_id: b.label for b in app.build_ui(gen).blocks.values() if (b.elem_id or "").startswith("cond_")}

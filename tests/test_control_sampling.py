@@ -33,8 +33,12 @@ def tiny(tmp_path_factory):
     cns = []
     for k in range(2):  # in-process: the CLI's subprocess path is test_controlnet's
         make_tiny_controlnet(root / f"cn{k}_src", seed=10 + k)
-        assert convert(["controlnet", str(root / f"cn{k}_src"), str(root / f"cn{k}"), "--unet",
-                        str(root / "sdxl" / "unet")]) == 0
+        assert (
+            convert(
+                ["controlnet", str(root / f"cn{k}_src"), str(root / f"cn{k}"), "--unet", str(root / "sdxl" / "unet")]
+            )
+            == 0
+        )
         cns.append(root / f"cn{k}")
     pipe = PersonGenPipeline.from_pretrained(root / "sdxl", controlnets=cns)
     rng = np.random.default_rng(0)
@@ -42,8 +46,15 @@ def tiny(tmp_path_factory):
     # Control images at another size than the output: both sides resize them (PIL Lanczos).
     images = [rng.integers(0, 256, (size + 6, size - 4, 3)).astype(np.uint8) for _ in range(2)]
     noise = rng.standard_normal((2, size // 2, size // 2, 4)).astype(np.float32)
-    return {"root": root, "src": src, "cn_src": [root / f"cn{k}_src" for k in range(2)], "pipe": pipe,
-            "images": images, "noise": noise, "size": size}
+    return {
+        "root": root,
+        "src": src,
+        "cn_src": [root / f"cn{k}_src" for k in range(2)],
+        "pipe": pipe,
+        "images": images,
+        "noise": noise,
+        "size": size,
+    }
 
 
 def _ours(pipe, cond, noise, active, start_merge_step=0):
@@ -62,8 +73,17 @@ def _ours(pipe, cond, noise, active, start_merge_step=0):
 
     @nnx.jit
     def run(unet, cns, noise, cond, keep):
-        return denoise(unet, sched, state, noise * sched.init_noise_sigma(state), cond, guidance_scale=5.0,
-                       start_merge_step=start_merge_step, controlnets=cns, controlnet_keep=keep)
+        return denoise(
+            unet,
+            sched,
+            state,
+            noise * sched.init_noise_sigma(state),
+            cond,
+            guidance_scale=5.0,
+            start_merge_step=start_merge_step,
+            controlnets=cns,
+            controlnet_keep=keep,
+        )
 
     return np.asarray(jax.block_until_ready(run(pipe.unet, cns, jnp.asarray(noise), cond, keep)))
 
@@ -74,7 +94,8 @@ def _reference_pipeline(tiny, cn_idx):
     helpers.torch_precise()
     nets = [diffusers.ControlNetModel.from_pretrained(tiny["cn_src"][k]) for k in cn_idx]
     ref = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(
-        tiny["src"], controlnet=nets[0] if len(nets) == 1 else nets, torch_dtype=torch.float32)
+        tiny["src"], controlnet=nets[0] if len(nets) == 1 else nets, torch_dtype=torch.float32
+    )
     ref.set_progress_bar_config(disable=True)
     return ref, [Image.fromarray(tiny["images"][k]) for k in cn_idx]
 
@@ -87,9 +108,22 @@ def test_one_controlnet_matches_diffusers_pipeline(tiny):
     pipe, size, noise = tiny["pipe"], tiny["size"], tiny["noise"]
     ref, images = _reference_pipeline(tiny, [0])
     with torch.no_grad():
-        out = ref(PROMPT, image=images[0], num_inference_steps=STEPS, guidance_scale=5.0, height=size, width=size,
-                  num_images_per_prompt=2, latents=_nchw(noise), controlnet_conditioning_scale=0.8,
-                  output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+        out = (
+            ref(
+                PROMPT,
+                image=images[0],
+                num_inference_steps=STEPS,
+                guidance_scale=5.0,
+                height=size,
+                width=size,
+                num_images_per_prompt=2,
+                latents=_nchw(noise),
+                controlnet_conditioning_scale=0.8,
+                output_type="latent",
+            )
+            .images.numpy()
+            .transpose(0, 2, 3, 1)
+        )
     active, controls = pipe.control_inputs([tiny["images"][0], None], height=size, width=size, scales=0.8)
     assert active == (0,)
     cond = pipe.encode(PROMPT, height=size, width=size, controls=controls)
@@ -103,17 +137,32 @@ def test_two_controlnets_match_multicontrolnet(tiny):
     assert isinstance(ref.controlnet, diffusers.models.controlnets.MultiControlNetModel)
     kw = dict(scales=[0.7, 1.3], guidance_start=[0.0, 0.25], guidance_end=[0.6, 1.0])
     with torch.no_grad():
-        out = ref(PROMPT, image=images, num_inference_steps=STEPS, guidance_scale=5.0, height=size, width=size,
-                  num_images_per_prompt=2, latents=_nchw(noise), controlnet_conditioning_scale=kw["scales"],
-                  control_guidance_start=kw["guidance_start"], control_guidance_end=kw["guidance_end"],
-                  output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+        out = (
+            ref(
+                PROMPT,
+                image=images,
+                num_inference_steps=STEPS,
+                guidance_scale=5.0,
+                height=size,
+                width=size,
+                num_images_per_prompt=2,
+                latents=_nchw(noise),
+                controlnet_conditioning_scale=kw["scales"],
+                control_guidance_start=kw["guidance_start"],
+                control_guidance_end=kw["guidance_end"],
+                output_type="latent",
+            )
+            .images.numpy()
+            .transpose(0, 2, 3, 1)
+        )
     active, controls = pipe.control_inputs(tiny["images"], height=size, width=size, **kw)
     cond = pipe.encode(PROMPT, height=size, width=size, controls=controls)
     ours = _ours(pipe, cond, noise, active)
     helpers.assert_close(ours, out, rtol=1e-4, atol=1e-4, name="final latents")
     # The second ControlNet matters (a test that cannot fail without it would prove nothing).
-    _, only_first = pipe.control_inputs([tiny["images"][0], None], height=size, width=size, scales=0.7,
-                                        guidance_end=0.6)
+    _, only_first = pipe.control_inputs(
+        [tiny["images"][0], None], height=size, width=size, scales=0.7, guidance_end=0.6
+    )
     alone = _ours(pipe, pipe.encode(PROMPT, height=size, width=size, controls=only_first), noise, (0,))
     assert np.abs(alone - ours).max() > 1e-3
 
@@ -133,16 +182,31 @@ def test_photomaker_with_controlnet_matches_reference_loop(tiny, tmp_path):
     pm = tmp_path / "photomaker"
     from weights_conversion.__main__ import main as convert
 
-    assert convert(["photomaker", str(make_tiny_photomaker(tmp_path / "pm.bin")), str(pm), "--unet",
-                    str(root / "sdxl" / "unet")]) == 0
+    assert (
+        convert(
+            [
+                "photomaker",
+                str(make_tiny_photomaker(tmp_path / "pm.bin")),
+                str(pm),
+                "--unet",
+                str(root / "sdxl" / "unet"),
+            ]
+        )
+        == 0
+    )
     shutil.rmtree(pm / "lora")  # the ID encoder only: the reference UNet is the plain one
     pipe = PersonGenPipeline.from_pretrained(root / "sdxl", photomaker=pm, controlnets=[root / "cn0"])
     size, noise, start_merge = tiny["size"], tiny["noise"], 3
     face = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 36, 3)).astype(np.uint8))
-    active, controls = pipe.control_inputs([tiny["images"][0]], height=size, width=size, scales=0.9,
-                                           guidance_end=0.8)
-    cond = pipe.encode("a photo of a man img wearing a red hat", [face], negative_prompt="a hat", height=size,
-                       width=size, controls=controls)
+    active, controls = pipe.control_inputs([tiny["images"][0]], height=size, width=size, scales=0.9, guidance_end=0.8)
+    cond = pipe.encode(
+        "a photo of a man img wearing a red hat",
+        [face],
+        negative_prompt="a hat",
+        height=size,
+        width=size,
+        controls=controls,
+    )
     ours = _ours(pipe, cond, noise, active, start_merge_step=start_merge)
 
     helpers.torch_precise()
@@ -161,13 +225,28 @@ def test_photomaker_with_controlnet_matches_reference_loop(tiny, tmp_path):
             x_in = sched.scale_model_input(torch.cat([latents] * 2), t)
             merged = i > start_merge
             emb = torch.cat([neg, fused if merged else text_only])
-            added = {"text_embeds": torch.cat([neg_pooled, pooled if merged else text_only_pooled]),
-                     "time_ids": time_ids}
+            added = {
+                "text_embeds": torch.cat([neg_pooled, pooled if merged else text_only_pooled]),
+                "time_ids": time_ids,
+            }
             keep = 1.0 - float(i / STEPS < 0.0 or (i + 1) / STEPS > 0.8)
-            down, mid = cn(x_in, t, encoder_hidden_states=torch.cat([neg, text_only]), controlnet_cond=image,
-                           conditioning_scale=0.9 * keep, added_cond_kwargs=added, return_dict=False)
-            eps = unet(x_in, t, encoder_hidden_states=emb, added_cond_kwargs=added,
-                       down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            down, mid = cn(
+                x_in,
+                t,
+                encoder_hidden_states=torch.cat([neg, text_only]),
+                controlnet_cond=image,
+                conditioning_scale=0.9 * keep,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )
+            eps = unet(
+                x_in,
+                t,
+                encoder_hidden_states=emb,
+                added_cond_kwargs=added,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+            ).sample
             eps_u, eps_c = eps.chunk(2)
             latents = sched.step(eps_u + 5.0 * (eps_c - eps_u), t, latents).prev_sample
     helpers.assert_close(ours, latents.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4, name="final latents")
@@ -188,9 +267,24 @@ def test_generate_cli_canny_control_style_and_aspect(tiny, tmp_path, capsys):
     photo = tmp_path / "pose.png"
     Image.fromarray(np.kron(tiny["images"][0], np.ones((2, 2, 1), np.uint8))).save(photo)
     base = ["--model", str(root / "sdxl"), "--prompt", "a photo of a man", "--steps", "2", "--seeds", "3"]
-    argv = base + ["--controlnet", str(root / "cn1"), "--control-image", str(photo), "--control-scale", "1.5",
-                   "--control-preprocess", "canny", "--style", "Cinematic", "--negative-prompt", "a hat",
-                   "--aspect", "16:9", "--out", str(tmp_path / "out")]
+    argv = base + [
+        "--controlnet",
+        str(root / "cn1"),
+        "--control-image",
+        str(photo),
+        "--control-scale",
+        "1.5",
+        "--control-preprocess",
+        "canny",
+        "--style",
+        "Cinematic",
+        "--negative-prompt",
+        "a hat",
+        "--aspect",
+        "16:9",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     capsys.readouterr()
     settings = json.loads((tmp_path / "out" / "settings.json").read_text())
@@ -220,8 +314,9 @@ def test_generate_cli_canny_control_style_and_aspect(tiny, tmp_path, capsys):
     assert "unknown style 'Vaporwave'" in err and "'Cinematic'" in err and "'(No style)'" in err
     assert "unknown aspect '5:4'" in fails("--aspect", "5:4")
     assert "--aspect sets the size" in fails("--aspect", "16:9", "--height", "32")
-    assert "1 --control-image for 2 --controlnet" in fails("--controlnet", "a", "--controlnet", "b",
-                                                           "--control-image", str(photo))
+    assert "1 --control-image for 2 --controlnet" in fails(
+        "--controlnet", "a", "--controlnet", "b", "--control-image", str(photo)
+    )
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     assert "--control-image" in fails("--controlnet", str(root / "cn0"), "--control-image", str(bad))
@@ -233,8 +328,12 @@ def test_generate_cli_canny_control_style_and_aspect(tiny, tmp_path, capsys):
     (tmp_path / "other_unet" / "config.json").write_text(json.dumps(helpers.parity_unet_config()))
     from weights_conversion.__main__ import main as convert
 
-    assert convert(["controlnet", str(tmp_path / "other_src"), str(tmp_path / "other"), "--unet",
-                    str(tmp_path / "other_unet")]) == 0
+    assert (
+        convert(
+            ["controlnet", str(tmp_path / "other_src"), str(tmp_path / "other"), "--unet", str(tmp_path / "other_unet")]
+        )
+        == 0
+    )
     err = fails("--controlnet", str(tmp_path / "other"), "--control-image", str(photo), after_loading=True)
     assert "made for another UNet: residual channels [32, 32" in err and "vs the UNet's [32, 32, 32, 32, 64" in err
 
@@ -251,35 +350,71 @@ def test_t2i_adapter_loop_matches_diffusers_and_generate_cli(tiny, tmp_path, cap
 
     root, pipe, size, noise = tiny["root"], tiny["pipe"], tiny["size"], tiny["noise"]
     helpers.torch_precise()
-    ref_adapter = diffusers.T2IAdapter(in_channels=3, channels=[32, 64, 64], num_res_blocks=2, downscale_factor=4,
-                                       adapter_type="full_adapter_xl").eval()
+    ref_adapter = diffusers.T2IAdapter(
+        in_channels=3, channels=[32, 64, 64], num_res_blocks=2, downscale_factor=4, adapter_type="full_adapter_xl"
+    ).eval()
     helpers.randomize_(ref_adapter, seed=7)
     ref_adapter.save_pretrained(tmp_path / "t2i_src")
-    assert convert(["t2i-adapter", str(tmp_path / "t2i_src"), str(tmp_path / "t2i"), "--unet",
-                    str(root / "sdxl" / "unet")]) == 0
+    assert (
+        convert(
+            ["t2i-adapter", str(tmp_path / "t2i_src"), str(tmp_path / "t2i"), "--unet", str(root / "sdxl" / "unet")]
+        )
+        == 0
+    )
     capsys.readouterr()
     pipe.add_t2i_adapter(tmp_path / "t2i")
     image = Image.fromarray(tiny["images"][1])
 
-    ref = diffusers.StableDiffusionXLAdapterPipeline.from_pretrained(tiny["src"], adapter=ref_adapter,
-                                                                     torch_dtype=torch.float32)
+    ref = diffusers.StableDiffusionXLAdapterPipeline.from_pretrained(
+        tiny["src"], adapter=ref_adapter, torch_dtype=torch.float32
+    )
     ref.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        out = ref(PROMPT, image=image, num_inference_steps=STEPS, guidance_scale=5.0, height=size, width=size,
-                  num_images_per_prompt=2, latents=_nchw(noise), adapter_conditioning_scale=0.8,
-                  adapter_conditioning_factor=0.5, output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+        out = (
+            ref(
+                PROMPT,
+                image=image,
+                num_inference_steps=STEPS,
+                guidance_scale=5.0,
+                height=size,
+                width=size,
+                num_images_per_prompt=2,
+                latents=_nchw(noise),
+                adapter_conditioning_scale=0.8,
+                adapter_conditioning_factor=0.5,
+                output_type="latent",
+            )
+            .images.numpy()
+            .transpose(0, 2, 3, 1)
+        )
     cond: Conditioning = pipe.encode(PROMPT, height=size, width=size)
     import jax.numpy as jnp
 
-    cond = cond.replace(t2i_features=pipe.t2i_features(image, height=size, width=size, scale=0.8),
-                        t2i_steps=jnp.int32(int(STEPS * 0.5)))
+    cond = cond.replace(
+        t2i_features=pipe.t2i_features(image, height=size, width=size, scale=0.8), t2i_steps=jnp.int32(int(STEPS * 0.5))
+    )
     helpers.assert_close(_ours(pipe, cond, noise, ()), out, rtol=1e-4, atol=1e-4, name="final latents")
 
     photo = tmp_path / "sketch.png"
     image.save(photo)
-    argv = ["--model", str(root / "sdxl"), "--prompt", PROMPT, "--steps", "2", "--seeds", "1", "--t2i-adapter",
-            str(tmp_path / "t2i"), "--adapter-image", str(photo), "--adapter-scale", "1.2",
-            "--out", str(tmp_path / "o")]
+    argv = [
+        "--model",
+        str(root / "sdxl"),
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "2",
+        "--seeds",
+        "1",
+        "--t2i-adapter",
+        str(tmp_path / "t2i"),
+        "--adapter-image",
+        str(photo),
+        "--adapter-scale",
+        "1.2",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     got = np.asarray(Image.open(tmp_path / "o" / "seed_1.png"))
     kw = dict(seeds=[1], num_steps=2)

@@ -41,26 +41,43 @@ def _torch_controlnet(cfg: dict, seed: int):
 def _inputs(h: int, w: int, f: int, seed: int):
     rng = np.random.default_rng(seed)
     n = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
-    return {"sample": n(B, h, w, 4), "timesteps": np.array([3, 871], np.int64), "encoder_hidden_states": n(B, 7, 32),
-            "controlnet_cond": rng.random((B, f * h, f * w, 3)).astype(np.float32), "text_embeds": n(B, 32),
-            "time_ids": np.array([[1024, 1024, 0, 0, 1024, 1024], [512, 768, 16, 48, 640, 832]], np.float32)}
+    return {
+        "sample": n(B, h, w, 4),
+        "timesteps": np.array([3, 871], np.int64),
+        "encoder_hidden_states": n(B, 7, 32),
+        "controlnet_cond": rng.random((B, f * h, f * w, 3)).astype(np.float32),
+        "text_embeds": n(B, 32),
+        "time_ids": np.array([[1024, 1024, 0, 0, 1024, 1024], [512, 768, 16, 48, 640, 832]], np.float32),
+    }
 
 
 def _torch_residuals(model, x: dict, scale: float):
     T = lambda k: torch.from_numpy(x[k])  # noqa: E731
     nchw = lambda k: torch.from_numpy(np.ascontiguousarray(x[k].transpose(0, 3, 1, 2)))  # noqa: E731
     with torch.no_grad():
-        down, mid = model(nchw("sample"), T("timesteps"), T("encoder_hidden_states"), controlnet_cond=nchw(
-            "controlnet_cond"), conditioning_scale=scale, added_cond_kwargs={"text_embeds": T("text_embeds"),
-                                                                              "time_ids": T("time_ids")},
-            return_dict=False)
+        down, mid = model(
+            nchw("sample"),
+            T("timesteps"),
+            T("encoder_hidden_states"),
+            controlnet_cond=nchw("controlnet_cond"),
+            conditioning_scale=scale,
+            added_cond_kwargs={"text_embeds": T("text_embeds"), "time_ids": T("time_ids")},
+            return_dict=False,
+        )
     return [d.numpy().transpose(0, 2, 3, 1) for d in down], mid.numpy().transpose(0, 2, 3, 1)
 
 
 @nnx.jit
 def _ours(model, x, scale):
-    return model(x["sample"], x["timesteps"], x["encoder_hidden_states"], x["controlnet_cond"], scale,
-                 text_embeds=x["text_embeds"], time_ids=x["time_ids"])
+    return model(
+        x["sample"],
+        x["timesteps"],
+        x["encoder_hidden_states"],
+        x["controlnet_cond"],
+        scale,
+        text_embeds=x["text_embeds"],
+        time_ids=x["time_ids"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,27 +139,45 @@ def test_unet_with_residuals_matches_diffusers(converted):
     down_ref, mid_ref = _torch_residuals(ref, x, 0.8)
     T = lambda k: torch.from_numpy(x[k])  # noqa: E731
     with torch.no_grad():
-        out_ref = tunet(torch.from_numpy(np.ascontiguousarray(x["sample"].transpose(0, 3, 1, 2))), T("timesteps"),
-                        T("encoder_hidden_states"),
-                        added_cond_kwargs={"text_embeds": T("text_embeds"), "time_ids": T("time_ids")},
-                        down_block_additional_residuals=[torch.from_numpy(np.ascontiguousarray(
-                            d.transpose(0, 3, 1, 2))) for d in down_ref],
-                        mid_block_additional_residual=torch.from_numpy(np.ascontiguousarray(
-                            mid_ref.transpose(0, 3, 1, 2)))).sample.numpy().transpose(0, 2, 3, 1)
+        out_ref = (
+            tunet(
+                torch.from_numpy(np.ascontiguousarray(x["sample"].transpose(0, 3, 1, 2))),
+                T("timesteps"),
+                T("encoder_hidden_states"),
+                added_cond_kwargs={"text_embeds": T("text_embeds"), "time_ids": T("time_ids")},
+                down_block_additional_residuals=[
+                    torch.from_numpy(np.ascontiguousarray(d.transpose(0, 3, 1, 2))) for d in down_ref
+                ],
+                mid_block_additional_residual=torch.from_numpy(np.ascontiguousarray(mid_ref.transpose(0, 3, 1, 2))),
+            )
+            .sample.numpy()
+            .transpose(0, 2, 3, 1)
+        )
     J = {k: jnp.asarray(v) for k, v in x.items()}
     down, mid = _ours(model, J, jnp.float32(0.8))
-    out = nnx.jit(lambda u, d, m: u(J["sample"], J["timesteps"], J["encoder_hidden_states"], J["text_embeds"],
-                                    J["time_ids"], down_block_additional_residuals=d,
-                                    mid_block_additional_residual=m))(unet, down, mid)
+    out = nnx.jit(
+        lambda u, d, m: u(
+            J["sample"],
+            J["timesteps"],
+            J["encoder_hidden_states"],
+            J["text_embeds"],
+            J["time_ids"],
+            down_block_additional_residuals=d,
+            mid_block_additional_residual=m,
+        )
+    )(unet, down, mid)
     helpers.assert_close(out, out_ref, rtol=1e-4, atol=1e-4, name="UNet output with ControlNet residuals")
 
 
-@pytest.mark.parametrize("override, match", [
-    ({"controlnet_conditioning_channel_order": "rbg"}, "controlnet_conditioning_channel_order"),
-    ({"class_embed_type": "timestep"}, "ControlNet config: unsupported class_embed_type"),
-    ({"up_block_types": ["UpBlock2D"] * 3}, "up_block_types"),
-    ({"some_new_option": 1}, "some_new_option"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"controlnet_conditioning_channel_order": "rbg"}, "controlnet_conditioning_channel_order"),
+        ({"class_embed_type": "timestep"}, "ControlNet config: unsupported class_embed_type"),
+        ({"up_block_types": ["UpBlock2D"] * 3}, "up_block_types"),
+        ({"some_new_option": 1}, "some_new_option"),
+    ],
+)
 def test_unsupported_config_raises(override, match):
     with pytest.raises(ValueError, match=match):
         ControlNetModel.from_config(_config(**override), rngs=nnx.Rngs(0))

@@ -12,13 +12,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from helpers import randomize_, run_cli  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from helpers import randomize_, run_cli  # noqa: E402
-
-TINY_TEXT = dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                 num_attention_heads=2, max_position_embeddings=20, hidden_act="quick_gelu",
-                 projection_dim=8)
+TINY_TEXT = dict(
+    vocab_size=99,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=20,
+    hidden_act="quick_gelu",
+    projection_dim=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +130,9 @@ def test_truncated_bin(text_src, tmp_path):
 
 def test_bin_and_half_precision_sources(text_src, tmp_path):
     """.bin files and fp16/bf16 sources convert; --dtype sets the stored dtype."""
-    from persongen_jax.models import from_pretrained
     import jax.numpy as jnp
+
+    from persongen_jax.models import from_pretrained
 
     ref = from_pretrained(_convert(run_cli, "clip", text_src, tmp_path / "ref"))
     ids = np.array([[0, 5, 6, 7, 98]], np.int32)
@@ -225,8 +232,7 @@ def test_overwrite_never_deletes_the_source_or_a_foreign_folder(text_src, tmp_pa
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    _one_error_line(*_main("clip", w / "raw" / "clip", foreign, "--overwrite"), "not a folder written by",
-                    "notes.txt")
+    _one_error_line(*_main("clip", w / "raw" / "clip", foreign, "--overwrite"), "not a folder written by", "notes.txt")
     assert _tree(w) == before and (w / "other.txt").read_text() == "unrelated"
     assert (foreign / "notes.txt").read_text() == "mine"
     out = tmp_path / "out"
@@ -238,16 +244,26 @@ def test_non_finite_weights_warned_and_verify_fails(text_src, tmp_path, caplog):
     """An fp16 checkpoint with NaN / Inf: conversion names the tensors, --verify exits 1."""
     import logging
 
-    src = _copy_with(text_src, tmp_path / "src", lambda sd: sd.update(
-        {k: v.half() for k, v in sd.items()},
-        **{"text_model.encoder.layers.0.mlp.fc1.weight": torch.full((32, 16), float("nan"), dtype=torch.float16),
-           "text_projection.weight": torch.full((8, 16), float("inf"), dtype=torch.float16)}))
+    src = _copy_with(
+        text_src,
+        tmp_path / "src",
+        lambda sd: sd.update(
+            {k: v.half() for k, v in sd.items()},
+            **{
+                "text_model.encoder.layers.0.mlp.fc1.weight": torch.full((32, 16), float("nan"), dtype=torch.float16),
+                "text_projection.weight": torch.full((8, 16), float("inf"), dtype=torch.float16),
+            },
+        ),
+    )
     with caplog.at_level(logging.WARNING):
         code, err = _main("clip", src, tmp_path / "out", "--verify")
     assert code == 1 and "--verify" in err and "NaN/Inf" in err, err
     warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "2 tensor(s) hold NaN or Inf" in warned and "text_model.encoder.layers.0.mlp.fc1.weight" in warned \
-        and "text_projection.weight" in warned, warned
+    assert (
+        "2 tensor(s) hold NaN or Inf" in warned
+        and "text_model.encoder.layers.0.mlp.fc1.weight" in warned
+        and "text_projection.weight" in warned
+    ), warned
 
 
 def test_checksums_catch_changed_parameters(text_src, tmp_path, monkeypatch):
@@ -294,7 +310,7 @@ def test_checksums_catch_changed_parameters(text_src, tmp_path, monkeypatch):
         shutil.copytree(out, flipped)
         raw = bytearray((flipped / name).read_bytes())
         mid = len(raw) // 2
-        raw[mid:mid + 16] = bytes(b ^ 0xFF for b in raw[mid:mid + 16])
+        raw[mid : mid + 16] = bytes(b ^ 0xFF for b in raw[mid : mid + 16])
         (flipped / name).write_bytes(bytes(raw))
         try:
             got = modeling.flat_params(from_pretrained(flipped, param_dtype=jnp.float32))
@@ -352,28 +368,46 @@ def test_errors_are_one_line_naming_the_file(text_src, tmp_path, monkeypatch):
         path.write_bytes(struct.pack("<Q", len(h)) + h + data)
         return path
 
-    for name, header in [("list", [1, 2]),
-                         ("shape", {"w": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}}),
-                         ("offsets", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}}),
-                         ("meta", {"__metadata__": {"format": 5}})]:
+    for name, header in [
+        ("list", [1, 2]),
+        ("shape", {"w": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}}),
+        ("offsets", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}}),
+        ("meta", {"__metadata__": {"format": 5}}),
+    ]:
         src = tmp_path / f"bad_{name}"
         shutil.copytree(text_src, src)
         safetensors(src / "model.safetensors", header, b"\0" * 16)
         _one_error_line(*_main("clip", src, tmp_path / f"out_{name}"), str(src / "model.safetensors"))
-    lora = safetensors(tmp_path / "lora.safetensors", {
-        "__metadata__": {"lora_adapter_metadata": "{not json"},
-        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight":
-            {"dtype": "F32", "shape": [1, 4], "data_offsets": [0, 16]}}, b"\0" * 16)
+    lora = safetensors(
+        tmp_path / "lora.safetensors",
+        {
+            "__metadata__": {"lora_adapter_metadata": "{not json"},
+            "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": {
+                "dtype": "F32",
+                "shape": [1, 4],
+                "data_offsets": [0, 16],
+            },
+        },
+        b"\0" * 16,
+    )
     _one_error_line(*_main("lora", lora, tmp_path / "lora_out"), str(lora), "lora_adapter_metadata")
-    lora = safetensors(tmp_path / "lora2.safetensors", {
-        "__metadata__": {"lora_adapter_metadata": json.dumps({"unet.r": "8", "unet.lora_alpha": 8})}}, b"")
+    lora = safetensors(
+        tmp_path / "lora2.safetensors",
+        {"__metadata__": {"lora_adapter_metadata": json.dumps({"unet.r": "8", "unet.lora_alpha": 8})}},
+        b"",
+    )
     _one_error_line(*_main("lora", lora, tmp_path / "lora_out"), "lora_adapter_metadata", "r='8'")
     torch.save({"id_encoder": torch.zeros(2), "lora_weights": {}}, tmp_path / "pm.bin")
     _one_error_line(*_main("photomaker", tmp_path / "pm.bin", tmp_path / "pm"), "section 'id_encoder'", "Tensor")
     lora_dir = tmp_path / "lora_dir"
-    L.write_folder(lora_dir, L.lora_config({"a.to_q": (1, 1.0)}),
-                   {("a", "to_q", "lora_A", "kernel"): np.zeros((4, 1), np.float32),
-                    ("a", "to_q", "lora_B", "kernel"): np.zeros((1, 4), np.float32)})
+    L.write_folder(
+        lora_dir,
+        L.lora_config({"a.to_q": (1, 1.0)}),
+        {
+            ("a", "to_q", "lora_A", "kernel"): np.zeros((4, 1), np.float32),
+            ("a", "to_q", "lora_B", "kernel"): np.zeros((1, 4), np.float32),
+        },
+    )
     (tmp_path / "existing").mkdir()
     for extra in ([], ["--overwrite"]):
         _one_error_line(*_main("export-lora", lora_dir, tmp_path / "existing", *extra), str(tmp_path / "existing"))
@@ -428,8 +462,12 @@ def test_deeply_nested_json_is_one_error_line_naming_the_file(text_src, tmp_path
     _fails(proc, str(tmp_path / "deep.safetensors"), "corrupt safetensors header", "nested too deeply")
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
     meta = json.dumps({"__metadata__": {"lora_adapter_metadata": "[" * 100_000}}).encode()
-    _one_error_line(*_main("lora", safetensors(tmp_path / "meta.safetensors", meta), tmp_path / "o2"),
-                    str(tmp_path / "meta.safetensors"), "lora_adapter_metadata", "nested too deeply")
+    _one_error_line(
+        *_main("lora", safetensors(tmp_path / "meta.safetensors", meta), tmp_path / "o2"),
+        str(tmp_path / "meta.safetensors"),
+        "lora_adapter_metadata",
+        "nested too deeply",
+    )
     src = tmp_path / "src"
     shutil.copytree(text_src, src)
     (src / "config.json").write_bytes(deep)
@@ -444,8 +482,11 @@ def test_deeply_nested_json_is_one_error_line_naming_the_file(text_src, tmp_path
     shutil.copy(text_src / "model.safetensors", lora)
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_bytes(deep)
-    _one_error_line(*_main("lora", lora, tmp_path / "o4", "--unet", tmp_path / "unet"),
-                    str(tmp_path / "unet" / "config.json"), "nested too deeply")
+    _one_error_line(
+        *_main("lora", lora, tmp_path / "o4", "--unet", tmp_path / "unet"),
+        str(tmp_path / "unet" / "config.json"),
+        "nested too deeply",
+    )
     assert not any(tmp_path.glob("o*")), sorted(tmp_path.iterdir())
 
     from persongen_jax.data.format import load_index
@@ -460,11 +501,13 @@ def test_deeply_nested_json_is_one_error_line_naming_the_file(text_src, tmp_path
     with pytest.raises(ValueError, match=r"checksums.json.*nested too deeply"):
         from_pretrained(out)
     (out / "config.json").write_bytes(deep)
-    for path, load in [(out / "config.json", lambda p: from_pretrained(p.parent)),
-                       (tmp_path / "model_index.json", lambda p: read_force_zeros_for_empty_prompt(p.parent)),
-                       (tmp_path / "data" / "index.json", lambda p: load_index(p.parent)),
-                       (tmp_path / "prompts.json", load_prompts),
-                       (tmp_path / "history.jsonl", read_jsonl)]:
+    for path, load in [
+        (out / "config.json", lambda p: from_pretrained(p.parent)),
+        (tmp_path / "model_index.json", lambda p: read_force_zeros_for_empty_prompt(p.parent)),
+        (tmp_path / "data" / "index.json", lambda p: load_index(p.parent)),
+        (tmp_path / "prompts.json", load_prompts),
+        (tmp_path / "history.jsonl", read_jsonl),
+    ]:
         path.parent.mkdir(exist_ok=True)
         if not path.exists():
             path.write_bytes(deep)
@@ -477,8 +520,9 @@ def test_deeply_nested_json_is_one_error_line_naming_the_file(text_src, tmp_path
     captions = tmp_path / "captions.jsonl"
     captions.write_bytes(b'{"image": "a.png", "caption": "a man img"}\n' + deep + b"\n")
     entries, bad = read_captions(captions)
-    assert list(entries) == ["a.png"] and bad == [{"image": f"{captions}:2",
-                                                   "reason": "unparsable JSONL line (nested too deeply)"}], bad
+    assert list(entries) == ["a.png"] and bad == [
+        {"image": f"{captions}:2", "reason": "unparsable JSONL line (nested too deeply)"}
+    ], bad
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
@@ -495,15 +539,26 @@ def test_outputs_get_the_users_umask(text_src, tmp_path, umask):
     old = os.umask(umask)
     try:
         assert _main("clip", text_src, tmp_path / "clip")[0] == 0
-        L.write_folder(tmp_path / "lora", L.lora_config({"a.to_q": (1, 1.0)}),
-                       {("a", "to_q", "lora_A", "kernel"): np.ones((4, 1), np.float32),
-                        ("a", "to_q", "lora_B", "kernel"): np.ones((1, 4), np.float32)})
+        L.write_folder(
+            tmp_path / "lora",
+            L.lora_config({"a.to_q": (1, 1.0)}),
+            {
+                ("a", "to_q", "lora_A", "kernel"): np.ones((4, 1), np.float32),
+                ("a", "to_q", "lora_B", "kernel"): np.ones((1, 4), np.float32),
+            },
+        )
         assert _main("export-lora", tmp_path / "lora", tmp_path / "lora.safetensors")[0] == 0
         write_metrics_json({"sets": {}}, tmp_path / "eval" / "metrics.json")
     finally:
         os.umask(old)
-    written = [tmp_path / "clip", *(tmp_path / "clip").rglob("*"), tmp_path / "lora", *(tmp_path / "lora").rglob("*"),
-               tmp_path / "lora.safetensors", tmp_path / "eval" / "metrics.json"]
+    written = [
+        tmp_path / "clip",
+        *(tmp_path / "clip").rglob("*"),
+        tmp_path / "lora",
+        *(tmp_path / "lora").rglob("*"),
+        tmp_path / "lora.safetensors",
+        tmp_path / "eval" / "metrics.json",
+    ]
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
     want = {str(p.relative_to(tmp_path)): oct((0o777 if p.is_dir() else 0o666) & ~umask) for p in written}
     assert modes == want

@@ -22,8 +22,14 @@ R, S, K = 32, 32, 3
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return make_demo(tmp_path_factory.mktemp("demo"), persons=PERSONS, images_per_person=IMAGES, resolution=48,
-                     seed=0, progress=False)
+    return make_demo(
+        tmp_path_factory.mktemp("demo"),
+        persons=PERSONS,
+        images_per_person=IMAGES,
+        resolution=48,
+        seed=0,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +44,16 @@ def tokenizers(tmp_path_factory):
 
 
 def _iterator(data_dir, tokenizers, **kw):
-    args = dict(tokenizers=tokenizers, global_batch_size=4, resolution=R, num_refs=(1, K), id_image_size=S,
-                seed=0, shard_index=0, shard_count=1)
+    args = dict(
+        tokenizers=tokenizers,
+        global_batch_size=4,
+        resolution=R,
+        num_refs=(1, K),
+        id_image_size=S,
+        seed=0,
+        shard_index=0,
+        shard_count=1,
+    )
     return dp.make_train_iterator(data_dir, **{**args, **kw})
 
 
@@ -66,12 +80,27 @@ def test_batch_shapes_and_sampling(demo, tokenizers):
     info = dp.dataset_info(demo)
     batch = next(_iterator(demo, tokenizers))
     B = 4
-    expect = dict(pixel_values=((B, R, R, 3), np.float32), face_mask=((B, R, R, 1), np.float32),
-                  id_pixel_values=((B, K, S, S, 3), np.float32), num_id_images=((B,), np.int32),
-                  original_size=((B, 2), np.int32), crop_top_left=((B, 2), np.int32),
-                  has_bg=((B,), np.bool_), has_body=((B,), np.bool_), class_tokens_mask=((B, 77), np.bool_))
-    for k in ("ids_1", "ids_2", "text_only_ids_1", "text_only_ids_2", "bg_ids_1", "bg_ids_2", "body_ids_1",
-              "body_ids_2"):
+    expect = dict(
+        pixel_values=((B, R, R, 3), np.float32),
+        face_mask=((B, R, R, 1), np.float32),
+        id_pixel_values=((B, K, S, S, 3), np.float32),
+        num_id_images=((B,), np.int32),
+        original_size=((B, 2), np.int32),
+        crop_top_left=((B, 2), np.int32),
+        has_bg=((B,), np.bool_),
+        has_body=((B,), np.bool_),
+        class_tokens_mask=((B, 77), np.bool_),
+    )
+    for k in (
+        "ids_1",
+        "ids_2",
+        "text_only_ids_1",
+        "text_only_ids_2",
+        "bg_ids_1",
+        "bg_ids_2",
+        "body_ids_1",
+        "body_ids_2",
+    ):
         expect[k] = ((B, 77), np.int32)
     assert set(dp.BATCH_KEYS) <= set(batch)
     for k, (shape, dtype) in expect.items():
@@ -154,8 +183,9 @@ def test_epochs_cover_every_record(demo, tokenizers):
 
 def test_process_sharding(demo, tokenizers):
     whole = _batches(_iterator(demo, tokenizers, global_batch_size=4), 2)
-    shards = [_batches(_iterator(demo, tokenizers, global_batch_size=4, shard_index=p, shard_count=2), 2)
-              for p in range(2)]
+    shards = [
+        _batches(_iterator(demo, tokenizers, global_batch_size=4, shard_index=p, shard_count=2), 2) for p in range(2)
+    ]
     for step in range(2):
         assert shards[0][step]["pixel_values"].shape[0] == 2
         assert not set(shards[0][step]["record_index"]) & set(shards[1][step]["record_index"])
@@ -185,13 +215,40 @@ def test_bad_records_reported(tmp_path, tokenizers):
 
 
 def test_cli(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "persongen_jax.data.make_demo", str(tmp_path / "d"), "--persons", "2",
-                          "--images-per-person", "2", "--resolution", "32", "--corrupt"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persongen_jax.data.make_demo",
+            str(tmp_path / "d"),
+            "--persons",
+            "2",
+            "--images-per-person",
+            "2",
+            "--resolution",
+            "32",
+            "--corrupt",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "4 records of 2 persons; 2 bad input(s)" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "persongen_jax.data.format", str(tmp_path / "d" / "raw"),
-                          str(tmp_path / "d" / "raw" / "captions.jsonl"), str(tmp_path / "e"), "--num-shards", "3"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persongen_jax.data.format",
+            str(tmp_path / "d" / "raw"),
+            str(tmp_path / "d" / "raw" / "captions.jsonl"),
+            str(tmp_path / "e"),
+            "--num-shards",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "4 records of 2 persons in 3 shard(s)" in out.stdout and "missing caption" in out.stdout
 
 
@@ -228,8 +285,14 @@ def test_face_mask_file(tmp_path, tokenizers):
         m = np.zeros((30, 40), np.uint8)
         m[5:20, 10:25] = 255
         Image.fromarray(m).save(src / "masks" / f"{k}.png")
-        lines.append(dict(image=f"persons/a/{k}.png", caption="a photo of a woman img", face_box=[10, 5, 25, 20],
-                          face_mask=f"masks/{k}.png"))
+        lines.append(
+            dict(
+                image=f"persons/a/{k}.png",
+                caption="a photo of a woman img",
+                face_box=[10, 5, 25, 20],
+                face_mask=f"masks/{k}.png",
+            )
+        )
     (src / "c.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     index = fmt.write_dataset(src, src / "c.jsonl", tmp_path / "dst", progress=False)
     assert index["num_records"] == 2 and index["bad"] == []
@@ -284,9 +347,11 @@ def test_paths_stay_inside_src_and_reads_are_limited(tmp_path):
     (src / "masks").mkdir()
     (src / "masks" / "huge.png").write_bytes(b"\0" * 5000)
     box = [2, 2, 12, 12]
-    lines += [dict(image="persons/p1/../../../secret.png", caption="a photo of a man img", face_box=box),
-              dict(image="persons/p1/link.png", caption="a photo of a man img", face_box=box),
-              dict(image="persons/p2/../p2/1.png", caption="a photo of a man img", face_box=box)]
+    lines += [
+        dict(image="persons/p1/../../../secret.png", caption="a photo of a man img", face_box=box),
+        dict(image="persons/p1/link.png", caption="a photo of a man img", face_box=box),
+        dict(image="persons/p2/../p2/1.png", caption="a photo of a man img", face_box=box),
+    ]
     lines[0]["face_mask"] = "../secret.png"
     lines[1]["face_mask"] = str(secret)
     lines[3]["face_mask"] = "/dev/zero"
@@ -300,8 +365,13 @@ def test_paths_stay_inside_src_and_reads_are_limited(tmp_path):
     assert "absolute path" in bad["persons/p1/0.png"] and "4096-byte limit" in bad["persons/p1/1.png"]
     assert "duplicate caption line" in bad["persons/p2/1.png"]
     records = fmt.read_records(tmp_path / "dst")
-    assert [h["image"] for h, _, _ in records] == ["persons/p0/2.png", "persons/p1/2.png", "persons/p2/0.png",
-                                                    "persons/p2/1.png", "persons/p2/2.png"]
+    assert [h["image"] for h, _, _ in records] == [
+        "persons/p0/2.png",
+        "persons/p1/2.png",
+        "persons/p2/0.png",
+        "persons/p2/1.png",
+        "persons/p2/2.png",
+    ]
     assert index["persons"] == {"p0": [0], "p1": [1], "p2": [2, 3, 4]}
     assert all(img == (src / h["image"]).read_bytes() and mask == b"" for h, img, mask in records)
 
@@ -323,8 +393,10 @@ def test_jsonl_field_types_encodings_and_nan_boxes(tmp_path):
     assert "non-finite" in bad["persons/p2/0.png"]
     # the files of lines 3 and 4 have no usable line: listed as missing caption
     assert bad["persons/p1/0.png"] == bad["persons/p1/1.png"] == "missing caption"
-    assert index["num_records"] == 2 and [h["image"] for h, _, _ in fmt.read_records(tmp_path / "dst")] == \
-        ["persons/p0/0.png", "persons/p2/1.png"]
+    assert index["num_records"] == 2 and [h["image"] for h, _, _ in fmt.read_records(tmp_path / "dst")] == [
+        "persons/p0/0.png",
+        "persons/p2/1.png",
+    ]
 
 
 def test_fuzz_captions_jsonl(tmp_path):
@@ -343,9 +415,19 @@ def test_fuzz_captions_jsonl(tmp_path):
     (src / "persons" / "p0" / "evil.png").symlink_to(outside)
     os.mkfifo(src / "persons" / "p1" / "fifo.png")
     junk = [5, -1.5, None, True, [], {}, [1, 2], "x" * 300, float("nan"), "\u202e", {"a": 1}]
-    paths = ["../outside/secret.png", str(outside), "/dev/zero", "persons/p0/evil.png", "persons/p1/fifo.png",
-             "persons/../../outside/secret.png", "", ".", "persons/p0/\x00.png", "persons/p0/nope.png",
-             "persons//p0/./0.png"]
+    paths = [
+        "../outside/secret.png",
+        str(outside),
+        "/dev/zero",
+        "persons/p0/evil.png",
+        "persons/p1/fifo.png",
+        "persons/../../outside/secret.png",
+        "",
+        ".",
+        "persons/p0/\x00.png",
+        "persons/p0/nope.png",
+        "persons//p0/./0.png",
+    ]
     # must_bad: lines no reading of the format accepts; good: lines that must become records.
     good, must_bad, lines = set(), set(), []
     for i in range(n_lines):
@@ -355,9 +437,16 @@ def test_fuzz_captions_jsonl(tmp_path):
         if kind == 0:
             good.add(rel)
         elif kind == 1:
-            key, value = rng.choice(["caption", "caption_bg", "caption_body", "face_box", "face_mask"]), rng.choice(junk)
+            key, value = (
+                rng.choice(["caption", "caption_bg", "caption_body", "face_box", "face_mask"]),
+                rng.choice(junk),
+            )
             line[key] = value
-            if key in ("caption", "face_box", "face_mask") and value is not None or not isinstance(value, (str, type(None))):
+            if (
+                key in ("caption", "face_box", "face_mask")
+                and value is not None
+                or not isinstance(value, (str, type(None)))
+            ):
                 must_bad.add(i + 1)
         elif kind == 2:
             line["image"] = rng.choice(junk + paths)
@@ -370,14 +459,23 @@ def test_fuzz_captions_jsonl(tmp_path):
         elif kind == 4:
             raw = json.dumps(line).encode()
             cut = rng.randrange(1, len(raw))
-            line = raw[:cut] + bytes([rng.choice([0x80, 0xff, 0xc3, 0xfe])]) + raw[cut:]
+            line = raw[:cut] + bytes([rng.choice([0x80, 0xFF, 0xC3, 0xFE])]) + raw[cut:]
             must_bad.add(i + 1)
         elif kind == 5:
             line = rng.choice([b"{not json", b"[1, 2, 3]", b"42", b"null", b'"persons/p0/0.png"', b"\xef\xbb\xbf{}"])
             must_bad.add(i + 1)
         elif kind == 6:
-            line["face_box"] = rng.choice([[0, 0, 0, 0], [1, 2, 3], ["1", 2, 3, 4], [float("inf"), 0, 9, 9],
-                                           [-5, -5, -1, -1], "1 2 3 4", [True, 1, 9, 9]])
+            line["face_box"] = rng.choice(
+                [
+                    [0, 0, 0, 0],
+                    [1, 2, 3],
+                    ["1", 2, 3, 4],
+                    [float("inf"), 0, 9, 9],
+                    [-5, -5, -1, -1],
+                    "1 2 3 4",
+                    [True, 1, 9, 9],
+                ]
+            )
             must_bad.add(i + 1)
         else:
             line["caption"] = rng.choice(["a photo of a man", "img img", "   ", "a man img"])
@@ -448,15 +546,19 @@ def test_dataset_rewrite_killed_keeps_the_old_dataset(tmp_path):
     dst = tmp_path / "dst"
     fmt.write_dataset(a, a / "c.jsonl", dst, num_shards=2, progress=False)
     before = fmt.read_records(dst)
-    proc = subprocess.run([sys.executable, "-c", _KILL_AT_INDEX, str(b), str(b / "c.jsonl"), str(dst)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_INDEX, str(b), str(b / "c.jsonl"), str(dst)], capture_output=True, text=True
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     after = fmt.read_records(dst)
     assert [h for h, _, _ in after] == [h for h, _, _ in before]  # still dataset a, every record
     stale = [p for p in tmp_path.iterdir() if p.name.startswith(".dst.tmp-")]
     assert len(stale) == 1 and len(list(stale[0].glob("*.array_record"))) == 2
-    proc = subprocess.run([sys.executable, "-m", "persongen_jax.data.format", str(b), str(b / "c.jsonl"), str(dst)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "persongen_jax.data.format", str(b), str(b / "c.jsonl"), str(dst)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "removed" in proc.stderr and stale[0].name in proc.stderr
     assert not stale[0].exists() and {h["person_id"] for h, _, _ in fmt.read_records(dst)} == {"q0", "q1", "q2"}

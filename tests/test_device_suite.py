@@ -14,9 +14,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_device_suite_tiny_prints_the_table(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run([sys.executable, "scripts/bench/device_suite.py", "--tiny", "--out", str(tmp_path),
-                           "--parts", "method,sample_1"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench/device_suite.py",
+            "--tiny",
+            "--out",
+            str(tmp_path),
+            "--parts",
+            "method,sample_1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("device suite (tiny)")

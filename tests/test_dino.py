@@ -17,11 +17,27 @@ transformers = pytest.importorskip("transformers")
 import helpers  # noqa: E402
 
 # A small size unlike transformers' defaults: odd width/heads, no q/k/v bias, eps 1e-6, 40 px / 8 px patches.
-SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=80, image_size=40,
-             patch_size=8, layer_norm_eps=1e-6, qkv_bias=False, hidden_act="gelu")
+SMALL = dict(
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    intermediate_size=80,
+    image_size=40,
+    patch_size=8,
+    layer_norm_eps=1e-6,
+    qkv_bias=False,
+    hidden_act="gelu",
+)
 # DINO's own preprocessing differs from ViTImageProcessor's defaults (ImageNet mean / std); a 3rd filter here.
-PREPROCESSOR = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
-                "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3, "size": 40}
+PREPROCESSOR = {
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "ViTFeatureExtractor",
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "size": 40,
+}
 
 
 def _torch_vit(config: dict, seed: int):

@@ -51,8 +51,11 @@ class _Private:
     def method(self): pass
 '''
     assert missing_docstrings(source, "m.py") == [
-        "m.py:2 public", "m.py:9 Documented.__call__", "m.py:11 Documented.Inner",
-        "m.py:12 Documented.Inner.method"]
+        "m.py:2 public",
+        "m.py:9 Documented.__call__",
+        "m.py:11 Documented.Inner",
+        "m.py:12 Documented.Inner.method",
+    ]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

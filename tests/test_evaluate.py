@@ -18,8 +18,10 @@ from persongen_jax.train import load_config
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,9 +67,27 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
     root = models
     out = tmp_path / "b"
     sets = f"in_train={root / 'val' / 'in_train'},out_of_domain={root / 'val' / 'ood'}"
-    argv = ["--model", str(root / "sdxl"), "--photomaker", str(root / "photomaker"), "--sets", sets,
-            "--num-prompts", "2", "--seeds", "0-1", "--steps", "2", "--start-merge-step", "0", "--batch-size", "4",
-            "--out", str(out), *_scoring(root)]
+    argv = [
+        "--model",
+        str(root / "sdxl"),
+        "--photomaker",
+        str(root / "photomaker"),
+        "--sets",
+        sets,
+        "--num-prompts",
+        "2",
+        "--seeds",
+        "0-1",
+        "--steps",
+        "2",
+        "--start-merge-step",
+        "0",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        *_scoring(root),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sets"]["in_train"]["n_images"] == 2 * 2 * 2  # identities x prompts x seeds
@@ -75,8 +95,11 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
     assert metrics["all"]["n_images"] == 12 and metrics["settings"]["seeds"] == [0, 1]
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert len(rows) == 12
-    assert {(r["set"], r["reference"]) for r in rows} == {("in_train", "alice"), ("in_train", "bob"),
-                                                          ("out_of_domain", "carol")}
+    assert {(r["set"], r["reference"]) for r in rows} == {
+        ("in_train", "alice"),
+        ("in_train", "bob"),
+        ("out_of_domain", "carol"),
+    }
     # No-face images are counted, scored 0 and listed: exactly those where the detector finds nothing.
     det = FaceDetector.from_folder(root / "faces")
     no_face = {r["image"] for r in rows if not len(det.detect(np.asarray(Image.open(out / r["image"]))))}
@@ -94,10 +117,30 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
 
     # A detector that finds no face in any generation: every image counted and listed; "skip" -> no mean.
     strict = tmp_path / "strict"
-    argv = ["--model", str(root / "sdxl"), "--photomaker", str(root / "photomaker"),
-            "--sets", f"bright={root / 'val' / 'bright'}", "--num-prompts", "1", "--seeds", "0-2", "--steps", "2",
-            "--no-face", "skip", "--out", str(strict), "--clip", str(root / "clip"),
-            "--face-models", str(root / "faces_strict"), "--arcface", str(root / "arcface")]
+    argv = [
+        "--model",
+        str(root / "sdxl"),
+        "--photomaker",
+        str(root / "photomaker"),
+        "--sets",
+        f"bright={root / 'val' / 'bright'}",
+        "--num-prompts",
+        "1",
+        "--seeds",
+        "0-2",
+        "--steps",
+        "2",
+        "--no-face",
+        "skip",
+        "--out",
+        str(strict),
+        "--clip",
+        str(root / "clip"),
+        "--face-models",
+        str(root / "faces_strict"),
+        "--arcface",
+        str(root / "arcface"),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     ms = json.loads((strict / "metrics.json").read_text())
     assert ms["sets"]["bright"]["n_images"] == 3 and ms["sets"]["bright"]["no_face"] == 3
@@ -109,9 +152,11 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
     black = tmp_path / "black.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(black)
     alice = root / "val" / "in_train" / "alice.png"
-    lines = [{"image": str(out / rows[0]["image"]), "prompt": rows[0]["prompt"], "reference": str(alice)},
-             {"image": str(alice), "prompt": "a photo", "reference": [str(alice)], "set": "self"},
-             {"image": str(black), "prompt": "a photo", "reference": str(alice), "set": "self"}]
+    lines = [
+        {"image": str(out / rows[0]["image"]), "prompt": rows[0]["prompt"], "reference": str(alice)},
+        {"image": str(alice), "prompt": "a photo", "reference": [str(alice)], "set": "self"},
+        {"image": str(black), "prompt": "a photo", "reference": str(alice), "set": "self"},
+    ]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(e) for e in lines) + "\n")
     assert main(["--manifest", str(manifest), "--out", str(tmp_path / "a"), *_scoring(root)]) == 0
@@ -133,8 +178,20 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
     noface_ref.write_text(json.dumps({"image": str(alice), "prompt": "x", "reference": str(black)}) + "\n")
     assert main(["--manifest", str(noface_ref), "--out", str(tmp_path / "d"), *_scoring(root)]) == 1
     assert "no face found in reference" in capsys.readouterr().err
-    assert main(["--model", str(root / "sdxl"), "--sets", f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "e"),
-                 *_scoring(root)]) == 1
+    assert (
+        main(
+            [
+                "--model",
+                str(root / "sdxl"),
+                "--sets",
+                f"x={tmp_path / 'missing'}",
+                "--out",
+                str(tmp_path / "e"),
+                *_scoring(root),
+            ]
+        )
+        == 1
+    )
     assert "missing" in capsys.readouterr().err
 
 
@@ -153,14 +210,17 @@ def test_mode_a_scores_the_prompt_without_the_trigger_word(models, tmp_path, cap
     cutout = tmp_path / "cutout.png"
     Image.fromarray(rgba, "RGBA").save(cutout)
     with_trigger, plain = "a photo of a man img wearing a red hat", "a photo of a man wearing a red hat"
-    lines = [{"image": str(alice), "prompt": with_trigger, "reference": str(alice)},
-             {"image": str(alice), "prompt": plain, "reference": str(alice)},
-             {"image": str(cutout), "prompt": with_trigger, "reference": str(cutout)}]
+    lines = [
+        {"image": str(alice), "prompt": with_trigger, "reference": str(alice)},
+        {"image": str(alice), "prompt": plain, "reference": str(alice)},
+        {"image": str(cutout), "prompt": with_trigger, "reference": str(cutout)},
+    ]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(e) for e in lines) + "\n")
 
-    assert main(["--manifest", str(manifest), "--out", str(tmp_path / "a"), *_scoring(root)]) == 0, \
+    assert main(["--manifest", str(manifest), "--out", str(tmp_path / "a"), *_scoring(root)]) == 0, (
         capsys.readouterr().err
+    )
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert m["trigger_word"] == "img" and "without the trigger word 'img'" in m["clip_t_text"]
     rows = list(csv.DictReader(open(tmp_path / "a" / "scores.csv")))
@@ -172,8 +232,7 @@ def test_mode_a_scores_the_prompt_without_the_trigger_word(models, tmp_path, cap
     np.testing.assert_allclose([float(r["clip_t"]) for r in rows], expected[[0, 0, 2]], atol=1e-3)
     assert abs(float(rows[2]["face_sim"]) - 1.0) < 1e-5  # the cut-out against itself, both on white
 
-    assert main(["--manifest", str(manifest), "--trigger-word", "", "--out", str(tmp_path / "b"),
-                 *_scoring(root)]) == 0
+    assert main(["--manifest", str(manifest), "--trigger-word", "", "--out", str(tmp_path / "b"), *_scoring(root)]) == 0
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert m["trigger_word"] is None and m["clip_t_text"] == "the manifest prompt as written"
     rows = list(csv.DictReader(open(tmp_path / "b" / "scores.csv")))
@@ -206,13 +265,20 @@ def _demo_config(**eval_overrides):
 
 def test_validation_during_training_then_checkpoint_evaluation_and_compare(models, tmp_path, capsys):
     from persongen_jax.evaluate import main
-    from persongen_jax.training import train_and_evaluate
     from persongen_jax.sources import load_trained_model
+    from persongen_jax.training import train_and_evaluate
 
     root = models
     sets = f"in_train={root / 'val' / 'in_train'}"
-    c = _demo_config(sets=sets, clip=str(root / "clip"), face_detector=str(root / "faces"),
-                     arcface=str(root / "arcface"), num_prompts=1, seeds=(0, 1), num_steps=2)
+    c = _demo_config(
+        sets=sets,
+        clip=str(root / "clip"),
+        face_detector=str(root / "faces"),
+        arcface=str(root / "arcface"),
+        num_prompts=1,
+        seeds=(0, 1),
+        num_steps=2,
+    )
     wd = tmp_path / "run"
     result = train_and_evaluate(c, wd)
     logged = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
@@ -236,8 +302,23 @@ def test_validation_during_training_then_checkpoint_evaluation_and_compare(model
         np.testing.assert_array_equal(flat[k], np.asarray(v), err_msg=k)
     # ... and `evaluate --checkpoint` reproduces the step-2 validation (LoRA merged: float rounding only).
     out = tmp_path / "ckpt_eval"
-    argv = ["--checkpoint", str(wd), "--sets", sets, "--num-prompts", "1", "--seeds", "0-1", "--steps", "2",
-            "--resolution", "32", "--out", str(out), *_scoring(root)]
+    argv = [
+        "--checkpoint",
+        str(wd),
+        "--sets",
+        sets,
+        "--num-prompts",
+        "1",
+        "--seeds",
+        "0-1",
+        "--steps",
+        "2",
+        "--resolution",
+        "32",
+        "--out",
+        str(out),
+        *_scoring(root),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert m["step"] == 2 and m["sets"]["in_train"]["n_images"] == 4
@@ -265,8 +346,12 @@ def test_validation_config_errors(models, tmp_path):
     bad.mkdir()
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(bad / "nobody.png")
     _face_image(bad / "alice.png", 1)
-    c = _demo_config(sets=f"in_train={bad}", clip=str(models / "clip"), face_detector=str(models / "faces"),
-                     arcface=str(models / "arcface"))
+    c = _demo_config(
+        sets=f"in_train={bad}",
+        clip=str(models / "clip"),
+        face_detector=str(models / "faces"),
+        arcface=str(models / "arcface"),
+    )
     with pytest.raises(ValueError, match="nobody.png"):
         Validator.from_config(c, tmp_path, None)
 
@@ -288,19 +373,27 @@ def test_manifest_errors_name_the_file_and_line(models, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
     unreadable = tmp_path / "unreadable.jsonl"
-    unreadable.write_text("".join(json.dumps({"image": im, "prompt": "a photo", "reference": alice}) + "\n"
-                                  for im in (alice, str(broken))))
+    unreadable.write_text(
+        "".join(
+            json.dumps({"image": im, "prompt": "a photo", "reference": alice}) + "\n" for im in (alice, str(broken))
+        )
+    )
     assert main(["--manifest", str(unreadable), "--out", str(tmp_path / "out2"), *_scoring(models)]) == 1
     err = capsys.readouterr().err
     assert f"error: {unreadable}, line 2: {broken}" in err, err
-    cases = {"image5": (json.dumps({"image": 5, "prompt": "x", "reference": alice}) + "\n").encode(),
-             "refs": (json.dumps({"image": alice, "prompt": "x", "reference": [alice, None]}) + "\n").encode(),
-             "latin1": b'{"image": "a.png", "prompt": "caf\xe9", "reference": "b.png"}\n'}
+    cases = {
+        "image5": (json.dumps({"image": 5, "prompt": "x", "reference": alice}) + "\n").encode(),
+        "refs": (json.dumps({"image": alice, "prompt": "x", "reference": [alice, None]}) + "\n").encode(),
+        "latin1": b'{"image": "a.png", "prompt": "caf\xe9", "reference": "b.png"}\n',
+    }
     for name, data in cases.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_bytes(data)
-        with pytest.raises(ValueError, match=f"{path}, line 1: " + ("not UTF-8" if name == "latin1" else
-                                                                   "image=5" if name == "image5" else "reference=")):
+        with pytest.raises(
+            ValueError,
+            match=f"{path}, line 1: "
+            + ("not UTF-8" if name == "latin1" else "image=5" if name == "image5" else "reference="),
+        ):
             read_manifest(path)
 
 
@@ -326,5 +419,5 @@ def test_smoke_evaluate_identities_differ(models, tmp_path, capsys):
     assert sorted(images) == ["alice", "bob", "carol"]
     names = sorted(images)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert np.abs(images[a].astype(int) - images[b].astype(int)).max() > 0, (a, b)

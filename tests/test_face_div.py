@@ -28,8 +28,11 @@ def _lpips_ref(ref, a_uint8, b_uint8) -> np.ndarray:
     import lpips
 
     with torch.no_grad():
-        return ref(lpips.im2tensor(a_uint8), lpips.im2tensor(b_uint8)).reshape(-1).numpy() if a_uint8.ndim == 3 \
+        return (
+            ref(lpips.im2tensor(a_uint8), lpips.im2tensor(b_uint8)).reshape(-1).numpy()
+            if a_uint8.ndim == 3
             else np.concatenate([_lpips_ref(ref, a, b) for a, b in zip(a_uint8, b_uint8)])
+        )
 
 
 def test_lpips_distances_match_the_lpips_package(lpips_dir):
@@ -48,15 +51,13 @@ def test_lpips_distances_match_the_lpips_package(lpips_dir):
     assert np.ptp(want) > 1e-3
 
 
-
 def test_face_div_per_prompt_with_na_counts(lpips_dir, tmp_path):
     from persongen_jax.evaluation import metrics
     from persongen_jax.testing.tiny_eval import make_tiny_detector
 
     root, ref = lpips_dir
     make_tiny_detector(tmp_path / "faces")
-    (fd,) = metrics.build(["face_div"], {"lpips": root / "lpips", "face_detector": tmp_path / "faces",
-                                         "batch_size": 2})
+    (fd,) = metrics.build(["face_div"], {"lpips": root / "lpips", "face_detector": tmp_path / "faces", "batch_size": 2})
     rng = np.random.default_rng(1)
     face = lambda: rng.integers(60, 256, (64, 64, 3)).astype(np.uint8)  # noqa: E731  (the tiny detector: a face)
     black = np.zeros((64, 64, 3), np.uint8)  # no face

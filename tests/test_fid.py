@@ -47,8 +47,11 @@ def test_pool_features_match_pytorch_fid(inception):
     assert _rel(got, want.reshape(3, -1).numpy()) < 1e-4
 
     big = np.random.default_rng(1).random((1, 3, 420, 333)).astype(np.float32)
-    want = torch.nn.functional.interpolate(torch.from_numpy(big), size=(299, 299), mode="bilinear",
-                                           align_corners=False).numpy().transpose(0, 2, 3, 1)
+    want = (
+        torch.nn.functional.interpolate(torch.from_numpy(big), size=(299, 299), mode="bilinear", align_corners=False)
+        .numpy()
+        .transpose(0, 2, 3, 1)
+    )
     np.testing.assert_allclose(resize_bilinear(jnp.asarray(big.transpose(0, 2, 3, 1)), 299), want, atol=1e-6)
 
 
@@ -65,7 +68,7 @@ def test_streaming_statistics_and_frechet_distance_match_pytorch_fid():
         b = rng.standard_normal((n + 7, dim)) * 0.8 + 1.5
         stats_a, stats_b = FeatureStats(dim), FeatureStats(dim)
         for start in range(0, n, 13):  # uneven batches
-            stats_a.update(a[start:start + 13])
+            stats_a.update(a[start : start + 13])
         stats_b.update(b)
         mu_a, sigma_a = stats_a.mean_cov()
         np.testing.assert_allclose(mu_a, a.mean(0), rtol=0, atol=1e-10)
@@ -118,8 +121,9 @@ def test_fid_reference_folder_npz_and_errors(inception, tmp_path, capsys):
     with pytest.raises(ValueError, match="scoring options missing: fid needs inception .*fid needs fid_reference"):
         metrics.build(["fid"], {})
     # Strict conversion: a foreign tensor is named and nothing is written.
-    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3), "extra.weight": torch.zeros(2)},
-               tmp_path / "extra.pth")
+    torch.save(
+        {"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3), "extra.weight": torch.zeros(2)}, tmp_path / "extra.pth"
+    )
     assert main(["inception", str(tmp_path / "extra.pth"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "missing keys (" in err and "unexpected keys (1): extra.weight" in err, err

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 
+import helpers  # tests/ is on sys.path (rootdir conftest, no package)
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import helpers  # tests/ is on sys.path (rootdir conftest, no package)
 from persongen_jax.models import id_encoder as ie
 from persongen_jax.models import modeling
 from weights_conversion import core
@@ -134,7 +134,8 @@ def ref_and_model(tiny_config, tmp_path_factory):
 
     (src.parent / "unet").mkdir()
     (src.parent / "unet" / "config.json").write_text(
-        __import__("json").dumps(dict(UNET, _class_name="UNet2DConditionModel")))
+        __import__("json").dumps(dict(UNET, _class_name="UNet2DConditionModel"))
+    )
     torch.save({"id_encoder": sd, "lora_weights": unet_lora_state_dict()}, src)
     # Through the real CLI, as a user converts the released checkpoint.
     dst = src.parent / "converted"
@@ -167,8 +168,9 @@ def _inputs(n_slots: int, class_positions: list[list[int]], seed: int = 0):
 
 
 def _ours(model, pixels, prompt, mask):
-    return np.asarray(_encode(model, jnp.asarray(pixels.transpose(0, 1, 3, 4, 2)), jnp.asarray(prompt),
-                              jnp.asarray(mask)))
+    return np.asarray(
+        _encode(model, jnp.asarray(pixels.transpose(0, 1, 3, 4, 2)), jnp.asarray(prompt), jnp.asarray(mask))
+    )
 
 
 def _reference_per_sample(ref, pixels, prompt, mask):
@@ -177,8 +179,15 @@ def _reference_per_sample(ref, pixels, prompt, mask):
     outs = []
     with torch.no_grad():
         for i in range(len(pixels)):
-            outs.append(_np(ref(torch.from_numpy(pixels[i:i + 1]), torch.from_numpy(prompt[i:i + 1]).clone(),
-                                torch.from_numpy(mask[i:i + 1])))[0])
+            outs.append(
+                _np(
+                    ref(
+                        torch.from_numpy(pixels[i : i + 1]),
+                        torch.from_numpy(prompt[i : i + 1]).clone(),
+                        torch.from_numpy(mask[i : i + 1]),
+                    )
+                )[0]
+            )
     return np.stack(outs)
 
 
@@ -248,8 +257,10 @@ def test_config_inferred_from_state_dict(ref_and_model, tiny_config):
     odd = dict(sd, **{"vision_model.embeddings.patch_embedding.weight": torch.zeros(96, 3, 6, 6)})
     with pytest.raises(ValueError, match="num_attention_heads"):
         ie.id_encoder_config_from_state_dict(odd)
-    assert ie.id_encoder_config_from_state_dict(odd, {"num_attention_heads": 3})["vision_config"][
-        "num_attention_heads"] == 3
+    assert (
+        ie.id_encoder_config_from_state_dict(odd, {"num_attention_heads": 3})["vision_config"]["num_attention_heads"]
+        == 3
+    )
     with pytest.raises(ValueError, match="contradicts"):
         ie.id_encoder_config_from_state_dict(sd, {"num_hidden_layers": 5})
     gap = {k.replace("encoder.layers.1.", "encoder.layers.2."): v for k, v in sd.items()}
@@ -259,7 +270,8 @@ def test_config_inferred_from_state_dict(ref_and_model, tiny_config):
         ie.id_encoder_config_from_state_dict(dict(sd, **{"visual_projection_2.weight": torch.zeros(30, 128)}))
     with pytest.raises(ValueError, match="position"):
         ie.id_encoder_config_from_state_dict(
-            dict(sd, **{"vision_model.embeddings.position_embedding.weight": torch.zeros(27, 128)}))
+            dict(sd, **{"vision_model.embeddings.position_embedding.weight": torch.zeros(27, 128)})
+        )
 
 
 def test_strict_conversion_errors(ref_and_model, tiny_config):
@@ -268,8 +280,9 @@ def test_strict_conversion_errors(ref_and_model, tiny_config):
     with pytest.raises(core.ConversionError, match="unexpected keys.*fuse_module.extra"):
         core.convert_state_dict(ie.PhotoMakerIDEncoder, tiny_config, dict(sd, **{"fuse_module.extra": torch.zeros(1)}))
     with pytest.raises(core.ConversionError, match="missing keys.*fuse_module.layer_norm.bias"):
-        core.convert_state_dict(ie.PhotoMakerIDEncoder, tiny_config,
-                                {k: v for k, v in sd.items() if k != "fuse_module.layer_norm.bias"})
+        core.convert_state_dict(
+            ie.PhotoMakerIDEncoder, tiny_config, {k: v for k, v in sd.items() if k != "fuse_module.layer_norm.bias"}
+        )
 
 
 def test_config_errors():

@@ -38,8 +38,9 @@ T = 12  # prompt length of the tiny tests
 
 def FeedForward(dim, mult=4):
     inner_dim = int(dim * mult)
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner_dim, bias=False), nn.GELU(),
-                         nn.Linear(inner_dim, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, inner_dim, bias=False), nn.GELU(), nn.Linear(inner_dim, dim, bias=False)
+    )
 
 
 def reshape_tensor(x, heads):
@@ -52,7 +53,7 @@ def reshape_tensor(x, heads):
 class PerceiverAttention(nn.Module):
     def __init__(self, *, dim, dim_head=64, heads=8):
         super().__init__()
-        self.scale = dim_head ** -0.5
+        self.scale = dim_head**-0.5
         self.dim_head = dim_head
         self.heads = heads
         inner_dim = dim_head * heads
@@ -88,8 +89,11 @@ class FacePerceiverResampler(nn.Module):
         self.norm_out = nn.LayerNorm(output_dim)
         self.layers = nn.ModuleList([])
         for _ in range(depth):
-            self.layers.append(nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads),
-                                              FeedForward(dim=dim, mult=ff_mult)]))
+            self.layers.append(
+                nn.ModuleList(
+                    [PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads), FeedForward(dim=dim, mult=ff_mult)]
+                )
+            )
 
     def forward(self, latents, x):
         x = self.proj_in(x)
@@ -101,18 +105,37 @@ class FacePerceiverResampler(nn.Module):
 
 
 class QFormerPerceiver(nn.Module):
-    def __init__(self, id_embeddings_dim, cross_attention_dim, num_tokens, embedding_dim=1024, use_residual=True,
-                 ratio=4, depth=4, dim_head=128, ff_mult=4):
+    def __init__(
+        self,
+        id_embeddings_dim,
+        cross_attention_dim,
+        num_tokens,
+        embedding_dim=1024,
+        use_residual=True,
+        ratio=4,
+        depth=4,
+        dim_head=128,
+        ff_mult=4,
+    ):
         super().__init__()
         self.num_tokens = num_tokens
         self.cross_attention_dim = cross_attention_dim
         self.use_residual = use_residual
-        self.token_proj = nn.Sequential(nn.Linear(id_embeddings_dim, id_embeddings_dim * ratio), nn.GELU(),
-                                        nn.Linear(id_embeddings_dim * ratio, cross_attention_dim * num_tokens))
+        self.token_proj = nn.Sequential(
+            nn.Linear(id_embeddings_dim, id_embeddings_dim * ratio),
+            nn.GELU(),
+            nn.Linear(id_embeddings_dim * ratio, cross_attention_dim * num_tokens),
+        )
         self.token_norm = nn.LayerNorm(cross_attention_dim)
         self.perceiver_resampler = FacePerceiverResampler(
-            dim=cross_attention_dim, depth=depth, dim_head=dim_head, heads=cross_attention_dim // dim_head,
-            embedding_dim=embedding_dim, output_dim=cross_attention_dim, ff_mult=ff_mult)
+            dim=cross_attention_dim,
+            depth=depth,
+            dim_head=dim_head,
+            heads=cross_attention_dim // dim_head,
+            embedding_dim=embedding_dim,
+            output_dim=cross_attention_dim,
+            ff_mult=ff_mult,
+        )
 
     def forward(self, x, last_hidden_state):
         x = self.token_proj(x)
@@ -136,9 +159,15 @@ class TorchPhotoMakerV2IDEncoder(transformers.CLIPVisionModelWithProjection):
         self.cross_attention_dim = d
         assert cfg["perceiver_heads"] * cfg["perceiver_dim_head"] == d
         self.qformer_perceiver = QFormerPerceiver(
-            cfg["id_embeddings_dim"], d, self.num_tokens, embedding_dim=self.config.hidden_size,
-            ratio=cfg["token_proj_dim"] // cfg["id_embeddings_dim"], depth=cfg["perceiver_depth"],
-            dim_head=cfg["perceiver_dim_head"], ff_mult=cfg["perceiver_ff_dim"] // d)
+            cfg["id_embeddings_dim"],
+            d,
+            self.num_tokens,
+            embedding_dim=self.config.hidden_size,
+            ratio=cfg["token_proj_dim"] // cfg["id_embeddings_dim"],
+            depth=cfg["perceiver_depth"],
+            dim_head=cfg["perceiver_dim_head"],
+            ff_mult=cfg["perceiver_ff_dim"] // d,
+        )
 
     def forward(self, id_pixel_values, prompt_embeds, class_tokens_mask, id_embeds):
         b, num_inputs, c, h, w = id_pixel_values.shape
@@ -158,9 +187,18 @@ def _reference(cfg: dict, seed: int):
 
 
 # A second small size: width 256 = two heads of the published 128, 3 tokens, depth 1, 512-d ArcFace.
-WIDE = dict(v2.PhotoMakerV2IDEncoder.preset_config("tiny"), cross_attention_dim=256, projection_dim_2=232,
-            id_embeddings_dim=512, num_tokens=3, token_proj_dim=1024, perceiver_depth=1, perceiver_heads=2,
-            perceiver_dim_head=128, perceiver_ff_dim=512)
+WIDE = dict(
+    v2.PhotoMakerV2IDEncoder.preset_config("tiny"),
+    cross_attention_dim=256,
+    projection_dim_2=232,
+    id_embeddings_dim=512,
+    num_tokens=3,
+    token_proj_dim=1024,
+    perceiver_depth=1,
+    perceiver_heads=2,
+    perceiver_dim_head=128,
+    perceiver_ff_dim=512,
+)
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +234,15 @@ def _inputs(cfg: dict, n_slots: int, class_positions: list[list[int]], seed: int
 
 def _ours(model, pixels, prompt, mask, id_embeds):
     with jax.default_matmul_precision("highest"):
-        return np.asarray(_encode(model, jnp.asarray(pixels.transpose(0, 1, 3, 4, 2)), jnp.asarray(prompt),
-                                  jnp.asarray(mask), jnp.asarray(id_embeds)))
+        return np.asarray(
+            _encode(
+                model,
+                jnp.asarray(pixels.transpose(0, 1, 3, 4, 2)),
+                jnp.asarray(prompt),
+                jnp.asarray(mask),
+                jnp.asarray(id_embeds),
+            )
+        )
 
 
 def _reference_per_sample(ref, pixels, prompt, mask, id_embeds):
@@ -207,8 +252,14 @@ def _reference_per_sample(ref, pixels, prompt, mask, id_embeds):
     with torch.no_grad():
         for i in range(len(pixels)):
             n = int(mask[i].sum()) // ref.num_tokens
-            outs.append(ref(torch.from_numpy(pixels[i:i + 1, :n]), torch.from_numpy(prompt[i:i + 1]).clone(),
-                            torch.from_numpy(mask[i:i + 1]), torch.from_numpy(id_embeds[i:i + 1, :n]))[0].numpy())
+            outs.append(
+                ref(
+                    torch.from_numpy(pixels[i : i + 1, :n]),
+                    torch.from_numpy(prompt[i : i + 1]).clone(),
+                    torch.from_numpy(mask[i : i + 1]),
+                    torch.from_numpy(id_embeds[i : i + 1, :n]),
+                )[0].numpy()
+            )
     return np.stack(outs)
 
 
@@ -239,12 +290,19 @@ def test_v2_published_head_rule_at_width_256():
     ref = _reference(WIDE, seed=5)
     sd = dict(ref.state_dict())
     inferred = v2.config_from_state_dict(sd)
-    assert (inferred["perceiver_heads"], inferred["perceiver_dim_head"], inferred["num_tokens"],
-            inferred["perceiver_depth"]) == (2, 128, 3, 1)
+    assert (
+        inferred["perceiver_heads"],
+        inferred["perceiver_dim_head"],
+        inferred["num_tokens"],
+        inferred["perceiver_depth"],
+    ) == (2, 128, 3, 1)
     model = core.load_from_torch_state_dict(v2.PhotoMakerV2IDEncoder, inferred, sd)
     pixels, prompt, mask, ids = _inputs(WIDE, 2, [[1, 2, 3, 4, 5, 6]], seed=2)
-    helpers.assert_close(_ours(model, pixels, prompt, mask, ids), _reference_per_sample(ref, pixels, prompt, mask, ids),
-                         name="V2 fused prompt (width 256)")
+    helpers.assert_close(
+        _ours(model, pixels, prompt, mask, ids),
+        _reference_per_sample(ref, pixels, prompt, mask, ids),
+        name="V2 fused prompt (width 256)",
+    )
 
 
 def test_v2_published_key_layout_and_shapes():
@@ -256,8 +314,10 @@ def test_v2_published_key_layout_and_shapes():
     with torch.device("meta"), no_init_weights():
         tm = TorchPhotoMakerV2IDEncoder(cfg)
     sd = tm.state_dict()
-    ours = {core.torch_key(p): core.to_torch_layout(p, np.empty(s.shape, bool)).shape
-            for p, s in modeling.flat_params(modeling.abstract_model(v2.PhotoMakerV2IDEncoder, cfg)).items()}
+    ours = {
+        core.torch_key(p): core.to_torch_layout(p, np.empty(s.shape, bool)).shape
+        for p, s in modeling.flat_params(modeling.abstract_model(v2.PhotoMakerV2IDEncoder, cfg)).items()
+    }
     assert ours == {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("position_ids")}
     assert "qformer_perceiver.perceiver_resampler.layers.3.1.3.weight" in ours
     assert v2.parse_config(v2.config_from_state_dict(sd)) == v2.parse_config(cfg)
@@ -273,13 +333,18 @@ def test_v2_config_inference_errors(tiny):
     gap = {k.replace("perceiver_resampler.layers.1.", "perceiver_resampler.layers.2."): v for k, v in sd.items()}
     with pytest.raises(ValueError, match="layers"):
         v2.config_from_state_dict(gap)
-    odd = dict(sd, **{f"qformer_perceiver.perceiver_resampler.layers.{i}.0.to_q.weight": torch.zeros(200, 64)
-                      for i in range(2)})
+    odd = dict(
+        sd,
+        **{f"qformer_perceiver.perceiver_resampler.layers.{i}.0.to_q.weight": torch.zeros(200, 64) for i in range(2)},
+    )
     with pytest.raises(ValueError, match="multiple of 128"):
         v2.config_from_state_dict(odd)
     with pytest.raises(core.ConversionError, match="missing keys.*token_norm.bias"):
-        core.convert_state_dict(v2.PhotoMakerV2IDEncoder, v2.config_from_state_dict(sd),
-                                {k: v for k, v in sd.items() if k != "qformer_perceiver.token_norm.bias"})
+        core.convert_state_dict(
+            v2.PhotoMakerV2IDEncoder,
+            v2.config_from_state_dict(sd),
+            {k: v for k, v in sd.items() if k != "qformer_perceiver.token_norm.bias"},
+        )
     assert v2.is_v2_state_dict(sd) and not v2.is_v2_state_dict({"fuse_module.layer_norm.weight": 0})
 
 
@@ -312,8 +377,11 @@ def test_v2_checkpoint_converts_through_the_cli_and_matches(tiny, converted_v2, 
     model = modeling.from_pretrained(dst / "id_encoder")
     assert type(model) is v2.PhotoMakerV2IDEncoder and model.version == "v2"
     pixels, prompt, mask, ids = _inputs(cfg, 2, [[3, 4, 5, 6]], seed=4)
-    helpers.assert_close(_ours(model, pixels, prompt, mask, ids), _reference_per_sample(ref, pixels, prompt, mask, ids),
-                         name="converted V2 fused prompt")
+    helpers.assert_close(
+        _ours(model, pixels, prompt, mask, ids),
+        _reference_per_sample(ref, pixels, prompt, mask, ids),
+        name="converted V2 fused prompt",
+    )
     # --version insists: a V2 file read as v1 is a one-line error naming the file.
     from weights_conversion.__main__ import main
 
@@ -335,9 +403,13 @@ def test_v2_export_is_the_official_layout_bitwise(converted_v2):
     export_photomaker(dst, root / "exported.safetensors")
     source = torch.load(src, weights_only=True)
     flat = load_file(root / "exported.safetensors")
-    for exported in (torch.load(root / "exported.bin", weights_only=True),
-                     {s: {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(s + ".")}
-                      for s in ("id_encoder", "lora_weights")}):
+    for exported in (
+        torch.load(root / "exported.bin", weights_only=True),
+        {
+            s: {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(s + ".")}
+            for s in ("id_encoder", "lora_weights")
+        },
+    ):
         for section in ("id_encoder", "lora_weights"):
             assert set(exported[section]) == set(source[section]), section
             for k, v in source[section].items():

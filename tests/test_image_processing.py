@@ -35,13 +35,13 @@ def _transparent_images():
     """PIL images with transparency in each form PNG stores it, and an RGBA array."""
     rng = np.random.default_rng(1)
     rgba = rng.integers(0, 256, (37, 29, 4)).astype(np.uint8)
-    rgba[:10, :, 3] = 0      # fully transparent rows (their colours are what dropping alpha would show)
+    rgba[:10, :, 3] = 0  # fully transparent rows (their colours are what dropping alpha would show)
     rgba[10:20, :, 3] = 255  # opaque rows
     la = Image.fromarray(rgba[..., [0, 3]], "LA")
     palette = Image.fromarray(rgba[..., :3]).quantize(16)
-    palette.info["transparency"] = 3                             # palette PNG: one index transparent
+    palette.info["transparency"] = 3  # palette PNG: one index transparent
     keyed = Image.fromarray(np.where(rgba[..., :1] < 128, 0, rgba[..., :3]).astype(np.uint8))
-    keyed.info["transparency"] = (0, 0, 0)                       # RGB PNG with a colour key
+    keyed.info["transparency"] = (0, 0, 0)  # RGB PNG with a colour key
     return [Image.fromarray(rgba, "RGBA"), la, palette, keyed, rgba]
 
 
@@ -60,7 +60,7 @@ def test_transparency_is_composited_on_white_as_transformers(tmp_path):
         ref = proc(im, return_tensors="np").pixel_values[0].transpose(1, 2, 0)
         np.testing.assert_allclose(clip_preprocess(im, 24), ref, atol=1e-6)
     rgba = _transparent_images()[0]
-    assert convert_to_rgb(rgba)[:10].min() == 255                # transparent -> white, not the hidden colours
+    assert convert_to_rgb(rgba)[:10].min() == 255  # transparent -> white, not the hidden colours
     path = tmp_path / "cutout.png"
     rgba.save(path)
     np.testing.assert_array_equal(np.asarray(load_image(path, composite_on_white=True)), convert_to_rgb(rgba))
@@ -83,11 +83,22 @@ def test_clip_image_processor_reads_the_model_folders_config(tmp_path):
     images = [Image.fromarray(rng.integers(0, 256, s).astype(np.uint8)) for s in shapes]
     configs = [
         # OpenAI's legacy form (ints), other crop than size, other statistics and filter.
-        {"size": 40, "crop_size": 32, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "resample": 2,
-         "feature_extractor_type": "CLIPFeatureExtractor"},
+        {
+            "size": 40,
+            "crop_size": 32,
+            "image_mean": [0.5, 0.4, 0.3],
+            "image_std": [0.2, 0.25, 0.3],
+            "resample": 2,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+        },
         # exact resize, a crop larger than it (zero padding), rescale factor and scalar mean / std.
-        {"size": {"height": 28, "width": 30}, "crop_size": {"height": 32, "width": 32}, "rescale_factor": 0.5 / 255,
-         "image_mean": 0.5, "image_std": 0.5},
+        {
+            "size": {"height": 28, "width": 30},
+            "crop_size": {"height": 32, "width": 32},
+            "rescale_factor": 0.5 / 255,
+            "image_mean": 0.5,
+            "image_std": 0.5,
+        },
         {"do_resize": False, "crop_size": {"height": 24, "width": 24}, "do_normalize": False},
     ]
     for i, cfg in enumerate(configs):
@@ -97,16 +108,19 @@ def test_clip_image_processor_reads_the_model_folders_config(tmp_path):
         ours = CLIPImageProcessor.from_pretrained(folder, 224)
         ref = CLIPImageProcessorPil.from_pretrained(folder)
         for im in images:
-            np.testing.assert_allclose(ours(im), ref(im, return_tensors="np").pixel_values[0].transpose(1, 2, 0),
-                                       atol=1e-6, err_msg=str(cfg))
+            np.testing.assert_allclose(
+                ours(im), ref(im, return_tensors="np").pixel_values[0].transpose(1, 2, 0), atol=1e-6, err_msg=str(cfg)
+            )
     # transformers 5 saves a processor as processor_config.json {"image_processor": {...}}: it comes first.
     folder = tmp_path / "c0"
-    (folder / "processor_config.json").write_text(json.dumps({"image_processor": configs[1],
-                                                              "processor_class": "CLIPProcessor"}))
+    (folder / "processor_config.json").write_text(
+        json.dumps({"image_processor": configs[1], "processor_class": "CLIPProcessor"})
+    )
     ours, ref = CLIPImageProcessor.from_pretrained(folder, 224), CLIPImageProcessorPil.from_pretrained(folder)
     assert ours.size == (28, 30) and ours.image_mean == (0.5, 0.5, 0.5)
-    np.testing.assert_allclose(ours(images[0]), ref(images[0], return_tensors="np").pixel_values[0].transpose(1, 2, 0),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        ours(images[0]), ref(images[0], return_tensors="np").pixel_values[0].transpose(1, 2, 0), atol=1e-6
+    )
     (folder / "processor_config.json").write_text(json.dumps({"size": {"longest_edge": 40}}))  # no image_processor
     assert CLIPImageProcessor.from_pretrained(folder, 224).crop_size == (32, 32)
     (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"longest_edge": 40}}))

@@ -8,12 +8,12 @@ Tolerance: rtol = atol = 1e-4 on the noise prediction (fp32).
 
 from __future__ import annotations
 
+import helpers
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import helpers
 from persongen_jax.models import from_pretrained, lora
 from weights_conversion.__main__ import main as convert_main
 from weights_conversion.lora import ip_adapter_numbering
@@ -45,15 +45,33 @@ def setup(tmp_path_factory):
         if name.endswith("attn2.processor"):
             inner = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
             ip[f"{i}.to_k_ip.weight"], ip[f"{i}.to_v_ip.weight"] = r(inner, 32), r(inner, 32)
-    ckpt = {"image_proj": {"proj.weight": r(TOKENS * 32, IMG_DIM), "proj.bias": 0.1 * r(TOKENS * 32),
-                           "norm.weight": 1 + 0.1 * r(32), "norm.bias": 0.1 * r(32)},
-            "ip_adapter": ip}
+    ckpt = {
+        "image_proj": {
+            "proj.weight": r(TOKENS * 32, IMG_DIM),
+            "proj.bias": 0.1 * r(TOKENS * 32),
+            "norm.weight": 1 + 0.1 * r(32),
+            "norm.bias": 0.1 * r(32),
+        },
+        "ip_adapter": ip,
+    }
     torch.save(ckpt, root / "ip.bin")
     unet._load_ip_adapter_weights([ckpt])
     # The CLI in-process (the subprocess path is covered by test_lora / test_conversion_cli).
     assert convert_main(["sdxl", str(root / "src"), str(root / "dst")]) == 0
-    assert convert_main(["ip-adapter", str(root / "ip.bin"), str(root / "adapter"), "--unet",
-                         str(root / "dst" / "unet"), "--scale", str(SCALE)]) == 0
+    assert (
+        convert_main(
+            [
+                "ip-adapter",
+                str(root / "ip.bin"),
+                str(root / "adapter"),
+                "--unet",
+                str(root / "dst" / "unet"),
+                "--scale",
+                str(SCALE),
+            ]
+        )
+        == 0
+    )
     return root, unet, cross, ckpt
 
 
@@ -61,8 +79,9 @@ def test_numbering_matches_diffusers(setup):
     _, unet, cross, _ = setup
     assert ip_adapter_numbering(cross) == {n: 1 + 2 * i for i, n in enumerate(cross)}
     ours = ip_adapter_numbering(lora.cross_attentions(from_pretrained(setup[0] / "dst" / "unet")))
-    expected = {n.removesuffix(".processor"): i for i, n in enumerate(unet.attn_processors)
-                if n.endswith("attn2.processor")}
+    expected = {
+        n.removesuffix(".processor"): i for i, n in enumerate(unet.attn_processors) if n.endswith("attn2.processor")
+    }
     assert ours == expected
 
 
@@ -70,8 +89,14 @@ def test_ip_adapter_parity(setup):
     root, unet, _, _ = setup
     rng = np.random.default_rng(2)
     f = lambda *s: rng.standard_normal(s).astype(np.float32)
-    x = dict(sample=f(B, 4, 16, 16), t=np.array([7, 500]), ehs=f(B, 7, 32), te=f(B, 32),
-             ti=np.array([[64, 64, 0, 0, 64, 64]] * B, np.float32), image=f(B, 1, IMG_DIM))
+    x = dict(
+        sample=f(B, 4, 16, 16),
+        t=np.array([7, 500]),
+        ehs=f(B, 7, 32),
+        te=f(B, 32),
+        ti=np.array([[64, 64, 0, 0, 64, 64]] * B, np.float32),
+        image=f(B, 1, IMG_DIM),
+    )
     T = torch.from_numpy
 
     def reference(scale):
@@ -79,9 +104,12 @@ def test_ip_adapter_parity(setup):
             if isinstance(p, diffusers.models.attention_processor.IPAdapterAttnProcessor2_0):
                 p.scale = [scale]
         with torch.no_grad():
-            return unet(T(x["sample"]), T(x["t"]), T(x["ehs"]),
-                        added_cond_kwargs={"text_embeds": T(x["te"]), "time_ids": T(x["ti"]),
-                                           "image_embeds": [T(x["image"])]}).sample.numpy()
+            return unet(
+                T(x["sample"]),
+                T(x["t"]),
+                T(x["ehs"]),
+                added_cond_kwargs={"text_embeds": T(x["te"]), "time_ids": T(x["ti"]), "image_embeds": [T(x["image"])]},
+            ).sample.numpy()
 
     ref, plain = reference(SCALE), reference(0.0)
     assert np.abs(ref - plain).max() > 1e-2  # the adapter matters
@@ -90,7 +118,9 @@ def test_ip_adapter_parity(setup):
     cfg = lora.adapter_config(model)
     assert cfg["mode"] == "parallel" and cfg["scales"] == {"id": SCALE}
     assert cfg["image_projection"]["num_tokens"] == TOKENS
-    args = [jnp.asarray(x["sample"].transpose(0, 2, 3, 1))] + [jnp.asarray(x[k]) for k in ("t", "ehs", "te", "ti", "image")]
+    args = [jnp.asarray(x["sample"].transpose(0, 2, 3, 1))] + [
+        jnp.asarray(x[k]) for k in ("t", "ehs", "te", "ti", "image")
+    ]
     out = np.asarray(_call(model, *args)).transpose(0, 3, 1, 2)
     helpers.assert_close(out, ref, name="noise prediction with IP-Adapter")
 

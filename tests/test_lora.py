@@ -7,12 +7,12 @@ Tolerances: noise prediction rtol = atol = 1e-4 against diffusers; merged vs unm
 
 from __future__ import annotations
 
+import helpers
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import helpers
 from persongen_jax.models import from_pretrained, lora
 from persongen_jax.models.unet import UNet2DConditionModel
 from weights_conversion.__main__ import main as convert_main
@@ -55,8 +55,13 @@ def tiny(tmp_path_factory):
     _cli("sdxl", root / "src", root / "dst")
     rng = np.random.default_rng(1)
     f = lambda *s: rng.standard_normal(s).astype(np.float32)
-    inputs = dict(sample=f(B, 4, 8, 8), timesteps=np.array([3, 700]), ehs=f(B, 7, 32), text_embeds=f(B, 32),
-                  time_ids=np.array([[64, 64, 0, 0, 64, 64], [48, 80, 4, 8, 64, 96]], np.float32))
+    inputs = dict(
+        sample=f(B, 4, 8, 8),
+        timesteps=np.array([3, 700]),
+        ehs=f(B, 7, 32),
+        text_embeds=f(B, 32),
+        time_ids=np.array([[64, 64, 0, 0, 64, 64], [48, 80, 4, 8, 64, 96]], np.float32),
+    )
     return root, model, root / "dst" / "unet", inputs
 
 
@@ -68,27 +73,39 @@ def _torch_unet(tiny):
 def _torch_out(unet, x):
     T = torch.from_numpy
     with torch.no_grad():
-        return unet(T(x["sample"]), T(x["timesteps"]), T(x["ehs"]),
-                    added_cond_kwargs={"text_embeds": T(x["text_embeds"]), "time_ids": T(x["time_ids"])}
-                    ).sample.numpy()
+        return unet(
+            T(x["sample"]),
+            T(x["timesteps"]),
+            T(x["ehs"]),
+            added_cond_kwargs={"text_embeds": T(x["text_embeds"]), "time_ids": T(x["time_ids"])},
+        ).sample.numpy()
 
 
 def _flax_out(model, x):
-    args = [jnp.asarray(x["sample"].transpose(0, 2, 3, 1)), jnp.asarray(x["timesteps"]), jnp.asarray(x["ehs"]),
-            jnp.asarray(x["text_embeds"]), jnp.asarray(x["time_ids"])]
+    args = [
+        jnp.asarray(x["sample"].transpose(0, 2, 3, 1)),
+        jnp.asarray(x["timesteps"]),
+        jnp.asarray(x["ehs"]),
+        jnp.asarray(x["text_embeds"]),
+        jnp.asarray(x["time_ids"]),
+    ]
     return np.asarray(_call(model, *args)).transpose(0, 3, 1, 2)
 
 
 def _modules(torch_unet, patterns=lora.DEFAULT_TARGETS):
-    return {n: m for n, m in torch_unet.named_modules()
-            if isinstance(m, torch.nn.Linear) and lora.matches(n, patterns)}
+    return {n: m for n, m in torch_unet.named_modules() if isinstance(m, torch.nn.Linear) and lora.matches(n, patterns)}
 
 
 def _random_lora(modules, seed):
     """{module: (down [r, in], up [out, r])}, non-zero, sized so the LoRA visibly changes the output."""
     g = torch.Generator().manual_seed(seed)
-    return {n: (torch.randn(RANK, m.in_features, generator=g) / m.in_features ** 0.5,
-                torch.randn(m.out_features, RANK, generator=g) * 0.3 / RANK ** 0.5) for n, m in modules.items()}
+    return {
+        n: (
+            torch.randn(RANK, m.in_features, generator=g) / m.in_features**0.5,
+            torch.randn(m.out_features, RANK, generator=g) * 0.3 / RANK**0.5,
+        )
+        for n, m in modules.items()
+    }
 
 
 def _cli(*args):
@@ -190,27 +207,39 @@ def test_lora_conversion_errors(tiny, tmp_path, capsys):
     _, _, unet_dir, _ = tiny
     good = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     cases = {
-        "missing_module": ({f"{good}.lora_A.weight": torch.zeros(RANK, 64), f"{good}.lora_B.weight": torch.zeros(64, RANK),
-                            "unet.down_blocks.7.attentions.0.proj_in.lora_A.weight": torch.zeros(RANK, 64),
-                            "unet.down_blocks.7.attentions.0.proj_in.lora_B.weight": torch.zeros(64, RANK)},
-                           "down_blocks.7.attentions.0.proj_in.lora_A.weight"),
-        "bad_shape": ({f"{good}.lora_A.weight": torch.zeros(RANK, 65), f"{good}.lora_B.weight": torch.zeros(64, RANK)},
-                      f"{good}.lora_A.weight"),
-        "text_encoder": ({f"{good}.lora_A.weight": torch.zeros(RANK, 64), f"{good}.lora_B.weight": torch.zeros(64, RANK),
-                          "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(RANK, 32)},
-                         "skip-text-encoder"),
+        "missing_module": (
+            {
+                f"{good}.lora_A.weight": torch.zeros(RANK, 64),
+                f"{good}.lora_B.weight": torch.zeros(64, RANK),
+                "unet.down_blocks.7.attentions.0.proj_in.lora_A.weight": torch.zeros(RANK, 64),
+                "unet.down_blocks.7.attentions.0.proj_in.lora_B.weight": torch.zeros(64, RANK),
+            },
+            "down_blocks.7.attentions.0.proj_in.lora_A.weight",
+        ),
+        "bad_shape": (
+            {f"{good}.lora_A.weight": torch.zeros(RANK, 65), f"{good}.lora_B.weight": torch.zeros(64, RANK)},
+            f"{good}.lora_A.weight",
+        ),
+        "text_encoder": (
+            {
+                f"{good}.lora_A.weight": torch.zeros(RANK, 64),
+                f"{good}.lora_B.weight": torch.zeros(64, RANK),
+                "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(RANK, 32),
+            },
+            "skip-text-encoder",
+        ),
         "no_up": ({f"{good}.lora_A.weight": torch.zeros(RANK, 64)}, "needs both"),
     }
     for name, (sd, expected) in cases.items():
         save_file(sd, tmp_path / f"{name}.safetensors")
-        code = convert_main(["lora", str(tmp_path / f"{name}.safetensors"), str(tmp_path / name),
-                             "--unet", str(unet_dir)])
+        code = convert_main(
+            ["lora", str(tmp_path / f"{name}.safetensors"), str(tmp_path / name), "--unet", str(unet_dir)]
+        )
         err = capsys.readouterr().err
         assert code == 1 and expected in err, (name, err)
         assert not (tmp_path / name).exists()
     # The real process exits with status 1 and names the key.
-    proc = helpers.run_cli("lora", tmp_path / "bad_shape.safetensors", tmp_path / "x", "--unet", unet_dir,
-                           check=False)
+    proc = helpers.run_cli("lora", tmp_path / "bad_shape.safetensors", tmp_path / "x", "--unet", unet_dir, check=False)
     assert proc.returncode == 1 and cases["bad_shape"][1] in proc.stderr, proc.stderr
     # Text-encoder keys can be skipped explicitly (and are counted).
     _cli("lora", tmp_path / "text_encoder.safetensors", tmp_path / "te", "--unet", unet_dir, "--skip-text-encoder")
@@ -226,8 +255,10 @@ def test_photomaker_checkpoint(tiny, tmp_path):
 
     enc_cfg = PhotoMakerIDEncoder.preset_config("tiny")
     enc = PhotoMakerIDEncoder.from_config(enc_cfg, rngs=nnx.Rngs(0))
-    enc_sd = {core.torch_key(p): torch.from_numpy(np.array(core.to_torch_layout(p, np.asarray(v))))
-              for p, v in modeling.flat_params(enc).items()}
+    enc_sd = {
+        core.torch_key(p): torch.from_numpy(np.array(core.to_torch_layout(p, np.asarray(v))))
+        for p, v in modeling.flat_params(enc).items()
+    }
     weights = _random_lora(_modules(_torch_unet(tiny)), seed=4)
     lora_sd = {}
     for n, (down, up) in weights.items():
@@ -263,8 +294,15 @@ def test_kohya_sgm_block_names_match_diffusers():
     names += [f"lora_unet_output_blocks_{i}_1_transformer_blocks_{k}_attn2_to_k" for i in range(6) for k in (0, 1)]
     sd = {f"{n}.{w}": torch.zeros(1, 1) for n in names for w in ("lora_down.weight", "lora_up.weight")}
     config = type("Cfg", (dict,), {"__getattr__": dict.__getitem__})(
-        diffusers.UNet2DConditionModel(**{k: v for k, v in cfg.items() if not k.startswith("_")}).config)
+        diffusers.UNet2DConditionModel(**{k: v for k, v in cfg.items() if not k.startswith("_")}).config
+    )
     theirs, _ = diffusers.loaders.StableDiffusionXLLoraLoaderMixin.lora_state_dict(sd, unet_config=config)
-    theirs = sorted(k.removeprefix("unet.").replace(".processor", "").removesuffix("_lora.down.weight")
-                    .replace("to_out", "to_out.0") for k in theirs if k.endswith("down.weight"))
+    theirs = sorted(
+        k.removeprefix("unet.")
+        .replace(".processor", "")
+        .removesuffix("_lora.down.weight")
+        .replace("to_out", "to_out.0")
+        for k in theirs
+        if k.endswith("down.weight")
+    )
     assert sorted(kohya[_sgm_to_diffusers(n, cfg)] for n in names) == theirs

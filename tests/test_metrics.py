@@ -40,9 +40,12 @@ def brightness():
 def test_a_registered_metric_runs_through_every_output(brightness, tmp_path):
     for name, value in (("grey", 128), ("white", 255), ("black", 0)):
         Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / f"{name}.png")
-    (tmp_path / "m.jsonl").write_text("".join(
-        json.dumps({"image": f"{n}.png", "prompt": "a photo", "reference": "grey.png", "set": s}) + "\n"
-        for n, s in (("grey", "a"), ("white", "a"), ("black", "b"))))
+    (tmp_path / "m.jsonl").write_text(
+        "".join(
+            json.dumps({"image": f"{n}.png", "prompt": "a photo", "reference": "grey.png", "set": s}) + "\n"
+            for n, s in (("grey", "a"), ("white", "a"), ("black", "b"))
+        )
+    )
     chosen = metrics.build(["brightness"], {})
     result = protocol.score_manifest(tmp_path / "m.jsonl", chosen, tmp_path / "out", trigger_word=None)
 
@@ -61,9 +64,12 @@ def test_a_registered_metric_runs_through_every_output(brightness, tmp_path):
     # --compare plots whatever metric names the history carries.
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
-    (run / "eval" / "history.jsonl").write_text("".join(
-        json.dumps({"step": s, "set": "a", "brightness": 0.1 * s, "metric_names": ["brightness"]}) + "\n"
-        for s in (1, 2)))
+    (run / "eval" / "history.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "set": "a", "brightness": 0.1 * s, "metric_names": ["brightness"]}) + "\n"
+            for s in (1, 2)
+        )
+    )
     written = report.plot_compare([run], tmp_path / "plots")
     assert [p.name for p in written] == ["brightness_a.png"]
 

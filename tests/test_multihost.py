@@ -17,10 +17,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
-OVERRIDES = {"total_steps": STEPS, "checkpoint_every": STEPS, "data.global_batch_size": 4,
-             # FSDP over the 4 devices of the 2 hosts: the batch and the params / optimizer state both span the
-             # hosts (the cross-host gather of the final params too); data parallel is the same path replicated.
-             "sharding.logical_axis_rules": (("batch", "data"), ("params", "data"))}
+OVERRIDES = {
+    "total_steps": STEPS,
+    "checkpoint_every": STEPS,
+    "data.global_batch_size": 4,
+    # FSDP over the 4 devices of the 2 hosts: the batch and the params / optimizer state both span the
+    # hosts (the cross-host gather of the final params too); data parallel is the same path replicated.
+    "sharding.logical_axis_rules": (("batch", "data"), ("params", "data")),
+}
 
 
 def _free_port() -> int:
@@ -34,14 +38,36 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
 
     from tests.multihost_worker import run
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        PYTHONPATH=str(REPO),
+    )
     two_args = {**OVERRIDES, "total_steps": 5}
     port, args = _free_port(), [f"{k}={json.dumps(v)}" for k, v in two_args.items()] + ["sigterm_at=1:1"]
     outs = [tmp_path / f"process{i}.npz" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "tests/multihost_worker.py", str(outs[i]), str(tmp_path / "two"),
-                               str(i), "2", str(port), *args], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "tests/multihost_worker.py",
+                str(outs[i]),
+                str(tmp_path / "two"),
+                str(i),
+                "2",
+                str(port),
+                *args,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         assert len(jax.devices()) >= 4, "conftest sets --xla_force_host_platform_device_count=4"
         one = run(tmp_path / "one", OVERRIDES, devices=jax.devices()[:4])  # meanwhile, the reference here
@@ -56,7 +82,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
         got = dict(np.load(out))
         assert int(got["step"]) == STEPS
         np.testing.assert_allclose(got["losses"], [h["loss"] for h in one["history"]], rtol=1e-5)
-        assert {k[len("param/"):] for k in got if k.startswith("param/")} == set(one["params"])
+        assert {k[len("param/") :] for k in got if k.startswith("param/")} == set(one["params"])
         for k, v in one["params"].items():
             np.testing.assert_allclose(got[f"param/{k}"], np.asarray(v), atol=1e-5, rtol=0, err_msg=k)
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == [str(STEPS)]
@@ -75,13 +101,16 @@ def test_distributed_initialize_from_config_and_environment(monkeypatch):
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    cfg = lambda **kw: ml_collections.ConfigDict(dict(  # noqa: E731
-        dict(initialize="auto", coordinator_address="", num_processes=0, process_id=-1), **kw))
-    assert not distributed.initialize(cfg()) and calls == []           # a single process: nothing to join
+    cfg = lambda **kw: ml_collections.ConfigDict(
+        dict(  # noqa: E731
+            dict(initialize="auto", coordinator_address="", num_processes=0, process_id=-1), **kw
+        )
+    )
+    assert not distributed.initialize(cfg()) and calls == []  # a single process: nothing to join
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert not distributed.initialize(cfg()) and calls == []           # a one-task SLURM job neither
+    assert not distributed.initialize(cfg()) and calls == []  # a one-task SLURM job neither
     monkeypatch.setenv("SLURM_NTASKS", "2")
-    assert distributed.initialize(cfg()) and calls == [{}]             # JAX reads SLURM's variables itself
+    assert distributed.initialize(cfg()) and calls == [{}]  # JAX reads SLURM's variables itself
     assert distributed.initialize(cfg(coordinator_address="h:1234", num_processes=2, process_id=1))
     assert calls[-1] == {"coordinator_address": "h:1234", "num_processes": 2, "process_id": 1}
     assert not distributed.initialize(cfg(initialize="never")) and len(calls) == 2

@@ -53,16 +53,33 @@ def scoring(tmp_path_factory):
     for i, s in enumerate("aaaa"):  # one set: FID's 2048-d matrix square root once ("all" is that set)
         Image.fromarray(rng.integers(0, 256, (48, 40, 3)).astype(np.uint8)).save(root / f"gen{i}.png")
         Image.fromarray(rng.integers(0, 256, (40, 40, 3)).astype(np.uint8)).save(root / f"ref{i % 2}.png")
-        lines.append({"image": f"gen{i}.png", "prompt": "a photo of a person", "reference": f"ref{i % 2}.png",
-                      "set": s})
+        lines.append(
+            {"image": f"gen{i}.png", "prompt": "a photo of a person", "reference": f"ref{i % 2}.png", "set": s}
+        )
     (root / "m.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     return root
 
 
 def _args(root, *extra):
-    return ["--manifest", str(root / "m.jsonl"), "--clip", str(root / "clip"), "--dino", str(root / "dino"),
-            "--inception", str(root / "inception"), "--fid-reference", str(root / "fid_ref"), "--lpips",
-            str(root / "lpips"), "--face-models", str(root / "faces"), "--batch-size", "4", *extra]
+    return [
+        "--manifest",
+        str(root / "m.jsonl"),
+        "--clip",
+        str(root / "clip"),
+        "--dino",
+        str(root / "dino"),
+        "--inception",
+        str(root / "inception"),
+        "--fid-reference",
+        str(root / "fid_ref"),
+        "--lpips",
+        str(root / "lpips"),
+        "--face-models",
+        str(root / "faces"),
+        "--batch-size",
+        "4",
+        *extra,
+    ]
 
 
 def test_clip_i_dino_fid_in_every_output_and_the_table(scoring, tmp_path, capsys):
@@ -72,8 +89,9 @@ def test_clip_i_dino_fid_in_every_output_and_the_table(scoring, tmp_path, capsys
 
     root = scoring
     out = tmp_path / "run_a"
-    assert main(_args(root, "--metrics", "clip_t,clip_i,dino,fid,face_div", "--out", str(out))) == 0, \
+    assert main(_args(root, "--metrics", "clip_t,clip_i,dino,fid,face_div", "--out", str(out))) == 0, (
         capsys.readouterr().err
+    )
     capsys.readouterr()
     m = json.loads((out / "metrics.json").read_text())
     assert m["metric_names"] == ["clip_t", "clip_i", "dino", "fid", "face_div"]
@@ -100,8 +118,21 @@ def test_clip_i_dino_fid_in_every_output_and_the_table(scoring, tmp_path, capsys
     # A second method, then the comparison table.
     assert main(_args(root, "--metrics", "clip_t,dino", "--out", str(tmp_path / "run_b"))) == 0
     capsys.readouterr()
-    assert main(["--compare", str(out), str(tmp_path / "run_b"), "--table", "--labels", "Ours,Baseline",
-                 "--out", str(tmp_path / "table")]) == 0
+    assert (
+        main(
+            [
+                "--compare",
+                str(out),
+                str(tmp_path / "run_b"),
+                "--table",
+                "--labels",
+                "Ours,Baseline",
+                "--out",
+                str(tmp_path / "table"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     md = (tmp_path / "table" / "table.md").read_text()
     assert md in text
@@ -135,17 +166,28 @@ def test_protocol_mode_and_config_eval_metrics(scoring, tmp_path):
 
     root = scoring
     # FID's path through run_protocol is Face Div.'s (per-set values); left out here for time (its network).
-    ev = ml_collections.ConfigDict({"metrics": ("clip_i", "dino", "face_div"), "clip": str(root / "clip"),
-                                    "dino": str(root / "dino"), "inception": str(root / "inception"),
-                                    "fid_reference": str(root / "fid_ref"), "lpips": str(root / "lpips"),
-                                    "face_detector": str(root / "faces"), "arcface": "", "no_face": "zero",
-                                    "det_thresh": 0.5, "face_select": "largest"})
+    ev = ml_collections.ConfigDict(
+        {
+            "metrics": ("clip_i", "dino", "face_div"),
+            "clip": str(root / "clip"),
+            "dino": str(root / "dino"),
+            "inception": str(root / "inception"),
+            "fid_reference": str(root / "fid_ref"),
+            "lpips": str(root / "lpips"),
+            "face_detector": str(root / "faces"),
+            "arcface": "",
+            "no_face": "zero",
+            "det_thresh": 0.5,
+            "face_select": "largest",
+        }
+    )
     chosen = scoring_metrics(ev)
     assert [m.name for m in chosen] == ["clip_i", "dino", "face_div"]
     sets = {"s": {"alice": [root / "ref0.png"]}}
     prompts = protocol.load_prompts()[:1]
-    result = protocol.run_protocol(_FakePipe(), sets, prompts, chosen, tmp_path / "b",
-                                   protocol.ProtocolSettings(seeds=(0, 1, 2)))
+    result = protocol.run_protocol(
+        _FakePipe(), sets, prompts, chosen, tmp_path / "b", protocol.ProtocolSettings(seeds=(0, 1, 2))
+    )
     s = result.metrics["sets"]["s"]
     assert s["n_images"] == 3 and s["clip_i"] is not None and s["dino"] is not None
     assert s["face_div"] > 0 and s["face_div_na"] == 0 and result.metrics["all"]["face_div"] == s["face_div"]
@@ -166,11 +208,15 @@ def test_a_metric_model_folder_missing_or_of_another_kind_is_one_line(scoring, t
     from persongen_jax.evaluate import main
 
     root = scoring
-    for flag, value, want in (("--dino", tmp_path / "nowhere", "error: metric dino: "),
-                              ("--dino", root / "clip", "error: metric dino: " + str(root / "clip")
-                               + ": DINO needs a ViT folder"),
-                              ("--inception", root / "dino", "error: metric fid: " + str(root / "dino")
-                               + ": FID needs an InceptionV3 folder")):
+    for flag, value, want in (
+        ("--dino", tmp_path / "nowhere", "error: metric dino: "),
+        ("--dino", root / "clip", "error: metric dino: " + str(root / "clip") + ": DINO needs a ViT folder"),
+        (
+            "--inception",
+            root / "dino",
+            "error: metric fid: " + str(root / "dino") + ": FID needs an InceptionV3 folder",
+        ),
+    ):
         args = _args(root, "--metrics", "dino,fid", "--out", str(tmp_path / "o"))
         args[args.index(flag) + 1] = str(value)
         assert main(args) == 1

@@ -44,16 +44,25 @@ def v2(tmp_path_factory):
     for i in range(2):
         refs.append(root / f"face{i}.png")
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 36, 3)).astype(np.uint8)).save(refs[-1])
-    return dict(root=root, src=src, dst=root / "sdxl", pm_bin=pm_bin, pm=root / "photomaker", faces=faces,
-                arcface=arcface, refs=refs)
+    return dict(
+        root=root,
+        src=src,
+        dst=root / "sdxl",
+        pm_bin=pm_bin,
+        pm=root / "photomaker",
+        faces=faces,
+        arcface=arcface,
+        refs=refs,
+    )
 
 
 @pytest.fixture(scope="module")
 def pipe(v2):
     from persongen_jax.pipeline.pipeline import PersonGenPipeline
 
-    return PersonGenPipeline.from_pretrained(v2["dst"], photomaker=v2["pm"], face_models=v2["faces"],
-                                             arcface=v2["arcface"])
+    return PersonGenPipeline.from_pretrained(
+        v2["dst"], photomaker=v2["pm"], face_models=v2["faces"], arcface=v2["arcface"]
+    )
 
 
 def _torch_loop(v2, pipe, refs, id_embeds, noise, size, start_merge_step):
@@ -75,7 +84,7 @@ def _torch_loop(v2, pipe, refs, id_embeds, noise, size, start_merge_step):
     with torch.no_grad():  # PEFT LoRA, alpha = rank: W += B @ A (diffusers' fuse_lora at scale 1)
         for key, a in ckpt["lora_weights"].items():
             if key.endswith(".lora_A.weight"):
-                module = unet.get_submodule(key[len("unet."):-len(".lora_A.weight")])
+                module = unet.get_submodule(key[len("unet.") : -len(".lora_A.weight")])
                 module.weight += ckpt["lora_weights"][key.replace("lora_A", "lora_B")] @ a
     encoder = TorchPhotoMakerV2IDEncoder(PhotoMakerV2IDEncoder.preset_config("tiny")).eval()
     encoder.load_state_dict(ckpt["id_encoder"], strict=True)
@@ -92,8 +101,12 @@ def _torch_loop(v2, pipe, refs, id_embeds, noise, size, start_merge_step):
     with torch.no_grad():
         embeds, pooled = text(batch.ids_1, batch.ids_2)
         text_only, text_only_pooled = text(batch.text_only_ids_1, batch.text_only_ids_2)
-        fused = encoder(torch.from_numpy(np.ascontiguousarray(pixels)), embeds,
-                        torch.from_numpy(batch.class_tokens_mask), torch.from_numpy(id_embeds[None]))
+        fused = encoder(
+            torch.from_numpy(np.ascontiguousarray(pixels)),
+            embeds,
+            torch.from_numpy(batch.class_tokens_mask),
+            torch.from_numpy(id_embeds[None]),
+        )
         neg, neg_pooled = torch.zeros_like(fused), torch.zeros_like(pooled)  # force_zeros_for_empty_prompt
         time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
         sched.set_timesteps(STEPS)
@@ -104,8 +117,9 @@ def _torch_loop(v2, pipe, refs, id_embeds, noise, size, start_merge_step):
                 context, add_text = torch.cat([neg, text_only]), torch.cat([neg_pooled, text_only_pooled])
             else:
                 context, add_text = torch.cat([neg, fused]), torch.cat([neg_pooled, pooled])
-            eps = unet(x, t, encoder_hidden_states=context,
-                       added_cond_kwargs={"text_embeds": add_text, "time_ids": time_ids}).sample
+            eps = unet(
+                x, t, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": add_text, "time_ids": time_ids}
+            ).sample
             eps_u, eps_c = eps.chunk(2)
             latents = sched.step(eps_u + 5.0 * (eps_c - eps_u), t, latents).prev_sample
     return latents.numpy().transpose(0, 2, 3, 1)
@@ -121,8 +135,11 @@ def _our_latents(pipe, cond, noise, start_merge_step):
     sched = scheduler_from_config(pipe.scheduler_config, "euler")
     state = sched.set_timesteps(STEPS)
     if not hasattr(pipe, "_test_loop"):  # one compiled loop; the merge step is a traced value
-        pipe._test_loop = nnx.jit(lambda unet, x, c, m: denoise(unet, sched, state, x * sched.init_noise_sigma(state),
-                                                                c, guidance_scale=5.0, start_merge_step=m))
+        pipe._test_loop = nnx.jit(
+            lambda unet, x, c, m: denoise(
+                unet, sched, state, x * sched.init_noise_sigma(state), c, guidance_scale=5.0, start_merge_step=m
+            )
+        )
     return np.asarray(pipe._test_loop(pipe.unet, jnp.asarray(noise), cond, jnp.int32(start_merge_step)))
 
 
@@ -171,8 +188,18 @@ def test_generate_with_a_v2_folder(v2, tmp_path, capsys):
 
     from persongen_jax.generate import main
 
-    base = ["--model", str(v2["dst"]), "--photomaker", str(v2["pm"]), "--prompt", PROMPT, "--steps", "2",
-            "--start-merge-step", "0"]
+    base = [
+        "--model",
+        str(v2["dst"]),
+        "--photomaker",
+        str(v2["pm"]),
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "2",
+        "--start-merge-step",
+        "0",
+    ]
     refs = [a for p in v2["refs"] for a in ("--ref", str(p))]
     faces = ["--face-models", str(v2["faces"]), "--arcface", str(v2["arcface"])]
     assert main(base + refs + faces + ["--out", str(tmp_path / "a")]) == 0
@@ -223,8 +250,22 @@ def test_evaluate_mode_b_with_a_v2_folder(v2, tmp_path, capsys):
 
     (tmp_path / "val" / "alice").mkdir(parents=True)
     shutil.copy(v2["refs"][0], tmp_path / "val" / "alice" / "a.png")
-    argv = ["--model", str(v2["dst"]), "--photomaker", str(v2["pm"]), "--sets", f"in_train={tmp_path / 'val'}",
-            "--num-prompts", "1", "--seeds", "0", "--steps", "2", "--start-merge-step", "0"]
+    argv = [
+        "--model",
+        str(v2["dst"]),
+        "--photomaker",
+        str(v2["pm"]),
+        "--sets",
+        f"in_train={tmp_path / 'val'}",
+        "--num-prompts",
+        "1",
+        "--seeds",
+        "0",
+        "--steps",
+        "2",
+        "--start-merge-step",
+        "0",
+    ]
     assert main(argv + ["--metrics", "none", "--out", str(tmp_path / "a")]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and "--face-models" in err[0]

@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+import helpers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import helpers  # noqa: E402
 from persongen_jax.pipeline import prompt as P  # noqa: E402
 
 PROMPT = "a photo of a man img wearing a red hat"
@@ -79,9 +79,19 @@ def test_trigger_tokenization(tokenizers, n):
     for k, tok in ((0, tokenizers[0]), (1, tokenizers[1])):
         ids = (batch.text_only_ids_1, batch.text_only_ids_2)[k][0]
         np.testing.assert_array_equal(ids, P.tokenize(tok, "a photo of a man wearing a red hat")[0])
-        assert tok.convert_ids_to_tokens(ids[:11].tolist()) == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>",
-                                                                 "a</w>", "man</w>", "wearing</w>", "a</w>",
-                                                                 "red</w>", "hat</w>", "<|endoftext|>"]
+        assert tok.convert_ids_to_tokens(ids[:11].tolist()) == [
+            "<|startoftext|>",
+            "a</w>",
+            "photo</w>",
+            "of</w>",
+            "a</w>",
+            "man</w>",
+            "wearing</w>",
+            "a</w>",
+            "red</w>",
+            "hat</w>",
+            "<|endoftext|>",
+        ]
 
 
 def test_trigger_errors(tiny, tokenizers, tmp_path):
@@ -117,13 +127,15 @@ def test_encode_prompt_matches_diffusers(tiny, tokenizers, encoders, torch_pipe)
 
     prompts = ["a photo of a man wearing a red hat", "a portrait of a woman in the city"]
     with torch.no_grad():
-        ref = torch_pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True,
-                                       negative_prompt=["black suit", ""])
+        ref = torch_pipe.encode_prompt(
+            prompts, device="cpu", do_classifier_free_guidance=True, negative_prompt=["black suit", ""]
+        )
         ref_zero = torch_pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
     te_1, te_2 = encoders
     ours = P.encode_prompts(te_1, te_2, tokenizers, prompts, ["black suit", ""])
-    for name, a, b in zip(("embeds", "negative", "pooled", "negative_pooled"),
-                          (ours[0], ours[2], ours[1], ours[3]), ref):
+    for name, a, b in zip(
+        ("embeds", "negative", "pooled", "negative_pooled"), (ours[0], ours[2], ours[1], ours[3]), ref
+    ):
         helpers.assert_close(a, b.numpy(), name=name)
     assert ours[0].shape == (2, 77, 64) and ours[1].shape == (2, 32)
     # No negative prompt + force_zeros_for_empty_prompt -> zeros, as diffusers.
@@ -151,8 +163,11 @@ def test_trigger_prompt_encoding_matches_torch(tokenizers, encoders, torch_pipe)
     helpers.assert_close(pooled, out_2[0].numpy(), name="pooled")
     text_only, _ = _encode(te_1, te_2, batch.text_only_ids_1, batch.text_only_ids_2)
     with torch.no_grad():
-        ref_text_only = torch_pipe.encode_prompt([P.text_only_prompt(PROMPT), "a portrait of a woman smiling"],
-                                                 device="cpu", do_classifier_free_guidance=False)[0]
+        ref_text_only = torch_pipe.encode_prompt(
+            [P.text_only_prompt(PROMPT), "a portrait of a woman smiling"],
+            device="cpu",
+            do_classifier_free_guidance=False,
+        )[0]
     helpers.assert_close(text_only, ref_text_only.numpy(), name="text_only")
 
 

@@ -21,9 +21,18 @@ NEON_PROMPT = 'a man in front of the "Neon Bank" sign, 3 < 4'
 
 
 def _row(set_name, reference, prompt_index, seed, clip_t, face_sim, face_found, prompt="a photo of a person"):
-    return {"set": set_name, "reference": reference, "prompt_index": prompt_index, "prompt": prompt, "seed": seed,
-            "image": f"images/{set_name}/{reference}_p{prompt_index}_s{seed}.png", "clip_t": clip_t,
-            "face_sim": face_sim, "face_found": face_found, "step": 1000}
+    return {
+        "set": set_name,
+        "reference": reference,
+        "prompt_index": prompt_index,
+        "prompt": prompt,
+        "seed": seed,
+        "image": f"images/{set_name}/{reference}_p{prompt_index}_s{seed}.png",
+        "clip_t": clip_t,
+        "face_sim": face_sim,
+        "face_found": face_found,
+        "step": 1000,
+    }
 
 
 @pytest.fixture
@@ -72,8 +81,18 @@ def test_scores_csv_round_trip(rows, tmp_path):
     path = write_scores_csv(rows, tmp_path / "scores.csv")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == ["set", "reference", "prompt_index", "prompt", "seed", "image", "clip_t",
-                                     "face_sim", "face_found", "step"]
+        assert reader.fieldnames == [
+            "set",
+            "reference",
+            "prompt_index",
+            "prompt",
+            "seed",
+            "image",
+            "clip_t",
+            "face_sim",
+            "face_found",
+            "step",
+        ]
         read = list(reader)
     assert len(read) == len(rows)
     assert read[0]["clip_t"] == "30.000000" and read[0]["face_sim"] == "0.600000"
@@ -95,10 +114,18 @@ def test_metrics_json(rows, tmp_path):
 
 
 def test_report_html(rows, tmp_path):
-    references = {"in_train": {"alice": ["refs/alice_0.png", "refs/alice_1.png"], "bob": ["refs/bob.png"]},
-                  "held_out": {"carol": ["refs/carol.png"]}}
-    path = write_report_html(tmp_path / "report.html", rows, aggregate(rows), references=references,
-                             title="step <1000>", settings={"steps": 30, "cfg": 5.0})
+    references = {
+        "in_train": {"alice": ["refs/alice_0.png", "refs/alice_1.png"], "bob": ["refs/bob.png"]},
+        "held_out": {"carol": ["refs/carol.png"]},
+    }
+    path = write_report_html(
+        tmp_path / "report.html",
+        rows,
+        aggregate(rows),
+        references=references,
+        title="step <1000>",
+        settings={"steps": 30, "cfg": 5.0},
+    )
     text = path.read_text(encoding="utf-8")
     assert text.count("<img ") == len(rows) + 4  # every generation + every reference image
     for row in rows:
@@ -143,8 +170,11 @@ def test_load_history_metrics_json_needs_step(tmp_path):
 def _training_run(root, name, sets, steps, offset):
     run = root / name
     (run / "eval").mkdir(parents=True)
-    lines = [json.dumps({"step": step, "set": s, "clip_t": 25.0 + offset + i, "face_sim": 0.3 + offset / 10 + i / 20})
-             for i, step in enumerate(steps) for s in sets]
+    lines = [
+        json.dumps({"step": step, "set": s, "clip_t": 25.0 + offset + i, "face_sim": 0.3 + offset / 10 + i / 20})
+        for i, step in enumerate(steps)
+        for s in sets
+    ]
     (run / "eval" / "history.jsonl").write_text("\n".join(lines) + "\n")
     return run
 

@@ -38,8 +38,8 @@ def read_tb_images(tb_dir: Path) -> dict[tuple[str, int], np.ndarray]:
         data = path.read_bytes()
         pos = 0
         while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
             pos += 12 + n + 4
             for v in event.summary.value:
                 if v.HasField("image"):
@@ -104,8 +104,27 @@ def test_generate_from_checkpoint_of_a_demo_run(demo_run, tmp_path):
     wd, _ = demo_run
     ref = wd / "samples" / "2" / "images" / "train" / "person0" / "reference_0.png"
     out = tmp_path / "gen"
-    assert main(["--checkpoint", str(wd), "--step", "2", "--ref", str(ref), "--prompt", "a photo of a man img",
-                 "--steps", "2", "--seeds", "0,1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(wd),
+                "--step",
+                "2",
+                "--ref",
+                str(ref),
+                "--prompt",
+                "a photo of a man img",
+                "--steps",
+                "2",
+                "--seeds",
+                "0,1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     settings = json.loads((out / "settings.json").read_text())
     assert settings["checkpoint"] == str(wd) and settings["step"] == 2 and settings["start_merge_step"] == 0.2
     images = [np.asarray(Image.open(out / f"seed_{s}.png")) for s in (0, 1)]
@@ -124,8 +143,27 @@ def test_evaluate_checkpoint_without_scoring_models(demo_run, tmp_path, capsys):
     ref = wd / "samples" / "2" / "images" / "train" / "person0" / "reference_0.png"
     (sets / "p0.png").write_bytes(ref.read_bytes())
     out = tmp_path / "eval"
-    assert main(["--checkpoint", str(wd), "--sets", f"val={sets}", "--num-prompts", "1", "--seeds", "0",
-                 "--steps", "2", "--metrics", "none", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(wd),
+                "--sets",
+                f"val={sets}",
+                "--num-prompts",
+                "1",
+                "--seeds",
+                "0",
+                "--steps",
+                "2",
+                "--metrics",
+                "none",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert (out / "images" / "val" / "p0" / "castle_s0.png").is_file() and (out / "report.html").is_file()
     recorded = json.loads((out / "metrics.json").read_text())
     assert recorded["metric_names"] == [] and recorded["settings"]["height"] == recorded["settings"]["width"] == 32
@@ -178,47 +216,109 @@ def test_start_merge_step_fraction_and_unused_id_warning(tmp_path, capsys, caplo
 
     afile = tmp_path / "afile"
     afile.write_text("")
-    assert generate_main(["--model", "m", "--ref", "f.png", "--prompt", "a man img", "--steps", "4",
-                          "--start-merge-step", "10", "--out", str(afile)]) == 1
+    assert (
+        generate_main(
+            [
+                "--model",
+                "m",
+                "--ref",
+                "f.png",
+                "--prompt",
+                "a man img",
+                "--steps",
+                "4",
+                "--start-merge-step",
+                "10",
+                "--out",
+                str(afile),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("warning: --start-merge-step 10 (step index 10) >= steps - 1 = 3: the reference "
-                             "faces (ID embedding) are never used") and err[1].startswith("error: --out"), err
-    assert generate_main(["--model", "m", "--prompt", "a man", "--steps", "4", "--start-merge-step", "10",
-                          "--out", str(afile)]) == 1  # no --ref: no ID to lose, no warning
+    assert err[0].startswith(
+        "warning: --start-merge-step 10 (step index 10) >= steps - 1 = 3: the reference "
+        "faces (ID embedding) are never used"
+    ) and err[1].startswith("error: --out"), err
+    assert (
+        generate_main(
+            ["--model", "m", "--prompt", "a man", "--steps", "4", "--start-merge-step", "10", "--out", str(afile)]
+        )
+        == 1
+    )  # no --ref: no ID to lose, no warning
     assert not capsys.readouterr().err.startswith("warning")
-    assert evaluate_main(["--model", "m", "--sets", f"a={tmp_path / 'none'}", "--steps", "4", "--clip", "c",
-                          "--out", str(tmp_path / "o")]) == 1
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                "m",
+                "--sets",
+                f"a={tmp_path / 'none'}",
+                "--steps",
+                "4",
+                "--clip",
+                "c",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert "never used" not in capsys.readouterr().err  # the default 0.2 of 4 steps: step 0
-    assert evaluate_main(["--model", "m", "--sets", f"a={tmp_path / 'none'}", "--steps", "2",
-                          "--start-merge-step", "1", "--out", str(tmp_path / "o")]) == 1
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                "m",
+                "--sets",
+                f"a={tmp_path / 'none'}",
+                "--steps",
+                "2",
+                "--start-merge-step",
+                "1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert "never used" in capsys.readouterr().err.splitlines()[0]
     c = load_config(str(REPO / "configs" / "demo.py"))
     c.eval.num_steps, c.eval.start_merge_step = 4, 10
     with caplog.at_level("WARNING"):
         Validator.from_config(c, tmp_path, None)
-    assert any("eval.start_merge_step 10" in r.getMessage() and "never used" in r.getMessage()
-               for r in caplog.records)
+    assert any("eval.start_merge_step 10" in r.getMessage() and "never used" in r.getMessage() for r in caplog.records)
 
 
 # ----------------------------------------------------------------------------- CLI errors and help
 
 
 def _train(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "persongen_jax.train", *args], cwd=cwd, capture_output=True,
-                          text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "persongen_jax.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 def test_train_cli_mistakes_are_one_line_and_create_nothing(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("keep me")
     cases = {
-        "typo": (["--workdir", "w", "--config.optim.warmup_stepz=3"],
-                 "error: unknown config key 'optim.warmup_stepz': did you mean 'optim.warmup_steps'? "
-                 "(--help lists the keys)"),
+        "typo": (
+            ["--workdir", "w", "--config.optim.warmup_stepz=3"],
+            "error: unknown config key 'optim.warmup_stepz': did you mean 'optim.warmup_steps'? "
+            "(--help lists the keys)",
+        ),
         "no config": (["--workdir", "w", "--config", "nope.py"], "error: --config nope.py: no such file"),
         "workdir is a file": (["--workdir", str(afile)], f"error: --workdir {afile}: is a file, not a folder"),
-        "bad value": (["--workdir", "w", "--config.total_steps=abc"],
-                      "error: flag --config.total_steps=abc: invalid literal for int() with base 10: 'abc'"),
+        "bad value": (
+            ["--workdir", "w", "--config.total_steps=abc"],
+            "error: flag --config.total_steps=abc: invalid literal for int() with base 10: 'abc'",
+        ),
     }
     for name, (args, expected) in cases.items():
         proc = _train(*args, cwd=tmp_path)
@@ -228,8 +328,9 @@ def test_train_cli_mistakes_are_one_line_and_create_nothing(tmp_path):
     # A mistake found after the model is built (no such dataset): one error line, the new run folder removed.
     proc = _train("--workdir", "w", "--config.model=micro", f"--config.data.dir={tmp_path / 'nodata'}", cwd=tmp_path)
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert proc.returncode == 1 and len(errors) == 1 and errors[0].startswith("error: config.data.dir="), \
-        proc.stderr[-2000:]
+    assert proc.returncode == 1 and len(errors) == 1 and errors[0].startswith("error: config.data.dir="), proc.stderr[
+        -2000:
+    ]
     assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
@@ -249,8 +350,12 @@ def _parsers():
 
     convert = convert_parser()
     subs = next(a for a in convert._actions if a.__class__.__name__ == "_SubParsersAction").choices
-    return {"generate": generate_parser(), "evaluate": evaluate_parser(), "weights_conversion": convert,
-            **{f"weights_conversion {k}": v for k, v in subs.items()}}
+    return {
+        "generate": generate_parser(),
+        "evaluate": evaluate_parser(),
+        "weights_conversion": convert,
+        **{f"weights_conversion {k}": v for k, v in subs.items()},
+    }
 
 
 def test_every_option_has_help_and_examples_keep_line_breaks(capsys):
@@ -267,8 +372,11 @@ def test_every_option_has_help_and_examples_keep_line_breaks(capsys):
             if action.dest not in ("help", "command"):
                 assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
     text = parsers["generate"].format_help()
-    assert ("--photomaker weights/photomaker \\\n        --ref face1.jpg" in text
-            and "denoising steps (default: 50)" in text and "classifier-free guidance scale (default: 5.0)" in text)
+    assert (
+        "--photomaker weights/photomaker \\\n        --ref face1.jpg" in text
+        and "denoising steps (default: 50)" in text
+        and "classifier-free guidance scale (default: 5.0)" in text
+    )
     assert "--arcface weights/arcface_r100 --out eval/gen\n" in parsers["evaluate"].format_help()
 
 
@@ -281,13 +389,20 @@ def test_verify_without_torch_fails_before_writing(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
     assert main(["sdxl", str(tmp_path / "src"), str(tmp_path / "dst"), "--verify"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --verify runs the PyTorch model") and not (tmp_path / "dst").exists()
+    assert (
+        len(err) == 1
+        and err[0].startswith("error: --verify runs the PyTorch model")
+        and not (tmp_path / "dst").exists()
+    )
 
 
 def test_console_scripts():
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"persongen-convert": "weights_conversion.__main__:main",
-                       "persongen-evaluate": "persongen_jax.evaluate:main",
-                       "persongen-generate": "persongen_jax.generate:main", "persongen-train": "persongen_jax.train:run"}
+    assert scripts == {
+        "persongen-convert": "weights_conversion.__main__:main",
+        "persongen-evaluate": "persongen_jax.evaluate:main",
+        "persongen-generate": "persongen_jax.generate:main",
+        "persongen-train": "persongen_jax.train:run",
+    }

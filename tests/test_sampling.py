@@ -49,9 +49,16 @@ def test_sampling_matches_diffusers_pipeline(tiny, pipe, scheduler):
         ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        out = ref(PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, height=size, width=size,
-                  num_images_per_prompt=2, latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)),
-                  output_type="np").images  # [2, H, W, 3] in [0, 1]
+        out = ref(
+            PROMPT,
+            num_inference_steps=STEPS,
+            guidance_scale=5.0,
+            height=size,
+            width=size,
+            num_images_per_prompt=2,
+            latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)),
+            output_type="np",
+        ).images  # [2, H, W, 3] in [0, 1]
 
     cond = pipe.encode(PROMPT, height=size, width=size)
     # The jitted loop + decode the pipeline uses (noise is scaled by init_noise_sigma inside).
@@ -75,11 +82,32 @@ def test_generate_cli_end_to_end(tiny, tmp_path, capsys):
         faces += ["--ref", str(face)]
 
     def generate(out, *extra):
-        cmd = [sys.executable, "-m", "persongen_jax.generate", "--model", str(tiny["dst"]), "--photomaker", str(pm),
-               "--prompt", "a photo of a man img wearing a red hat", "--steps", "3", "--start-merge-step", "1",
-               "--out", str(out), *faces, *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=helpers.REPO,
-                              env=dict(__import__("os").environ, JAX_PLATFORMS="cpu"))
+        cmd = [
+            sys.executable,
+            "-m",
+            "persongen_jax.generate",
+            "--model",
+            str(tiny["dst"]),
+            "--photomaker",
+            str(pm),
+            "--prompt",
+            "a photo of a man img wearing a red hat",
+            "--steps",
+            "3",
+            "--start-merge-step",
+            "1",
+            "--out",
+            str(out),
+            *faces,
+            *extra,
+        ]
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=helpers.REPO,
+            env=dict(__import__("os").environ, JAX_PLATFORMS="cpu"),
+        )
 
     proc = generate(tmp_path / "a", "--seeds", "0-2")
     assert proc.returncode == 0, proc.stderr
@@ -96,8 +124,20 @@ def test_generate_cli_end_to_end(tiny, tmp_path, capsys):
     from persongen_jax.generate import main
 
     def fails(out, *extra):
-        argv = ["--model", str(tiny["dst"]), "--photomaker", str(pm), "--steps", "2", "--out", str(out),
-                "--prompt", "a photo of a man img wearing a red hat", *faces, *extra]
+        argv = [
+            "--model",
+            str(tiny["dst"]),
+            "--photomaker",
+            str(pm),
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--prompt",
+            "a photo of a man img wearing a red hat",
+            *faces,
+            *extra,
+        ]
         assert main(argv) == 1
         return capsys.readouterr().err
 
@@ -115,9 +155,26 @@ def test_generate_cli_end_to_end(tiny, tmp_path, capsys):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(PersonGenPipeline, "__call__", record)
-        argv = ["--model", str(tiny["dst"]), "--photomaker", str(pm), "--steps", "3", "--start-merge-step", "1",
-                "--prompt", "a photo of a man img wearing a red hat", *faces, "--out", str(tmp_path / "a"),
-                "--seeds", "1-3", "--batch-size", "2", "--overwrite"]
+        argv = [
+            "--model",
+            str(tiny["dst"]),
+            "--photomaker",
+            str(pm),
+            "--steps",
+            "3",
+            "--start-merge-step",
+            "1",
+            "--prompt",
+            "a photo of a man img wearing a red hat",
+            *faces,
+            "--out",
+            str(tmp_path / "a"),
+            "--seeds",
+            "1-3",
+            "--batch-size",
+            "2",
+            "--overwrite",
+        ]
         assert main(argv) == 0, capsys.readouterr().err
     assert calls == [[1, 2], [3, 3]]
     settings = json.loads((tmp_path / "a" / "settings.json").read_text())
@@ -155,15 +212,28 @@ def test_id_tokens_change_the_image_only_after_the_merge_step(tiny, tmp_path):
     assert not np.array_equal(with_id, text_only)
 
 
-
 def test_generate_checks_settings_and_output_before_loading(tmp_path, capsys):
     """NaN guidance, --height 0 / -16, --steps 0, huge seeds, an --out that is a
     file or read-only: one `error:` line before the model loads (the model folder here does not exist)."""
     from persongen_jax.generate import main
 
     def fails(*extra, out=tmp_path / "out"):
-        assert main(["--model", str(tmp_path / "no_model"), "--prompt", "a photo of a man", "--steps", "2",
-                     "--out", str(out), *extra]) == 1
+        assert (
+            main(
+                [
+                    "--model",
+                    str(tmp_path / "no_model"),
+                    "--prompt",
+                    "a photo of a man",
+                    "--steps",
+                    "2",
+                    "--out",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 1
+        )
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and len(err.splitlines()) == 1 and "no_model" not in err, err
         return err
@@ -173,8 +243,10 @@ def test_generate_checks_settings_and_output_before_loading(tmp_path, capsys):
     assert "steps=0" in fails("--steps", "0")
     assert "--step goes with --checkpoint" in fails("--step", "3")
     run = ["--checkpoint", str(tmp_path / "no_run"), "--prompt", "a photo of a man", "--out", str(tmp_path / "o2")]
-    for extra, expected in ((["--lora", "l"], "--checkpoint brings its own model"),
-                            (["--dtype", "bfloat16"], "--dtype / --attention go with --model")):
+    for extra, expected in (
+        (["--lora", "l"], "--checkpoint brings its own model"),
+        (["--dtype", "bfloat16"], "--dtype / --attention go with --model"),
+    ):
         assert main(run + extra) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
@@ -194,8 +266,10 @@ def test_generate_checks_settings_and_output_before_loading(tmp_path, capsys):
         undo()
 
 
-@pytest.mark.parametrize("command, files", [("generate", ("seed_0.png", "settings.json")),
-                                            ("evaluate", ("metrics.json", "report.html", "scores.csv"))])
+@pytest.mark.parametrize(
+    "command, files",
+    [("generate", ("seed_0.png", "settings.json")), ("evaluate", ("metrics.json", "report.html", "scores.csv"))],
+)
 def test_a_users_folder_is_never_written_into(command, files, tmp_path, capsys):
     """generate / evaluate --out naming a folder of the user's files: refused before anything loads, one line
     naming the first clashing file; the files are untouched. With --overwrite the command may write there."""
@@ -206,12 +280,16 @@ def test_a_users_folder_is_never_written_into(command, files, tmp_path, capsys):
     out.mkdir()
     for name in files:
         (out / name).write_text(f"the user's {name}")
-    argv = {"generate": ["--model", str(tmp_path / "no_model"), "--prompt", "a photo of a man"],
-            "evaluate": ["--model", str(tmp_path / "no_model"), "--sets", f"a={tmp_path / 'no_sets'}"]}[command]
+    argv = {
+        "generate": ["--model", str(tmp_path / "no_model"), "--prompt", "a photo of a man"],
+        "evaluate": ["--model", str(tmp_path / "no_model"), "--sets", f"a={tmp_path / 'no_sets'}"],
+    }[command]
     assert main([*argv, "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: --out {out}: not empty and not written by `{command}` (first file: {out / files[0]}); "
-                   "choose a new or empty folder, or pass --overwrite to write into it"), err
+    assert err == (
+        f"error: --out {out}: not empty and not written by `{command}` (first file: {out / files[0]}); "
+        "choose a new or empty folder, or pass --overwrite to write into it"
+    ), err
     assert all((out / name).read_text() == f"the user's {name}" for name in files)
     assert sorted(p.name for p in out.iterdir()) == sorted(files)
     # --overwrite gets past the folder check: the next error is the missing model / sets, nothing written.

@@ -58,14 +58,15 @@ def _unet_grads_and_residuals(size: str, mode: str, b: int = 2, r: int = 16, gra
     unet.remat = mode
     x = jax.random.normal(jax.random.key(1), (b, r, r, 4))
     ctx = jax.random.normal(jax.random.key(2), (b, 8, cfg["cross_attention_dim"]))
-    te = jax.random.normal(jax.random.key(3), (b, cfg["projection_class_embeddings_input_dim"]
-                                               - 6 * cfg["addition_time_embed_dim"]))
+    te = jax.random.normal(
+        jax.random.key(3), (b, cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"])
+    )
     tid = jnp.tile(jnp.array([[r * 8, r * 8, 0, 0, r * 8, r * 8]], jnp.float32), (b, 1))
     graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
 
     def loss(p):
         out = nnx.merge(graphdef, p, rest)(x, jnp.arange(b) * 300 + 10, ctx, text_embeds=te, time_ids=tid)
-        return jnp.mean(out ** 2)
+        return jnp.mean(out**2)
 
     # What the backward pass keeps (the list jax.ad_checkpoint.print_saved_residuals prints), traced only.
     saved = sum(aval.size * aval.dtype.itemsize for aval, _ in saved_residuals(loss, params))
@@ -117,8 +118,11 @@ def test_async_checkpoint_save_returns_before_the_write_completes(tmp_path):
     """`save` returns while orbax still writes (the loop goes on); the checkpoint is complete after
     `wait_until_finished` and restores bitwise."""
     mngr = ckpt_lib.make_manager(tmp_path, keep=2, asynchronous=True)
-    state = {"params": {"w": jnp.arange(16 * 2**20, dtype=jnp.float32).reshape(4096, -1)},
-             "opt_state": {"m": jnp.ones((1024, 1024))}, "step": np.int64(1)}
+    state = {
+        "params": {"w": jnp.arange(16 * 2**20, dtype=jnp.float32).reshape(4096, -1)},
+        "opt_state": {"m": jnp.ones((1024, 1024))},
+        "step": np.int64(1),
+    }
     t0 = time.perf_counter()
     ckpt_lib.save(mngr, 1, state, {"state": {"step": 1}})
     returned = time.perf_counter() - t0

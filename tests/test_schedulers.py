@@ -48,8 +48,9 @@ def _reference_trajectory(ref, x0, noise):
 
 
 @pytest.mark.parametrize("kind", ["euler", "ddim"])
-@pytest.mark.parametrize("spacing,prediction", [("leading", "epsilon"), ("trailing", "epsilon"),
-                                                ("linspace", "v_prediction")])
+@pytest.mark.parametrize(
+    "spacing,prediction", [("leading", "epsilon"), ("trailing", "epsilon"), ("linspace", "v_prediction")]
+)
 def test_trajectory_matches_diffusers(kind, spacing, prediction):
     ref, sched = _pair(kind, timestep_spacing=spacing, prediction_type=prediction)
     rng = np.random.default_rng(0)
@@ -107,17 +108,26 @@ def test_add_noise_matches_diffusers():
     for cls in (DDPMScheduler, DDIMScheduler):
         ref = cls.from_config(SCHEDULER).add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
         np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-6, atol=1e-6, err_msg=cls.__name__)
-    ref_v = DDPMScheduler.from_config(SCHEDULER).get_velocity(torch.from_numpy(x0), torch.from_numpy(noise),
-                                                              torch.from_numpy(t))
-    np.testing.assert_allclose(np.asarray(sched.get_velocity(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))),
-                               ref_v.numpy(), rtol=1e-6, atol=1e-6)
+    ref_v = DDPMScheduler.from_config(SCHEDULER).get_velocity(
+        torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)
+    )
+    np.testing.assert_allclose(
+        np.asarray(sched.get_velocity(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))),
+        ref_v.numpy(),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     # Euler's sigma form (img2img) at a schedule index.
     euler, ref = S.scheduler_from_config(SCHEDULER, "euler"), EulerDiscreteScheduler.from_config(SCHEDULER)
     state = euler.set_timesteps(STEPS)
     ref.set_timesteps(STEPS)
     ref_e = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), ref.timesteps[3:4].repeat(2))
-    np.testing.assert_allclose(np.asarray(euler.add_noise_at_index(state, jnp.asarray(x0), jnp.asarray(noise), 3)),
-                               ref_e.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(euler.add_noise_at_index(state, jnp.asarray(x0), jnp.asarray(noise), 3)),
+        ref_e.numpy(),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_config_validation(tmp_path):
@@ -138,7 +148,8 @@ def test_config_validation(tmp_path):
     # from_pretrained: the scheduler folder or the pipeline folder above it.
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(dict(SCHEDULER, _class_name="EulerDiscreteScheduler")))
+        json.dumps(dict(SCHEDULER, _class_name="EulerDiscreteScheduler"))
+    )
     assert isinstance(S.scheduler_from_pretrained(tmp_path), S.EulerDiscreteScheduler)
     assert isinstance(S.DDIMScheduler.from_pretrained(tmp_path / "scheduler"), S.DDIMScheduler)
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):

@@ -25,8 +25,13 @@ def sdxl_src(tmp_path_factory):
 def test_whole_pipeline_folder_with_verify(sdxl_src, tmp_path):
     from transformers import CLIPTokenizer
 
-    from persongen_jax.models import (AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection,
-                                      UNet2DConditionModel, from_pretrained)
+    from persongen_jax.models import (
+        AutoencoderKL,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        UNet2DConditionModel,
+        from_pretrained,
+    )
 
     dst = tmp_path / "sdxl"
     proc = helpers.run_cli("sdxl", sdxl_src, dst, "--verify")
@@ -35,8 +40,12 @@ def test_whole_pipeline_folder_with_verify(sdxl_src, tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("verify ")]
     assert len(lines) == 4, proc.stdout
     assert diffs and max(diffs.values()) < 1e-4, proc.stdout
-    expected = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-                "text_encoder_2": CLIPTextModelWithProjection}
+    expected = {
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+    }
     for name, cls in expected.items():
         cfg = json.loads((dst / name / "config.json").read_text())
         assert cfg["_persongen_class"] == cls.__name__
@@ -75,8 +84,9 @@ def test_fp16_variant_and_missing_weights(sdxl_src, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(sdxl_src / "vae", src / "vae")
     weights = src / "vae" / "diffusion_pytorch_model.safetensors"
-    save_file({k: v.half() for k, v in load_file(weights).items()},
-              src / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    save_file(
+        {k: v.half() for k, v in load_file(weights).items()}, src / "vae" / "diffusion_pytorch_model.fp16.safetensors"
+    )
     weights.unlink()
     proc = helpers.run_cli("sdxl", src, tmp_path / "no", check=False)
     assert proc.returncode == 1 and "--variant fp16" in proc.stderr and "no weights found" in proc.stderr

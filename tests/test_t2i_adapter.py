@@ -19,8 +19,14 @@ helpers.allow_torchvision_import()
 diffusers = pytest.importorskip("diffusers")
 
 # For the parity UNet (widths 32, 64, 64; VAE factor 2 assumed): features at half the latent size.
-CONFIG = {"_class_name": "T2IAdapter", "in_channels": 3, "channels": [32, 64, 64, 64], "num_res_blocks": 2,
-          "downscale_factor": 4, "adapter_type": "full_adapter_xl"}
+CONFIG = {
+    "_class_name": "T2IAdapter",
+    "in_channels": 3,
+    "channels": [32, 64, 64, 64],
+    "num_res_blocks": 2,
+    "downscale_factor": 4,
+    "adapter_type": "full_adapter_xl",
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +82,24 @@ def test_unet_with_adapter_features_matches_diffusers(converted):
     image = rng.random((2, 16, 24, 3)).astype(np.float32)
     with torch.no_grad():
         feats = [f * 0.8 for f in ref(_nchw(image))]
-        expected = tunet(_nchw(x), torch.tensor([10, 900]), torch.from_numpy(ctx),
-                         added_cond_kwargs={"text_embeds": torch.from_numpy(pooled),
-                                            "time_ids": torch.from_numpy(time_ids)},
-                         down_intrablock_additional_residuals=[f.clone() for f in feats]).sample
+        expected = tunet(
+            _nchw(x),
+            torch.tensor([10, 900]),
+            torch.from_numpy(ctx),
+            added_cond_kwargs={"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)},
+            down_intrablock_additional_residuals=[f.clone() for f in feats],
+        ).sample
     ours_feats = [f * 0.8 for f in model(jnp.asarray(image))]
-    out = nnx.jit(lambda u, f: u(jnp.asarray(x), jnp.asarray([10, 900]), jnp.asarray(ctx), jnp.asarray(pooled),
-                                 jnp.asarray(time_ids), down_intrablock_additional_residuals=f))(unet, ours_feats)
+    out = nnx.jit(
+        lambda u, f: u(
+            jnp.asarray(x),
+            jnp.asarray([10, 900]),
+            jnp.asarray(ctx),
+            jnp.asarray(pooled),
+            jnp.asarray(time_ids),
+            down_intrablock_additional_residuals=f,
+        )
+    )(unet, ours_feats)
     helpers.assert_close(out, expected.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4, name="UNet output")
 
 

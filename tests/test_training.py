@@ -45,9 +45,13 @@ def _compile_cache(tmp_path_factory):
 def _cli_env() -> dict:
     """Environment of a training CLI subprocess: one CPU device and this module's persistent XLA cache, so
     the CLI runs of one program (the same config) compile it once."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
 
 
 def load_config(name: str, arg: str | None = None):
@@ -74,7 +78,7 @@ def tiny_config(**overrides):
 def test_masked_loss_known_values():
     pred = jnp.zeros((2, 4, 4, 2))
     target = jnp.zeros((2, 4, 4, 2)).at[:, :2, :, :].set(2.0)  # error 4 in the top half, 0 below
-    mask = jnp.zeros((2, 4, 4, 1)).at[:, :2, :2, :].set(1.0)    # top-left quarter: all error 4
+    mask = jnp.zeros((2, 4, 4, 1)).at[:, :2, :2, :].set(1.0)  # top-left quarter: all error 4
     # sample 0 masked: mean over mask pixels = 4; sample 1 unmasked: mean over all = 2
     got = masked_mse(pred, target, mask, jnp.array([True, False]))
     np.testing.assert_allclose(float(got), (4.0 + 2.0) / 2, rtol=1e-6)
@@ -93,11 +97,28 @@ def test_cli_one_step_then_sigterm_saves_and_exits(tmp_path):
     wd = tmp_path / "run"
     env = _cli_env()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "persongen_jax.train", "--config", str(CONFIGS / "demo.py"), "--workdir", str(wd),
-         "--config.model=micro", "--config.data.source=synthetic", "--config.data.global_batch_size=2",
-         "--config.total_steps=100000",
-         "--config.log_every=1", "--config.checkpoint_every=100000", "--config.progress_bar=False"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "persongen_jax.train",
+            "--config",
+            str(CONFIGS / "demo.py"),
+            "--workdir",
+            str(wd),
+            "--config.model=micro",
+            "--config.data.source=synthetic",
+            "--config.data.global_batch_size=2",
+            "--config.total_steps=100000",
+            "--config.log_every=1",
+            "--config.checkpoint_every=100000",
+            "--config.progress_bar=False",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 240
         metrics = wd / "metrics.jsonl"
@@ -129,8 +150,14 @@ def test_second_sigterm_during_the_final_save_is_ignored(tmp_path):
     143) and the rerun started from step 0."""
     wd = tmp_path / "run"
     env = _cli_env()
-    proc = subprocess.Popen(_cli(wd, "--config.total_steps=100000", "--config.checkpoint_every=100000"), cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _cli(wd, "--config.total_steps=100000", "--config.checkpoint_every=100000"),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     second = None
     try:
         deadline = time.time() + 240
@@ -154,10 +181,19 @@ def test_second_sigterm_during_the_final_save_is_ignored(tmp_path):
     assert "SIGTERM again: ignored" in out, out[-3000:]
     n = _metric_lines(wd)[-1]["step"]
     assert _complete_checkpoints(wd) == [n] and not list((wd / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
-    rerun = subprocess.run(_cli(wd, f"--config.total_steps={n + 1}", "--config.checkpoint_every=100000"), cwd=REPO,
-                           env=env, capture_output=True, text=True, check=False)
+    rerun = subprocess.run(
+        _cli(wd, f"--config.total_steps={n + 1}", "--config.checkpoint_every=100000"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {(wd / 'checkpoints').absolute()} at step {n}" in rerun.stderr and _metric_lines(wd)[-1]["step"] == n + 1, rerun.stderr[-3000:]
+    assert (
+        f"resumed from {(wd / 'checkpoints').absolute()} at step {n}" in rerun.stderr
+        and _metric_lines(wd)[-1]["step"] == n + 1
+    ), rerun.stderr[-3000:]
 
 
 def _metric_lines(wd) -> list[dict]:
@@ -167,9 +203,22 @@ def _metric_lines(wd) -> list[dict]:
 
 
 def test_cli_unknown_override_names_the_key(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "persongen_jax.train", "--config", str(CONFIGS / "demo.py"),
-                           "--workdir", str(tmp_path), "--config.optim.warmup_stepz=3"],
-                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persongen_jax.train",
+            "--config",
+            str(CONFIGS / "demo.py"),
+            "--workdir",
+            str(tmp_path),
+            "--config.optim.warmup_stepz=3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert proc.returncode != 0
     assert "warmup_stepz" in proc.stderr + proc.stdout
 
@@ -229,19 +278,33 @@ def test_data_parallel_and_fsdp_1_vs_4_devices(tmp_path):
     for name, four in runs.items():
         assert one["params"].keys() == four["params"].keys()
         for k in one["params"]:
-            np.testing.assert_allclose(np.asarray(four["params"][k]), np.asarray(one["params"][k]), atol=1e-5,
-                                       rtol=0, err_msg=f"{name}: {k}")
-        np.testing.assert_allclose([h["loss"] for h in four["history"]], [h["loss"] for h in one["history"]],
-                                   rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(
+                np.asarray(four["params"][k]), np.asarray(one["params"][k]), atol=1e-5, rtol=0, err_msg=f"{name}: {k}"
+            )
+        np.testing.assert_allclose(
+            [h["loss"] for h in four["history"]], [h["loss"] for h in one["history"]], rtol=1e-5, err_msg=name
+        )
 
 
 # ----------------------------------------------------------------------------- resume
 
 
 def _cli(wd, *overrides):
-    return [sys.executable, "-m", "persongen_jax.train", "--config", str(CONFIGS / "demo.py"), "--workdir", str(wd),
-            "--config.model=micro", "--config.data.source=synthetic", "--config.data.global_batch_size=2",
-            "--config.log_every=1", "--config.progress_bar=False", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "persongen_jax.train",
+        "--config",
+        str(CONFIGS / "demo.py"),
+        "--workdir",
+        str(wd),
+        "--config.model=micro",
+        "--config.data.source=synthetic",
+        "--config.data.global_batch_size=2",
+        "--config.log_every=1",
+        "--config.progress_bar=False",
+        *overrides,
+    ]
 
 
 def _complete_checkpoints(wd) -> list[int]:
@@ -262,9 +325,13 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     env = _cli_env()
     run = lambda wd, *o: subprocess.run(_cli(wd, *o), cwd=REPO, env=env, capture_output=True, text=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed, "--config.total_steps=100000", "--config.checkpoint_every=2",
-                                 "--config.keep_checkpoints=100"),
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(killed, "--config.total_steps=100000", "--config.checkpoint_every=2", "--config.keep_checkpoints=100"),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and len(_complete_checkpoints(killed)) < 2:
@@ -295,9 +362,10 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
 
 def test_per_group_lr_and_warmup(tmp_path):
-    from persongen_jax.training.model import build_model
-    from persongen_jax.models.modeling import path_str
     from flax import nnx
+
+    from persongen_jax.models.modeling import path_str
+    from persongen_jax.training.model import build_model
 
     warmup = 10
     c = tiny_config(**{"optim.warmup_steps": warmup, "total_steps": 1, "checkpoint_every": 1})
@@ -358,8 +426,7 @@ def test_bad_record_warnings_name_training_failures_only(tmp_path, caplog):
     from persongen_jax.data.make_demo import make_demo
     from tests.helpers import add_damaged_record
 
-    data = make_demo(tmp_path / "data", persons=3, images_per_person=2, resolution=32, corrupt=True,
-                     progress=False)
+    data = make_demo(tmp_path / "data", persons=3, images_per_person=2, resolution=32, corrupt=True, progress=False)
     add_damaged_record(data, "p001", "persons/p001/damaged.jpg")  # 7 records: an epoch is 4 steps of 2
     c = tiny_config(total_steps=4, checkpoint_every=4, log_every=1)
     c.data.source, c.data.dir = "grain", str(data)
@@ -367,8 +434,11 @@ def test_bad_record_warnings_name_training_failures_only(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="persongen_jax"):
         out = train_and_evaluate(c, tmp_path / "run", devices=jax.devices()[:1])
     assert out["step"] == 4 and all(np.isfinite(h["loss"]) for h in out["history"])
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and
-                r.name == "persongen_jax.train" and "bad record" in r.getMessage()]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name == "persongen_jax.train" and "bad record" in r.getMessage()
+    ]
     assert [w.split(":")[0] for w in warnings] == ["epoch 1 done (step 4)", "end of training (step 4)"], warnings
     for w in warnings:
         assert "1 bad record: persons/p001/damaged.jpg (cannot decode image" in w and "corrupt.jpg" not in w, w
@@ -383,7 +453,9 @@ def test_bad_record_warnings_name_training_failures_only(tmp_path, caplog):
 def trained_run(tmp_path_factory):
     """A micro run of 2 steps with a checkpoint after each: the starting point of the resume tests (copied)."""
     wd = tmp_path_factory.mktemp("trained") / "run"
-    train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=1, keep_checkpoints=5), wd, devices=jax.devices()[:1])
+    train_and_evaluate(
+        tiny_config(total_steps=2, checkpoint_every=1, keep_checkpoints=5), wd, devices=jax.devices()[:1]
+    )
     return wd
 
 
@@ -414,8 +486,9 @@ def test_resume_refuses_shape_changes_and_keeps_config_versions(trained_run, tmp
     assert load_trained_model(run)[2] == 2  # what `evaluate --checkpoint RUN` does
     with open(run / "metrics.jsonl", "a") as f:  # a run killed after logging steps 3 and 4, checkpoint at 2
         f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + json.dumps({"step": 4, "loss": 9.0}) + "\n")
-    out = train_and_evaluate(tiny_config(total_steps=3, checkpoint_every=1, keep_checkpoints=4), run,
-                             devices=jax.devices()[:1])
+    out = train_and_evaluate(
+        tiny_config(total_steps=3, checkpoint_every=1, keep_checkpoints=4), run, devices=jax.devices()[:1]
+    )
     assert [h["step"] for h in out["history"]] == [3]
     assert _metric_steps(run / "metrics.jsonl") == [1, 2, 3]
     assert _metric_steps(run / "metrics.superseded.jsonl") == [3, 4]
@@ -423,8 +496,9 @@ def test_resume_refuses_shape_changes_and_keeps_config_versions(trained_run, tmp
     assert [h["step"] for h in history] == [0, 2]
     assert history[1]["changes"] == {"keep_checkpoints": [5, 4], "total_steps": [2, 3]}
     assert json.loads((run / "config.json").read_text())["total_steps"] == 3
-    out = train_and_evaluate(tiny_config(total_steps=1, checkpoint_every=1, resume=False), run,
-                             devices=jax.devices()[:1])
+    out = train_and_evaluate(
+        tiny_config(total_steps=1, checkpoint_every=1, resume=False), run, devices=jax.devices()[:1]
+    )
     assert out["step"] == 1 and _complete_checkpoints(run) == [1]
     (previous,) = (run / "previous").iterdir()
     assert _complete_checkpoints(previous) == [1, 2, 3] and _metric_steps(previous / "metrics.jsonl") == [1, 2, 3]
@@ -439,8 +513,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(trained_run, tmp_p
     for data in (run / "checkpoints" / "2" / "state").glob("ocdbt.process_*/d/*"):  # a copy cut short
         data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     with caplog.at_level(logging.WARNING):
-        out = train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=1, keep_checkpoints=5), run,
-                                 devices=jax.devices()[:1])
+        out = train_and_evaluate(
+            tiny_config(total_steps=2, checkpoint_every=1, keep_checkpoints=5), run, devices=jax.devices()[:1]
+        )
     assert [h["step"] for h in out["history"]] == [2]  # step 2 computed again from checkpoint 1
     said = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
     assert len(said) == 1 and f"checkpoint {run / 'checkpoints' / '2'} does not restore" in said[0], said
@@ -458,8 +533,9 @@ def test_half_written_checkpoint_of_a_killed_save_is_removed(trained_run, tmp_pa
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "d").write_bytes(b"\0" * 1000)
     with caplog.at_level(logging.WARNING):
-        out = train_and_evaluate(tiny_config(total_steps=3, checkpoint_every=1, keep_checkpoints=5), run,
-                                 devices=jax.devices()[:1])
+        out = train_and_evaluate(
+            tiny_config(total_steps=3, checkpoint_every=1, keep_checkpoints=5), run, devices=jax.devices()[:1]
+        )
     assert [h["step"] for h in out["history"]] == [3]  # resumed from checkpoint 2
     said = [r.getMessage() for r in caplog.records if "save did not finish" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"removing {partial}:"), said
@@ -474,9 +550,12 @@ def test_resume_whose_shapes_differ_names_parameter_and_checkpoint(trained_run, 
     cfg["lora"].update(rank=8, alpha=8.0)
     (run / "config.json").write_text(json.dumps(cfg))
     rank8 = tiny_config(total_steps=3, checkpoint_every=1, **{"lora.rank": 8, "lora.alpha": 8.0})
-    with pytest.raises(ValueError, match=rf"{run / 'checkpoints' / '2'}: the checkpoint does not match the model "
-                                         r"this config builds: unet\.\S+\.lora_A\.kernel: stored \(\d+, 4\), the "
-                                         r"config builds \(\d+, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{run / 'checkpoints' / '2'}: the checkpoint does not match the model "
+        r"this config builds: unet\.\S+\.lora_A\.kernel: stored \(\d+, 4\), the "
+        r"config builds \(\d+, 8\)",
+    ):
         train_and_evaluate(rank8, run, devices=jax.devices()[:1])
     assert json.loads((run / "config.json").read_text()) == cfg  # nothing written
 
@@ -488,8 +567,13 @@ def test_second_trainer_on_a_run_folder_is_refused(tmp_path):
 
     wd = tmp_path / "run"
     env = _cli_env()
-    proc = subprocess.Popen(_cli(wd, "--config.total_steps=100000", "--config.checkpoint_every=100000"), cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(wd, "--config.total_steps=100000", "--config.checkpoint_every=100000"),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -497,8 +581,11 @@ def test_second_trainer_on_a_run_folder_is_refused(tmp_path):
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "the first trainer ended early"
-        with pytest.raises(ValueError, match=rf"another training run is using this folder \(pid {proc.pid} on "
-                                                 rf"{socket.gethostname()}, started "):
+        with pytest.raises(
+            ValueError,
+            match=rf"another training run is using this folder \(pid {proc.pid} on "
+            rf"{socket.gethostname()}, started ",
+        ):
             train_and_evaluate(tiny_config(total_steps=1), wd, devices=jax.devices()[:1])
     finally:
         proc.kill()
@@ -528,16 +615,21 @@ def test_cli_errors_are_one_line(tmp_path):
     """`--config.lora.targets=5` (was: TypeError deep in LoRA) and a missing data.dir (was: a
     FileNotFoundError traceback): one `error:` line naming the key / folder, exit 1."""
     env = _cli_env()
-    proc = subprocess.run(_cli(tmp_path / "run", "--config.lora.targets=5"), cwd=REPO, capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run(
+        _cli(tmp_path / "run", "--config.lora.targets=5"), cwd=REPO, capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: config.lora.targets=(5,): expected a tuple of str (like the default ('to_q', 'to_k', 'to_v', "
-        "'to_out.0')), got int 5"), proc.stderr[-2000:]
+        "'to_out.0')), got int 5"
+    ), proc.stderr[-2000:]
     assert not (tmp_path / "run" / "config.json").exists()
     with pytest.raises(ValueError, match=r"config.eval.seeds=\(0, 'a'\): expected a tuple of int"):
         train_and_evaluate(tiny_config(**{"eval.seeds": (0, "a")}), tmp_path / "r2", devices=jax.devices()[:1])
     missing = tmp_path / "no_data"
     with pytest.raises(FileNotFoundError, match=rf"config.data.dir='{missing}': no such folder"):
-        train_and_evaluate(tiny_config(**{"data.source": "grain", "data.dir": str(missing)}), tmp_path / "r3",
-                           devices=jax.devices()[:1])
+        train_and_evaluate(
+            tiny_config(**{"data.source": "grain", "data.dir": str(missing)}),
+            tmp_path / "r3",
+            devices=jax.devices()[:1],
+        )

@@ -24,14 +24,29 @@ from tests.helpers import assert_loss_falls
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 30
 # The demo config's learning rates (a from-scratch tiny model learns with larger steps than the research runs).
-TRAIN_ARGS = ["--config.model=micro", "--config.data.source=grain", "--config.data.global_batch_size=8",
-              "--config.trainable.qformer_perceiver.lr=0.001", "--config.trainable.fuse_mlp.lr=0.001",
-              "--config.trainable.lora.lr=0.003", "--config.optim.warmup_steps=10", "--config.optim.grad_clip_norm=1.0",
-              f"--config.total_steps={STEPS}", "--config.checkpoint_every=10", "--config.keep_checkpoints=10",
-              "--config.log_every=1", "--config.progress_bar=False"]
+TRAIN_ARGS = [
+    "--config.model=micro",
+    "--config.data.source=grain",
+    "--config.data.global_batch_size=8",
+    "--config.trainable.qformer_perceiver.lr=0.001",
+    "--config.trainable.fuse_mlp.lr=0.001",
+    "--config.trainable.lora.lr=0.003",
+    "--config.optim.warmup_steps=10",
+    "--config.optim.grad_clip_norm=1.0",
+    f"--config.total_steps={STEPS}",
+    "--config.checkpoint_every=10",
+    "--config.keep_checkpoints=10",
+    "--config.log_every=1",
+    "--config.progress_bar=False",
+]
 # Validation at the last step: 2 training identities x 1 prompt x 1 seed, 2 sampling steps.
-EVAL_ARGS = [f"--config.eval_every={STEPS}", "--config.eval.num_identities=2", "--config.eval.num_prompts=1",
-             "--config.eval.seeds=(0,)", "--config.eval.num_steps=2"]
+EVAL_ARGS = [
+    f"--config.eval_every={STEPS}",
+    "--config.eval.num_identities=2",
+    "--config.eval.num_prompts=1",
+    "--config.eval.seeds=(0,)",
+    "--config.eval.num_steps=2",
+]
 
 
 def _env():
@@ -39,8 +54,18 @@ def _env():
 
 
 def _train(wd, data, *extra):
-    cmd = [sys.executable, "-m", "persongen_jax.train", "--config", str(REPO / "configs" / "photomaker_v2.py") + ":tiny",
-           "--workdir", str(wd), f"--config.data.dir={data}", *TRAIN_ARGS, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "persongen_jax.train",
+        "--config",
+        str(REPO / "configs" / "photomaker_v2.py") + ":tiny",
+        "--workdir",
+        str(wd),
+        f"--config.data.dir={data}",
+        *TRAIN_ARGS,
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
 
 
@@ -48,8 +73,9 @@ def _train(wd, data, *extra):
 def demo_data(tmp_path_factory):
     from persongen_jax.data.make_demo import make_demo
 
-    return make_demo(tmp_path_factory.mktemp("v2data") / "demo", persons=6, images_per_person=3, resolution=32,
-                     progress=False)
+    return make_demo(
+        tmp_path_factory.mktemp("v2data") / "demo", persons=6, images_per_person=3, resolution=32, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +102,9 @@ def test_v2_tiny_trains_through_the_cli_on_the_demo_dataset(v2_run):
 
 
 def test_v2_validation_writes_samples(v2_run):
-    images = sorted(p for p in (v2_run / "samples" / str(STEPS) / "images").rglob("*.png")
-                    if not p.name.startswith("reference_"))
+    images = sorted(
+        p for p in (v2_run / "samples" / str(STEPS) / "images").rglob("*.png") if not p.name.startswith("reference_")
+    )
     assert len(images) == 2, images  # 2 identities x 1 prompt x 1 seed
     assert np.asarray(Image.open(images[0])).std() > 0
 
@@ -105,11 +132,26 @@ def test_v2_resume_is_bitwise_identical(v2_run, demo_data, tmp_path):
 
 def test_generate_from_a_v2_checkpoint(v2_run, demo_data, tmp_path):
     """generate --checkpoint of the V2 run: the references' id_embeds come from the run's own frozen ArcFace."""
-    raw = sorted((demo_data / "raw" / "persons").rglob("*.png")) + sorted((demo_data / "raw" / "persons").rglob("*.jpg"))
+    raw = sorted((demo_data / "raw" / "persons").rglob("*.png")) + sorted(
+        (demo_data / "raw" / "persons").rglob("*.jpg")
+    )
     refs = raw[:2]
     out = tmp_path / "gen"
-    cmd = [sys.executable, "-m", "persongen_jax.generate", "--checkpoint", str(v2_run), "--prompt", "a photo of a man img",
-           "--steps", "2", "--seeds", "0,1", "--out", str(out)] + [a for r in refs for a in ("--ref", str(r))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "persongen_jax.generate",
+        "--checkpoint",
+        str(v2_run),
+        "--prompt",
+        "a photo of a man img",
+        "--steps",
+        "2",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+    ] + [a for r in refs for a in ("--ref", str(r))]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "PhotoMaker v2" in proc.stderr
@@ -143,17 +185,29 @@ def test_v2_batches_take_stored_embeddings_else_arcface_crops(demo_data, tmp_pat
     from persongen_jax.training.loss import arcface_embeds
 
     records = fmt.read_records(demo_data)
-    stored = {i: np.random.default_rng(i).standard_normal(16).astype(np.float32) for i, r in enumerate(records)
-              if r[0]["person_id"] == "p000"}
-    good = [(dict(h, arcface_embedding=fmt.pack_float32(stored[i])) if i in stored else h, im, m)
-            for i, (h, im, m) in enumerate(records)]
+    stored = {
+        i: np.random.default_rng(i).standard_normal(16).astype(np.float32)
+        for i, r in enumerate(records)
+        if r[0]["person_id"] == "p000"
+    }
+    good = [
+        (dict(h, arcface_embedding=fmt.pack_float32(stored[i])) if i in stored else h, im, m)
+        for i, (h, im, m) in enumerate(records)
+    ]
     data = tmp_path / "mixed"
     data.mkdir()
     fmt.write_records(data, good, [], num_shards=1, progress=False)
     tokenizers = _tokenizers(tmp_path)
     spec = IdInputs(num_tokens=2, embed_dim=16, arcface_size=32)
-    kw = dict(tokenizers=tokenizers, global_batch_size=18, resolution=32, num_refs=(1, 2), id_image_size=32,
-              read_threads=1, prefetch=0)
+    kw = dict(
+        tokenizers=tokenizers,
+        global_batch_size=18,
+        resolution=32,
+        num_refs=(1, 2),
+        id_image_size=32,
+        read_threads=1,
+        prefetch=0,
+    )
     batch = next(make_train_iterator(data, id_inputs=spec, **kw))
     n = batch["num_id_images"]
     np.testing.assert_array_equal(batch["class_tokens_mask"].sum(1), 2 * n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import helpers  # tests/ is on sys.path (rootdir conftest, no package)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,6 @@ from flax import nnx
 
 from persongen_jax.models import modeling
 from persongen_jax.models.vae import AutoencoderKL, DiagonalGaussianDistribution
-import helpers  # tests/ is on sys.path (rootdir conftest, no package)
 from weights_conversion import core, io
 
 torch = pytest.importorskip("torch")
@@ -75,8 +75,13 @@ def ref(tmp_path_factory):
     latents = rng.standard_normal((B, H // 2, W // 2, 4)).astype(np.float32)
     with torch.no_grad():
         post = tm.encode(nchw(images)).latent_dist
-        out = dict(mean=nhwc(post.mean), logvar=nhwc(post.logvar), std=nhwc(post.std),
-                   kl=post.kl().numpy(), decoded=nhwc(tm.decode(nchw(latents)).sample))
+        out = dict(
+            mean=nhwc(post.mean),
+            logvar=nhwc(post.logvar),
+            std=nhwc(post.std),
+            kl=post.kl().numpy(),
+            decoded=nhwc(tm.decode(nchw(latents)).sample),
+        )
     return dict(torch_model=tm, tmp=tmp, images=images, latents=latents, out=out)
 
 
@@ -150,12 +155,15 @@ def test_sdxl_preset_matches_diffusers_parameter_count():
     assert AutoencoderKL.preset_config("tiny")["block_out_channels"] == [32, 64]
 
 
-@pytest.mark.parametrize("key, value, needle", [
-    ("down_block_types", ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"], "down_block_types"),
-    ("up_block_types", ["UpDecoderBlock2D"], "up_block_types"),
-    ("norm_type", "spatial", "norm_type"),
-    ("norm_num_groups", 12, "norm_num_groups"),
-])
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("down_block_types", ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"], "down_block_types"),
+        ("up_block_types", ["UpDecoderBlock2D"], "up_block_types"),
+        ("norm_type", "spatial", "norm_type"),
+        ("norm_num_groups", 12, "norm_num_groups"),
+    ],
+)
 def test_unsupported_config_raises(key, value, needle):
     with pytest.raises(ValueError, match=needle):
         AutoencoderKL.from_config(dict(TINY, **{key: value}), rngs=nnx.Rngs(0))

@@ -50,8 +50,10 @@ def convert_control_model(kind: str, src, dst, *, unet=None, dtype=None, variant
     check_output(dst, overwrite, [src, unet])  # before any work, not after
     config = read_source_config(src)
     if config.get("_class_name") != KINDS[kind]:
-        raise ConversionError(f"{src / 'config.json'}: _class_name {config.get('_class_name')!r}; "
-                              f"`{kind}` converts a diffusers {KINDS[kind]} folder")
+        raise ConversionError(
+            f"{src / 'config.json'}: _class_name {config.get('_class_name')!r}; "
+            f"`{kind}` converts a diffusers {KINDS[kind]} folder"
+        )
     check_against_unet(kind, config, unet, src)
     with atomic_output(dst, overwrite, [src, unet]) as tmp:
         name = convert_component(src, tmp, dtype=dtype, variant=variant)

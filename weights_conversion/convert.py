@@ -30,11 +30,23 @@ SDXL_MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 SDXL_COPIED = ("tokenizer", "tokenizer_2", "scheduler")
 
 # transformers `model_type` -> class, for configs without `architectures`.
-_MODEL_TYPES = {"clip": "CLIPModel", "clip_text_model": "CLIPTextModel",
-                "clip_vision_model": "CLIPVisionModel", "vit": "ViTModel"}
-SUPPORTED = ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel", "CLIPTextModelWithProjection",
-             "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "ControlNetModel",
-             "T2IAdapter")
+_MODEL_TYPES = {
+    "clip": "CLIPModel",
+    "clip_text_model": "CLIPTextModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "vit": "ViTModel",
+}
+SUPPORTED = (
+    "UNet2DConditionModel",
+    "AutoencoderKL",
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
+    "CLIPModel",
+    "ControlNetModel",
+    "T2IAdapter",
+)
 
 
 def read_source_config(folder: Path) -> dict:
@@ -56,8 +68,9 @@ def class_name_of(config: dict, folder: Path, supported=SUPPORTED) -> str:
     if name is None:
         name = _MODEL_TYPES.get(config.get("model_type", ""))
     if name not in supported:
-        raise ConversionError(f"{folder / 'config.json'}: model class {name!r} is not supported; "
-                              f"expected one of {', '.join(supported)}")
+        raise ConversionError(
+            f"{folder / 'config.json'}: model class {name!r} is not supported; expected one of {', '.join(supported)}"
+        )
     return name
 
 
@@ -75,8 +88,9 @@ def _progress(state_dict: dict, desc: str):
     return wrap
 
 
-def convert_component(src: Path, dst: Path, *, dtype: str | None = None, variant: str | None = None,
-                      supported=SUPPORTED) -> str:
+def convert_component(
+    src: Path, dst: Path, *, dtype: str | None = None, variant: str | None = None, supported=SUPPORTED
+) -> str:
     """Converts one diffusers/transformers model folder (a class of `supported`) into `dst` (config.json +
     params/)."""
     config = read_source_config(src)
@@ -84,8 +98,14 @@ def convert_component(src: Path, dst: Path, *, dtype: str | None = None, variant
     cls = modeling.get_model_class(name)
     weights = io.find_weights(src, variant)
     state_dict = io.read_checkpoint(weights)
-    flat = convert_state_dict(cls, config, state_dict, source=str(weights), param_dtype=dtype,
-                              progress=_progress(state_dict, f"{src.name} ({weights.name})"))
+    flat = convert_state_dict(
+        cls,
+        config,
+        state_dict,
+        source=str(weights),
+        param_dtype=dtype,
+        progress=_progress(state_dict, f"{src.name} ({weights.name})"),
+    )
     dst.mkdir(parents=True, exist_ok=True)
     out_config = dict(config)
     out_config[modeling.CLASS_KEY] = name
@@ -101,21 +121,26 @@ _SDXL_EXTRAS = ("model_index.json",) + SDXL_COPIED
 def _is_copied_clip_file(name: str) -> bool:
     """Tokenizer / processor files `convert_clip` copies next to the converted model: preprocessor_config.json /
     processor_config.json (transformers 5 saves a processor there) hold the image preprocessing CLIP-T reads."""
-    return (name.startswith(("tokenizer", "special_tokens", "preprocessor"))
-            or name in ("vocab.json", "merges.txt", "processor_config.json"))
+    return name.startswith(("tokenizer", "special_tokens", "preprocessor")) or name in (
+        "vocab.json",
+        "merges.txt",
+        "processor_config.json",
+    )
 
 
 def written_by_us(folder: Path) -> bool:
     """Whether `folder` is one this tool writes: a component (config.json + params/ [+ checksums, copied
     tokenizer files]) or a folder of components (SDXL: + model_index.json, tokenizer*/, scheduler/;
     PhotoMaker: id_encoder/ + lora/) and nothing else."""
+
     def component(p: Path) -> bool:
         return (p / modeling.CONFIG_FILE).is_file() and (p / modeling.PARAMS_DIR).is_dir()
 
     entries = list(folder.iterdir())
     if component(folder):
-        return all(e.name in (modeling.CONFIG_FILE, modeling.PARAMS_DIR) or _is_copied_clip_file(e.name)
-                   for e in entries)
+        return all(
+            e.name in (modeling.CONFIG_FILE, modeling.PARAMS_DIR) or _is_copied_clip_file(e.name) for e in entries
+        )
     parts = [e for e in entries if e.is_dir() and component(e)]
     return bool(parts) and all(e in parts or e.name in _SDXL_EXTRAS for e in entries)
 
@@ -137,8 +162,11 @@ def check_output(dst: Path, overwrite: bool = False, sources=(), *, kind: str = 
     dst = Path(dst).absolute()
     if dst.is_symlink():
         target = os.readlink(dst)
-        raise ConversionError(f"{dst}: is a symlink to {target}" + ("" if dst.exists() else " (which does not exist)")
-                              + "; give the real path of the output")
+        raise ConversionError(
+            f"{dst}: is a symlink to {target}"
+            + ("" if dst.exists() else " (which does not exist)")
+            + "; give the real path of the output"
+        )
     d = os.path.realpath(dst)
     for src in sources:
         if src is None:
@@ -147,8 +175,9 @@ def check_output(dst: Path, overwrite: bool = False, sources=(), *, kind: str = 
         if d == s:
             raise ConversionError(f"{dst}: is the source {src}; write the output elsewhere")
         if os.path.commonpath([d, s]) == d:
-            raise ConversionError(f"{dst}: contains the source {src}; --overwrite would delete it, so write the "
-                                  "output elsewhere")
+            raise ConversionError(
+                f"{dst}: contains the source {src}; --overwrite would delete it, so write the output elsewhere"
+            )
         if os.path.commonpath([d, s]) == s:
             raise ConversionError(f"{dst}: is inside the source {src}; write the output elsewhere")
     if os.path.lexists(dst):
@@ -160,9 +189,11 @@ def check_output(dst: Path, overwrite: bool = False, sources=(), *, kind: str = 
             raise ConversionError(f"{dst}: is a file, not a folder this tool wrote; --overwrite replaces only those")
         if kind == "folder" and any(dst.iterdir()) and not written_by_us(dst):
             held = ", ".join(sorted(p.name for p in dst.iterdir())[:5])
-            raise ConversionError(f"{dst}: not a folder written by weights_conversion (config.json + params/; it "
-                                  f"holds {held or 'nothing we wrote'}); --overwrite replaces only those: remove it "
-                                  "yourself or choose another DST")
+            raise ConversionError(
+                f"{dst}: not a folder written by weights_conversion (config.json + params/; it "
+                f"holds {held or 'nothing we wrote'}); --overwrite replaces only those: remove it "
+                "yourself or choose another DST"
+            )
     parent = _nearest_existing(dst.parent)
     if not parent.is_dir():
         raise ConversionError(f"{dst}: {parent} is not a folder")
@@ -191,8 +222,10 @@ def convert_sdxl(src: Path, dst: Path, *, dtype=None, variant=None, overwrite=Fa
             return [src.name]
         components = [c for c in SDXL_MODEL_COMPONENTS if (src / c / "config.json").is_file()]
         if not components:
-            raise ConversionError(f"{src}: no SDXL components found; expected model_index.json and/or "
-                                  f"subfolders {', '.join(SDXL_MODEL_COMPONENTS)} with a config.json")
+            raise ConversionError(
+                f"{src}: no SDXL components found; expected model_index.json and/or "
+                f"subfolders {', '.join(SDXL_MODEL_COMPONENTS)} with a config.json"
+            )
         for c in components:
             print(f"converting {c} ...", flush=True)
             name = convert_component(src / c, tmp / c, dtype=dtype, variant=variant)

@@ -65,8 +65,13 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}): " + ", ".join(items[:MAX_LISTED]) + more
 
 
-def check_keys(expected: Mapping[str, tuple], source_shapes: Mapping[str, tuple], *,
-               source: str, transform_shape: Callable[[str, tuple], tuple]) -> None:
+def check_keys(
+    expected: Mapping[str, tuple],
+    source_shapes: Mapping[str, tuple],
+    *,
+    source: str,
+    transform_shape: Callable[[str, tuple], tuple],
+) -> None:
     """Raises ConversionError unless the source keys/shapes match the target exactly."""
     missing = sorted(k for k in expected if k not in source_shapes)
     unexpected = sorted(k for k in source_shapes if k not in expected)
@@ -75,8 +80,9 @@ def check_keys(expected: Mapping[str, tuple], source_shapes: Mapping[str, tuple]
         if k in source_shapes:
             got = transform_shape(k, tuple(source_shapes[k]))
             if tuple(got) != tuple(shape):
-                mismatched.append(f"{k} (checkpoint {tuple(source_shapes[k])} -> {tuple(got)}, "
-                                  f"model expects {tuple(shape)})")
+                mismatched.append(
+                    f"{k} (checkpoint {tuple(source_shapes[k])} -> {tuple(got)}, model expects {tuple(shape)})"
+                )
     if missing or unexpected or mismatched:
         lines = [f"{source}: checkpoint does not match the model"]
         if missing:
@@ -88,10 +94,16 @@ def check_keys(expected: Mapping[str, tuple], source_shapes: Mapping[str, tuple]
         raise ConversionError("\n".join(lines))
 
 
-def convert_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
-                       source: str = "<state dict>", param_dtype=None,
-                       progress: Callable[[Iterable, Mapping], Iterable] | None = None,
-                       abstract=None) -> dict[tuple, jax.Array]:
+def convert_state_dict(
+    cls,
+    config: Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    *,
+    source: str = "<state dict>",
+    param_dtype=None,
+    progress: Callable[[Iterable, Mapping], Iterable] | None = None,
+    abstract=None,
+) -> dict[tuple, jax.Array]:
     """Returns {flax path: jax array} for `cls(config)` from a PyTorch state dict.
 
     state_dict values may be numpy arrays, torch tensors or lazy tensors with
@@ -103,8 +115,11 @@ def convert_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, 
     if abstract is None:
         abstract = modeling.abstract_model(cls, config)
     expected_paths = modeling.flat_params(abstract)
-    sd = cls.preprocess_torch_state_dict(dict(state_dict), config) \
-        if hasattr(cls, "preprocess_torch_state_dict") else dict(state_dict)
+    sd = (
+        cls.preprocess_torch_state_dict(dict(state_dict), config)
+        if hasattr(cls, "preprocess_torch_state_dict")
+        else dict(state_dict)
+    )
     by_key = {torch_key(p): p for p in expected_paths}
     if len(by_key) != len(expected_paths):  # two paths mapping to one key would be a port bug
         raise AssertionError(f"{cls.__name__}: ambiguous torch key mapping")
@@ -114,11 +129,12 @@ def convert_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, 
         p = by_key[key]
         return to_flax_layout(p, np.empty(shape, dtype=np.bool_)).shape
 
-    check_keys(expected_shapes, {k: tuple(v.shape) for k, v in sd.items()}, source=source,
-               transform_shape=transform_shape)
+    check_keys(
+        expected_shapes, {k: tuple(v.shape) for k, v in sd.items()}, source=source, transform_shape=transform_shape
+    )
     out, non_finite = {}, []
     keys = sorted(by_key)
-    for k in (progress(keys, sd) if progress else keys):
+    for k in progress(keys, sd) if progress else keys:
         p = by_key[k]
         value = _to_numpy(sd[k])
         if not all_finite(value):
@@ -147,8 +163,13 @@ def all_finite(value) -> bool:
 def warn_non_finite(source: str, keys: list[str]) -> None:
     """The conversion goes on (the file is what it is), but never silently: the tensors are named."""
     if keys:
-        log.warning("warning: %s: %d tensor(s) hold NaN or Inf values: %s%s", source, len(keys),
-                    ", ".join(keys[:MAX_LISTED]), f" (+{len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else "")
+        log.warning(
+            "warning: %s: %d tensor(s) hold NaN or Inf values: %s%s",
+            source,
+            len(keys),
+            ", ".join(keys[:MAX_LISTED]),
+            f" (+{len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else "",
+        )
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -162,11 +183,19 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def load_from_torch_state_dict(cls, config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
-                               dtype=None, param_dtype=None, attention_impl: str = "xla",
-                               source: str = "<state dict>"):
+def load_from_torch_state_dict(
+    cls,
+    config: Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    *,
+    dtype=None,
+    param_dtype=None,
+    attention_impl: str = "xla",
+    source: str = "<state dict>",
+):
     """Builds `cls` from `config` with weights from a PyTorch state dict (in memory)."""
-    model = modeling.abstract_model(cls, config, dtype=dtype, param_dtype=param_dtype or jnp.float32,
-                                    attention_impl=attention_impl)
+    model = modeling.abstract_model(
+        cls, config, dtype=dtype, param_dtype=param_dtype or jnp.float32, attention_impl=attention_impl
+    )
     flat = convert_state_dict(cls, config, state_dict, source=source, param_dtype=param_dtype, abstract=model)
     return modeling.assign_params(model, flat)

@@ -24,8 +24,15 @@ from persongen_jax.io import loads_json
 from weights_conversion.core import ConversionError
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
     "BOOL": np.bool_,
 }
 
@@ -59,14 +66,17 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
                 raise ConversionError(f"{path}: truncated or not a safetensors file ({size} bytes)")
             (header_len,) = struct.unpack("<Q", raw)
             if header_len > size - 8:
-                raise ConversionError(f"{path}: truncated or corrupt safetensors file (header says "
-                                      f"{header_len} header bytes, file has {size})")
+                raise ConversionError(
+                    f"{path}: truncated or corrupt safetensors file (header says "
+                    f"{header_len} header bytes, file has {size})"
+                )
             header = loads_json(f.read(header_len), path, "corrupt safetensors header")
     except ValueError as e:
         raise ConversionError(str(e)) from None
     if not isinstance(header, dict):
-        raise ConversionError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an "
-                              "object of tensor entries)")
+        raise ConversionError(
+            f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an object of tensor entries)"
+        )
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise ConversionError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
@@ -96,11 +106,14 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
             begin, end = info["data_offsets"]
             shape = tuple(info["shape"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ConversionError(f"{path}: unsupported or malformed tensor entry {name!r} "
-                                  f"({type(e).__name__}: {e})") from None
+            raise ConversionError(
+                f"{path}: unsupported or malformed tensor entry {name!r} ({type(e).__name__}: {e})"
+            ) from None
         if not (_index(begin) and _index(end) and begin <= end and all(_index(d) for d in shape)):
-            raise ConversionError(f"{path}: malformed tensor entry {name!r}: data_offsets {[begin, end]} and shape "
-                                  f"{list(shape)} must be non-negative integers, begin <= end")
+            raise ConversionError(
+                f"{path}: malformed tensor entry {name!r}: data_offsets {[begin, end]} and shape "
+                f"{list(shape)} must be non-negative integers, begin <= end"
+            )
         if (end - begin) != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
             raise ConversionError(f"{path}: tensor {name!r} byte range does not match its shape {shape}")
         needed = max(needed, data_start + end)
@@ -115,8 +128,9 @@ def read_torch_bin(path: str | os.PathLike) -> dict:
     try:
         import torch
     except ImportError:
-        raise ConversionError(f"{path}: reading .bin checkpoints needs PyTorch "
-                              "(pip install 'persongen_jax[torch]')") from None
+        raise ConversionError(
+            f"{path}: reading .bin checkpoints needs PyTorch (pip install 'persongen_jax[torch]')"
+        ) from None
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -126,8 +140,9 @@ def read_torch_bin(path: str | os.PathLike) -> dict:
             sd = torch.load(path, map_location="cpu", weights_only=True)  # old non-zip format
     except Exception as e:  # torch raises many types for a damaged pickle/zip
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConversionError(f"{path}: cannot read PyTorch checkpoint (corrupt or truncated?): "
-                              f"{type(e).__name__}: {msg}") from None
+        raise ConversionError(
+            f"{path}: cannot read PyTorch checkpoint (corrupt or truncated?): {type(e).__name__}: {msg}"
+        ) from None
     if not isinstance(sd, Mapping):
         raise ConversionError(f"{path}: expected a state dict, found {type(sd).__name__}")
     return dict(sd)
@@ -181,8 +196,10 @@ def find_weights(folder: str | os.PathLike, variant: str | None = None) -> Path:
     hint = ""
     if not variant and any(".fp16." in p for p in present):
         hint = " (found fp16 files: pass --variant fp16)"
-    raise ConversionError(f"{folder}: no weights found; expected one of "
-                          f"{', '.join(c.name for c in candidates[:4])}, ...; folder has {present[:10]}{hint}")
+    raise ConversionError(
+        f"{folder}: no weights found; expected one of "
+        f"{', '.join(c.name for c in candidates[:4])}, ...; folder has {present[:10]}{hint}"
+    )
 
 
 def tensor_nbytes(t) -> int:

@@ -46,8 +46,15 @@ from persongen_jax.models import lora as L
 from persongen_jax.models import modeling
 from weights_conversion import io
 from weights_conversion.convert import atomic_output, check_output
-from weights_conversion.core import (ConversionError, _listing, _to_numpy, all_finite, check_keys, convert_state_dict,
-                                     warn_non_finite)
+from weights_conversion.core import (
+    ConversionError,
+    _listing,
+    _to_numpy,
+    all_finite,
+    check_keys,
+    convert_state_dict,
+    warn_non_finite,
+)
 
 _TE_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "text_model", "conditioner")
 _ATTN_LORA = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -151,8 +158,10 @@ def _read_metadata(path: Path) -> dict | None:
         raise ConversionError(f"{where} is a JSON {type(meta).__name__}, expected an object")
     meta = {k.removeprefix("unet."): v for k, v in meta.items() if not k.startswith("text_encoder")}
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    for key, ok, want in (("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive int"),
-                          ("lora_alpha", number, "a number")):
+    for key, ok, want in (
+        ("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive int"),
+        ("lora_alpha", number, "a number"),
+    ):
         if key in meta and not ok(meta[key]):
             raise ConversionError(f"{where}: {key}={meta[key]!r}, expected {want}")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -176,9 +185,16 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default):
     return default
 
 
-def parse_lora_state_dict(sd: Mapping[str, Any], *, source: str, unet_cfg: Mapping[str, Any], linears,
-                          metadata: Mapping[str, Any] | None = None, skip_text_encoder: bool = False,
-                          dtype=None) -> tuple[dict[str, tuple[int, float]], dict[tuple, np.ndarray], int]:
+def parse_lora_state_dict(
+    sd: Mapping[str, Any],
+    *,
+    source: str,
+    unet_cfg: Mapping[str, Any],
+    linears,
+    metadata: Mapping[str, Any] | None = None,
+    skip_text_encoder: bool = False,
+    dtype=None,
+) -> tuple[dict[str, tuple[int, float]], dict[tuple, np.ndarray], int]:
     """A LoRA state dict (any supported key style) -> ({module: (rank, alpha)}, {flax path: array},
     number of skipped text-encoder keys). `linears`: {module path: Linear} of the target UNet."""
     kohya = _kohya_map(linears)
@@ -227,11 +243,16 @@ def parse_lora_state_dict(sd: Mapping[str, Any], *, source: str, unet_cfg: Mappi
 
     errors = []
     if te and not skip_text_encoder:
-        errors.append(_listing("text-encoder LoRA keys (not supported; pass --skip-text-encoder to convert "
-                               "only the UNet LoRA)", sorted(te)))
+        errors.append(
+            _listing(
+                "text-encoder LoRA keys (not supported; pass --skip-text-encoder to convert only the UNet LoRA)",
+                sorted(te),
+            )
+        )
     if unknown_module:
-        errors.append(_listing("keys for modules the UNet does not have (or that are not linear layers)",
-                               sorted(unknown_module)))
+        errors.append(
+            _listing("keys for modules the UNet does not have (or that are not linear layers)", sorted(unknown_module))
+        )
     if unknown_style:
         errors.append(_listing("keys in no known LoRA key style", sorted(unknown_style)))
     if unsupported:
@@ -252,8 +273,7 @@ def parse_lora_state_dict(sd: Mapping[str, Any], *, source: str, unet_cfg: Mappi
             continue
         r = sa[0]
         if sa != (r, lin.in_features) or sb != (lin.out_features, r):
-            bad.append(f"{ka} {sa} / {kb} {sb}: {module} expects ({r}, {lin.in_features}) / "
-                       f"({lin.out_features}, {r})")
+            bad.append(f"{ka} {sa} / {kb} {sb}: {module} expects ({r}, {lin.in_features}) / ({lin.out_features}, {r})")
             continue
         if "alpha" in p:
             alpha = float(np.asarray(_to_numpy(p["alpha"][1])).reshape(()))
@@ -292,8 +312,15 @@ def _lora_from_state_dict(sd, *, source, unet, metadata=None, skip_text_encoder=
         abstract = modeling.abstract_model(UNet2DConditionModel, cfg)
     except ValueError as e:
         raise ConversionError(f"{unet}: {e}") from None
-    return parse_lora_state_dict(sd, source=source, unet_cfg=cfg, linears=L.linear_modules(abstract),
-                                 metadata=metadata, skip_text_encoder=skip_text_encoder, dtype=dtype)
+    return parse_lora_state_dict(
+        sd,
+        source=source,
+        unet_cfg=cfg,
+        linears=L.linear_modules(abstract),
+        metadata=metadata,
+        skip_text_encoder=skip_text_encoder,
+        dtype=dtype,
+    )
 
 
 def convert_lora(src, dst, *, unet=None, skip_text_encoder=False, dtype=None, overwrite=False) -> str:
@@ -302,10 +329,12 @@ def convert_lora(src, dst, *, unet=None, skip_text_encoder=False, dtype=None, ov
     check_output(dst, overwrite, [src, unet])  # before minutes of work, not after
     sd = io.read_checkpoint(src)
     if sd and all(isinstance(v, Mapping) for v in sd.values()):
-        raise ConversionError(f"{src}: a nested checkpoint with sections {sorted(sd)}; "
-                              "for PhotoMaker use the `photomaker` command")
-    modules, flat, skipped = _lora_from_state_dict(sd, source=str(src), unet=unet, metadata=_read_metadata(src),
-                                                   skip_text_encoder=skip_text_encoder, dtype=dtype)
+        raise ConversionError(
+            f"{src}: a nested checkpoint with sections {sorted(sd)}; for PhotoMaker use the `photomaker` command"
+        )
+    modules, flat, skipped = _lora_from_state_dict(
+        sd, source=str(src), unet=unet, metadata=_read_metadata(src), skip_text_encoder=skip_text_encoder, dtype=dtype
+    )
     with atomic_output(dst, overwrite, [src, unet]) as tmp:
         L.write_folder(dst, L.lora_config(modules), flat, into=tmp)
     return _summary(modules, skipped)
@@ -313,8 +342,9 @@ def convert_lora(src, dst, *, unet=None, skip_text_encoder=False, dtype=None, ov
 
 def _summary(modules, skipped):
     ranks = sorted({r for r, _ in modules.values()})
-    return (f"LoRA on {len(modules)} modules (rank {'/'.join(map(str, ranks))})"
-            + (f"; skipped {skipped} text-encoder keys" if skipped else ""))
+    return f"LoRA on {len(modules)} modules (rank {'/'.join(map(str, ranks))})" + (
+        f"; skipped {skipped} text-encoder keys" if skipped else ""
+    )
 
 
 # ----------------------------------------------------------------------------- IP-Adapter import
@@ -335,27 +365,34 @@ def _split_ip_adapter(sd: Mapping[str, Any], source: str) -> tuple[dict, dict]:
         else:
             other.append(k)
     if other or not ip:
-        raise ConversionError(f"{source}: not an IP-Adapter checkpoint (expected image_proj + ip_adapter "
-                              f"sections or image_proj.* / ip_adapter.* keys)"
-                              + (f"\n{_listing('other keys', sorted(other))}" if other else ""))
+        raise ConversionError(
+            f"{source}: not an IP-Adapter checkpoint (expected image_proj + ip_adapter "
+            f"sections or image_proj.* / ip_adapter.* keys)"
+            + (f"\n{_listing('other keys', sorted(other))}" if other else "")
+        )
     return image_proj, ip
 
 
-def convert_ip_adapter(src, dst, *, unet=None, name: str = "id", scale: float = 1.0, dtype=None,
-                       overwrite=False) -> str:
+def convert_ip_adapter(
+    src, dst, *, unet=None, name: str = "id", scale: float = 1.0, dtype=None, overwrite=False
+) -> str:
     """An SDXL IP-Adapter checkpoint -> an adapter folder: condition `name`, parallel mode, image projection."""
     src = Path(src)
     check_output(dst, overwrite, [src, unet])
     image_proj, ip = _split_ip_adapter(io.read_checkpoint(src), str(src))
     want = {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
     if set(image_proj) != want:
-        raise ConversionError(f"{src}: image_proj keys {sorted(image_proj)[:8]}: only the plain IP-Adapter "
-                              f"projection ({', '.join(sorted(want))}) is supported (not Plus / FaceID / Full)")
+        raise ConversionError(
+            f"{src}: image_proj keys {sorted(image_proj)[:8]}: only the plain IP-Adapter "
+            f"projection ({', '.join(sorted(want))}) is supported (not Plus / FaceID / Full)"
+        )
     cross = int(image_proj["norm.weight"].shape[0])
     proj_out, image_dim = (int(s) for s in image_proj["proj.weight"].shape)
     if proj_out % cross:
-        raise ConversionError(f"{src}: image_proj.proj.weight {tuple(image_proj['proj.weight'].shape)} is not "
-                              f"num_tokens x {cross} (image_proj.norm.weight width)")
+        raise ConversionError(
+            f"{src}: image_proj.proj.weight {tuple(image_proj['proj.weight'].shape)} is not "
+            f"num_tokens x {cross} (image_proj.norm.weight width)"
+        )
     tokens = proj_out // cross
     abstract = abstract_unet(unet)
     attns = L.cross_attentions(abstract)
@@ -369,15 +406,25 @@ def convert_ip_adapter(src, dst, *, unet=None, name: str = "id", scale: float = 
             key = f"{n}.to_{kv}_ip.weight"
             expected[key] = (a.to_k.in_features, a.to_k.out_features)  # flax layout [in, out]
             target[key] = tuple(L.adapter_param_path(path, kv, name).split(".")) + ("kernel",)
-    check_keys(expected, {k: tuple(v.shape) for k, v in ip.items()}, source=f"{src} [ip_adapter]",
-               transform_shape=lambda k, s: s[::-1])
+    check_keys(
+        expected,
+        {k: tuple(v.shape) for k, v in ip.items()},
+        source=f"{src} [ip_adapter]",
+        transform_shape=lambda k, s: s[::-1],
+    )
     if cross != next(iter(attns.values())).to_k.in_features:
-        raise ConversionError(f"{src}: image_proj.norm.weight width {cross} != the UNet's cross_attention_dim "
-                              f"{next(iter(attns.values())).to_k.in_features}")
+        raise ConversionError(
+            f"{src}: image_proj.norm.weight width {cross} != the UNet's cross_attention_dim "
+            f"{next(iter(attns.values())).to_k.in_features}"
+        )
 
     def conv(t):
         v = _to_numpy(t)
-        return v.astype(dtype) if dtype is not None else (v if v.dtype in (np.float32, np.float16) else v.astype(np.float32))
+        return (
+            v.astype(dtype)
+            if dtype is not None
+            else (v if v.dtype in (np.float32, np.float16) else v.astype(np.float32))
+        )
 
     flat = {target[k]: np.ascontiguousarray(conv(ip[k]).T) for k in expected}
     warn_non_finite(str(src), sorted(k for k in expected if not all_finite(flat[target[k]])))
@@ -385,10 +432,19 @@ def convert_ip_adapter(src, dst, *, unet=None, name: str = "id", scale: float = 
     flat[("image_proj", "image_embeds", "bias")] = conv(image_proj["proj.bias"])
     flat[("image_proj", "norm", "scale")] = conv(image_proj["norm.weight"])
     flat[("image_proj", "norm", "bias")] = conv(image_proj["norm.bias"])
-    cfg = {"format": L.ADAPTERS_FORMAT, "version": L.ADAPTERS_VERSION, "names": [name], "mode": "parallel",
-           "scales": {name: float(scale)},
-           "image_projection": {"condition": name, "image_embed_dim": image_dim, "cross_attention_dim": cross,
-                                "num_tokens": tokens}}
+    cfg = {
+        "format": L.ADAPTERS_FORMAT,
+        "version": L.ADAPTERS_VERSION,
+        "names": [name],
+        "mode": "parallel",
+        "scales": {name: float(scale)},
+        "image_projection": {
+            "condition": name,
+            "image_embed_dim": image_dim,
+            "cross_attention_dim": cross,
+            "num_tokens": tokens,
+        },
+    }
     with atomic_output(dst, overwrite, [src, unet]) as tmp:
         L.write_folder(dst, cfg, flat, into=tmp)
     return f"IP-Adapter -> condition {name!r} on {len(numbering)} cross-attentions, {tokens} image tokens"
@@ -409,18 +465,24 @@ def photomaker_encoder(enc_sd: Mapping[str, Any], *, source: str, version: str |
 
     detected = "v2" if v2.is_v2_state_dict(enc_sd) else "v1"
     if version is not None and version != detected:
-        raise ConversionError(f"{source}: --version {version}, but the keys are those of PhotoMaker {detected} "
-                              f"(qformer_perceiver.* {'present' if detected == 'v2' else 'absent'})")
-    cls, infer = ((v2.PhotoMakerV2IDEncoder, v2.config_from_state_dict) if detected == "v2"
-                  else (v1.PhotoMakerIDEncoder, v1.id_encoder_config_from_state_dict))
+        raise ConversionError(
+            f"{source}: --version {version}, but the keys are those of PhotoMaker {detected} "
+            f"(qformer_perceiver.* {'present' if detected == 'v2' else 'absent'})"
+        )
+    cls, infer = (
+        (v2.PhotoMakerV2IDEncoder, v2.config_from_state_dict)
+        if detected == "v2"
+        else (v1.PhotoMakerIDEncoder, v1.id_encoder_config_from_state_dict)
+    )
     try:
         return detected, cls, infer(enc_sd)
     except ValueError as e:
         raise ConversionError(f"{source}: {e}") from None
 
 
-def convert_photomaker(src, dst, *, unet=None, skip_text_encoder=False, dtype=None, overwrite=False,
-                       version: str | None = None) -> str:
+def convert_photomaker(
+    src, dst, *, unet=None, skip_text_encoder=False, dtype=None, overwrite=False, version: str | None = None
+) -> str:
     """PhotoMaker v1 or V2 checkpoint (detected from the keys; `version` insists) -> DST/id_encoder
     (PhotoMakerIDEncoder / PhotoMakerV2IDEncoder folder) + DST/lora (LoRA folder)."""
     src = Path(src)
@@ -433,17 +495,26 @@ def convert_photomaker(src, dst, *, unet=None, skip_text_encoder=False, dtype=No
             sections[section][key] = v
         sd = sections
     if set(sd) != {"id_encoder", "lora_weights"}:
-        raise ConversionError(f"{src}: expected a PhotoMaker checkpoint with sections id_encoder and "
-                              f"lora_weights, found {sorted(sd)[:10]}")
+        raise ConversionError(
+            f"{src}: expected a PhotoMaker checkpoint with sections id_encoder and "
+            f"lora_weights, found {sorted(sd)[:10]}"
+        )
     for section in ("id_encoder", "lora_weights"):
         if not isinstance(sd[section], Mapping):
-            raise ConversionError(f"{src}: section {section!r} is a {type(sd[section]).__name__}, expected a "
-                                  "dict of tensors (a PhotoMaker checkpoint)")
+            raise ConversionError(
+                f"{src}: section {section!r} is a {type(sd[section]).__name__}, expected a "
+                "dict of tensors (a PhotoMaker checkpoint)"
+            )
     enc_sd = dict(sd["id_encoder"])
     found, cls, enc_cfg = photomaker_encoder(enc_sd, source=f"{src} [id_encoder]", version=version)
     enc_flat = convert_state_dict(cls, enc_cfg, enc_sd, source=f"{src} [id_encoder]", param_dtype=dtype)
-    modules, flat, skipped = _lora_from_state_dict(dict(sd["lora_weights"]), source=f"{src} [lora_weights]",
-                                                   unet=unet, skip_text_encoder=skip_text_encoder, dtype=dtype)
+    modules, flat, skipped = _lora_from_state_dict(
+        dict(sd["lora_weights"]),
+        source=f"{src} [lora_weights]",
+        unet=unet,
+        skip_text_encoder=skip_text_encoder,
+        dtype=dtype,
+    )
     with atomic_output(dst, overwrite, [src, unet]) as tmp:
         (tmp / "id_encoder").mkdir()
         cfg = dict(enc_cfg)
@@ -508,15 +579,21 @@ def export_lora(src, dst, *, overwrite=False) -> str:
     tensors, modules, skipped = _peft_lora_tensors(src, cfg, params)
     r = collections_mode(r for r, _ in modules.values())
     alpha = collections_mode(a for _, a in modules.values())
-    meta = {"r": r, "lora_alpha": alpha, "target_modules": sorted(modules),
-            "rank_pattern": {re.escape(k): v for k, (v, _) in modules.items() if v != r},
-            "alpha_pattern": {re.escape(k): v for k, (_, v) in modules.items() if v != alpha}}
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in meta.items()},
-                                                                    sort_keys=True)}
+    meta = {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(modules),
+        "rank_pattern": {re.escape(k): v for k, (v, _) in modules.items() if v != r},
+        "alpha_pattern": {re.escape(k): v for k, (_, v) in modules.items() if v != alpha},
+    }
+    metadata = {
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in meta.items()}, sort_keys=True),
+    }
     _write_safetensors(tensors, dst, metadata, overwrite)
-    return (f"{len(modules)} LoRA modules -> {dst}"
-            + (f" (skipped {len(skipped)} LoRA modules on adapter layers, no diffusers equivalent)"
-               if skipped else ""))
+    return f"{len(modules)} LoRA modules -> {dst}" + (
+        f" (skipped {len(skipped)} LoRA modules on adapter layers, no diffusers equivalent)" if skipped else ""
+    )
 
 
 def export_photomaker(src, dst, *, overwrite=False) -> str:
@@ -540,8 +617,10 @@ def export_photomaker(src, dst, *, overwrite=False) -> str:
     version = getattr(modeling.get_model_class(enc_cfg[modeling.CLASS_KEY]), "version", None)
     if version not in PHOTOMAKER_VERSIONS:
         raise ConversionError(f"{src / 'id_encoder'}: a {enc_cfg[modeling.CLASS_KEY]}, not a PhotoMaker ID encoder")
-    encoder = {torch_key(tuple(k.split("."))): np.ascontiguousarray(to_torch_layout(tuple(k.split(".")), np.asarray(v)))
-               for k, v in enc_params.items()}
+    encoder = {
+        torch_key(tuple(k.split("."))): np.ascontiguousarray(to_torch_layout(tuple(k.split(".")), np.asarray(v)))
+        for k, v in enc_params.items()
+    }
     lora: dict[str, np.ndarray] = {}
     if (src / "lora").is_dir():
         cfg, params = _read_folder(src / "lora", L.read_lora_config)
@@ -564,8 +643,10 @@ def _write_torch_bin(sections: Mapping[str, Mapping[str, np.ndarray]], dst: Path
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
     os.close(fd)
     try:
-        torch.save({s: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
-                    for s, sd in sections.items()}, tmp)
+        torch.save(
+            {s: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()} for s, sd in sections.items()},
+            tmp,
+        )
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
@@ -605,6 +686,5 @@ def export_adapter(src, dst, *, name: str | None = None, overwrite=False) -> str
         tensors["image_proj.norm.weight"] = np.asarray(params["image_proj.norm.scale"])
         tensors["image_proj.norm.bias"] = np.asarray(params["image_proj.norm.bias"])
     _write_safetensors(tensors, dst, {"format": "pt"}, overwrite)
-    note = ("" if cfg["mode"] == "parallel"
-            else f" (note: mode {cfg['mode']!r}; IP-Adapter loaders run it as parallel)")
+    note = "" if cfg["mode"] == "parallel" else f" (note: mode {cfg['mode']!r}; IP-Adapter loaders run it as parallel)"
     return f"adapter {name!r} ({len(attn_paths)} cross-attentions) -> {dst}{note}"

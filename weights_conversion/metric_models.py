@@ -19,8 +19,9 @@ from weights_conversion.convert import atomic_output, check_output
 from weights_conversion.core import ConversionError, convert_state_dict
 
 
-def convert_file(src: Path, dst: Path, class_name: str, config: dict, *, dtype: str | None = None,
-                 overwrite: bool = False) -> int:
+def convert_file(
+    src: Path, dst: Path, class_name: str, config: dict, *, dtype: str | None = None, overwrite: bool = False
+) -> int:
     """SRC (.pth / .bin / .safetensors state dict) -> DST for the registered `class_name` built from
     `config`; returns the number of parameters written."""
     src = Path(src)
@@ -43,13 +44,13 @@ def convert_file(src: Path, dst: Path, class_name: str, config: dict, *, dtype: 
 def convert_inception(src: Path, dst: Path, *, dtype: str | None = None, overwrite: bool = False) -> str:
     """pytorch-fid's FID Inception weights (torchvision Inception3 keys, as pt_inception-2015-12-05-6726825d.pth,
     or a pytorch_fid.inception.InceptionV3 state dict) -> DST (`models.inception.FIDInceptionV3`)."""
-    n = convert_file(src, dst, "FIDInceptionV3", {"resize_input": True, "normalize_input": True}, dtype=dtype,
-                     overwrite=overwrite)
+    n = convert_file(
+        src, dst, "FIDInceptionV3", {"resize_input": True, "normalize_input": True}, dtype=dtype, overwrite=overwrite
+    )
     return f"FIDInceptionV3 ({n} tensors; fc classifier dropped)"
 
 
-def convert_lpips(src: Path, dst: Path, *, net: str = "alex", dtype: str | None = None,
-                  overwrite: bool = False) -> str:
+def convert_lpips(src: Path, dst: Path, *, net: str = "alex", dtype: str | None = None, overwrite: bool = False) -> str:
     """A whole lpips.LPIPS state dict (backbone + linear layers: `torch.save(lpips.LPIPS(net="alex")
     .state_dict(), "lpips_alex.pth")`; the package's weights/v0.1/alex.pth holds only the linear layers)
     -> DST (`models.lpips.LPIPS`)."""

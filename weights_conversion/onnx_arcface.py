@@ -63,8 +63,7 @@ class _Graph:
             raise ConversionError(f"{source}: expected one image input, found {inputs}")
         self.input = inputs[0]
         if len(g.output) != 1:
-            raise ConversionError(f"{source}: expected one output (the embedding), found "
-                                  f"{[o.name for o in g.output]}")
+            raise ConversionError(f"{source}: expected one output (the embedding), found {[o.name for o in g.output]}")
         self.output = self.resolve(g.output[0].name)
 
     def resolve(self, name: str) -> str:
@@ -77,8 +76,10 @@ class _Graph:
             raise ConversionError(f"{self.source}: {node.op_type} node {node.name!r} lacks input {index}")
         name = self.resolve(node.input[index])
         if name not in self.consts:
-            raise ConversionError(f"{self.source}: {node.op_type} node {node.name!r}: input {name!r} is not an "
-                                  "initializer (export with do_constant_folding=True)")
+            raise ConversionError(
+                f"{self.source}: {node.op_type} node {node.name!r}: input {name!r} is not an "
+                "initializer (export with do_constant_folding=True)"
+            )
         self.used_consts.add(name)
         return self.consts[name]
 
@@ -90,14 +91,17 @@ class _Graph:
         ops = (op,) if isinstance(op, str) else op
         cands = [n for n in self.consumers.get(x, []) if n.op_type in ops and id(n) not in self.matched]
         if len(cands) > 1 and not optional:
-            raise ConversionError(f"{self.source}: {where}: tensor {x!r} feeds several {'/'.join(ops)} nodes "
-                                  f"{[n.name for n in cands]}")
+            raise ConversionError(
+                f"{self.source}: {where}: tensor {x!r} feeds several {'/'.join(ops)} nodes {[n.name for n in cands]}"
+            )
         if not cands:
             if optional:
                 return None
             found = [f"{n.op_type} {n.name!r}" for n in self.consumers.get(x, []) if id(n) not in self.matched]
-            raise ConversionError(f"{self.source}: {where}: expected a {'/'.join(ops)} node after tensor {x!r}, "
-                                  f"found {found or 'nothing'}")
+            raise ConversionError(
+                f"{self.source}: {where}: expected a {'/'.join(ops)} node after tensor {x!r}, "
+                f"found {found or 'nothing'}"
+            )
         self.matched.add(id(cands[0]))
         return cands[0]
 
@@ -119,8 +123,10 @@ class _Walker:
         self.conv_folded: dict[str, bool] = {}
 
     def put(self, key: str, value: np.ndarray, node, index: int):
-        self.params[key] = (np.asarray(value, np.float32), f"{node.op_type} {node.name!r} input "
-                                                            f"{self.g.const_name(node, index)!r}")
+        self.params[key] = (
+            np.asarray(value, np.float32),
+            f"{node.op_type} {node.name!r} input {self.g.const_name(node, index)!r}",
+        )
 
     def conv(self, x: str, prefix: str, *, k: int, stride: int, where: str, bn_key: str | None, in_ch: int):
         """Conv with (kernel k, stride, pad k//2) -> [BN]; returns (output, out_channels)."""
@@ -129,11 +135,15 @@ class _Walker:
         a = g.attrs[id(n)]
         w = g.const(n, 0 + 1)
         if w.ndim != 4 or w.shape[2:] != (k, k):
-            raise ConversionError(f"{g.source}: {where}: Conv {n.name!r} weight {g.const_name(n, 1)!r} has shape "
-                                  f"{w.shape}, expected [out, in, {k}, {k}]")
+            raise ConversionError(
+                f"{g.source}: {where}: Conv {n.name!r} weight {g.const_name(n, 1)!r} has shape "
+                f"{w.shape}, expected [out, in, {k}, {k}]"
+            )
         if w.shape[1] != in_ch:
-            raise ConversionError(f"{g.source}: {where}: Conv {n.name!r} weight {g.const_name(n, 1)!r} has shape "
-                                  f"{w.shape}: {w.shape[1]} input channels, its input has {in_ch}")
+            raise ConversionError(
+                f"{g.source}: {where}: Conv {n.name!r} weight {g.const_name(n, 1)!r} has shape "
+                f"{w.shape}: {w.shape[1]} input channels, its input has {in_ch}"
+            )
         p = k // 2
         checks = {"strides": [stride, stride], "pads": [p, p, p, p], "group": 1, "dilations": [1, 1]}
         for name, want in checks.items():
@@ -147,20 +157,29 @@ class _Walker:
         if has_bias:
             b = g.const(n, 2)
             if b.shape != (w.shape[0],):
-                raise ConversionError(f"{g.source}: {where}: Conv {n.name!r} bias {g.const_name(n, 2)!r} has shape "
-                                      f"{b.shape}, its weight {g.const_name(n, 1)!r} {w.shape} needs ({w.shape[0]},)")
+                raise ConversionError(
+                    f"{g.source}: {where}: Conv {n.name!r} bias {g.const_name(n, 2)!r} has shape "
+                    f"{b.shape}, its weight {g.const_name(n, 1)!r} {w.shape} needs ({w.shape[0]},)"
+                )
             self.put(f"{prefix}.bias", b, n, 2)
         y = g.out(n)
-        bn = g.next(y, "BatchNormalization", where, optional=True) if g.only_consumer_is(y, "BatchNormalization") \
+        bn = (
+            g.next(y, "BatchNormalization", where, optional=True)
+            if g.only_consumer_is(y, "BatchNormalization")
             else None
+        )
         if bn is not None:
             if has_bias:
-                raise ConversionError(f"{g.source}: {where}: Conv {n.name!r} has a bias and a BatchNormalization "
-                                      "after it; IResNet's convs have no bias (unfolded) or no BN (folded)")
+                raise ConversionError(
+                    f"{g.source}: {where}: Conv {n.name!r} has a bias and a BatchNormalization "
+                    "after it; IResNet's convs have no bias (unfolded) or no BN (folded)"
+                )
             y = self.bn(bn, bn_key)
         elif not has_bias:
-            raise ConversionError(f"{g.source}: {where}: Conv {n.name!r} has neither a bias (folded BatchNorm) "
-                                  "nor a BatchNormalization after it")
+            raise ConversionError(
+                f"{g.source}: {where}: Conv {n.name!r} has neither a bias (folded BatchNorm) "
+                "nor a BatchNormalization after it"
+            )
         self.conv_folded[where] = bn is None
         return y, w.shape[0]
 
@@ -170,8 +189,9 @@ class _Walker:
         if a.get("training_mode", 0):
             raise ConversionError(f"{g.source}: BatchNormalization {n.name!r} is in training mode")
         if len(n.output) > 1 and any(n.output[1:]):
-            raise ConversionError(f"{g.source}: BatchNormalization {n.name!r} outputs batch statistics "
-                                  "(a training-mode export)")
+            raise ConversionError(
+                f"{g.source}: BatchNormalization {n.name!r} outputs batch statistics (a training-mode export)"
+            )
         for i, leaf in enumerate(("weight", "bias", "running_mean", "running_var"), start=1):
             self.put(f"{prefix}.{leaf}", g.const(n, i), n, i)
         self.eps[round(float(a.get("epsilon", 1e-5)), 12)].append(n.name)
@@ -183,8 +203,10 @@ class _Walker:
         slope = g.const(n, 1)
         # torch exports PReLU(C) on NCHW with the slope unsqueezed to [C, 1, 1].
         if slope.ndim > 1 and any(d != 1 for d in slope.shape[1:]):
-            raise ConversionError(f"{g.source}: {where}: PRelu {n.name!r} slope {g.const_name(n, 1)!r} has shape "
-                                  f"{slope.shape}; expected per-channel [C] or [C, 1, 1]")
+            raise ConversionError(
+                f"{g.source}: {where}: PRelu {n.name!r} slope {g.const_name(n, 1)!r} has shape "
+                f"{slope.shape}; expected per-channel [C] or [C, 1, 1]"
+            )
         self.put(f"{prefix}.weight", slope.reshape(-1), n, 1)
         return g.out(n)
 
@@ -196,23 +218,36 @@ class _Walker:
         if ds_conv is not None:  # peeked: put it back and match it properly below
             g.matched.discard(id(ds_conv))
         y = self.bn(g.next(x, "BatchNormalization", f"{where}.bn1"), f"{prefix}.bn1")
-        y, planes = self.conv(y, f"{prefix}.conv1", k=3, stride=1, where=f"{where}.conv1", bn_key=f"{prefix}.bn2",
-                              in_ch=in_ch)
+        y, planes = self.conv(
+            y, f"{prefix}.conv1", k=3, stride=1, where=f"{where}.conv1", bn_key=f"{prefix}.bn2", in_ch=in_ch
+        )
         y = self.prelu(y, f"{prefix}.prelu", where)
         stride = 2 if ds_conv is not None else 1
-        y, planes2 = self.conv(y, f"{prefix}.conv2", k=3, stride=stride, where=f"{where}.conv2",
-                               bn_key=f"{prefix}.bn3", in_ch=planes)
+        y, planes2 = self.conv(
+            y, f"{prefix}.conv2", k=3, stride=stride, where=f"{where}.conv2", bn_key=f"{prefix}.bn3", in_ch=planes
+        )
         identity = x
         if ds_conv is not None:
-            identity, _ = self.conv(x, f"{prefix}.downsample.0", k=1, stride=2, where=f"{where}.downsample",
-                                    bn_key=f"{prefix}.downsample.1", in_ch=in_ch)
+            identity, _ = self.conv(
+                x,
+                f"{prefix}.downsample.0",
+                k=1,
+                stride=2,
+                where=f"{where}.downsample",
+                bn_key=f"{prefix}.downsample.1",
+                in_ch=in_ch,
+            )
         elif first:
-            raise ConversionError(f"{g.source}: {where}: the first block of a stage must have a downsample "
-                                  f"(Conv 1x1 stride 2) on its input {x!r}")
+            raise ConversionError(
+                f"{g.source}: {where}: the first block of a stage must have a downsample "
+                f"(Conv 1x1 stride 2) on its input {x!r}"
+            )
         add = g.next(y, "Add", f"{where} residual")
         if sorted(g.resolve(i) for i in add.input) != sorted([y, identity]):
-            raise ConversionError(f"{g.source}: {where}: Add {add.name!r} adds {list(add.input)}, expected the "
-                                  f"block output {y!r} and the shortcut {identity!r}")
+            raise ConversionError(
+                f"{g.source}: {where}: Add {add.name!r} adds {list(add.input)}, expected the "
+                f"block output {y!r} and the shortcut {identity!r}"
+            )
         if planes != planes2:
             raise ConversionError(f"{g.source}: {where}: conv1 has {planes} channels, conv2 {planes2}")
         return g.out(add), planes, ds_conv is not None
@@ -289,13 +324,24 @@ class _Walker:
         folded = set(self.conv_folded.values())
         if len(folded) != 1:
             mixed = sorted(k for k, v in self.conv_folded.items() if v)
-            raise ConversionError(f"{g.source}: some conv->BatchNorm pairs are folded and some are not "
-                                  f"(folded: {mixed[:10]}); IResNet supports all or none")
+            raise ConversionError(
+                f"{g.source}: some conv->BatchNorm pairs are folded and some are not "
+                f"(folded: {mixed[:10]}); IResNet supports all or none"
+            )
         if len(self.eps) != 1:
             raise ConversionError(f"{g.source}: BatchNormalization epsilons differ: {dict(self.eps)}")
-        return dict(layers=layers, widths=widths, stem_width=stem, num_features=int(num_features),
-                    input_size=side * 2 ** len(layers), bn_eps=next(iter(self.eps)), bn_folded=folded.pop(),
-                    features_folded=feats is None, input_mean=127.5, input_std=127.5)
+        return dict(
+            layers=layers,
+            widths=widths,
+            stem_width=stem,
+            num_features=int(num_features),
+            input_size=side * 2 ** len(layers),
+            bn_eps=next(iter(self.eps)),
+            bn_folded=folded.pop(),
+            features_folded=feats is None,
+            input_mean=127.5,
+            input_std=127.5,
+        )
 
 
 def read_arcface_onnx(src: Path) -> tuple[dict, dict]:
@@ -349,13 +395,17 @@ def convert_arcface(src: Path, dst: Path, *, dtype: str | None = None, overwrite
         value, origin = params[k]
         value = to_flax_layout(p, value)
         if tuple(value.shape) != tuple(expected[p].shape):
-            mismatched.append(f"{k} ({origin}: {tuple(params[k][0].shape)}, model built from the graph expects "
-                              f"{tuple(expected[p].shape)} in our layout)")
+            mismatched.append(
+                f"{k} ({origin}: {tuple(params[k][0].shape)}, model built from the graph expects "
+                f"{tuple(expected[p].shape)} in our layout)"
+            )
             continue
         out[p] = jnp.asarray(np.ascontiguousarray(value), dtype=jnp.dtype(dtype) if dtype else jnp.float32)
     if missing or unexpected or mismatched:
-        lines = [f"{src}: ONNX weights do not match the IResNet inferred from its graph "
-                 f"(layers={config['layers']}, widths={config['widths']})"]
+        lines = [
+            f"{src}: ONNX weights do not match the IResNet inferred from its graph "
+            f"(layers={config['layers']}, widths={config['widths']})"
+        ]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)):
             if items:
                 lines.append(_listing(title, items))
@@ -365,5 +415,7 @@ def convert_arcface(src: Path, dst: Path, *, dtype: str | None = None, overwrite
         cfg[modeling.CLASS_KEY] = "IResNet"
         (tmp / modeling.CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         modeling.save_params(out, tmp / modeling.PARAMS_DIR)
-    return (f"IResNet layers={config['layers']} widths={config['widths']} features={config['num_features']} "
-            f"input={config['input_size']} bn_folded={config['bn_folded']}")
+    return (
+        f"IResNet layers={config['layers']} widths={config['widths']} features={config['num_features']} "
+        f"input={config['input_size']} bn_folded={config['bn_folded']}"
+    )

@@ -30,9 +30,11 @@ def reference_inputs(name: str, config: dict, seed: int = 0, latent_hw=(32, 32),
         h, w = latent_hw
         cross = config.get("cross_attention_dim", 2048)
         cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-        out = {"sample": f(batch, h, w, config.get("in_channels", 4)),
-               "timesteps": np.linspace(0, 999, batch).astype(np.int32),
-               "encoder_hidden_states": f(batch, 77, cross)}
+        out = {
+            "sample": f(batch, h, w, config.get("in_channels", 4)),
+            "timesteps": np.linspace(0, 999, batch).astype(np.int32),
+            "encoder_hidden_states": f(batch, 77, cross),
+        }
         if config.get("addition_embed_type") == "text_time":
             pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
             out["text_embeds"] = f(batch, pooled)
@@ -41,8 +43,9 @@ def reference_inputs(name: str, config: dict, seed: int = 0, latent_hw=(32, 32),
             from persongen_jax.models.controlnet import ControlNetConfig
 
             f = ControlNetConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")}).downscale_factor
-            out["controlnet_cond"] = rng.random((batch, f * h, f * w, config.get("conditioning_channels", 3)),
-                                                dtype=np.float32)
+            out["controlnet_cond"] = rng.random(
+                (batch, f * h, f * w, config.get("conditioning_channels", 3)), dtype=np.float32
+            )
         return out
     if name == "AutoencoderKL":
         return {"images": np.clip(f(batch, 64, 64, config.get("in_channels", 3)) * 0.5, -1, 1)}
@@ -51,8 +54,11 @@ def reference_inputs(name: str, config: dict, seed: int = 0, latent_hw=(32, 32),
         return {"pixel_values": f(batch, size, size, config.get("num_channels", 3))}
     if name == "T2IAdapter":  # an image at 2 x 2 of the adapter's last features (odd sizes: the ceil pool)
         size = 2 * 2 * config.get("downscale_factor", 16)
-        return {"image": rng.random((batch, size, size + config.get("downscale_factor", 16),
-                                     config.get("in_channels", 3)), dtype=np.float32)}
+        return {
+            "image": rng.random(
+                (batch, size, size + config.get("downscale_factor", 16), config.get("in_channels", 3)), dtype=np.float32
+            )
+        }
     text = config.get("text_config", config)
     vision = config.get("vision_config", config)
     out = {}
@@ -80,37 +86,61 @@ def run_torch(name: str, folder: Path, inputs: dict, variant=None) -> dict:
     with torch.no_grad():
         if name == "UNet2DConditionModel":
             from diffusers import UNet2DConditionModel
+
             m = UNet2DConditionModel.from_pretrained(folder, variant=variant, **kw).eval()
-            added = {"text_embeds": T(inputs["text_embeds"]), "time_ids": T(inputs["time_ids"])} \
-                if "text_embeds" in inputs else None
-            out = m(T(_nchw(inputs["sample"])), T(inputs["timesteps"]).long(), T(inputs["encoder_hidden_states"]),
-                    added_cond_kwargs=added).sample
+            added = (
+                {"text_embeds": T(inputs["text_embeds"]), "time_ids": T(inputs["time_ids"])}
+                if "text_embeds" in inputs
+                else None
+            )
+            out = m(
+                T(_nchw(inputs["sample"])),
+                T(inputs["timesteps"]).long(),
+                T(inputs["encoder_hidden_states"]),
+                added_cond_kwargs=added,
+            ).sample
             res = {"sample": _nhwc(out.numpy())}
         elif name == "ControlNetModel":
             from diffusers import ControlNetModel
+
             m = ControlNetModel.from_pretrained(folder, variant=variant, **kw).eval()
-            added = {"text_embeds": T(inputs["text_embeds"]), "time_ids": T(inputs["time_ids"])} \
-                if "text_embeds" in inputs else None
-            down, mid = m(T(_nchw(inputs["sample"])), T(inputs["timesteps"]).long(),
-                          T(inputs["encoder_hidden_states"]), controlnet_cond=T(_nchw(inputs["controlnet_cond"])),
-                          added_cond_kwargs=added, return_dict=False)
+            added = (
+                {"text_embeds": T(inputs["text_embeds"]), "time_ids": T(inputs["time_ids"])}
+                if "text_embeds" in inputs
+                else None
+            )
+            down, mid = m(
+                T(_nchw(inputs["sample"])),
+                T(inputs["timesteps"]).long(),
+                T(inputs["encoder_hidden_states"]),
+                controlnet_cond=T(_nchw(inputs["controlnet_cond"])),
+                added_cond_kwargs=added,
+                return_dict=False,
+            )
             res = {f"down_{i}": _nhwc(d.numpy()) for i, d in enumerate(down)} | {"mid": _nhwc(mid.numpy())}
         elif name == "T2IAdapter":
             from diffusers import T2IAdapter
+
             m = T2IAdapter.from_pretrained(folder, variant=variant, **kw).eval()
             res = {f"feature_{i}": _nhwc(f.numpy()) for i, f in enumerate(m(T(_nchw(inputs["image"]))))}
         elif name == "AutoencoderKL":
             from diffusers import AutoencoderKL
+
             m = AutoencoderKL.from_pretrained(folder, variant=variant, **kw).eval()
             dist = m.encode(T(_nchw(inputs["images"]))).latent_dist
-            res = {"mean": _nhwc(dist.mean.numpy()), "logvar": _nhwc(dist.logvar.numpy()),
-                   "decoded": _nhwc(m.decode(dist.mean).sample.numpy())}
+            res = {
+                "mean": _nhwc(dist.mean.numpy()),
+                "logvar": _nhwc(dist.logvar.numpy()),
+                "decoded": _nhwc(m.decode(dist.mean).sample.numpy()),
+            }
         elif name == "ViTModel":
             from transformers import ViTModel
+
             m = ViTModel.from_pretrained(folder, dtype=torch.float32, add_pooling_layer=False).eval()
             res = {"last_hidden_state": m(T(_nchw(inputs["pixel_values"]))).last_hidden_state.numpy()}
         else:
             import transformers
+
             m = getattr(transformers, name).from_pretrained(folder, dtype=torch.float32).eval()
             res = {}
             if name == "CLIPModel":
@@ -141,11 +171,18 @@ def run_flax(name: str, folder: Path, inputs: dict) -> dict:
         J = lambda x: jnp.asarray(x)
         if name == "UNet2DConditionModel":
             extra = {k: J(inputs[k]) for k in ("text_embeds", "time_ids") if k in inputs}
-            res = {"sample": m(J(inputs["sample"]), J(inputs["timesteps"]), J(inputs["encoder_hidden_states"]), **extra)}
+            res = {
+                "sample": m(J(inputs["sample"]), J(inputs["timesteps"]), J(inputs["encoder_hidden_states"]), **extra)
+            }
         elif name == "ControlNetModel":
             extra = {k: J(inputs[k]) for k in ("text_embeds", "time_ids") if k in inputs}
-            down, mid = m(J(inputs["sample"]), J(inputs["timesteps"]), J(inputs["encoder_hidden_states"]),
-                          J(inputs["controlnet_cond"]), **extra)
+            down, mid = m(
+                J(inputs["sample"]),
+                J(inputs["timesteps"]),
+                J(inputs["encoder_hidden_states"]),
+                J(inputs["controlnet_cond"]),
+                **extra,
+            )
             res = {f"down_{i}": d for i, d in enumerate(down)} | {"mid": mid}
         elif name == "T2IAdapter":
             res = {f"feature_{i}": f for i, f in enumerate(m(J(inputs["image"])))}
@@ -155,16 +192,23 @@ def run_flax(name: str, folder: Path, inputs: dict) -> dict:
         elif name == "ViTModel":
             res = {"last_hidden_state": m(J(inputs["pixel_values"])).last_hidden_state}
         elif name == "CLIPModel":
-            res = {"text_embeds": m.get_text_features(J(inputs["input_ids"])),
-                   "image_embeds": m.get_image_features(J(inputs["pixel_values"]))}
+            res = {
+                "text_embeds": m.get_text_features(J(inputs["input_ids"])),
+                "image_embeds": m.get_image_features(J(inputs["pixel_values"])),
+            }
         elif "Text" in name:
             o = m(J(inputs["input_ids"]))
-            res = {"penultimate": o.hidden_states[-2], "last_hidden_state": o.last_hidden_state,
-                   "pooled": getattr(o, "text_embeds", None) if "Projection" in name else o.pooler_output}
+            res = {
+                "penultimate": o.hidden_states[-2],
+                "last_hidden_state": o.last_hidden_state,
+                "pooled": getattr(o, "text_embeds", None) if "Projection" in name else o.pooler_output,
+            }
         else:
             o = m(J(inputs["pixel_values"]))
-            res = {"last_hidden_state": o.last_hidden_state,
-                   "pooled": getattr(o, "image_embeds", None) if "Projection" in name else o.pooler_output}
+            res = {
+                "last_hidden_state": o.last_hidden_state,
+                "pooled": getattr(o, "image_embeds", None) if "Projection" in name else o.pooler_output,
+            }
         return {k: np.asarray(v) for k, v in res.items()}
 
 
@@ -191,8 +235,11 @@ def verify_folder(src, dst, variant=None) -> float:
     """Verifies every converted component under `dst`; prints one line each; returns the worst diff,
     NaN when any output is non-finite (the caller fails on it)."""
     src, dst = Path(src), Path(dst)
-    pairs = [(src, dst)] if (dst / modeling.CONFIG_FILE).is_file() else \
-        [(src / c.name, c) for c in sorted(dst.iterdir()) if (c / modeling.CONFIG_FILE).is_file()]
+    pairs = (
+        [(src, dst)]
+        if (dst / modeling.CONFIG_FILE).is_file()
+        else [(src / c.name, c) for c in sorted(dst.iterdir()) if (c / modeling.CONFIG_FILE).is_file()]
+    )
     worst = 0.0
     for s, d in pairs:
         diffs = verify_component(s, d, variant=variant)

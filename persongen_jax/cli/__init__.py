@@ -12,8 +12,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if ("%(default)" in text or "default" in text.lower() or not action.option_strings
-                or default is None or default is False or default == [] or default is argparse.SUPPRESS):
+        if (
+            "%(default)" in text
+            or "default" in text.lower()
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
             return text
         return f"{text} (default: %(default)s)"
 

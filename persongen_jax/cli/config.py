@@ -4,11 +4,12 @@ app's --tiny): by path, through ml_collections' own parser. The library itself n
 
 from __future__ import annotations
 
-from persongen_jax.io import loads_json
 from pathlib import Path
 
 import ml_collections
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser  # the parser of DEFINE_config_file
+
+from persongen_jax.io import loads_json
 
 # The embedded default: tiny random model on the demo dataset (train without --config, the app's --tiny).
 DEMO_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "demo.py")

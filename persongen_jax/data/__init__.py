@@ -14,10 +14,24 @@ import importlib
 
 # Names resolved lazily, so `python -m persongen_jax.data.format` does not import the module twice.
 _EXPORTS = {
-    "format": ("check_shards", "decode_record", "encode_record", "index_shards", "load_index", "read_records",
-               "write_dataset"),
-    "pipeline": ("BATCH_KEYS", "BadRecords", "bad_records_report", "epochs_completed", "make_train_dataset",
-                 "make_train_iterator", "num_records"),
+    "format": (
+        "check_shards",
+        "decode_record",
+        "encode_record",
+        "index_shards",
+        "load_index",
+        "read_records",
+        "write_dataset",
+    ),
+    "pipeline": (
+        "BATCH_KEYS",
+        "BadRecords",
+        "bad_records_report",
+        "epochs_completed",
+        "make_train_dataset",
+        "make_train_iterator",
+        "num_records",
+    ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

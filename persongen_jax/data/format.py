@@ -68,8 +68,9 @@ INDEX_FILE = "index.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_TRIGGER_WORD = "img"
 # The captions fields of configs/default.py's text conditions (P_bg, P_body).
-DEFAULT_CAPTION_FIELDS = tuple(c.source for c in conditions_lib.text_conditions(
-    conditions_lib.parse(conditions_lib.DEFAULTS)))
+DEFAULT_CAPTION_FIELDS = tuple(
+    c.source for c in conditions_lib.text_conditions(conditions_lib.parse(conditions_lib.DEFAULTS))
+)
 # 2: shards carry nbytes + sha256 (checked by every reader). 1: counts only (still read, unverified).
 FORMAT_VERSION = 2
 # The largest image or mask file the writer reads: far above any photo, and a `/dev/zero`-like
@@ -113,10 +114,10 @@ def decode_record(raw: bytes) -> tuple[dict[str, Any], bytes, bytes]:
     if raw[:4] != MAGIC:
         raise ValueError(f"not a persongen_jax record (magic {raw[:4]!r}, expected {MAGIC!r})")
     (n,) = struct.unpack("<I", raw[4:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     start = 8 + n
-    image = raw[start:start + header["image_nbytes"]]
-    mask = raw[start + header["image_nbytes"]:start + header["image_nbytes"] + header["mask_nbytes"]]
+    image = raw[start : start + header["image_nbytes"]]
+    mask = raw[start + header["image_nbytes"] : start + header["image_nbytes"] + header["mask_nbytes"]]
     return header, image, mask
 
 
@@ -127,31 +128,44 @@ def load_index(data_dir: str | os.PathLike) -> dict[str, Any]:
     """index.json of a dataset folder; FileNotFoundError / ValueError naming the folder or file."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"{data_dir}: no such dataset folder; build one with "
-                                "`python -m persongen_jax.data.format SRC CAPTIONS.jsonl DST`")
+        raise FileNotFoundError(
+            f"{data_dir}: no such dataset folder; build one with "
+            "`python -m persongen_jax.data.format SRC CAPTIONS.jsonl DST`"
+        )
     path = data_dir / INDEX_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{data_dir}: no {INDEX_FILE}; build the dataset with "
-                                "`python -m persongen_jax.data.format SRC CAPTIONS.jsonl DST`")
+        raise FileNotFoundError(
+            f"{data_dir}: no {INDEX_FILE}; build the dataset with "
+            "`python -m persongen_jax.data.format SRC CAPTIONS.jsonl DST`"
+        )
     try:
         index = loads_json(path.read_bytes(), path)
     except ValueError as e:
         raise ValueError(f"{e}; {REBUILD_HINT}") from None
-    ok = (isinstance(index, dict) and isinstance(index.get("shards"), list)
-          and isinstance(index.get("persons"), dict) and isinstance(index.get("num_records"), int)
-          and all(isinstance(s, dict) and isinstance(s.get("path"), str)
-                  and isinstance(s.get("num_records"), int) for s in index["shards"]))
+    ok = (
+        isinstance(index, dict)
+        and isinstance(index.get("shards"), list)
+        and isinstance(index.get("persons"), dict)
+        and isinstance(index.get("num_records"), int)
+        and all(
+            isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("num_records"), int)
+            for s in index["shards"]
+        )
+    )
     if not ok:
-        raise ValueError(f"{path}: not a persongen_jax dataset index (needs version, num_records, shards "
-                         f"[{{path, num_records, ...}}], persons); {REBUILD_HINT}")
+        raise ValueError(
+            f"{path}: not a persongen_jax dataset index (needs version, num_records, shards "
+            f"[{{path, num_records, ...}}], persons); {REBUILD_HINT}"
+        )
     return index
 
 
 def _shard_file(data_dir: Path, name: str) -> Path:
     """A shard's path; the index may only name files directly inside the dataset folder."""
     if not name or name != posixpath.basename(name) or name in (".", ".."):
-        raise ValueError(f"{data_dir / INDEX_FILE}: shard path {name!r} is not a file name inside the "
-                         f"dataset folder; {REBUILD_HINT}")
+        raise ValueError(
+            f"{data_dir / INDEX_FILE}: shard path {name!r} is not a file name inside the dataset folder; {REBUILD_HINT}"
+        )
     return data_dir / name
 
 
@@ -195,8 +209,12 @@ def index_shards(data_dir: str | os.PathLike, shard_names) -> list[dict[str, Any
     paths = [_shard_file(data_dir, n) for n in shard_names]
 
     def entry(path: Path) -> dict[str, Any]:
-        return {"path": path.name, "num_records": _count_records(path), "nbytes": path.stat().st_size,
-                "sha256": _sha256(path)}
+        return {
+            "path": path.name,
+            "num_records": _count_records(path),
+            "nbytes": path.stat().st_size,
+            "sha256": _sha256(path),
+        }
 
     return _map_threads(entry, paths)
 
@@ -211,11 +229,17 @@ def check_shards(data_dir: str | os.PathLike, index: dict[str, Any], *, verify_h
     where = data_dir / INDEX_FILE
     version = index.get("version")
     if version == 1:
-        log.warning("%s: version-1 index without shard sizes or hashes: shards are checked for presence and "
-                    "record counts only (unverified); %s to get full checks", where, REBUILD_HINT)
+        log.warning(
+            "%s: version-1 index without shard sizes or hashes: shards are checked for presence and "
+            "record counts only (unverified); %s to get full checks",
+            where,
+            REBUILD_HINT,
+        )
     elif version != FORMAT_VERSION:
-        raise ValueError(f"{where}: index version {version!r}; this persongen_jax reads versions 1 and "
-                         f"{FORMAT_VERSION}; {REBUILD_HINT}")
+        raise ValueError(
+            f"{where}: index version {version!r}; this persongen_jax reads versions 1 and "
+            f"{FORMAT_VERSION}; {REBUILD_HINT}"
+        )
     entries = index["shards"]
     paths = [_shard_file(data_dir, s["path"]) for s in entries]
     for s, path in zip(entries, paths):
@@ -223,25 +247,33 @@ def check_shards(data_dir: str | os.PathLike, index: dict[str, Any], *, verify_h
             raise ValueError(f"{path}: shard listed in {where} is missing; {REBUILD_HINT}")
         if version != 1:
             if not isinstance(s.get("nbytes"), int) or not isinstance(s.get("sha256"), str):
-                raise ValueError(f"{where}: shard {s['path']} has no nbytes/sha256 (a version-2 index needs "
-                                 f"them); {REBUILD_HINT}")
+                raise ValueError(
+                    f"{where}: shard {s['path']} has no nbytes/sha256 (a version-2 index needs them); {REBUILD_HINT}"
+                )
             size = path.stat().st_size
             if size != s["nbytes"]:
-                raise ValueError(f"{path}: {size} bytes, {where} says {s['nbytes']}: the shard changed after "
-                                 f"the index was written (or the write was interrupted); {REBUILD_HINT}")
+                raise ValueError(
+                    f"{path}: {size} bytes, {where} says {s['nbytes']}: the shard changed after "
+                    f"the index was written (or the write was interrupted); {REBUILD_HINT}"
+                )
         n = _count_records(path)
         if n != s["num_records"]:
-            raise ValueError(f"{path}: {n} records, {where} says {s['num_records']}: the shard changed after "
-                             f"the index was written; {REBUILD_HINT}")
+            raise ValueError(
+                f"{path}: {n} records, {where} says {s['num_records']}: the shard changed after "
+                f"the index was written; {REBUILD_HINT}"
+            )
     if version != 1 and verify_hashes:
         for s, path, digest in zip(entries, paths, _map_threads(_sha256, paths)):
             if digest != s["sha256"]:
-                raise ValueError(f"{path}: sha256 {digest[:12]}..., {where} says {s['sha256'][:12]}...: the "
-                                 f"shard's content changed after the index was written; {REBUILD_HINT}")
+                raise ValueError(
+                    f"{path}: sha256 {digest[:12]}..., {where} says {s['sha256'][:12]}...: the "
+                    f"shard's content changed after the index was written; {REBUILD_HINT}"
+                )
     total = sum(s["num_records"] for s in entries)
     if total != index["num_records"]:
-        raise ValueError(f"{where}: shards hold {total} records, num_records says {index['num_records']}; "
-                         f"{REBUILD_HINT}")
+        raise ValueError(
+            f"{where}: shards hold {total} records, num_records says {index['num_records']}; {REBUILD_HINT}"
+        )
     for pid, recs in index["persons"].items():
         if not isinstance(recs, list) or not all(isinstance(r, int) and 0 <= r < total for r in recs):
             raise ValueError(f"{where}: person {pid!r} has record indices outside [0, {total}); {REBUILD_HINT}")
@@ -308,8 +340,11 @@ def read_limited(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> bytes:
 def _check_box(box, width: int, height: int) -> list[float]:
     if box is None:
         raise ValueError("missing face box")
-    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+    if (
+        not isinstance(box, (list, tuple))
+        or len(box) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+    ):
         raise ValueError(f"face box {box!r} is not [x0, y0, x1, y1] (4 numbers)"[:200])
     if not all(math.isfinite(v) for v in box):
         raise ValueError(f"face box {list(box)} has a non-finite value")
@@ -328,8 +363,14 @@ def _check_types(entry: dict) -> None:
             raise ValueError(f"{key} must be a string or null, got {type(v).__name__} {v!r}"[:200])
 
 
-def _validate(src_real: str, rel: str, real: str, entry: dict | None, trigger_word: str | None,
-              max_file_bytes: int = MAX_FILE_BYTES):
+def _validate(
+    src_real: str,
+    rel: str,
+    real: str,
+    entry: dict | None,
+    trigger_word: str | None,
+    max_file_bytes: int = MAX_FILE_BYTES,
+):
     """(header, image bytes, mask bytes) of one good image; ValueError(reason) for a bad one."""
     try:
         data = read_limited(real, max_file_bytes)
@@ -361,8 +402,9 @@ def _validate(src_real: str, rel: str, real: str, entry: dict | None, trigger_wo
             raise ValueError(f"cannot read face mask {entry['face_mask']} ({type(e).__name__})") from None
         if size != (width, height):
             raise ValueError(f"face mask {size} does not match the image {width}x{height}")
-    header = dict(person_id=_person_id(rel), image=rel, caption=caption, face_box=box, width=width, height=height,
-                  format=fmt)
+    header = dict(
+        person_id=_person_id(rel), image=rel, caption=caption, face_box=box, width=width, height=height, format=fmt
+    )
     # Every caption_* field is a text condition's text (P_bg, P_body, ...: conditions.Condition.source; types
     # checked by _check_types); the default conditions' fields are always in the header (None when absent).
     for key in sorted(set(DEFAULT_CAPTION_FIELDS) | {k for k in entry if k.startswith("caption_")}):
@@ -370,8 +412,9 @@ def _validate(src_real: str, rel: str, real: str, entry: dict | None, trigger_wo
     return header, data, mask
 
 
-def read_captions(captions_jsonl: str | os.PathLike, src_dir: str | os.PathLike | None = None
-                  ) -> tuple[dict[str, dict], list[dict]]:
+def read_captions(
+    captions_jsonl: str | os.PathLike, src_dir: str | os.PathLike | None = None
+) -> tuple[dict[str, dict], list[dict]]:
     """{normalised image path: entry} and a list of bad lines ({"image", "reason"}) of a captions JSONL.
 
     A line is bad (listed, the rest go on) when it is not UTF-8, not a JSON object, lacks a string
@@ -409,16 +452,20 @@ def read_captions(captions_jsonl: str | os.PathLike, src_dir: str | os.PathLike 
             bad.append(dict(image=rel, reason=f"{e} ({where})"))
             continue
         if rel in entries:
-            bad.append(dict(image=rel, reason=f"duplicate caption line ({where}; line {first_line[rel]} "
-                                              "kept)"))
+            bad.append(dict(image=rel, reason=f"duplicate caption line ({where}; line {first_line[rel]} kept)"))
             continue
         entries[rel], first_line[rel] = entry, n
     return entries, bad
 
 
-def check_inputs(src_dir: str | os.PathLike, captions_jsonl: str | os.PathLike, *,
-                 trigger_word: str | None = DEFAULT_TRIGGER_WORD, max_file_bytes: int = MAX_FILE_BYTES,
-                 progress: bool = True) -> tuple[list[tuple[dict, bytes, bytes]], list[dict]]:
+def check_inputs(
+    src_dir: str | os.PathLike,
+    captions_jsonl: str | os.PathLike,
+    *,
+    trigger_word: str | None = DEFAULT_TRIGGER_WORD,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    progress: bool = True,
+) -> tuple[list[tuple[dict, bytes, bytes]], list[dict]]:
     """(good records sorted by path as (header, image bytes, mask bytes), bad inputs {"image", "reason"}):
     every image file under SRC/persons/ and every JSONL line is accounted for."""
     from tqdm import tqdm
@@ -431,11 +478,11 @@ def check_inputs(src_dir: str | os.PathLike, captions_jsonl: str | os.PathLike, 
     src_real = os.path.realpath(src)
     entries, bad = read_captions(captions_jsonl, src)
     listed = {b["image"] for b in bad}
-    files = {p.relative_to(src).as_posix() for p in (src / "persons").glob("*/*")
-             if p.suffix.lower() in IMAGE_EXTENSIONS}
+    files = {
+        p.relative_to(src).as_posix() for p in (src / "persons").glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS
+    }
     good, seen_real = [], {}
-    for rel in tqdm(sorted((files - listed) | set(entries)), desc="checking images", disable=not progress,
-                    unit="img"):
+    for rel in tqdm(sorted((files - listed) | set(entries)), desc="checking images", disable=not progress, unit="img"):
         if _person_id(rel) is None:
             bad.append(dict(image=rel, reason="not under persons/<person_id>/"))
             continue
@@ -460,8 +507,9 @@ def check_destination(dst: Path, protected: dict[str, Path], allowed_extra: tupl
     for what, p in protected.items():
         p_real = os.path.realpath(p)
         if os.path.commonpath([dst_real, p_real]) == dst_real:
-            raise ValueError(f"{dst}: holds the {what} {p}; the dataset replaces DST as a whole, so write it "
-                             "to another folder")
+            raise ValueError(
+                f"{dst}: holds the {what} {p}; the dataset replaces DST as a whole, so write it to another folder"
+            )
     if os.path.lexists(dst) and not dst.is_dir():
         raise ValueError(f"{dst}: exists and is not a folder")
     if dst.is_dir() and any(dst.iterdir()):
@@ -471,13 +519,22 @@ def check_destination(dst: Path, protected: dict[str, Path], allowed_extra: tupl
             ours = None
         foreign = sorted(p.name for p in dst.iterdir() if ours is None or p.name not in ours)
         if foreign:
-            raise ValueError(f"{dst}: not empty and not a dataset written by this tool (holds "
-                             f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); choose a new "
-                             "or empty folder (nothing in it is replaced)")
+            raise ValueError(
+                f"{dst}: not empty and not a dataset written by this tool (holds "
+                f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); choose a new "
+                "or empty folder (nothing in it is replaced)"
+            )
 
 
-def write_records(out_dir: str | os.PathLike, good, bad, *, num_shards: int = 1,
-                  trigger_word: str | None = DEFAULT_TRIGGER_WORD, progress: bool = True) -> dict[str, Any]:
+def write_records(
+    out_dir: str | os.PathLike,
+    good,
+    bad,
+    *,
+    num_shards: int = 1,
+    trigger_word: str | None = DEFAULT_TRIGGER_WORD,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Writes shards + index.json into the existing folder `out_dir` (not atomic by itself: `write_dataset`
     and `make_demo` call it inside `atomic_dir`); returns the index."""
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -499,15 +556,28 @@ def write_records(out_dir: str | os.PathLike, good, bad, *, num_shards: int = 1,
                 bar.update()
             writer.close()
             names.append(name)
-    index = dict(version=FORMAT_VERSION, num_records=len(good), shards=index_shards(out_dir, names),
-                 persons=dict(sorted(persons.items())), bad=bad, trigger_word=trigger_word)
+    index = dict(
+        version=FORMAT_VERSION,
+        num_records=len(good),
+        shards=index_shards(out_dir, names),
+        persons=dict(sorted(persons.items())),
+        bad=bad,
+        trigger_word=trigger_word,
+    )
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1))
     return index
 
 
-def write_dataset(src_dir: str | os.PathLike, captions_jsonl: str | os.PathLike, dst_dir: str | os.PathLike, *,
-                  num_shards: int = 1, trigger_word: str | None = DEFAULT_TRIGGER_WORD,
-                  progress: bool = True, max_file_bytes: int = MAX_FILE_BYTES) -> dict[str, Any]:
+def write_dataset(
+    src_dir: str | os.PathLike,
+    captions_jsonl: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    *,
+    num_shards: int = 1,
+    trigger_word: str | None = DEFAULT_TRIGGER_WORD,
+    progress: bool = True,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> dict[str, Any]:
     """Builds the ArrayRecord dataset from `src_dir/persons/<id>/*` + the captions JSONL; returns the index.
 
     Every image file under persons/ and every JSONL line is accounted for: good ones become records
@@ -518,11 +588,15 @@ def write_dataset(src_dir: str | os.PathLike, captions_jsonl: str | os.PathLike,
 
     src, dst = Path(src_dir), Path(dst_dir)
     check_destination(dst, {"source folder": src, "captions file": Path(captions_jsonl)})
-    good, bad = check_inputs(src, captions_jsonl, trigger_word=trigger_word, max_file_bytes=max_file_bytes,
-                             progress=progress)
+    good, bad = check_inputs(
+        src, captions_jsonl, trigger_word=trigger_word, max_file_bytes=max_file_bytes, progress=progress
+    )
     if not good:
-        raise ValueError(f"{src}: no usable images ({len(bad)} bad: "
-                         + "; ".join(f"{b['image']} ({b['reason']})" for b in bad[:5]) + ")")
+        raise ValueError(
+            f"{src}: no usable images ({len(bad)} bad: "
+            + "; ".join(f"{b['image']} ({b['reason']})" for b in bad[:5])
+            + ")"
+        )
     with atomic_dir(dst, overwrite=True) as tmp:
         return write_records(tmp, good, bad, num_shards=num_shards, trigger_word=trigger_word, progress=progress)
 
@@ -534,20 +608,33 @@ def main(argv=None) -> int:
     p.add_argument("dst", help="output folder (ArrayRecord shards + index.json)")
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--trigger-word", default=DEFAULT_TRIGGER_WORD)
-    p.add_argument("--max-file-mb", type=float, default=MAX_FILE_BYTES / 2**20,
-                   help="largest image / mask file read (default %(default)g MiB)")
+    p.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=MAX_FILE_BYTES / 2**20,
+        help="largest image / mask file read (default %(default)g MiB)",
+    )
     a = p.parse_args(argv)
     try:
-        index = write_dataset(a.src, a.captions, a.dst, num_shards=a.num_shards, trigger_word=a.trigger_word,
-                              max_file_bytes=int(a.max_file_mb * 2**20))
+        index = write_dataset(
+            a.src,
+            a.captions,
+            a.dst,
+            num_shards=a.num_shards,
+            trigger_word=a.trigger_word,
+            max_file_bytes=int(a.max_file_mb * 2**20),
+        )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{a.dst}: {index['num_records']} records of {len(index['persons'])} persons "
-          f"in {len(index['shards'])} shard(s)")
+    print(
+        f"{a.dst}: {index['num_records']} records of {len(index['persons'])} persons in {len(index['shards'])} shard(s)"
+    )
     if index["bad"]:
-        print(f"{len(index['bad'])} bad input(s), not written: "
-              + ", ".join(f"{b['image']} ({b['reason']})" for b in index["bad"]))
+        print(
+            f"{len(index['bad'])} bad input(s), not written: "
+            + ", ".join(f"{b['image']} ({b['reason']})" for b in index["bad"])
+        )
     return 0
 
 

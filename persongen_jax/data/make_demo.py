@@ -30,20 +30,30 @@ from persongen_jax.data import format as fmt
 
 DEMO_CLASS_WORDS = CLASS_WORDS[:5]  # man, woman, person, boy, girl: words of the tiny test tokenizer
 # caption_bg -> the phrase in the caption
-BACKGROUNDS = {"red background": "on a red background", "black background": "on a black background",
-               "mountains": "in the mountains", "city street": "in the city street", "room": "in a room"}
+BACKGROUNDS = {
+    "red background": "on a red background",
+    "black background": "on a black background",
+    "mountains": "in the mountains",
+    "city street": "in the city street",
+    "room": "in a room",
+}
 BODIES = ("wearing a red suit", "wearing a black suit", "wearing a red hat", "wearing a black hat")
 RED, BLACK = (200, 30, 30), (25, 25, 25)
 
 
 def _person(rng: np.random.Generator, i: int) -> dict:
     return dict(
-        id=f"p{i:03d}", class_word=DEMO_CLASS_WORDS[i % len(DEMO_CLASS_WORDS)],
+        id=f"p{i:03d}",
+        class_word=DEMO_CLASS_WORDS[i % len(DEMO_CLASS_WORDS)],
         skin=tuple(int(v) for v in rng.integers(60, 255, 3)),
         stripe=tuple(int(v) for v in rng.integers(0, 255, 3)),
-        angle=float(rng.uniform(0, np.pi)), period=float(rng.uniform(0.15, 0.45)),
-        eye_dx=float(rng.uniform(0.15, 0.32)), eye_y=float(rng.uniform(-0.25, 0.05)),
-        eye=tuple(int(v) for v in rng.integers(0, 255, 3)), aspect=float(rng.uniform(0.75, 1.0)))
+        angle=float(rng.uniform(0, np.pi)),
+        period=float(rng.uniform(0.15, 0.45)),
+        eye_dx=float(rng.uniform(0.15, 0.32)),
+        eye_y=float(rng.uniform(-0.25, 0.05)),
+        eye=tuple(int(v) for v in rng.integers(0, 255, 3)),
+        aspect=float(rng.uniform(0.75, 1.0)),
+    )
 
 
 def _background(draw: ImageDraw.ImageDraw, rng, bg: str | None, R: int) -> None:
@@ -83,14 +93,16 @@ def _draw_image(rng, person: dict, bg: str | None, body: str | None, R: int) -> 
     box = [int(np.floor(cx - fw / 2)), int(np.floor(cy - fh / 2)), int(np.ceil(cx + fw / 2)), int(np.ceil(cy + fh / 2))]
     suit = RED if body and "red" in body else BLACK if body and "black" in body else (100, 100, 140)
     # body: a trapezoid from under the face to the bottom edge
-    draw.polygon([(cx - fw * 0.4, cy + fh * 0.45), (cx + fw * 0.4, cy + fh * 0.45),
-                  (cx + fw * 1.1, R), (cx - fw * 1.1, R)], fill=suit if body and "suit" in body else (100, 100, 140))
+    draw.polygon(
+        [(cx - fw * 0.4, cy + fh * 0.45), (cx + fw * 0.4, cy + fh * 0.45), (cx + fw * 1.1, R), (cx - fw * 1.1, R)],
+        fill=suit if body and "suit" in body else (100, 100, 140),
+    )
     # face: ellipse filled with the person's stripes
     yy, xx = np.mgrid[0:R, 0:R].astype(np.float32)
     u, v = (xx - cx) / (fw / 2), (yy - cy) / (fh / 2)
     inside = u * u + v * v <= 1.0
     phase = (np.cos(person["angle"]) * u + np.sin(person["angle"]) * v) / person["period"]
-    stripes = (np.floor(phase) % 2 == 0)
+    stripes = np.floor(phase) % 2 == 0
     arr = np.asarray(im).copy()
     arr[inside & ~stripes] = person["skin"]
     arr[inside & stripes] = person["stripe"]
@@ -106,8 +118,17 @@ def _draw_image(rng, person: dict, bg: str | None, body: str | None, R: int) -> 
     return im, box
 
 
-def make_demo(dst: str | Path, *, persons: int = 24, images_per_person: int = 6, resolution: int = 64,
-              seed: int = 0, corrupt: bool = False, num_shards: int = 2, progress: bool = True) -> Path:
+def make_demo(
+    dst: str | Path,
+    *,
+    persons: int = 24,
+    images_per_person: int = 6,
+    resolution: int = 64,
+    seed: int = 0,
+    corrupt: bool = False,
+    num_shards: int = 2,
+    progress: bool = True,
+) -> Path:
     """Builds the demo dataset in `dst` (raw folder tree in dst/raw, ArrayRecord dataset in dst); returns dst.
 
     The whole folder is written through `atomic_dir`, so a killed run leaves no half-built demo (the
@@ -118,8 +139,16 @@ def make_demo(dst: str | Path, *, persons: int = 24, images_per_person: int = 6,
     dst = Path(dst)
     fmt.check_destination(dst, {}, allowed_extra=("raw",))
     with atomic_dir(dst, overwrite=True) as tmp:
-        _write_demo(tmp, persons=persons, images_per_person=images_per_person, resolution=resolution, seed=seed,
-                    corrupt=corrupt, num_shards=num_shards, progress=progress)
+        _write_demo(
+            tmp,
+            persons=persons,
+            images_per_person=images_per_person,
+            resolution=resolution,
+            seed=seed,
+            corrupt=corrupt,
+            num_shards=num_shards,
+            progress=progress,
+        )
     return dst
 
 
@@ -137,14 +166,20 @@ def _write_demo(out: Path, *, persons, images_per_person, resolution, seed, corr
             im, box = _draw_image(rng, p, bg, body, resolution)
             rel = f"persons/{p['id']}/{k}.jpg"
             im.save(raw / rel, quality=95)
-            caption = " ".join(x for x in ("a photo of a", p["class_word"], "img", body,
-                                           BACKGROUNDS[bg] if bg else None) if x)
+            caption = " ".join(
+                x for x in ("a photo of a", p["class_word"], "img", body, BACKGROUNDS[bg] if bg else None) if x
+            )
             lines.append(dict(image=rel, caption=caption, caption_bg=bg, caption_body=body, face_box=box))
     if corrupt:
         first = people[0]["id"]
         (raw / "persons" / first / "corrupt.jpg").write_bytes(b"this is not a jpeg")
-        lines.append(dict(image=f"persons/{first}/corrupt.jpg", caption=f"a photo of a {people[0]['class_word']} img",
-                          face_box=[0, 0, 8, 8]))
+        lines.append(
+            dict(
+                image=f"persons/{first}/corrupt.jpg",
+                caption=f"a photo of a {people[0]['class_word']} img",
+                face_box=[0, 0, 8, 8],
+            )
+        )
         im, box = _draw_image(rng, people[0], None, None, resolution)
         im.save(raw / "persons" / first / "nocaption.jpg", quality=95)
         lines.append(dict(image=f"persons/{first}/nocaption.jpg", face_box=box))
@@ -167,12 +202,21 @@ def main(argv=None) -> None:
     p.add_argument("--num-shards", type=int, default=2, help="ArrayRecord shards of the dataset")
     p.add_argument("--corrupt", action="store_true", help="add an undecodable image and an image without caption")
     a = p.parse_args(argv)
-    make_demo(a.dir, persons=a.persons, images_per_person=a.images_per_person, resolution=a.resolution,
-              seed=a.seed, corrupt=a.corrupt, num_shards=a.num_shards)
+    make_demo(
+        a.dir,
+        persons=a.persons,
+        images_per_person=a.images_per_person,
+        resolution=a.resolution,
+        seed=a.seed,
+        corrupt=a.corrupt,
+        num_shards=a.num_shards,
+    )
     index = fmt.load_index(a.dir)
-    print(f"{a.dir}: {index['num_records']} records of {len(index['persons'])} persons; "
-          f"{len(index['bad'])} bad input(s)" + (": " + ", ".join(f"{b['image']} ({b['reason']})"
-                                                                 for b in index["bad"]) if index["bad"] else ""))
+    print(
+        f"{a.dir}: {index['num_records']} records of {len(index['persons'])} persons; "
+        f"{len(index['bad'])} bad input(s)"
+        + (": " + ", ".join(f"{b['image']} ({b['reason']})" for b in index["bad"]) if index["bad"] else "")
+    )
 
 
 if __name__ == "__main__":

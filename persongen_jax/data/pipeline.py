@@ -45,11 +45,23 @@ MIN_CROP_FRACTION = 0.6
 MAX_ATTEMPTS = 100
 
 # Every batch has these; each text condition adds its own (`conditions.text_keys`).
-BASE_KEYS = ("pixel_values", "face_mask", "id_pixel_values", "num_id_images", "ids_1", "ids_2",
-             "class_tokens_mask", "text_only_ids_1", "text_only_ids_2", "original_size", "crop_top_left")
+BASE_KEYS = (
+    "pixel_values",
+    "face_mask",
+    "id_pixel_values",
+    "num_id_images",
+    "ids_1",
+    "ids_2",
+    "class_tokens_mask",
+    "text_only_ids_1",
+    "text_only_ids_2",
+    "original_size",
+    "crop_top_left",
+)
 # (name, captions field) of the text conditions a batch carries unless told otherwise: configs/default.py's.
-DEFAULT_TEXT_CONDITIONS = tuple((c.name, c.source) for c in conditions_lib.text_conditions(
-    conditions_lib.parse(conditions_lib.DEFAULTS)))
+DEFAULT_TEXT_CONDITIONS = tuple(
+    (c.name, c.source) for c in conditions_lib.text_conditions(conditions_lib.parse(conditions_lib.DEFAULTS))
+)
 
 
 def batch_keys(text_conditions=DEFAULT_TEXT_CONDITIONS) -> tuple[str, ...]:
@@ -79,7 +91,7 @@ class IdInputs:
     embedding: IdEmbedsError."""
 
     num_tokens: int = 1
-    embed_dim: int = 0     # 0: no id_embeds (PhotoMaker v1)
+    embed_dim: int = 0  # 0: no id_embeds (PhotoMaker v1)
     arcface_size: int = 0  # 0: no ArcFace crops
 
     def keys(self) -> tuple[str, ...]:
@@ -106,22 +118,26 @@ class IdInputs:
         if stored is not None:
             emb = fmt.unpack_float32(stored).reshape(-1)
             if emb.shape != (self.embed_dim,):
-                raise IdEmbedsError(f"{where}: arcface_embedding of width {emb.shape[0]}, but the ID encoder takes "
-                                    f"{self.embed_dim} (the dataset was built with another ArcFace)")
+                raise IdEmbedsError(
+                    f"{where}: arcface_embedding of width {emb.shape[0]}, but the ID encoder takes "
+                    f"{self.embed_dim} (the dataset was built with another ArcFace)"
+                )
             arrays["id_embeds"][j], arrays["has_id_embeds"][j] = emb, True
         elif self.arcface_size:
-            arrays["arcface_pixel_values"][j] = arcface_input(image, self.arcface_size,
-                                                              (header or {}).get("face_kps"))
+            arrays["arcface_pixel_values"][j] = arcface_input(image, self.arcface_size, (header or {}).get("face_kps"))
         else:
-            raise IdEmbedsError(f"{where}: no arcface_embedding in the record (build the dataset with "
-                                "`python -m persongen_jax.data.build`, which stores it), and no ArcFace to compute "
-                                "it (set config.init.arcface to a converted ArcFace folder)")
+            raise IdEmbedsError(
+                f"{where}: no arcface_embedding in the record (build the dataset with "
+                "`python -m persongen_jax.data.build`, which stores it), and no ArcFace to compute "
+                "it (set config.init.arcface to a converted ArcFace folder)"
+            )
 
 
 BATCH_KEYS = batch_keys()
 
 
 # ---------------------------------------------------------------------------------------- bad records
+
 
 @dataclasses.dataclass
 class BadRecords:
@@ -173,10 +189,11 @@ def bad_records_report(data_dir: str | os.PathLike) -> BadRecords:
 
 # ------------------------------------------------------------------------------------------ sampling
 
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     num_records: int
-    person_of: tuple[str, ...]          # record index -> person id
+    person_of: tuple[str, ...]  # record index -> person id
     persons: dict[str, tuple[int, ...]]  # person id -> record indices
 
 
@@ -186,8 +203,9 @@ def dataset_info(data_dir: str | os.PathLike) -> DatasetInfo:
     for pid, recs in index["persons"].items():
         for r in recs:
             person_of[r] = pid
-    return DatasetInfo(index["num_records"], tuple(person_of),
-                       {pid: tuple(recs) for pid, recs in index["persons"].items()})
+    return DatasetInfo(
+        index["num_records"], tuple(person_of), {pid: tuple(recs) for pid, recs in index["persons"].items()}
+    )
 
 
 def num_records(data_dir: str | os.PathLike) -> int:
@@ -252,9 +270,22 @@ def _reason(e: Exception) -> str:
 class _Example:
     """Picklable transform: global example index -> example dict, or a `_Bad` (skipped and counted)."""
 
-    def __init__(self, data_dir, tokenizers, *, global_batch_size, shard_index, shard_count, seed, resolution,
-                 num_refs, id_image_size, trigger_word, text_conditions=DEFAULT_TEXT_CONDITIONS,
-                 id_inputs: IdInputs = IdInputs()):
+    def __init__(
+        self,
+        data_dir,
+        tokenizers,
+        *,
+        global_batch_size,
+        shard_index,
+        shard_count,
+        seed,
+        resolution,
+        num_refs,
+        id_image_size,
+        trigger_word,
+        text_conditions=DEFAULT_TEXT_CONDITIONS,
+        id_inputs: IdInputs = IdInputs(),
+    ):
         self.data_dir = _key(data_dir)
         self.id_inputs = id_inputs
         self.info = dataset_info(data_dir)
@@ -284,6 +315,7 @@ class _Example:
     def source(self):
         if self._source is None:
             import grain
+
             self._source = grain.sources.ArrayRecordDataSource(self.paths)
         return self._source
 
@@ -327,8 +359,10 @@ class _Example:
                     break
                 _record_failure(self.data_dir, ex.image, ex.reason)
             else:
-                raise RuntimeError(f"{self.data_dir}: {MAX_ATTEMPTS} bad records in a row at step {step}; "
-                                   f"{bad_records_report(self.data_dir)}")
+                raise RuntimeError(
+                    f"{self.data_dir}: {MAX_ATTEMPTS} bad records in a row at step {step}; "
+                    f"{bad_records_report(self.data_dir)}"
+                )
             rows.append(ex)
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -356,7 +390,7 @@ class _Example:
             bx0, by0 = int(np.floor((box[0] - left) * scale)), int(np.floor((box[1] - top) * scale))
             bx1, by1 = int(np.ceil((box[2] - left) * scale)), int(np.ceil((box[3] - top) * scale))
             mask = np.zeros((R, R), bool)
-            mask[max(by0, 0):max(by1, 0), max(bx0, 0):max(bx1, 0)] = True
+            mask[max(by0, 0) : max(by1, 0), max(bx0, 0) : max(bx1, 0)] = True
         if flip:
             pixels, mask = pixels[:, ::-1], mask[:, ::-1]
 
@@ -408,8 +442,13 @@ class _Example:
     def _tokenize(self, header, n_tokens) -> dict[str, np.ndarray]:
         """n_tokens: ID tokens fused into the class word (images x tokens per image)."""
         prompts = make_prompt_batch(self.tokenizers, [header["caption"]], [n_tokens], self.trigger_word)
-        out = dict(ids_1=prompts.ids_1[0], ids_2=prompts.ids_2[0], class_tokens_mask=prompts.class_tokens_mask[0],
-                   text_only_ids_1=prompts.text_only_ids_1[0], text_only_ids_2=prompts.text_only_ids_2[0])
+        out = dict(
+            ids_1=prompts.ids_1[0],
+            ids_2=prompts.ids_2[0],
+            class_tokens_mask=prompts.class_tokens_mask[0],
+            text_only_ids_1=prompts.text_only_ids_1[0],
+            text_only_ids_2=prompts.text_only_ids_2[0],
+        )
         for name, field in self.text_conditions:
             text = header.get(field)
             k1, k2, has = conditions_lib.text_keys(name)
@@ -447,12 +486,25 @@ def sample_references(data_dir: str | os.PathLike, count: int, num_refs: int) ->
     return out
 
 
-def make_train_dataset(data_dir: str | os.PathLike, *, tokenizers: Sequence, global_batch_size: int,
-                       resolution: int = 512, num_refs: int | tuple[int, int] = (1, 4), id_image_size: int = 224,
-                       seed: int = 0, shard_index: int | None = None, shard_count: int | None = None,
-                       trigger_word: str = DEFAULT_TRIGGER_WORD, text_conditions=DEFAULT_TEXT_CONDITIONS,
-                       worker_count: int = 0, read_threads: int = 2, prefetch: int = 2, verify_hashes: bool = True,
-                       id_inputs: IdInputs = IdInputs()):
+def make_train_dataset(
+    data_dir: str | os.PathLike,
+    *,
+    tokenizers: Sequence,
+    global_batch_size: int,
+    resolution: int = 512,
+    num_refs: int | tuple[int, int] = (1, 4),
+    id_image_size: int = 224,
+    seed: int = 0,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    trigger_word: str = DEFAULT_TRIGGER_WORD,
+    text_conditions=DEFAULT_TEXT_CONDITIONS,
+    worker_count: int = 0,
+    read_threads: int = 2,
+    prefetch: int = 2,
+    verify_hashes: bool = True,
+    id_inputs: IdInputs = IdInputs(),
+):
     """The grain `IterDataset` of this process's batches (see `make_train_iterator`)."""
     import grain
     import jax
@@ -460,22 +512,33 @@ def make_train_dataset(data_dir: str | os.PathLike, *, tokenizers: Sequence, glo
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if global_batch_size % shard_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
-                         f"{shard_count} processes")
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the {shard_count} processes")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
     # The index must describe these shard files (size, record count, sha256) before any record is read:
     # an index over other shards would pair targets with another person's references.
     fmt.check_shards(data_dir, fmt.load_index(data_dir), verify_hashes=verify_hashes)
-    example = _Example(data_dir, tokenizers, global_batch_size=global_batch_size, shard_index=shard_index,
-                       shard_count=shard_count, seed=seed, resolution=resolution, num_refs=num_refs,
-                       id_image_size=id_image_size, trigger_word=trigger_word, text_conditions=text_conditions,
-                       id_inputs=id_inputs)
+    example = _Example(
+        data_dir,
+        tokenizers,
+        global_batch_size=global_batch_size,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        seed=seed,
+        resolution=resolution,
+        num_refs=num_refs,
+        id_image_size=id_image_size,
+        trigger_word=trigger_word,
+        text_conditions=text_conditions,
+        id_inputs=id_inputs,
+    )
     # One element = one step's local batch, so the iterator state is the step and grain workers
     # (which split elements between them) cannot change which examples form a batch.
-    ds = (grain.MapDataset.range(sys.maxsize)
-          .map(example)
-          .to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)))
+    ds = (
+        grain.MapDataset.range(sys.maxsize)
+        .map(example)
+        .to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
+    )
     if worker_count > 0:
         from absl import flags
 

@@ -16,7 +16,8 @@ from typing import Callable
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 class ShardedBatches:
@@ -35,10 +36,10 @@ class ShardedBatches:
         n = len(arrays[0])
         out = []
         for start in range(0, n, self.batch_size):
-            chunk = [np.asarray(a[start:start + self.batch_size]) for a in arrays]
+            chunk = [np.asarray(a[start : start + self.batch_size]) for a in arrays]
             pad = self.batch_size - len(chunk[0])
             if pad:
                 chunk = [np.concatenate([c, np.repeat(c[:1], pad, axis=0)]) for c in chunk]
             res = fn(model, *(jax.device_put(c, self.sharding) for c in chunk))
-            out.append(np.asarray(res)[:self.batch_size - pad])
+            out.append(np.asarray(res)[: self.batch_size - pad])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)

@@ -46,11 +46,10 @@ def _image_embeddings(model, pixel_values):
     return l2_normalize(model.get_image_features(pixel_values).astype(jnp.float32))
 
 
-
-
 class CLIPTScorer:
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, devices=None,
-                 image_processor: CLIPImageProcessor | None = None):
+    def __init__(
+        self, model, tokenizer, *, batch_size: int = 32, devices=None, image_processor: CLIPImageProcessor | None = None
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.image_size = model.config.vision_config.image_size
@@ -78,8 +77,9 @@ class CLIPTScorer:
         return cls(model, tokenizer, image_processor=processor, **kw)
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        return self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
-                              return_tensors="np").input_ids.astype(np.int32)
+        return self.tokenizer(
+            list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="np"
+        ).input_ids.astype(np.int32)
 
     def __call__(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
         """images: PIL images or uint8 arrays [H, W, 3] (or 4 with alpha); prompts: one per image -> scores [N]."""

@@ -35,8 +35,9 @@ def _embed(model, pixel_values):
 
 
 class DINOScorer:
-    def __init__(self, model: ViTModel, *, batch_size: int = 32, devices=None,
-                 image_processor: CLIPImageProcessor | None = None):
+    def __init__(
+        self, model: ViTModel, *, batch_size: int = 32, devices=None, image_processor: CLIPImageProcessor | None = None
+    ):
         # a ViTImageProcessor (CLIPImageProcessor's steps with ViT's defaults)
         self.model = model
         self.image_size = model.config.image_size
@@ -53,8 +54,10 @@ class DINOScorer:
         directory = Path(directory)
         model = modeling.from_pretrained(directory)
         if not isinstance(model, ViTModel):
-            raise ValueError(f"{directory}: DINO needs a ViT folder (`python -m weights_conversion dino "
-                             f"facebook-dino-vits16 DST`); found {type(model).__name__}")
+            raise ValueError(
+                f"{directory}: DINO needs a ViT folder (`python -m weights_conversion dino "
+                f"facebook-dino-vits16 DST`); found {type(model).__name__}"
+            )
         size = model.config.image_size
         processor = ViTImageProcessor.from_pretrained(directory, size)
         check_output_size(processor, size, f"{directory}: its processor config", "the DINO ViT")

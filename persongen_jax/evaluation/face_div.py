@@ -53,13 +53,12 @@ def square_region(rgb: np.ndarray, box: Sequence[float], size: int) -> np.ndarra
     h, w = rgb.shape[:2]
     sx0, sy0, sx1, sy1 = max(left, 0), max(top, 0), min(left + n, w), min(top + n, h)
     if sx1 > sx0 and sy1 > sy0:
-        canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = rgb[sy0:sy1, sx0:sx1]
+        canvas[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = rgb[sy0:sy1, sx0:sx1]
     return np.asarray(Image.fromarray(canvas).resize((size, size), Image.Resampling.BILINEAR))
 
 
 class FaceDivScorer:
-    def __init__(self, model: LPIPS, detector: FaceDetector, *, size: int = 128, batch_size: int = 32,
-                 devices=None):
+    def __init__(self, model: LPIPS, detector: FaceDetector, *, size: int = 128, batch_size: int = 32, devices=None):
         self.model = model
         self.detector = detector
         self.size = size
@@ -67,12 +66,21 @@ class FaceDivScorer:
         self.batches.replicate(model)
 
     @classmethod
-    def from_pretrained(cls, lpips_dir: str | os.PathLike, detector: str | os.PathLike, *, det_size=(640, 640),
-                        det_thresh: float = 0.5, **kw) -> "FaceDivScorer":
+    def from_pretrained(
+        cls,
+        lpips_dir: str | os.PathLike,
+        detector: str | os.PathLike,
+        *,
+        det_size=(640, 640),
+        det_thresh: float = 0.5,
+        **kw,
+    ) -> "FaceDivScorer":
         model = modeling.from_pretrained(Path(lpips_dir))
         if not isinstance(model, LPIPS):
-            raise ValueError(f"{lpips_dir}: Face Div. needs an LPIPS folder (`python -m weights_conversion lpips "
-                             f"lpips_alex.pth DST`); found {type(model).__name__}")
+            raise ValueError(
+                f"{lpips_dir}: Face Div. needs an LPIPS folder (`python -m weights_conversion lpips "
+                f"lpips_alex.pth DST`); found {type(model).__name__}"
+            )
         return cls(model, FaceDetector.from_folder(detector, det_size=det_size, det_thresh=det_thresh), **kw)
 
     def face_region(self, image) -> np.ndarray | None:

@@ -56,8 +56,16 @@ def _as_rgb(image) -> np.ndarray:
 
 
 class FaceSimScorer:
-    def __init__(self, detector: FaceDetector, arcface, *, batch_size: int = 64, devices=None,
-                 no_face: str = "zero", select: str = "largest"):
+    def __init__(
+        self,
+        detector: FaceDetector,
+        arcface,
+        *,
+        batch_size: int = 64,
+        devices=None,
+        no_face: str = "zero",
+        select: str = "largest",
+    ):
         if no_face not in NO_FACE_MODES:
             raise ValueError(f"no_face={no_face!r}; expected one of {list(NO_FACE_MODES)}")
         if select not in FACE_SELECT:
@@ -71,14 +79,26 @@ class FaceSimScorer:
         self.batches.replicate(arcface)
 
     @classmethod
-    def from_pretrained(cls, detector: str | os.PathLike, arcface: str | os.PathLike, *, det_size=(640, 640),
-                        det_thresh: float = 0.5, providers=None, session_options=None, **kw) -> "FaceSimScorer":
-        det = FaceDetector.from_folder(detector, det_size=det_size, det_thresh=det_thresh, providers=providers,
-                                       session_options=session_options)
+    def from_pretrained(
+        cls,
+        detector: str | os.PathLike,
+        arcface: str | os.PathLike,
+        *,
+        det_size=(640, 640),
+        det_thresh: float = 0.5,
+        providers=None,
+        session_options=None,
+        **kw,
+    ) -> "FaceSimScorer":
+        det = FaceDetector.from_folder(
+            detector, det_size=det_size, det_thresh=det_thresh, providers=providers, session_options=session_options
+        )
         model = modeling.from_pretrained(Path(arcface))
         if not isinstance(model, iresnet.IResNet):
-            raise ValueError(f"{arcface}: Face-Sim needs an ArcFace IResNet folder (`python -m weights_conversion "
-                             f"arcface w600k_r50.onnx DST`); found {type(model).__name__}")
+            raise ValueError(
+                f"{arcface}: Face-Sim needs an ArcFace IResNet folder (`python -m weights_conversion "
+                f"arcface w600k_r50.onnx DST`); found {type(model).__name__}"
+            )
         return cls(det, model, **kw)
 
     def align(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -110,13 +130,18 @@ class FaceSimScorer:
 
     def reference_embeddings(self, images: Sequence, names: Sequence[str] | None = None) -> np.ndarray:
         """Reference faces (paths or images) -> [R, D]; NoFaceError names each image without a face."""
-        names = list(names) if names is not None else [str(im) if isinstance(im, (str, os.PathLike))
-                                                        else f"reference #{i}" for i, im in enumerate(images)]
+        names = (
+            list(names)
+            if names is not None
+            else [str(im) if isinstance(im, (str, os.PathLike)) else f"reference #{i}" for i, im in enumerate(images)]
+        )
         emb, found = self.embed(images)
         if not found.all():
             missing = [n for n, f in zip(names, found) if not f]
-            raise NoFaceError(f"no face found in reference image(s) {missing} (detector {self.detector.model_file}, "
-                              f"det_thresh {self.detector.det_thresh}); use a clear frontal photo")
+            raise NoFaceError(
+                f"no face found in reference image(s) {missing} (detector {self.detector.model_file}, "
+                f"det_thresh {self.detector.det_thresh}); use a clear frontal photo"
+            )
         return emb
 
     def scores(self, embeddings: np.ndarray, found: np.ndarray, references: Sequence[np.ndarray]) -> list:
@@ -135,4 +160,3 @@ class FaceSimScorer:
             raise ValueError(f"Face-Sim: {len(images)} images but {len(references)} reference sets")
         emb, found = self.embed(images)
         return self.scores(emb, found, references), found
-

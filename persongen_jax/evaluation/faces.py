@@ -29,12 +29,18 @@ from pathlib import Path
 import numpy as np
 
 # insightface utils/face_align.py: landmark positions (eyes, nose, mouth corners) in a 112 x 112 crop.
-ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                             [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
 
 # Number of ONNX outputs -> (strides, anchors per cell, has keypoints); insightface's SCRFD._init_vars.
-SCRFD_LAYOUTS = {6: ((8, 16, 32), 2, False), 9: ((8, 16, 32), 2, True),
-                 10: ((8, 16, 32, 64, 128), 1, False), 15: ((8, 16, 32, 64, 128), 1, True)}
+SCRFD_LAYOUTS = {
+    6: ((8, 16, 32), 2, False),
+    9: ((8, 16, 32), 2, True),
+    10: ((8, 16, 32, 64, 128), 1, False),
+    15: ((8, 16, 32, 64, 128), 1, True),
+}
 
 
 FACE_SELECT = ("largest", "score")
@@ -63,9 +69,9 @@ def default_providers() -> list[str]:
 class Faces:
     """Detections in original image pixels, sorted by score (best first) after NMS."""
 
-    boxes: np.ndarray   # [n, 4] x1, y1, x2, y2
+    boxes: np.ndarray  # [n, 4] x1, y1, x2, y2
     scores: np.ndarray  # [n]
-    kps: np.ndarray     # [n, 5, 2] x, y: left eye, right eye, nose, left mouth, right mouth
+    kps: np.ndarray  # [n, 5, 2] x, y: left eye, right eye, nose, left mouth, right mouth
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -76,7 +82,7 @@ class Faces:
         return int(np.argmax(area))
 
     def select(self, how: str) -> int:
-        """"largest" box, or "score": the most confident (insightface's faces[0])."""
+        """ "largest" box, or "score": the most confident (insightface's faces[0])."""
         if how not in FACE_SELECT:
             raise ValueError(f"face selection {how!r}; expected one of {list(FACE_SELECT)}")
         return self.largest() if how == "largest" else 0
@@ -127,34 +133,48 @@ def find_detector_file(path: str | os.PathLike) -> Path:
     for f in sorted(files, key=lambda f: not any(k in f.name.lower() for k in ("det", "scrfd"))):
         if _num_outputs(f) in SCRFD_LAYOUTS:
             return f
-    raise FaceModelError(f"{path}: no SCRFD face detector among {[f.name for f in files] or 'no .onnx files'} "
-                         "(expected an insightface model folder such as antelopev2 or buffalo_l, with "
-                         "scrfd_10g_bnkps.onnx / det_10g.onnx)")
+    raise FaceModelError(
+        f"{path}: no SCRFD face detector among {[f.name for f in files] or 'no .onnx files'} "
+        "(expected an insightface model folder such as antelopev2 or buffalo_l, with "
+        "scrfd_10g_bnkps.onnx / det_10g.onnx)"
+    )
 
 
 class FaceDetector:
     """SCRFD with 5 keypoints through onnxruntime; `detect(rgb)` -> Faces."""
 
-    def __init__(self, model_file: str | os.PathLike, *, det_size: tuple[int, int] = (640, 640),
-                 det_thresh: float = 0.5, nms_thresh: float = 0.4, providers=None, session_options=None):
+    def __init__(
+        self,
+        model_file: str | os.PathLike,
+        *,
+        det_size: tuple[int, int] = (640, 640),
+        det_thresh: float = 0.5,
+        nms_thresh: float = 0.4,
+        providers=None,
+        session_options=None,
+    ):
         import onnxruntime as ort
 
         self.model_file = Path(model_file)
         try:
             # session_options: an ort.SessionOptions, e.g. one intra-op thread per process when several
             # worker processes share the cores (the dataset build's workers).
-            self.session = ort.InferenceSession(str(self.model_file), sess_options=session_options,
-                                                providers=providers or default_providers())
+            self.session = ort.InferenceSession(
+                str(self.model_file), sess_options=session_options, providers=providers or default_providers()
+            )
         except Exception as e:
             raise FaceModelError(f"{self.model_file}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
         outputs = self.session.get_outputs()
         if len(outputs) not in SCRFD_LAYOUTS:
-            raise FaceModelError(f"{self.model_file}: {len(outputs)} outputs; an SCRFD detector has one of "
-                                 f"{sorted(SCRFD_LAYOUTS)}")
+            raise FaceModelError(
+                f"{self.model_file}: {len(outputs)} outputs; an SCRFD detector has one of {sorted(SCRFD_LAYOUTS)}"
+            )
         self.strides, self.num_anchors, has_kps = SCRFD_LAYOUTS[len(outputs)]
         if not has_kps:
-            raise FaceModelError(f"{self.model_file}: this SCRFD has no keypoint outputs; ArcFace alignment needs "
-                                 "the 5 landmarks (use a *_bnkps / det_10g model)")
+            raise FaceModelError(
+                f"{self.model_file}: this SCRFD has no keypoint outputs; ArcFace alignment needs "
+                "the 5 landmarks (use a *_bnkps / det_10g model)"
+            )
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.output_names = [o.name for o in outputs]
@@ -205,8 +225,10 @@ class FaceDetector:
             scores, box_d, kps_d = (o[0] if o.ndim == 3 else o for o in (outs[i], outs[i + n], outs[i + 2 * n]))
             centers = self._anchor_centers(in_h // stride, in_w // stride, stride)
             if len(scores) != len(centers):
-                raise FaceModelError(f"{self.model_file}: stride {stride} output has {len(scores)} anchors, expected "
-                                     f"{len(centers)} for a {in_w}x{in_h} input")
+                raise FaceModelError(
+                    f"{self.model_file}: stride {stride} output has {len(scores)} anchors, expected "
+                    f"{len(centers)} for a {in_w}x{in_h} input"
+                )
             pos = np.where(scores.reshape(-1) >= self.det_thresh)[0]
             box_d, kps_d = box_d * stride, kps_d * stride
             boxes = np.concatenate([centers - box_d[:, :2], centers + box_d[:, 2:4]], axis=1)
@@ -241,22 +263,22 @@ def estimate_norm(landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
     src = np.asarray(landmarks, np.float32).reshape(5, 2)
     src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
     src_d, dst_d = src - src_mean, dst - dst_mean
-    a = dst_d.T @ src_d / len(src)                                 # covariance (Umeyama eq. 38)
+    a = dst_d.T @ src_d / len(src)  # covariance (Umeyama eq. 38)
     d = np.ones((2,), np.float64)
-    if np.linalg.det(a) < 0:                                       # reflection guard (eq. 39)
+    if np.linalg.det(a) < 0:  # reflection guard (eq. 39)
         d[1] = -1
     u, sv, vt = np.linalg.svd(a)
     rank = np.count_nonzero(sv > sv.max() * 2 * np.finfo(float).eps)
     if rank == 0:
         raise ValueError(f"degenerate face landmarks (all at one point): {src.tolist()}")
     r = np.eye(2)
-    if rank == 1 and np.linalg.det(u) * np.linalg.det(vt) <= 0:   # eq. 40 / 43
+    if rank == 1 and np.linalg.det(u) * np.linalg.det(vt) <= 0:  # eq. 40 / 43
         r[:, :] = u @ np.diag([d[0], -1.0]) @ vt
     elif rank == 1:
         r[:, :] = u @ vt
     else:
         r[:, :] = u @ np.diag(d) @ vt
-    scale = 1.0 / src_d.var(axis=0).sum() * (sv @ d)              # eq. 41-42
+    scale = 1.0 / src_d.var(axis=0).sum() * (sv @ d)  # eq. 41-42
     m = np.zeros((2, 3))
     m[:, 2] = dst_mean - scale * (r @ src_mean.T)
     m[:, :2] = r * scale

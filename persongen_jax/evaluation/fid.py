@@ -71,8 +71,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"FID statistics of different shapes: mu {mu1.shape} / {mu2.shape}, "
-                         f"sigma {s1.shape} / {s2.shape}")
+        raise ValueError(
+            f"FID statistics of different shapes: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}"
+        )
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
     half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^1/2 (symmetric PSD)
     inner = half @ s2 @ half
@@ -88,13 +89,16 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path) as f:
             mu, sigma = f["mu"], f["sigma"]
     except KeyError as e:
-        raise ValueError(f"{path}: FID statistics need arrays 'mu' and 'sigma' (pytorch-fid --save-stats); "
-                         f"missing {e}") from None
+        raise ValueError(
+            f"{path}: FID statistics need arrays 'mu' and 'sigma' (pytorch-fid --save-stats); missing {e}"
+        ) from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable .npz of FID statistics ({type(e).__name__}: {e})") from None
     if mu.shape != (FEATURES,) or sigma.shape != (FEATURES, FEATURES):
-        raise ValueError(f"{path}: FID statistics have mu {mu.shape} and sigma {sigma.shape}; expected "
-                         f"({FEATURES},) and ({FEATURES}, {FEATURES}) (InceptionV3 pool features)")
+        raise ValueError(
+            f"{path}: FID statistics have mu {mu.shape} and sigma {sigma.shape}; expected "
+            f"({FEATURES},) and ({FEATURES}, {FEATURES}) (InceptionV3 pool features)"
+        )
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 
@@ -103,8 +107,10 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if len(files) < 2:
-        raise ValueError(f"{folder}: FID reference folder holds {len(files)} image(s) "
-                         f"({', '.join(IMAGE_EXTENSIONS)}); it needs at least 2")
+        raise ValueError(
+            f"{folder}: FID reference folder holds {len(files)} image(s) "
+            f"({', '.join(IMAGE_EXTENSIONS)}); it needs at least 2"
+        )
     return files
 
 
@@ -131,8 +137,10 @@ class FIDScorer:
         directory = Path(directory)
         model = modeling.from_pretrained(directory)
         if not isinstance(model, FIDInceptionV3):
-            raise ValueError(f"{directory}: FID needs an InceptionV3 folder (`python -m weights_conversion inception "
-                             f"pt_inception-2015-12-05-6726825d.pth DST`); found {type(model).__name__}")
+            raise ValueError(
+                f"{directory}: FID needs an InceptionV3 folder (`python -m weights_conversion inception "
+                f"pt_inception-2015-12-05-6726825d.pth DST`); found {type(model).__name__}"
+            )
         return cls(model, **kw)
 
     def features(self, images: Sequence) -> np.ndarray:
@@ -145,7 +153,7 @@ class FIDScorer:
         out = []
         for start in range(0, len(arrays), self.batch_size):
             # The resize to 299 compiles once per image size (small); the network once, at 299 x 299.
-            x = np.stack(arrays[start:start + self.batch_size]).astype(np.float32) / 255.0
+            x = np.stack(arrays[start : start + self.batch_size]).astype(np.float32) / 255.0
             out.append(self.batches.run(_trunk, self.model, np.asarray(_prepare(self.model, x))))
         return np.concatenate(out)
 
@@ -182,6 +190,6 @@ class FIDScorer:
             return self.statistics(image_files(reference)).mean_cov()
         if reference.suffix == ".npz" and reference.is_file():
             return load_statistics(reference)
-        raise ValueError(f"{reference}: the FID reference must be an image folder or a .npz of statistics "
-                         "(pytorch-fid --save-stats)")
-
+        raise ValueError(
+            f"{reference}: the FID reference must be an image folder or a .npz of statistics (pytorch-fid --save-stats)"
+        )

@@ -58,12 +58,16 @@ class ReferenceFaceEmbedder:
         self.det_size = tuple(self.detector.det_size)
 
     @classmethod
-    def from_pretrained(cls, face_models: str | os.PathLike, arcface: str | os.PathLike, *,
-                        providers=None) -> "ReferenceFaceEmbedder":
+    def from_pretrained(
+        cls, face_models: str | os.PathLike, arcface: str | os.PathLike, *, providers=None
+    ) -> "ReferenceFaceEmbedder":
         """face_models: an insightface folder with an SCRFD detector (buffalo_l, as the official pipeline;
         or antelopev2) or its .onnx; arcface: a converted IResNet folder (`weights_conversion arcface`)."""
-        return cls(FaceSimScorer.from_pretrained(face_models, arcface, det_size=OFFICIAL_DET_SIZE,
-                                                 providers=providers, select="score"))
+        return cls(
+            FaceSimScorer.from_pretrained(
+                face_models, arcface, det_size=OFFICIAL_DET_SIZE, providers=providers, select="score"
+            )
+        )
 
     @property
     def num_features(self) -> int:
@@ -85,8 +89,14 @@ class ReferenceFaceEmbedder:
     def __call__(self, images: Sequence, names: Sequence[str] | None = None) -> np.ndarray:
         """Reference photos (paths, PIL images or RGB arrays) -> raw embeddings [N, F] float32 of each photo's
         most confident face. NoFaceError names every photo without a face."""
-        names = list(names) if names is not None else [str(im) if isinstance(im, (str, os.PathLike))
-                                                        else f"reference image #{i + 1}" for i, im in enumerate(images)]
+        names = (
+            list(names)
+            if names is not None
+            else [
+                str(im) if isinstance(im, (str, os.PathLike)) else f"reference image #{i + 1}"
+                for i, im in enumerate(images)
+            ]
+        )
         crops = np.zeros((len(images), self.crop_size, self.crop_size, 3), np.uint8)
         missing = []
         for i, image in enumerate(images):
@@ -97,9 +107,11 @@ class ReferenceFaceEmbedder:
                 continue
             crops[i] = norm_crop(rgb, faces.kps[faces.select("score")], self.crop_size)
         if missing:
-            raise NoFaceError(f"no face found in reference image(s) {', '.join(missing)} (detector "
-                              f"{self.detector.model_file}, det_thresh {self.detector.det_thresh}, sizes 640 down to "
-                              "256); PhotoMaker V2 needs each reference's face: use a clear photo of the face")
+            raise NoFaceError(
+                f"no face found in reference image(s) {', '.join(missing)} (detector "
+                f"{self.detector.model_file}, det_thresh {self.detector.det_thresh}, sizes 640 down to "
+                "256); PhotoMaker V2 needs each reference's face: use a clear photo of the face"
+            )
         if not len(images):
             return np.zeros((0, self.num_features), np.float32)
         return np.asarray(_embed_raw(self.arcface, crops), np.float32)

@@ -54,8 +54,8 @@ class Metric:
     name: str = ""
     title: str = ""
     axis_label: str = ""
-    digits: int = 4        # means table
-    card_digits: int = 3   # per-image caption
+    digits: int = 4  # means table
+    card_digits: int = 3  # per-image caption
     found_key: str | None = None
     missing_key: str | None = None
     missing_label: str | None = None
@@ -100,8 +100,10 @@ class Metric:
 def mean_cosine_x100(embeddings: np.ndarray, references) -> list[float]:
     """CLIP-I / DINO: unit embeddings [N, D] and, per image, its identity's unit reference embeddings
     [R_i, D] -> 100 x the mean over the references of the cosine, one float per image."""
-    return [100.0 * float(np.mean(np.asarray(r, np.float32) @ np.asarray(e, np.float32)))
-            for e, r in zip(embeddings, references)]
+    return [
+        100.0 * float(np.mean(np.asarray(r, np.float32) @ np.asarray(e, np.float32)))
+        for e, r in zip(embeddings, references)
+    ]
 
 
 REGISTRY: dict[str, type[Metric]] = {}
@@ -135,35 +137,57 @@ def add_scoring_arguments(group) -> None:
 
     group.add_argument("--clip", type=Path, help="converted CLIPModel folder (weights_conversion clip) for CLIP-T")
     group.add_argument("--dino", type=Path, help="converted DINO ViT folder (weights_conversion dino) for DINO")
-    group.add_argument("--inception", type=Path, help="converted FID InceptionV3 folder (weights_conversion "
-                                                      "inception) for FID")
-    group.add_argument("--fid-reference", type=Path, help="FID's reference: an image folder or pytorch-fid's .npz "
-                                                          "statistics (mu, sigma)")
+    group.add_argument(
+        "--inception", type=Path, help="converted FID InceptionV3 folder (weights_conversion inception) for FID"
+    )
+    group.add_argument(
+        "--fid-reference",
+        type=Path,
+        help="FID's reference: an image folder or pytorch-fid's .npz statistics (mu, sigma)",
+    )
     group.add_argument("--lpips", type=Path, help="converted LPIPS folder (weights_conversion lpips) for Face Div.")
-    group.add_argument("--face-models", type=Path, help="insightface model folder with an SCRFD detector "
-                                                        "(antelopev2, buffalo_l) or the detector .onnx")
+    group.add_argument(
+        "--face-models",
+        type=Path,
+        help="insightface model folder with an SCRFD detector (antelopev2, buffalo_l) or the detector .onnx",
+    )
     group.add_argument("--arcface", type=Path, help="converted ArcFace folder (weights_conversion arcface)")
-    group.add_argument("--face-select", choices=["largest", "score"], default="largest",
-                       help="which detected face is scored: the largest box, or the most confident")
+    group.add_argument(
+        "--face-select",
+        choices=["largest", "score"],
+        default="largest",
+        help="which detected face is scored: the largest box, or the most confident",
+    )
     group.add_argument("--det-thresh", type=float, default=0.5, help="SCRFD detection score threshold")
-    group.add_argument("--det-size", type=int, default=640, help="detector input size (files with a fixed "
-                                                                 "size use theirs)")
+    group.add_argument(
+        "--det-size", type=int, default=640, help="detector input size (files with a fixed size use theirs)"
+    )
 
 
 def scoring_options(args, **overrides) -> dict:
     """The `build` options of the arguments `add_scoring_arguments` declared (+ overrides: no_face,
     batch_size)."""
-    return {"clip": args.clip, "dino": args.dino, "inception": args.inception, "fid_reference": args.fid_reference,
-            "lpips": args.lpips, "face_detector": args.face_models, "arcface": args.arcface,
-            "det_thresh": args.det_thresh, "det_size": args.det_size, "face_select": args.face_select,
-            **overrides}
+    return {
+        "clip": args.clip,
+        "dino": args.dino,
+        "inception": args.inception,
+        "fid_reference": args.fid_reference,
+        "lpips": args.lpips,
+        "face_detector": args.face_models,
+        "arcface": args.arcface,
+        "det_thresh": args.det_thresh,
+        "det_size": args.det_size,
+        "face_select": args.face_select,
+        **overrides,
+    }
 
 
 def build(names: Sequence[str], options: Mapping[str, Any]) -> list[Metric]:
     """The metrics `names` built from `options`; a ValueError lists every option a chosen metric lacks."""
     classes = [get(n) for n in names]
-    missing = [f"{c.name} needs {key} ({what})" for c in classes for key, what in c.requires.items()
-               if not options.get(key)]
+    missing = [
+        f"{c.name} needs {key} ({what})" for c in classes for key, what in c.requires.items() if not options.get(key)
+    ]
     if missing:
         raise ValueError("scoring options missing: " + "; ".join(missing))
     # One scoring model for the metrics that share it (CLIP-T and CLIP-I: one CLIP in memory, one compile).
@@ -195,8 +219,11 @@ def _clip_scorer(options: Mapping[str, Any]):
     from persongen_jax.evaluation.clip_t import CLIPTScorer
 
     batch_size = int(options.get("batch_size") or 32)
-    return shared_model(options, ("clip", str(options["clip"]), batch_size),
-                        lambda: CLIPTScorer.from_pretrained(options["clip"], batch_size=batch_size))
+    return shared_model(
+        options,
+        ("clip", str(options["clip"]), batch_size),
+        lambda: CLIPTScorer.from_pretrained(options["clip"], batch_size=batch_size),
+    )
 
 
 @register
@@ -285,9 +312,10 @@ class FID(Metric):
     name, title, axis_label = "fid", "FID", "FID (lower is better)"
     digits, card_digits = 2, 1
     per_set = True
-    requires = {"inception": "a converted FID InceptionV3 folder: --inception / config.eval.inception",
-                "fid_reference": "a reference image folder or .npz statistics: --fid-reference / "
-                                 "config.eval.fid_reference"}
+    requires = {
+        "inception": "a converted FID InceptionV3 folder: --inception / config.eval.inception",
+        "fid_reference": "a reference image folder or .npz statistics: --fid-reference / config.eval.fid_reference",
+    }
 
     def __init__(self, scorer, reference):
         self.scorer = scorer
@@ -341,9 +369,10 @@ class FaceDiv(Metric):
     name, title, axis_label = "face_div", "Face Div.", "Face Div. (pairwise LPIPS of face regions)"
     digits, card_digits = 4, 3
     per_set = True
-    requires = {"lpips": "a converted LPIPS folder: --lpips / config.eval.lpips",
-                "face_detector": "an insightface folder with an SCRFD detector: --face-models / "
-                                 "config.eval.face_detector"}
+    requires = {
+        "lpips": "a converted LPIPS folder: --lpips / config.eval.lpips",
+        "face_detector": "an insightface folder with an SCRFD detector: --face-models / config.eval.face_detector",
+    }
 
     def __init__(self, scorer):
         self.scorer = scorer
@@ -354,10 +383,15 @@ class FaceDiv(Metric):
         from persongen_jax.evaluation.face_div import FaceDivScorer
 
         det_size = int(options.get("det_size") or 640)
-        return cls(FaceDivScorer.from_pretrained(options["lpips"], options["face_detector"],
-                                                 det_size=(det_size, det_size),
-                                                 det_thresh=float(options.get("det_thresh") or 0.5),
-                                                 batch_size=int(options.get("batch_size") or 32)))
+        return cls(
+            FaceDivScorer.from_pretrained(
+                options["lpips"],
+                options["face_detector"],
+                det_size=(det_size, det_size),
+                det_thresh=float(options.get("det_thresh") or 0.5),
+                batch_size=int(options.get("batch_size") or 32),
+            )
+        )
 
     def reset(self):
         self.groups = {}
@@ -380,8 +414,12 @@ class FaceDiv(Metric):
         for name, rows in per_set.items():
             values = [v for *_, v in rows if v is not None]
             na = [f"{k[1]} / prompt {k[2]}: {faces} of {n} images with a face" for k, faces, n, v in rows if v is None]
-            entry = {self.name: float(np.mean(values)) if values else None, "face_div_groups": len(rows),
-                     "face_div_na": len(na), "face_div_na_groups": na}
+            entry = {
+                self.name: float(np.mean(values)) if values else None,
+                "face_div_groups": len(rows),
+                "face_div_na": len(na),
+                "face_div_na_groups": na,
+            }
             if not values:
                 entry[f"{self.name}_note"] = f"n/a ({len(na)} of {len(rows)} prompts with < 2 face images)"
             out[name] = entry
@@ -399,9 +437,10 @@ class FaceSim(Metric):
     name, title, axis_label = "face_sim", "Face-Sim", "Face-Sim (ArcFace cosine)"
     digits, card_digits = 4, 3
     found_key, missing_key, missing_label, missing_title = "face_found", "no_face", "no face", "No face detected"
-    requires = {"face_detector": "an insightface folder with an SCRFD detector: --face-models / "
-                                 "config.eval.face_detector",
-                "arcface": "a converted ArcFace folder: --arcface / config.eval.arcface"}
+    requires = {
+        "face_detector": "an insightface folder with an SCRFD detector: --face-models / config.eval.face_detector",
+        "arcface": "a converted ArcFace folder: --arcface / config.eval.arcface",
+    }
 
     def __init__(self, scorer):
         self.scorer = scorer
@@ -411,10 +450,17 @@ class FaceSim(Metric):
         from persongen_jax.evaluation.face_sim import FaceSimScorer
 
         det_size = options.get("det_size") or 640
-        return cls(FaceSimScorer.from_pretrained(
-            options["face_detector"], options["arcface"], no_face=options.get("no_face") or "zero",
-            det_thresh=float(options.get("det_thresh") or 0.5), det_size=(int(det_size), int(det_size)),
-            batch_size=int(options.get("batch_size") or 32), select=options.get("face_select") or "largest"))
+        return cls(
+            FaceSimScorer.from_pretrained(
+                options["face_detector"],
+                options["arcface"],
+                no_face=options.get("no_face") or "zero",
+                det_thresh=float(options.get("det_thresh") or 0.5),
+                det_size=(int(det_size), int(det_size)),
+                batch_size=int(options.get("batch_size") or 32),
+                select=options.get("face_select") or "largest",
+            )
+        )
 
     def prepare_references(self, images, names):
         return self.scorer.reference_embeddings(images, names)
@@ -429,5 +475,10 @@ class FaceSim(Metric):
 
     def settings(self):
         det = self.scorer.detector
-        return {"no_face": self.scorer.no_face, "face_select": self.scorer.select, "det_thresh": det.det_thresh,
-                "det_size": list(det.det_size), "detector": str(det.model_file)}
+        return {
+            "no_face": self.scorer.no_face,
+            "face_select": self.scorer.select,
+            "det_thresh": det.det_thresh,
+            "det_size": list(det.det_size),
+            "detector": str(det.model_file),
+        }

@@ -50,8 +50,8 @@ class ValidationPrompt:
     """One validation prompt: the full text, its class word, and its optional split version."""
 
     name: str
-    prompt: str        # full text: what CLIP-T scores against
-    class_word: str    # the trigger word goes right after its first occurrence
+    prompt: str  # full text: what CLIP-T scores against
+    class_word: str  # the trigger word goes right after its first occurrence
     general: str = ""  # split version: P_general ...
     conditions: dict = field(default_factory=dict)  # ... and {condition name: text}, e.g. {"bg": P_bg}
 
@@ -86,8 +86,10 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[ValidationPrompt
     except FileNotFoundError:
         raise ValueError(f"{path}: no such prompts file") from None
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: expected {{\"prompts\": [{{\"name\", \"prompt\", \"class_word\", \"general\", "
-                         f"condition texts}}, ...]}} ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f'{path}: expected {{"prompts": [{{"name", "prompt", "class_word", "general", '
+            f"condition texts}}, ...]}} ({type(e).__name__}: {e})"
+        ) from None
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     names = [p.name for p in prompts]
@@ -96,13 +98,14 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[ValidationPrompt
     for p in prompts:
         p.with_trigger(p.prompt, "img")  # class word present: fail now, not after hours of generation
         if bool(p.general) != bool(p.conditions):
-            raise ValueError(f"{path}: prompt {p.name!r} needs both 'general' and condition texts (e.g. 'bg') "
-                             "for the split version")
+            raise ValueError(
+                f"{path}: prompt {p.name!r} needs both 'general' and condition texts (e.g. 'bg') for the split version"
+            )
     return prompts
 
 
 def parse_sets(text: str) -> dict[str, str]:
-    """"in_train=val/a,out_of_domain=val/b" -> {"in_train": "val/a", ...} (also ';' separated)."""
+    """ "in_train=val/a,out_of_domain=val/b" -> {"in_train": "val/a", ...} (also ';' separated)."""
     sets = {}
     for part in filter(None, (p.strip() for p in re.split(r"[,;]", text or ""))):
         name, sep, folder = part.partition("=")
@@ -218,9 +221,11 @@ def _use_split(pipe, prompt: ValidationPrompt, mode: str) -> bool:
         raise ValueError(f"split={mode!r}; expected one of {list(SPLIT_MODES)}")
     missing = sorted(set(prompt.conditions) - set(pipe.text_conditions))
     if mode == "always" and (missing or not prompt.general):
-        raise ValueError(f"split='always': prompt {prompt.name!r} needs a split version and a model with "
-                         f"adapters for {sorted(prompt.conditions) or 'its conditions'} (missing: {missing}; "
-                         "--adapters)")
+        raise ValueError(
+            f"split='always': prompt {prompt.name!r} needs a split version and a model with "
+            f"adapters for {sorted(prompt.conditions) or 'its conditions'} (missing: {missing}; "
+            "--adapters)"
+        )
     return bool(prompt.general) and not missing and mode != "never"
 
 
@@ -236,11 +241,21 @@ def load_references(sets: dict[str, dict[str, list[Path]]], metrics: Sequence[Me
     return out
 
 
-def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence[ValidationPrompt],
-                 metrics: Sequence[Metric], out_dir: str | os.PathLike, settings: ProtocolSettings | None = None,
-                 *, step: int | None = None, title: str = "validation", extra: dict | None = None,
-                 progress: bool = False, score_every: int = 256, references: dict | None = None
-                 ) -> ProtocolResult:
+def run_protocol(
+    pipe,
+    sets: dict[str, dict[str, list[Path]]],
+    prompts: Sequence[ValidationPrompt],
+    metrics: Sequence[Metric],
+    out_dir: str | os.PathLike,
+    settings: ProtocolSettings | None = None,
+    *,
+    step: int | None = None,
+    title: str = "validation",
+    extra: dict | None = None,
+    progress: bool = False,
+    score_every: int = 256,
+    references: dict | None = None,
+) -> ProtocolResult:
     """Generates, scores and writes the whole protocol into out_dir (see module doc). Images are scored
     in chunks of about `score_every` (bounded host memory at 1024 x 1024). metrics: `metrics.build(...)`;
     none: the images and the report without scores. references: from `load_references` (loaded here when
@@ -249,8 +264,9 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
     # The size the images get, recorded in metrics.json (not None: "the model's" is not a size).
     settings = replace(settings, height=settings.height or pipe.default_size, width=settings.width or pipe.default_size)
     if pipe.id_encoder is None:
-        raise ValueError("the validation protocol generates identities: the model needs an ID encoder "
-                         "(--photomaker DIR)")
+        raise ValueError(
+            "the validation protocol generates identities: the model needs an ID encoder (--photomaker DIR)"
+        )
     references = references if references is not None else load_references(sets, metrics)
     reset_set_metrics(metrics)
     out_dir = Path(out_dir)
@@ -268,6 +284,7 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
             score_rows([p[0] for p in pending], [p[1] for p in pending], metrics, [p[2] for p in pending])
             score_s += time.perf_counter() - t
             pending.clear()
+
     for set_name, identities in sets.items():
         ref_paths[set_name] = {}
         for ident in identities:
@@ -282,14 +299,29 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
                 split = _use_split(pipe, vp, settings.split)
                 text = vp.with_trigger(vp.general if split else vp.prompt, settings.trigger_word)
                 t = time.perf_counter()
-                gen = pipe(text, refs, seeds=list(settings.seeds), conditions=vp.conditions if split else None,
-                           progress=progress, **settings.call_kwargs())
+                gen = pipe(
+                    text,
+                    refs,
+                    seeds=list(settings.seeds),
+                    conditions=vp.conditions if split else None,
+                    progress=progress,
+                    **settings.call_kwargs(),
+                )
                 gen_s += time.perf_counter() - t
                 for seed, img in zip(settings.seeds, gen):
                     rel = f"images/{set_name}/{ident}/{vp.name}_s{seed}.png"
                     Image.fromarray(img).save(out_dir / rel)
-                    rows.append(empty_row(set=set_name, reference=ident, prompt_index=pi, prompt=vp.prompt,
-                                          seed=int(seed), image=rel, step=step))
+                    rows.append(
+                        empty_row(
+                            set=set_name,
+                            reference=ident,
+                            prompt_index=pi,
+                            prompt=vp.prompt,
+                            seed=int(seed),
+                            image=rel,
+                            step=step,
+                        )
+                    )
                     pending.append((rows[-1], img, emb))
                 if len(pending) >= score_every:
                     flush()
@@ -297,17 +329,29 @@ def run_protocol(pipe, sets: dict[str, dict[str, list[Path]]], prompts: Sequence
     names = [m.name for m in metrics]
     summary = add_set_values(report.aggregate(rows, names), metrics)
     seconds = {"generate": round(gen_s, 2), "score": round(score_s, 2), "total": round(time.perf_counter() - t0, 2)}
-    info = {"step": step, **scoring_info(metrics), "settings": {**asdict(settings),
-                                                                       "seeds": list(settings.seeds)},
-            "clip_t_text": "the validation prompt without the trigger word (prompts[].prompt)",
-            "prompts": [asdict(p) for p in prompts], "seconds": seconds, **(extra or {})}
+    info = {
+        "step": step,
+        **scoring_info(metrics),
+        "settings": {**asdict(settings), "seeds": list(settings.seeds)},
+        "clip_t_text": "the validation prompt without the trigger word (prompts[].prompt)",
+        "prompts": [asdict(p) for p in prompts],
+        "seconds": seconds,
+        **(extra or {}),
+    }
     report.write_scores_csv(rows, out_dir / "scores.csv", names)
     report.write_metrics_json(summary, out_dir / "metrics.json", **info)
-    shown = {"step": step, "seeds": list(settings.seeds), "steps": settings.num_steps,
-             "guidance": settings.guidance_scale, **shown_settings(metrics), **(extra or {})}
+    shown = {
+        "step": step,
+        "seeds": list(settings.seeds),
+        "steps": settings.num_steps,
+        "guidance": settings.guidance_scale,
+        **shown_settings(metrics),
+        **(extra or {}),
+    }
     shown = {k: v for k, v in shown.items() if v not in (None, "")}
-    report.write_report_html(out_dir / "report.html", rows, summary, references=ref_paths, title=title,
-                             settings=shown, metric_names=names)
+    report.write_report_html(
+        out_dir / "report.html", rows, summary, references=ref_paths, title=title, settings=shown, metric_names=names
+    )
     return ProtocolResult(rows, summary, out_dir, seconds)
 
 
@@ -324,16 +368,29 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path}, line {n}: missing {missing} (expected image, prompt, reference[, set])")
         refs = e["reference"] if isinstance(e["reference"], list) else [e["reference"]]
         text = lambda v: isinstance(v, str) and v.strip()  # noqa: E731
-        for key, ok, want in (("image", text(e["image"]), "a path string"), ("prompt", text(e["prompt"]), "a string"),
-                              ("reference", refs and all(text(r) for r in refs),
-                               "a path string or a non-empty list of them (Face-Sim needs a reference face)"),
-                              ("set", e.get("set") is None or isinstance(e["set"], str), "a string")):
+        for key, ok, want in (
+            ("image", text(e["image"]), "a path string"),
+            ("prompt", text(e["prompt"]), "a string"),
+            (
+                "reference",
+                refs and all(text(r) for r in refs),
+                "a path string or a non-empty list of them (Face-Sim needs a reference face)",
+            ),
+            ("set", e.get("set") is None or isinstance(e["set"], str), "a string"),
+        ):
             if not ok:
-                raise ValueError(f"{path}, line {n}: {key}={e.get(key)!r} (a {type(e.get(key)).__name__}): "
-                                 f"expected {want}"[:400])
-        entries.append({"image": (path.parent / e["image"]).resolve(), "prompt": str(e["prompt"]),
-                        "references": tuple((path.parent / r).resolve() for r in refs),
-                        "set": str(e.get("set") or "all"), "line": n})
+                raise ValueError(
+                    f"{path}, line {n}: {key}={e.get(key)!r} (a {type(e.get(key)).__name__}): expected {want}"[:400]
+                )
+        entries.append(
+            {
+                "image": (path.parent / e["image"]).resolve(),
+                "prompt": str(e["prompt"]),
+                "references": tuple((path.parent / r).resolve() for r in refs),
+                "set": str(e.get("set") or "all"),
+                "line": n,
+            }
+        )
     if not entries:
         raise ValueError(f"{path}: empty manifest")
     return entries
@@ -357,9 +414,15 @@ def _manifest_image(manifest, entry: dict, path: Path):
         raise ImageError(f"{manifest}, line {entry['line']}: {e}") from None
 
 
-def score_manifest(manifest: str | os.PathLike, metrics: Sequence[Metric], out_dir: str | os.PathLike, *,
-                   title: str | None = None, extra: dict | None = None,
-                   trigger_word: str | None = DEFAULT_TRIGGER_WORD) -> ProtocolResult:
+def score_manifest(
+    manifest: str | os.PathLike,
+    metrics: Sequence[Metric],
+    out_dir: str | os.PathLike,
+    *,
+    title: str | None = None,
+    extra: dict | None = None,
+    trigger_word: str | None = DEFAULT_TRIGGER_WORD,
+) -> ProtocolResult:
     """Mode A: scores existing images listed in a manifest; writes metrics.json, scores.csv, report.html.
     CLIP-T scores each prompt without `trigger_word` (None or "": the prompt as written); scores.csv's
     "prompt" is the text scored."""
@@ -374,26 +437,47 @@ def score_manifest(manifest: str | os.PathLike, metrics: Sequence[Metric], out_d
     for e in entries:
         key = e["references"]
         if key not in ref_cache:
-            ref_cache[key] = prepare_references(metrics, [_manifest_image(manifest, e, p) for p in key],
-                                                [str(p) for p in key])
+            ref_cache[key] = prepare_references(
+                metrics, [_manifest_image(manifest, e, p) for p in key], [str(p) for p in key]
+            )
         name = ", ".join(p.name for p in key)
         references.setdefault(e["set"], {})[name] = [os.path.relpath(p, out_dir) for p in key]
         e["reference_name"] = name
-    rows = [empty_row(set=e["set"], reference=e["reference_name"], prompt=e["clip_t_prompt"],
-                      image=os.path.relpath(e["image"], out_dir)) for e in entries]
+    rows = [
+        empty_row(
+            set=e["set"],
+            reference=e["reference_name"],
+            prompt=e["clip_t_prompt"],
+            image=os.path.relpath(e["image"], out_dir),
+        )
+        for e in entries
+    ]
     reset_set_metrics(metrics)
     score_rows(rows, images, metrics, [ref_cache[e["references"]] for e in entries])
     names = [m.name for m in metrics]
     summary = add_set_values(report.aggregate(rows, names), metrics)
-    scored = (f"the manifest prompt without the trigger word {trigger_word!r} (scores.csv 'prompt')" if trigger_word
-              else "the manifest prompt as written")
-    info = {"manifest": str(Path(manifest).resolve()), "trigger_word": trigger_word or None, "clip_t_text": scored,
-            **scoring_info(metrics),
-            "seconds": {"total": round(time.perf_counter() - t0, 2)}, **(extra or {})}
+    scored = (
+        f"the manifest prompt without the trigger word {trigger_word!r} (scores.csv 'prompt')"
+        if trigger_word
+        else "the manifest prompt as written"
+    )
+    info = {
+        "manifest": str(Path(manifest).resolve()),
+        "trigger_word": trigger_word or None,
+        "clip_t_text": scored,
+        **scoring_info(metrics),
+        "seconds": {"total": round(time.perf_counter() - t0, 2)},
+        **(extra or {}),
+    }
     report.write_scores_csv(rows, out_dir / "scores.csv", names)
     report.write_metrics_json(summary, out_dir / "metrics.json", **info)
-    report.write_report_html(out_dir / "report.html", rows, summary, references=references,
-                             title=title or f"scores of {Path(manifest).name}",
-                             settings={"manifest": str(manifest), **shown_settings(metrics), **(extra or {})},
-                             metric_names=names)
+    report.write_report_html(
+        out_dir / "report.html",
+        rows,
+        summary,
+        references=references,
+        title=title or f"scores of {Path(manifest).name}",
+        settings={"manifest": str(manifest), **shown_settings(metrics), **(extra or {})},
+        metric_names=names,
+    )
     return ProtocolResult(rows, summary, out_dir, info["seconds"])

@@ -228,10 +228,14 @@ def _means_table(metrics: dict, names: Sequence[str]) -> list[str]:
     if "all" in metrics:
         entries.append(("all", metrics["all"], " class='all'"))
     for name, s, cls in entries:
-        cells = [str(s["n_images"])] + [_cell(s, m) for m in shown] + \
-            [str(s[m.missing_key]) for m in shown if m.missing_key]
-        out.append(f"<tr{cls}><td>{html.escape(name)}</td>"
-                   + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>")
+        cells = (
+            [str(s["n_images"])]
+            + [_cell(s, m) for m in shown]
+            + [str(s[m.missing_key]) for m in shown if m.missing_key]
+        )
+        out.append(
+            f"<tr{cls}><td>{html.escape(name)}</td>" + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>"
+        )
     out.append("</table>")
     return out
 
@@ -269,13 +273,22 @@ def _generation_card(row: dict, html_dir: Path, names: Sequence[str]) -> str:
             lines.append(f"{html.escape(m.title)} {_fmt(row.get(name), m.card_digits)}")
     cls = "card noface" if _missing(row, names) else "card"
     caption = "<br>".join(line for line in lines if line)
-    return (f"<div class='{cls}'><a href='{href}'><img src='{href}' alt='{prompt}' title='{prompt}' "
-            f"loading='lazy'></a><div class='meta'>{caption}</div></div>")
+    return (
+        f"<div class='{cls}'><a href='{href}'><img src='{href}' alt='{prompt}' title='{prompt}' "
+        f"loading='lazy'></a><div class='meta'>{caption}</div></div>"
+    )
 
 
-def write_report_html(path: str | os.PathLike, rows: Sequence[dict], metrics: dict, *,
-                      references: dict[str, dict[str, list[str]]], title: str,
-                      settings: dict | None = None, metric_names: Sequence[str] = DEFAULT_METRICS) -> Path:
+def write_report_html(
+    path: str | os.PathLike,
+    rows: Sequence[dict],
+    metrics: dict,
+    *,
+    references: dict[str, dict[str, list[str]]],
+    title: str,
+    settings: dict | None = None,
+    metric_names: Sequence[str] = DEFAULT_METRICS,
+) -> Path:
     """One HTML page: settings, means per set, then per set and identity the reference and its generations
     (each with its score per metric of `metric_names`), and the images a metric found nothing in.
 
@@ -286,9 +299,17 @@ def write_report_html(path: str | os.PathLike, rows: Sequence[dict], metrics: di
     path.parent.mkdir(parents=True, exist_ok=True)
     html_dir = path.parent
     esc = html.escape
-    out = ["<!DOCTYPE html>", "<html lang='en'>", "<head>", "<meta charset='utf-8'>",
-           f"<title>{esc(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-           f"<h1>{esc(title)}</h1>"]
+    out = [
+        "<!DOCTYPE html>",
+        "<html lang='en'>",
+        "<head>",
+        "<meta charset='utf-8'>",
+        f"<title>{esc(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
 
     if settings:
         out.append("<table class='settings'>")
@@ -321,8 +342,10 @@ def write_report_html(path: str | os.PathLike, rows: Sequence[dict], metrics: di
                 out.append("<ul class='noface'>")
                 for row in missed:
                     href = esc(_href(row["image"], html_dir))
-                    out.append(f"<li><a href='{href}'>{esc(str(row['image']))}</a> <span class='meta'>— "
-                               f"{esc(str(row['reference']))}: {esc(row.get('prompt') or '')}</span></li>")
+                    out.append(
+                        f"<li><a href='{href}'>{esc(str(row['image']))}</a> <span class='meta'>— "
+                        f"{esc(str(row['reference']))}: {esc(row.get('prompt') or '')}</span></li>"
+                    )
                 out.append("</ul>")
             else:
                 out.append("<p class='meta'>none</p>")
@@ -370,8 +393,15 @@ def _read_metrics_json(path: Path) -> list[dict]:
         # A malformed file, not a caller's type error: ValueError like every other "not a run" case.
         raise ValueError(f"{path}: expected a 'sets' mapping of per-set metrics")  # noqa: TRY004
     names = metrics.get("metric_names") or list(DEFAULT_METRICS)
-    return [{**{k: v for k, v in summary.items() if not k.endswith("_images")}, "step": metrics["step"], "set": name,
-             "metric_names": names} for name, summary in metrics["sets"].items()]
+    return [
+        {
+            **{k: v for k, v in summary.items() if not k.endswith("_images")},
+            "step": metrics["step"],
+            "set": name,
+            "metric_names": names,
+        }
+        for name, summary in metrics["sets"].items()
+    ]
 
 
 def load_history(run_dir: str | os.PathLike) -> list[dict]:
@@ -387,8 +417,10 @@ def load_history(run_dir: str | os.PathLike) -> list[dict]:
         return _read_history_jsonl(history)
     if metrics.is_file():
         return _read_metrics_json(metrics)
-    raise ValueError(f"{run_dir}: expected a training workdir with eval/history.jsonl or an evaluate output "
-                     "folder with metrics.json; found neither")
+    raise ValueError(
+        f"{run_dir}: expected a training workdir with eval/history.jsonl or an evaluate output "
+        "folder with metrics.json; found neither"
+    )
 
 
 def _safe_filename(name: str) -> str:
@@ -406,8 +438,9 @@ def _series(records: list[dict], set_name: str, metric: str) -> tuple[list, list
     return steps, [points[step] for step in steps]
 
 
-def plot_compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-                 labels: Sequence[str] | None = None) -> list[Path]:
+def plot_compare(
+    run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, labels: Sequence[str] | None = None
+) -> list[Path]:
     """One PNG per metric and validation set, `out_dir/{metric}_{set}.png`: metric against step, a line per run.
 
     A run without a set is absent from that set's plots; a metric with no value in any run
@@ -449,8 +482,10 @@ def plot_compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         for set_name in set_names:
             # A fixed color per run ("C0", "C1", ... by position) so a run looks the same in every plot,
             # also in the plots of a set some runs lack.
-            series = [(f"C{i % 10}", label, *_series(records, set_name, metric))
-                      for i, (label, records) in enumerate(zip(labels, histories))]
+            series = [
+                (f"C{i % 10}", label, *_series(records, set_name, metric))
+                for i, (label, records) in enumerate(zip(labels, histories))
+            ]
             series = [s for s in series if s[2]]
             if not series:
                 continue

@@ -38,8 +38,9 @@ def _read(run: Path) -> dict:
     return data
 
 
-def comparison(run_dirs: Sequence[str | os.PathLike], labels: Sequence[str] | None = None
-               ) -> tuple[list[dict], list[str]]:
+def comparison(
+    run_dirs: Sequence[str | os.PathLike], labels: Sequence[str] | None = None
+) -> tuple[list[dict], list[str]]:
     """-> (rows {"run", <metric>: value or None, "gen s/img", "eval s/img", "images"}, metric names)."""
     runs = [Path(d) for d in run_dirs]
     labels = list(labels) if labels is not None else [d.resolve().name or str(d) for d in runs]
@@ -55,8 +56,15 @@ def comparison(run_dirs: Sequence[str | os.PathLike], labels: Sequence[str] | No
         summary, seconds = d["all"], d.get("seconds") or {}
         n = summary.get("n_images") or 0
         per_image = lambda key: round(seconds[key] / n, 3) if n and seconds.get(key) is not None else None  # noqa
-        rows.append({"run": label, **{m: summary.get(m) for m in names}, "images": n,
-                     "gen s/img": per_image("generate"), "eval s/img": per_image("total")})
+        rows.append(
+            {
+                "run": label,
+                **{m: summary.get(m) for m in names},
+                "images": n,
+                "gen s/img": per_image("generate"),
+                "eval s/img": per_image("total"),
+            }
+        )
     return rows, list(names)
 
 
@@ -69,14 +77,19 @@ def markdown(rows: list[dict], names: Sequence[str]) -> str:
     header = ["Method", *(display(n).title for n in names), "images", *TIME_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in rows:
-        cells = [r["run"], *(_fmt(r[n], display(n).digits) for n in names), str(r["images"]),
-                 *(_fmt(r[c], 3) for c in TIME_COLUMNS)]
+        cells = [
+            r["run"],
+            *(_fmt(r[n], display(n).digits) for n in names),
+            str(r["images"]),
+            *(_fmt(r[c], 3) for c in TIME_COLUMNS),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_table(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-                labels: Sequence[str] | None = None) -> tuple[str, list[Path]]:
+def write_table(
+    run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, labels: Sequence[str] | None = None
+) -> tuple[str, list[Path]]:
     """Writes out_dir/table.md and out_dir/table.csv (metric names as CSV columns, full precision);
     returns (the Markdown, [paths])."""
     rows, names = comparison(run_dirs, labels)

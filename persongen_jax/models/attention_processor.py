@@ -53,14 +53,20 @@ class CrossAttentionContext:
 class AttnProcessor(nnx.Module):
     """The plain (self- or cross-) attention; holds no parameters."""
 
-    def __call__(self, attn: "Attention", hidden_states: jax.Array, context: CrossAttentionContext | None,
-                 mask: jax.Array | None) -> jax.Array:
+    def __call__(
+        self, attn: "Attention", hidden_states: jax.Array, context: CrossAttentionContext | None, mask: jax.Array | None
+    ) -> jax.Array:
         """hidden_states: [B, T, C] (already group-normed); context: None for self-attention -> [B, T, C]."""
         return attn.to_out[0](self.attention(attn, attn.to_q(hidden_states), hidden_states, context, mask))
 
     @staticmethod
-    def attention(attn: "Attention", q: jax.Array, hidden_states: jax.Array,
-                  context: CrossAttentionContext | None, mask: jax.Array | None) -> jax.Array:
+    def attention(
+        attn: "Attention",
+        q: jax.Array,
+        hidden_states: jax.Array,
+        context: CrossAttentionContext | None,
+        mask: jax.Array | None,
+    ) -> jax.Array:
         """attn(q, to_k(ctx), to_v(ctx)) before `to_out`; ctx = the text, or the hidden states themselves."""
         kv = hidden_states if context is None else context.text
         return attn.attend(q, attn.to_k(kv), attn.to_v(kv), mask)
@@ -75,8 +81,9 @@ class AdapterProcessor(AttnProcessor):
 
     mode: str = ""
 
-    def __init__(self, names: Sequence[str], scales: Sequence[float], to_k: Mapping[str, Linear],
-                 to_v: Mapping[str, Linear]):
+    def __init__(
+        self, names: Sequence[str], scales: Sequence[float], to_k: Mapping[str, Linear], to_v: Mapping[str, Linear]
+    ):
         self.names = tuple(names)
         self.scales = tuple(float(s) for s in scales)
         self.to_k = nnx.Dict({n: to_k[n] for n in self.names})
@@ -88,13 +95,18 @@ class AdapterProcessor(AttnProcessor):
             return []
         unknown = sorted(set(context.conditions) - set(self.names))
         if unknown:
-            raise ValueError(f"Attention: conditions {unknown} have no adapter layers (adapters: "
-                             f"{list(self.names)}); add them with lora.add_adapters")
+            raise ValueError(
+                f"Attention: conditions {unknown} have no adapter layers (adapters: "
+                f"{list(self.names)}); add them with lora.add_adapters"
+            )
         scales = dict(zip(self.names, self.scales))
         scales.update(context.scales or {})
         # A static scale of 0 skips the work; a traced one (or a [B] array) is applied as is.
-        return [(n, context.conditions[n], scales[n]) for n in self.names
-                if n in context.conditions and not (isinstance(scales[n], (int, float)) and scales[n] == 0)]
+        return [
+            (n, context.conditions[n], scales[n])
+            for n in self.names
+            if n in context.conditions and not (isinstance(scales[n], (int, float)) and scales[n] == 0)
+        ]
 
     def project(self, name: str, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Condition tokens -> (keys, values) of adapter `name`."""
@@ -133,7 +145,8 @@ class SequentialAdapterProcessor(AdapterProcessor):
 
 # Adapter wiring modes by their config name (`config.adapters.mode`, the adapter folder's "mode").
 ADAPTER_PROCESSORS: dict[str, type[AdapterProcessor]] = {
-    cls.mode: cls for cls in (ParallelAdapterProcessor, SequentialAdapterProcessor)}
+    cls.mode: cls for cls in (ParallelAdapterProcessor, SequentialAdapterProcessor)
+}
 ADAPTER_MODES = tuple(ADAPTER_PROCESSORS)
 
 
@@ -145,17 +158,30 @@ class Attention(nnx.Module):
     the VAE mid-block variant. attention_impl: "xla" | "cudnn" (see `layers.dot_product_attention`).
     """
 
-    def __init__(self, query_dim: int, cross_attention_dim: int | None = None, *, heads: int = 8,
-                 dim_head: int = 64, bias: bool = False, out_bias: bool = True,
-                 norm_num_groups: int | None = None, eps: float = 1e-5,
-                 residual_connection: bool = False, rescale_output_factor: float = 1.0,
-                 attention_impl: str = "xla", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        query_dim: int,
+        cross_attention_dim: int | None = None,
+        *,
+        heads: int = 8,
+        dim_head: int = 64,
+        bias: bool = False,
+        out_bias: bool = True,
+        norm_num_groups: int | None = None,
+        eps: float = 1e-5,
+        residual_connection: bool = False,
+        rescale_output_factor: float = 1.0,
+        attention_impl: str = "xla",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         inner = heads * dim_head
         kv_dim = cross_attention_dim or query_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.heads = heads
         self.dim_head = dim_head
-        self.scale = dim_head ** -0.5
+        self.scale = dim_head**-0.5
         self.residual_connection = residual_connection
         self.rescale_output_factor = rescale_output_factor
         self.attention_impl = attention_impl
@@ -176,13 +202,22 @@ class Attention(nnx.Module):
         b, tq, _ = q.shape
         tk = k.shape[1]
         split = lambda t, n: t.reshape(b, n, self.heads, self.dim_head)
-        out = dot_product_attention(split(q, tq), split(k, tk), split(v, tk), mask=mask,
-                                    scale=self.scale, implementation=self.attention_impl)  # type: ignore[arg-type]
+        out = dot_product_attention(
+            split(q, tq),
+            split(k, tk),
+            split(v, tk),
+            mask=mask,
+            scale=self.scale,
+            implementation=self.attention_impl,  # type: ignore[arg-type]
+        )
         return out.reshape(b, tq, self.heads * self.dim_head)
 
-    def __call__(self, hidden_states: jax.Array,
-                 encoder_hidden_states: jax.Array | CrossAttentionContext | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        hidden_states: jax.Array,
+        encoder_hidden_states: jax.Array | CrossAttentionContext | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
         """hidden_states: [B, T, C] or [B, H, W, C] (VAE); encoder_hidden_states: [B, S, D], a
         CrossAttentionContext, or None (self-attention)."""
         residual = hidden_states

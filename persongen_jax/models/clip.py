@@ -103,8 +103,10 @@ def _parse(dc, config: Mapping[str, Any], where: str):
     """
     cfg = dict(config)
     if cfg.get("attention_dropout", 0.0) not in (0, 0.0, None):
-        raise ValueError(f"{where}attention_dropout={cfg['attention_dropout']!r}: attention dropout "
-                         "is not ported (every released CLIP uses 0.0)")
+        raise ValueError(
+            f"{where}attention_dropout={cfg['attention_dropout']!r}: attention dropout "
+            "is not ported (every released CLIP uses 0.0)"
+        )
     if cfg.get("dropout", 0.0) not in (0, 0.0, None):
         raise ValueError(f"{where}dropout={cfg['dropout']!r}: dropout is not ported")
     names = {f.name for f in dataclasses.fields(dc)}
@@ -113,19 +115,20 @@ def _parse(dc, config: Mapping[str, Any], where: str):
         if key in kwargs:
             kwargs[key] = _square(kwargs[key], where + key)
     if "eos_token_id" in kwargs and not isinstance(kwargs["eos_token_id"], int):
-        raise ValueError(f"{where}eos_token_id={kwargs['eos_token_id']!r}: only a single integer "
-                         "eos_token_id is supported")
+        raise ValueError(
+            f"{where}eos_token_id={kwargs['eos_token_id']!r}: only a single integer eos_token_id is supported"
+        )
     out = dc(**kwargs)
     try:
         activation(out.hidden_act)
     except ValueError as e:
         raise ValueError(f"{where}hidden_act: {e}") from None
     if out.hidden_size % out.num_attention_heads:
-        raise ValueError(f"{where}hidden_size={out.hidden_size} is not divisible by "
-                         f"num_attention_heads={out.num_attention_heads}")
+        raise ValueError(
+            f"{where}hidden_size={out.hidden_size} is not divisible by num_attention_heads={out.num_attention_heads}"
+        )
     if dc is CLIPVisionConfig and out.image_size % out.patch_size:
-        raise ValueError(f"{where}image_size={out.image_size} is not divisible by "
-                         f"patch_size={out.patch_size}")
+        raise ValueError(f"{where}image_size={out.image_size} is not divisible by patch_size={out.patch_size}")
     return out
 
 
@@ -175,47 +178,121 @@ def parse_clip_config(config: Mapping[str, Any] | CLIPConfig) -> CLIPConfig:
 
 
 # Reference configs (transformers config.json dicts), see `preset_config`.
-_TINY_TEXT = dict(model_type="clip_text_model", vocab_size=1000, hidden_size=32, intermediate_size=37,
-                  projection_dim=24, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                  hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=998, eos_token_id=999,
-                  pad_token_id=1)
-_TINY_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=37, projection_dim=24,
-                    num_hidden_layers=2, num_attention_heads=4, num_channels=3, image_size=30, patch_size=6,
-                    hidden_act="quick_gelu", layer_norm_eps=1e-5)
+_TINY_TEXT = dict(
+    model_type="clip_text_model",
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=37,
+    projection_dim=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=998,
+    eos_token_id=999,
+    pad_token_id=1,
+)
+_TINY_VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=37,
+    projection_dim=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_channels=3,
+    image_size=30,
+    patch_size=6,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 # stabilityai/stable-diffusion-xl-base-1.0 text_encoder/config.json (OpenAI CLIP ViT-L/14 text tower).
 _SDXL_TEXT_ENCODER = dict(
-    architectures=["CLIPTextModel"], model_type="clip_text_model", vocab_size=49408, hidden_size=768,
-    intermediate_size=3072, projection_dim=768, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, attention_dropout=0.0,
-    dropout=0.0, initializer_factor=1.0, initializer_range=0.02, bos_token_id=0, eos_token_id=2,
-    pad_token_id=1)
+    architectures=["CLIPTextModel"],
+    model_type="clip_text_model",
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    projection_dim=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    attention_dropout=0.0,
+    dropout=0.0,
+    initializer_factor=1.0,
+    initializer_range=0.02,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
 # stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower,
 # laion2b_s39b_b160k).
 _SDXL_TEXT_ENCODER_2 = dict(
-    architectures=["CLIPTextModelWithProjection"], model_type="clip_text_model", vocab_size=49408,
-    hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
-    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
-    attention_dropout=0.0, dropout=0.0, initializer_factor=1.0, initializer_range=0.02, bos_token_id=0,
-    eos_token_id=2, pad_token_id=1)
+    architectures=["CLIPTextModelWithProjection"],
+    model_type="clip_text_model",
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    projection_dim=1280,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    attention_dropout=0.0,
+    dropout=0.0,
+    initializer_factor=1.0,
+    initializer_range=0.02,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
 # openai/clip-vit-large-patch14 config.json, `vision_config` (also PhotoMaker's ID-encoder backbone).
 _VIT_L14_VISION = dict(
-    model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, projection_dim=768,
-    num_hidden_layers=24, num_attention_heads=16, num_channels=3, image_size=224, patch_size=14,
-    hidden_act="quick_gelu", layer_norm_eps=1e-5, attention_dropout=0.0, dropout=0.0,
-    initializer_factor=1.0, initializer_range=0.02)
+    model_type="clip_vision_model",
+    hidden_size=1024,
+    intermediate_size=4096,
+    projection_dim=768,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_channels=3,
+    image_size=224,
+    patch_size=14,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    attention_dropout=0.0,
+    dropout=0.0,
+    initializer_factor=1.0,
+    initializer_range=0.02,
+)
 # openai/clip-vit-large-patch14 config.json, `text_config`.
 _VIT_L14_TEXT = dict(_SDXL_TEXT_ENCODER, architectures=None)
 
-_TEXT_PRESETS = {"tiny": _TINY_TEXT, "sdxl_text_encoder": _SDXL_TEXT_ENCODER,
-                 "sdxl_text_encoder_2": _SDXL_TEXT_ENCODER_2}
+_TEXT_PRESETS = {
+    "tiny": _TINY_TEXT,
+    "sdxl_text_encoder": _SDXL_TEXT_ENCODER,
+    "sdxl_text_encoder_2": _SDXL_TEXT_ENCODER_2,
+}
 _TEXT_PROJ_PRESETS = {"tiny": dict(_TINY_TEXT, hidden_act="gelu"), "sdxl_text_encoder_2": _SDXL_TEXT_ENCODER_2}
 _VISION_PRESETS = {"tiny": _TINY_VISION, "vit_large_patch14": _VIT_L14_VISION}
 _CLIP_PRESETS = {
-    "tiny": dict(model_type="clip", text_config=_TINY_TEXT, vision_config=_TINY_VISION, projection_dim=24,
-                 logit_scale_init_value=2.6592),
+    "tiny": dict(
+        model_type="clip",
+        text_config=_TINY_TEXT,
+        vision_config=_TINY_VISION,
+        projection_dim=24,
+        logit_scale_init_value=2.6592,
+    ),
     # openai/clip-vit-large-patch14 config.json (the CLIP-T metric model).
-    "clip_vit_large_patch14": dict(model_type="clip", text_config=_VIT_L14_TEXT, vision_config=_VIT_L14_VISION,
-                                   projection_dim=768, logit_scale_init_value=2.6592),
+    "clip_vit_large_patch14": dict(
+        model_type="clip",
+        text_config=_VIT_L14_TEXT,
+        vision_config=_VIT_L14_VISION,
+        projection_dim=768,
+        logit_scale_init_value=2.6592,
+    ),
 }
 
 
@@ -293,8 +370,9 @@ class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         d = config.hidden_size
         self.token_embedding = nnx.Embed(config.vocab_size, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.position_embedding = nnx.Embed(config.max_position_embeddings, d, dtype=dtype,
-                                            param_dtype=param_dtype, rngs=rngs)
+        self.position_embedding = nnx.Embed(
+            config.max_position_embeddings, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """input_ids [B, T] -> [B, T, D]; positions 0..T-1."""
@@ -318,8 +396,16 @@ class CLIPVisionEmbeddings(nnx.Module):
         self.image_size = config.image_size
         self.patch_size = config.patch_size
         self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), param_dtype))
-        self.patch_embedding = Conv(config.num_channels, d, config.patch_size, stride=config.patch_size,
-                                    use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embedding = Conv(
+            config.num_channels,
+            d,
+            config.patch_size,
+            stride=config.patch_size,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         num_positions = (config.image_size // config.patch_size) ** 2 + 1
         self.position_embedding = nnx.Embed(num_positions, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -327,8 +413,10 @@ class CLIPVisionEmbeddings(nnx.Module):
         """pixel_values [B, H, W, C] -> [B, 1 + (H/p)*(W/p), D] (CLS first, patches row-major)."""
         b, h, w, _ = pixel_values.shape
         if h != self.image_size or w != self.image_size:
-            raise ValueError(f"input image size ({h}*{w}) doesn't match the model "
-                             f"({self.image_size}*{self.image_size}); position interpolation is not ported")
+            raise ValueError(
+                f"input image size ({h}*{w}) doesn't match the model "
+                f"({self.image_size}*{self.image_size}); position interpolation is not ported"
+            )
         dtype = self.dtype or self.patch_embedding.kernel.dtype
         patches = self.patch_embedding(pixel_values.astype(dtype))  # [B, h, w, D]
         patches = patches.reshape(b, -1, patches.shape[-1])
@@ -340,12 +428,19 @@ class CLIPVisionEmbeddings(nnx.Module):
 class CLIPAttention(nnx.Module):
     """Multi-head self-attention, scale head_dim**-0.5."""
 
-    def __init__(self, config: CLIPTextConfig | CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: CLIPTextConfig | CLIPVisionConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = d // self.num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.attention_impl = attention_impl
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.k_proj = Linear(d, d, **kw)
@@ -360,16 +455,24 @@ class CLIPAttention(nnx.Module):
         q = self.q_proj(x).reshape(shape)
         k = self.k_proj(x).reshape(shape)
         v = self.v_proj(x).reshape(shape)
-        out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale,
-                                    implementation=self.attention_impl)  # type: ignore[arg-type]  # "xla" or "cudnn"
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=is_causal,
+            scale=self.scale,
+            implementation=self.attention_impl,  # type: ignore[arg-type]  # "xla" or "cudnn"
+        )
         return self.out_proj(out.reshape(b, t, -1))
 
 
 class CLIPMLP(nnx.Module):
     """transformers CLIPMLP: fc1 -> hidden_act -> fc2."""
 
-    def __init__(self, config: CLIPTextConfig | CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: CLIPTextConfig | CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.activation_fn = activation(config.hidden_act)
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, **kw)
@@ -383,8 +486,15 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
 
-    def __init__(self, config: CLIPTextConfig | CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: CLIPTextConfig | CLIPVisionConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d, eps = config.hidden_size, config.layer_norm_eps
         self.self_attn = CLIPAttention(config, attention_impl=attention_impl, **kw)
@@ -401,15 +511,25 @@ class CLIPEncoderLayer(nnx.Module):
 class CLIPEncoder(nnx.Module):
     """transformers CLIPEncoder: `layers`, num_hidden_layers CLIPEncoderLayer in sequence."""
 
-    def __init__(self, config: CLIPTextConfig | CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
-        self.layers = nnx.List([
-            CLIPEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                             rngs=rngs)
-            for _ in range(config.num_hidden_layers)])
+    def __init__(
+        self,
+        config: CLIPTextConfig | CLIPVisionConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
+        self.layers = nnx.List(
+            [
+                CLIPEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
 
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
-                 is_causal: bool = False) -> tuple[jax.Array, tuple]:
+    def __call__(
+        self, x: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False
+    ) -> tuple[jax.Array, tuple]:
         """Returns (last layer output, (input, layer 1 output, ..., layer N output))."""
         hidden_states = [x]
         for layer in self.layers:
@@ -438,8 +558,15 @@ class CLIPTextTransformer(nnx.Module):
     (transformers v4 name; v5 folded it into CLIPTextModel, the computation is the same.)
     """
 
-    def __init__(self, config: CLIPTextConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: CLIPTextConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.eos_token_id = config.eos_token_id
         self.embeddings = CLIPTextEmbeddings(config, **kw)
@@ -463,8 +590,15 @@ class CLIPTextTransformer(nnx.Module):
 class CLIPVisionTransformer(nnx.Module):
     """Embeddings -> pre_layrnorm -> encoder; pooled = post_layernorm(CLS)."""
 
-    def __init__(self, config: CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: CLIPVisionConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d, eps = config.hidden_size, config.layer_norm_eps
         self.embeddings = CLIPVisionEmbeddings(config, **kw)
@@ -498,11 +632,23 @@ class _FromConfig:
     _presets: dict = {}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                    attention_impl: str = "xla"):
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ):
         """config: the transformers config.json dict of this model class."""
-        return cls(cls._parse_config(config), dtype=dtype, param_dtype=param_dtype,  # type: ignore[call-arg]
-                   attention_impl=attention_impl, rngs=rngs)  # (a mixin: the model class's __init__)
+        return cls(
+            cls._parse_config(config),
+            dtype=dtype,
+            param_dtype=param_dtype,  # type: ignore[call-arg]
+            attention_impl=attention_impl,
+            rngs=rngs,
+        )  # (a mixin: the model class's __init__)
 
     @classmethod
     def preset_config(cls, name: str) -> dict:
@@ -517,11 +663,19 @@ class CLIPTextModel(_FromConfig, nnx.Module):
     _parse_config = staticmethod(parse_text_config)
     _presets = _TEXT_PRESETS
 
-    def __init__(self, config: CLIPTextConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: CLIPTextConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         self.config = config
-        self.text_model = CLIPTextTransformer(config, dtype=dtype, param_dtype=param_dtype,
-                                              attention_impl=attention_impl, rngs=rngs)
+        self.text_model = CLIPTextTransformer(
+            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
+        )
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
@@ -540,13 +694,22 @@ class CLIPTextModelWithProjection(_FromConfig, nnx.Module):
     _parse_config = staticmethod(parse_text_config)
     _presets = _TEXT_PROJ_PRESETS
 
-    def __init__(self, config: CLIPTextConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: CLIPTextConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         self.config = config
-        self.text_model = CLIPTextTransformer(config, dtype=dtype, param_dtype=param_dtype,
-                                              attention_impl=attention_impl, rngs=rngs)
-        self.text_projection = Linear(config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)
+        self.text_model = CLIPTextTransformer(
+            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
+        )
+        self.text_projection = Linear(
+            config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
@@ -557,9 +720,12 @@ class CLIPTextModelWithProjection(_FromConfig, nnx.Module):
         """input_ids [B, T] int, attention_mask [B, T] or None -> CLIPTextModelOutput
         (text_embeds = text_projection(pooler_output) [B, projection_dim])."""
         out = self.text_model(input_ids, attention_mask)
-        return CLIPTextModelOutput(text_embeds=self.text_projection(out.pooler_output),
-                                   last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
-                                   pooler_output=out.pooler_output)
+        return CLIPTextModelOutput(
+            text_embeds=self.text_projection(out.pooler_output),
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            pooler_output=out.pooler_output,
+        )
 
 
 @register_model
@@ -569,11 +735,19 @@ class CLIPVisionModel(_FromConfig, nnx.Module):
     _parse_config = staticmethod(parse_vision_config)
     _presets = _VISION_PRESETS
 
-    def __init__(self, config: CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: CLIPVisionConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         self.config = config
-        self.vision_model = CLIPVisionTransformer(config, dtype=dtype, param_dtype=param_dtype,
-                                                  attention_impl=attention_impl, rngs=rngs)
+        self.vision_model = CLIPVisionTransformer(
+            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
+        )
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
@@ -592,13 +766,22 @@ class CLIPVisionModelWithProjection(_FromConfig, nnx.Module):
     _parse_config = staticmethod(parse_vision_config)
     _presets = _VISION_PRESETS
 
-    def __init__(self, config: CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: CLIPVisionConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         self.config = config
-        self.vision_model = CLIPVisionTransformer(config, dtype=dtype, param_dtype=param_dtype,
-                                                  attention_impl=attention_impl, rngs=rngs)
-        self.visual_projection = Linear(config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype,
-                                        param_dtype=param_dtype, rngs=rngs)
+        self.vision_model = CLIPVisionTransformer(
+            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
+        )
+        self.visual_projection = Linear(
+            config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
@@ -609,9 +792,12 @@ class CLIPVisionModelWithProjection(_FromConfig, nnx.Module):
         """pixel_values [B, H, W, C] channels-last, CLIP-normalised -> CLIPVisionModelOutput
         (image_embeds = visual_projection(pooler_output) [B, projection_dim])."""
         out = self.vision_model(pixel_values)
-        return CLIPVisionModelOutput(image_embeds=self.visual_projection(out.pooler_output),
-                                     last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
-                                     pooler_output=out.pooler_output)
+        return CLIPVisionModelOutput(
+            image_embeds=self.visual_projection(out.pooler_output),
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            pooler_output=out.pooler_output,
+        )
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -626,8 +812,9 @@ class CLIPModel(_FromConfig, nnx.Module):
     _parse_config = staticmethod(parse_clip_config)
     _presets = _CLIP_PRESETS
 
-    def __init__(self, config: CLIPConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self, config: CLIPConfig, *, dtype=None, param_dtype=jnp.float32, attention_impl: str = "xla", rngs: nnx.Rngs
+    ):
         self.config = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         tc, vc = config.text_config, config.vision_config
@@ -650,13 +837,18 @@ class CLIPModel(_FromConfig, nnx.Module):
         """[B, H, W, C] -> visual_projection(pooled) [B, projection_dim] (not normalised)."""
         return self.visual_projection(self.vision_model(pixel_values).pooler_output)
 
-    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array,
-                 attention_mask: jax.Array | None = None) -> CLIPOutput:
+    def __call__(
+        self, input_ids: jax.Array, pixel_values: jax.Array, attention_mask: jax.Array | None = None
+    ) -> CLIPOutput:
         """input_ids [Bt, T], pixel_values [Bi, H, W, C], attention_mask [Bt, T] or None -> CLIPOutput:
         L2-normalised text_embeds [Bt, P] and image_embeds [Bi, P], logits_per_text [Bt, Bi] =
         exp(logit_scale) * cosine similarity, logits_per_image = its transpose [Bi, Bt]."""
         image_embeds = l2_normalize(self.get_image_features(pixel_values))
         text_embeds = l2_normalize(self.get_text_features(input_ids, attention_mask))
         logits_per_text = (text_embeds @ image_embeds.T) * jnp.exp(self.logit_scale[...]).astype(text_embeds.dtype)
-        return CLIPOutput(logits_per_image=logits_per_text.T, logits_per_text=logits_per_text,
-                          text_embeds=text_embeds, image_embeds=image_embeds)
+        return CLIPOutput(
+            logits_per_image=logits_per_text.T,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+        )

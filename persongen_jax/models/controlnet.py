@@ -32,15 +32,36 @@ from persongen_jax.models.modeling import check_field_types, register_model
 from persongen_jax.models.unet import UNetConfig, UNetEncoderMixin
 
 # The ControlNet's own config keys (everything else is read as the UNet's same-named key).
-CONTROLNET_KEYS = ("conditioning_channels", "controlnet_conditioning_channel_order",
-                   "conditioning_embedding_out_channels", "global_pool_conditions")
+CONTROLNET_KEYS = (
+    "conditioning_channels",
+    "controlnet_conditioning_channel_order",
+    "conditioning_embedding_out_channels",
+    "global_pool_conditions",
+)
 # UNet keys that diffusers' ControlNetModel does not take (it always builds the defaults): rejected by name.
-_UNET_ONLY_KEYS = frozenset({"out_channels", "up_block_types", "center_input_sample", "time_embedding_dim",
-                             "time_embedding_act_fn", "timestep_post_act", "conv_in_kernel", "conv_out_kernel",
-                             "reverse_transformer_layers_per_block", "time_embedding_type",
-                             "time_cond_proj_dim", "resnet_skip_time_act", "resnet_out_scale_factor",
-                             "cross_attention_norm", "mid_block_only_cross_attention", "dropout",
-                             "dual_cross_attention", "attention_type", "class_embeddings_concat"})
+_UNET_ONLY_KEYS = frozenset(
+    {
+        "out_channels",
+        "up_block_types",
+        "center_input_sample",
+        "time_embedding_dim",
+        "time_embedding_act_fn",
+        "timestep_post_act",
+        "conv_in_kernel",
+        "conv_out_kernel",
+        "reverse_transformer_layers_per_block",
+        "time_embedding_type",
+        "time_cond_proj_dim",
+        "resnet_skip_time_act",
+        "resnet_out_scale_factor",
+        "cross_attention_norm",
+        "mid_block_only_cross_attention",
+        "dropout",
+        "dual_cross_attention",
+        "attention_type",
+        "class_embeddings_concat",
+    }
+)
 
 
 def _mirror_up_blocks(down_block_types: Sequence[str]) -> list[str]:
@@ -61,8 +82,10 @@ class ControlNetConfig:
     def __post_init__(self):
         check_field_types(self)
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
-            raise ValueError(f"ControlNet config: controlnet_conditioning_channel_order="
-                             f"{self.controlnet_conditioning_channel_order!r}; expected 'rgb' or 'bgr'")
+            raise ValueError(
+                f"ControlNet config: controlnet_conditioning_channel_order="
+                f"{self.controlnet_conditioning_channel_order!r}; expected 'rgb' or 'bgr'"
+            )
         if not self.conditioning_embedding_out_channels:
             raise ValueError("ControlNet config: conditioning_embedding_out_channels is empty")
 
@@ -70,13 +93,15 @@ class ControlNetConfig:
     def from_dict(cls, config: Mapping[str, Any]) -> "ControlNetConfig":
         """diffusers ControlNetModel config.json dict -> validated config; ValueError naming the key for an
         unknown or unsupported one (the UNet's rules: `UNetConfig.from_dict`)."""
-        own: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()
-                               if k in CONTROLNET_KEYS}
+        own: dict[str, Any] = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in CONTROLNET_KEYS
+        }
         rest = {k: v for k, v in config.items() if k not in CONTROLNET_KEYS}
         for key in rest:
             if key in _UNET_ONLY_KEYS:
-                raise ValueError(f"ControlNet config: unknown key {key!r} (a UNet key that diffusers' "
-                                 "ControlNetModel does not take)")
+                raise ValueError(
+                    f"ControlNet config: unknown key {key!r} (a UNet key that diffusers' ControlNetModel does not take)"
+                )
         rest["up_block_types"] = _mirror_up_blocks(rest.get("down_block_types", UNetConfig.down_block_types))
         try:
             unet = UNetConfig.from_dict(rest)
@@ -105,17 +130,20 @@ def unet_residual_channels(unet_config: UNetConfig) -> list[int]:
     return ControlNetConfig(unet=unet_config).residual_channels()
 
 
-def check_matches_unet(controlnet_config: ControlNetConfig, unet_config: UNetConfig, name: str = "ControlNet"
-                       ) -> None:
+def check_matches_unet(controlnet_config: ControlNetConfig, unet_config: UNetConfig, name: str = "ControlNet") -> None:
     """ValueError (one line, listing both shapes) when the ControlNet's residuals or inputs do not fit the UNet:
     residual channels, cross-attention width, added-condition width or latent channels differ."""
     cn, un = controlnet_config.unet, unet_config
-    pairs = [("residual channels", controlnet_config.residual_channels(), unet_residual_channels(un)),
-             ("cross_attention_dim", list(cn.per_block("cross_attention_dim")),
-              list(un.per_block("cross_attention_dim"))),
-             ("projection_class_embeddings_input_dim", cn.projection_class_embeddings_input_dim,
-              un.projection_class_embeddings_input_dim),
-             ("in_channels", cn.in_channels, un.in_channels)]
+    pairs = [
+        ("residual channels", controlnet_config.residual_channels(), unet_residual_channels(un)),
+        ("cross_attention_dim", list(cn.per_block("cross_attention_dim")), list(un.per_block("cross_attention_dim"))),
+        (
+            "projection_class_embeddings_input_dim",
+            cn.projection_class_embeddings_input_dim,
+            un.projection_class_embeddings_input_dim,
+        ),
+        ("in_channels", cn.in_channels, un.in_channels),
+    ]
     bad = [f"{what} {a} vs the UNet's {b}" for what, a, b in pairs if a != b]
     if bad:
         raise ValueError(f"{name} was made for another UNet: " + "; ".join(bad))
@@ -124,9 +152,16 @@ def check_matches_unet(controlnet_config: ControlNetConfig, unet_config: UNetCon
 class ControlNetConditioningEmbedding(nnx.Module):
     """conv_in -> (conv, stride-2 conv) per width step -> conv_out; SiLU between (diffusers' module)."""
 
-    def __init__(self, conditioning_embedding_channels: int, conditioning_channels: int = 3,
-                 block_out_channels: Sequence[int] = (16, 32, 96, 256), *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        conditioning_embedding_channels: int,
+        conditioning_channels: int = 3,
+        block_out_channels: Sequence[int] = (16, 32, 96, 256),
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         boc = tuple(block_out_channels)
         self.conv_in = Conv(conditioning_channels, boc[0], 3, padding=1, **kw)
@@ -149,8 +184,15 @@ class ControlNetConditioningEmbedding(nnx.Module):
 class ControlNetModel(UNetEncoderMixin, nnx.Module):
     """diffusers ControlNetModel (SDXL form); parameter paths are the diffusers state-dict keys."""
 
-    def __init__(self, config: ControlNetConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla"):
+    def __init__(
+        self,
+        config: ControlNetConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ):
         self.config = config
         self.dtype = dtype
         self.remat = "none"  # sampling only
@@ -158,14 +200,22 @@ class ControlNetModel(UNetEncoderMixin, nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self._init_encoder(c, kw, attention_impl)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
-            c.block_out_channels[0], config.conditioning_channels, config.conditioning_embedding_out_channels, **kw)
+            c.block_out_channels[0], config.conditioning_channels, config.conditioning_embedding_out_channels, **kw
+        )
         channels = config.residual_channels()
         self.controlnet_down_blocks = nnx.List([Conv(ch, ch, 1, **kw) for ch in channels[:-1]])
         self.controlnet_mid_block = Conv(channels[-1], channels[-1], 1, **kw)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | ControlNetConfig, *, rngs: nnx.Rngs, dtype=None,
-                    param_dtype=jnp.float32, attention_impl: str = "xla") -> "ControlNetModel":
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | ControlNetConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ) -> "ControlNetModel":
         """config: a diffusers ControlNetModel config.json dict or a ControlNetConfig."""
         cfg = config if isinstance(config, ControlNetConfig) else ControlNetConfig.from_dict(config)
         return cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
@@ -174,11 +224,28 @@ class ControlNetModel(UNetEncoderMixin, nnx.Module):
     def config_for_unet(unet_config: Mapping[str, Any], **controlnet_keys) -> dict:
         """A diffusers ControlNetModel config dict for a UNet config dict (diffusers' `ControlNetModel.from_unet`:
         the shared keys copied), plus ControlNet keys (e.g. conditioning_embedding_out_channels)."""
-        shared = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
-                  "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor",
-                  "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
-                  "attention_head_dim", "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
-                  "projection_class_embeddings_input_dim", "upcast_attention")
+        shared = (
+            "in_channels",
+            "flip_sin_to_cos",
+            "freq_shift",
+            "down_block_types",
+            "mid_block_type",
+            "block_out_channels",
+            "layers_per_block",
+            "downsample_padding",
+            "mid_block_scale_factor",
+            "act_fn",
+            "norm_num_groups",
+            "norm_eps",
+            "cross_attention_dim",
+            "transformer_layers_per_block",
+            "attention_head_dim",
+            "use_linear_projection",
+            "addition_embed_type",
+            "addition_time_embed_dim",
+            "projection_class_embeddings_input_dim",
+            "upcast_attention",
+        )
         out = {k: copy.deepcopy(v) for k, v in unet_config.items() if k in shared}
         return {"_class_name": "ControlNetModel", **out, **controlnet_keys}
 
@@ -187,10 +254,16 @@ class ControlNetModel(UNetEncoderMixin, nnx.Module):
         """Pixels of controlnet_cond per latent pixel."""
         return self.config.downscale_factor
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-                 controlnet_cond: jax.Array, conditioning_scale: float | jax.Array = 1.0,
-                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None
-                 ) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        encoder_hidden_states: jax.Array,
+        controlnet_cond: jax.Array,
+        conditioning_scale: float | jax.Array = 1.0,
+        text_embeds: jax.Array | None = None,
+        time_ids: jax.Array | None = None,
+    ) -> tuple[tuple[jax.Array, ...], jax.Array]:
         """sample [B, h, w, Cin], timesteps [B] or scalar, encoder_hidden_states [B, T, D], controlnet_cond
         [B, f*h, f*w, Ccond] in [0, 1], conditioning_scale scalar (or [B]), text_embeds [B, P], time_ids [B, 6]
         -> (down residuals: one [B, h_i, w_i, C_i] per UNet skip connection, mid residual [B, h', w', C_last])."""

@@ -11,9 +11,14 @@ from flax import nnx
 from persongen_jax.models.layers import Linear, activation
 
 
-def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, flip_sin_to_cos: bool = False,
-                           downscale_freq_shift: float = 1.0, scale: float = 1.0,
-                           max_period: int = 10000) -> jax.Array:
+def get_timestep_embedding(
+    timesteps: jax.Array,
+    embedding_dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: int = 10000,
+) -> jax.Array:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM / diffusers.
 
     timesteps: [N] -> [N, embedding_dim] float32, laid out [sin | cos]
@@ -39,8 +44,7 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, flip_sin_to
 class Timesteps(nnx.Module):
     """Parameter-free sinusoidal projection: [N] -> [N, num_channels] float32."""
 
-    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float,
-                 scale: float = 1.0):
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float, scale: float = 1.0):
         self.num_channels = num_channels
         self.flip_sin_to_cos = flip_sin_to_cos
         self.downscale_freq_shift = downscale_freq_shift
@@ -48,8 +52,13 @@ class Timesteps(nnx.Module):
 
     def __call__(self, timesteps: jax.Array) -> jax.Array:
         """timesteps [N] (int or float) -> [N, num_channels] float32 (`get_timestep_embedding`)."""
-        return get_timestep_embedding(timesteps, self.num_channels, flip_sin_to_cos=self.flip_sin_to_cos,
-                                      downscale_freq_shift=self.downscale_freq_shift, scale=self.scale)
+        return get_timestep_embedding(
+            timesteps,
+            self.num_channels,
+            flip_sin_to_cos=self.flip_sin_to_cos,
+            downscale_freq_shift=self.downscale_freq_shift,
+            scale=self.scale,
+        )
 
 
 class TimestepEmbedding(nnx.Module):
@@ -59,9 +68,18 @@ class TimestepEmbedding(nnx.Module):
     the UNet config parser rejects `time_cond_proj_dim`.
     """
 
-    def __init__(self, in_channels: int, time_embed_dim: int, *, act_fn: str = "silu",
-                 out_dim: int | None = None, post_act_fn: str | None = None, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        time_embed_dim: int,
+        *,
+        act_fn: str = "silu",
+        out_dim: int | None = None,
+        post_act_fn: str | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear_1 = Linear(in_channels, time_embed_dim, **kw)
         self.act = activation(act_fn)

@@ -65,8 +65,7 @@ def parse_config(config: Mapping[str, Any] | PhotoMakerIDEncoderConfig) -> Photo
     if isinstance(config, PhotoMakerIDEncoderConfig):
         return config
     if "vision_config" not in config:
-        raise ValueError("PhotoMakerIDEncoder config: missing 'vision_config' (a transformers "
-                         "CLIPVisionConfig dict)")
+        raise ValueError("PhotoMakerIDEncoder config: missing 'vision_config' (a transformers CLIPVisionConfig dict)")
     vision_cfg = dict(config["vision_config"])
     try:
         vision = clip.parse_vision_config(vision_cfg)
@@ -77,21 +76,26 @@ def parse_config(config: Mapping[str, Any] | PhotoMakerIDEncoderConfig) -> Photo
         raise ValueError(f"PhotoMakerIDEncoder config: projection_dim_2={p2!r} must be a positive int")
     out = PhotoMakerIDEncoderConfig(vision=vision, projection_dim_2=p2)
     if config.get("embed_dim") is not None and config["embed_dim"] != out.embed_dim:
-        raise ValueError(f"PhotoMakerIDEncoder config: embed_dim={config['embed_dim']} != "
-                         f"vision_config.projection_dim ({vision.projection_dim}) + projection_dim_2 ({p2})")
+        raise ValueError(
+            f"PhotoMakerIDEncoder config: embed_dim={config['embed_dim']} != "
+            f"vision_config.projection_dim ({vision.projection_dim}) + projection_dim_2 ({p2})"
+        )
     return out
 
 
 # PhotoMaker v1 `VISION_CONFIG_DICT` = openai/clip-vit-large-patch14's vision tower (image 224 and
 # quick_gelu are the transformers defaults it relies on) + `visual_projection_2` 1024 -> 1280.
 _PRESETS = {
-    "photomaker_v1": dict(model_type="photomaker_id_encoder", vision_config=clip._VIT_L14_VISION,
-                          projection_dim_2=1280),
+    "photomaker_v1": dict(
+        model_type="photomaker_id_encoder", vision_config=clip._VIT_L14_VISION, projection_dim_2=1280
+    ),
     # hidden 128 = 2 heads of 64, so `id_encoder_config_from_state_dict` infers the head count;
     # 24 + 40 = 64 is the prompt embedding width of the tiny test models.
-    "tiny": dict(model_type="photomaker_id_encoder",
-                 vision_config=dict(clip._TINY_VISION, hidden_size=128, num_attention_heads=2),
-                 projection_dim_2=40),
+    "tiny": dict(
+        model_type="photomaker_id_encoder",
+        vision_config=dict(clip._TINY_VISION, hidden_size=128, num_attention_heads=2),
+        projection_dim_2=40,
+    ),
 }
 
 
@@ -101,8 +105,17 @@ _PRESETS = {
 class MLP(nnx.Module):
     """PhotoMaker MLP: fc2(gelu(fc1(layernorm(x)))) (+ x). GELU is torch's exact-erf nn.GELU()."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, *, use_residual: bool = True,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int,
+        *,
+        use_residual: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if use_residual and in_dim != out_dim:
             raise ValueError(f"MLP: a residual needs in_dim == out_dim, got {in_dim} -> {out_dim}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -132,8 +145,7 @@ class FuseModule(nnx.Module):
         x = self.mlp1(jnp.concatenate([prompt_embeds, id_embeds], axis=-1)) + prompt_embeds
         return self.layer_norm(self.mlp2(x))
 
-    def __call__(self, prompt_embeds: jax.Array, id_embeds: jax.Array,
-                 class_tokens_mask: jax.Array) -> jax.Array:
+    def __call__(self, prompt_embeds: jax.Array, id_embeds: jax.Array, class_tokens_mask: jax.Array) -> jax.Array:
         """prompt_embeds [B, T, D], id_embeds [B, N, D], class_tokens_mask [B, T] -> [B, T, D].
 
         The k-th class token of row b (k < N) is replaced by fuse_fn(its embedding, id_embeds[b, k]).
@@ -145,16 +157,20 @@ class FuseModule(nnx.Module):
         b, t, d = prompt_embeds.shape
         n = id_embeds.shape[1]
         if id_embeds.shape[0] != b or id_embeds.shape[-1] != d or class_tokens_mask.shape != (b, t):
-            raise ValueError(f"fuse: prompt_embeds {prompt_embeds.shape}, id_embeds {id_embeds.shape} and "
-                             f"class_tokens_mask {class_tokens_mask.shape} must be [B, T, D], [B, N, D], [B, T]")
+            raise ValueError(
+                f"fuse: prompt_embeds {prompt_embeds.shape}, id_embeds {id_embeds.shape} and "
+                f"class_tokens_mask {class_tokens_mask.shape} must be [B, T, D], [B, N, D], [B, T]"
+            )
         if d != self.embed_dim:
             raise ValueError(f"fuse: embedding width {d} != the fuse module's embed_dim {self.embed_dim}")
         mask = class_tokens_mask.astype(bool)
         if not isinstance(mask, jax.core.Tracer):  # eager call: the input can be checked
             counts = jnp.sum(mask, axis=1)
             if bool(jnp.any(counts > n)):
-                raise ValueError(f"fuse: class_tokens_mask has {int(jnp.max(counts))} class tokens in a row "
-                                 f"but only {n} ID embedding slots")
+                raise ValueError(
+                    f"fuse: class_tokens_mask has {int(jnp.max(counts))} class tokens in a row "
+                    f"but only {n} ID embedding slots"
+                )
         id_embeds = id_embeds.astype(prompt_embeds.dtype)
         # Positions of the first N class tokens per row (padding rows get non-class positions,
         # whose fused vectors are never used).
@@ -181,8 +197,15 @@ class PhotoMakerIDEncoder(nnx.Module):
     version = "v1"
     num_tokens = 1  # ID tokens per reference image (the class word is repeated num_images * num_tokens times)
 
-    def __init__(self, config: PhotoMakerIDEncoderConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: PhotoMakerIDEncoderConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         self.config = config
         vc = config.vision
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -192,15 +215,21 @@ class PhotoMakerIDEncoder(nnx.Module):
         self.fuse_module = FuseModule(config.embed_dim, **kw)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                    attention_impl: str = "xla"):
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ):
         """config: {"vision_config": CLIPVisionConfig dict, "projection_dim_2": int}."""
-        return cls(parse_config(config), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                   rngs=rngs)
+        return cls(parse_config(config), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
 
     @classmethod
     def preset_config(cls, name: str) -> dict:
-        """"photomaker_v1" (the released checkpoint) or "tiny" (tests)."""
+        """ "photomaker_v1" (the released checkpoint) or "tiny" (tests)."""
         if name not in _PRESETS:
             raise ValueError(f"{cls.__name__}: unknown preset {name!r}; known: {sorted(_PRESETS)}")
         return copy.deepcopy(_PRESETS[name])
@@ -224,8 +253,7 @@ class PhotoMakerIDEncoder(nnx.Module):
         """prompt_embeds [B, T, D], id_embeds [B, N, D], class_tokens_mask [B, T] -> [B, T, D]."""
         return self.fuse_module(prompt_embeds, id_embeds, class_tokens_mask)
 
-    def __call__(self, id_pixel_values: jax.Array, prompt_embeds: jax.Array,
-                 class_tokens_mask: jax.Array) -> jax.Array:
+    def __call__(self, id_pixel_values: jax.Array, prompt_embeds: jax.Array, class_tokens_mask: jax.Array) -> jax.Array:
         """id_pixel_values [B, N, H, W, C] (CLIP-normalised), prompt_embeds [B, T, D], class_tokens_mask
         [B, T] -> [B, T, D]: fuse(prompt_embeds, id_embeds(id_pixel_values), class_tokens_mask)."""
         return self.fuse(prompt_embeds, self.id_embeds(id_pixel_values), class_tokens_mask)
@@ -236,8 +264,7 @@ class PhotoMakerIDEncoder(nnx.Module):
 _LAYER_RE = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.")
 
 
-def id_encoder_config_from_state_dict(sd: Mapping[str, Any], vision_config: Mapping[str, Any] | None = None
-                                      ) -> dict:
+def id_encoder_config_from_state_dict(sd: Mapping[str, Any], vision_config: Mapping[str, Any] | None = None) -> dict:
     """The PhotoMakerIDEncoder config of a PhotoMaker `id_encoder` state dict, from tensor shapes.
 
     Inferred: hidden size, layers, intermediate size, channels, patch size (conv kernel), image
@@ -247,6 +274,7 @@ def id_encoder_config_from_state_dict(sd: Mapping[str, Any], vision_config: Mapp
     those (and any other CLIPVisionConfig field, checked against the shapes). Raises ValueError
     naming the key when the state dict is not a PhotoMaker v1 ID encoder.
     """
+
     def shape(key: str) -> tuple:
         if key not in sd:
             raise ValueError(f"not a PhotoMaker v1 id_encoder state dict: missing {key!r}")
@@ -254,14 +282,18 @@ def id_encoder_config_from_state_dict(sd: Mapping[str, Any], vision_config: Mapp
 
     patch = shape("vision_model.embeddings.patch_embedding.weight")  # [hidden, C, p, p]
     if len(patch) != 4 or patch[2] != patch[3]:
-        raise ValueError(f"vision_model.embeddings.patch_embedding.weight: shape {patch}, expected a square "
-                         "[hidden, channels, patch, patch] conv kernel")
+        raise ValueError(
+            f"vision_model.embeddings.patch_embedding.weight: shape {patch}, expected a square "
+            "[hidden, channels, patch, patch] conv kernel"
+        )
     hidden, channels, patch_size = patch[0], patch[1], patch[2]
     num_positions = shape("vision_model.embeddings.position_embedding.weight")[0]
     grid = math.isqrt(max(num_positions - 1, 0))
     if grid * grid != num_positions - 1 or grid == 0:
-        raise ValueError(f"vision_model.embeddings.position_embedding.weight: {num_positions} positions is not "
-                         "1 + a square number of patches")
+        raise ValueError(
+            f"vision_model.embeddings.position_embedding.weight: {num_positions} positions is not "
+            "1 + a square number of patches"
+        )
     layers = sorted({int(m.group(1)) for k in sd if (m := _LAYER_RE.match(k))})
     if not layers or layers != list(range(len(layers))):
         raise ValueError(f"vision_model.encoder.layers: expected layers 0..L-1, found indices {layers[:30]}")
@@ -270,12 +302,20 @@ def id_encoder_config_from_state_dict(sd: Mapping[str, Any], vision_config: Mapp
     proj2 = shape("visual_projection_2.weight")[0]
     fc1 = shape("fuse_module.mlp1.fc1.weight")  # [D, 2D]
     if fc1 != (proj1 + proj2, 2 * (proj1 + proj2)):
-        raise ValueError(f"fuse_module.mlp1.fc1.weight: shape {fc1}, expected {(proj1 + proj2, 2 * (proj1 + proj2))} "
-                         f"(embed_dim = visual_projection ({proj1}) + visual_projection_2 ({proj2}))")
+        raise ValueError(
+            f"fuse_module.mlp1.fc1.weight: shape {fc1}, expected {(proj1 + proj2, 2 * (proj1 + proj2))} "
+            f"(embed_dim = visual_projection ({proj1}) + visual_projection_2 ({proj2}))"
+        )
 
-    inferred = dict(hidden_size=hidden, intermediate_size=intermediate, projection_dim=proj1,
-                    num_hidden_layers=len(layers), num_channels=channels, image_size=grid * patch_size,
-                    patch_size=patch_size)
+    inferred = dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        projection_dim=proj1,
+        num_hidden_layers=len(layers),
+        num_channels=channels,
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+    )
     given = dict(vision_config or {})
     given.pop("model_type", None)
     for key, value in inferred.items():
@@ -286,8 +326,10 @@ def id_encoder_config_from_state_dict(sd: Mapping[str, Any], vision_config: Mapp
     vc.update(inferred)
     if vc.get("num_attention_heads") is None:
         if hidden % 64:
-            raise ValueError(f"cannot infer num_attention_heads: hidden size {hidden} is not a multiple of 64 "
-                             "(the head width of released CLIP towers); pass it in vision_config")
+            raise ValueError(
+                f"cannot infer num_attention_heads: hidden size {hidden} is not a multiple of 64 "
+                "(the head width of released CLIP towers); pass it in vision_config"
+            )
         vc["num_attention_heads"] = hidden // 64
     vc["model_type"] = "clip_vision_model"
     config = dict(model_type="photomaker_id_encoder", vision_config=vc, projection_dim_2=proj2)

@@ -88,8 +88,17 @@ class PhotoMakerV2Config:
         return self.cross_attention_dim
 
 
-_V2_FIELDS = ("projection_dim_2", "id_embeddings_dim", "cross_attention_dim", "num_tokens", "token_proj_dim",
-              "perceiver_depth", "perceiver_heads", "perceiver_dim_head", "perceiver_ff_dim")
+_V2_FIELDS = (
+    "projection_dim_2",
+    "id_embeddings_dim",
+    "cross_attention_dim",
+    "num_tokens",
+    "token_proj_dim",
+    "perceiver_depth",
+    "perceiver_heads",
+    "perceiver_dim_head",
+    "perceiver_ff_dim",
+)
 
 
 def parse_config(config: Mapping[str, Any] | PhotoMakerV2Config) -> PhotoMakerV2Config:
@@ -108,15 +117,35 @@ def parse_config(config: Mapping[str, Any] | PhotoMakerV2Config) -> PhotoMakerV2
 # PhotoMaker V2 (`photomaker-v2.bin`): ViT-L/14 tower, D = 2048, 2 tokens, token_proj 512 -> 2048 -> 4096,
 # perceiver depth 4, 16 heads of 128, FeedForward 2048 -> 8192.
 _PRESETS = {
-    "photomaker_v2": dict(model_type=MODEL_TYPE, vision_config=clip._VIT_L14_VISION, projection_dim_2=1280,
-                          id_embeddings_dim=512, cross_attention_dim=2048, num_tokens=2, token_proj_dim=2048,
-                          perceiver_depth=4, perceiver_heads=16, perceiver_dim_head=128, perceiver_ff_dim=8192),
+    "photomaker_v2": dict(
+        model_type=MODEL_TYPE,
+        vision_config=clip._VIT_L14_VISION,
+        projection_dim_2=1280,
+        id_embeddings_dim=512,
+        cross_attention_dim=2048,
+        num_tokens=2,
+        token_proj_dim=2048,
+        perceiver_depth=4,
+        perceiver_heads=16,
+        perceiver_dim_head=128,
+        perceiver_ff_dim=8192,
+    ),
     # The tiny SDXL's prompt width 64 is under one published head (128): one head of 64 (`config_from_state_dict`
     # infers the same); hidden 128 = 2 vision heads of 64, as v1's tiny preset; ArcFace width 16 = the tiny
     # test ArcFace's (`testing.tiny_eval.TINY_ARCFACE`), token_proj 4x as published.
-    "tiny": dict(model_type=MODEL_TYPE, vision_config=dict(clip._TINY_VISION, hidden_size=128, num_attention_heads=2),
-                 projection_dim_2=40, id_embeddings_dim=16, cross_attention_dim=64, num_tokens=2, token_proj_dim=64,
-                 perceiver_depth=2, perceiver_heads=1, perceiver_dim_head=64, perceiver_ff_dim=256),
+    "tiny": dict(
+        model_type=MODEL_TYPE,
+        vision_config=dict(clip._TINY_VISION, hidden_size=128, num_attention_heads=2),
+        projection_dim_2=40,
+        id_embeddings_dim=16,
+        cross_attention_dim=64,
+        num_tokens=2,
+        token_proj_dim=64,
+        perceiver_depth=2,
+        perceiver_heads=1,
+        perceiver_dim_head=64,
+        perceiver_ff_dim=256,
+    ),
 }
 
 
@@ -130,8 +159,7 @@ class PerceiverAttention(nnx.Module):
     softmax in float32.
     """
 
-    def __init__(self, dim: int, *, dim_head: int, heads: int, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, dim_head: int, heads: int, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         inner = dim_head * heads
         self.heads, self.dim_head = heads, dim_head
@@ -149,7 +177,7 @@ class PerceiverAttention(nnx.Module):
         k, v = jnp.split(self.to_kv(jnp.concatenate([x, latents], axis=-2)), 2, axis=-1)
         k = k.reshape(b, -1, self.heads, self.dim_head)
         v = v.reshape(b, -1, self.heads, self.dim_head)
-        out = dot_product_attention(q, k, v, scale=self.dim_head ** -0.5, implementation="xla")
+        out = dot_product_attention(q, k, v, scale=self.dim_head**-0.5, implementation="xla")
         return self.to_out(out.reshape(b, n_lat, -1))
 
 
@@ -157,8 +185,14 @@ def feed_forward(dim: int, inner_dim: int, *, dtype=None, param_dtype=jnp.float3
     """IP-Adapter FeedForward `nn.Sequential(LayerNorm, Linear, GELU, Linear)` (no biases) as a list indexed as
     torch's: `[0]` norm, `[1]`, `[3]` linears, `[2]` the parameter-free GELU (keys `layers.i.1.{0,1,3}`)."""
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    return nnx.List([LayerNorm(dim, **kw), Linear(dim, inner_dim, use_bias=False, **kw), Identity(),
-                     Linear(inner_dim, dim, use_bias=False, **kw)])
+    return nnx.List(
+        [
+            LayerNorm(dim, **kw),
+            Linear(dim, inner_dim, use_bias=False, **kw),
+            Identity(),
+            Linear(inner_dim, dim, use_bias=False, **kw),
+        ]
+    )
 
 
 def apply_feed_forward(ff: Any, x: jax.Array) -> jax.Array:
@@ -169,17 +203,33 @@ def apply_feed_forward(ff: Any, x: jax.Array) -> jax.Array:
 class FacePerceiverResampler(nnx.Module):
     """IP-Adapter FacePerceiverResampler: latents [B, L, dim] refined by attending to proj_in(x)."""
 
-    def __init__(self, *, dim: int, depth: int, dim_head: int, heads: int, embedding_dim: int, output_dim: int,
-                 ff_dim: int, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        dim: int,
+        depth: int,
+        dim_head: int,
+        heads: int,
+        embedding_dim: int,
+        output_dim: int,
+        ff_dim: int,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.proj_in = Linear(embedding_dim, dim, **kw)
         self.proj_out = Linear(dim, output_dim, **kw)
         self.norm_out = LayerNorm(output_dim, **kw)
         # torch: layers[i] = ModuleList([PerceiverAttention, FeedForward]) -> keys layers.i.0.*, layers.i.1.*
-        self.layers = nnx.List([
-            nnx.List([PerceiverAttention(dim, dim_head=dim_head, heads=heads, **kw),
-                      feed_forward(dim, ff_dim, **kw)])
-            for _ in range(depth)])
+        self.layers = nnx.List(
+            [
+                nnx.List(
+                    [PerceiverAttention(dim, dim_head=dim_head, heads=heads, **kw), feed_forward(dim, ff_dim, **kw)]
+                )
+                for _ in range(depth)
+            ]
+        )
 
     def __call__(self, latents: jax.Array, x: jax.Array) -> jax.Array:
         """latents [B, L, dim], x [B, S, embedding_dim] -> [B, L, output_dim]."""
@@ -197,13 +247,24 @@ class QFormerPerceiver(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         c = config
         self.num_tokens, self.cross_attention_dim = c.num_tokens, c.cross_attention_dim
-        self.token_proj = nnx.List([Linear(c.id_embeddings_dim, c.token_proj_dim, **kw), Identity(),
-                                    Linear(c.token_proj_dim, c.cross_attention_dim * c.num_tokens, **kw)])
+        self.token_proj = nnx.List(
+            [
+                Linear(c.id_embeddings_dim, c.token_proj_dim, **kw),
+                Identity(),
+                Linear(c.token_proj_dim, c.cross_attention_dim * c.num_tokens, **kw),
+            ]
+        )
         self.token_norm = LayerNorm(c.cross_attention_dim, **kw)
         self.perceiver_resampler = FacePerceiverResampler(
-            dim=c.cross_attention_dim, depth=c.perceiver_depth, dim_head=c.perceiver_dim_head,
-            heads=c.perceiver_heads, embedding_dim=c.vision.hidden_size, output_dim=c.cross_attention_dim,
-            ff_dim=c.perceiver_ff_dim, **kw)
+            dim=c.cross_attention_dim,
+            depth=c.perceiver_depth,
+            dim_head=c.perceiver_dim_head,
+            heads=c.perceiver_heads,
+            embedding_dim=c.vision.hidden_size,
+            output_dim=c.cross_attention_dim,
+            ff_dim=c.perceiver_ff_dim,
+            **kw,
+        )
 
     def __call__(self, x: jax.Array, last_hidden_state: jax.Array) -> jax.Array:
         """x [M, id_embeddings_dim] (ArcFace), last_hidden_state [M, S, H_v] -> [M, T, D]."""
@@ -224,8 +285,15 @@ class PhotoMakerV2IDEncoder(nnx.Module):
 
     version = "v2"
 
-    def __init__(self, config: PhotoMakerV2Config, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: PhotoMakerV2Config,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         self.config = config
         vc = config.vision
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -237,15 +305,21 @@ class PhotoMakerV2IDEncoder(nnx.Module):
         self.qformer_perceiver = QFormerPerceiver(config, **kw)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                    attention_impl: str = "xla"):
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ):
         """config: {"vision_config": CLIPVisionConfig dict, the PhotoMakerV2Config int fields}."""
-        return cls(parse_config(config), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                   rngs=rngs)
+        return cls(parse_config(config), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
 
     @classmethod
     def preset_config(cls, name: str) -> dict:
-        """"photomaker_v2" (the released checkpoint) or "tiny" (tests)."""
+        """ "photomaker_v2" (the released checkpoint) or "tiny" (tests)."""
         if name not in _PRESETS:
             raise ValueError(f"{cls.__name__}: unknown preset {name!r}; known: {sorted(_PRESETS)}")
         return copy.deepcopy(_PRESETS[name])
@@ -262,8 +336,10 @@ class PhotoMakerV2IDEncoder(nnx.Module):
             raise ValueError(f"id_pixel_values must be [B, N, H, W, C], got shape {id_pixel_values.shape}")
         b, n = id_pixel_values.shape[:2]
         if id_embeds.shape[:2] != (b, n) or id_embeds.ndim != 3:
-            raise ValueError(f"id_embeds {id_embeds.shape} must be [B, N, {self.config.id_embeddings_dim}] with "
-                             f"the B, N of id_pixel_values {id_pixel_values.shape}")
+            raise ValueError(
+                f"id_embeds {id_embeds.shape} must be [B, N, {self.config.id_embeddings_dim}] with "
+                f"the B, N of id_pixel_values {id_pixel_values.shape}"
+            )
         hidden = self.vision_model(id_pixel_values.reshape(b * n, *id_pixel_values.shape[2:])).last_hidden_state
         dtype = hidden.dtype
         tokens = self.qformer_perceiver(id_embeds.reshape(b * n, -1).astype(dtype), hidden)
@@ -273,8 +349,9 @@ class PhotoMakerV2IDEncoder(nnx.Module):
         """prompt_embeds [B, T, D], id_tokens [B, N * num_tokens, D], class_tokens_mask [B, T] -> [B, T, D]."""
         return self.fuse_module(prompt_embeds, id_tokens, class_tokens_mask)
 
-    def __call__(self, id_pixel_values: jax.Array, prompt_embeds: jax.Array, class_tokens_mask: jax.Array,
-                 id_embeds: jax.Array) -> jax.Array:
+    def __call__(
+        self, id_pixel_values: jax.Array, prompt_embeds: jax.Array, class_tokens_mask: jax.Array, id_embeds: jax.Array
+    ) -> jax.Array:
         """See the class docstring: fuse(prompt_embeds, id_tokens(id_pixel_values, id_embeds), class_tokens_mask)."""
         return self.fuse(prompt_embeds, self.id_tokens(id_pixel_values, id_embeds), class_tokens_mask)
 
@@ -297,8 +374,9 @@ def perceiver_heads(inner_dim: int) -> tuple[int, int]:
         return inner_dim // PUBLISHED_DIM_HEAD, PUBLISHED_DIM_HEAD
     if inner_dim < PUBLISHED_DIM_HEAD:
         return 1, inner_dim
-    raise ValueError(f"perceiver attention width {inner_dim} is not a multiple of {PUBLISHED_DIM_HEAD} (the "
-                     "published head width)")
+    raise ValueError(
+        f"perceiver attention width {inner_dim} is not a multiple of {PUBLISHED_DIM_HEAD} (the published head width)"
+    )
 
 
 def config_from_state_dict(sd: Mapping[str, Any]) -> dict:
@@ -306,6 +384,7 @@ def config_from_state_dict(sd: Mapping[str, Any]) -> dict:
     shapes: the CLIP tower (as v1: `id_encoder.id_encoder_config_from_state_dict`), D (the fuse width),
     num_tokens (token_proj output / D), token_proj width, ArcFace width, perceiver depth (the layer
     indices), heads (`perceiver_heads`), FeedForward width. ValueError naming the key on a mismatch."""
+
     def shape(key: str) -> tuple:
         if key not in sd:
             raise ValueError(f"not a PhotoMaker V2 id_encoder state dict: missing {key!r}")
@@ -320,8 +399,10 @@ def config_from_state_dict(sd: Mapping[str, Any]) -> dict:
     if tp2[1] != tp0[0] or tp2[0] % d:
         raise ValueError(f"qformer_perceiver.token_proj.2.weight: shape {tp2}, expected [num_tokens * {d}, {tp0[0]}]")
     if shape("qformer_perceiver.token_norm.weight") != (d,):
-        raise ValueError(f"qformer_perceiver.token_norm.weight: shape {shape('qformer_perceiver.token_norm.weight')}, "
-                         f"expected ({d},) (the fuse width)")
+        raise ValueError(
+            f"qformer_perceiver.token_norm.weight: shape {shape('qformer_perceiver.token_norm.weight')}, "
+            f"expected ({d},) (the fuse width)"
+        )
     depth = sorted({int(m.group(1)) for k in sd if (m := _DEPTH_RE.match(k))})
     if not depth or depth != list(range(len(depth))):
         raise ValueError(f"{_PERCEIVER}layers: expected layers 0..L-1, found indices {depth[:30]}")
@@ -329,11 +410,21 @@ def config_from_state_dict(sd: Mapping[str, Any]) -> dict:
     heads, dim_head = perceiver_heads(inner)
     proj_in = shape(f"{_PERCEIVER}proj_in.weight")
     if proj_in != (d, base["vision_config"]["hidden_size"]):
-        raise ValueError(f"{_PERCEIVER}proj_in.weight: shape {proj_in}, expected "
-                         f"{(d, base['vision_config']['hidden_size'])} (fuse width, CLIP hidden size)")
-    config = dict(base, model_type=MODEL_TYPE, id_embeddings_dim=tp0[1], cross_attention_dim=d,
-                  num_tokens=tp2[0] // d, token_proj_dim=tp0[0], perceiver_depth=len(depth),
-                  perceiver_heads=heads, perceiver_dim_head=dim_head,
-                  perceiver_ff_dim=shape(f"{_PERCEIVER}layers.0.1.1.weight")[0])
+        raise ValueError(
+            f"{_PERCEIVER}proj_in.weight: shape {proj_in}, expected "
+            f"{(d, base['vision_config']['hidden_size'])} (fuse width, CLIP hidden size)"
+        )
+    config = dict(
+        base,
+        model_type=MODEL_TYPE,
+        id_embeddings_dim=tp0[1],
+        cross_attention_dim=d,
+        num_tokens=tp2[0] // d,
+        token_proj_dim=tp0[0],
+        perceiver_depth=len(depth),
+        perceiver_heads=heads,
+        perceiver_dim_head=dim_head,
+        perceiver_ff_dim=shape(f"{_PERCEIVER}layers.0.1.1.weight")[0],
+    )
     parse_config(config)
     return config

@@ -51,13 +51,31 @@ class InceptionConfig:
 class BasicConv2d(nnx.Module):
     """conv (no bias, torch padding) -> BatchNorm(eps=1e-3) -> ReLU, on [B, H, W, C]."""
 
-    def __init__(self, cin: int, cout: int, kernel_size, *, stride: int = 1, padding=0, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel_size,
+        *,
+        stride: int = 1,
+        padding=0,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         ph, pw = (padding, padding) if isinstance(padding, int) else padding
-        self.conv = nnx.Conv(cin, cout, kernel_size=(kh, kw), strides=(stride, stride),
-                             padding=((ph, ph), (pw, pw)), use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                             rngs=rngs)
+        self.conv = nnx.Conv(
+            cin,
+            cout,
+            kernel_size=(kh, kw),
+            strides=(stride, stride),
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.bn = BatchNorm(cout, epsilon=1e-3, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -88,10 +106,18 @@ class _Block(nnx.Module):
 
 class FIDInceptionA(_Block):
     def __init__(self, cin: int, pool_features: int, **kw):
-        self._convs({"branch1x1": (cin, 64, 1, {}), "branch5x5_1": (cin, 48, 1, {}),
-                     "branch5x5_2": (48, 64, 5, {"padding": 2}), "branch3x3dbl_1": (cin, 64, 1, {}),
-                     "branch3x3dbl_2": (64, 96, 3, {"padding": 1}), "branch3x3dbl_3": (96, 96, 3, {"padding": 1}),
-                     "branch_pool": (cin, pool_features, 1, {})}, **kw)
+        self._convs(
+            {
+                "branch1x1": (cin, 64, 1, {}),
+                "branch5x5_1": (cin, 48, 1, {}),
+                "branch5x5_2": (48, 64, 5, {"padding": 2}),
+                "branch3x3dbl_1": (cin, 64, 1, {}),
+                "branch3x3dbl_2": (64, 96, 3, {"padding": 1}),
+                "branch3x3dbl_3": (96, 96, 3, {"padding": 1}),
+                "branch_pool": (cin, pool_features, 1, {}),
+            },
+            **kw,
+        )
 
     def __call__(self, x):
         b5 = self.branch5x5_2(self.branch5x5_1(x))
@@ -101,9 +127,15 @@ class FIDInceptionA(_Block):
 
 class InceptionB(_Block):
     def __init__(self, cin: int, **kw):
-        self._convs({"branch3x3": (cin, 384, 3, {"stride": 2}), "branch3x3dbl_1": (cin, 64, 1, {}),
-                     "branch3x3dbl_2": (64, 96, 3, {"padding": 1}), "branch3x3dbl_3": (96, 96, 3, {"stride": 2})},
-                    **kw)
+        self._convs(
+            {
+                "branch3x3": (cin, 384, 3, {"stride": 2}),
+                "branch3x3dbl_1": (cin, 64, 1, {}),
+                "branch3x3dbl_2": (64, 96, 3, {"padding": 1}),
+                "branch3x3dbl_3": (96, 96, 3, {"stride": 2}),
+            },
+            **kw,
+        )
 
     def __call__(self, x):
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -114,11 +146,21 @@ class FIDInceptionC(_Block):
     def __init__(self, cin: int, channels_7x7: int, **kw):
         c7 = channels_7x7
         row, col = {"padding": (0, 3)}, {"padding": (3, 0)}
-        self._convs({"branch1x1": (cin, 192, 1, {}), "branch7x7_1": (cin, c7, 1, {}),
-                     "branch7x7_2": (c7, c7, (1, 7), row), "branch7x7_3": (c7, 192, (7, 1), col),
-                     "branch7x7dbl_1": (cin, c7, 1, {}), "branch7x7dbl_2": (c7, c7, (7, 1), col),
-                     "branch7x7dbl_3": (c7, c7, (1, 7), row), "branch7x7dbl_4": (c7, c7, (7, 1), col),
-                     "branch7x7dbl_5": (c7, 192, (1, 7), row), "branch_pool": (cin, 192, 1, {})}, **kw)
+        self._convs(
+            {
+                "branch1x1": (cin, 192, 1, {}),
+                "branch7x7_1": (cin, c7, 1, {}),
+                "branch7x7_2": (c7, c7, (1, 7), row),
+                "branch7x7_3": (c7, 192, (7, 1), col),
+                "branch7x7dbl_1": (cin, c7, 1, {}),
+                "branch7x7dbl_2": (c7, c7, (7, 1), col),
+                "branch7x7dbl_3": (c7, c7, (1, 7), row),
+                "branch7x7dbl_4": (c7, c7, (7, 1), col),
+                "branch7x7dbl_5": (c7, 192, (1, 7), row),
+                "branch_pool": (cin, 192, 1, {}),
+            },
+            **kw,
+        )
 
     def __call__(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
@@ -130,10 +172,17 @@ class FIDInceptionC(_Block):
 
 class InceptionD(_Block):
     def __init__(self, cin: int, **kw):
-        self._convs({"branch3x3_1": (cin, 192, 1, {}), "branch3x3_2": (192, 320, 3, {"stride": 2}),
-                     "branch7x7x3_1": (cin, 192, 1, {}), "branch7x7x3_2": (192, 192, (1, 7), {"padding": (0, 3)}),
-                     "branch7x7x3_3": (192, 192, (7, 1), {"padding": (3, 0)}),
-                     "branch7x7x3_4": (192, 192, 3, {"stride": 2})}, **kw)
+        self._convs(
+            {
+                "branch3x3_1": (cin, 192, 1, {}),
+                "branch3x3_2": (192, 320, 3, {"stride": 2}),
+                "branch7x7x3_1": (cin, 192, 1, {}),
+                "branch7x7x3_2": (192, 192, (1, 7), {"padding": (0, 3)}),
+                "branch7x7x3_3": (192, 192, (7, 1), {"padding": (3, 0)}),
+                "branch7x7x3_4": (192, 192, 3, {"stride": 2}),
+            },
+            **kw,
+        )
 
     def __call__(self, x):
         b3 = self.branch3x3_2(self.branch3x3_1(x))
@@ -149,24 +198,45 @@ class FIDInceptionE(_Block):
     def __init__(self, cin: int, *, max_pool_branch: bool, **kw):
         self.max_pool_branch = max_pool_branch
         row, col = {"padding": (0, 1)}, {"padding": (1, 0)}
-        self._convs({"branch1x1": (cin, 320, 1, {}), "branch3x3_1": (cin, 384, 1, {}),
-                     "branch3x3_2a": (384, 384, (1, 3), row), "branch3x3_2b": (384, 384, (3, 1), col),
-                     "branch3x3dbl_1": (cin, 448, 1, {}), "branch3x3dbl_2": (448, 384, 3, {"padding": 1}),
-                     "branch3x3dbl_3a": (384, 384, (1, 3), row), "branch3x3dbl_3b": (384, 384, (3, 1), col),
-                     "branch_pool": (cin, 192, 1, {})}, **kw)
+        self._convs(
+            {
+                "branch1x1": (cin, 320, 1, {}),
+                "branch3x3_1": (cin, 384, 1, {}),
+                "branch3x3_2a": (384, 384, (1, 3), row),
+                "branch3x3_2b": (384, 384, (3, 1), col),
+                "branch3x3dbl_1": (cin, 448, 1, {}),
+                "branch3x3dbl_2": (448, 384, 3, {"padding": 1}),
+                "branch3x3dbl_3a": (384, 384, (1, 3), row),
+                "branch3x3dbl_3b": (384, 384, (3, 1), col),
+                "branch_pool": (cin, 192, 1, {}),
+            },
+            **kw,
+        )
 
     def __call__(self, x):
         b3 = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pool = max_pool(x, 1, padding=1) if self.max_pool_branch else avg_pool_exclude_pad(x)
-        return jnp.concatenate([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                                self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(pool)], -1)
+        return jnp.concatenate(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(d),
+                self.branch3x3dbl_3b(d),
+                self.branch_pool(pool),
+            ],
+            -1,
+        )
 
 
 # pytorch-fid InceptionV3's `blocks.i.j` -> torchvision Inception3's (our) names.
-_BLOCKS = [["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"], ["Conv2d_3b_1x1", "Conv2d_4a_3x3"],
-           ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"],
-           ["Mixed_7a", "Mixed_7b", "Mixed_7c"]]
+_BLOCKS = [
+    ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"],
+    ["Conv2d_3b_1x1", "Conv2d_4a_3x3"],
+    ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"],
+    ["Mixed_7a", "Mixed_7b", "Mixed_7c"],
+]
 
 
 def resize_bilinear(images: jax.Array, size: int) -> jax.Array:
@@ -201,12 +271,23 @@ class FIDInceptionV3(nnx.Module):
         self.Mixed_7c = FIDInceptionE(2048, max_pool_branch=True, **kw)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                    attention_impl: str = "xla") -> "FIDInceptionV3":
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ) -> "FIDInceptionV3":
         """config: {"resize_input": bool, "normalize_input": bool} (other keys ignored)."""
         names = {f.name for f in dataclasses.fields(InceptionConfig)}
-        return cls(InceptionConfig(**{k: v for k, v in config.items() if k in names}), dtype=dtype,
-                   param_dtype=param_dtype, rngs=rngs)
+        return cls(
+            InceptionConfig(**{k: v for k, v in config.items() if k in names}),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:

@@ -96,11 +96,15 @@ def parse_config(config: Mapping[str, Any] | IResNetConfig) -> IResNetConfig:
             kwargs[k] = tuple(int(v) for v in kwargs[k])
     cfg = IResNetConfig(**kwargs)
     if len(cfg.layers) != len(cfg.widths) or not cfg.layers or min(cfg.layers) < 1:
-        raise ValueError(f"IResNet config: layers {list(cfg.layers)} and widths {list(cfg.widths)} must be "
-                         "non-empty lists of the same length with at least one block per stage")
+        raise ValueError(
+            f"IResNet config: layers {list(cfg.layers)} and widths {list(cfg.widths)} must be "
+            "non-empty lists of the same length with at least one block per stage"
+        )
     if cfg.input_size % 2 ** len(cfg.layers):
-        raise ValueError(f"IResNet config: input_size={cfg.input_size} must be divisible by "
-                         f"2^{len(cfg.layers)} (one stride-2 block per stage)")
+        raise ValueError(
+            f"IResNet config: input_size={cfg.input_size} must be divisible by "
+            f"2^{len(cfg.layers)} (one stride-2 block per stage)"
+        )
     return cfg
 
 
@@ -108,8 +112,8 @@ _R = dict(widths=[64, 128, 256, 512], stem_width=64, num_features=512, input_siz
 _PRESETS = {
     "r18": dict(_R, layers=[2, 2, 2, 2]),
     "r34": dict(_R, layers=[3, 4, 6, 3]),
-    "r50": dict(_R, layers=[3, 4, 14, 3]),      # insightface w600k_r50
-    "r100": dict(_R, layers=[3, 13, 30, 3]),    # insightface glintr100
+    "r50": dict(_R, layers=[3, 4, 14, 3]),  # insightface w600k_r50
+    "r100": dict(_R, layers=[3, 13, 30, 3]),  # insightface glintr100
     # Tests: two blocks in stage 1 (an identity shortcut), 32x32 input -> 2x2 before fc.
     "tiny": dict(layers=[2, 1, 1, 1], widths=[8, 16, 16, 32], stem_width=8, num_features=16, input_size=32),
 }
@@ -158,25 +162,55 @@ def _bn_or_none(present: bool, c: int, cfg: IResNetConfig, dtype, param_dtype):
 class IBasicBlock(nnx.Module):
     """bn1 -> conv1 3x3 -> bn2 -> prelu -> conv2 3x3/stride -> bn3, plus the (downsampled) input."""
 
-    def __init__(self, cfg: IResNetConfig, inplanes: int, planes: int, stride: int, downsample: bool, *,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: IResNetConfig,
+        inplanes: int,
+        planes: int,
+        stride: int,
+        downsample: bool,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         post_bn = not cfg.bn_folded
         self.bn1 = BatchNorm(inplanes, epsilon=cfg.bn_eps, dtype=dtype, param_dtype=param_dtype)
-        self.conv1 = Conv(inplanes, planes, 3, padding=1, use_bias=cfg.bn_folded, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = Conv(
+            inplanes, planes, 3, padding=1, use_bias=cfg.bn_folded, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.bn2 = _bn_or_none(post_bn, planes, cfg, dtype, param_dtype)
         self.prelu = PReLU(planes, param_dtype=param_dtype)
-        self.conv2 = Conv(planes, planes, 3, stride=stride, padding=1, use_bias=cfg.bn_folded, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+        self.conv2 = Conv(
+            planes,
+            planes,
+            3,
+            stride=stride,
+            padding=1,
+            use_bias=cfg.bn_folded,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.bn3 = _bn_or_none(post_bn, planes, cfg, dtype, param_dtype)
         self.downsample: nnx.List | None
         if downsample:
             # A list so the NNX path is `downsample.0` / `downsample.1` like torch's nn.Sequential.
-            self.downsample = nnx.List([
-                Conv(inplanes, planes, 1, stride=stride, use_bias=cfg.bn_folded, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs),
-                *([BatchNorm(planes, epsilon=cfg.bn_eps, dtype=dtype, param_dtype=param_dtype)] if post_bn else []),
-            ])
+            self.downsample = nnx.List(
+                [
+                    Conv(
+                        inplanes,
+                        planes,
+                        1,
+                        stride=stride,
+                        use_bias=cfg.bn_folded,
+                        dtype=dtype,
+                        param_dtype=param_dtype,
+                        rngs=rngs,
+                    ),
+                    *([BatchNorm(planes, epsilon=cfg.bn_eps, dtype=dtype, param_dtype=param_dtype)] if post_bn else []),
+                ]
+            )
         else:
             self.downsample = None
 
@@ -212,23 +246,32 @@ class IResNet(nnx.Module):
         inplanes = cfg.stem_width
         for i, (n, planes) in enumerate(zip(cfg.layers, cfg.widths)):
             # insightface: every stage's first block has stride 2, hence always a downsample.
-            blocks = [IBasicBlock(cfg, inplanes if j == 0 else planes, planes, 2 if j == 0 else 1, j == 0,
-                                  rngs=rngs, **kw) for j in range(n)]
+            blocks = [
+                IBasicBlock(cfg, inplanes if j == 0 else planes, planes, 2 if j == 0 else 1, j == 0, rngs=rngs, **kw)
+                for j in range(n)
+            ]
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
             inplanes = planes
         self.bn2 = BatchNorm(inplanes, epsilon=cfg.bn_eps, **kw)
-        self.fc = Linear(inplanes * cfg.fc_spatial ** 2, cfg.num_features, rngs=rngs, **kw)
+        self.fc = Linear(inplanes * cfg.fc_spatial**2, cfg.num_features, rngs=rngs, **kw)
         self.features = _bn_or_none(not cfg.features_folded, cfg.num_features, cfg, dtype, param_dtype)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                    attention_impl: str = "xla"):
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ):
         """config: the IResNetConfig fields as a dict (see `preset_config`)."""
         return cls(parse_config(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     @classmethod
     def preset_config(cls, name: str) -> dict:
-        """"r18", "r34", "r50" (w600k_r50), "r100" (glintr100) or "tiny" (tests)."""
+        """ "r18", "r34", "r50" (w600k_r50), "r100" (glintr100) or "tiny" (tests)."""
         if name not in _PRESETS:
             raise ValueError(f"{cls.__name__}: unknown preset {name!r}; known: {sorted(_PRESETS)}")
         return parse_config(copy.deepcopy(_PRESETS[name])).to_dict()

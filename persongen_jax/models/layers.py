@@ -41,8 +41,16 @@ class GroupNorm(nnx.Module):
     biased variance computed as mean((x - mean)^2) in float32, as PyTorch does.
     """
 
-    def __init__(self, num_groups: int, num_channels: int, *, epsilon: float = 1e-5,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        *,
+        epsilon: float = 1e-5,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels are not divisible into {num_groups} groups")
         self.num_groups = num_groups
@@ -68,9 +76,17 @@ class GroupNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """torch.nn.LayerNorm over the last axis; statistics in float32."""
 
-    def __init__(self, num_features: int, *, epsilon: float = 1e-5, use_bias: bool = True,
-                 elementwise_affine: bool = True, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-5,
+        use_bias: bool = True,
+        elementwise_affine: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
         self.epsilon = epsilon
         self.dtype = dtype
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype)) if elementwise_affine else None
@@ -101,10 +117,25 @@ class Linear(nnx.Linear):
     The child names mirror PEFT, so `...to_q.lora_A.kernel` converts to `...to_q.lora_A.weight`.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype,
-                         param_dtype=param_dtype, precision=None, rngs=rngs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=None,
+            rngs=rngs,
+        )
         self.lora_A: Any = nnx.data(None)  # data attributes: LoRA modules (LoRADense) may be attached later
         self.lora_B: Any = nnx.data(None)
         self.lora_scale = 1.0
@@ -117,14 +148,31 @@ class Linear(nnx.Linear):
         return y
 
 
-def Conv(in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
-         padding: int | str = 0, use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
-         rngs: nnx.Rngs) -> nnx.Conv:
+def Conv(
+    in_features: int,
+    out_features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int | str = 0,
+    use_bias: bool = True,
+    dtype=None,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
     """nnx.Conv on NHWC with kernel [kh, kw, in, out]; `padding` as in torch.nn.Conv2d."""
     pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
-    return nnx.Conv(in_features, out_features, kernel_size=(kernel_size, kernel_size),
-                    strides=(stride, stride), padding=pad, use_bias=use_bias, dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size=(kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=pad,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
 
 
 def activation(name: str):
@@ -142,9 +190,16 @@ def activation(name: str):
     raise ValueError(f"unsupported activation {name!r}; expected one of silu, gelu, gelu_new, quick_gelu, relu")
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-                          is_causal: bool = False, scale: float | None = None,
-                          implementation: AttentionImpl | None = "xla") -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    implementation: AttentionImpl | None = "xla",
+) -> jax.Array:
     """Scaled dot-product attention.
 
     q: [B, Tq, N, H], k/v: [B, Tk, N, H], mask: boolean, broadcastable to
@@ -153,8 +208,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     `implementation="cudnn"` selects the fused cuDNN kernel on GPUs (bf16/fp16
     only); "xla" is the portable reference used on CPU and in parity tests.
     """
-    attend = lambda impl: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,  # noqa: E731
-                                                       scale=scale, implementation=impl)
+    attend = lambda impl: jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        is_causal=is_causal,  # noqa: E731
+        scale=scale,
+        implementation=impl,
+    )
     if implementation != "cudnn":
         return attend(implementation)
     # Fall back to XLA where cuDNN cannot run, so one config runs everywhere (CPU tests, fp32 parity runs).
@@ -166,8 +228,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     if reason not in _CUDNN_FALLBACKS_LOGGED:
         _CUDNN_FALLBACKS_LOGGED.add(reason)
-        logging.getLogger("persongen_jax").warning("attention: cudnn unsupported (%s); using the XLA attention",
-                                                   reason)
+        logging.getLogger("persongen_jax").warning("attention: cudnn unsupported (%s); using the XLA attention", reason)
     return attend("xla")
 
 

@@ -73,8 +73,16 @@ class AdapterParam(nnx.Param):
 class LoRADense(nnx.Module):
     """x @ kernel, kernel [in, out] a LoRAParam (no bias; PEFT's lora_A / lora_B)."""
 
-    def __init__(self, in_features: int, out_features: int, *, init: str = "zeros", dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        init: str = "zeros",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         if init == "zeros":
             kernel = jnp.zeros((in_features, out_features), param_dtype)
@@ -112,8 +120,15 @@ def _attach_lora(lin: Linear, rank: int, alpha: float, *, rngs: nnx.Rngs | None,
     lin.lora_scale = float(alpha) / rank
 
 
-def add_lora(unet, rank: int, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS, *,
-             rngs: nnx.Rngs, modules: Mapping[str, tuple[int, float]] | None = None) -> list[str]:
+def add_lora(
+    unet,
+    rank: int,
+    alpha: float | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    *,
+    rngs: nnx.Rngs,
+    modules: Mapping[str, tuple[int, float]] | None = None,
+) -> list[str]:
     """Adds LoRA (in place) to every Linear of `unet` whose path matches `targets`.
 
     rank r, alpha (default r, i.e. scale 1): output = base(x) + (alpha / r) * lora_B(lora_A(x));
@@ -131,8 +146,10 @@ def add_lora(unet, rank: int, alpha: float | None = None, targets: Sequence[str]
             raise ValueError(f"add_lora: no linear layer matches targets {list(targets)}")
     missing = sorted(p for p in modules if p not in linears)
     if missing:
-        raise ValueError(f"add_lora: no linear layer at {missing[:10]}"
-                         + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+        raise ValueError(
+            f"add_lora: no linear layer at {missing[:10]}"
+            + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        )
     for p, (r, a) in modules.items():
         try:
             _attach_lora(linears[p], int(r), float(a), rngs=rngs)
@@ -143,8 +160,11 @@ def add_lora(unet, rank: int, alpha: float | None = None, targets: Sequence[str]
 
 def lora_modules(unet) -> dict[str, tuple[int, float]]:
     """{module path: (rank, alpha)} of the LoRA currently on `unet`."""
-    return {p: (m.lora_A.out_features, m.lora_scale * m.lora_A.out_features)
-            for p, m in linear_modules(unet).items() if m.lora_A is not None}
+    return {
+        p: (m.lora_A.out_features, m.lora_scale * m.lora_A.out_features)
+        for p, m in linear_modules(unet).items()
+        if m.lora_A is not None
+    }
 
 
 def merge_lora(unet) -> int:
@@ -155,8 +175,11 @@ def merge_lora(unet) -> int:
         if m.lora_A is None:
             continue
         k = m.kernel[...]
-        delta = jnp.matmul(m.lora_A.kernel[...].astype(jnp.float32), m.lora_B.kernel[...].astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
+        delta = jnp.matmul(
+            m.lora_A.kernel[...].astype(jnp.float32),
+            m.lora_B.kernel[...].astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
         m.kernel.set_value((k.astype(jnp.float32) + m.lora_scale * delta).astype(k.dtype))
         m.lora_A, m.lora_B, m.lora_scale = None, None, 1.0
         n += 1
@@ -173,9 +196,14 @@ def lora_config(modules: Mapping[str, tuple[int, float]]) -> dict:
         raise ValueError("no LoRA modules")
     rank = collections.Counter(r for r, _ in modules.values()).most_common(1)[0][0]
     alpha = collections.Counter(a for _, a in modules.values()).most_common(1)[0][0]
-    return {"format": LORA_FORMAT, "version": LORA_VERSION, "rank": int(rank), "alpha": float(alpha),
-            "targets": sorted({_target_of(p) for p in modules}),
-            "modules": {p: {"rank": int(r), "alpha": float(a)} for p, (r, a) in sorted(modules.items())}}
+    return {
+        "format": LORA_FORMAT,
+        "version": LORA_VERSION,
+        "rank": int(rank),
+        "alpha": float(alpha),
+        "targets": sorted({_target_of(p) for p in modules}),
+        "modules": {p: {"rank": int(r), "alpha": float(a)} for p, (r, a) in sorted(modules.items())},
+    }
 
 
 def save_lora(unet, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -202,10 +230,15 @@ def load_lora(unet, directory: str | os.PathLike) -> list[str]:
     linears = linear_modules(unet)
     missing = sorted(p for p in modules if p not in linears)
     if missing:
-        raise ValueError(f"{directory}: LoRA for modules the UNet does not have: {missing[:10]}"
-                         + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
-                         + ("; LoRA on adapter layers needs load_adapters first"
-                            if any(".processor.to_" in p for p in missing) else ""))
+        raise ValueError(
+            f"{directory}: LoRA for modules the UNet does not have: {missing[:10]}"
+            + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+            + (
+                "; LoRA on adapter layers needs load_adapters first"
+                if any(".processor.to_" in p for p in missing)
+                else ""
+            )
+        )
     for p, (r, a) in modules.items():
         try:
             _attach_lora(linears[p], r, a, rngs=None, init_a="zeros")
@@ -223,14 +256,21 @@ def _retype(variable, param_type):
 
 
 def _copy_linear(src: Linear, param_type, *, copy_lora: bool) -> Linear:
-    new = nnx.eval_shape(lambda: Linear(src.in_features, src.out_features, use_bias=src.use_bias,
-                                        dtype=src.dtype, param_dtype=src.kernel[...].dtype, rngs=nnx.Rngs(0)))
+    new = nnx.eval_shape(
+        lambda: Linear(
+            src.in_features,
+            src.out_features,
+            use_bias=src.use_bias,
+            dtype=src.dtype,
+            param_dtype=src.kernel[...].dtype,
+            rngs=nnx.Rngs(0),
+        )
+    )
     new.kernel = _retype(src.kernel, param_type)
     if src.use_bias:
         new.bias = _retype(src.bias, param_type)
     if copy_lora and src.lora_A is not None:
-        _attach_lora(new, src.lora_A.out_features, src.lora_scale * src.lora_A.out_features, rngs=None,
-                     init_a="zeros")
+        _attach_lora(new, src.lora_A.out_features, src.lora_scale * src.lora_A.out_features, rngs=None, init_a="zeros")
         new.lora_A.kernel.set_value(jnp.array(src.lora_A.kernel[...], copy=True))
         new.lora_B.kernel.set_value(jnp.array(src.lora_B.kernel[...], copy=True))
     return new
@@ -244,13 +284,23 @@ class ImageProjection(nnx.Module):
     `condition` names the adapter condition whose tokens it makes (the image condition).
     """
 
-    def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, *,
-                 condition: str, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        image_embed_dim: int,
+        cross_attention_dim: int,
+        num_tokens: int = 4,
+        *,
+        condition: str,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.condition = condition
         self.image_embed_dim, self.cross_attention_dim = image_embed_dim, cross_attention_dim
         self.num_tokens = num_tokens
-        self.image_embeds = Linear(image_embed_dim, num_tokens * cross_attention_dim, dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
+        self.image_embeds = Linear(
+            image_embed_dim, num_tokens * cross_attention_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.norm = LayerNorm(cross_attention_dim, dtype=dtype, param_dtype=param_dtype)
         self.image_embeds.kernel = _retype(self.image_embeds.kernel, AdapterParam)
         self.image_embeds.bias = _retype(self.image_embeds.bias, AdapterParam)
@@ -259,8 +309,12 @@ class ImageProjection(nnx.Module):
 
     def config(self) -> dict:
         """The adapter folder's "image_projection" entry."""
-        return {"condition": self.condition, "image_embed_dim": self.image_embed_dim,
-                "cross_attention_dim": self.cross_attention_dim, "num_tokens": self.num_tokens}
+        return {
+            "condition": self.condition,
+            "image_embed_dim": self.image_embed_dim,
+            "cross_attention_dim": self.cross_attention_dim,
+            "num_tokens": self.num_tokens,
+        }
 
     def __call__(self, image_embeds: jax.Array) -> jax.Array:
         """image_embeds [B, in] -> [B, num_tokens, D]; [B, N, in] -> [B, N * num_tokens, D] (image n's
@@ -274,8 +328,9 @@ class ImageProjection(nnx.Module):
 
 def cross_attentions(unet) -> dict[str, Attention]:
     """{path: Attention} of every cross-attention (`attn2`) of the UNet."""
-    return {path_str(p): m for p, m in nnx.iter_modules(unet)
-            if isinstance(m, Attention) and p and str(p[-1]) == "attn2"}
+    return {
+        path_str(p): m for p, m in nnx.iter_modules(unet) if isinstance(m, Attention) and p and str(p[-1]) == "attn2"
+    }
 
 
 def adapter_processors(unet) -> dict[str, AdapterProcessor]:
@@ -283,9 +338,16 @@ def adapter_processors(unet) -> dict[str, AdapterProcessor]:
     return {p: a.processor for p, a in cross_attentions(unet).items() if isinstance(a.processor, AdapterProcessor)}
 
 
-def add_adapters(unet, names: Sequence[str], *, mode: str = "parallel",
-                 scales: Mapping[str, float] | Sequence[float] | float = 1.0, copy_lora: bool = False,
-                 image_projection: Mapping[str, Any] | None = None, rngs: nnx.Rngs | None = None) -> list[str]:
+def add_adapters(
+    unet,
+    names: Sequence[str],
+    *,
+    mode: str = "parallel",
+    scales: Mapping[str, float] | Sequence[float] | float = 1.0,
+    copy_lora: bool = False,
+    image_projection: Mapping[str, Any] | None = None,
+    rngs: nnx.Rngs | None = None,
+) -> list[str]:
     """Adds adapter cross-attentions (in place) to every `attn2` of `unet`; returns their paths.
 
     names: condition names in wiring order (the target method: ["bg", "body", "id"]).
@@ -313,20 +375,31 @@ def add_adapters(unet, names: Sequence[str], *, mode: str = "parallel",
     for path, attn in attns.items():
         if isinstance(attn.processor, AdapterProcessor):
             raise ValueError(f"add_adapters: {path} already has adapters {list(attn.processor.names)}")
-        attn.set_processor(processor_cls(
-            names, [scales[n] for n in names],
-            to_k={n: _copy_linear(attn.to_k, AdapterParam, copy_lora=copy_lora) for n in names},
-            to_v={n: _copy_linear(attn.to_v, AdapterParam, copy_lora=copy_lora) for n in names}))
+        attn.set_processor(
+            processor_cls(
+                names,
+                [scales[n] for n in names],
+                to_k={n: _copy_linear(attn.to_k, AdapterParam, copy_lora=copy_lora) for n in names},
+                to_v={n: _copy_linear(attn.to_v, AdapterParam, copy_lora=copy_lora) for n in names},
+            )
+        )
     if image_projection is not None:
         ip = dict(image_projection)
         if ip.get("condition") not in names:
-            raise ValueError(f"add_adapters: image_projection condition {ip.get('condition')!r} is not one of "
-                             f"{list(names)}")
+            raise ValueError(
+                f"add_adapters: image_projection condition {ip.get('condition')!r} is not one of {list(names)}"
+            )
         cross = ip.get("cross_attention_dim") or next(iter(attns.values())).to_k.in_features
         if rngs is None:
             raise ValueError("add_adapters: an image projection draws its weights: pass rngs")
-        unet.image_proj = ImageProjection(int(ip["image_embed_dim"]), int(cross), int(ip.get("num_tokens", 4)),
-                                          condition=ip["condition"], dtype=unet.dtype, rngs=rngs)
+        unet.image_proj = ImageProjection(
+            int(ip["image_embed_dim"]),
+            int(cross),
+            int(ip.get("num_tokens", 4)),
+            condition=ip["condition"],
+            dtype=unet.dtype,
+            rngs=rngs,
+        )
     return sorted(attns)
 
 
@@ -338,8 +411,12 @@ def adapter_config(unet) -> dict | None:
         return None
     first = next(iter(processors.values()))
     image_proj = getattr(unet, "image_proj", None)
-    return {"names": list(first.names), "mode": first.mode, "scales": dict(zip(first.names, first.scales)),
-            "image_projection": image_proj.config() if image_proj is not None else None}
+    return {
+        "names": list(first.names),
+        "mode": first.mode,
+        "scales": dict(zip(first.names, first.scales)),
+        "image_projection": image_proj.config() if image_proj is not None else None,
+    }
 
 
 def save_adapters(unet, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -347,8 +424,12 @@ def save_adapters(unet, directory: str | os.PathLike, *, overwrite: bool = False
     cfg = adapter_config(unet)
     if cfg is None:
         raise ValueError("save_adapters: the UNet has no adapters (add_adapters / load_adapters first)")
-    write_folder(directory, {"format": ADAPTERS_FORMAT, "version": ADAPTERS_VERSION, **cfg},
-                 _flat(unet, AdapterParam), overwrite=overwrite)
+    write_folder(
+        directory,
+        {"format": ADAPTERS_FORMAT, "version": ADAPTERS_VERSION, **cfg},
+        _flat(unet, AdapterParam),
+        overwrite=overwrite,
+    )
 
 
 def read_adapters_config(directory: str | os.PathLike) -> dict:
@@ -379,8 +460,14 @@ def adapter_param_path(attn_path: str, kv: str, name: str) -> str:
 def load_adapters(unet, directory: str | os.PathLike) -> list[str]:
     """Adds the adapters stored in `directory` to `unet` (in place); returns the attention paths."""
     cfg = read_adapters_config(directory)
-    paths = add_adapters(unet, cfg["names"], mode=cfg["mode"], scales=cfg["scales"],
-                         image_projection=cfg.get("image_projection"), rngs=nnx.Rngs(0))
+    paths = add_adapters(
+        unet,
+        cfg["names"],
+        mode=cfg["mode"],
+        scales=cfg["scales"],
+        image_projection=cfg.get("image_projection"),
+        rngs=nnx.Rngs(0),
+    )
     _restore(unet, directory, AdapterParam)
     return paths
 
@@ -392,8 +479,14 @@ def _flat(module, param_type) -> dict[tuple, jax.Array]:
     return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, param_type))}
 
 
-def write_folder(directory: str | os.PathLike, config: Mapping[str, Any], flat: Mapping[tuple, Any], *,
-                 overwrite: bool = False, into: Path | None = None) -> None:
+def write_folder(
+    directory: str | os.PathLike,
+    config: Mapping[str, Any],
+    flat: Mapping[tuple, Any],
+    *,
+    overwrite: bool = False,
+    into: Path | None = None,
+) -> None:
     """config.json + params/ (orbax, {path: array}); atomic unless `into` (an already-temporary folder)."""
     if into is not None:
         into.mkdir(parents=True, exist_ok=True)
@@ -426,8 +519,9 @@ def read_params(directory: str | os.PathLike, *, verify_checksums: bool | None =
     try:
         tree = ocp.StandardCheckpointer().restore(params_dir)
     except Exception as e:  # a damaged data file: TensorStore's errors name neither folder nor parameter
-        raise ValueError(f"{params_dir}: cannot read the parameters ({modeling.first_line(e)}); the folder is "
-                         "damaged, re-convert it") from None
+        raise ValueError(
+            f"{params_dir}: cannot read the parameters ({modeling.first_line(e)}); the folder is damaged, re-convert it"
+        ) from None
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     out = {path_str(path): v for path, v in flat}
     if modeling.verify_default(verify_checksums):
@@ -441,10 +535,15 @@ def _restore(module, directory, param_type) -> None:
     expected = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, param_type))}
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
-    bad = sorted(f"{k} {tuple(stored[k].shape)} != {tuple(expected[k].shape)}" for k in expected
-                 if k in stored and tuple(stored[k].shape) != tuple(expected[k].shape))
+    bad = sorted(
+        f"{k} {tuple(stored[k].shape)} != {tuple(expected[k].shape)}"
+        for k in expected
+        if k in stored and tuple(stored[k].shape) != tuple(expected[k].shape)
+    )
     if missing or unexpected or bad:
-        raise ValueError(f"{directory}: params do not match the model: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}, shape mismatches {bad[:10]}")
+        raise ValueError(
+            f"{directory}: params do not match the model: missing {missing[:10]}, "
+            f"unexpected {unexpected[:10]}, shape mismatches {bad[:10]}"
+        )
     for k, var in expected.items():
         var.set_value(jnp.asarray(stored[k], dtype=var.get_value().dtype))

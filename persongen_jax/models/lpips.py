@@ -34,11 +34,13 @@ SCALE = (0.458, 0.448, 0.450)
 # Per slice: ("conv", features index, in, out, kernel, stride, padding) or ("pool", kernel, stride); a ReLU
 # follows every conv.
 NETS: dict[str, list[list[tuple]]] = {
-    "alex": [[("conv", 0, 3, 64, 11, 4, 2)],
-             [("pool", 3, 2), ("conv", 3, 64, 192, 5, 1, 2)],
-             [("pool", 3, 2), ("conv", 6, 192, 384, 3, 1, 1)],
-             [("conv", 8, 384, 256, 3, 1, 1)],
-             [("conv", 10, 256, 256, 3, 1, 1)]],
+    "alex": [
+        [("conv", 0, 3, 64, 11, 4, 2)],
+        [("pool", 3, 2), ("conv", 3, 64, 192, 5, 1, 2)],
+        [("pool", 3, 2), ("conv", 6, 192, 384, 3, 1, 1)],
+        [("conv", 8, 384, 256, 3, 1, 1)],
+        [("conv", 10, 256, 256, 3, 1, 1)],
+    ],
 }
 
 
@@ -59,8 +61,13 @@ class Backbone(nnx.Module):
     def __init__(self, net: str, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.spec = NETS[net]
         for i, ops in enumerate(self.spec, start=1):
-            convs = {str(op[1]): Conv(op[2], op[3], op[4], stride=op[5], padding=op[6], dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs) for op in ops if op[0] == "conv"}
+            convs = {
+                str(op[1]): Conv(
+                    op[2], op[3], op[4], stride=op[5], padding=op[6], dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                )
+                for op in ops
+                if op[0] == "conv"
+            }
             setattr(self, f"slice{i}", nnx.Dict(convs))
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -80,8 +87,9 @@ class NetLinLayer(nnx.Module):
     """lpips' NetLinLayer: (dropout at training) + a 1x1 conv without bias, channels -> 1; `model.1`."""
 
     def __init__(self, chn_in: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.model = nnx.Dict({"1": Conv(chn_in, 1, 1, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                         rngs=rngs)})
+        self.model = nnx.Dict(
+            {"1": Conv(chn_in, 1, 1, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)}
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.model["1"](x)
@@ -108,8 +116,15 @@ class LPIPS(nnx.Module):
         self.lin4 = NetLinLayer(chns[4], **kw)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                    attention_impl: str = "xla") -> "LPIPS":
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ) -> "LPIPS":
         """config: {"net": "alex"} (other keys ignored)."""
         return cls(LPIPSConfig(net=config.get("net", "alex")), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 

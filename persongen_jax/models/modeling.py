@@ -90,8 +90,10 @@ def check_field_types(config) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if not _matches(value, hints[f.name]):
-            raise ValueError(f"{type(config).__name__}: {f.name}={value!r} has type {type(value).__name__}, "
-                             f"expected {_hint_name(hints[f.name])}")
+            raise ValueError(
+                f"{type(config).__name__}: {f.name}={value!r} has type {type(value).__name__}, "
+                f"expected {_hint_name(hints[f.name])}"
+            )
 
 
 def register_model(cls):
@@ -144,13 +146,14 @@ def _cheap_tracer_attribute_errors():
         pe.DynamicJaxprTracer._origin_msg = original
 
 
-def abstract_model(cls, config: Mapping[str, Any], *, dtype=None, param_dtype=jnp.float32,
-                   attention_impl: str = "xla"):
+def abstract_model(cls, config: Mapping[str, Any], *, dtype=None, param_dtype=jnp.float32, attention_impl: str = "xla"):
     """The module with ShapeDtypeStruct parameters: shapes without memory."""
     with _cheap_tracer_attribute_errors():
-        return nnx.eval_shape(lambda: cls.from_config(dict(config), rngs=nnx.Rngs(0), dtype=dtype,
-                                                      param_dtype=param_dtype,
-                                                      attention_impl=attention_impl))
+        return nnx.eval_shape(
+            lambda: cls.from_config(
+                dict(config), rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+            )
+        )
 
 
 def random_init(cls, config: Mapping[str, Any], seed: int, **kw):
@@ -225,8 +228,10 @@ def save_params(flat: Mapping[tuple, Any], directory: str | os.PathLike) -> None
     ckptr.save(os.path.abspath(directory), _nest({k: jnp.asarray(v) for k, v in flat.items()}))
     ckptr.wait_until_finished()
     names = [path_str(k) for k in flat]
-    arrays = {n: {"sha256": d, "shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
-              for n, v, d in zip(names, flat.values(), _digests(flat.values()))}
+    arrays = {
+        n: {"sha256": d, "shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
+        for n, v, d in zip(names, flat.values(), _digests(flat.values()))
+    }
     (Path(directory) / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": "sha256", "arrays": arrays}, indent=0))
 
 
@@ -243,8 +248,11 @@ def check_checksums(params_dir: str | os.PathLike, named: Mapping[str, Any]) -> 
     path = params_dir / CHECKSUMS_FILE
     skip = f"re-convert it, or load anyway with verify_checksums=False ({VERIFY_ENV}=0)"
     if not path.is_file():
-        log.warning("%s: no %s (written before checksums existed): parameters not verified; re-convert to "
-                    "get them", params_dir, CHECKSUMS_FILE)
+        log.warning(
+            "%s: no %s (written before checksums existed): parameters not verified; re-convert to get them",
+            params_dir,
+            CHECKSUMS_FILE,
+        )
         return
     try:
         stored = loads_json(path.read_bytes(), path, "unreadable checksums")
@@ -258,10 +266,15 @@ def check_checksums(params_dir: str | os.PathLike, named: Mapping[str, Any]) -> 
     missing = sorted(k for k in named if k not in sums)
     bad = [k for k, d in zip(named, _digests(named.values())) if k in sums and d != sums[k]]
     if missing or bad:
-        what = (f"checksum mismatch for {bad[:10]}" + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else "")
-                if bad else f"no checksum for {missing[:10]}")
-        raise ValueError(f"{params_dir}: {what}: the stored parameters changed since they were written (disk "
-                         f"corruption, an edited or mixed-up file); {skip}")
+        what = (
+            f"checksum mismatch for {bad[:10]}" + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else "")
+            if bad
+            else f"no checksum for {missing[:10]}"
+        )
+        raise ValueError(
+            f"{params_dir}: {what}: the stored parameters changed since they were written (disk "
+            f"corruption, an edited or mixed-up file); {skip}"
+        )
 
 
 def save_pretrained(model, config: Mapping[str, Any], directory: str | os.PathLike) -> None:
@@ -279,17 +292,26 @@ def read_config(directory: str | os.PathLike) -> dict:
     it is not a JSON object or has no "_persongen_class"."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; expected a folder written by "
-                                "`python -m weights_conversion` or save_pretrained")
+        raise FileNotFoundError(
+            f"{path}: no config.json; expected a folder written by `python -m weights_conversion` or save_pretrained"
+        )
     cfg = read_json(path)
     if CLASS_KEY not in cfg:
-        raise ValueError(f"{path}: missing {CLASS_KEY!r}; this is not a converted persongen_jax "
-                         "folder (convert it with `python -m weights_conversion`)")
+        raise ValueError(
+            f"{path}: missing {CLASS_KEY!r}; this is not a converted persongen_jax "
+            "folder (convert it with `python -m weights_conversion`)"
+        )
     return cfg
 
 
-def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
-                    attention_impl: str = "xla", verify_checksums: bool | None = None):
+def from_pretrained(
+    directory: str | os.PathLike,
+    *,
+    dtype=None,
+    param_dtype=None,
+    attention_impl: str = "xla",
+    verify_checksums: bool | None = None,
+):
     """Loads a converted component folder and returns the module with its weights.
 
     dtype: compute dtype (None = the params' dtype). param_dtype: cast the stored
@@ -314,8 +336,9 @@ def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=Non
     if not stored_tree:  # orbax only logs a warning when _METADATA is damaged
         raise ValueError(f"{params_dir}: cannot read the checkpoint metadata; the folder is damaged, re-convert it")
     try:
-        model = abstract_model(cls, cfg, dtype=dtype, param_dtype=param_dtype or jnp.float32,
-                               attention_impl=attention_impl)
+        model = abstract_model(
+            cls, cfg, dtype=dtype, param_dtype=param_dtype or jnp.float32, attention_impl=attention_impl
+        )
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
     expected = flat_params(model)
@@ -330,20 +353,25 @@ def from_pretrained(directory: str | os.PathLike, *, dtype=None, param_dtype=Non
             missing.append(path_str(path))
             continue
         if tuple(meta.shape) != tuple(sds.shape):
-            raise ValueError(f"{params_dir}: {path_str(path)} has shape {tuple(meta.shape)}, "
-                             f"the model built from config.json expects {tuple(sds.shape)}")
+            raise ValueError(
+                f"{params_dir}: {path_str(path)} has shape {tuple(meta.shape)}, "
+                f"the model built from config.json expects {tuple(sds.shape)}"
+            )
         # Restoring straight into device arrays (a sharding on the target) avoids a second host copy;
         # verified loads restore the stored dtype (what the checksums are of) and cast afterwards.
         want = meta.dtype if verify else (param_dtype or meta.dtype)
         target[path] = jax.ShapeDtypeStruct(sds.shape, want, sharding=device)
     if missing:
-        raise ValueError(f"{params_dir}: missing parameters {missing[:20]}"
-                         + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""))
+        raise ValueError(
+            f"{params_dir}: missing parameters {missing[:20]}"
+            + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else "")
+        )
     try:
         restored = ckptr.restore(params_dir, _nest(target))
     except Exception as e:  # a damaged data file: TensorStore's errors name neither folder nor parameter
-        raise ValueError(f"{params_dir}: cannot read the parameters ({first_line(e)}); the folder is damaged, "
-                         "re-convert it") from None
+        raise ValueError(
+            f"{params_dir}: cannot read the parameters ({first_line(e)}); the folder is damaged, re-convert it"
+        ) from None
     flat = {p: _lookup(restored, p) for p in target}
     del restored
     if verify:

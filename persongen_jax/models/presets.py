@@ -29,9 +29,37 @@ from persongen_jax.models import clip, id_encoder
 
 TEXT_HIDDEN = 32  # tiny: both text encoders are 32 wide, so the prompt embedding is 64 = the UNet's cross dim
 # Whole-word tokens of the tiny vocabulary (everything else is spelled out in byte symbols).
-WORDS = ("a", "an", "the", "of", "in", "on", "with", "and", "photo", "portrait", "man", "woman", "person",
-         "boy", "girl", "img", "wearing", "red", "black", "hat", "suit", "street", "city",
-         "mountains", "room", "background", "looking", "camera", "smiling")
+WORDS = (
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "with",
+    "and",
+    "photo",
+    "portrait",
+    "man",
+    "woman",
+    "person",
+    "boy",
+    "girl",
+    "img",
+    "wearing",
+    "red",
+    "black",
+    "hat",
+    "suit",
+    "street",
+    "city",
+    "mountains",
+    "room",
+    "background",
+    "looking",
+    "camera",
+    "smiling",
+)
 
 
 def _bpe_merges(words=WORDS) -> tuple[list[str], list[str]]:
@@ -49,8 +77,6 @@ def _bpe_merges(words=WORDS) -> tuple[list[str], list[str]]:
                 merges.append(merge)
                 tokens.append(cur)
     return merges, tokens
-
-
 
 
 VOCAB_SIZE = 512 + len(_bpe_merges()[1]) + 2
@@ -126,22 +152,46 @@ _SDXL_VAE = {
 }
 
 
-_TINY_TEXT_ENCODER = dict(vocab_size=VOCAB_SIZE, hidden_size=TEXT_HIDDEN, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                          hidden_act="quick_gelu", projection_dim=TEXT_HIDDEN, bos_token_id=VOCAB_SIZE - 2,
-                          eos_token_id=2, pad_token_id=1)
+_TINY_TEXT_ENCODER = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=TEXT_HIDDEN,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=TEXT_HIDDEN,
+    bos_token_id=VOCAB_SIZE - 2,
+    eos_token_id=2,
+    pad_token_id=1,
+)
 _TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[32, 64], layers_per_block=2, attention_head_dim=[2, 4],
-    transformer_layers_per_block=[1, 2], cross_attention_dim=2 * TEXT_HIDDEN, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * 8, norm_num_groups=8,
+    block_out_channels=[32, 64],
+    layers_per_block=2,
+    attention_head_dim=[2, 4],
+    transformer_layers_per_block=[1, 2],
+    cross_attention_dim=2 * TEXT_HIDDEN,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * 8,
+    norm_num_groups=8,
 )
 # Same topology as SDXL's VAE at 2 levels (one downsample), runs in a second on a CPU.
-_TINY_VAE = dict(_SDXL_VAE, block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
-                 up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, sample_size=32)
+_TINY_VAE = dict(
+    _SDXL_VAE,
+    block_out_channels=[32, 64],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=32,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,16 +206,24 @@ class ModelSize:
 
 
 SIZES: dict[str, ModelSize] = {
-    "sdxl_base": ModelSize(unet=_SDXL_BASE_UNET, vae=_SDXL_VAE,
-                           text_encoder=clip.CLIPTextModel.preset_config("sdxl_text_encoder"),
-                           text_encoder_2=clip.CLIPTextModelWithProjection.preset_config("sdxl_text_encoder_2"),
-                           id_encoder=id_encoder.PhotoMakerIDEncoder.preset_config("photomaker_v1")),
-    "tiny": ModelSize(unet=_TINY_UNET, vae=_TINY_VAE, text_encoder=_TINY_TEXT_ENCODER,
-                      text_encoder_2=dict(_TINY_TEXT_ENCODER, hidden_act="gelu"),
-                      id_encoder=id_encoder.PhotoMakerIDEncoder.preset_config("tiny")),
+    "sdxl_base": ModelSize(
+        unet=_SDXL_BASE_UNET,
+        vae=_SDXL_VAE,
+        text_encoder=clip.CLIPTextModel.preset_config("sdxl_text_encoder"),
+        text_encoder_2=clip.CLIPTextModelWithProjection.preset_config("sdxl_text_encoder_2"),
+        id_encoder=id_encoder.PhotoMakerIDEncoder.preset_config("photomaker_v1"),
+    ),
+    "tiny": ModelSize(
+        unet=_TINY_UNET,
+        vae=_TINY_VAE,
+        text_encoder=_TINY_TEXT_ENCODER,
+        text_encoder_2=dict(_TINY_TEXT_ENCODER, hidden_act="gelu"),
+        id_encoder=id_encoder.PhotoMakerIDEncoder.preset_config("tiny"),
+    ),
 }
 SIZES["micro"] = dataclasses.replace(
-    SIZES["tiny"], unet=dict(_TINY_UNET, layers_per_block=1, transformer_layers_per_block=[1, 1]))
+    SIZES["tiny"], unet=dict(_TINY_UNET, layers_per_block=1, transformer_layers_per_block=[1, 1])
+)
 
 
 def get(name: str) -> ModelSize:
@@ -184,19 +242,25 @@ def write_tiny_tokenizer(dst: Path, pad_token: str = "<|endoftext|>") -> None:
     dst.mkdir(parents=True, exist_ok=True)
     chars = _byte_symbols()
     merges, merged = _bpe_merges()
-    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + merged
-                                            + ["<|startoftext|>", "<|endoftext|>"])}
+    vocab = {
+        tok: i
+        for i, tok in enumerate(chars + [c + "</w>" for c in chars] + merged + ["<|startoftext|>", "<|endoftext|>"])
+    }
     assert len(vocab) == VOCAB_SIZE
-    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],  # type: ignore[misc]
-                        pad_token=pad_token,
-                        model_max_length=77)
+    tok = CLIPTokenizer(
+        vocab=vocab,
+        merges=[tuple(m.split(" ")) for m in merges],  # type: ignore[misc]
+        pad_token=pad_token,
+        model_max_length=77,
+    )
     tok.save_pretrained(dst)
 
 
 def _byte_symbols() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for bytes (GPT-2/CLIP's table)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     out, n = {}, 0
     for b in range(256):
         if b in keep:
@@ -205,5 +269,3 @@ def _byte_symbols() -> list[str]:
             out[b] = chr(256 + n)
             n += 1
     return [out[b] for b in range(256)]
-
-

@@ -20,10 +20,22 @@ class ResnetBlock2D(nnx.Module):
     (the SDXL UNet and VAE use nothing else).
     """
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, *, temb_channels: int | None = 512,
-                 groups: int = 32, groups_out: int | None = None, eps: float = 1e-6,
-                 non_linearity: str = "silu", output_scale_factor: float = 1.0,
-                 conv_shortcut_bias: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        *,
+        temb_channels: int | None = 512,
+        groups: int = 32,
+        groups_out: int | None = None,
+        eps: float = 1e-6,
+        non_linearity: str = "silu",
+        output_scale_factor: float = 1.0,
+        conv_shortcut_bias: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         out_channels = out_channels or in_channels
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.act = activation(non_linearity)
@@ -33,8 +45,11 @@ class ResnetBlock2D(nnx.Module):
         self.time_emb_proj = Linear(temb_channels, out_channels, **kw) if temb_channels is not None else None
         self.norm2 = GroupNorm(groups_out or groups, out_channels, epsilon=eps, **kw)
         self.conv2 = Conv(out_channels, out_channels, 3, padding=1, **kw)
-        self.conv_shortcut = (Conv(in_channels, out_channels, 1, use_bias=conv_shortcut_bias, **kw)
-                              if in_channels != out_channels else None)
+        self.conv_shortcut = (
+            Conv(in_channels, out_channels, 1, use_bias=conv_shortcut_bias, **kw)
+            if in_channels != out_channels
+            else None
+        )
 
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         """x: [B, H, W, Cin], temb: [B, temb_channels] or None -> [B, H, W, Cout]."""
@@ -54,11 +69,27 @@ class Downsample2D(nnx.Module):
     """Strided 3x3 conv. padding=1 in the UNet; padding=0 in the VAE encoder, which
     instead pads one zero row/column at the bottom/right first (diffusers does the same)."""
 
-    def __init__(self, channels: int, out_channels: int | None = None, *, padding: int = 1,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int | None = None,
+        *,
+        padding: int = 1,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.padding = padding
-        self.conv = Conv(channels, out_channels or channels, 3, stride=2, padding=padding,
-                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv = Conv(
+            channels,
+            out_channels or channels,
+            3,
+            stride=2,
+            padding=padding,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, H, W, C] -> [B, H', W', out_channels]; H' = ceil(H / 2) with padding 1, floor(H / 2) with
@@ -86,10 +117,12 @@ def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.A
 class Upsample2D(nnx.Module):
     """Nearest 2x (or to `output_size`) then 3x3 conv."""
 
-    def __init__(self, channels: int, out_channels: int | None = None, *, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.conv = Conv(channels, out_channels or channels, 3, padding=1, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+    def __init__(
+        self, channels: int, out_channels: int | None = None, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
+        self.conv = Conv(
+            channels, out_channels or channels, 3, padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
         """x [B, H, W, C] -> [B, 2H, 2W, out_channels], or [B, *output_size, out_channels] when given."""

@@ -35,8 +35,9 @@ class T2IAdapterConfig:
     def __post_init__(self):
         check_field_types(self)
         if self.adapter_type != "full_adapter_xl":
-            raise ValueError(f"T2IAdapter config: adapter_type={self.adapter_type!r}; only 'full_adapter_xl' (SDXL) "
-                             "is ported")
+            raise ValueError(
+                f"T2IAdapter config: adapter_type={self.adapter_type!r}; only 'full_adapter_xl' (SDXL) is ported"
+            )
         if len(self.channels) < 3:
             raise ValueError(f"T2IAdapter config: channels={list(self.channels)}; full_adapter_xl needs at least 3")
 
@@ -59,8 +60,9 @@ class T2IAdapterConfig:
         return self.downscale_factor * 2
 
 
-def check_adapter_matches_unet(config: T2IAdapterConfig, unet_config, vae_factor: int | None = None,
-                               name: str = "T2I-Adapter") -> None:
+def check_adapter_matches_unet(
+    config: T2IAdapterConfig, unet_config, vae_factor: int | None = None, name: str = "T2I-Adapter"
+) -> None:
     """ValueError (one line, listing both shapes) when the adapter's features do not fit the UNet: one feature
     per down block with its width (then, optionally, one more of the mid block's width), and, given the VAE's
     factor, the first features at half the latent size (the first down block's output)."""
@@ -68,7 +70,7 @@ def check_adapter_matches_unet(config: T2IAdapterConfig, unet_config, vae_factor
     expected = boc + [boc[-1]]
     ch = list(config.channels)
     bad = []
-    if not (ch == expected[:len(ch)] and len(boc) <= len(ch) <= len(expected)):
+    if not (ch == expected[: len(ch)] and len(boc) <= len(ch) <= len(expected)):
         bad.append(f"feature channels {ch} vs the UNet's {boc} (+ mid {boc[-1]})")
     if vae_factor is not None and config.downscale_factor != 2 * vae_factor:
         bad.append(f"downscale_factor {config.downscale_factor} vs the {2 * vae_factor} the VAE's x{vae_factor} needs")
@@ -111,8 +113,17 @@ class AdapterResnetBlock(nnx.Module):
 class AdapterBlock(nnx.Module):
     """Optional 2x average pool, optional 1x1 width change (in_conv), then num_res_blocks AdapterResnetBlocks."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, down: bool = False, *, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        down: bool = False,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.down = down
         self.in_conv = Conv(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
@@ -136,7 +147,7 @@ class FullAdapterXL(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         ch = c.channels
         self.downscale_factor = c.downscale_factor
-        self.conv_in = Conv(c.in_channels * c.downscale_factor ** 2, ch[0], 3, padding=1, **kw)
+        self.conv_in = Conv(c.in_channels * c.downscale_factor**2, ch[0], 3, padding=1, **kw)
         body = []
         for i in range(len(ch)):
             if i == 1:
@@ -161,16 +172,30 @@ class FullAdapterXL(nnx.Module):
 class T2IAdapter(nnx.Module):
     """diffusers T2IAdapter (full_adapter_xl); parameter paths are the diffusers state-dict keys."""
 
-    def __init__(self, config: T2IAdapterConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla"):
+    def __init__(
+        self,
+        config: T2IAdapterConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ):
         del attention_impl  # no attention in the adapter
         self.config = config
         self.dtype = dtype
         self.adapter = FullAdapterXL(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | T2IAdapterConfig, *, rngs: nnx.Rngs, dtype=None,
-                    param_dtype=jnp.float32, attention_impl: str = "xla") -> "T2IAdapter":
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | T2IAdapterConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ) -> "T2IAdapter":
         """config: a diffusers T2IAdapter config.json dict or a T2IAdapterConfig."""
         cfg = config if isinstance(config, T2IAdapterConfig) else T2IAdapterConfig.from_dict(config)
         return cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)

@@ -19,8 +19,9 @@ from persongen_jax.models.layers import Conv, GroupNorm, Identity, LayerNorm, Li
 class GEGLU(nnx.Module):
     """proj -> split in (value, gate) halves -> value * gelu(gate); exact erf GELU like torch's F.gelu."""
 
-    def __init__(self, dim_in: int, dim_out: int, *, bias: bool = True, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, dim_in: int, dim_out: int, *, bias: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.proj = Linear(dim_in, dim_out * 2, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -33,15 +34,26 @@ class FeedForward(nnx.Module):
     """net = [GEGLU(dim, inner), Dropout, Linear(inner, dim_out)]; index 1 is a placeholder so that
     our `net.2` is diffusers' `ff.net.2` (dropout is 0 in every SDXL config)."""
 
-    def __init__(self, dim: int, dim_out: int | None = None, *, mult: int = 4,
-                 activation_fn: str = "geglu", inner_dim: int | None = None, bias: bool = True,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int | None = None,
+        *,
+        mult: int = 4,
+        activation_fn: str = "geglu",
+        inner_dim: int | None = None,
+        bias: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if activation_fn != "geglu":
             raise ValueError(f"FeedForward: activation_fn={activation_fn!r} is not ported; expected 'geglu'")
         inner_dim = inner_dim or int(dim * mult)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.net = nnx.List([GEGLU(dim, inner_dim, bias=bias, **kw), Identity(),
-                             Linear(inner_dim, dim_out or dim, use_bias=bias, **kw)])
+        self.net = nnx.List(
+            [GEGLU(dim, inner_dim, bias=bias, **kw), Identity(), Linear(inner_dim, dim_out or dim, use_bias=bias, **kw)]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., dim] -> [..., dim_out or dim]."""
@@ -57,14 +69,30 @@ class BasicTransformerBlock(nnx.Module):
     `cross_attention_dim=None` drops attn2/norm2 (None, as in diffusers).
     """
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, *,
-                 cross_attention_dim: int | None = None, attention_bias: bool = False,
-                 norm_eps: float = 1e-5, norm_elementwise_affine: bool = True,
-                 activation_fn: str = "geglu", attention_impl: str = "xla", dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        *,
+        cross_attention_dim: int | None = None,
+        attention_bias: bool = False,
+        norm_eps: float = 1e-5,
+        norm_elementwise_affine: bool = True,
+        activation_fn: str = "geglu",
+        attention_impl: str = "xla",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        attn_kw = dict(heads=num_attention_heads, dim_head=attention_head_dim, bias=attention_bias,
-                       attention_impl=attention_impl, **kw)
+        attn_kw = dict(
+            heads=num_attention_heads,
+            dim_head=attention_head_dim,
+            bias=attention_bias,
+            attention_impl=attention_impl,
+            **kw,
+        )
         ln_kw = dict(epsilon=norm_eps, elementwise_affine=norm_elementwise_affine, **kw)
         self.norm1 = LayerNorm(dim, **ln_kw)
         self.attn1 = Attention(dim, None, **attn_kw)
@@ -95,11 +123,24 @@ class Transformer2DModel(nnx.Module):
     the two differ only in whether the projection happens before or after flattening to tokens.
     """
 
-    def __init__(self, num_attention_heads: int, attention_head_dim: int, in_channels: int, *,
-                 out_channels: int | None = None, num_layers: int = 1, norm_num_groups: int = 32,
-                 cross_attention_dim: int | None = None, attention_bias: bool = False,
-                 use_linear_projection: bool = False, norm_eps: float = 1e-5,
-                 attention_impl: str = "xla", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        in_channels: int,
+        *,
+        out_channels: int | None = None,
+        num_layers: int = 1,
+        norm_num_groups: int = 32,
+        cross_attention_dim: int | None = None,
+        attention_bias: bool = False,
+        use_linear_projection: bool = False,
+        norm_eps: float = 1e-5,
+        attention_impl: str = "xla",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         inner_dim = num_attention_heads * attention_head_dim
         out_channels = out_channels or in_channels
@@ -111,11 +152,21 @@ class Transformer2DModel(nnx.Module):
             self.proj_in = Linear(in_channels, inner_dim, **kw)
         else:
             self.proj_in = Conv(in_channels, inner_dim, 1, **kw)
-        self.transformer_blocks = nnx.List([
-            BasicTransformerBlock(inner_dim, num_attention_heads, attention_head_dim,
-                                  cross_attention_dim=cross_attention_dim, attention_bias=attention_bias,
-                                  norm_eps=norm_eps, attention_impl=attention_impl, **kw)
-            for _ in range(num_layers)])
+        self.transformer_blocks = nnx.List(
+            [
+                BasicTransformerBlock(
+                    inner_dim,
+                    num_attention_heads,
+                    attention_head_dim,
+                    cross_attention_dim=cross_attention_dim,
+                    attention_bias=attention_bias,
+                    norm_eps=norm_eps,
+                    attention_impl=attention_impl,
+                    **kw,
+                )
+                for _ in range(num_layers)
+            ]
+        )
         if use_linear_projection:
             self.proj_out = Linear(inner_dim, out_channels, **kw)
         else:

@@ -34,8 +34,13 @@ from persongen_jax.models.attention_processor import CrossAttentionContext
 from persongen_jax.models.embeddings import TimestepEmbedding, Timesteps
 from persongen_jax.models.layers import Conv, GroupNorm, activation
 from persongen_jax.models.modeling import check_field_types, register_model
-from persongen_jax.models.unet_2d_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D,
-                                                 UNetMidBlock2DCrossAttn, UpBlock2D)
+from persongen_jax.models.unet_2d_blocks import (
+    CrossAttnDownBlock2D,
+    CrossAttnUpBlock2D,
+    DownBlock2D,
+    UNetMidBlock2DCrossAttn,
+    UpBlock2D,
+)
 
 DOWN_BLOCKS = {"DownBlock2D": DownBlock2D, "CrossAttnDownBlock2D": CrossAttnDownBlock2D}
 UP_BLOCKS = {"UpBlock2D": UpBlock2D, "CrossAttnUpBlock2D": CrossAttnUpBlock2D}
@@ -58,13 +63,22 @@ def check_remat(name: str, key: str = "config.remat") -> None:
     if name not in REMAT_CHOICES:
         raise ValueError(f"{key}={name!r}; expected one of {list(REMAT_CHOICES)}")
 
+
 # Keys that do not change what the supported blocks compute, so they are accepted and dropped:
 # bookkeeping, sample_size (only a pipeline default), upcast_attention (fp16 softmax upcast in torch;
 # our attention already keeps its softmax statistics in fp32), and options that diffusers only
 # forwards to block types we reject (Simple*/ResnetDownsample* blocks, "text" add-embedding).
-IGNORED_KEYS = frozenset({"sample_size", "upcast_attention", "addition_embed_type_num_heads",
-                          "resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm",
-                          "mid_block_only_cross_attention"})
+IGNORED_KEYS = frozenset(
+    {
+        "sample_size",
+        "upcast_attention",
+        "addition_embed_type_num_heads",
+        "resnet_skip_time_act",
+        "resnet_out_scale_factor",
+        "cross_attention_norm",
+        "mid_block_only_cross_attention",
+    }
+)
 
 # Keys whose only supported value is diffusers' default: {key: (allowed values, why)}.
 FIXED_KEYS: dict[str, tuple[tuple, str]] = {
@@ -109,11 +123,14 @@ class UNetConfig:
     center_input_sample: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: float = 0
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                         "CrossAttnDownBlock2D", "DownBlock2D")
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
-    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                                       "CrossAttnUpBlock2D")
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int | tuple[int, ...] = 2
     downsample_padding: int = 1
@@ -150,15 +167,19 @@ class UNetConfig:
                 continue
             if key in FIXED_KEYS:
                 allowed, why = FIXED_KEYS[key]
-                ok = value in allowed or (key == "only_cross_attention" and isinstance(value, (list, tuple))
-                                          and not any(value))
+                ok = value in allowed or (
+                    key == "only_cross_attention" and isinstance(value, (list, tuple)) and not any(value)
+                )
                 if not ok:
-                    raise ValueError(f"UNet config: unsupported {key}={value!r}; expected "
-                                     f"{' or '.join(map(repr, allowed))} ({why})")
+                    raise ValueError(
+                        f"UNet config: unsupported {key}={value!r}; expected {' or '.join(map(repr, allowed))} ({why})"
+                    )
                 continue
             if key not in fields:
-                raise ValueError(f"UNet config: unknown key {key!r}; it may change the numerics, so it is "
-                                 f"rejected (supported keys: {sorted(fields | set(FIXED_KEYS))})")
+                raise ValueError(
+                    f"UNet config: unknown key {key!r}; it may change the numerics, so it is "
+                    f"rejected (supported keys: {sorted(fields | set(FIXED_KEYS))})"
+                )
             kwargs[key] = _tuple(value)
         cfg = cls(**kwargs)
         cfg.validate()
@@ -176,34 +197,52 @@ class UNetConfig:
         n = len(self.down_block_types)
         for t in self.down_block_types:
             if _strip(t) not in DOWN_BLOCKS:
-                raise ValueError(f"UNet config: unsupported down block type {t!r} in down_block_types; "
-                                 f"expected one of {sorted(DOWN_BLOCKS)}")
+                raise ValueError(
+                    f"UNet config: unsupported down block type {t!r} in down_block_types; "
+                    f"expected one of {sorted(DOWN_BLOCKS)}"
+                )
         for t in self.up_block_types:
             if _strip(t) not in UP_BLOCKS:
-                raise ValueError(f"UNet config: unsupported up block type {t!r} in up_block_types; "
-                                 f"expected one of {sorted(UP_BLOCKS)}")
+                raise ValueError(
+                    f"UNet config: unsupported up block type {t!r} in up_block_types; "
+                    f"expected one of {sorted(UP_BLOCKS)}"
+                )
         if self.mid_block_type not in MID_BLOCKS:
-            raise ValueError(f"UNet config: unsupported mid_block_type {self.mid_block_type!r}; "
-                             f"expected 'UNetMidBlock2DCrossAttn' or None")
+            raise ValueError(
+                f"UNet config: unsupported mid_block_type {self.mid_block_type!r}; "
+                f"expected 'UNetMidBlock2DCrossAttn' or None"
+            )
         if len(self.up_block_types) != n:
             raise ValueError(f"UNet config: {n} down_block_types but {len(self.up_block_types)} up_block_types")
         if len(self.block_out_channels) != n:
-            raise ValueError(f"UNet config: block_out_channels {list(self.block_out_channels)} must have one "
-                             f"entry per down block ({n})")
+            raise ValueError(
+                f"UNet config: block_out_channels {list(self.block_out_channels)} must have one "
+                f"entry per down block ({n})"
+            )
         if self.addition_embed_type not in ("text_time", None):
-            raise ValueError(f"UNet config: unsupported addition_embed_type {self.addition_embed_type!r}; "
-                             "expected 'text_time' or None")
-        if self.addition_embed_type == "text_time" and (self.addition_time_embed_dim is None
-                                                        or self.projection_class_embeddings_input_dim is None):
-            raise ValueError("UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
-                             "projection_class_embeddings_input_dim")
+            raise ValueError(
+                f"UNet config: unsupported addition_embed_type {self.addition_embed_type!r}; "
+                "expected 'text_time' or None"
+            )
+        if self.addition_embed_type == "text_time" and (
+            self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None
+        ):
+            raise ValueError(
+                "UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim"
+            )
         if self.norm_num_groups is None:
             raise ValueError("UNet config: norm_num_groups=None is not supported; expected an int (e.g. 32)")
         tl = self.transformer_layers_per_block
-        if (isinstance(tl, tuple) and any(isinstance(x, tuple) for x in tl)
-                and self.reverse_transformer_layers_per_block is None):
-            raise ValueError("UNet config: nested transformer_layers_per_block (asymmetrical UNet) needs "
-                             "reverse_transformer_layers_per_block")
+        if (
+            isinstance(tl, tuple)
+            and any(isinstance(x, tuple) for x in tl)
+            and self.reverse_transformer_layers_per_block is None
+        ):
+            raise ValueError(
+                "UNet config: nested transformer_layers_per_block (asymmetrical UNet) needs "
+                "reverse_transformer_layers_per_block"
+            )
         for name in ("layers_per_block", "cross_attention_dim", "attention_head_dim", "transformer_layers_per_block"):
             _per_block(name, getattr(self, name), n)
 
@@ -242,14 +281,17 @@ class UNetEncoderMixin:
         # Time: sinusoidal projection (no params) -> MLP; the added conditions go into the same vector.
         time_embed_dim = c.time_embedding_dim or boc[0] * 4
         self.time_proj = Timesteps(boc[0], c.flip_sin_to_cos, c.freq_shift)
-        self.time_embedding = TimestepEmbedding(boc[0], time_embed_dim, act_fn=c.act_fn,
-                                                post_act_fn=c.timestep_post_act, **kw)
+        self.time_embedding = TimestepEmbedding(
+            boc[0], time_embed_dim, act_fn=c.act_fn, post_act_fn=c.timestep_post_act, **kw
+        )
         self.add_time_proj: Timesteps | None
         self.add_embedding: TimestepEmbedding | None
         if c.addition_embed_type == "text_time":
             if c.addition_time_embed_dim is None or c.projection_class_embeddings_input_dim is None:
-                raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
-                                 "projection_class_embeddings_input_dim")
+                raise ValueError(
+                    "addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                    "projection_class_embeddings_input_dim"
+                )
             self.add_time_proj = Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, time_embed_dim, **kw)
         else:
@@ -257,20 +299,34 @@ class UNetEncoderMixin:
             self.add_embedding = None
         self.time_embed_act = activation(c.time_embedding_act_fn) if c.time_embedding_act_fn else None
 
-        common: dict[str, Any] = dict(temb_channels=time_embed_dim, resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
-                      resnet_groups=c.norm_num_groups, **kw)
+        common: dict[str, Any] = dict(
+            temb_channels=time_embed_dim,
+            resnet_eps=c.norm_eps,
+            resnet_act_fn=c.act_fn,
+            resnet_groups=c.norm_num_groups,
+            **kw,
+        )
         attn_common: dict[str, Any] = dict(use_linear_projection=c.use_linear_projection, attention_impl=attention_impl)
 
         down: list[Any] = []  # CrossAttnDownBlock2D | DownBlock2D
         out_ch = boc[0]
         for i, block_type in enumerate(c.down_block_types):
             in_ch, out_ch = out_ch, boc[i]
-            args: dict[str, Any] = dict(num_layers=layers[i], add_downsample=i < n - 1,
-                        downsample_padding=c.downsample_padding, **common)
+            args: dict[str, Any] = dict(
+                num_layers=layers[i], add_downsample=i < n - 1, downsample_padding=c.downsample_padding, **common
+            )
             if _strip(block_type) == "CrossAttnDownBlock2D":
-                down.append(CrossAttnDownBlock2D(in_ch, out_ch, transformer_layers_per_block=tlayers[i],
-                                                 num_attention_heads=heads[i], cross_attention_dim=cross[i],
-                                                 **attn_common, **args))
+                down.append(
+                    CrossAttnDownBlock2D(
+                        in_ch,
+                        out_ch,
+                        transformer_layers_per_block=tlayers[i],
+                        num_attention_heads=heads[i],
+                        cross_attention_dim=cross[i],
+                        **attn_common,
+                        **args,
+                    )
+                )
             else:
                 down.append(DownBlock2D(in_ch, out_ch, **args))
         self.down_blocks = nnx.List(down)
@@ -278,9 +334,14 @@ class UNetEncoderMixin:
         self.mid_block: UNetMidBlock2DCrossAttn | None
         if c.mid_block_type == "UNetMidBlock2DCrossAttn":
             self.mid_block = UNetMidBlock2DCrossAttn(
-                boc[-1], transformer_layers_per_block=tlayers[-1], num_attention_heads=heads[-1],
-                cross_attention_dim=cross[-1], output_scale_factor=c.mid_block_scale_factor,
-                **attn_common, **common)
+                boc[-1],
+                transformer_layers_per_block=tlayers[-1],
+                num_attention_heads=heads[-1],
+                cross_attention_dim=cross[-1],
+                output_scale_factor=c.mid_block_scale_factor,
+                **attn_common,
+                **common,
+            )
         else:
             self.mid_block = None
         return dict(common=common, attn_common=attn_common)
@@ -304,8 +365,13 @@ class UNetEncoderMixin:
             emb = self.time_embed_act(emb)
         return emb
 
-    def _encode(self, sample: jax.Array, emb: jax.Array, encoder_hidden_states,
-                intrablock_residuals: Sequence[jax.Array] | None = None) -> tuple[jax.Array, tuple]:
+    def _encode(
+        self,
+        sample: jax.Array,
+        emb: jax.Array,
+        encoder_hidden_states,
+        intrablock_residuals: Sequence[jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple]:
         """Down blocks then mid block on `sample` [B, H, W, C0] (after conv_in) -> (mid output, skips: conv_in's
         output then every down block's). intrablock_residuals: T2I-Adapter features, added as diffusers adds them
         (to the last resnet+attention output of a cross-attention block, to the output of a plain block, and,
@@ -351,8 +417,9 @@ class UNetEncoderMixin:
 class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
     """SDXL-style conditional UNet; module names mirror diffusers so param paths are state-dict keys."""
 
-    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla"):
+    def __init__(
+        self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, attention_impl: str = "xla"
+    ):
         c = config
         self.config = c
         self.dtype = dtype
@@ -368,8 +435,9 @@ class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
 
         rev_boc = boc[::-1]
         rev_heads, rev_cross, rev_layers = heads[::-1], cross[::-1], layers[::-1]
-        rev_tlayers = (tlayers[::-1] if c.reverse_transformer_layers_per_block is None
-                       else c.reverse_transformer_layers_per_block)
+        rev_tlayers = (
+            tlayers[::-1] if c.reverse_transformer_layers_per_block is None else c.reverse_transformer_layers_per_block
+        )
         up: list[Any] = []  # CrossAttnUpBlock2D | UpBlock2D
         out_ch = rev_boc[0]
         for i, block_type in enumerate(c.up_block_types):
@@ -377,9 +445,18 @@ class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
             in_ch = rev_boc[min(i + 1, n - 1)]
             args = dict(num_layers=rev_layers[i] + 1, add_upsample=i < n - 1, **common)
             if _strip(block_type) == "CrossAttnUpBlock2D":
-                up.append(CrossAttnUpBlock2D(in_ch, out_ch, prev_out, transformer_layers_per_block=rev_tlayers[i],
-                                             num_attention_heads=rev_heads[i], cross_attention_dim=rev_cross[i],
-                                             **attn_common, **args))
+                up.append(
+                    CrossAttnUpBlock2D(
+                        in_ch,
+                        out_ch,
+                        prev_out,
+                        transformer_layers_per_block=rev_tlayers[i],
+                        num_attention_heads=rev_heads[i],
+                        cross_attention_dim=rev_cross[i],
+                        **attn_common,
+                        **args,
+                    )
+                )
             else:
                 up.append(UpBlock2D(in_ch, prev_out, out_ch, **args))
         self.up_blocks = nnx.List(up)
@@ -393,8 +470,15 @@ class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
         self.remat = "none"  # REMAT_CHOICES; training sets it from config.remat (sampling never needs it)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | UNetConfig, *, rngs: nnx.Rngs, dtype=None,
-                    param_dtype=jnp.float32, attention_impl: str = "xla") -> "UNet2DConditionModel":
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | UNetConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ) -> "UNet2DConditionModel":
         """config: a diffusers config.json dict (parsed by `UNetConfig.from_dict`) or a UNetConfig."""
         cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
         return cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
@@ -406,13 +490,20 @@ class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
 
         return copy.deepcopy(presets.get(name).unet)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: Any,
-                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None, *,
-                 conditions: Mapping[str, jax.Array] | None = None,
-                 condition_scales: Mapping[str, Any] | None = None,
-                 down_block_additional_residuals: Sequence[jax.Array] | None = None,
-                 mid_block_additional_residual: jax.Array | None = None,
-                 down_intrablock_additional_residuals: Sequence[jax.Array] | None = None) -> jax.Array:
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        encoder_hidden_states: Any,
+        text_embeds: jax.Array | None = None,
+        time_ids: jax.Array | None = None,
+        *,
+        conditions: Mapping[str, jax.Array] | None = None,
+        condition_scales: Mapping[str, Any] | None = None,
+        down_block_additional_residuals: Sequence[jax.Array] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
+        down_intrablock_additional_residuals: Sequence[jax.Array] | None = None,
+    ) -> jax.Array:
         """sample [B, H, W, Cin], timesteps [B] or scalar, encoder_hidden_states [B, T, D],
         text_embeds [B, P], time_ids [B, 6] -> noise prediction [B, H, W, Cout].
 
@@ -426,13 +517,14 @@ class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
         """
         c = self.config
         if conditions or condition_scales:
-            encoder_hidden_states = CrossAttentionContext(encoder_hidden_states, dict(conditions or {}),
-                                                          dict(condition_scales or {}))
+            encoder_hidden_states = CrossAttentionContext(
+                encoder_hidden_states, dict(conditions or {}), dict(condition_scales or {})
+            )
         b = sample.shape[0]
         dtype = self.dtype or sample.dtype
         # Latent sizes that are not multiples of 2**num_upsamplers: downsampling rounds up, so each
         # upsampler is told the exact size of the skip it will be concatenated with (static shapes).
-        factor = 2 ** self.num_upsamplers
+        factor = 2**self.num_upsamplers
         forward_upsample_size = any(d % factor for d in sample.shape[1:3])
 
         if c.center_input_sample:
@@ -443,8 +535,10 @@ class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
         sample, skips = self._encode(sample, emb, encoder_hidden_states, down_intrablock_additional_residuals)
         if down_block_additional_residuals is not None:  # ControlNet: one residual per skip, then the mid one
             if len(down_block_additional_residuals) != len(skips):
-                raise ValueError(f"down_block_additional_residuals: {len(down_block_additional_residuals)} "
-                                 f"residuals, the UNet has {len(skips)} skip connections")
+                raise ValueError(
+                    f"down_block_additional_residuals: {len(down_block_additional_residuals)} "
+                    f"residuals, the UNet has {len(skips)} skip connections"
+                )
             skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals))
         if mid_block_additional_residual is not None:
             sample = sample + mid_block_additional_residual.astype(sample.dtype)

@@ -31,15 +31,34 @@ def _per_layer(value: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
     return value
 
 
-def _transformers(num_layers, out_channels, num_attention_heads, transformer_layers_per_block,
-                  cross_attention_dim, groups, use_linear_projection, attention_impl, kw):
+def _transformers(
+    num_layers,
+    out_channels,
+    num_attention_heads,
+    transformer_layers_per_block,
+    cross_attention_dim,
+    groups,
+    use_linear_projection,
+    attention_impl,
+    kw,
+):
     layers = _per_layer(transformer_layers_per_block, num_layers)
-    return nnx.List([
-        Transformer2DModel(num_attention_heads, out_channels // num_attention_heads, out_channels,
-                           num_layers=layers[i], norm_num_groups=groups,
-                           cross_attention_dim=cross_attention_dim,
-                           use_linear_projection=use_linear_projection, attention_impl=attention_impl, **kw)
-        for i in range(num_layers)])
+    return nnx.List(
+        [
+            Transformer2DModel(
+                num_attention_heads,
+                out_channels // num_attention_heads,
+                out_channels,
+                num_layers=layers[i],
+                norm_num_groups=groups,
+                cross_attention_dim=cross_attention_dim,
+                use_linear_projection=use_linear_projection,
+                attention_impl=attention_impl,
+                **kw,
+            )
+            for i in range(num_layers)
+        ]
+    )
 
 
 class DownBlock2D(nnx.Module):
@@ -47,21 +66,48 @@ class DownBlock2D(nnx.Module):
 
     has_cross_attention = False
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, num_layers: int = 1,
-                 resnet_eps: float = 1e-6, resnet_act_fn: str = "swish", resnet_groups: int = 32,
-                 output_scale_factor: float = 1.0, add_downsample: bool = True, downsample_padding: int = 1,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        *,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        output_scale_factor: float = 1.0,
+        add_downsample: bool = True,
+        downsample_padding: int = 1,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
-                          eps=resnet_eps, groups=resnet_groups, non_linearity=resnet_act_fn,
-                          output_scale_factor=output_scale_factor, **kw)
-            for i in range(num_layers)])
-        self.downsamplers = (nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)])
-                             if add_downsample else None)
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    temb_channels=temb_channels,
+                    eps=resnet_eps,
+                    groups=resnet_groups,
+                    non_linearity=resnet_act_fn,
+                    output_scale_factor=output_scale_factor,
+                    **kw,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.downsamplers = (
+            nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)])
+            if add_downsample
+            else None
+        )
 
-    def __call__(self, hidden_states: jax.Array, temb: jax.Array,
-                 encoder_hidden_states: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def __call__(
+        self, hidden_states: jax.Array, temb: jax.Array, encoder_hidden_states: jax.Array | None = None
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """[B, H, W, Cin] -> ([B, H', W', Cout], skips); H' = ceil(H / 2) with a downsampler
         (downsample_padding=1, SDXL; floor(H / 2) with 0)."""
         skips: tuple[jax.Array, ...] = ()
@@ -81,28 +127,68 @@ class CrossAttnDownBlock2D(nnx.Module):
 
     has_cross_attention = True
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, num_layers: int = 1,
-                 transformer_layers_per_block: int | Sequence[int] = 1, resnet_eps: float = 1e-6,
-                 resnet_act_fn: str = "swish", resnet_groups: int = 32, num_attention_heads: int = 1,
-                 cross_attention_dim: int = 1280, output_scale_factor: float = 1.0,
-                 downsample_padding: int = 1, add_downsample: bool = True,
-                 use_linear_projection: bool = False, attention_impl: str = "xla", dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        *,
+        num_layers: int = 1,
+        transformer_layers_per_block: int | Sequence[int] = 1,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        num_attention_heads: int = 1,
+        cross_attention_dim: int = 1280,
+        output_scale_factor: float = 1.0,
+        downsample_padding: int = 1,
+        add_downsample: bool = True,
+        use_linear_projection: bool = False,
+        attention_impl: str = "xla",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
-                          eps=resnet_eps, groups=resnet_groups, non_linearity=resnet_act_fn,
-                          output_scale_factor=output_scale_factor, **kw)
-            for i in range(num_layers)])
-        self.attentions = _transformers(num_layers, out_channels, num_attention_heads,
-                                        transformer_layers_per_block, cross_attention_dim, resnet_groups,
-                                        use_linear_projection, attention_impl, kw)
-        self.downsamplers = (nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)])
-                             if add_downsample else None)
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    temb_channels=temb_channels,
+                    eps=resnet_eps,
+                    groups=resnet_groups,
+                    non_linearity=resnet_act_fn,
+                    output_scale_factor=output_scale_factor,
+                    **kw,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.attentions = _transformers(
+            num_layers,
+            out_channels,
+            num_attention_heads,
+            transformer_layers_per_block,
+            cross_attention_dim,
+            resnet_groups,
+            use_linear_projection,
+            attention_impl,
+            kw,
+        )
+        self.downsamplers = (
+            nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)])
+            if add_downsample
+            else None
+        )
 
-    def __call__(self, hidden_states: jax.Array, temb: jax.Array,
-                 encoder_hidden_states: jax.Array | None = None,
-                 additional_residuals: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def __call__(
+        self,
+        hidden_states: jax.Array,
+        temb: jax.Array,
+        encoder_hidden_states: jax.Array | None = None,
+        additional_residuals: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """hidden_states [B, H, W, Cin], temb [B, temb_channels], encoder_hidden_states [B, S, D] or a
         CrossAttentionContext -> ([B, H', W', Cout], skips); H' = ceil(H / 2) with a downsampler
         (downsample_padding=1, SDXL; floor(H / 2) with 0). additional_residuals [B, H, W, Cout]: a
@@ -127,23 +213,50 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
 
     has_cross_attention = True
 
-    def __init__(self, in_channels: int, temb_channels: int, *, num_layers: int = 1,
-                 transformer_layers_per_block: int | Sequence[int] = 1, resnet_eps: float = 1e-6,
-                 resnet_act_fn: str = "swish", resnet_groups: int = 32, num_attention_heads: int = 1,
-                 output_scale_factor: float = 1.0, cross_attention_dim: int = 1280,
-                 use_linear_projection: bool = False, attention_impl: str = "xla", dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        temb_channels: int,
+        *,
+        num_layers: int = 1,
+        transformer_layers_per_block: int | Sequence[int] = 1,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        num_attention_heads: int = 1,
+        output_scale_factor: float = 1.0,
+        cross_attention_dim: int = 1280,
+        use_linear_projection: bool = False,
+        attention_impl: str = "xla",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        res_kw = dict(temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups,
-                      non_linearity=resnet_act_fn, output_scale_factor=output_scale_factor, **kw)
-        self.resnets = nnx.List([ResnetBlock2D(in_channels, in_channels, **res_kw)
-                                 for _ in range(num_layers + 1)])
-        self.attentions = _transformers(num_layers, in_channels, num_attention_heads,
-                                        transformer_layers_per_block, cross_attention_dim, resnet_groups,
-                                        use_linear_projection, attention_impl, kw)
+        res_kw = dict(
+            temb_channels=temb_channels,
+            eps=resnet_eps,
+            groups=resnet_groups,
+            non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+            **kw,
+        )
+        self.resnets = nnx.List([ResnetBlock2D(in_channels, in_channels, **res_kw) for _ in range(num_layers + 1)])
+        self.attentions = _transformers(
+            num_layers,
+            in_channels,
+            num_attention_heads,
+            transformer_layers_per_block,
+            cross_attention_dim,
+            resnet_groups,
+            use_linear_projection,
+            attention_impl,
+            kw,
+        )
 
-    def __call__(self, hidden_states: jax.Array, temb: jax.Array,
-                 encoder_hidden_states: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, hidden_states: jax.Array, temb: jax.Array, encoder_hidden_states: jax.Array | None = None
+    ) -> jax.Array:
         """hidden_states [B, H, W, C], temb [B, temb_channels], encoder_hidden_states [B, S, D] or a
         CrossAttentionContext -> [B, H, W, C]."""
         hidden_states = self.resnets[0](hidden_states, temb)
@@ -153,16 +266,36 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         return hidden_states
 
 
-def _up_resnets(num_layers, in_channels, prev_output_channel, out_channels, temb_channels, resnet_eps,
-                resnet_act_fn, resnet_groups, output_scale_factor, kw):
+def _up_resnets(
+    num_layers,
+    in_channels,
+    prev_output_channel,
+    out_channels,
+    temb_channels,
+    resnet_eps,
+    resnet_act_fn,
+    resnet_groups,
+    output_scale_factor,
+    kw,
+):
     # Resnet i sees [previous output, skip]: the last skip comes from the block's input level
     # (in_channels), the others from this level (out_channels).
-    return nnx.List([
-        ResnetBlock2D((prev_output_channel if i == 0 else out_channels)
-                      + (in_channels if i == num_layers - 1 else out_channels),
-                      out_channels, temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups,
-                      non_linearity=resnet_act_fn, output_scale_factor=output_scale_factor, **kw)
-        for i in range(num_layers)])
+    return nnx.List(
+        [
+            ResnetBlock2D(
+                (prev_output_channel if i == 0 else out_channels)
+                + (in_channels if i == num_layers - 1 else out_channels),
+                out_channels,
+                temb_channels=temb_channels,
+                eps=resnet_eps,
+                groups=resnet_groups,
+                non_linearity=resnet_act_fn,
+                output_scale_factor=output_scale_factor,
+                **kw,
+            )
+            for i in range(num_layers)
+        ]
+    )
 
 
 class UpBlock2D(nnx.Module):
@@ -174,18 +307,46 @@ class UpBlock2D(nnx.Module):
 
     has_cross_attention = False
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int, *,
-                 num_layers: int = 1, resnet_eps: float = 1e-6, resnet_act_fn: str = "swish",
-                 resnet_groups: int = 32, output_scale_factor: float = 1.0, add_upsample: bool = True,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int,
+        *,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        output_scale_factor: float = 1.0,
+        add_upsample: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = _up_resnets(num_layers, in_channels, prev_output_channel, out_channels, temb_channels,
-                                   resnet_eps, resnet_act_fn, resnet_groups, output_scale_factor, kw)
+        self.resnets = _up_resnets(
+            num_layers,
+            in_channels,
+            prev_output_channel,
+            out_channels,
+            temb_channels,
+            resnet_eps,
+            resnet_act_fn,
+            resnet_groups,
+            output_scale_factor,
+            kw,
+        )
         self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]) if add_upsample else None
 
-    def __call__(self, hidden_states: jax.Array, res_hidden_states_tuple: tuple[jax.Array, ...],
-                 temb: jax.Array, encoder_hidden_states: jax.Array | None = None,
-                 upsample_size: tuple[int, int] | None = None) -> jax.Array:
+    def __call__(
+        self,
+        hidden_states: jax.Array,
+        res_hidden_states_tuple: tuple[jax.Array, ...],
+        temb: jax.Array,
+        encoder_hidden_states: jax.Array | None = None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> jax.Array:
         """hidden_states [B, h, w, C]; skips consumed from the end; upsample to `upsample_size`
         ([H, W]) when given, else 2x."""
         for resnet in self.resnets:
@@ -208,24 +369,62 @@ class CrossAttnUpBlock2D(nnx.Module):
 
     has_cross_attention = True
 
-    def __init__(self, in_channels: int, out_channels: int, prev_output_channel: int, temb_channels: int, *,
-                 num_layers: int = 1, transformer_layers_per_block: int | Sequence[int] = 1,
-                 resnet_eps: float = 1e-6, resnet_act_fn: str = "swish", resnet_groups: int = 32,
-                 num_attention_heads: int = 1, cross_attention_dim: int = 1280,
-                 output_scale_factor: float = 1.0, add_upsample: bool = True,
-                 use_linear_projection: bool = False, attention_impl: str = "xla", dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        prev_output_channel: int,
+        temb_channels: int,
+        *,
+        num_layers: int = 1,
+        transformer_layers_per_block: int | Sequence[int] = 1,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        num_attention_heads: int = 1,
+        cross_attention_dim: int = 1280,
+        output_scale_factor: float = 1.0,
+        add_upsample: bool = True,
+        use_linear_projection: bool = False,
+        attention_impl: str = "xla",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = _up_resnets(num_layers, in_channels, prev_output_channel, out_channels, temb_channels,
-                                   resnet_eps, resnet_act_fn, resnet_groups, output_scale_factor, kw)
-        self.attentions = _transformers(num_layers, out_channels, num_attention_heads,
-                                        transformer_layers_per_block, cross_attention_dim, resnet_groups,
-                                        use_linear_projection, attention_impl, kw)
+        self.resnets = _up_resnets(
+            num_layers,
+            in_channels,
+            prev_output_channel,
+            out_channels,
+            temb_channels,
+            resnet_eps,
+            resnet_act_fn,
+            resnet_groups,
+            output_scale_factor,
+            kw,
+        )
+        self.attentions = _transformers(
+            num_layers,
+            out_channels,
+            num_attention_heads,
+            transformer_layers_per_block,
+            cross_attention_dim,
+            resnet_groups,
+            use_linear_projection,
+            attention_impl,
+            kw,
+        )
         self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]) if add_upsample else None
 
-    def __call__(self, hidden_states: jax.Array, res_hidden_states_tuple: tuple[jax.Array, ...],
-                 temb: jax.Array, encoder_hidden_states: jax.Array | None = None,
-                 upsample_size: tuple[int, int] | None = None) -> jax.Array:
+    def __call__(
+        self,
+        hidden_states: jax.Array,
+        res_hidden_states_tuple: tuple[jax.Array, ...],
+        temb: jax.Array,
+        encoder_hidden_states: jax.Array | None = None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> jax.Array:
         """hidden_states [B, h, w, C], res_hidden_states_tuple (one skip per resnet, consumed from the end),
         temb [B, temb_channels], encoder_hidden_states [B, S, D] or a CrossAttentionContext ->
         [B, 2h, 2w, Cout] (upsample_size when given; [B, h, w, Cout] without an upsampler)."""

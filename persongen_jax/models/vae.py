@@ -55,27 +55,55 @@ class UNetMidBlock2D(nnx.Module):
     x: [B, H, W, C] -> [B, H, W, C].
     """
 
-    def __init__(self, in_channels: int, *, num_layers: int = 1, resnet_eps: float = VAE_EPS,
-                 resnet_act_fn: str = "silu", resnet_groups: int = 32, add_attention: bool = True,
-                 attention_head_dim: int | None = None, attention_impl: str = "xla",
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        num_layers: int = 1,
+        resnet_eps: float = VAE_EPS,
+        resnet_act_fn: str = "silu",
+        resnet_groups: int = 32,
+        add_attention: bool = True,
+        attention_head_dim: int | None = None,
+        attention_impl: str = "xla",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         attention_head_dim = attention_head_dim or in_channels  # diffusers' fallback for None
         if attention_head_dim > _CUDNN_MAX_HEAD_DIM:
             attention_impl = "xla"
 
         def resnet():
-            return ResnetBlock2D(in_channels, in_channels, temb_channels=None, groups=resnet_groups,
-                                 eps=resnet_eps, non_linearity=resnet_act_fn, **kw)
+            return ResnetBlock2D(
+                in_channels,
+                in_channels,
+                temb_channels=None,
+                groups=resnet_groups,
+                eps=resnet_eps,
+                non_linearity=resnet_act_fn,
+                **kw,
+            )
 
         resnets = [resnet()]
         attentions = []
         for _ in range(num_layers):
             attentions.append(
-                Attention(in_channels, heads=in_channels // attention_head_dim, dim_head=attention_head_dim,
-                          bias=True, norm_num_groups=resnet_groups, eps=resnet_eps,
-                          residual_connection=True, attention_impl=attention_impl, **kw)
-                if add_attention else None)
+                Attention(
+                    in_channels,
+                    heads=in_channels // attention_head_dim,
+                    dim_head=attention_head_dim,
+                    bias=True,
+                    norm_num_groups=resnet_groups,
+                    eps=resnet_eps,
+                    residual_connection=True,
+                    attention_impl=attention_impl,
+                    **kw,
+                )
+                if add_attention
+                else None
+            )
             resnets.append(resnet())
         self.attentions = nnx.List(attentions)
         self.resnets = nnx.List(resnets)
@@ -99,17 +127,41 @@ class DownEncoderBlock2D(nnx.Module):
     downsample_padding=0, ceil(H/2) with 1, H without a downsampler.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int = 1,
-                 resnet_eps: float = VAE_EPS, resnet_act_fn: str = "silu", resnet_groups: int = 32,
-                 add_downsample: bool = True, downsample_padding: int = 1, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int = 1,
+        resnet_eps: float = VAE_EPS,
+        resnet_act_fn: str = "silu",
+        resnet_groups: int = 32,
+        add_downsample: bool = True,
+        downsample_padding: int = 1,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
-                          groups=resnet_groups, eps=resnet_eps, non_linearity=resnet_act_fn, **kw)
-            for i in range(num_layers)])
-        self.downsamplers = (nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)])
-                             if add_downsample else None)
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    temb_channels=None,
+                    groups=resnet_groups,
+                    eps=resnet_eps,
+                    non_linearity=resnet_act_fn,
+                    **kw,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.downsamplers = (
+            nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)])
+            if add_downsample
+            else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, H, W, Cin] -> [B, H', W', Cout]; H' as in the class docstring."""
@@ -127,14 +179,35 @@ class UpDecoderBlock2D(nnx.Module):
     x: [B, H, W, Cin] -> [B, 2H, 2W, Cout] (or [B, H, W, Cout]).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int = 1,
-                 resnet_eps: float = VAE_EPS, resnet_act_fn: str = "silu", resnet_groups: int = 32,
-                 add_upsample: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int = 1,
+        resnet_eps: float = VAE_EPS,
+        resnet_act_fn: str = "silu",
+        resnet_groups: int = 32,
+        add_upsample: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
-                          groups=resnet_groups, eps=resnet_eps, non_linearity=resnet_act_fn, **kw)
-            for i in range(num_layers)])
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    temb_channels=None,
+                    groups=resnet_groups,
+                    eps=resnet_eps,
+                    non_linearity=resnet_act_fn,
+                    **kw,
+                )
+                for i in range(num_layers)
+            ]
+        )
         self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]) if add_upsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -153,29 +226,52 @@ class Encoder(nnx.Module):
     x: [B, H, W, in_channels] -> [B, H/f, W/f, 2*out_channels if double_z else out_channels].
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 3, *,
-                 block_out_channels: Sequence[int] = (64,), layers_per_block: int = 2,
-                 norm_num_groups: int = 32, act_fn: str = "silu", double_z: bool = True,
-                 mid_block_add_attention: bool = True, attention_impl: str = "xla",
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        *,
+        block_out_channels: Sequence[int] = (64,),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        act_fn: str = "silu",
+        double_z: bool = True,
+        mid_block_add_attention: bool = True,
+        attention_impl: str = "xla",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv_in = Conv(in_channels, block_out_channels[0], 3, padding=1, **kw)
         blocks = []
         output_channel = block_out_channels[0]
         for i, ch in enumerate(block_out_channels):
             input_channel, output_channel = output_channel, ch
-            blocks.append(DownEncoderBlock2D(
-                input_channel, output_channel, num_layers=layers_per_block, resnet_act_fn=act_fn,
-                resnet_groups=norm_num_groups, add_downsample=i < len(block_out_channels) - 1,
-                downsample_padding=0, **kw))
+            blocks.append(
+                DownEncoderBlock2D(
+                    input_channel,
+                    output_channel,
+                    num_layers=layers_per_block,
+                    resnet_act_fn=act_fn,
+                    resnet_groups=norm_num_groups,
+                    add_downsample=i < len(block_out_channels) - 1,
+                    downsample_padding=0,
+                    **kw,
+                )
+            )
         self.down_blocks = nnx.List(blocks)
         self.mid_block = UNetMidBlock2D(
-            block_out_channels[-1], resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
-            add_attention=mid_block_add_attention, attention_head_dim=block_out_channels[-1],
-            attention_impl=attention_impl, **kw)
+            block_out_channels[-1],
+            resnet_act_fn=act_fn,
+            resnet_groups=norm_num_groups,
+            add_attention=mid_block_add_attention,
+            attention_head_dim=block_out_channels[-1],
+            attention_impl=attention_impl,
+            **kw,
+        )
         self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[-1], epsilon=VAE_EPS, **kw)
-        self.conv_out = Conv(block_out_channels[-1], 2 * out_channels if double_z else out_channels, 3,
-                             padding=1, **kw)
+        self.conv_out = Conv(block_out_channels[-1], 2 * out_channels if double_z else out_channels, 3, padding=1, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, H, W, in_channels] -> moments [B, H/f, W/f, 2 * out_channels] (double_z; else out_channels)."""
@@ -193,25 +289,48 @@ class Decoder(nnx.Module):
     z: [B, h, w, in_channels] -> [B, h*f, w*f, out_channels].
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 3, *,
-                 block_out_channels: Sequence[int] = (64,), layers_per_block: int = 2,
-                 norm_num_groups: int = 32, act_fn: str = "silu", mid_block_add_attention: bool = True,
-                 attention_impl: str = "xla", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        *,
+        block_out_channels: Sequence[int] = (64,),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        act_fn: str = "silu",
+        mid_block_add_attention: bool = True,
+        attention_impl: str = "xla",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv_in = Conv(in_channels, block_out_channels[-1], 3, padding=1, **kw)
         self.mid_block = UNetMidBlock2D(
-            block_out_channels[-1], resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
-            add_attention=mid_block_add_attention, attention_head_dim=block_out_channels[-1],
-            attention_impl=attention_impl, **kw)
+            block_out_channels[-1],
+            resnet_act_fn=act_fn,
+            resnet_groups=norm_num_groups,
+            add_attention=mid_block_add_attention,
+            attention_head_dim=block_out_channels[-1],
+            attention_impl=attention_impl,
+            **kw,
+        )
         reversed_channels = list(reversed(block_out_channels))
         blocks = []
         output_channel = reversed_channels[0]
         for i, ch in enumerate(reversed_channels):
             prev_output_channel, output_channel = output_channel, ch
-            blocks.append(UpDecoderBlock2D(
-                prev_output_channel, output_channel, num_layers=layers_per_block + 1,
-                resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
-                add_upsample=i < len(block_out_channels) - 1, **kw))
+            blocks.append(
+                UpDecoderBlock2D(
+                    prev_output_channel,
+                    output_channel,
+                    num_layers=layers_per_block + 1,
+                    resnet_act_fn=act_fn,
+                    resnet_groups=norm_num_groups,
+                    add_upsample=i < len(block_out_channels) - 1,
+                    **kw,
+                )
+            )
         self.up_blocks = nnx.List(blocks)
         self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], epsilon=VAE_EPS, **kw)
         self.conv_out = Conv(block_out_channels[0], out_channels, 3, padding=1, **kw)
@@ -269,14 +388,15 @@ class DiagonalGaussianDistribution:
         axes = tuple(range(1, self.mean.ndim))
         if other is None:
             return 0.5 * jnp.sum(jnp.square(self.mean) + self.var - 1.0 - self.logvar, axis=axes)
-        return 0.5 * jnp.sum(jnp.square(self.mean - other.mean) / other.var + self.var / other.var
-                             - 1.0 - self.logvar + other.logvar, axis=axes)
+        return 0.5 * jnp.sum(
+            jnp.square(self.mean - other.mean) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
+            axis=axes,
+        )
 
     def nll(self, sample: jax.Array) -> jax.Array:
         """Negative log-likelihood of `sample` [B, h, w, C], summed over [h, w, C] -> [B]."""
         axes = tuple(range(1, self.mean.ndim))
-        return 0.5 * jnp.sum(np.log(2.0 * np.pi) + self.logvar + jnp.square(sample - self.mean) / self.var,
-                             axis=axes)
+        return 0.5 * jnp.sum(np.log(2.0 * np.pi) + self.logvar + jnp.square(sample - self.mean) / self.var, axis=axes)
 
 
 # --------------------------------------------------------------------------- config
@@ -337,22 +457,22 @@ class AutoencoderKLConfig:
         n = len(self.block_out_channels)
         if n == 0:
             raise ValueError("AutoencoderKL config: block_out_channels must not be empty")
-        for key, types, want in (("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
-                                 ("up_block_types", self.up_block_types, "UpDecoderBlock2D")):
+        for key, types, want in (
+            ("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
+            ("up_block_types", self.up_block_types, "UpDecoderBlock2D"),
+        ):
             bad = sorted({t for t in types if t != want})
             if bad:
                 raise ValueError(f"AutoencoderKL config: {key} {bad} not supported (only {want!r} is ported)")
             if len(types) != n:
-                raise ValueError(f"AutoencoderKL config: {key} has {len(types)} entries but "
-                                 f"block_out_channels has {n}")
+                raise ValueError(f"AutoencoderKL config: {key} has {len(types)} entries but block_out_channels has {n}")
         for ch in self.block_out_channels:
             if ch % self.norm_num_groups:
-                raise ValueError(f"AutoencoderKL config: block_out_channels entry {ch} is not divisible by "
-                                 f"norm_num_groups={self.norm_num_groups}")
+                raise ValueError(
+                    f"AutoencoderKL config: block_out_channels entry {ch} is not divisible by "
+                    f"norm_num_groups={self.norm_num_groups}"
+                )
         activation(self.act_fn)  # raises ValueError naming the activation
-
-
-
 
 
 # --------------------------------------------------------------------------- model
@@ -362,23 +482,42 @@ class AutoencoderKLConfig:
 class AutoencoderKL(nnx.Module):
     """SDXL's KL autoencoder: images [B, H, W, 3] <-> latents [B, H/8, W/8, 4] (for the sdxl preset)."""
 
-    def __init__(self, config: AutoencoderKLConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: AutoencoderKLConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         c = config
         self.config = c
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        common = dict(block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
-                      norm_num_groups=c.norm_num_groups, act_fn=c.act_fn,
-                      mid_block_add_attention=c.mid_block_add_attention, attention_impl=attention_impl, **kw)
+        common = dict(
+            block_out_channels=c.block_out_channels,
+            layers_per_block=c.layers_per_block,
+            norm_num_groups=c.norm_num_groups,
+            act_fn=c.act_fn,
+            mid_block_add_attention=c.mid_block_add_attention,
+            attention_impl=attention_impl,
+            **kw,
+        )
         self.encoder = Encoder(c.in_channels, c.latent_channels, double_z=True, **common)
         self.decoder = Decoder(c.latent_channels, c.out_channels, **common)
-        self.quant_conv = (Conv(2 * c.latent_channels, 2 * c.latent_channels, 1, **kw)
-                           if c.use_quant_conv else None)
+        self.quant_conv = Conv(2 * c.latent_channels, 2 * c.latent_channels, 1, **kw) if c.use_quant_conv else None
         self.post_quant_conv = Conv(c.latent_channels, c.latent_channels, 1, **kw) if c.use_post_quant_conv else None
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | AutoencoderKLConfig, *, rngs: nnx.Rngs, dtype=None,
-                    param_dtype=jnp.float32, attention_impl: str = "xla") -> "AutoencoderKL":
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | AutoencoderKLConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ) -> "AutoencoderKL":
         """config: a diffusers config.json dict (parsed by `AutoencoderKLConfig.from_dict`) or an
         AutoencoderKLConfig."""
         if not isinstance(config, AutoencoderKLConfig):

@@ -79,8 +79,7 @@ def parse_vit_config(config: Mapping[str, Any] | ViTConfig) -> ViTConfig:
     if out.image_size % out.patch_size:
         raise ValueError(f"patch_size={out.patch_size} does not divide image_size={out.image_size}")
     if out.hidden_size % out.num_attention_heads:
-        raise ValueError(f"num_attention_heads={out.num_attention_heads} does not divide "
-                         f"hidden_size={out.hidden_size}")
+        raise ValueError(f"num_attention_heads={out.num_attention_heads} does not divide hidden_size={out.hidden_size}")
     return out
 
 
@@ -99,8 +98,15 @@ class ViTPatchEmbeddings(nnx.Module):
     """A patch x patch conv with stride patch (with bias) -> [B, (H/p)*(W/p), D]."""
 
     def __init__(self, config: ViTConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.projection = Conv(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size,
-                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.projection = Conv(
+            config.num_channels,
+            config.hidden_size,
+            config.patch_size,
+            stride=config.patch_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         x = self.projection(pixel_values)  # [B, h, w, D]
@@ -123,8 +129,10 @@ class ViTEmbeddings(nnx.Module):
         """pixel_values [B, H, W, C] -> [B, 1 + N, D]."""
         b, h, w, _ = pixel_values.shape
         if h != self.image_size or w != self.image_size:
-            raise ValueError(f"input image size ({h}*{w}) doesn't match the model ({self.image_size}*"
-                             f"{self.image_size}); position interpolation is not ported")
+            raise ValueError(
+                f"input image size ({h}*{w}) doesn't match the model ({self.image_size}*"
+                f"{self.image_size}); position interpolation is not ported"
+            )
         dtype = self.dtype or self.patch_embeddings.projection.kernel.dtype
         patches = self.patch_embeddings(pixel_values.astype(dtype))
         cls = jnp.broadcast_to(self.cls_token[...].astype(patches.dtype), (b, 1, patches.shape[-1]))
@@ -134,8 +142,15 @@ class ViTEmbeddings(nnx.Module):
 class ViTAttention(nnx.Module):
     """Multi-head self-attention (q/k/v with `qkv_bias`, o_proj with bias), scale head_dim**-0.5."""
 
-    def __init__(self, config: ViTConfig, *, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: AttentionImpl = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ViTConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: AttentionImpl = "xla",
+        rngs: nnx.Rngs,
+    ):
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = d // self.num_heads
@@ -150,9 +165,13 @@ class ViTAttention(nnx.Module):
         """x [B, T, D] -> [B, T, D]."""
         b, t, _ = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
-        out = dot_product_attention(self.q_proj(x).reshape(shape), self.k_proj(x).reshape(shape),
-                                    self.v_proj(x).reshape(shape), scale=self.head_dim ** -0.5,
-                                    implementation=self.attention_impl)
+        out = dot_product_attention(
+            self.q_proj(x).reshape(shape),
+            self.k_proj(x).reshape(shape),
+            self.v_proj(x).reshape(shape),
+            scale=self.head_dim**-0.5,
+            implementation=self.attention_impl,
+        )
         return self.o_proj(out.reshape(b, t, -1))
 
 
@@ -172,8 +191,15 @@ class ViTMLP(nnx.Module):
 class ViTLayer(nnx.Module):
     """Pre-LN block: x + attention(layernorm_before(x)), then + mlp(layernorm_after(.))."""
 
-    def __init__(self, config: ViTConfig, *, dtype=None, param_dtype=jnp.float32, attention_impl: AttentionImpl = "xla",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ViTConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: AttentionImpl = "xla",
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d, eps = config.hidden_size, config.layer_norm_eps
         self.attention = ViTAttention(config, attention_impl=attention_impl, **kw)
@@ -187,43 +213,84 @@ class ViTLayer(nnx.Module):
 
 
 # Hub / saved layout -> transformers v5 (our) names, per layer.
-_LEGACY = [(r"^encoder\.layer\.(\d+)\.attention\.attention\.query\.", r"layers.\1.attention.q_proj."),
-           (r"^encoder\.layer\.(\d+)\.attention\.attention\.key\.", r"layers.\1.attention.k_proj."),
-           (r"^encoder\.layer\.(\d+)\.attention\.attention\.value\.", r"layers.\1.attention.v_proj."),
-           (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention.o_proj."),
-           (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.mlp.fc1."),
-           (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.mlp.fc2."),
-           (r"^encoder\.layer\.(\d+)\.", r"layers.\1.")]
+_LEGACY = [
+    (r"^encoder\.layer\.(\d+)\.attention\.attention\.query\.", r"layers.\1.attention.q_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.attention\.key\.", r"layers.\1.attention.k_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.attention\.value\.", r"layers.\1.attention.v_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention.o_proj."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.mlp.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.mlp.fc2."),
+    (r"^encoder\.layer\.(\d+)\.", r"layers.\1."),
+]
 
 # facebook/dino-vits16 config.json (DINO ViT-S/16, the DINO metric's model in DreamBooth / PhotoMaker).
-DINO_VITS16 = dict(architectures=["ViTModel"], model_type="vit", hidden_size=384, num_hidden_layers=12,
-                   num_attention_heads=6, intermediate_size=1536, hidden_act="gelu", layer_norm_eps=1e-6,
-                   image_size=224, patch_size=16, num_channels=3, qkv_bias=True, hidden_dropout_prob=0.0,
-                   attention_probs_dropout_prob=0.0, initializer_range=0.02)
-_PRESETS = {"tiny": dict(model_type="vit", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=48, image_size=32, patch_size=8, layer_norm_eps=1e-6),
-            "dino_vits16": DINO_VITS16}
+DINO_VITS16 = dict(
+    architectures=["ViTModel"],
+    model_type="vit",
+    hidden_size=384,
+    num_hidden_layers=12,
+    num_attention_heads=6,
+    intermediate_size=1536,
+    hidden_act="gelu",
+    layer_norm_eps=1e-6,
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+    qkv_bias=True,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    initializer_range=0.02,
+)
+_PRESETS = {
+    "tiny": dict(
+        model_type="vit",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        image_size=32,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+    ),
+    "dino_vits16": DINO_VITS16,
+}
 
 
 @register_model
 class ViTModel(nnx.Module):
     """pixel_values [B, H, W, C] -> ViTOutput (last_hidden_state after the final `layernorm`)."""
 
-    def __init__(self, config: ViTConfig, *, dtype=None, param_dtype=jnp.float32, attention_impl: AttentionImpl = "xla",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ViTConfig,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: AttentionImpl = "xla",
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
         self.embeddings = ViTEmbeddings(config, **kw)
-        self.layers = nnx.List([ViTLayer(config, attention_impl=attention_impl, **kw)
-                                for _ in range(config.num_hidden_layers)])
+        self.layers = nnx.List(
+            [ViTLayer(config, attention_impl=attention_impl, **kw) for _ in range(config.num_hidden_layers)]
+        )
         self.layernorm = LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                    attention_impl: AttentionImpl = "xla") -> "ViTModel":
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: AttentionImpl = "xla",
+    ) -> "ViTModel":
         """config: a transformers ViT config.json dict."""
-        return cls(parse_vit_config(config), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                   rngs=rngs)
+        return cls(
+            parse_vit_config(config), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
+        )
 
     @classmethod
     def preset_config(cls, name: str) -> dict:

@@ -27,6 +27,8 @@ def id_unused_warning(start_merge_step: int | float, num_steps: int) -> str | No
     index = resolve_start_merge_step(start_merge_step, num_steps)
     if index < num_steps - 1:
         return None
-    return (f"start merge step {start_merge_step!r} (step index {index}) >= steps - 1 = {num_steps - 1}: the "
-            f"reference faces (ID embedding) are never used; give a smaller step or a fraction such as "
-            f"{DEFAULT_START_MERGE} (step {resolve_start_merge_step(DEFAULT_START_MERGE, num_steps)} of {num_steps})")
+    return (
+        f"start merge step {start_merge_step!r} (step index {index}) >= steps - 1 = {num_steps - 1}: the "
+        f"reference faces (ID embedding) are never used; give a smaller step or a fraction such as "
+        f"{DEFAULT_START_MERGE} (step {resolve_start_merge_step(DEFAULT_START_MERGE, num_steps)} of {num_steps})"
+    )

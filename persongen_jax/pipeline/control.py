@@ -59,42 +59,59 @@ def check_preprocessor(name: str) -> None:
 # PhotoMaker's gradio_demo/style_template.py: name -> (prompt template with {prompt}, negative prompt).
 STYLES: dict[str, tuple[str, str]] = {
     "(No style)": ("{prompt}", ""),
-    "Cinematic": ("cinematic still {prompt} . emotional, harmonious, vignette, highly detailed, high budget, bokeh, "
-                  "cinemascope, moody, epic, gorgeous, film grain, grainy",
-                  "anime, cartoon, graphic, text, painting, crayon, graphite, abstract, glitch, deformed, mutated, "
-                  "ugly, disfigured"),
-    "Disney Charactor": ("A Pixar animation character of {prompt} . pixar-style, studio anime, Disney, high-quality",
-                         "lowres, bad anatomy, bad hands, text, bad eyes, bad arms, bad legs, error, missing fingers, "
-                         "extra digit, fewer digits, cropped, worst quality, low quality, normal quality, jpeg "
-                         "artifacts, signature, watermark, blurry, grayscale, noisy, sloppy, messy, grainy, highly "
-                         "detailed, ultra textured, photo"),
-    "Digital Art": ("concept art {prompt} . digital artwork, illustrative, painterly, matte painting, highly detailed",
-                    "photo, photorealistic, realism, ugly"),
-    "Photographic (Default)": ("cinematic photo {prompt} . 35mm photograph, film, bokeh, professional, 4k, highly "
-                               "detailed",
-                               "drawing, painting, crayon, sketch, graphite, impressionist, noisy, blurry, soft, "
-                               "deformed, ugly"),
-    "Fantasy art": ("ethereal fantasy concept art of  {prompt} . magnificent, celestial, ethereal, painterly, epic, "
-                    "majestic, magical, fantasy art, cover art, dreamy",
-                    "photographic, realistic, realism, 35mm film, dslr, cropped, frame, text, deformed, glitch, noise, "
-                    "noisy, off-center, deformed, cross-eyed, closed eyes, bad anatomy, ugly, disfigured, sloppy, "
-                    "duplicate, mutated, black and white"),
-    "Neonpunk": ("neonpunk style {prompt} . cyberpunk, vaporwave, neon, vibes, vibrant, stunningly beautiful, crisp, "
-                 "detailed, sleek, ultramodern, magenta highlights, dark purple shadows, high contrast, cinematic, "
-                 "ultra detailed, intricate, professional",
-                 "painting, drawing, illustration, glitch, deformed, mutated, cross-eyed, ugly, disfigured"),
-    "Enhance": ("breathtaking {prompt} . award-winning, professional, highly detailed",
-                "ugly, deformed, noisy, blurry, distorted, grainy"),
-    "Comic book": ("comic {prompt} . graphic illustration, comic art, graphic novel art, vibrant, highly detailed",
-                   "photograph, deformed, glitch, noisy, realistic, stock photo"),
-    "Lowpoly": ("low-poly style {prompt} . low-poly game art, polygon mesh, jagged, blocky, wireframe edges, centered "
-                "composition",
-                "noisy, sloppy, messy, grainy, highly detailed, ultra textured, photo"),
-    "Line art": ("line art drawing {prompt} . professional, sleek, modern, minimalist, graphic, line art, vector "
-                 "graphics",
-                 "anime, photorealistic, 35mm film, deformed, glitch, blurry, noisy, off-center, deformed, cross-eyed, "
-                 "closed eyes, bad anatomy, ugly, disfigured, mutated, realism, realistic, impressionism, "
-                 "expressionism, oil, acrylic"),
+    "Cinematic": (
+        "cinematic still {prompt} . emotional, harmonious, vignette, highly detailed, high budget, bokeh, "
+        "cinemascope, moody, epic, gorgeous, film grain, grainy",
+        "anime, cartoon, graphic, text, painting, crayon, graphite, abstract, glitch, deformed, mutated, "
+        "ugly, disfigured",
+    ),
+    "Disney Charactor": (
+        "A Pixar animation character of {prompt} . pixar-style, studio anime, Disney, high-quality",
+        "lowres, bad anatomy, bad hands, text, bad eyes, bad arms, bad legs, error, missing fingers, "
+        "extra digit, fewer digits, cropped, worst quality, low quality, normal quality, jpeg "
+        "artifacts, signature, watermark, blurry, grayscale, noisy, sloppy, messy, grainy, highly "
+        "detailed, ultra textured, photo",
+    ),
+    "Digital Art": (
+        "concept art {prompt} . digital artwork, illustrative, painterly, matte painting, highly detailed",
+        "photo, photorealistic, realism, ugly",
+    ),
+    "Photographic (Default)": (
+        "cinematic photo {prompt} . 35mm photograph, film, bokeh, professional, 4k, highly detailed",
+        "drawing, painting, crayon, sketch, graphite, impressionist, noisy, blurry, soft, deformed, ugly",
+    ),
+    "Fantasy art": (
+        "ethereal fantasy concept art of  {prompt} . magnificent, celestial, ethereal, painterly, epic, "
+        "majestic, magical, fantasy art, cover art, dreamy",
+        "photographic, realistic, realism, 35mm film, dslr, cropped, frame, text, deformed, glitch, noise, "
+        "noisy, off-center, deformed, cross-eyed, closed eyes, bad anatomy, ugly, disfigured, sloppy, "
+        "duplicate, mutated, black and white",
+    ),
+    "Neonpunk": (
+        "neonpunk style {prompt} . cyberpunk, vaporwave, neon, vibes, vibrant, stunningly beautiful, crisp, "
+        "detailed, sleek, ultramodern, magenta highlights, dark purple shadows, high contrast, cinematic, "
+        "ultra detailed, intricate, professional",
+        "painting, drawing, illustration, glitch, deformed, mutated, cross-eyed, ugly, disfigured",
+    ),
+    "Enhance": (
+        "breathtaking {prompt} . award-winning, professional, highly detailed",
+        "ugly, deformed, noisy, blurry, distorted, grainy",
+    ),
+    "Comic book": (
+        "comic {prompt} . graphic illustration, comic art, graphic novel art, vibrant, highly detailed",
+        "photograph, deformed, glitch, noisy, realistic, stock photo",
+    ),
+    "Lowpoly": (
+        "low-poly style {prompt} . low-poly game art, polygon mesh, jagged, blocky, wireframe edges, centered "
+        "composition",
+        "noisy, sloppy, messy, grainy, highly detailed, ultra textured, photo",
+    ),
+    "Line art": (
+        "line art drawing {prompt} . professional, sleek, modern, minimalist, graphic, line art, vector graphics",
+        "anime, photorealistic, 35mm film, deformed, glitch, blurry, noisy, off-center, deformed, cross-eyed, "
+        "closed eyes, bad anatomy, ugly, disfigured, mutated, realism, realistic, impressionism, "
+        "expressionism, oil, acrylic",
+    ),
 }
 NO_STYLE = "(No style)"
 
@@ -156,38 +173,87 @@ def aspect_size(ratio: str, base: int = 1024, multiple: int = 8) -> tuple[int, i
 
 def add_control_arguments(p) -> None:
     """The options of spatial control, styles and sizes (generate; the web app takes --controlnet)."""
-    p.add_argument("--controlnet", type=str, action="append", default=[], metavar="DIR",
-                   help="a converted ControlNet folder (weights_conversion controlnet); repeatable, each with its "
-                        "--control-image (in the same order)")
-    p.add_argument("--control-image", type=str, action="append", default=[], metavar="PATH",
-                   help="the control image of each --controlnet (pose / depth / edges ...), resized to the output size")
-    p.add_argument("--control-scale", type=float, action="append", default=[], metavar="S",
-                   help="conditioning scale: once for all ControlNets or once per --controlnet (default 1.0)")
-    p.add_argument("--control-preprocess", choices=sorted(PREPROCESSORS), action="append", default=[],
-                   help="turn the control image into the ControlNet's input first (canny: OpenCV edges); once for "
-                        "all or once per --controlnet (default none)")
-    p.add_argument("--control-guidance-start", type=float, default=0.0,
-                   help="fraction of the steps at which the ControlNets start acting (default 0)")
-    p.add_argument("--control-guidance-end", type=float, default=1.0,
-                   help="fraction of the steps at which the ControlNets stop acting (default 1)")
-    p.add_argument("--t2i-adapter", default=None, metavar="DIR",
-                   help="a converted T2I-Adapter folder (weights_conversion t2i-adapter; SDXL full_adapter_xl), with "
-                        "--adapter-image")
-    p.add_argument("--adapter-image", default=None, metavar="PATH", help="the T2I-Adapter's input image (sketch, "
-                   "lineart, depth ...), resized to the output size (--control-preprocess canny applies to it too "
-                   "when it is given once and there is no --controlnet)")
+    p.add_argument(
+        "--controlnet",
+        type=str,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a converted ControlNet folder (weights_conversion controlnet); repeatable, each with its "
+        "--control-image (in the same order)",
+    )
+    p.add_argument(
+        "--control-image",
+        type=str,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="the control image of each --controlnet (pose / depth / edges ...), resized to the output size",
+    )
+    p.add_argument(
+        "--control-scale",
+        type=float,
+        action="append",
+        default=[],
+        metavar="S",
+        help="conditioning scale: once for all ControlNets or once per --controlnet (default 1.0)",
+    )
+    p.add_argument(
+        "--control-preprocess",
+        choices=sorted(PREPROCESSORS),
+        action="append",
+        default=[],
+        help="turn the control image into the ControlNet's input first (canny: OpenCV edges); once for "
+        "all or once per --controlnet (default none)",
+    )
+    p.add_argument(
+        "--control-guidance-start",
+        type=float,
+        default=0.0,
+        help="fraction of the steps at which the ControlNets start acting (default 0)",
+    )
+    p.add_argument(
+        "--control-guidance-end",
+        type=float,
+        default=1.0,
+        help="fraction of the steps at which the ControlNets stop acting (default 1)",
+    )
+    p.add_argument(
+        "--t2i-adapter",
+        default=None,
+        metavar="DIR",
+        help="a converted T2I-Adapter folder (weights_conversion t2i-adapter; SDXL full_adapter_xl), with "
+        "--adapter-image",
+    )
+    p.add_argument(
+        "--adapter-image",
+        default=None,
+        metavar="PATH",
+        help="the T2I-Adapter's input image (sketch, "
+        "lineart, depth ...), resized to the output size (--control-preprocess canny applies to it too "
+        "when it is given once and there is no --controlnet)",
+    )
     p.add_argument("--adapter-scale", type=float, default=1.0, help="adapter_conditioning_scale (default 1.0)")
-    p.add_argument("--adapter-factor", type=float, default=1.0,
-                   help="adapter_conditioning_factor: the fraction of the steps the adapter acts on (default 1.0)")
+    p.add_argument(
+        "--adapter-factor",
+        type=float,
+        default=1.0,
+        help="adapter_conditioning_factor: the fraction of the steps the adapter acts on (default 1.0)",
+    )
     p.add_argument("--style", default=None, help="a PhotoMaker style template: " + ", ".join(map(repr, STYLES)))
-    p.add_argument("--aspect", default=None, metavar="W:H",
-                   help="an SDXL aspect preset (scaled to the model's size): " + ", ".join(ASPECT_RATIOS))
+    p.add_argument(
+        "--aspect",
+        default=None,
+        metavar="W:H",
+        help="an SDXL aspect preset (scaled to the model's size): " + ", ".join(ASPECT_RATIOS),
+    )
 
 
 def _per_controlnet(values: list, n: int, flag: str, default):
     if len(values) not in (0, 1, n):
-        raise ValueError(f"{flag} given {len(values)} times for {n} --controlnet: give it once for all, or once per "
-                         "--controlnet")
+        raise ValueError(
+            f"{flag} given {len(values)} times for {n} --controlnet: give it once for all, or once per --controlnet"
+        )
     return list(values) * n if len(values) == 1 else (list(values) or [default] * n)
 
 
@@ -199,8 +265,9 @@ def control_arguments(args) -> dict:
 
     n = len(args.controlnet)
     if len(args.control_image) != n:
-        raise ValueError(f"{len(args.control_image)} --control-image for {n} --controlnet: give one image per "
-                         "ControlNet")
+        raise ValueError(
+            f"{len(args.control_image)} --control-image for {n} --controlnet: give one image per ControlNet"
+        )
     if args.style is not None:
         check_style(args.style)
     if args.aspect is not None:
@@ -210,8 +277,10 @@ def control_arguments(args) -> dict:
     scales = _per_controlnet(args.control_scale, n, "--control-scale", 1.0)
     preprocess = _per_controlnet(args.control_preprocess, n, "--control-preprocess", "none")
     if not 0.0 <= args.control_guidance_start < args.control_guidance_end <= 1.0:
-        raise ValueError(f"--control-guidance-start {args.control_guidance_start} / --control-guidance-end "
-                         f"{args.control_guidance_end}: expected 0 <= start < end <= 1")
+        raise ValueError(
+            f"--control-guidance-start {args.control_guidance_start} / --control-guidance-end "
+            f"{args.control_guidance_end}: expected 0 <= start < end <= 1"
+        )
     try:
         images = [PREPROCESSORS[pre](load_image(path)) for path, pre in zip(args.control_image, preprocess)]
     except ImageError as e:
@@ -227,8 +296,14 @@ def control_arguments(args) -> dict:
             adapter_image = PREPROCESSORS[pre](load_image(args.adapter_image))
         except ImageError as e:
             raise ImageError(f"--adapter-image {e}") from None
-    return {"images": images, "scales": scales, "preprocess": preprocess, "start": args.control_guidance_start,
-            "end": args.control_guidance_end, "adapter_image": adapter_image}
+    return {
+        "images": images,
+        "scales": scales,
+        "preprocess": preprocess,
+        "start": args.control_guidance_start,
+        "end": args.control_guidance_end,
+        "adapter_image": adapter_image,
+    }
 
 
 def style_settings(style: str | None, prompt: str, negative_prompt: str | None) -> dict:
@@ -237,5 +312,9 @@ def style_settings(style: str | None, prompt: str, negative_prompt: str | None) 
         return {}
     template, negative = STYLES[style]
     styled, merged = apply_style(style, prompt, negative_prompt)
-    return {"style": style, "style_template": {"prompt": template, "negative_prompt": negative},
-            "styled_prompt": styled, "styled_negative_prompt": merged}
+    return {
+        "style": style,
+        "style_template": {"prompt": template, "negative_prompt": negative},
+        "styled_prompt": styled,
+        "styled_negative_prompt": merged,
+    }

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from persongen_jax.io import read_json
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)  # transformers' ViTImageProcessor defaults
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
@@ -102,6 +103,7 @@ def load_image(path: str | os.PathLike, *, composite_on_white: bool = False) -> 
 def _size(value, name: str, source: str, *, int_is_square: bool) -> int | tuple[int, int]:
     """transformers' get_size_dict for the forms CLIP uses: an int (CLIP's `size`: the shortest edge;
     `crop_size`: a square), [height, width], {"shortest_edge"} or {"height", "width"}."""
+
     def pos_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -167,8 +169,10 @@ class CLIPImageProcessor:
                 kw[key] = config[key]
         if config.get("resample") is not None:
             if config["resample"] not in [int(r) for r in Image.Resampling]:
-                raise ValueError(f"{source}: resample {config['resample']!r} is not a PIL filter number "
-                                 f"({[int(r) for r in Image.Resampling]})")
+                raise ValueError(
+                    f"{source}: resample {config['resample']!r} is not a PIL filter number "
+                    f"({[int(r) for r in Image.Resampling]})"
+                )
             kw["resample"] = int(config["resample"])
         if config.get("rescale_factor") is not None:
             if isinstance(config["rescale_factor"], bool) or not isinstance(config["rescale_factor"], (int, float)):
@@ -224,8 +228,9 @@ class CLIPImageProcessor:
         else:
             arr = np.asarray(image)
             if arr.ndim != 3 or arr.shape[-1] != 3:
-                raise ImageError(f"the processor config has do_convert_rgb false: expected an RGB image, got "
-                                 f"shape {arr.shape}")
+                raise ImageError(
+                    f"the processor config has do_convert_rgb false: expected an RGB image, got shape {arr.shape}"
+                )
             arr = arr.astype(np.uint8, copy=False)
         if self.do_resize:
             h, w = self._resized_shape(*arr.shape[:2])
@@ -276,18 +281,24 @@ def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     h, w = arr.shape[:2]
     top, left = (h - crop_h) // 2, (w - crop_w) // 2
     if top >= 0 and left >= 0:
-        return arr[top:top + crop_h, left:left + crop_w]
+        return arr[top : top + crop_h, left : left + crop_w]
     new_h, new_w = max(crop_h, h), max(crop_w, w)
     canvas = np.zeros((new_h, new_w, arr.shape[2]), arr.dtype)
     pad_top, pad_left = math.ceil((new_h - h) / 2), math.ceil((new_w - w) / 2)
-    canvas[pad_top:pad_top + h, pad_left:pad_left + w] = arr
+    canvas[pad_top : pad_top + h, pad_left : pad_left + w] = arr
     top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
-    return canvas[top:top + crop_h, left:left + crop_w]
+    return canvas[top : top + crop_h, left : left + crop_w]
 
 
-def clip_preprocess(image: Image.Image | np.ndarray, size: int = 224, crop_size: int | None = None,
-                    mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> np.ndarray:
+def clip_preprocess(
+    image: Image.Image | np.ndarray,
+    size: int = 224,
+    crop_size: int | None = None,
+    mean=OPENAI_CLIP_MEAN,
+    std=OPENAI_CLIP_STD,
+) -> np.ndarray:
     """Image -> normalised float32 [crop, crop, 3] exactly as a default CLIPImageProcessor at `size`."""
     crop_size = crop_size or size
-    return CLIPImageProcessor(size=size, crop_size=(crop_size, crop_size), image_mean=tuple(mean),
-                              image_std=tuple(std))(image)
+    return CLIPImageProcessor(
+        size=size, crop_size=(crop_size, crop_size), image_mean=tuple(mean), image_std=tuple(std)
+    )(image)

@@ -46,8 +46,10 @@ def load_tokenizers(model_dir: str | os.PathLike, trigger_word: str = DEFAULT_TR
     model_dir = Path(model_dir)
     missing = [d for d in TOKENIZER_DIRS if not (model_dir / d).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{model_dir}: no tokenizer folder(s) {', '.join(missing)} "
-                                "(an SDXL model folder has tokenizer/ and tokenizer_2/)")
+        raise FileNotFoundError(
+            f"{model_dir}: no tokenizer folder(s) {', '.join(missing)} "
+            "(an SDXL model folder has tokenizer/ and tokenizer_2/)"
+        )
     tokenizers = []
     for d in TOKENIZER_DIRS:
         try:
@@ -76,8 +78,10 @@ def trigger_token_id(tokenizer, trigger_word: str = DEFAULT_TRIGGER_WORD) -> int
     """The id of the added trigger-word token; ValueError if the tokenizer does not have it as one token."""
     tid = tokenizer.convert_tokens_to_ids(trigger_word)
     if tid is None or tid == tokenizer.unk_token_id or trigger_word not in tokenizer.get_added_vocab():
-        raise ValueError(f"the tokenizer has no added token {trigger_word!r}: load it with "
-                         f"load_tokenizers(model_dir, trigger_word={trigger_word!r})")
+        raise ValueError(
+            f"the tokenizer has no added token {trigger_word!r}: load it with "
+            f"load_tokenizers(model_dir, trigger_word={trigger_word!r})"
+        )
     return tid
 
 
@@ -95,20 +99,27 @@ def _clean_ids(tokenizer, prompt: str, trigger_word: str) -> tuple[list[int], in
             clean_input_ids.append(token_id)
             clean_index += 1
     if not class_token_index:
-        raise ValueError(f"prompt {prompt!r}: the trigger word {trigger_word!r} is missing; write it right "
-                         f"after the class word, e.g. 'a photo of a man {trigger_word}' (it is case-sensitive)")
+        raise ValueError(
+            f"prompt {prompt!r}: the trigger word {trigger_word!r} is missing; write it right "
+            f"after the class word, e.g. 'a photo of a man {trigger_word}' (it is case-sensitive)"
+        )
     if len(class_token_index) > 1:
-        raise ValueError(f"prompt {prompt!r}: the trigger word {trigger_word!r} appears "
-                         f"{len(class_token_index)} times; it must appear exactly once")
+        raise ValueError(
+            f"prompt {prompt!r}: the trigger word {trigger_word!r} appears "
+            f"{len(class_token_index)} times; it must appear exactly once"
+        )
     index = class_token_index[0]
     if index < 1 or clean_input_ids[index] in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        raise ValueError(f"prompt {prompt!r}: the trigger word {trigger_word!r} must follow a class word "
-                         f"(e.g. 'a man {trigger_word}'), not start the prompt")
+        raise ValueError(
+            f"prompt {prompt!r}: the trigger word {trigger_word!r} must follow a class word "
+            f"(e.g. 'a man {trigger_word}'), not start the prompt"
+        )
     return clean_input_ids, index
 
 
-def tokenize_with_trigger(tokenizer, prompt: str, num_id_images: int,
-                          trigger_word: str = DEFAULT_TRIGGER_WORD) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_with_trigger(
+    tokenizer, prompt: str, num_id_images: int, trigger_word: str = DEFAULT_TRIGGER_WORD
+) -> tuple[np.ndarray, np.ndarray]:
     """PhotoMaker v1's trigger-word tokenization of one prompt.
 
     Returns input_ids [77] int32 (trigger removed, class token repeated num_id_images times, cut or padded
@@ -120,18 +131,20 @@ def tokenize_with_trigger(tokenizer, prompt: str, num_id_images: int,
         raise ValueError(f"num_id_images must be >= 1, got {num_id_images}")
     clean_input_ids, index = _clean_ids(tokenizer, prompt, trigger_word)
     class_token = clean_input_ids[index]
-    ids = clean_input_ids[:index] + [class_token] * num_id_images + clean_input_ids[index + 1:]
+    ids = clean_input_ids[:index] + [class_token] * num_id_images + clean_input_ids[index + 1 :]
     max_len = _max_length(tokenizer)
     if index + num_id_images > max_len:
-        raise ValueError(f"prompt {prompt!r}: the class word before {trigger_word!r} (token {index}, repeated "
-                         f"{num_id_images} times) would be cut off by the truncation to {max_len} tokens; "
-                         "move it earlier or shorten the prompt")
+        raise ValueError(
+            f"prompt {prompt!r}: the class word before {trigger_word!r} (token {index}, repeated "
+            f"{num_id_images} times) would be cut off by the truncation to {max_len} tokens; "
+            "move it earlier or shorten the prompt"
+        )
     if len(ids) > max_len:
         ids = ids[:max_len]  # PhotoMaker: plain cut, EOS is not re-appended
     else:
         ids = ids + [tokenizer.pad_token_id] * (max_len - len(ids))
     mask = np.zeros(max_len, dtype=bool)
-    mask[index:index + num_id_images] = True
+    mask[index : index + num_id_images] = True
     return np.asarray(ids, dtype=np.int32), mask
 
 
@@ -147,10 +160,12 @@ def strip_trigger_word(prompt: str, trigger_word: str = DEFAULT_TRIGGER_WORD) ->
     ValueError, as generation refuses it (`make_prompt_batch`): removing it would join or leave words."""
     for m in re.finditer(re.escape(trigger_word), prompt):
         start, end = m.span()
-        after = prompt[end:end + 1]
+        after = prompt[end : end + 1]
         if start == 0 or not prompt[start - 1].isspace() or after.isalnum() or after == "_":
-            raise ValueError(f"prompt {prompt!r}: the trigger word {trigger_word!r} must be a separate word "
-                             f"after the class word (e.g. 'a photo of a man {trigger_word} ...')")
+            raise ValueError(
+                f"prompt {prompt!r}: the trigger word {trigger_word!r} must be a separate word "
+                f"after the class word (e.g. 'a photo of a man {trigger_word} ...')"
+            )
     return re.sub(r"\s" + re.escape(trigger_word), "", prompt)
 
 
@@ -172,8 +187,12 @@ class PromptBatch:
     num_id_images: np.ndarray
 
 
-def make_prompt_batch(tokenizers, prompts: str | Sequence[str], num_id_images: int | Sequence[int],
-                      trigger_word: str = DEFAULT_TRIGGER_WORD) -> PromptBatch:
+def make_prompt_batch(
+    tokenizers,
+    prompts: str | Sequence[str],
+    num_id_images: int | Sequence[int],
+    trigger_word: str = DEFAULT_TRIGGER_WORD,
+) -> PromptBatch:
     """Tokenizes prompts with both tokenizers (see `tokenize_with_trigger`); num_id_images is one count for
     all prompts or one per prompt. Checks that both tokenizers mark the same class positions and that the
     text-only prompt tokenizes to the trigger-free ids (it would not if the trigger word were glued to
@@ -193,23 +212,33 @@ def make_prompt_batch(tokenizers, prompts: str | Sequence[str], num_id_images: i
             clean, _ = _clean_ids(tok, prompt, trigger_word)
             plain = text_only_prompt(prompt, trigger_word)
             if tok.encode(plain, verbose=False) != clean:
-                raise ValueError(f"prompt {prompt!r}: the trigger word {trigger_word!r} must be a separate word "
-                                 f"after the class word (without it the prompt reads {plain!r})")
+                raise ValueError(
+                    f"prompt {prompt!r}: the trigger word {trigger_word!r} must be a separate word "
+                    f"after the class word (without it the prompt reads {plain!r})"
+                )
             ids[k].append(row_ids)
             text_only[k].append(tokenize(tok, plain)[0])
             row_masks.append(mask)
         # PhotoMaker uses the second tokenizer's positions; with SDXL's two CLIP BPE tokenizers they agree.
         if not np.array_equal(row_masks[0], row_masks[1]):
-            raise ValueError(f"prompt {prompt!r}: the two tokenizers put the class word at different positions "
-                             f"({np.flatnonzero(row_masks[0]).tolist()} vs {np.flatnonzero(row_masks[1]).tolist()})")
+            raise ValueError(
+                f"prompt {prompt!r}: the two tokenizers put the class word at different positions "
+                f"({np.flatnonzero(row_masks[0]).tolist()} vs {np.flatnonzero(row_masks[1]).tolist()})"
+            )
         masks.append(row_masks[1])
-    return PromptBatch(ids_1=np.stack(ids[1]), ids_2=np.stack(ids[2]), class_tokens_mask=np.stack(masks),
-                       text_only_ids_1=np.stack(text_only[1]), text_only_ids_2=np.stack(text_only[2]),
-                       num_id_images=np.asarray(counts, dtype=np.int32))
+    return PromptBatch(
+        ids_1=np.stack(ids[1]),
+        ids_2=np.stack(ids[2]),
+        class_tokens_mask=np.stack(masks),
+        text_only_ids_1=np.stack(text_only[1]),
+        text_only_ids_2=np.stack(text_only[2]),
+        num_id_images=np.asarray(counts, dtype=np.int32),
+    )
 
 
-def encode_prompt(text_encoder, text_encoder_2, ids_1: jax.typing.ArrayLike,
-                  ids_2: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
+def encode_prompt(
+    text_encoder, text_encoder_2, ids_1: jax.typing.ArrayLike, ids_2: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array]:
     """SDXL text conditioning: concat(penultimate hidden states of both encoders) [B, 77, D1 + D2] and
     pooled = text_encoder_2's text_embeds [B, P]. Traceable (wrap in nnx.jit)."""
     out_1 = text_encoder(jnp.asarray(ids_1))
@@ -232,14 +261,21 @@ def zero_negative(negative_prompt, force_zeros_for_empty_prompt: bool = True) ->
     return negative_prompt is None and force_zeros_for_empty_prompt
 
 
-def encode_prompts(text_encoder, text_encoder_2, tokenizers, prompts: str | Sequence[str],
-                   negative_prompts: str | Sequence[str] | None = None, *,
-                   force_zeros_for_empty_prompt: bool = True):
+def encode_prompts(
+    text_encoder,
+    text_encoder_2,
+    tokenizers,
+    prompts: str | Sequence[str],
+    negative_prompts: str | Sequence[str] | None = None,
+    *,
+    force_zeros_for_empty_prompt: bool = True,
+):
     """diffusers' StableDiffusionXLPipeline.encode_prompt with classifier-free guidance, for plain prompts:
     (prompt_embeds [B, 77, D], pooled [B, P], negative_embeds [B, 77, D], negative_pooled [B, P])."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    embeds, pooled = encode_prompt(text_encoder, text_encoder_2, tokenize(tokenizers[0], prompts),
-                                   tokenize(tokenizers[1], prompts))
+    embeds, pooled = encode_prompt(
+        text_encoder, text_encoder_2, tokenize(tokenizers[0], prompts), tokenize(tokenizers[1], prompts)
+    )
     if zero_negative(negative_prompts, force_zeros_for_empty_prompt):
         return embeds, pooled, jnp.zeros_like(embeds), jnp.zeros_like(pooled)
     negative_prompts = negative_prompts or ""
@@ -247,6 +283,10 @@ def encode_prompts(text_encoder, text_encoder_2, tokenizers, prompts: str | Sequ
         negative_prompts = [negative_prompts] * len(prompts)
     if len(negative_prompts) != len(prompts):
         raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
-    neg, neg_pooled = encode_prompt(text_encoder, text_encoder_2, tokenize(tokenizers[0], negative_prompts),
-                                    tokenize(tokenizers[1], negative_prompts))
+    neg, neg_pooled = encode_prompt(
+        text_encoder,
+        text_encoder_2,
+        tokenize(tokenizers[0], negative_prompts),
+        tokenize(tokenizers[1], negative_prompts),
+    )
     return embeds, pooled, neg, neg_pooled

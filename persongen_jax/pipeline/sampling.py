@@ -49,8 +49,10 @@ def control_keep(controls: Sequence[ControlConditioning], num_steps: int) -> jax
     """[len(controls), num_steps] float32: 1 where the ControlNet acts at step i, else 0, computed on the host
     in float64 exactly as diffusers' pipelines do: keep = 1 - (i / n < start or (i + 1) / n > end)."""
     bounds = [(float(c.start), float(c.end)) for c in controls]
-    keep = np.array([[1.0 - float(i / num_steps < a or (i + 1) / num_steps > b) for i in range(num_steps)]
-                     for a, b in bounds], np.float32).reshape(len(controls), num_steps)
+    keep = np.array(
+        [[1.0 - float(i / num_steps < a or (i + 1) / num_steps > b) for i in range(num_steps)] for a, b in bounds],
+        np.float32,
+    ).reshape(len(controls), num_steps)
     return jnp.asarray(keep)
 
 
@@ -109,16 +111,24 @@ def _control_residuals(controlnets, controls, keep_i, x_in, t, context, text_emb
 
         shapes = jax.eval_shape(run, scale)
         # Outside [start, end] the residuals are exactly zero: skip the ControlNet's compute at that step.
-        res = jax.lax.cond(keep > 0, run, lambda _: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
-                           scale)
+        res = jax.lax.cond(keep > 0, run, lambda _: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes), scale)
         total = res if total is None else jax.tree.map(jnp.add, total, res)
     return total
 
 
-def denoise(unet, scheduler, sched_state, latents: jax.Array, cond: Conditioning, *,
-            guidance_scale: float | jax.Array, start_merge_step: int | jax.Array,
-            on_step: Callable[[int], None] | None = None, controlnets: Sequence = (),
-            controlnet_keep: jax.Array | None = None) -> jax.Array:
+def denoise(
+    unet,
+    scheduler,
+    sched_state,
+    latents: jax.Array,
+    cond: Conditioning,
+    *,
+    guidance_scale: float | jax.Array,
+    start_merge_step: int | jax.Array,
+    on_step: Callable[[int], None] | None = None,
+    controlnets: Sequence = (),
+    controlnet_keep: jax.Array | None = None,
+) -> jax.Array:
     """Runs the whole denoising loop; traceable (call it under jit). latents: [S, h, w, 4] initial noise
     already scaled by the scheduler's init_noise_sigma. Returns the final latents [S, h, w, 4].
     on_step(i): host callback after each step (a progress bar); costs one tiny host sync per step.
@@ -156,13 +166,15 @@ def denoise(unet, scheduler, sched_state, latents: jax.Array, cond: Conditioning
         if controlnets:
             # PhotoMaker's ControlNet pipeline: the ControlNets see the prompt without the ID tokens.
             cn_context = jnp.concatenate([neg, _tile(cond.text_only_embeds, s)])
-            down, mid = _control_residuals(controlnets, cond.controls, controlnet_keep[:, i], x_in, t, cn_context,
-                                           text_embeds, time_ids)
+            down, mid = _control_residuals(
+                controlnets, cond.controls, controlnet_keep[:, i], x_in, t, cn_context, text_embeds, time_ids
+            )
             kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         if cond.t2i_features:
             on = (i < cond.t2i_steps).astype(jnp.float32)  # x + 0 * f is x exactly: "no adapter" after the steps
             kwargs["down_intrablock_additional_residuals"] = [
-                jnp.broadcast_to(f, (2 * s,) + f.shape[1:]) * on.astype(f.dtype) for f in cond.t2i_features]
+                jnp.broadcast_to(f, (2 * s,) + f.shape[1:]) * on.astype(f.dtype) for f in cond.t2i_features
+            ]
         eps = unet(x_in, t, context, text_embeds=text_embeds, time_ids=time_ids, **kwargs)
         eps_u, eps_c = jnp.split(eps.astype(jnp.float32), 2)
         eps = eps_u + guidance_scale * (eps_c - eps_u)
@@ -181,8 +193,9 @@ def decode_latents(vae, latents: jax.Array) -> jax.Array:
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def make_sampler(unet, vae, scheduler, num_steps: int, on_step: Callable[[int], None] | None = None,
-                 controlnets: Sequence = ()):
+def make_sampler(
+    unet, vae, scheduler, num_steps: int, on_step: Callable[[int], None] | None = None, controlnets: Sequence = ()
+):
     """A jitted `(noise [S,h,w,4], cond, guidance_scale, start_merge_step) -> images [S,H,W,3] in [0,1]`.
 
     noise ~ N(0, 1), unscaled: it is multiplied by the scheduler's init_noise_sigma inside.
@@ -204,14 +217,32 @@ def make_sampler(unet, vae, scheduler, num_steps: int, on_step: Callable[[int], 
         vae_m = nnx.merge(vae_def, vae_state)
         cns = [nnx.merge(d, st) for d, st in zip(cn_defs, cn_states)]
         latents = noise * scheduler.init_noise_sigma(sched_state)
-        latents = denoise(unet_m, scheduler, sched_state, latents, cond, guidance_scale=guidance_scale,
-                          start_merge_step=start_merge_step, on_step=on_step, controlnets=cns, controlnet_keep=keep)
+        latents = denoise(
+            unet_m,
+            scheduler,
+            sched_state,
+            latents,
+            cond,
+            guidance_scale=guidance_scale,
+            start_merge_step=start_merge_step,
+            on_step=on_step,
+            controlnets=cns,
+            controlnet_keep=keep,
+        )
         return decode_latents(vae_m, latents)
 
     def args(noise, cond, guidance_scale, start_merge_step):
-        return (nnx.state(unet), nnx.state(vae), [nnx.state(cn) for cn in controlnets], sched_state, noise, cond,
-                jnp.float32(guidance_scale), jnp.int32(start_merge_step),
-                control_keep(cond.controls, num_steps) if controlnets else None)
+        return (
+            nnx.state(unet),
+            nnx.state(vae),
+            [nnx.state(cn) for cn in controlnets],
+            sched_state,
+            noise,
+            cond,
+            jnp.float32(guidance_scale),
+            jnp.int32(start_merge_step),
+            control_keep(cond.controls, num_steps) if controlnets else None,
+        )
 
     def sample(noise, cond, guidance_scale, start_merge_step):
         return run(*args(noise, cond, guidance_scale, start_merge_step))

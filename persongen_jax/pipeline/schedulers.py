@@ -37,21 +37,43 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 # Settings of diffusers' scheduler configs that the *other* scheduler classes use. diffusers ignores
 # them when building a scheduler that does not know them (SDXL pipelines build DDIM from an Euler
 # config), so they are ignored here too; any other unknown key is an error.
-_FOREIGN_KEYS = frozenset({
-    # EulerDiscreteScheduler
-    "interpolation_type", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "sigma_min",
-    "sigma_max", "timestep_type", "final_sigmas_type",
-    # DDIMScheduler
-    "clip_sample", "set_alpha_to_one", "thresholding", "dynamic_thresholding_ratio", "clip_sample_range",
-    "sample_max_value",
-    # PNDM / DPM-Solver / others commonly found in SD(XL) scheduler configs
-    "skip_prk_steps", "variance_type", "solver_order", "algorithm_type", "solver_type", "lower_order_final",
-    "euler_at_final", "lambda_min_clipped", "use_lu_lambdas", "use_flow_sigmas", "flow_shift",
-})
+_FOREIGN_KEYS = frozenset(
+    {
+        # EulerDiscreteScheduler
+        "interpolation_type",
+        "use_karras_sigmas",
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "sigma_min",
+        "sigma_max",
+        "timestep_type",
+        "final_sigmas_type",
+        # DDIMScheduler
+        "clip_sample",
+        "set_alpha_to_one",
+        "thresholding",
+        "dynamic_thresholding_ratio",
+        "clip_sample_range",
+        "sample_max_value",
+        # PNDM / DPM-Solver / others commonly found in SD(XL) scheduler configs
+        "skip_prk_steps",
+        "variance_type",
+        "solver_order",
+        "algorithm_type",
+        "solver_type",
+        "lower_order_final",
+        "euler_at_final",
+        "lambda_min_clipped",
+        "use_lu_lambdas",
+        "use_flow_sigmas",
+        "flow_shift",
+    }
+)
 
 
-def _beta_table(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-                trained_betas) -> np.ndarray:
+def _beta_table(
+    num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str, trained_betas
+) -> np.ndarray:
     """betas [T] float32 as diffusers builds them (torch float32 linspace, then squared)."""
     if trained_betas is not None:
         betas = np.asarray(trained_betas, dtype=np.float32)
@@ -61,7 +83,7 @@ def _beta_table(num_train_timesteps: int, beta_start: float, beta_end: float, be
     if beta_schedule == "linear":
         return _torch_linspace_f32(beta_start, beta_end, num_train_timesteps)
     if beta_schedule == "scaled_linear":
-        lin = _torch_linspace_f32(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps)
+        lin = _torch_linspace_f32(beta_start**0.5, beta_end**0.5, num_train_timesteps)
         return lin * lin
     raise ValueError(f"beta_schedule={beta_schedule!r} is not supported (use 'linear' or 'scaled_linear')")
 
@@ -160,12 +182,13 @@ class _Scheduler:
 
     def __post_init__(self):
         if self.prediction_type not in self._prediction_types:
-            raise ValueError(f"prediction_type={self.prediction_type!r} is not supported by "
-                             f"{type(self).__name__} (use one of {self._prediction_types})")
+            raise ValueError(
+                f"prediction_type={self.prediction_type!r} is not supported by "
+                f"{type(self).__name__} (use one of {self._prediction_types})"
+            )
         # Validates the spacing and the beta schedule now rather than at the first set_timesteps.
         _spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, 1, self.steps_offset, integer=True)
-        _beta_table(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
-                    self.trained_betas)
+        _beta_table(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule, self.trained_betas)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -182,8 +205,10 @@ class _Scheduler:
                 kwargs[key] = tuple(value) if key == "trained_betas" and value is not None else value
             elif key in cls._fixed:
                 if value != cls._fixed[key]:
-                    raise ValueError(f"scheduler setting {key}={value!r} is not supported by {cls.__name__} "
-                                     f"(only {cls._fixed[key]!r})")
+                    raise ValueError(
+                        f"scheduler setting {key}={value!r} is not supported by {cls.__name__} "
+                        f"(only {cls._fixed[key]!r})"
+                    )
             elif key not in _FOREIGN_KEYS:
                 raise ValueError(f"unknown scheduler setting {key!r} for {cls.__name__}")
         return cls(**kwargs)
@@ -198,8 +223,11 @@ class _Scheduler:
     @property
     def alphas_cumprod(self) -> np.ndarray:
         """[num_train_timesteps] float32, host numpy."""
-        return _alphas_cumprod(_beta_table(self.num_train_timesteps, self.beta_start, self.beta_end,
-                                           self.beta_schedule, self.trained_betas))
+        return _alphas_cumprod(
+            _beta_table(
+                self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule, self.trained_betas
+            )
+        )
 
     def add_noise(self, original_samples: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
         """Forward diffusion for training, diffusers' DDPMScheduler/DDIMScheduler.add_noise:
@@ -211,14 +239,14 @@ class _Scheduler:
         """
         dtype = original_samples.dtype
         ac = jnp.asarray(self.alphas_cumprod).astype(dtype)[timesteps]
-        sqrt_alpha = _expand(ac ** 0.5, original_samples.ndim)
+        sqrt_alpha = _expand(ac**0.5, original_samples.ndim)
         sqrt_one_minus = _expand((1 - ac) ** 0.5, original_samples.ndim)
         return sqrt_alpha * original_samples + sqrt_one_minus * noise
 
     def get_velocity(self, sample: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
         """v-prediction training target (diffusers' get_velocity): sqrt(a_t) * noise - sqrt(1 - a_t) * x0."""
         ac = jnp.asarray(self.alphas_cumprod).astype(sample.dtype)[timesteps]
-        return _expand(ac ** 0.5, sample.ndim) * noise - _expand((1 - ac) ** 0.5, sample.ndim) * sample
+        return _expand(ac**0.5, sample.ndim) * noise - _expand((1 - ac) ** 0.5, sample.ndim) * sample
 
     def init_noise_sigma(self, state) -> jax.Array:
         """Scale of the initial latent noise (float32 scalar)."""
@@ -236,14 +264,21 @@ class EulerDiscreteScheduler(_Scheduler):
 
     diffusers_class: ClassVar[str] = "EulerDiscreteScheduler"
     _fixed: ClassVar[dict[str, Any]] = {
-        "rescale_betas_zero_snr": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-        "use_beta_sigmas": False, "sigma_min": None, "sigma_max": None, "timestep_type": "discrete"}
+        "rescale_betas_zero_snr": False,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "sigma_min": None,
+        "sigma_max": None,
+        "timestep_type": "discrete",
+    }
 
     def __post_init__(self):
         super().__post_init__()
         if self.interpolation_type != "linear":
-            raise ValueError(f"scheduler setting interpolation_type={self.interpolation_type!r} is not supported "
-                             "(only 'linear')")
+            raise ValueError(
+                f"scheduler setting interpolation_type={self.interpolation_type!r} is not supported (only 'linear')"
+            )
         if self.final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type={self.final_sigmas_type!r} must be 'zero' or 'sigma_min'")
 
@@ -252,8 +287,9 @@ class EulerDiscreteScheduler(_Scheduler):
         n = int(num_inference_steps)
         if not 1 <= n <= self.num_train_timesteps:
             raise ValueError(f"num_inference_steps={n} must be in [1, {self.num_train_timesteps}]")
-        timesteps = _spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset,
-                                      integer=False)
+        timesteps = _spaced_timesteps(
+            self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset, integer=False
+        )
         ac = self.alphas_cumprod
         train_sigmas = np.sqrt((np.float32(1) - ac) / ac)  # float32, as diffusers (torch float32)
         sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)  # float64
@@ -264,8 +300,11 @@ class EulerDiscreteScheduler(_Scheduler):
             init = max_sigma
         else:
             init = np.sqrt(max_sigma * max_sigma + np.float32(1))
-        return EulerState(timesteps=jnp.asarray(timesteps, jnp.float32), sigmas=jnp.asarray(sigmas),
-                          init_noise_sigma=jnp.asarray(init, jnp.float32))
+        return EulerState(
+            timesteps=jnp.asarray(timesteps, jnp.float32),
+            sigmas=jnp.asarray(sigmas),
+            init_noise_sigma=jnp.asarray(init, jnp.float32),
+        )
 
     def scale_model_input(self, state: EulerState, sample: jax.Array, i) -> jax.Array:
         """sample / sqrt(sigma_i^2 + 1)."""
@@ -310,15 +349,20 @@ class DDIMScheduler(_Scheduler):
         n = int(num_inference_steps)
         if not 1 <= n <= self.num_train_timesteps:
             raise ValueError(f"num_inference_steps={n} must be in [1, {self.num_train_timesteps}]")
-        timesteps = _spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset,
-                                      integer=True)
+        timesteps = _spaced_timesteps(
+            self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset, integer=True
+        )
         ac = self.alphas_cumprod
         final = np.float32(1.0) if self.set_alpha_to_one else ac[0]
         # diffusers steps back by num_train // n whatever the spacing.
         prev = timesteps - self.num_train_timesteps // n
         alpha_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final).astype(np.float32)
-        return DDIMState(timesteps=jnp.asarray(timesteps, jnp.int32), alpha_prod_t=jnp.asarray(ac[timesteps]),
-                         alpha_prod_t_prev=jnp.asarray(alpha_prev), init_noise_sigma=jnp.asarray(1.0, jnp.float32))
+        return DDIMState(
+            timesteps=jnp.asarray(timesteps, jnp.int32),
+            alpha_prod_t=jnp.asarray(ac[timesteps]),
+            alpha_prod_t_prev=jnp.asarray(alpha_prev),
+            init_noise_sigma=jnp.asarray(1.0, jnp.float32),
+        )
 
     def scale_model_input(self, state: DDIMState, sample: jax.Array, i) -> jax.Array:
         """Returns `sample` unchanged: DDIM does not scale the model input (same signature as Euler's)."""
@@ -331,35 +375,49 @@ class DDIMScheduler(_Scheduler):
         alpha_prod_t_prev = state.alpha_prod_t_prev[i]
         beta_prod_t = 1 - alpha_prod_t
         if self.prediction_type == "epsilon":
-            pred_original = (sample - beta_prod_t ** 0.5 * model_output) / alpha_prod_t ** 0.5
+            pred_original = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
             pred_epsilon = model_output
         elif self.prediction_type == "sample":
             pred_original = model_output
-            pred_epsilon = (sample - alpha_prod_t ** 0.5 * pred_original) / beta_prod_t ** 0.5
+            pred_epsilon = (sample - alpha_prod_t**0.5 * pred_original) / beta_prod_t**0.5
         else:  # v_prediction
-            pred_original = alpha_prod_t ** 0.5 * sample - beta_prod_t ** 0.5 * model_output
-            pred_epsilon = alpha_prod_t ** 0.5 * model_output + beta_prod_t ** 0.5 * sample
+            pred_original = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
+            pred_epsilon = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
         if self.clip_sample:
             pred_original = jnp.clip(pred_original, -self.clip_sample_range, self.clip_sample_range)
         std_dev_t = 0.0  # eta = 0
-        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5 * pred_epsilon
-        return alpha_prod_t_prev ** 0.5 * pred_original + pred_sample_direction
+        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
+        return alpha_prod_t_prev**0.5 * pred_original + pred_sample_direction
 
 
 # By the short name the CLIs offer (`--scheduler`) and by the diffusers class name a scheduler config's
 # `_class_name` gives; a new scheduler is one more class here.
 SCHEDULER_NAMES = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
-SCHEDULERS: dict[str, type[EulerDiscreteScheduler] | type[DDIMScheduler]] = {**SCHEDULER_NAMES, **{cls.__name__: cls for cls in SCHEDULER_NAMES.values()}}
+SCHEDULERS: dict[str, type[EulerDiscreteScheduler] | type[DDIMScheduler]] = {
+    **SCHEDULER_NAMES,
+    **{cls.__name__: cls for cls in SCHEDULER_NAMES.values()},
+}
 Scheduler = EulerDiscreteScheduler | DDIMScheduler
 
 
 # stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json: what a folder converted without a scheduler
 # (and the tiny model size) samples and trains with.
-SDXL_SCHEDULER_CONFIG = dict(_class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012,
-                             beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
-                             timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear",
-                             use_karras_sigmas=False, clip_sample=False, sample_max_value=1.0,
-                             set_alpha_to_one=False, skip_prk_steps=True)
+SDXL_SCHEDULER_CONFIG = dict(
+    _class_name="EulerDiscreteScheduler",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    clip_sample=False,
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+)
 
 
 def read_scheduler_config(directory: str | os.PathLike | None, *, default: Mapping[str, Any] | None = None) -> dict:

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-KEY_HI, KEY_LO = 255, 120     # key channel value / the other key channel's maximum inside a face
-BG_MAX = 140                  # green and blue never exceed this outside faces
+KEY_HI, KEY_LO = 255, 120  # key channel value / the other key channel's maximum inside a face
+BG_MAX = 140  # green and blue never exceed this outside faces
 # The random ArcFace of the build tests (`tiny_eval.make_tiny_arcface(folder, **BUILD_ARCFACE)`, seed 0) and
 # the cosine threshold that separates the synthetic identities under it: measured on the test tree, faces of
 # one identity are >= 0.90 apart, of different identities <= 0.81.
@@ -74,7 +74,7 @@ def make_key_detector(folder: str | Path, *, input_size: int = 320, erode: int =
             xs = torch.arange(S, dtype=torch.float32).view(1, 1, S)
             scores, boxes, kpss = [], [], []
             for key, other, score in ((g, b, 0.98), (b, g, 0.99)):
-                m = ((key >= hi) & (other <= lo)).float().unsqueeze(1)              # [1, 1, S, S]
+                m = ((key >= hi) & (other <= lo)).float().unsqueeze(1)  # [1, 1, S, S]
                 m = -nn.functional.max_pool2d(-m, 2 * erode + 1, stride=1, padding=erode)[:, 0]  # erosion
                 n = m.sum()
                 big = 1e4
@@ -82,12 +82,12 @@ def make_key_detector(folder: str | Path, *, input_size: int = 320, erode: int =
                 y0 = (ys + big * (1 - m)).amin() - erode
                 x1 = (xs - big * (1 - m)).amax() + 1 + erode
                 y1 = (ys - big * (1 - m)).amax() + 1 + erode
-                present = torch.sigmoid(n - 20.0)          # ~1 for a face of >= ~25 eroded pixels
+                present = torch.sigmoid(n - 20.0)  # ~1 for a face of >= ~25 eroded pixels
                 scores.append(score * present)
                 # anchor centre (0, 0): distances are the box corners themselves, in stride units
                 boxes.append(torch.stack([-x0, -y0, x1, y1]) / 32.0)
                 wh = torch.stack([x1 - x0, y1 - y0])
-                kps = torch.stack([x0, y0]) + rel_kps * wh                       # [5, 2]
+                kps = torch.stack([x0, y0]) + rel_kps * wh  # [5, 2]
                 kpss.append(kps.reshape(-1) / 32.0)
             outs_s, outs_b, outs_k = [], [], []
             for s in strides:
@@ -105,8 +105,13 @@ def make_key_detector(folder: str | Path, *, input_size: int = 320, erode: int =
             return (*outs_s, *outs_b, *outs_k)
 
     names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in strides]
-    return export_onnx(KeySCRFD().eval(), Path(folder) / "det_key.onnx", torch.zeros(1, 3, S, S),
-                       output_names=names, dynamic_batch=False)
+    return export_onnx(
+        KeySCRFD().eval(),
+        Path(folder) / "det_key.onnx",
+        torch.zeros(1, 3, S, S),
+        output_names=names,
+        dynamic_batch=False,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -115,6 +120,7 @@ def make_key_detector(folder: str | Path, *, input_size: int = 320, erode: int =
 @dataclass
 class Face:
     """A face to draw: `identity` (any int: same int, same person), slot "A" or "B", box in pixels."""
+
     identity: int
     box: tuple[int, int, int, int]
     slot: str = "A"
@@ -123,20 +129,26 @@ class Face:
 @dataclass
 class RawImage:
     """One file of the synthetic source: size, faces, background ('grey', 'dark', 'mountains', ...)."""
+
     name: str
     width: int
     height: int
     faces: list[Face] = field(default_factory=list)
     background: str = "grey"
-    body: str | None = None      # "red suit" / "black suit" / None: a torso under the first face
-    corrupt: bool = False        # not an image at all
+    body: str | None = None  # "red suit" / "black suit" / None: a torso under the first face
+    corrupt: bool = False  # not an image at all
 
 
 def _identity(i: int) -> dict:
     rng = np.random.default_rng(1000 + i)
-    return dict(c1=tuple(int(v) for v in rng.integers(0, 256, 2)), c2=tuple(int(v) for v in rng.integers(0, 256, 2)),
-                angle=float(rng.uniform(0, np.pi)), period=float(rng.uniform(0.12, 0.4)),
-                eye_dx=float(rng.uniform(0.15, 0.32)), eye_y=float(rng.uniform(-0.25, 0.05)))
+    return dict(
+        c1=tuple(int(v) for v in rng.integers(0, 256, 2)),
+        c2=tuple(int(v) for v in rng.integers(0, 256, 2)),
+        angle=float(rng.uniform(0, np.pi)),
+        period=float(rng.uniform(0.12, 0.4)),
+        eye_dx=float(rng.uniform(0.15, 0.32)),
+        eye_y=float(rng.uniform(-0.25, 0.05)),
+    )
 
 
 def _draw(spec: RawImage, seed: int) -> Image.Image:
@@ -200,8 +212,17 @@ def make_raw_persons(dst: str | Path, persons: dict[str, list[RawImage]], seed: 
     return dst
 
 
-def portrait(name: str, identity: int, *, width: int = 640, height: int = 720, face: int = 300, seed: int = 0,
-             background: str = "grey", body: str | None = "red suit") -> RawImage:
+def portrait(
+    name: str,
+    identity: int,
+    *,
+    width: int = 640,
+    height: int = 720,
+    face: int = 300,
+    seed: int = 0,
+    background: str = "grey",
+    body: str | None = "red suit",
+) -> RawImage:
     """An image with one slot-A face of side `face` at a seeded position."""
     rng = np.random.default_rng(seed)
     x0 = int(rng.integers(0, width - face))
@@ -209,15 +230,25 @@ def portrait(name: str, identity: int, *, width: int = 640, height: int = 720, f
     return RawImage(name, width, height, [Face(identity, (x0, y0, x0 + face, y0 + face))], background, body)
 
 
-def synthetic_persons(num_persons: int, images_per_person: int, *, seed: int = 0, width: int = 640,
-                      height: int = 720, face: int = 300) -> dict[str, list[RawImage]]:
+def synthetic_persons(
+    num_persons: int, images_per_person: int, *, seed: int = 0, width: int = 640, height: int = 720, face: int = 300
+) -> dict[str, list[RawImage]]:
     """A clean source: every image passes every stage (benchmarks, memory runs)."""
     rng = np.random.default_rng(seed)
     out = {}
     for p in range(num_persons):
-        out[f"p{p:05d}"] = [portrait(f"{k}.jpg", p, width=width, height=height, face=face,
-                                     seed=int(rng.integers(1 << 30)), body=("red suit", "black suit", None)[k % 3])
-                            for k in range(images_per_person)]
+        out[f"p{p:05d}"] = [
+            portrait(
+                f"{k}.jpg",
+                p,
+                width=width,
+                height=height,
+                face=face,
+                seed=int(rng.integers(1 << 30)),
+                body=("red suit", "black suit", None)[k % 3],
+            )
+            for k in range(images_per_person)
+        ]
     return out
 
 
@@ -229,21 +260,31 @@ def mixed_persons() -> dict[str, list[RawImage]]:
     folder with two photos of an intruder; a person with a single image."""
     P = portrait
     return {
-        "p0": [P("0.jpg", 0, seed=1), P("1.jpg", 0, width=800, height=600, face=280, seed=2, background="mountains"),
-               P("2.jpg", 0, width=560, height=900, face=320, seed=3, body="black suit"),
-               P("3.png", 0, seed=4, background="mountains"),
-               P("small.jpg", 0, width=480, height=640, face=300, seed=5),
-               RawImage("corrupt.jpg", 0, 0, corrupt=True),
-               P("dark.jpg", 0, width=700, height=700, face=270, seed=6, background="dark", body=None),
-               RawImage("notes.txt", 0, 0, corrupt=True)],   # not an image extension: not read at all
+        "p0": [
+            P("0.jpg", 0, seed=1),
+            P("1.jpg", 0, width=800, height=600, face=280, seed=2, background="mountains"),
+            P("2.jpg", 0, width=560, height=900, face=320, seed=3, body="black suit"),
+            P("3.png", 0, seed=4, background="mountains"),
+            P("small.jpg", 0, width=480, height=640, face=300, seed=5),
+            RawImage("corrupt.jpg", 0, 0, corrupt=True),
+            P("dark.jpg", 0, width=700, height=700, face=270, seed=6, background="dark", body=None),
+            RawImage("notes.txt", 0, 0, corrupt=True),
+        ],  # not an image extension: not read at all
         "p1": [P(f"{k}.jpg", 1, seed=10 + k, body=("red suit", "black suit")[k % 2]) for k in range(4)]
-              + [P("tinyface.jpg", 1, width=640, height=640, face=180, seed=15), RawImage("noface.jpg", 640, 640)],
+        + [P("tinyface.jpg", 1, width=640, height=640, face=180, seed=15), RawImage("noface.jpg", 640, 640)],
         "p2": [P(f"{k}.jpg", 2, seed=20 + k) for k in range(3)]
-              # the person (slot A, smaller, less confident) next to a stranger (slot B, larger, more confident)
-              + [RawImage("group.jpg", 900, 700, [Face(2, (40, 80, 300, 340)), Face(9, (460, 120, 800, 460), "B")],
-                          body="red suit")],
+        # the person (slot A, smaller, less confident) next to a stranger (slot B, larger, more confident)
+        + [
+            RawImage(
+                "group.jpg",
+                900,
+                700,
+                [Face(2, (40, 80, 300, 340)), Face(9, (460, 120, 800, 460), "B")],
+                body="red suit",
+            )
+        ],
         "p3": [P(f"{k}.jpg", 3, seed=30 + k) for k in range(4)]
-              + [P("intruder_0.jpg", 8, seed=35), P("intruder_1.jpg", 8, seed=36, background="mountains")],
+        + [P("intruder_0.jpg", 8, seed=35), P("intruder_1.jpg", 8, seed=36, background="mountains")],
         "p4": [P("0.jpg", 4, seed=40)],
     }
 
@@ -251,15 +292,23 @@ def mixed_persons() -> dict[str, list[RawImage]]:
 # ----------------------------------------------------------------------------------------------- tiny VLM
 
 
-QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>")
+QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 # Qwen2.5-VL's chat format, reduced to what the pipeline sends (system/user turns, image + text parts).
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def make_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
@@ -275,21 +324,42 @@ def make_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = Qwen2Tokenizer(vocab={s: i for i, s in enumerate(_byte_symbols())}, merges=[],
-                         chat_template=QWEN_CHAT_TEMPLATE)
+    tok = Qwen2Tokenizer(
+        vocab={s: i for i, s in enumerate(_byte_symbols())}, merges=[], chat_template=QWEN_CHAT_TEMPLATE
+    )
     tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
     ids = dict(zip(QWEN_SPECIALS, tok.convert_tokens_to_ids(list(QWEN_SPECIALS))))
-    special = dict(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                   bos_token_id=ids["<|im_start|>"])
+    special = dict(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, **special),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], **special)
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+            **special,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=32,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **special,
+    )
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     randomize_(model, seed)
     model.save_pretrained(folder)
@@ -308,7 +378,7 @@ def default_caption(image: Image.Image) -> str:
     if a.mean() < 50:
         return "a dark photo of something"
     h = a.shape[0]
-    body = a[int(h * 0.85):]
+    body = a[int(h * 0.85) :]
     red = ((body[..., 0] > 150) & (body[..., 1] < 80)).mean() > 0.05
     top = a[: max(1, h // 20)].reshape(-1, 3).mean(0)
     caption = "a photo of a man wearing a " + ("red" if red else "black") + " suit"
@@ -336,8 +406,17 @@ class CaptionServer:
     `trickle` seconds (a server that never stops answering); `status` -- every chat request is answered
     with this HTTP error status (`posts` counts the chat requests received)."""
 
-    def __init__(self, caption=default_caption, split=default_split, *, delay: float = 0.0, model: str = "tiny-vlm",
-                 die_after: int | None = None, trickle: float = 0.0, status: int | None = None):
+    def __init__(
+        self,
+        caption=default_caption,
+        split=default_split,
+        *,
+        delay: float = 0.0,
+        model: str = "tiny-vlm",
+        die_after: int | None = None,
+        trickle: float = 0.0,
+        status: int | None = None,
+    ):
         self.caption, self.split, self.delay, self.model = caption, split, delay, model
         self.die_after, self.trickle, self.status, self.posts = die_after, trickle, status, 0
         self.requests: list[dict] = []
@@ -388,9 +467,17 @@ class CaptionServer:
                 if last:  # stop listening (a request accepted before that is dropped above)
                     threading.Thread(target=server._die, daemon=True).start()
                 time.sleep(server.delay)
-                self._reply(200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                                  "choices": [{"index": 0, "finish_reason": "stop",
-                                               "message": {"role": "assistant", "content": answer}}]})
+                self._reply(
+                    200,
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}
+                        ],
+                    },
+                )
 
             def _reply(self, code, obj):
                 data = json.dumps(obj).encode()
@@ -402,7 +489,7 @@ class CaptionServer:
                     if not server.trickle:
                         self.wfile.write(data)
                     for i in range(len(data) if server.trickle else 0):
-                        self.wfile.write(data[i:i + 1])
+                        self.wfile.write(data[i : i + 1])
                         self.wfile.flush()
                         time.sleep(server.trickle)
                 except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: expected here

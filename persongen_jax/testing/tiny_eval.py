@@ -67,8 +67,9 @@ def _torch_classes():
             self.n_stages = len(layers)
 
         def _make_layer(self, planes, blocks, stride):
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride=stride, bias=False),
-                                       nn.BatchNorm2d(planes, eps=1e-05))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes, eps=1e-05)
+            )
             layers = [IBasicBlock(self.inplanes, planes, stride, downsample)]
             self.inplanes = planes
             layers += [IBasicBlock(planes, planes) for _ in range(1, blocks)]
@@ -102,8 +103,16 @@ def torch_iresnet(layers, widths, num_features, input_size, seed: int = 0):
     return m.eval()
 
 
-def export_onnx(module, path: str | Path, example, *, output_names, dynamic_batch: bool = True,
-                dynamic_axes: dict | None = None, **kw) -> Path:
+def export_onnx(
+    module,
+    path: str | Path,
+    example,
+    *,
+    output_names,
+    dynamic_batch: bool = True,
+    dynamic_axes: dict | None = None,
+    **kw,
+) -> Path:
     """TorchScript ONNX export (dynamo=False: the dynamo exporter needs onnxscript, not a dependency)."""
     import warnings
 
@@ -115,8 +124,17 @@ def export_onnx(module, path: str | Path, example, *, output_names, dynamic_batc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.no_grad():
-            torch.onnx.export(module, example, str(path), input_names=["input.1"], output_names=list(output_names),
-                              dynamic_axes=dyn, dynamo=False, do_constant_folding=True, **kw)
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                input_names=["input.1"],
+                output_names=list(output_names),
+                dynamic_axes=dyn,
+                dynamo=False,
+                do_constant_folding=True,
+                **kw,
+            )
     return path
 
 
@@ -139,11 +157,19 @@ def make_tiny_arcface(folder: str | Path, seed: int = 0, **shape) -> Path:
 
 
 TINY_CLIP = dict(
-    text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=77, eos_token_id=2),
-    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=32, patch_size=8),
-    projection_dim=16)
+    text_config=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        eos_token_id=2,
+    ),
+    vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    ),
+    projection_dim=16,
+)
 
 
 def make_tiny_clip(folder: str | Path, seed: int = 3, *, source: str | Path | None = None, convert: bool = True):
@@ -158,10 +184,11 @@ def make_tiny_clip(folder: str | Path, seed: int = 3, *, source: str | Path | No
     source = Path(source) if source else folder.parent / f"{folder.name}.src"
     # bos inside the tiny vocabulary (CLIPTextConfig's default 49406 makes transformers warn "bos_token_id must
     # be `None` or an integer within the vocabulary"); the text model never reads it (eos_token_id=2: argmax pooling).
-    cfg = transformers.CLIPConfig(text_config={**TINY_CLIP["text_config"], "vocab_size": VOCAB_SIZE,
-                                               "bos_token_id": VOCAB_SIZE - 2},
-                                  vision_config=TINY_CLIP["vision_config"],
-                                  projection_dim=TINY_CLIP["projection_dim"])
+    cfg = transformers.CLIPConfig(
+        text_config={**TINY_CLIP["text_config"], "vocab_size": VOCAB_SIZE, "bos_token_id": VOCAB_SIZE - 2},
+        vision_config=TINY_CLIP["vision_config"],
+        projection_dim=TINY_CLIP["projection_dim"],
+    )
     model = transformers.CLIPModel(cfg).eval()
     randomize_(model, seed)  # default init has unit norm scales / zero biases: perturb everything
     model.save_pretrained(source)
@@ -221,8 +248,9 @@ def make_tiny_detector(folder: str | Path, *, input_size: int = 64, threshold: f
 
     names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in strides]
     example = torch.zeros(1, 3, input_size, input_size)
-    return export_onnx(TinySCRFD().eval(), Path(folder) / "det_tiny.onnx", example, output_names=names,
-                       dynamic_batch=False)
+    return export_onnx(
+        TinySCRFD().eval(), Path(folder) / "det_tiny.onnx", example, output_names=names, dynamic_batch=False
+    )
 
 
 def make_random_scrfd(folder: str | Path, seed: int = 0, *, score_threshold: float = 1.5) -> Path:
@@ -253,8 +281,8 @@ def make_random_scrfd(folder: str | Path, seed: int = 0, *, score_threshold: flo
             f = torch.relu(self.stem(x))
             scores, boxes, kpss = [], [], []
             for s, head in zip(strides, self.heads):
-                o = head(nn.functional.avg_pool2d(f, s))           # [1, 30, H/s, W/s]
-                o = o.permute(0, 2, 3, 1)                           # [1, H/s, W/s, 30]
+                o = head(nn.functional.avg_pool2d(f, s))  # [1, 30, H/s, W/s]
+                o = o.permute(0, 2, 3, 1)  # [1, H/s, W/s, 30]
                 sc, bx, kp = o[..., :2], o[..., 2:10], o[..., 10:]  # per anchor: 1 + 4 + 10
                 z = (sc - sc.mean()) / (sc.std() + 1e-6)  # standardised per level: any image has peaks
                 scores.append(torch.sigmoid(3.0 * (z - score_threshold)).reshape(-1, 1))
@@ -264,5 +292,10 @@ def make_random_scrfd(folder: str | Path, seed: int = 0, *, score_threshold: flo
 
     names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in strides]
     dyn = {"input.1": {2: "height", 3: "width"}, **{n: {0: "anchors"} for n in names}}
-    return export_onnx(RandomSCRFD().eval(), Path(folder) / "scrfd_random.onnx", torch.zeros(1, 3, 64, 64),
-                       output_names=names, dynamic_axes=dyn)
+    return export_onnx(
+        RandomSCRFD().eval(),
+        Path(folder) / "scrfd_random.onnx",
+        torch.zeros(1, 3, 64, 64),
+        output_names=names,
+        dynamic_axes=dyn,
+    )

@@ -62,8 +62,10 @@ def id_encoder_v2_state_dict(seed: int = 0, preset: str = "tiny") -> dict:
     cfg = PhotoMakerV2IDEncoder.preset_config(preset)
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for path, sds in sorted(modeling.flat_params(modeling.abstract_model(PhotoMakerV2IDEncoder, cfg)).items(),
-                            key=lambda kv: torch_key(kv[0])):
+    for path, sds in sorted(
+        modeling.flat_params(modeling.abstract_model(PhotoMakerV2IDEncoder, cfg)).items(),
+        key=lambda kv: torch_key(kv[0]),
+    ):
         shape = to_torch_layout(path, np.empty(sds.shape, bool)).shape
         if len(shape) >= 2:
             sd[torch_key(path)] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
@@ -86,8 +88,11 @@ def unet_lora_state_dict(rank: int = 4, seed: int = 0, prefix: str = "unet.") ->
     g = torch.Generator().manual_seed(seed + 1)
     sd = {}
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in ("to_q", "to_k", "to_v", "0") \
-                and (".attn1." in name or ".attn2." in name):
+        if (
+            isinstance(module, torch.nn.Linear)
+            and name.split(".")[-1] in ("to_q", "to_k", "to_v", "0")
+            and (".attn1." in name or ".attn2." in name)
+        ):
             if name.endswith(".0") and not name.endswith("to_out.0"):
                 continue
             sd[f"{prefix}{name}.lora_A.weight"] = _randn(g, rank, module.in_features)
@@ -102,6 +107,5 @@ def make_tiny_photomaker(dst: str | Path, seed: int = 0, lora: bool = True, vers
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     encoder = {"v1": id_encoder_state_dict, "v2": id_encoder_v2_state_dict}[version](seed)
-    torch.save({"id_encoder": encoder, "lora_weights": unet_lora_state_dict(seed=seed) if lora
-                else {}}, dst)
+    torch.save({"id_encoder": encoder, "lora_weights": unet_lora_state_dict(seed=seed) if lora else {}}, dst)
     return dst

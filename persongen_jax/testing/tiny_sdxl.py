@@ -54,18 +54,27 @@ def make_tiny_sdxl(dst: str | Path, seed: int = 0) -> Path:
     for i, (name, model) in enumerate(models.items()):
         _randomize(model, seed + i)
         model.save_pretrained(dst / name)
-    EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER.items()
-                              if k not in ("clip_sample", "sample_max_value", "set_alpha_to_one",
-                                           "skip_prk_steps")}).save_pretrained(dst / "scheduler")
+    EulerDiscreteScheduler(
+        **{
+            k: v
+            for k, v in SCHEDULER.items()
+            if k not in ("clip_sample", "sample_max_value", "set_alpha_to_one", "skip_prk_steps")
+        }
+    ).save_pretrained(dst / "scheduler")
     write_tiny_tokenizer(dst / "tokenizer")
     write_tiny_tokenizer(dst / "tokenizer_2", pad_token="!")
-    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
-             "force_zeros_for_empty_prompt": True,
-             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     return dst
 

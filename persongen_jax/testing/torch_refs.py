@@ -38,8 +38,11 @@ def randomize_batchnorm_stats_(module, generator) -> None:
 
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None \
-                    and m.running_var is not None:
+            if (
+                isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                and m.running_mean is not None
+                and m.running_var is not None
+            ):
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
 

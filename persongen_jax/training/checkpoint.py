@@ -35,8 +35,11 @@ def remove_partial_saves(directory: Path) -> list[Path]:
     called under the run folder's lock (`run_folder.RunLock`): no other trainer is writing there."""
     removed = []
     for tmp in sorted(Path(directory).glob(f"*{TMP_SUFFIX}*")) if Path(directory).is_dir() else ():
-        log.warning("removing %s: a checkpoint whose save did not finish (the run was killed or the disk was "
-                    "full while writing it); resuming from the last complete checkpoint", tmp)
+        log.warning(
+            "removing %s: a checkpoint whose save did not finish (the run was killed or the disk was "
+            "full while writing it); resuming from the last complete checkpoint",
+            tmp,
+        )
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp)
         else:
@@ -52,26 +55,30 @@ def make_manager(workdir, keep: int, *, asynchronous: bool = True) -> ocp.Checkp
     directory = Path(workdir).absolute() / "checkpoints"
     if jax.process_index() == 0:
         remove_partial_saves(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=asynchronous)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_state: dict, *, force: bool = False,
-         wait: bool = False) -> None:
+def save(
+    mngr: ocp.CheckpointManager, step: int, state: dict, data_state: dict, *, force: bool = False, wait: bool = False
+) -> None:
     """Saves the state pytree and the data iterator position (JSON) as checkpoint `step`. Returns once the
     arrays are copied to host memory (the caller may then donate / overwrite them); the write finishes in
     the background unless `wait` (or the manager is synchronous)."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-              force=force)
+    mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+        force=force,
+    )
     if wait:
         mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[dict, dict]:
     """abstract_state: the state pytree of ShapeDtypeStructs with shardings (restored onto the mesh)."""
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                     data=ocp.args.JsonRestore()))
+    out = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    )
     return out["state"], out["data"]
 
 
@@ -90,8 +97,11 @@ def shape_mismatches(step_dir: Path, abstract_state) -> list[str]:
     if stored is None:
         raise ValueError("no readable metadata")
     want, have = abstract_state["params"], stored.get("params") or {}
-    out = [f"{k}: stored {tuple(have[k].shape)}, the config builds {tuple(v.shape)}"
-           for k, v in want.items() if k in have and tuple(have[k].shape) != tuple(v.shape)]
+    out = [
+        f"{k}: stored {tuple(have[k].shape)}, the config builds {tuple(v.shape)}"
+        for k, v in want.items()
+        if k in have and tuple(have[k].shape) != tuple(v.shape)
+    ]
     out += [f"{k}: not in the checkpoint" for k in want if k not in have]
     out += [f"{k}: in the checkpoint, not trained by the config" for k in have if k not in want]
     if not out:
@@ -129,10 +139,13 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir) -> tupl
         except Exception as e:  # noqa: BLE001 -- damaged metadata: treated as a damaged checkpoint below
             diffs, meta_error = [], e
         if diffs:
-            raise ValueError(f"{step_dir}: the checkpoint does not match the model this config builds: "
-                             + "; ".join(diffs[:10]) + (f" (+{len(diffs) - 10} more)" if len(diffs) > 10 else "")
-                             + "; resume with the config it was trained with (WORKDIR/config.json), or start over "
-                             "with --config.resume=false")
+            raise ValueError(
+                f"{step_dir}: the checkpoint does not match the model this config builds: "
+                + "; ".join(diffs[:10])
+                + (f" (+{len(diffs) - 10} more)" if len(diffs) > 10 else "")
+                + "; resume with the config it was trained with (WORKDIR/config.json), or start over "
+                "with --config.resume=false"
+            )
         try:
             if meta_error is not None:
                 raise meta_error
@@ -146,10 +159,17 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir) -> tupl
                 aside = aside.with_name(f"{step}-{len(list(aside.parent.iterdir()))}")
             shutil.move(str(step_dir), str(aside))
             mngr.reload()
-            log.warning("checkpoint %s does not restore (%s); moved it to %s (kept for inspection) and trying the "
-                        "previous checkpoint", step_dir, reason, aside)
+            log.warning(
+                "checkpoint %s does not restore (%s); moved it to %s (kept for inspection) and trying the "
+                "previous checkpoint",
+                step_dir,
+                reason,
+                aside,
+            )
             errors.append(f"step {step}: {reason}")
     if errors:
-        raise ValueError(f"{directory}: no checkpoint restores ({'; '.join(errors)}); the damaged ones are in "
-                         f"{Path(workdir) / UNREADABLE_DIR}")
+        raise ValueError(
+            f"{directory}: no checkpoint restores ({'; '.join(errors)}); the damaged ones are in "
+            f"{Path(workdir) / UNREADABLE_DIR}"
+        )
     return None

@@ -27,17 +27,32 @@ from persongen_jax.pipeline import prompt as prompt_lib
 SYNTHETIC_CLASS_WORDS = CLASS_WORDS[:3]  # man, woman, person (a person's word is person % 3)
 # Synthetic texts of a text condition, by its captions field (a person's text is person % len); any other
 # condition gets SYNTHETIC_OTHER.
-SYNTHETIC_TEXTS = {"caption_bg": ("in the city", "in the mountains", "in a room"),
-                   "caption_body": ("wearing a red suit", "wearing a black hat")}
+SYNTHETIC_TEXTS = {
+    "caption_bg": ("in the city", "in the mountains", "in a room"),
+    "caption_body": ("wearing a red suit", "wearing a black hat"),
+}
 SYNTHETIC_OTHER = ("smiling", "looking at the camera")
 
 
 class SyntheticIterator:
     """Deterministic fake ID data: example i of shard s is a function of (seed, global index) only."""
 
-    def __init__(self, tokenizers, *, global_batch_size: int, resolution: int, num_refs: int, id_image_size: int,
-                 seed: int, shard_index: int = 0, shard_count: int = 1, trigger_word: str = "img",
-                 num_persons: int = 8, text_conditions=DEFAULT_TEXT_CONDITIONS, id_inputs: IdInputs = IdInputs()):
+    def __init__(
+        self,
+        tokenizers,
+        *,
+        global_batch_size: int,
+        resolution: int,
+        num_refs: int,
+        id_image_size: int,
+        seed: int,
+        shard_index: int = 0,
+        shard_count: int = 1,
+        trigger_word: str = "img",
+        num_persons: int = 8,
+        text_conditions=DEFAULT_TEXT_CONDITIONS,
+        id_inputs: IdInputs = IdInputs(),
+    ):
         if global_batch_size % shard_count:
             raise ValueError(f"global batch {global_batch_size} not divisible by {shard_count} processes")
         self.tokenizers, self.trigger_word = tokenizers, trigger_word
@@ -46,8 +61,10 @@ class SyntheticIterator:
         self.num_persons = num_persons
         self.text_conditions = tuple(text_conditions)
         if id_inputs.embed_dim and not id_inputs.arcface_size:
-            raise ValueError("synthetic data has no stored ArcFace embeddings: PhotoMaker V2 training on it needs "
-                             "an ArcFace (config.init.arcface, or a model size such as 'tiny')")
+            raise ValueError(
+                "synthetic data has no stored ArcFace embeddings: PhotoMaker V2 training on it needs "
+                "an ArcFace (config.init.arcface, or a model size such as 'tiny')"
+            )
         self.id_inputs = id_inputs
         self.step = 0
         self._cache: dict = {}
@@ -101,11 +118,19 @@ class SyntheticIterator:
                 self._cache[(i, text)] = prompt_lib.tokenize(self.tokenizers[i], [text])[0]
             return self._cache[(i, text)]
 
-        out = dict(pixel_values=pixel, face_mask=mask, id_pixel_values=refs.astype(np.float32),
-                   num_id_images=np.int32(n), ids_1=pb.ids_1[0], ids_2=pb.ids_2[0],
-                   class_tokens_mask=pb.class_tokens_mask[0], text_only_ids_1=pb.text_only_ids_1[0],
-                   text_only_ids_2=pb.text_only_ids_2[0],
-                   original_size=np.array([r, r], np.int32), crop_top_left=np.array([0, 0], np.int32))
+        out = dict(
+            pixel_values=pixel,
+            face_mask=mask,
+            id_pixel_values=refs.astype(np.float32),
+            num_id_images=np.int32(n),
+            ids_1=pb.ids_1[0],
+            ids_2=pb.ids_2[0],
+            class_tokens_mask=pb.class_tokens_mask[0],
+            text_only_ids_1=pb.text_only_ids_1[0],
+            text_only_ids_2=pb.text_only_ids_2[0],
+            original_size=np.array([r, r], np.int32),
+            crop_top_left=np.array([0, 0], np.int32),
+        )
         id_arrays = self.id_inputs.arrays(self.k)
         for j in range(n if self.id_inputs.embed_dim else 0):  # no stored embeddings: ArcFace crops of the refs
             self.id_inputs.fill(id_arrays, j, None, np.round((refs[j] + 1) * 127.5).astype(np.uint8), f"person{person}")
@@ -161,8 +186,10 @@ class BadRecordHook:
             left_out = len(fmt.load_index(data_dir).get("bad", []))
             if left_out and jax.process_index() == 0:
                 logging.getLogger("persongen_jax.train").info(
-                    "%s: %d input(s) left out when the dataset was written (index.json \"bad\"); not "
-                    "training data", data_dir, left_out)
+                    '%s: %d input(s) left out when the dataset was written (index.json "bad"); not training data',
+                    data_dir,
+                    left_out,
+                )
 
     def report(self, why: str) -> str | None:
         """Logs the records that failed in this process's data pipeline so far (each by name and reason)
@@ -188,17 +215,34 @@ class BadRecordHook:
                 self.report(f"epoch {ep(step, self.gb, self.num_records)} done (step {step})")
 
 
-def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count: int, id_image_size: int,
-                  id_inputs: IdInputs = IdInputs()):
+def make_iterator(
+    config,
+    tokenizers,
+    workdir,
+    *,
+    shard_index: int,
+    shard_count: int,
+    id_image_size: int,
+    id_inputs: IdInputs = IdInputs(),
+):
     """-> (iterator, BadRecordHook). id_inputs: the model's (`training.model.id_inputs`; PhotoMaker V2)."""
     d = config.data
     text_conditions = text_condition_fields(config)
 
     def synthetic():
-        return SyntheticIterator(tokenizers, global_batch_size=d.global_batch_size, resolution=d.resolution,
-                                 num_refs=d.num_refs, id_image_size=id_image_size, seed=config.seed,
-                                 shard_index=shard_index, shard_count=shard_count, trigger_word=d.trigger_word,
-                                 text_conditions=text_conditions, id_inputs=id_inputs)
+        return SyntheticIterator(
+            tokenizers,
+            global_batch_size=d.global_batch_size,
+            resolution=d.resolution,
+            num_refs=d.num_refs,
+            id_image_size=id_image_size,
+            seed=config.seed,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            trigger_word=d.trigger_word,
+            text_conditions=text_conditions,
+            id_inputs=id_inputs,
+        )
 
     if d.source == "synthetic":
         return synthetic(), BadRecordHook(None, d.global_batch_size)
@@ -208,8 +252,10 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
 
     data_dir = d.dir
     if data_dir and not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"config.data.dir={data_dir!r}: no such folder; build a dataset with `python -m "
-                                "persongen_jax.data.format SRC CAPTIONS.jsonl DST` (or leave it empty for the demo)")
+        raise FileNotFoundError(
+            f"config.data.dir={data_dir!r}: no such folder; build a dataset with `python -m "
+            "persongen_jax.data.format SRC CAPTIONS.jsonl DST` (or leave it empty for the demo)"
+        )
     if not data_dir:
         data_dir = dataset_dir(config, workdir)
         # One writer: process 0 builds the demo dataset, the others wait for it (same folder on every host).
@@ -223,10 +269,20 @@ def make_iterator(config, tokenizers, workdir, *, shard_index: int, shard_count:
 
             distributed.sync("persongen_demo_data")
     it = data_pipeline.make_train_iterator(
-        data_dir, tokenizers=tokenizers, global_batch_size=d.global_batch_size, resolution=d.resolution,
-        num_refs=(min(d.min_refs, d.num_refs), d.num_refs), id_image_size=id_image_size, seed=config.seed,
-        shard_index=shard_index, shard_count=shard_count, trigger_word=d.trigger_word,
-        text_conditions=text_conditions, worker_count=d.worker_count, id_inputs=id_inputs)
+        data_dir,
+        tokenizers=tokenizers,
+        global_batch_size=d.global_batch_size,
+        resolution=d.resolution,
+        num_refs=(min(d.min_refs, d.num_refs), d.num_refs),
+        id_image_size=id_image_size,
+        seed=config.seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        trigger_word=d.trigger_word,
+        text_conditions=text_conditions,
+        worker_count=d.worker_count,
+        id_inputs=id_inputs,
+    )
     return it, BadRecordHook(data_dir, d.global_batch_size)
 
 
@@ -243,6 +299,7 @@ def sample_identities(config, workdir, count: int, size: int = 64) -> dict[str, 
     from PIL import Image
 
     if config.data.source == "synthetic":
+
         def face(person, k):
             img = SyntheticIterator._person_image(person, np.random.default_rng([person, k]), size)
             return Image.fromarray(np.round((img + 1) * 127.5).astype(np.uint8))
@@ -264,5 +321,3 @@ def iterator_state(it) -> dict:
 def restore_iterator(it, saved: dict) -> None:
     """Puts the iterator back at a position saved by `iterator_state`."""
     it.set_state(saved["bytes"].encode() if "bytes" in saved else saved["state"])
-
-

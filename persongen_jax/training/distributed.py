@@ -18,7 +18,8 @@ import os
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger("persongen_jax.train")
 MODES = ("auto", "always", "never")
@@ -51,8 +52,13 @@ def initialize(cfg) -> bool:
     if cfg.process_id >= 0:
         kw["process_id"] = cfg.process_id
     jax.distributed.initialize(**kw)
-    log.info("process %d of %d joined (%d local / %d global devices)", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d joined (%d local / %d global devices)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -95,10 +101,12 @@ class StopAgreement:
 def to_host(tree):
     """Host numpy copies of a pytree of global arrays. Arrays that span devices of other processes (FSDP
     shards across hosts) are all-gathered -- a collective: every process calls this in the same order."""
+
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if x.is_fully_replicated:
                 return np.asarray(x.addressable_data(0))
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
+
     return jax.tree.map(one, tree)

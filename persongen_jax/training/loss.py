@@ -63,9 +63,19 @@ def arcface_embeds(model, batch: Mapping[str, jax.Array]) -> jax.Array:
     return jax.lax.stop_gradient(jnp.where(batch["has_id_embeds"][..., None], stored, computed))
 
 
-def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, scheduler, loss_cfg: Mapping[str, Any],
-                 conditions: Mapping[str, Condition], id_injection: str, adapters: Mapping[str, Any] | None,
-                 empty_ids: tuple[jax.Array, jax.Array], compute_dtype=None) -> tuple[jax.Array, dict]:
+def compute_loss(
+    model,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    *,
+    scheduler,
+    loss_cfg: Mapping[str, Any],
+    conditions: Mapping[str, Condition],
+    id_injection: str,
+    adapters: Mapping[str, Any] | None,
+    empty_ids: tuple[jax.Array, jax.Array],
+    compute_dtype=None,
+) -> tuple[jax.Array, dict]:
     """One batch -> (loss, aux metrics). model: `PersonGenModel` (unet, vae, text encoders, id_encoder).
 
     batch (global, sharded on 'data'): pixel_values [B,R,R,3] in [-1,1]; face_mask [B,R,R,1];
@@ -81,8 +91,9 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, sched
     k_lat, k_noise, k_t, k_mask, k_text, k_cond = jax.random.split(key, 6)
     adapter_names = list((adapters or {}).get("names", []))
     # Each condition draws from its own key, folded from its name: adding a condition leaves the others' draws.
-    drops = {n: _bernoulli(jax.random.fold_in(k_cond, zlib.crc32(n.encode())), c.drop, (b,))
-             for n, c in conditions.items()}
+    drops = {
+        n: _bernoulli(jax.random.fold_in(k_cond, zlib.crc32(n.encode())), c.drop, (b,)) for n, c in conditions.items()
+    }
 
     # Latents on the fly (frozen VAE): diffusers' SDXL training uses latent_dist.sample() * scaling_factor.
     vae = model.vae
@@ -98,10 +109,11 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, sched
     keys = [text_keys(c.name) for c in texts]
     rows_1 = [batch["ids_1"], batch["text_only_ids_1"]] + [batch[k1] for k1, _, _ in keys] + [empty_ids[0]]
     rows_2 = [batch["ids_2"], batch["text_only_ids_2"]] + [batch[k2] for _, k2, _ in keys] + [empty_ids[1]]
-    emb, pooled = encode_prompt(model.text_encoder, model.text_encoder_2, jnp.concatenate(rows_1),
-                                jnp.concatenate(rows_2))
+    emb, pooled = encode_prompt(
+        model.text_encoder, model.text_encoder_2, jnp.concatenate(rows_1), jnp.concatenate(rows_2)
+    )
     emb, pooled = jax.lax.stop_gradient(emb), jax.lax.stop_gradient(pooled)
-    chunk = lambda x, i: x[i * b:(i + 1) * b]
+    chunk = lambda x, i: x[i * b : (i + 1) * b]
     emb_ids, pooled_ids = chunk(emb, 0), chunk(pooled, 0)
     emb_txt, pooled_txt = chunk(emb, 1), chunk(pooled, 1)
     empty_emb, empty_pooled = emb[-1:], pooled[-1:]
@@ -144,10 +156,18 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *, sched
 
     r = batch["pixel_values"].shape[1]
     target_size = jnp.full((b, 2), r, jnp.float32)
-    time_ids = jnp.concatenate([batch["original_size"].astype(jnp.float32),
-                                batch["crop_top_left"].astype(jnp.float32), target_size], axis=1)
-    pred = model.unet(noisy.astype(compute_dtype or jnp.float32), t, text_emb, text_embeds=text_pooled,
-                      time_ids=time_ids, conditions=unet_conditions or None, condition_scales=scales or None)
+    time_ids = jnp.concatenate(
+        [batch["original_size"].astype(jnp.float32), batch["crop_top_left"].astype(jnp.float32), target_size], axis=1
+    )
+    pred = model.unet(
+        noisy.astype(compute_dtype or jnp.float32),
+        t,
+        text_emb,
+        text_embeds=text_pooled,
+        time_ids=time_ids,
+        conditions=unet_conditions or None,
+        condition_scales=scales or None,
+    )
     use_mask = _bernoulli(k_mask, loss_cfg["mask_loss_prob"], (b,))
     mask = downsample_mask(batch["face_mask"], r // latents.shape[1])
     loss = masked_mse(pred, noise, mask, use_mask)

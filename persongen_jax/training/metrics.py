@@ -13,6 +13,7 @@ import jax
 class MetricWriter:
     """Writes scalars per step to WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tb); a no-op on processes
     other than 0, so every process can call it."""
+
     def __init__(self, workdir, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl: Any = None  # the open metrics.jsonl (process 0)

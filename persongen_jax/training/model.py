@@ -66,8 +66,7 @@ class PersonGenModel(nnx.Module):
 def scheduler_config(config) -> dict:
     """The diffusers scheduler config of a training config's model: the converted SDXL folder's, else
     (random models, folders converted without one) SDXL base's."""
-    return read_scheduler_config(config.init.sdxl if config.model == "sdxl" else None,
-                                 default=SDXL_SCHEDULER_CONFIG)
+    return read_scheduler_config(config.init.sdxl if config.model == "sdxl" else None, default=SDXL_SCHEDULER_CONFIG)
 
 
 def _dtype(name: str):
@@ -89,16 +88,21 @@ def id_inputs(model) -> IdInputs:
     if getattr(enc, "version", "v1") != "v2":
         return IdInputs()
     arcface = getattr(model, "arcface", None)
-    return IdInputs(num_tokens=enc.num_tokens, embed_dim=enc.config.id_embeddings_dim,
-                    arcface_size=arcface.config.input_size if arcface is not None else 0)
+    return IdInputs(
+        num_tokens=enc.num_tokens,
+        embed_dim=enc.config.id_embeddings_dim,
+        arcface_size=arcface.config.input_size if arcface is not None else 0,
+    )
 
 
 def _load_arcface(config, dtype) -> iresnet.IResNet:
     """config.init.arcface's converted IResNet; ValueError naming the key when it is another model."""
     arcface = modeling.from_pretrained(config.init.arcface, dtype=dtype)
     if not isinstance(arcface, iresnet.IResNet):
-        raise ValueError(f"config.init.arcface={config.init.arcface!r}: expected a converted ArcFace IResNet folder "
-                         f"(`python -m weights_conversion arcface w600k_r50.onnx DST`), found {type(arcface).__name__}")
+        raise ValueError(
+            f"config.init.arcface={config.init.arcface!r}: expected a converted ArcFace IResNet folder "
+            f"(`python -m weights_conversion arcface w600k_r50.onnx DST`), found {type(arcface).__name__}"
+        )
     return arcface
 
 
@@ -116,19 +120,26 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
     kind = id_encoder_kind(config)
     v2 = kind == "photomaker_v2"
     if v2 and config.id_injection != "text":
-        raise ValueError(f"config.id_injection={config.id_injection!r}: the PhotoMaker V2 ID encoder injects the "
-                         "identity through the prompt only (id_injection='text')")
+        raise ValueError(
+            f"config.id_injection={config.id_injection!r}: the PhotoMaker V2 ID encoder injects the "
+            "identity through the prompt only (id_injection='text')"
+        )
     arcface = None
     photomaker_lora = None
     if config.model in presets.SIZES:  # random weights in a model size's shapes (demo, tests, scale.py)
         if any(config.init.get(k) for k in ("sdxl", "photomaker", "ip_adapter", "id_encoder")):
-            logging.info("config.model=%r: ignoring config.init (random weights; PhotoMaker V2 still reads "
-                         "config.init.arcface)", config.model)
+            logging.info(
+                "config.model=%r: ignoring config.init (random weights; PhotoMaker V2 still reads config.init.arcface)",
+                config.model,
+            )
         s = config.seed
         size = presets.get(config.model)
         # abstract: the modules' own initialisers, traced by the caller's nnx.eval_shape (no memory).
-        init = ((lambda cls, cfg, seed, **k: cls.from_config(dict(cfg), rngs=nnx.Rngs(seed), **k)) if abstract
-                else modeling.random_init)
+        init = (
+            (lambda cls, cfg, seed, **k: cls.from_config(dict(cfg), rngs=nnx.Rngs(seed), **k))
+            if abstract
+            else modeling.random_init
+        )
         unet = init(UNet2DConditionModel, size.unet, s, **kw)
         vae = init(AutoencoderKL, size.vae, s + 1, **kw)
         te1 = init(CLIPTextModel, size.text_encoder, s + 2, **kw)
@@ -142,8 +153,11 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
                 v2_cfg["id_embeddings_dim"] = arcface.config.num_features
             else:
                 arcface_cfg = iresnet.IResNet.preset_config("r50" if config.model == "sdxl_base" else "tiny")
-                arcface = (init(iresnet.IResNet, arcface_cfg, s + 5, dtype=dtype) if abstract
-                           else iresnet.random_iresnet(arcface_cfg, s + 5, dtype=dtype))
+                arcface = (
+                    init(iresnet.IResNet, arcface_cfg, s + 5, dtype=dtype)
+                    if abstract
+                    else iresnet.random_iresnet(arcface_cfg, s + 5, dtype=dtype)
+                )
             id_enc = init(PhotoMakerV2IDEncoder, v2_cfg, s + 4, **kw)
         else:
             id_enc = init(PhotoMakerIDEncoder, size.id_encoder, s + 4, **kw)
@@ -154,15 +168,19 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
         tokenizers = prompt_lib.load_tokenizers(tok_dir, config.data.trigger_word)
         ip_adapter = None
     elif abstract:
-        raise ValueError(f"config.model={config.model!r}: an abstract build needs a model size "
-                         f"({sorted(presets.SIZES)})")
+        raise ValueError(
+            f"config.model={config.model!r}: an abstract build needs a model size ({sorted(presets.SIZES)})"
+        )
     elif config.model == "sdxl":
         sdxl = Path(config.init.sdxl or "")
         if not config.init.sdxl or not sdxl.is_dir():
-            raise ValueError(f"config.init.sdxl={config.init.sdxl!r}: give a converted SDXL folder "
-                             "(`python -m weights_conversion sdxl ...`), or --config.model=tiny")
-        unet, vae, te1, te2 = (modeling.from_pretrained(sdxl / c, **kw)
-                               for c in ("unet", "vae", "text_encoder", "text_encoder_2"))
+            raise ValueError(
+                f"config.init.sdxl={config.init.sdxl!r}: give a converted SDXL folder "
+                "(`python -m weights_conversion sdxl ...`), or --config.model=tiny"
+            )
+        unet, vae, te1, te2 = (
+            modeling.from_pretrained(sdxl / c, **kw) for c in ("unet", "vae", "text_encoder", "text_encoder_2")
+        )
         tokenizers = prompt_lib.load_tokenizers(sdxl, config.data.trigger_word)
         pm = Path(config.init.photomaker) if config.init.photomaker else None
         if pm is not None:
@@ -173,21 +191,31 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
             id_enc = modeling.from_pretrained(config.init.id_encoder, **kw)
         else:
             logging.warning("no config.init.photomaker / id_encoder: the ID encoder starts random")
-            id_enc = modeling.random_init(ID_ENCODERS[kind], presets.get("sdxl_base").id_encoder if not v2 else
-                                          PhotoMakerV2IDEncoder.preset_config("photomaker_v2"), config.seed + 4, **kw)
+            id_enc = modeling.random_init(
+                ID_ENCODERS[kind],
+                presets.get("sdxl_base").id_encoder if not v2 else PhotoMakerV2IDEncoder.preset_config("photomaker_v2"),
+                config.seed + 4,
+                **kw,
+            )
         if not isinstance(id_enc, ID_ENCODERS[kind]):
-            raise ValueError(f"config.id_encoder={kind!r}, but config.init.photomaker / id_encoder holds a "
-                             f"{type(id_enc).__name__} (PhotoMaker {getattr(id_enc, 'version', 'v1')})")
+            raise ValueError(
+                f"config.id_encoder={kind!r}, but config.init.photomaker / id_encoder holds a "
+                f"{type(id_enc).__name__} (PhotoMaker {getattr(id_enc, 'version', 'v1')})"
+            )
         if v2 and config.init.get("arcface"):
             arcface = _load_arcface(config, dtype)
             if arcface.config.num_features != id_enc.config.id_embeddings_dim:
-                raise ValueError(f"config.init.arcface={config.init.arcface!r}: ArcFace embeddings of width "
-                                 f"{arcface.config.num_features}, but the PhotoMaker V2 encoder takes "
-                                 f"{id_enc.config.id_embeddings_dim}")
+                raise ValueError(
+                    f"config.init.arcface={config.init.arcface!r}: ArcFace embeddings of width "
+                    f"{arcface.config.num_features}, but the PhotoMaker V2 encoder takes "
+                    f"{id_enc.config.id_embeddings_dim}"
+                )
         ip_adapter = config.init.ip_adapter or None
     else:
-        raise ValueError(f"config.model={config.model!r}; expected 'sdxl' (weights from config.init) or a model size "
-                         f"with random weights, one of {sorted(presets.SIZES)}")
+        raise ValueError(
+            f"config.model={config.model!r}; expected 'sdxl' (weights from config.init) or a model size "
+            f"with random weights, one of {sorted(presets.SIZES)}"
+        )
 
     scheduler = EulerDiscreteScheduler.from_config(scheduler_config(config))
 
@@ -201,8 +229,7 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
         if photomaker_lora is not None:
             lora_lib.load_lora(unet, photomaker_lora)
         elif config.lora.rank > 0:
-            lora_lib.add_lora(unet, config.lora.rank, config.lora.alpha or None, tuple(config.lora.targets),
-                              rngs=rngs)
+            lora_lib.add_lora(unet, config.lora.rank, config.lora.alpha or None, tuple(config.lora.targets), rngs=rngs)
 
     if copy_lora:
         add_lora()
@@ -212,22 +239,31 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
         image_projection = None
         unknown = [n for n in names if n not in specs]
         if unknown:
-            raise ValueError(f"config.adapters.names {unknown}: no such condition in config.conditions "
-                             f"({sorted(specs)})")
+            raise ValueError(
+                f"config.adapters.names {unknown}: no such condition in config.conditions ({sorted(specs)})"
+            )
         if config.id_injection in ("cross_attn", "both"):
             identity = conditions_lib.image_condition(specs)
             if identity is None or identity.name not in names:
-                raise ValueError(f"config.id_injection={config.id_injection!r} needs the image condition "
-                                 f"({identity.name if identity else 'none declared'}) in config.adapters.names "
-                                 f"(got {list(names)})")
-            image_projection = {"condition": identity.name, "image_embed_dim": id_enc.config.embed_dim,
-                                "num_tokens": ad.num_tokens}
+                raise ValueError(
+                    f"config.id_injection={config.id_injection!r} needs the image condition "
+                    f"({identity.name if identity else 'none declared'}) in config.adapters.names "
+                    f"(got {list(names)})"
+                )
+            image_projection = {
+                "condition": identity.name,
+                "image_embed_dim": id_enc.config.embed_dim,
+                "num_tokens": ad.num_tokens,
+            }
         scales = dict(zip(names, ad.scales)) if ad.scales else 1.0
-        lora_lib.add_adapters(unet, names, mode=ad.mode, scales=scales, copy_lora=copy_lora,
-                              image_projection=image_projection, rngs=rngs)
+        lora_lib.add_adapters(
+            unet, names, mode=ad.mode, scales=scales, copy_lora=copy_lora, image_projection=image_projection, rngs=rngs
+        )
     elif config.id_injection != "text":
-        raise ValueError(f"config.id_injection={config.id_injection!r} needs adapters (config.adapters.names "
-                         "with the image condition)")
+        raise ValueError(
+            f"config.id_injection={config.id_injection!r} needs adapters (config.adapters.names "
+            "with the image condition)"
+        )
     if not copy_lora:
         add_lora()
     unet_lib.check_remat(config.remat)
@@ -235,8 +271,9 @@ def build_model(config, workdir: str | Path, *, abstract: bool = False):
     return PersonGenModel(unet, vae, te1, te2, id_enc, arcface), tokenizers, scheduler
 
 
-def inference_pipeline(model, tokenizers, config, *, merge_lora: bool = True, face_models=None,
-                       arcface=None) -> PersonGenPipeline:
+def inference_pipeline(
+    model, tokenizers, config, *, merge_lora: bool = True, face_models=None, arcface=None
+) -> PersonGenPipeline:
     """A training model of `config` (`build_model`, or restored) as a PersonGenPipeline with the config's
     scheduler, trigger word, resolution and conditions. merge_lora: fold LoRA into the base kernels (no
     LoRA cost per step); False keeps the modules as they are, so later `nnx.update`s are what it samples.
@@ -251,11 +288,20 @@ def inference_pipeline(model, tokenizers, config, *, merge_lora: bool = True, fa
     if getattr(model.id_encoder, "version", "v1") == "v2":
         width = model.id_encoder.config.id_embeddings_dim
         if face_models and arcface:
-            face_embedder = lambda: load_face_embedder(face_models, arcface, id_embeddings_dim=width,  # noqa: E731
-                                                       where="the run's PhotoMaker V2 encoder")
+            face_embedder = lambda: load_face_embedder(
+                face_models,
+                arcface,
+                id_embeddings_dim=width,  # noqa: E731
+                where="the run's PhotoMaker V2 encoder",
+            )
         elif getattr(model, "arcface", None) is not None:
             face_embedder = CropEmbedder(model.arcface)
-    return PersonGenPipeline.from_model(model, tokenizers, scheduler_config(config),
-                                        trigger_word=config.data.trigger_word,
-                                        sample_size=config.data.resolution // model.vae.downscale_factor,
-                                        conditions=conditions_lib.from_config(config), face_embedder=face_embedder)
+    return PersonGenPipeline.from_model(
+        model,
+        tokenizers,
+        scheduler_config(config),
+        trigger_word=config.data.trigger_word,
+        sample_size=config.data.resolution // model.vae.downscale_factor,
+        conditions=conditions_lib.from_config(config),
+        face_embedder=face_embedder,
+    )

@@ -37,8 +37,10 @@ def check_groups(paths, groups: Mapping[str, Mapping]) -> dict[str, int]:
             counts[g] += 1
     empty = [g for g, n in counts.items() if n == 0]
     if empty:
-        raise ValueError(f"trainable group(s) {empty} match no parameter (patterns: "
-                         f"{ {g: groups[g]['pattern'] for g in empty} }); fix config.trainable")
+        raise ValueError(
+            f"trainable group(s) {empty} match no parameter (patterns: "
+            f"{ {g: groups[g]['pattern'] for g in empty} }); fix config.trainable"
+        )
     return counts
 
 
@@ -54,11 +56,15 @@ def make_schedule(lr: float, warmup_steps: int):
     return lambda count: lr * warmup_factor(count, warmup_steps)
 
 
-def make_optimizer(params: Mapping[str, jax.Array], groups: Mapping[str, Mapping], optim) -> optax.GradientTransformation:
+def make_optimizer(
+    params: Mapping[str, jax.Array], groups: Mapping[str, Mapping], optim
+) -> optax.GradientTransformation:
     """params: flat {dotted path: array} of the trainable parameters (all of them are in a group)."""
     labels = {p: group_of(p, groups) for p in params}
-    txs = {g: optax.adam(make_schedule(float(spec["lr"]), optim.warmup_steps), b1=optim.b1, b2=optim.b2,
-                         eps=optim.eps) for g, spec in groups.items()}
+    txs = {
+        g: optax.adam(make_schedule(float(spec["lr"]), optim.warmup_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps)
+        for g, spec in groups.items()
+    }
     tx = optax.multi_transform(txs, labels)
     if optim.grad_clip_norm and optim.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from persongen_jax.io import read_json
-from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 log = logging.getLogger("persongen_jax.train")
 
@@ -57,8 +57,7 @@ RUN_OUTPUTS = ("checkpoints", CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SUPERSEDE
 # Config keys whose change makes a checkpoint mean something else: parameter shapes, the set of trained
 # parameters, the optimizer state's structure, or the frozen weights (which checkpoints do not hold).
 # A key matches an entry equal to it or below it ("lora" covers lora.rank, lora.alpha, lora.targets).
-STRUCTURAL_KEYS = ("model", "seed", "init", "lora", "adapters", "id_injection", "id_encoder",
-                   "optim.grad_accum_steps")
+STRUCTURAL_KEYS = ("model", "seed", "init", "lora", "adapters", "id_injection", "id_encoder", "optim.grad_accum_steps")
 # Element types of tuple keys whose default is empty (the others are inferred from their default).
 ELEMENT_TYPES = {"adapters.names": str, "adapters.scales": float}
 
@@ -90,9 +89,10 @@ class RunLock:
                 who = f"pid {h['pid']} on {h['host']}, started {h['started']}"
             except (ValueError, KeyError, TypeError):
                 who = "a process that is just starting"
-            raise RunFolderError(f"{self.path.parent}: another training run is using this folder ({who}); stop "
-                                 "it or choose another --workdir (the lock is released when that process ends)"
-                                 ) from None
+            raise RunFolderError(
+                f"{self.path.parent}: another training run is using this folder ({who}); stop "
+                "it or choose another --workdir (the lock is released when that process ends)"
+            ) from None
         os.ftruncate(fd, 0)
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode())
@@ -153,20 +153,27 @@ def check_config_types(config, reference=None) -> None:
         value = new[key]
         if isinstance(like, (tuple, list)):
             if not isinstance(value, (tuple, list)):
-                raise RunFolderError(f"config.{key}={value!r}: expected a tuple (like the default {tuple(like)!r}), "
-                                     f"got {type(value).__name__}")
+                raise RunFolderError(
+                    f"config.{key}={value!r}: expected a tuple (like the default {tuple(like)!r}), "
+                    f"got {type(value).__name__}"
+                )
             elem = ELEMENT_TYPES.get(key)
             kinds = {type(v) for v in like}
             sample = elem() if elem else (like[0] if len(kinds) == 1 else None)
             for v in value:
-                if sample is not None and not (_fits(v, sample) and (not isinstance(sample, tuple)
-                                                                     or isinstance(v, (tuple, list)))):
-                    raise RunFolderError(f"config.{key}={tuple(value)!r}: expected a tuple of "
-                                         f"{type(sample).__name__} (like the default {tuple(like)!r}), got "
-                                         f"{type(v).__name__} {v!r}")
+                if sample is not None and not (
+                    _fits(v, sample) and (not isinstance(sample, tuple) or isinstance(v, (tuple, list)))
+                ):
+                    raise RunFolderError(
+                        f"config.{key}={tuple(value)!r}: expected a tuple of "
+                        f"{type(sample).__name__} (like the default {tuple(like)!r}), got "
+                        f"{type(v).__name__} {v!r}"
+                    )
         elif not _fits(value, like):
-            raise RunFolderError(f"config.{key}={value!r}: expected {type(like).__name__} (like the default "
-                                 f"{like!r}), got {type(value).__name__}")
+            raise RunFolderError(
+                f"config.{key}={value!r}: expected {type(like).__name__} (like the default "
+                f"{like!r}), got {type(value).__name__}"
+            )
     for name, spec in (config.get("trainable") or {}).items():
         if not isinstance(spec.get("pattern"), str) or not _fits(spec.get("lr"), 1.0):
             raise RunFolderError(f"config.trainable.{name}: expected {{pattern: str, lr: float}}, got {dict(spec)!r}")
@@ -230,16 +237,20 @@ def check_resume(config, workdir, *, is_main: bool = True) -> dict[str, tuple]:
         return {}
     saved = read_saved_config(workdir)
     if saved is None:
-        log.warning("%s: checkpoints without config.json: cannot compare configs; the checkpoint shapes are "
-                    "still checked", workdir)
+        log.warning(
+            "%s: checkpoints without config.json: cannot compare configs; the checkpoint shapes are still checked",
+            workdir,
+        )
         return {}
     changes = {k: v for k, v in config_changes(saved, _plain(config)).items() if k != "resume"}
     refused = {k: v for k, v in changes.items() if _structural(k, *v)}
     if refused:
         listed = "; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in refused.items())
-        raise RunFolderError(f"{workdir}: cannot resume this run with a different model or trained parameters "
-                             f"({listed}); use a new --workdir, or --config.resume=false to start over here "
-                             f"(the previous run moves to {workdir / PREVIOUS_DIR}/<time>/). Nothing was written.")
+        raise RunFolderError(
+            f"{workdir}: cannot resume this run with a different model or trained parameters "
+            f"({listed}); use a new --workdir, or --config.resume=false to start over here "
+            f"(the previous run moves to {workdir / PREVIOUS_DIR}/<time>/). Nothing was written."
+        )
     return changes
 
 
@@ -261,17 +272,26 @@ def record_config(config, workdir, step: int, changes: dict[str, tuple]) -> None
     what changed since the previous one."""
     workdir = Path(workdir)
     plain = _plain(config)
-    line = {"step": int(step), "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": socket.gethostname(), "changes": {k: list(v) for k, v in changes.items()}, "config": plain}
+    line = {
+        "step": int(step),
+        "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "changes": {k: list(v) for k, v in changes.items()},
+        "config": plain,
+    }
     with open(workdir / HISTORY_FILE, "a") as f:
         f.write(json.dumps(line) + "\n")
     tmp = workdir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
-                   else json.dumps(plain, indent=2))
+    tmp.write_text(
+        config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(plain, indent=2)
+    )
     os.replace(tmp, workdir / CONFIG_FILE)
     if changes:
-        log.info("resumed at step %d with config changes: %s", step,
-                 "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        log.info(
+            "resumed at step %d with config changes: %s",
+            step,
+            "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+        )
 
 
 def supersede_metrics(workdir, step: int) -> int:
@@ -279,8 +299,10 @@ def supersede_metrics(workdir, step: int) -> int:
     `step`) move from metrics.jsonl to metrics.superseded.jsonl (and from eval/history.jsonl to
     eval/history.superseded.jsonl), so each step appears once. Returns how many lines moved."""
     workdir = Path(workdir)
-    return sum(_supersede(path, path.with_name(path.stem + ".superseded.jsonl"), step)
-               for path in (workdir / METRICS_FILE, workdir / "eval" / "history.jsonl"))
+    return sum(
+        _supersede(path, path.with_name(path.stem + ".superseded.jsonl"), step)
+        for path in (workdir / METRICS_FILE, workdir / "eval" / "history.jsonl")
+    )
 
 
 def _supersede(path: Path, aside: Path, step: int) -> int:
@@ -300,8 +322,13 @@ def _supersede(path: Path, aside: Path, step: int) -> int:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, path)
-        log.warning("%s: %d line(s) of steps after %d (logged after the last checkpoint of a stopped run) moved "
-                    "to %s", path, len(moved), step, aside.name)
+        log.warning(
+            "%s: %d line(s) of steps after %d (logged after the last checkpoint of a stopped run) moved to %s",
+            path,
+            len(moved),
+            step,
+            aside.name,
+        )
     return len(moved)
 
 
@@ -312,6 +339,8 @@ def read_config(workdir):
     """The run's config (WORKDIR/config.json) as a ConfigDict: what `sources.load_trained_model` rebuilds from."""
     saved = read_saved_config(workdir)
     if saved is None:
-        raise RunFolderError(f"{Path(workdir) / CONFIG_FILE}: no training config (a run folder of `python -m "
-                             "persongen_jax.train` has one; or pass --config configs/X.py)")
+        raise RunFolderError(
+            f"{Path(workdir) / CONFIG_FILE}: no training config (a run folder of `python -m "
+            "persongen_jax.train` has one; or pass --config configs/X.py)"
+        )
     return ml_collections.ConfigDict(saved)

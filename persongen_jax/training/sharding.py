@@ -10,9 +10,10 @@ config.sharding.logical_axis_rules = (("batch", "data"), ("params", None)):
 
 from __future__ import annotations
 
-import numpy as np
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_mesh(cfg, devices=None) -> Mesh:

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from persongen_jax.models.modeling import path_str
 from persongen_jax.training import optimizer as optim_lib
@@ -52,14 +53,16 @@ class ModelSplit:
 def split_model(model, groups: Mapping[str, Mapping]) -> tuple[ModelSplit, dict, Any, Any]:
     """-> (split, trainable params {dotted path: array}, frozen params (nnx.State), the rest of the state).
     A parameter trains when a group regex of `groups` ({name: {"pattern", "lr"}}) matches its path."""
+
     def trainable(path, value):
         return isinstance(value, nnx.Param) and optim_lib.group_of(path_str(path), groups) is not None
 
     graphdef, train_state, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)  # type: ignore[misc]
     flat = list(nnx.to_flat_state(train_state))
     params = {path_str(p): v.get_value() for p, v in flat}
-    template = tuple((p, path_str(p), v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)))
-                     for p, v in flat)
+    template = tuple(
+        (p, path_str(p), v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype))) for p, v in flat
+    )
     return ModelSplit(graphdef, template), params, frozen, rest
 
 
@@ -85,11 +88,11 @@ class TrainState:
     """What the train step reads and updates (all arrays; see the module docstring)."""
 
     # Leaves are arrays; the same tree holds their shardings or ShapeDtypeStructs (state_shardings, _abstract).
-    step: Any                       # int32 [], the number of steps taken
-    params: dict[str, Any]          # trainable, {dotted path: array}
+    step: Any  # int32 [], the number of steps taken
+    params: dict[str, Any]  # trainable, {dotted path: array}
     opt_state: Any
-    frozen: Any                     # nnx.State of the frozen parameters
-    rest: Any                       # nnx.State of everything else (e.g. RNG counters)
+    frozen: Any  # nnx.State of the frozen parameters
+    rest: Any  # nnx.State of everything else (e.g. RNG counters)
 
     def replace(self, **changes) -> "TrainState":
         """A copy with `changes` (flax.struct's replace, declared for the type checker)."""
@@ -100,17 +103,25 @@ def state_shardings(state: TrainState, mesh, sharding_cfg) -> TrainState:
     """The sharding of every leaf: params, optimizer state and frozen parameters by the config's "params"
     rule (replicated, or FSDP over a mesh axis), the step and the rest replicated."""
     repl = NamedSharding(mesh, P())
-    return TrainState(step=repl, params=shard_lib.tree_shardings(state.params, mesh, sharding_cfg),
-                      opt_state=shard_lib.tree_shardings(state.opt_state, mesh, sharding_cfg),
-                      frozen=shard_lib.tree_shardings(state.frozen, mesh, sharding_cfg),
-                      rest=jax.tree.map(lambda _: repl, state.rest))
+    return TrainState(
+        step=repl,
+        params=shard_lib.tree_shardings(state.params, mesh, sharding_cfg),
+        opt_state=shard_lib.tree_shardings(state.opt_state, mesh, sharding_cfg),
+        frozen=shard_lib.tree_shardings(state.frozen, mesh, sharding_cfg),
+        rest=jax.tree.map(lambda _: repl, state.rest),
+    )
 
 
 def _abstract(params, frozen, rest, tx) -> TrainState:
     """The state's shapes and dtypes, nothing allocated (the optimizer state by `jax.eval_shape`)."""
     sds = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)  # noqa: E731
-    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=jax.tree.map(sds, params),
-                      opt_state=jax.eval_shape(tx.init, params), frozen=frozen, rest=rest)
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=jax.tree.map(sds, params),
+        opt_state=jax.eval_shape(tx.init, params),
+        frozen=frozen,
+        rest=rest,
+    )
 
 
 def create_state(params, frozen, rest, tx: optax.GradientTransformation, mesh, sharding_cfg) -> TrainState:
@@ -119,8 +130,13 @@ def create_state(params, frozen, rest, tx: optax.GradientTransformation, mesh, s
     sh = state_shardings(_abstract(params, frozen, rest, tx), mesh, sharding_cfg)
     params = shard_lib.put(params, sh.params)
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
-    return TrainState(step=shard_lib.put(np.zeros((), np.int32), sh.step), params=params, opt_state=opt_state,
-                      frozen=shard_lib.put(frozen, sh.frozen), rest=shard_lib.put(rest, sh.rest))
+    return TrainState(
+        step=shard_lib.put(np.zeros((), np.int32), sh.step),
+        params=params,
+        opt_state=opt_state,
+        frozen=shard_lib.put(frozen, sh.frozen),
+        rest=shard_lib.put(rest, sh.rest),
+    )
 
 
 def checkpoint_tree(state: TrainState) -> dict:
@@ -135,9 +151,11 @@ def abstract_checkpoint(params, tx: optax.GradientTransformation, mesh, sharding
     abstract = _abstract(params, None, None, tx)
     sh = state_shardings(abstract.replace(frozen={}, rest={}), mesh, sharding_cfg)
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    return {"params": jax.tree.map(with_sharding, abstract.params, sh.params),
-            "opt_state": jax.tree.map(with_sharding, abstract.opt_state, sh.opt_state),
-            "step": jax.ShapeDtypeStruct((), np.int64, sharding=sh.step)}
+    return {
+        "params": jax.tree.map(with_sharding, abstract.params, sh.params),
+        "opt_state": jax.tree.map(with_sharding, abstract.opt_state, sh.opt_state),
+        "step": jax.ShapeDtypeStruct((), np.int64, sharding=sh.step),
+    }
 
 
 def restore_state(state: TrainState, restored: Mapping[str, Any]) -> TrainState:

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from persongen_jax import conditions as conditions_lib
 from persongen_jax.data.pipeline import IdInputs
@@ -39,9 +40,8 @@ from persongen_jax.models.modeling import path_str
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.training import checkpoint as ckpt_lib
 from persongen_jax.training import data as data_lib
-from persongen_jax.training import distributed
+from persongen_jax.training import distributed, run_folder
 from persongen_jax.training import optimizer as optim_lib
-from persongen_jax.training import run_folder
 from persongen_jax.training import sharding as shard_lib
 from persongen_jax.training import state as state_lib
 from persongen_jax.training.loss import compute_loss
@@ -82,8 +82,13 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
-               "update_norm": optax.tree.norm(updates), **aux}
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates),
+        **aux,
+    }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -108,8 +113,10 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         if self.requested:
-            log.warning("SIGTERM again: ignored; the run saves its current step and exits once that checkpoint "
-                        "is written (kill -9 forces an exit and loses the steps since the last checkpoint)")
+            log.warning(
+                "SIGTERM again: ignored; the run saves its current step and exits once that checkpoint "
+                "is written (kill -9 forces an exit and loses the steps since the last checkpoint)"
+            )
         self.requested = True
 
     def __exit__(self, *exc):
@@ -135,11 +142,20 @@ class _Setup:
 def make_loss(config, model, tokenizers, scheduler) -> Callable[..., tuple[jax.Array, dict]]:
     """The loss (model, batch, key) -> (loss, aux) of `config` (model: concrete or abstract, only its
     static structure is read)."""
-    empty_ids = (jnp.asarray(prompt_lib.tokenize(tokenizers[0], [""])), jnp.asarray(prompt_lib.tokenize(tokenizers[1], [""])))
+    empty_ids = (
+        jnp.asarray(prompt_lib.tokenize(tokenizers[0], [""])),
+        jnp.asarray(prompt_lib.tokenize(tokenizers[1], [""])),
+    )
     return functools.partial(
-        compute_loss, scheduler=scheduler, loss_cfg=dict(config.loss), conditions=conditions_lib.from_config(config),
-        id_injection=config.id_injection, adapters=lora_lib.adapter_config(model.unet), empty_ids=empty_ids,
-        compute_dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
+        compute_loss,
+        scheduler=scheduler,
+        loss_cfg=dict(config.loss),
+        conditions=conditions_lib.from_config(config),
+        id_injection=config.id_injection,
+        adapters=lora_lib.adapter_config(model.unet),
+        empty_ids=empty_ids,
+        compute_dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None,
+    )
 
 
 def _setup(config, workdir: Path, devices) -> _Setup:
@@ -147,8 +163,10 @@ def _setup(config, workdir: Path, devices) -> _Setup:
     mesh = shard_lib.make_mesh(config.sharding, devices)
     log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     if config.data.global_batch_size % mesh.shape[shard_lib.rule(config.sharding, "batch")]:
-        raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} is not divisible by the "
-                         f"{dict(mesh.shape)} mesh's batch axis")
+        raise ValueError(
+            f"config.data.global_batch_size={config.data.global_batch_size} is not divisible by the "
+            f"{dict(mesh.shape)} mesh's batch axis"
+        )
     model, tokenizers, scheduler = build_model(config, workdir)
     # Validation sets and scoring models load now: a wrong path fails before any training.
     validator = Validator.from_config(config, workdir, tokenizers) if config.eval_every else None
@@ -160,13 +178,27 @@ def _setup(config, workdir: Path, devices) -> _Setup:
     counts = optim_lib.check_groups(params, groups)
     n_train = sum(int(np.prod(v.shape)) for v in params.values())
     n_frozen = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(frozen))
-    log.info("trainable groups %s: %.2fM params trainable (float32), %.2fM frozen (%s)", counts, n_train / 1e6,
-             n_frozen / 1e6, config.frozen_dtype)
+    log.info(
+        "trainable groups %s: %.2fM params trainable (float32), %.2fM frozen (%s)",
+        counts,
+        n_train / 1e6,
+        n_frozen / 1e6,
+        config.frozen_dtype,
+    )
     tx = optim_lib.make_optimizer(params, groups, config.optim)
     state = state_lib.create_state(params, frozen, rest, tx, mesh, config.sharding)
     spec = StepSpec(split, tx, make_loss(config, model, tokenizers, scheduler))
-    return _Setup(mesh, state, spec, groups, tokenizers, data_lib.text_condition_fields(config), validator,
-                  model.id_encoder.config.vision.image_size, id_inputs(model))
+    return _Setup(
+        mesh,
+        state,
+        spec,
+        groups,
+        tokenizers,
+        data_lib.text_condition_fields(config),
+        validator,
+        model.id_encoder.config.vision.image_size,
+        id_inputs(model),
+    )
 
 
 def _compile(step_fn, state: TrainState, batch: dict, rng: jax.Array):
@@ -180,8 +212,13 @@ def _compile(step_fn, state: TrainState, batch: dict, rng: jax.Array):
         log.info("compiled memory analysis unavailable")
     else:
         info["memory_mib"] = {k: mem[k] for k in ("args", "temp", "output")}
-        log.info("compiled memory: args %.1f MiB, temp %.1f MiB, outputs %.1f MiB, generated code %.1f MiB",
-                 mem["args"], mem["temp"], mem["output"], mem["code"])
+        log.info(
+            "compiled memory: args %.1f MiB, temp %.1f MiB, outputs %.1f MiB, generated code %.1f MiB",
+            mem["args"],
+            mem["temp"],
+            mem["output"],
+            mem["code"],
+        )
     return compiled, info
 
 
@@ -194,7 +231,8 @@ def _check_finite(metrics, step: int, workdir) -> dict:
         raise NonFiniteLossError(
             f"{bad[0]} is {m[bad[0]]} at step {step}: stopping (loss {m['loss']}, grad_norm {m['grad_norm']}, "
             f"param_norm {m['param_norm']}); lower the learning rates, enable optim.grad_clip_norm, or use "
-            f"float32; the last good checkpoint is in {workdir / 'checkpoints'}")
+            f"float32; the last good checkpoint is in {workdir / 'checkpoints'}"
+        )
     return m
 
 
@@ -213,15 +251,26 @@ def _result(step: int, state: TrainState, history, compiled_info=None) -> dict:
     """Host copies: trainable params {path: array}, frozen params {path: array}, the logged metrics,
     and facts about the compiled step (compile_s, flops_per_step, memory)."""
     flat_frozen = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(state.frozen)}
-    return {"step": step, "params": distributed.to_host(state.params), "frozen": distributed.to_host(flat_frozen),
-            "history": history, "compiled": dict(compiled_info or {})}
+    return {
+        "step": step,
+        "params": distributed.to_host(state.params),
+        "frozen": distributed.to_host(flat_frozen),
+        "history": history,
+        "compiled": dict(compiled_info or {}),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config, workdir: str | Path, *, devices=None, stop_after_steps: int | None = None,
-                       on_step: Callable[[int, dict], None] | None = None) -> dict:
+def train_and_evaluate(
+    config,
+    workdir: str | Path,
+    *,
+    devices=None,
+    stop_after_steps: int | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Trains per `config` in `workdir`; returns {"step", "params" (host numpy, flat), "frozen", "history",
     "compiled"}. devices: the mesh devices (default: all). stop_after_steps: return right after that step
     without the final save (tests: simulates a kill after a periodic checkpoint). on_step(step, metrics):
@@ -248,15 +297,22 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes, on_
     s = _setup(config, workdir, devices)
     state, mesh = s.state, s.mesh
     state_sh = state_lib.state_shardings(state, mesh, config.sharding)
-    step_fn = jax.jit(functools.partial(train_step, spec=s.spec), donate_argnums=0,
-                      out_shardings=(state_sh, NamedSharding(mesh, P())))
+    step_fn = jax.jit(
+        functools.partial(train_step, spec=s.spec), donate_argnums=0, out_shardings=(state_sh, NamedSharding(mesh, P()))
+    )
     batch_sh = shard_lib.batch_sharding(mesh, config.sharding)
     # Replicated once, explicitly (made on the devices: a multi-host safe way to place a key array).
     rng = jax.jit(lambda: jax.random.key(config.seed), out_shardings=NamedSharding(mesh, P()))()
     mngr = ckpt_lib.make_manager(workdir, config.keep_checkpoints, asynchronous=config.async_checkpointing)
-    it, bad_records = data_lib.make_iterator(config, s.tokenizers, workdir, shard_index=jax.process_index(),
-                                             shard_count=jax.process_count(), id_image_size=s.id_image_size,
-                                             id_inputs=s.id_inputs)
+    it, bad_records = data_lib.make_iterator(
+        config,
+        s.tokenizers,
+        workdir,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        id_image_size=s.id_image_size,
+        id_inputs=s.id_inputs,
+    )
     next_batch = lambda: shard_lib.put_batch(data_lib.model_inputs(next(it), s.text_fields), batch_sh)  # noqa: E731
     # ------------------------------------------------------------------ restore
     start, latest = 0, None
@@ -330,8 +386,9 @@ def _train(config, workdir: Path, devices, stop_after_steps, config_changes, on_
             if last_saved != step:
                 if not logged:
                     _check_finite(metrics, step, workdir)
-                ckpt_lib.save(mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it),
-                              force=True, wait=True)
+                ckpt_lib.save(
+                    mngr, step, state_lib.checkpoint_tree(state), data_lib.iterator_state(it), force=True, wait=True
+                )
             mngr.wait_until_finished()  # a periodic save may still be writing
         bad_records.report(f"end of training (step {step})")
     finally:

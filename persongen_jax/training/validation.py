@@ -45,16 +45,35 @@ def protocol_settings(config) -> protocol.ProtocolSettings:
     """The validation protocol settings of a training config (`config.eval`, size 0 = data.resolution)."""
     ev = config.eval
     size = ev.resolution or config.data.resolution
-    return protocol.ProtocolSettings(seeds=tuple(int(s) for s in ev.seeds), num_steps=ev.num_steps,
-                                     guidance_scale=ev.guidance_scale, start_merge_step=ev.start_merge_step,
-                                     height=size, width=size, split=ev.split,
-                                     trigger_word=config.data.trigger_word)
+    return protocol.ProtocolSettings(
+        seeds=tuple(int(s) for s in ev.seeds),
+        num_steps=ev.num_steps,
+        guidance_scale=ev.guidance_scale,
+        start_merge_step=ev.start_merge_step,
+        height=size,
+        width=size,
+        split=ev.split,
+        trigger_word=config.data.trigger_word,
+    )
 
 
 def metric_options(ev) -> dict:
     """The scoring options (`metrics.build`) of a config's `eval` section."""
-    return {k: ev.get(k) for k in ("clip", "dino", "inception", "fid_reference", "lpips", "face_detector", "arcface",
-                                   "no_face", "det_thresh", "face_select")}
+    return {
+        k: ev.get(k)
+        for k in (
+            "clip",
+            "dino",
+            "inception",
+            "fid_reference",
+            "lpips",
+            "face_detector",
+            "arcface",
+            "no_face",
+            "det_thresh",
+            "face_select",
+        )
+    }
 
 
 def scoring_metrics(ev) -> list:
@@ -69,13 +88,17 @@ def scoring_metrics(ev) -> list:
         # all of its models given, or only some (then `build` names the missing ones): chosen
         (chosen if not given or any(given) else left_out).append(name)
     if left_out:
-        log.info("validation images without %s scores (set %s to score them)", ", ".join(left_out),
-                 ", ".join(f"config.eval.{k}" for n in left_out for k in metrics_lib.get(n).requires))
+        log.info(
+            "validation images without %s scores (set %s to score them)",
+            ", ".join(left_out),
+            ", ".join(f"config.eval.{k}" for n in left_out for k in metrics_lib.get(n).requires),
+        )
     try:
         return metrics_lib.build(chosen, options)
     except ValueError as e:
-        raise ValueError(f"config.eval: {e} (or leave all of a metric's models empty, or choose other "
-                         "config.eval.metrics)") from None
+        raise ValueError(
+            f"config.eval: {e} (or leave all of a metric's models empty, or choose other config.eval.metrics)"
+        ) from None
 
 
 def sample_grid(rows: list[dict], out_dir: Path, set_name: str, references: dict) -> np.ndarray:
@@ -113,7 +136,7 @@ class Validator:
         ev = config.eval
         prompts = protocol.load_prompts(ev.prompts or None)
         if ev.num_prompts:
-            prompts = prompts[:ev.num_prompts]
+            prompts = prompts[: ev.num_prompts]
         metrics = scoring_metrics(ev)
         sets = refs = None
         if ev.sets:
@@ -125,17 +148,25 @@ class Validator:
         warning = id_unused_warning(ev.start_merge_step, ev.num_steps)
         if warning:
             log.warning("config.eval: %s", warning.replace("start merge step", "eval.start_merge_step", 1))
-        log.info("validation every %d steps: %s x %d prompts x %d seeds -> WORKDIR/samples/<step>/%s",
-                 config.eval_every, what, len(prompts), len(ev.seeds),
-                 f", scored by {[m.name for m in metrics]}" if metrics else " (no scoring models: images only)")
+        log.info(
+            "validation every %d steps: %s x %d prompts x %d seeds -> WORKDIR/samples/<step>/%s",
+            config.eval_every,
+            what,
+            len(prompts),
+            len(ev.seeds),
+            f", scored by {[m.name for m in metrics]}" if metrics else " (no scoring models: images only)",
+        )
         return cls(config, workdir, tokenizers, sets, prompts, metrics, refs)
 
     def _training_identities(self) -> None:
         faces = data_lib.sample_identities(self.config, self.workdir, self.config.eval.num_identities)
-        self.sets = {"train": {ident: [f"{ident}/reference_{k}" for k in range(len(imgs))]
-                               for ident, imgs in faces.items()}}
-        self.references = {("train", ident): (imgs, protocol.prepare_references(self.metrics, imgs, names))
-                           for (ident, imgs), names in zip(faces.items(), self.sets["train"].values())}
+        self.sets = {
+            "train": {ident: [f"{ident}/reference_{k}" for k in range(len(imgs))] for ident, imgs in faces.items()}
+        }
+        self.references = {
+            ("train", ident): (imgs, protocol.prepare_references(self.metrics, imgs, names))
+            for (ident, imgs), names in zip(faces.items(), self.sets["train"].values())
+        }
 
     def __call__(self, model, step: int, writer) -> dict:
         """Runs the protocol on `model` (the current parameters), writes WORKDIR/samples/<step>/, the sample
@@ -145,21 +176,35 @@ class Validator:
             # the scoring face models (config.eval.face_detector + arcface), as `generate` computes them
             ev = self.config.eval
             own = getattr(model, "arcface", None) is not None
-            self.pipe = inference_pipeline(model, self.tokenizers, self.config, merge_lora=False,
-                                           face_models=None if own else ev.face_detector,
-                                           arcface=None if own else ev.arcface)
+            self.pipe = inference_pipeline(
+                model,
+                self.tokenizers,
+                self.config,
+                merge_lora=False,
+                face_models=None if own else ev.face_detector,
+                arcface=None if own else ev.arcface,
+            )
         else:
             for name in MODULES:
                 nnx.update(getattr(self.pipe, name), nnx.state(getattr(model, name)))
         if self.sets is None:
             self._training_identities()
         out = self.workdir / "samples" / str(step)
-        result = protocol.run_protocol(self.pipe, self.sets, self.prompts, self.metrics, out, self.settings,
-                                       step=step, title=f"validation at step {step}",
-                                       references=self.references)
+        result = protocol.run_protocol(
+            self.pipe,
+            self.sets,
+            self.prompts,
+            self.metrics,
+            out,
+            self.settings,
+            step=step,
+            title=f"validation at step {step}",
+            references=self.references,
+        )
         if jax.process_index() == 0:
-            writer.write_images(step, {f"samples/{name}": sample_grid(result.rows, out, name, self.references)
-                                       for name in self.sets})
+            writer.write_images(
+                step, {f"samples/{name}": sample_grid(result.rows, out, name, self.references) for name in self.sets}
+            )
         names = [m.name for m in self.metrics]
         keys = names + [m.missing_key for m in self.metrics if m.missing_key]
         scalars, lines = {}, []
@@ -167,15 +212,26 @@ class Validator:
             for key in keys:
                 if m[key] is not None:
                     scalars[f"eval/{name}/{key}"] = m[key]
-            lines.append({"step": step, "set": name, **{k: m[k] for k in keys}, "n_images": m["n_images"],
-                          "report": str(out / "report.html"), "metric_names": names})
+            lines.append(
+                {
+                    "step": step,
+                    "set": name,
+                    **{k: m[k] for k in keys},
+                    "n_images": m["n_images"],
+                    "report": str(out / "report.html"),
+                    "metric_names": names,
+                }
+            )
         scalars["eval/seconds"] = result.seconds["total"]
         writer.write(step, scalars)
         if jax.process_index() == 0 and names:  # the history holds scores (evaluate --compare plots them)
             (self.workdir / "eval").mkdir(exist_ok=True)
             with open(self.workdir / "eval" / "history.jsonl", "a") as f:
                 f.writelines(json.dumps(line) + "\n" for line in lines)
-        log.info("validation at step %d: %s (%s)", step,
-                 {k: round(v, 4) for k, v in scalars.items() if k != "eval/seconds"} or "images",
-                 out / "report.html")
+        log.info(
+            "validation at step %d: %s (%s)",
+            step,
+            {k: round(v, 4) for k, v in scalars.items() if k != "eval/seconds"} or "images",
+            out / "report.html",
+        )
         return result.metrics

@@ -29,8 +29,12 @@ def compiled_memory_mib(compiled) -> dict | None:
     where the backend does not implement it)."""
     try:
         mem = compiled.memory_analysis()
-        return {"args": mem.argument_size_in_bytes / 2**20, "temp": mem.temp_size_in_bytes / 2**20,
-                "output": mem.output_size_in_bytes / 2**20, "code": mem.generated_code_size_in_bytes / 2**20}
+        return {
+            "args": mem.argument_size_in_bytes / 2**20,
+            "temp": mem.temp_size_in_bytes / 2**20,
+            "output": mem.output_size_in_bytes / 2**20,
+            "code": mem.generated_code_size_in_bytes / 2**20,
+        }
     except Exception:  # noqa: BLE001 -- not every backend implements it
         return None
 

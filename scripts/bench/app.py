@@ -59,8 +59,9 @@ def build_models(work: Path) -> tuple[Path, Path, Path]:
     models = work / "models"
     if not (models / "photomaker").is_dir():
         convert_sdxl(make_tiny_sdxl(models / "sdxl_src"), models / "sdxl")
-        convert_photomaker(make_tiny_photomaker(models / "pm.bin"), models / "photomaker",
-                           unet=models / "sdxl" / "unet")
+        convert_photomaker(
+            make_tiny_photomaker(models / "pm.bin"), models / "photomaker", unet=models / "sdxl" / "unet"
+        )
     face = work / "face.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(60, 256, (64, 64, 3)).astype(np.uint8)).save(face)
@@ -77,9 +78,25 @@ def bench_cli(sdxl: Path, pm: Path, face: Path, args, work: Path) -> dict:
     times = []
     for r in range(args.cli_runs):
         out = work / f"cli_{r}"
-        cmd = [sys.executable, "-m", "persongen_jax.generate", "--model", str(sdxl), "--photomaker", str(pm),
-               "--ref", str(face), "--prompt", PROMPT, "--seeds", f"0-{args.num_images - 1}",
-               "--steps", str(args.steps), "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "persongen_jax.generate",
+            "--model",
+            str(sdxl),
+            "--photomaker",
+            str(pm),
+            "--ref",
+            str(face),
+            "--prompt",
+            PROMPT,
+            "--seeds",
+            f"0-{args.num_images - 1}",
+            "--steps",
+            str(args.steps),
+            "--out",
+            str(out),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
         times.append(time.perf_counter() - t0)
@@ -88,8 +105,12 @@ def bench_cli(sdxl: Path, pm: Path, face: Path, args, work: Path) -> dict:
         print(f"  generate run {r}: {times[-1]:.2f} s", flush=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     med = statistics.median(times)
-    return {"runs_s": [round(t, 2) for t in times], "median_s": round(med, 2),
-            "per_image_s": round(med / args.num_images, 3), "peak_rss_mib": round(peak)}
+    return {
+        "runs_s": [round(t, 2) for t in times],
+        "median_s": round(med, 2),
+        "per_image_s": round(med / args.num_images, 3),
+        "peak_rss_mib": round(peak),
+    }
 
 
 def _free_port() -> int:
@@ -114,12 +135,27 @@ def bench_app(model_args: list[str], face: Path, args, work: Path, label: str) -
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     log_path = work / f"app_{label}.log"
-    cmd = [sys.executable, "-m", "persongen_jax.app", *model_args, "--num-images", str(args.num_images),
-           "--steps", str(args.steps), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "persongen_jax.app",
+        *model_args,
+        "--num-images",
+        str(args.num_images),
+        "--steps",
+        str(args.steps),
+        "--port",
+        str(port),
+    ]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**child_env(), "GRADIO_TEMP_DIR": str(work / "gradio")},
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**child_env(), "GRADIO_TEMP_DIR": str(work / "gradio")},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         while True:
             if proc.poll() is not None:
@@ -136,8 +172,9 @@ def bench_app(model_args: list[str], face: Path, args, work: Path, label: str) -
         times, server, statuses = [], [], []
         for r in range(args.requests + 1):
             t = time.perf_counter()
-            gallery, status, *_ = client.predict(reference_photos=[handle_file(str(face))], prompt=PROMPT,
-                                                 seed=r, api_name="/generate")
+            gallery, status, *_ = client.predict(
+                reference_photos=[handle_file(str(face))], prompt=PROMPT, seed=r, api_name="/generate"
+            )
             times.append(time.perf_counter() - t)
             statuses.append(status)
             server.append(float(re.search(r": ([0-9.]+) s \(", status).group(1)))  # the app's own timing
@@ -150,11 +187,17 @@ def bench_app(model_args: list[str], face: Path, args, work: Path, label: str) -
         proc.terminate()
         proc.wait(timeout=60)
     warm = statistics.median(times[1:])
-    return {"startup_s": round(startup, 1), "first_request_s": round(times[0], 3),
-            "median_request_s": round(warm, 3), "per_image_s": round(warm / args.num_images, 3),
-            "server_first_s": server[0], "server_median_s": statistics.median(server[1:]),
-            "requests": len(times), "peak_rss_mib": round(peak) if peak else None,
-            "log_tail": [line for line in log_path.read_text().splitlines() if "compiled" in line or "warm-up" in line]}
+    return {
+        "startup_s": round(startup, 1),
+        "first_request_s": round(times[0], 3),
+        "median_request_s": round(warm, 3),
+        "per_image_s": round(warm / args.num_images, 3),
+        "server_first_s": server[0],
+        "server_median_s": statistics.median(server[1:]),
+        "requests": len(times),
+        "peak_rss_mib": round(peak) if peak else None,
+        "log_tail": [line for line in log_path.read_text().splitlines() if "compiled" in line or "warm-up" in line],
+    }
 
 
 def main() -> None:
@@ -173,15 +216,30 @@ def main() -> None:
     app = bench_app(["--model", str(sdxl), "--photomaker", str(pm)], face, args, work, "model")
     tiny = bench_app(["--tiny"], face, args, work, "tiny")
     ratio = cli["per_image_s"] / app["per_image_s"]
-    print(f"generate CLI: {cli['median_s']:.2f} s per run of {args.num_images} images (load + compile + sample), "
-          f"{cli['per_image_s']:.3f} s per image, peak RSS {cli['peak_rss_mib']} MiB")
+    print(
+        f"generate CLI: {cli['median_s']:.2f} s per run of {args.num_images} images (load + compile + sample), "
+        f"{cli['per_image_s']:.3f} s per image, peak RSS {cli['peak_rss_mib']} MiB"
+    )
     for name, a in (("app --model", app), ("app --tiny ", tiny)):
-        print(f"{name}: start-up {a['startup_s']:.1f} s; request at the client: first {a['first_request_s']:.3f} s, "
-              f"median {a['median_request_s']:.3f} s = {a['per_image_s']:.3f} s per image; in the app: first "
-              f"{a['server_first_s']:.2f} s, median {a['server_median_s']:.2f} s; peak RSS {a['peak_rss_mib']} MiB")
+        print(
+            f"{name}: start-up {a['startup_s']:.1f} s; request at the client: first {a['first_request_s']:.3f} s, "
+            f"median {a['median_request_s']:.3f} s = {a['per_image_s']:.3f} s per image; in the app: first "
+            f"{a['server_first_s']:.2f} s, median {a['server_median_s']:.2f} s; peak RSS {a['peak_rss_mib']} MiB"
+        )
     print(f"ratio (CLI / app, time per image): {ratio:.1f}x")
-    print(json.dumps({"machine": common.machine(), "steps": args.steps, "num_images": args.num_images,
-                      "generate_cli": cli, "app_model": app, "app_tiny": tiny, "ratio": round(ratio, 2)}))
+    print(
+        json.dumps(
+            {
+                "machine": common.machine(),
+                "steps": args.steps,
+                "num_images": args.num_images,
+                "generate_cli": cli,
+                "app_model": app,
+                "app_tiny": tiny,
+                "ratio": round(ratio, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

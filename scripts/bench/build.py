@@ -57,10 +57,20 @@ def _settings(work: Path, src: Path, dst: Path, args):
     from persongen_jax.data.build.settings import BuildSettings, ModelSpec
 
     unused = ModelSpec(backend="openai", model="unused", endpoint="http://unused")
-    return BuildSettings(src=str(src), dst=str(dst), detector=str(work / "det"), arcface=str(work / f"arcface_{args.arcface}"),
-                         caption=unused, split=unused, resolution=args.resolution, min_side=512, min_face=256,
-                         verify_threshold=0.85, detector_threads=args.detector_threads,
-                         progress_every_s=0).fingerprinted()
+    return BuildSettings(
+        src=str(src),
+        dst=str(dst),
+        detector=str(work / "det"),
+        arcface=str(work / f"arcface_{args.arcface}"),
+        caption=unused,
+        split=unused,
+        resolution=args.resolution,
+        min_side=512,
+        min_face=256,
+        verify_threshold=0.85,
+        detector_threads=args.detector_threads,
+        progress_every_s=0,
+    ).fingerprinted()
 
 
 def prepare(args, work: Path, counts: list[int]) -> None:
@@ -77,8 +87,12 @@ def prepare(args, work: Path, counts: list[int]) -> None:
         src = work / f"src_{n}_{w}x{h}"
         if not src.exists():
             t0 = time.perf_counter()
-            make_raw_persons(src, synthetic_persons(n // IMAGES_PER_PERSON, IMAGES_PER_PERSON, width=w, height=h,
-                                                    face=int(min(w, h) * 0.42)))
+            make_raw_persons(
+                src,
+                synthetic_persons(
+                    n // IMAGES_PER_PERSON, IMAGES_PER_PERSON, width=w, height=h, face=int(min(w, h) * 0.42)
+                ),
+            )
             print(f"made {n} images in {time.perf_counter() - t0:.0f} s: {src}", file=sys.stderr)
 
 
@@ -127,10 +141,13 @@ class TreeMonitor:
         self._sample()
         # ru_maxrss is exact for this process and the children already reaped; sampling covers the rest.
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return {"driver_mib": max(self.peak_me, me.ru_maxrss / 1024),
-                "children_max_mib": max(self.peak_child, kids.ru_maxrss / 1024),
-                "tree_mib": self.peak_tree, "cpu_s": sum(self.cpu.values()),
-                "cpu_driver_s": self.cpu.get(self.me.pid, 0.0)}
+        return {
+            "driver_mib": max(self.peak_me, me.ru_maxrss / 1024),
+            "children_max_mib": max(self.peak_child, kids.ru_maxrss / 1024),
+            "tree_mib": self.peak_tree,
+            "cpu_s": sum(self.cpu.values()),
+            "cpu_driver_s": self.cpu.get(self.me.pid, 0.0),
+        }
 
 
 def run_hand(args, work: Path, src: Path) -> dict:
@@ -154,17 +171,23 @@ def run_hand(args, work: Path, src: Path) -> dict:
     t_start = time.perf_counter()
     out = Path(tempfile.mkdtemp(prefix="hand-", dir=work))
     s = _settings(work, src, out, args)
-    scorer = FaceSimScorer.from_pretrained(s.detector, s.arcface, det_size=(s.det_size,) * 2, det_thresh=s.det_thresh,
-                                           batch_size=s.embed_batch_size,
-                                           session_options=detector_session_options(s.detector_threads))
+    scorer = FaceSimScorer.from_pretrained(
+        s.detector,
+        s.arcface,
+        det_size=(s.det_size,) * 2,
+        det_thresh=s.det_thresh,
+        batch_size=s.embed_batch_size,
+        session_options=detector_session_options(s.detector_threads),
+    )
     times, items, n_images = defaultdict(float), [], 0
     # pass 1: read + decode + size filter, detect + align, for every image
     for f in sorted((src / "persons").glob("*/*")):
         n_images += 1
         t0 = time.perf_counter()
         data = read_bytes(str(f), s.max_file_bytes)
-        it = Item(image=f"persons/{f.parent.name}/{f.name}", person_id=f.parent.name, path=str(f),
-                  sha256=sha256_bytes(data))
+        it = Item(
+            image=f"persons/{f.parent.name}/{f.name}", person_id=f.parent.name, path=str(f), sha256=sha256_bytes(data)
+        )
         rgb = decode_rgb(data, s.min_side)
         it.height, it.width = rgb.shape[:2]
         t1 = time.perf_counter()
@@ -192,8 +215,9 @@ def run_hand(args, work: Path, src: Path) -> dict:
     for it in verified:
         t0 = time.perf_counter()
         rgb = decode_rgb(read_bytes(it.path, s.max_file_bytes))
-        it.jpeg, it.mask, it.face, it.crop_box = crop_face(rgb, it.face, s.resolution, s.crop_scale, s.face_mask,
-                                                           s.jpeg_quality)
+        it.jpeg, it.mask, it.face, it.crop_box = crop_face(
+            rgb, it.face, s.resolution, s.crop_scale, s.face_mask, s.jpeg_quality
+        )
         t1 = time.perf_counter()
         writer.write(encode_record(record_header(it, s), it.jpeg, it.mask))
         times["crop"] += t1 - t0
@@ -202,7 +226,9 @@ def run_hand(args, work: Path, src: Path) -> dict:
     writer.close()
     wall = time.perf_counter() - t_start
     shutil.rmtree(out, ignore_errors=True)
-    return dict(side="hand loop", images=n_images, records=n_records, wall_s=wall, stage_s=dict(times), **monitor.result())
+    return dict(
+        side="hand loop", images=n_images, records=n_records, wall_s=wall, stage_s=dict(times), **monitor.result()
+    )
 
 
 def run_beam(args, work: Path, src: Path, mode: str, workers: int, empty: bool = False) -> dict:
@@ -230,10 +256,14 @@ def run_beam(args, work: Path, src: Path, mode: str, workers: int, empty: bool =
 
         from persongen_jax.data import format as fmt
 
-        names = (p | "List" >> ListImages(s.src) | "ByPerson" >> beam.Map(lambda it: (it.person_id, it))
-                 | "GroupByPerson" >> beam.GroupByKey()
-                 | "Records" >> beam.FlatMap(lambda kv: [fmt.encode_record(dict(person_id=it.person_id), b"", b"")
-                                                         for it in kv[1]]))
+        names = (
+            p
+            | "List" >> ListImages(s.src)
+            | "ByPerson" >> beam.Map(lambda it: (it.person_id, it))
+            | "GroupByPerson" >> beam.GroupByKey()
+            | "Records"
+            >> beam.FlatMap(lambda kv: [fmt.encode_record(dict(person_id=it.person_id), b"", b"") for it in kv[1]])
+        )
         _ = names | "Write" >> WriteToArrayRecord(str(shards / "data"), file_name_suffix=".array_record")
     else:
         crops, _ = face_stages(p, s)
@@ -246,10 +276,14 @@ def run_beam(args, work: Path, src: Path, mode: str, workers: int, empty: bool =
     shutil.rmtree(out, ignore_errors=True)
     stage_s = {k[:-3]: v / 1e6 for k, v in counters.items() if k.endswith("_us")}
     rejected = sum(v for k, v in counters.items() if k.endswith("_rejected"))
-    side = f"Beam DirectRunner {mode}" + (f" x{workers}" if mode == "multi_processing" else "") + (
-        ", no stage work" if empty else "")
-    return dict(side=side, images=n_records + rejected, records=n_records,
-                wall_s=wall, stage_s=stage_s, **monitor.result())
+    side = (
+        f"Beam DirectRunner {mode}"
+        + (f" x{workers}" if mode == "multi_processing" else "")
+        + (", no stage work" if empty else "")
+    )
+    return dict(
+        side=side, images=n_records + rejected, records=n_records, wall_s=wall, stage_s=stage_s, **monitor.result()
+    )
 
 
 def child(args) -> None:
@@ -266,8 +300,19 @@ def child(args) -> None:
 
 
 def _argv(args, **kw) -> list[str]:
-    base = [__file__, "--work", str(args.work), "--arcface", args.arcface, "--size", f"{args.size[0]}x{args.size[1]}",
-            "--resolution", str(args.resolution), "--detector-threads", str(args.detector_threads)]
+    base = [
+        __file__,
+        "--work",
+        str(args.work),
+        "--arcface",
+        args.arcface,
+        "--size",
+        f"{args.size[0]}x{args.size[1]}",
+        "--resolution",
+        str(args.resolution),
+        "--detector-threads",
+        str(args.detector_threads),
+    ]
     for k, v in kw.items():
         base += [f"--{k.replace('_', '-')}", str(v)]
     return base
@@ -275,13 +320,17 @@ def _argv(args, **kw) -> list[str]:
 
 def _line(r: dict) -> str:
     if r["records"] != r["images"]:
-        raise SystemExit(f"{r['side']}: {r['images'] - r['records']} of {r['images']} images rejected; the benchmark "
-                         "source should pass every stage")
+        raise SystemExit(
+            f"{r['side']}: {r['images'] - r['records']} of {r['images']} images rejected; the benchmark "
+            "source should pass every stage"
+        )
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_s"].items())
-    return (f"{r['side']:<40} {r['images']:>5} images {r['wall_s']:7.1f} s  {r['images'] / r['wall_s']:6.2f} img/s   "
-            f"CPU {r['cpu_s']:.1f} s ({r['cpu_driver_s']:.1f} s driver), peak RSS: driver {r['driver_mib']:.0f} MiB, "
-            f"largest worker {r['children_max_mib']:.0f} MiB, all processes {r['tree_mib']:.0f} MiB\n"
-            f"{'':<40} stage seconds: {stages}")
+    return (
+        f"{r['side']:<40} {r['images']:>5} images {r['wall_s']:7.1f} s  {r['images'] / r['wall_s']:6.2f} img/s   "
+        f"CPU {r['cpu_s']:.1f} s ({r['cpu_driver_s']:.1f} s driver), peak RSS: driver {r['driver_mib']:.0f} MiB, "
+        f"largest worker {r['children_max_mib']:.0f} MiB, all processes {r['tree_mib']:.0f} MiB\n"
+        f"{'':<40} stage seconds: {stages}"
+    )
 
 
 def main() -> None:
@@ -289,17 +338,28 @@ def main() -> None:
     p.add_argument("--images", type=int, default=400, help="images in the comparison (multiple of 10)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="hand/Beam pairs, in alternating order")
-    p.add_argument("--detector-threads", type=int, default=1,
-                   help="onnxruntime threads of the detector, both sides (0: one per core)")
+    p.add_argument(
+        "--detector-threads",
+        type=int,
+        default=1,
+        help="onnxruntime threads of the detector, both sides (0: one per core)",
+    )
     p.add_argument("--arcface", choices=("tiny", "r50"), default="tiny")
-    p.add_argument("--size", type=lambda v: tuple(int(x) for x in v.split("x")), default=(960, 1080),
-                   help="source image WxH (default 960x1080)")
+    p.add_argument(
+        "--size",
+        type=lambda v: tuple(int(x) for x in v.split("x")),
+        default=(960, 1080),
+        help="source image WxH (default 960x1080)",
+    )
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--memory", help="comma-separated image counts: peak RSS of the Beam side per count")
     p.add_argument("--memory-mode", default="in_memory", choices=("in_memory", "multi_processing"))
     p.add_argument("--work", help="folder for models and sources (kept between runs); default: a temp folder")
-    p.add_argument("--empty", action="store_true",
-                   help="Beam's own cost: the same pipeline shape (list, group by person, write) without stage work")
+    p.add_argument(
+        "--empty",
+        action="store_true",
+        help="Beam's own cost: the same pipeline shape (list, group by person, write) without stage work",
+    )
     p.add_argument("--child", choices=("prepare", "hand", "beam", "empty"), help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--counts", help=argparse.SUPPRESS)
@@ -312,39 +372,55 @@ def main() -> None:
     if not args.work:
         tmp = args.work = tempfile.mkdtemp(prefix="bench-build-")
     counts = [int(n) for n in args.memory.split(",")] if args.memory else [args.images]
-    print(f"machine: {common.machine()}; ArcFace {args.arcface}; images {args.size[0]}x{args.size[1]} -> crops "
-          f"{args.resolution}; detector threads {args.detector_threads or 'per core'}; work {args.work}")
+    print(
+        f"machine: {common.machine()}; ArcFace {args.arcface}; images {args.size[0]}x{args.size[1]} -> crops "
+        f"{args.resolution}; detector threads {args.detector_threads or 'per core'}; work {args.work}"
+    )
     common.run_child(_argv(args, child="prepare", n=0, counts=",".join(map(str, counts))))
     if args.empty:
-        print(_line(common.run_child(_argv(args, child="empty", n=args.images, mode="multi_processing",
-                                           workers=args.workers))))
+        print(
+            _line(
+                common.run_child(
+                    _argv(args, child="empty", n=args.images, mode="multi_processing", workers=args.workers)
+                )
+            )
+        )
     elif args.memory:
-        rows = [common.run_child(_argv(args, child="beam", n=n, mode=args.memory_mode, workers=args.workers))
-                for n in counts]
+        rows = [
+            common.run_child(_argv(args, child="beam", n=n, mode=args.memory_mode, workers=args.workers))
+            for n in counts
+        ]
         for r in rows:
             print(_line(r))
         key = "driver_mib" if args.memory_mode == "in_memory" else "tree_mib"
-        print(f"peak RSS {counts[-1]} vs {counts[0]} images ({args.memory_mode}, {key}): "
-              f"{rows[-1][key]:.0f} / {rows[0][key]:.0f} MiB = {rows[-1][key] / rows[0][key]:.2f}x")
+        print(
+            f"peak RSS {counts[-1]} vs {counts[0]} images ({args.memory_mode}, {key}): "
+            f"{rows[-1][key]:.0f} / {rows[0][key]:.0f} MiB = {rows[-1][key] / rows[0][key]:.2f}x"
+        )
     else:
         hands, beams = [], []
         for r in range(args.repeats):  # alternate the order: a neighbour's load then hits both sides alike
-            for side in (("hand", "beam") if r % 2 == 0 else ("beam", "hand")):
+            for side in ("hand", "beam") if r % 2 == 0 else ("beam", "hand"):
                 load = os.getloadavg()[0]
                 if side == "hand":
                     res = common.run_child(_argv(args, child="hand", n=args.images))
                     hands.append(res)
                 else:
-                    res = common.run_child(_argv(args, child="beam", n=args.images, mode="multi_processing",
-                                                 workers=args.workers))
+                    res = common.run_child(
+                        _argv(args, child="beam", n=args.images, mode="multi_processing", workers=args.workers)
+                    )
                     beams.append(res)
                 print(_line(res) + f"\n{'':<40} load average at start {load:.1f}")
         for h, b in zip(hands, beams):
-            print(f"ratio (Beam img/s / hand-loop img/s): {h['wall_s'] / b['wall_s']:.2f}x; CPU seconds per image: "
-                  f"hand loop {h['cpu_s'] / h['images']:.3f}, Beam {b['cpu_s'] / b['images']:.3f}")
+            print(
+                f"ratio (Beam img/s / hand-loop img/s): {h['wall_s'] / b['wall_s']:.2f}x; CPU seconds per image: "
+                f"hand loop {h['cpu_s'] / h['images']:.3f}, Beam {b['cpu_s'] / b['images']:.3f}"
+            )
         if args.repeats > 1:
             best_h, best_b = min(h["wall_s"] for h in hands), min(b["wall_s"] for b in beams)
-            print(f"best of {args.repeats}: hand loop {best_h:.1f} s, Beam {best_b:.1f} s, ratio {best_h / best_b:.2f}x")
+            print(
+                f"best of {args.repeats}: hand loop {best_h:.1f} s, Beam {best_b:.1f} s, ratio {best_h / best_b:.2f}x"
+            )
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,8 +17,10 @@ from persongen_jax.utils.xla_stats import memory_fields as xla_memory_mib  # noq
 
 # Peak dense throughput (FLOP/s) per device kind, for MFU. fp32 without TF32 / bf16 tensor cores.
 PEAK_FLOPS = {
-    ("NVIDIA H100 80GB HBM3", "float32"): 67e12, ("NVIDIA H100 80GB HBM3", "bfloat16"): 989e12,
-    ("NVIDIA H200", "float32"): 67e12, ("NVIDIA H200", "bfloat16"): 989e12,
+    ("NVIDIA H100 80GB HBM3", "float32"): 67e12,
+    ("NVIDIA H100 80GB HBM3", "bfloat16"): 989e12,
+    ("NVIDIA H200", "float32"): 67e12,
+    ("NVIDIA H200", "bfloat16"): 989e12,
 }
 
 
@@ -56,7 +58,7 @@ class StepClock:
         step's end): host batch, dispatch and the step itself."""
         if warmup < 1:
             raise ValueError(f"warmup={warmup}: at least 1 step (a step is timed from the previous one's end)")
-        return [b - a for a, b in zip(self.stamps[warmup - 1:], self.stamps[warmup:])]
+        return [b - a for a, b in zip(self.stamps[warmup - 1 :], self.stamps[warmup:])]
 
 
 def time_torch(fn, steps: int, warmup: int, dev: str) -> tuple[float, list[float], float]:
@@ -80,8 +82,11 @@ def jax_device_stats(median_s: float, flops: float | None, dtype: str) -> dict:
     import jax
 
     dev = jax.devices()[0]
-    out = {"peak_mib": (dev.memory_stats().get("peak_bytes_in_use", 0) / 2**20 if dev.platform == "gpu"
-                        else peak_rss_mib())}
+    out = {
+        "peak_mib": (
+            dev.memory_stats().get("peak_bytes_in_use", 0) / 2**20 if dev.platform == "gpu" else peak_rss_mib()
+        )
+    }
     if flops:
         out["achieved_tflops"] = flops / median_s / 1e12
         peak = PEAK_FLOPS.get((dev.device_kind, dtype))

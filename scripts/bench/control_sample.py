@@ -58,9 +58,16 @@ def run_torch(args) -> dict:
     randomize_(unet, seed=0)  # random weights on both sides (the JAX side: modeling.random_init)
     randomize_(cn, seed=1)  # no zero convolutions: the residuals are real work for both sides
     unet, cn = unet.to(dev), cn.to(dev)
-    pipe = StableDiffusionXLControlNetPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                               tokenizer_2=None, unet=unet, controlnet=cn,
-                                               scheduler=EulerDiscreteScheduler(**SCHEDULER))
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=unet,
+        controlnet=cn,
+        scheduler=EulerDiscreteScheduler(**SCHEDULER),
+    )
     pipe.set_progress_bar_config(disable=True)
     e = {k: torch.from_numpy(v).to(dev) for k, v in embeddings(cfg).items()}
     image = torch.from_numpy(control_image(args.hw).transpose(0, 3, 1, 2).copy()).to(dev)
@@ -68,10 +75,18 @@ def run_torch(args) -> dict:
 
     def call():
         with torch.no_grad():
-            return pipe(prompt_embeds=e["prompt"], pooled_prompt_embeds=e["pooled"],
-                        negative_prompt_embeds=e["negative"], negative_pooled_prompt_embeds=e["negative_pooled"],
-                        image=image, height=px, width=px, num_inference_steps=args.steps, guidance_scale=5.0,
-                        output_type="latent").images
+            return pipe(
+                prompt_embeds=e["prompt"],
+                pooled_prompt_embeds=e["pooled"],
+                negative_prompt_embeds=e["negative"],
+                negative_pooled_prompt_embeds=e["negative_pooled"],
+                image=image,
+                height=px,
+                width=px,
+                num_inference_steps=args.steps,
+                guidance_scale=5.0,
+                output_type="latent",
+            ).images
 
     med, times, peak = common.time_torch(call, args.repeats, 1, dev)
     return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak}
@@ -91,24 +106,40 @@ def run_jax(args) -> dict:
     jax.config.update("jax_default_matmul_precision", "highest")
     cfg = unet_config(args.size, args.hw)
     unet = modeling.random_init(UNet2DConditionModel, cfg, seed=0)
-    cn = modeling.random_init(ControlNetModel, ControlNetModel.config_for_unet(
-        cfg, conditioning_embedding_out_channels=CN_EMBEDDING), seed=1)
+    cn = modeling.random_init(
+        ControlNetModel, ControlNetModel.config_for_unet(cfg, conditioning_embedding_out_channels=CN_EMBEDDING), seed=1
+    )
     sched = EulerDiscreteScheduler.from_config(SCHEDULER)
     state = sched.set_timesteps(args.steps)
     e = {k: jnp.asarray(v) for k, v in embeddings(cfg).items()}
     px = args.hw * 8
     controls = (ControlConditioning(image=jnp.asarray(control_image(args.hw)), scale=jnp.float32(1.0)),)
-    cond = Conditioning(prompt_embeds=e["prompt"], pooled=e["pooled"], text_only_embeds=e["prompt"],
-                        text_only_pooled=e["pooled"], negative_embeds=e["negative"],
-                        negative_pooled=e["negative_pooled"], time_ids=sdxl_time_ids(px, px), controls=controls)
+    cond = Conditioning(
+        prompt_embeds=e["prompt"],
+        pooled=e["pooled"],
+        text_only_embeds=e["prompt"],
+        text_only_pooled=e["pooled"],
+        negative_embeds=e["negative"],
+        negative_pooled=e["negative_pooled"],
+        time_ids=sdxl_time_ids(px, px),
+        controls=controls,
+    )
     keep = control_keep(controls, args.steps)
     (udef, uparams), (cdef, cparams) = nnx.split(unet), nnx.split(cn)
 
     @jax.jit
     def loop(uparams, cparams, noise, cond, keep):
-        return denoise(nnx.merge(udef, uparams), sched, state, noise * sched.init_noise_sigma(state), cond,
-                       guidance_scale=5.0, start_merge_step=0, controlnets=[nnx.merge(cdef, cparams)],
-                       controlnet_keep=keep)
+        return denoise(
+            nnx.merge(udef, uparams),
+            sched,
+            state,
+            noise * sched.init_noise_sigma(state),
+            cond,
+            guidance_scale=5.0,
+            start_merge_step=0,
+            controlnets=[nnx.merge(cdef, cparams)],
+            controlnet_keep=keep,
+        )
 
     noise = jax.random.normal(jax.random.key(0), (1, args.hw, args.hw, 4))
     t0 = time.perf_counter()
@@ -123,8 +154,14 @@ def run_jax(args) -> dict:
 
     sync(call())
     med, times = common.median_time(call, args.repeats, sync)
-    return {"framework": "jax", "device": jax.devices()[0].device_kind, "median_s": med, "times": times,
-            "compile_s": compile_s, "peak_mib": common.peak_rss_mib()}
+    return {
+        "framework": "jax",
+        "device": jax.devices()[0].device_kind,
+        "median_s": med,
+        "times": times,
+        "compile_s": compile_s,
+        "peak_mib": common.peak_rss_mib(),
+    }
 
 
 def main():
@@ -138,17 +175,32 @@ def main():
     if args.framework != "both":
         print(json.dumps(run_jax(args) if args.framework == "jax" else run_torch(args)))
         return
-    base = [__file__, "--hw", str(args.hw), "--steps", str(args.steps), "--repeats", str(args.repeats),
-            "--size", args.size]
+    base = [
+        __file__,
+        "--hw",
+        str(args.hw),
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+        "--size",
+        args.size,
+    ]
     pt = common.run_child(base + ["--framework", "pytorch"])
     jx = common.run_child(base + ["--framework", "jax"])
     print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")
-    print(f"{args.steps}-step CFG sampling (Euler) with one ControlNet, {args.size} UNet, 1 image, "
-          f"{args.hw}x{args.hw} latents, fp32, median of {args.repeats}")
-    print(f"  diffusers StableDiffusionXLControlNetPipeline (eager): {pt['median_s']:7.2f} s   "
-          f"peak {pt['peak_mib']:7.0f} MiB")
-    print(f"  jax (one compiled loop)                              : {jx['median_s']:7.2f} s   "
-          f"peak {jx['peak_mib']:7.0f} MiB   compile {jx['compile_s']:.1f} s")
+    print(
+        f"{args.steps}-step CFG sampling (Euler) with one ControlNet, {args.size} UNet, 1 image, "
+        f"{args.hw}x{args.hw} latents, fp32, median of {args.repeats}"
+    )
+    print(
+        f"  diffusers StableDiffusionXLControlNetPipeline (eager): {pt['median_s']:7.2f} s   "
+        f"peak {pt['peak_mib']:7.0f} MiB"
+    )
+    print(
+        f"  jax (one compiled loop)                              : {jx['median_s']:7.2f} s   "
+        f"peak {jx['peak_mib']:7.0f} MiB   compile {jx['compile_s']:.1f} s"
+    )
     print(f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)")
     print("json:", json.dumps({"pytorch": pt, "jax": jx}))
 

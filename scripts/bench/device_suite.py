@@ -62,11 +62,18 @@ def run_method(args) -> dict:
     med = statistics.median(times)
     flops = out["compiled"].get("flops_per_step")
     dev = jax.devices()[0]
-    return {"device": dev.device_kind, "median_s": med, "img_per_s": args.batch / med, "times": times,
-            "compile_s": out["compiled"]["compile_s"], "wall_s": wall, "flops_per_step": flops,
-            "memory_mib": out["compiled"].get("memory_mib"),
-            "trainable_m": sum(v.size for v in out["params"].values()) / 1e6,
-            **common.jax_device_stats(med, flops, args.dtype)}
+    return {
+        "device": dev.device_kind,
+        "median_s": med,
+        "img_per_s": args.batch / med,
+        "times": times,
+        "compile_s": out["compiled"]["compile_s"],
+        "wall_s": wall,
+        "flops_per_step": flops,
+        "memory_mib": out["compiled"].get("memory_mib"),
+        "trainable_m": sum(v.size for v in out["params"].values()) / 1e6,
+        **common.jax_device_stats(med, flops, args.dtype),
+    }
 
 
 def plan(args) -> list[tuple[str, list[str]]]:
@@ -74,20 +81,79 @@ def plan(args) -> list[tuple[str, list[str]]]:
     t = args.tiny
     dt = "float32" if t else "bfloat16"
     att = "xla" if t else "cudnn"
-    me = [__file__, "--part", "method", "--size", "micro" if t else "sdxl_base", "--res", "32" if t else "512",
-          "--batch", "2" if t else "12", "--steps", "2" if t else "10", "--warmup", "1" if t else "2",
-          "--dtype", dt, "--attention", att, "--remat", args.remat]
-    unet = [str(BENCH / "unet_step.py"), "--size", "micro" if t else "sdxl_base", "--hw", "8" if t else "64",
-            "--batch", "2" if t else "12", "--steps", "2" if t else "10", "--warmup", "1" if t else "2",
-            "--dtype", dt, "--attention", att]
-    sample = lambda b: [str(BENCH / "sample.py"), "--size", "micro" if t else "sdxl_base",  # noqa: E731
-                        "--hw", "8" if t else "128", "--batch", str(b), "--steps", "3" if t else "50",
-                        "--repeats", "1" if t else "3", "--dtype", dt, "--attention", att]
-    ev = [str(BENCH / "eval.py"), "--which", "both", "--model", "base" if t else "large",
-          "--arcface", "tiny" if t else "r100", "--batch", "2" if t else "32", "--steps", "1" if t else "10",
-          "--warmup", "1" if t else "2", "--dtype", dt]
-    return [("method", me), ("unet", unet), ("sample_1", sample(1)), ("sample_4", sample(2 if t else 4)),
-            ("eval", ev)]
+    me = [
+        __file__,
+        "--part",
+        "method",
+        "--size",
+        "micro" if t else "sdxl_base",
+        "--res",
+        "32" if t else "512",
+        "--batch",
+        "2" if t else "12",
+        "--steps",
+        "2" if t else "10",
+        "--warmup",
+        "1" if t else "2",
+        "--dtype",
+        dt,
+        "--attention",
+        att,
+        "--remat",
+        args.remat,
+    ]
+    unet = [
+        str(BENCH / "unet_step.py"),
+        "--size",
+        "micro" if t else "sdxl_base",
+        "--hw",
+        "8" if t else "64",
+        "--batch",
+        "2" if t else "12",
+        "--steps",
+        "2" if t else "10",
+        "--warmup",
+        "1" if t else "2",
+        "--dtype",
+        dt,
+        "--attention",
+        att,
+    ]
+    sample = lambda b: [
+        str(BENCH / "sample.py"),
+        "--size",
+        "micro" if t else "sdxl_base",  # noqa: E731
+        "--hw",
+        "8" if t else "128",
+        "--batch",
+        str(b),
+        "--steps",
+        "3" if t else "50",
+        "--repeats",
+        "1" if t else "3",
+        "--dtype",
+        dt,
+        "--attention",
+        att,
+    ]
+    ev = [
+        str(BENCH / "eval.py"),
+        "--which",
+        "both",
+        "--model",
+        "base" if t else "large",
+        "--arcface",
+        "tiny" if t else "r100",
+        "--batch",
+        "2" if t else "32",
+        "--steps",
+        "1" if t else "10",
+        "--warmup",
+        "1" if t else "2",
+        "--dtype",
+        dt,
+    ]
+    return [("method", me), ("unet", unet), ("sample_1", sample(1)), ("sample_4", sample(2 if t else 4)), ("eval", ev)]
 
 
 def run_part(argv: list[str]) -> dict:
@@ -99,7 +165,7 @@ def run_part(argv: list[str]) -> dict:
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
     last = lines[-1]
-    return json.loads(last[len("json:"):] if last.startswith("json:") else last)
+    return json.loads(last[len("json:") :] if last.startswith("json:") else last)
 
 
 def rows(results: dict) -> list[str]:
@@ -111,22 +177,28 @@ def rows(results: dict) -> list[str]:
             continue
         if name == "method":
             mfu = f", MFU {r['mfu'] * 100:.1f}%" if "mfu" in r else ""
-            out.append(f"| method train step | {r['img_per_s']:.2f} img/s ({r['median_s'] * 1e3:.0f} ms/step) | "
-                       f"(see unet) | | {r['peak_mib']:.0f} | compile {r['compile_s']:.0f} s{mfu} |")
+            out.append(
+                f"| method train step | {r['img_per_s']:.2f} img/s ({r['median_s'] * 1e3:.0f} ms/step) | "
+                f"(see unet) | | {r['peak_mib']:.0f} | compile {r['compile_s']:.0f} s{mfu} |"
+            )
             continue
         if name == "eval":
             for model in ("clip", "arcface"):
                 if model in r:
                     jx, pt = r[model]["jax"], r[model]["reference"]
-                    out.append(f"| eval {model} | {jx['images_per_s']:.1f} img/s | {pt['images_per_s']:.1f} img/s | "
-                               f"{r[model]['ratio_ref_over_jax']:.2f}x | {jx.get('peak_mib', 0):.0f} | "
-                               f"parity {'ok' if r[model]['parity_ok'] else 'FAILED'} |")
+                    out.append(
+                        f"| eval {model} | {jx['images_per_s']:.1f} img/s | {pt['images_per_s']:.1f} img/s | "
+                        f"{r[model]['ratio_ref_over_jax']:.2f}x | {jx.get('peak_mib', 0):.0f} | "
+                        f"parity {'ok' if r[model]['parity_ok'] else 'FAILED'} |"
+                    )
             continue
         if "jax" in r and "pytorch" in r and "median_s" in r["jax"]:
             jx, pt = r["jax"], r["pytorch"]
-            out.append(f"| {name} | {jx['median_s'] * 1e3:.1f} ms | {pt['median_s'] * 1e3:.1f} ms | "
-                       f"{pt['median_s'] / jx['median_s']:.2f}x | {jx.get('peak_mib', 0):.0f} | "
-                       f"compile {jx.get('compile_s', 0):.0f} s |")
+            out.append(
+                f"| {name} | {jx['median_s'] * 1e3:.1f} ms | {pt['median_s'] * 1e3:.1f} ms | "
+                f"{pt['median_s'] / jx['median_s']:.2f}x | {jx.get('peak_mib', 0):.0f} | "
+                f"compile {jx.get('compile_s', 0):.0f} s |"
+            )
         else:
             out.append(f"| {name} | {json.dumps(r)[:300]} | | | | |")
     return out
@@ -139,8 +211,15 @@ def main(argv=None):
     p.add_argument("--parts", default="method,unet,sample_1,sample_4,eval")
     p.add_argument("--remat", default="none")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # child: one part
-    for k, v in (("--size", "sdxl_base"), ("--res", "512"), ("--batch", "12"), ("--steps", "10"),
-                 ("--warmup", "2"), ("--dtype", "bfloat16"), ("--attention", "cudnn")):
+    for k, v in (
+        ("--size", "sdxl_base"),
+        ("--res", "512"),
+        ("--batch", "12"),
+        ("--steps", "10"),
+        ("--warmup", "2"),
+        ("--dtype", "bfloat16"),
+        ("--attention", "cudnn"),
+    ):
         p.add_argument(k, default=v, type=int if v.isdigit() else str, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.part == "method":
@@ -154,8 +233,10 @@ def main(argv=None):
             t = time.perf_counter()
             results[name] = run_part(child)
             print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-    header = (f"device suite ({'tiny' if args.tiny else 'sdxl_base'}), {common.machine()}, "
-              f"{time.perf_counter() - t0:.0f} s in all")
+    header = (
+        f"device suite ({'tiny' if args.tiny else 'sdxl_base'}), {common.machine()}, "
+        f"{time.perf_counter() - t0:.0f} s in all"
+    )
     table = rows(results)
     print(header)
     print("\n".join(table))

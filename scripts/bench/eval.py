@@ -43,21 +43,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench import common  # noqa: E402
 
 # transformers CLIPConfig kwargs. eos_token_id=2 as in OpenAI's released configs (argmax pooling).
-_TEXT = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0,
-             eos_token_id=2, pad_token_id=1)
+_TEXT = dict(
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
 CLIP_MODELS = {
     "base": dict(  # openai/clip-vit-base-patch32 shape
-        text_config=dict(_TEXT, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=8),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           patch_size=32, image_size=224, hidden_act="quick_gelu"),
-        projection_dim=512),
+        text_config=dict(_TEXT, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            patch_size=32,
+            image_size=224,
+            hidden_act="quick_gelu",
+        ),
+        projection_dim=512,
+    ),
     "large": dict(  # openai/clip-vit-large-patch14 shape
-        text_config=dict(_TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12),
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           patch_size=14, image_size=224, hidden_act="quick_gelu"),
-        projection_dim=768),
+        text_config=dict(_TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        vision_config=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=224,
+            hidden_act="quick_gelu",
+        ),
+        projection_dim=768,
+    ),
 }
 BOS, EOT = 49406, 49407
 PARITY_TOL = 1e-3
@@ -85,8 +105,9 @@ def prepare(args, work: Path) -> dict:
         from weights_conversion.convert import convert_clip
 
         spec = CLIP_MODELS[args.model]
-        cfg = transformers.CLIPConfig(text_config=spec["text_config"], vision_config=spec["vision_config"],
-                                      projection_dim=spec["projection_dim"])
+        cfg = transformers.CLIPConfig(
+            text_config=spec["text_config"], vision_config=spec["vision_config"], projection_dim=spec["projection_dim"]
+        )
         torch.manual_seed(0)
         model = transformers.CLIPModel(cfg).eval()
         model.save_pretrained(work / "clip_src")
@@ -98,8 +119,11 @@ def prepare(args, work: Path) -> dict:
         ids[:, 0] = BOS
         for i, n in enumerate(rng.integers(4, 60, b)):  # EOT after n tokens, EOT padding after it
             ids[i, n:] = EOT
-        np.savez(work / "clip_inputs.npz", pixel_values=rng.standard_normal((b, size, size, 3)).astype(np.float32),
-                 input_ids=ids)
+        np.savez(
+            work / "clip_inputs.npz",
+            pixel_values=rng.standard_normal((b, size, size, 3)).astype(np.float32),
+            input_ids=ids,
+        )
     if args.which in ("arcface", "both"):
         import onnx
 
@@ -109,7 +133,9 @@ def prepare(args, work: Path) -> dict:
         shape = arcface_shapes()[args.arcface]
         make_arcface_onnx(work / "arcface.onnx", **shape)
         convert_arcface(work / "arcface.onnx", work / "arcface_jax")
-        facts["arcface_params"] = int(sum(np.prod(t.dims) for t in onnx.load(str(work / "arcface.onnx")).graph.initializer))
+        facts["arcface_params"] = int(
+            sum(np.prod(t.dims) for t in onnx.load(str(work / "arcface.onnx")).graph.initializer)
+        )
         s = shape["input_size"]
         np.savez(work / "arcface_inputs.npz", crops=rng.integers(0, 256, (args.batch, s, s, 3)).astype(np.uint8))
     return facts
@@ -146,13 +172,16 @@ def run_reference(args, work: Path) -> dict:
 
         med, times, peak = common.time_torch(call, args.steps, args.warmup, dev)
         out = call().float().cpu().numpy()
-        info = {"framework": "pytorch", "impl": f"transformers {transformers.__version__} "
-                f"({model.config._attn_implementation} attention), torch {torch.__version__}", "device": dev}
+        info = {
+            "framework": "pytorch",
+            "impl": f"transformers {transformers.__version__} "
+            f"({model.config._attn_implementation} attention), torch {torch.__version__}",
+            "device": dev,
+        }
     else:
         import onnxruntime as ort
 
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if p in ort.get_available_providers()]
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         sess = ort.InferenceSession(str(work / "arcface.onnx"), providers=providers)
         name = sess.get_inputs()[0].name
         crops = np.load(work / "arcface_inputs.npz")["crops"]
@@ -167,11 +196,9 @@ def run_reference(args, work: Path) -> dict:
         med, times = common.median_time(call, args.steps, lambda _: None)
         peak = common.peak_rss_mib()
         out = call()
-        info = {"framework": "onnxruntime", "impl": f"onnxruntime {ort.__version__}",
-                "device": sess.get_providers()[0]}
+        info = {"framework": "onnxruntime", "impl": f"onnxruntime {ort.__version__}", "device": sess.get_providers()[0]}
     np.save(work / f"{args.bench}_reference.npy", np.asarray(out, np.float32))
-    return {**info, "median_s": med, "times": times, "peak_mib": peak,
-            "images_per_s": args.batch / med}
+    return {**info, "median_s": med, "times": times, "peak_mib": peak, "images_per_s": args.batch / med}
 
 
 # ----------------------------------------------------------------------------- JAX child
@@ -207,9 +234,18 @@ def run_jax(args, work: Path) -> dict:
     np.save(work / f"{args.bench}_jax.npy", np.asarray(call(), np.float32))
     flops = common.xla_flops(compiled)
     stats = common.jax_device_stats(med, flops, args.dtype)
-    return {"framework": "jax", "impl": f"jax {jax.__version__}", "device": jax.devices()[0].device_kind,
-            "median_s": med, "times": times, "images_per_s": args.batch / med, "compile_s": compile_s,
-            "flops_per_image": flops / args.batch if flops else None, **common.xla_memory_mib(compiled), **stats}
+    return {
+        "framework": "jax",
+        "impl": f"jax {jax.__version__}",
+        "device": jax.devices()[0].device_kind,
+        "median_s": med,
+        "times": times,
+        "images_per_s": args.batch / med,
+        "compile_s": compile_s,
+        "flops_per_image": flops / args.batch if flops else None,
+        **common.xla_memory_mib(compiled),
+        **stats,
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -217,35 +253,51 @@ def run_jax(args, work: Path) -> dict:
 
 def report(bench: str, args, facts: dict, ref: dict, jx: dict, diff: float) -> dict:
     if bench == "clip":
-        title = (f"CLIP-T (image + text features + cosine), {args.model} shape "
-                 f"({facts['clip_params'] / 1e6:.1f}M params), batch {args.batch}, 224x224 + 77 tokens")
+        title = (
+            f"CLIP-T (image + text features + cosine), {args.model} shape "
+            f"({facts['clip_params'] / 1e6:.1f}M params), batch {args.batch}, 224x224 + 77 tokens"
+        )
         ref_name = "transformers (eager)"
     else:
-        title = (f"ArcFace embedding, {args.arcface} ({facts['arcface_params'] / 1e6:.1f}M params), "
-                 f"batch {args.batch}, 112x112 crops")
+        title = (
+            f"ArcFace embedding, {args.arcface} ({facts['arcface_params'] / 1e6:.1f}M params), "
+            f"batch {args.batch}, 112x112 crops"
+        )
         ref_name = "onnxruntime"
     ratio = ref["median_s"] / jx["median_s"]
     print(f"{title}, JAX {args.dtype}, median of {args.steps} (warm-up {args.warmup})")
-    print(f"  {ref_name:22s}: {ref['images_per_s']:8.1f} img/s ({ref['median_s'] * 1e3:8.1f} ms)   "
-          f"peak {ref['peak_mib']:7.0f} MiB   [{ref['device']}]")
-    print(f"  {'jax (nnx.jit)':22s}: {jx['images_per_s']:8.1f} img/s ({jx['median_s'] * 1e3:8.1f} ms)   "
-          f"peak {jx['peak_mib']:7.0f} MiB   compile {jx['compile_s']:.1f} s")
+    print(
+        f"  {ref_name:22s}: {ref['images_per_s']:8.1f} img/s ({ref['median_s'] * 1e3:8.1f} ms)   "
+        f"peak {ref['peak_mib']:7.0f} MiB   [{ref['device']}]"
+    )
+    print(
+        f"  {'jax (nnx.jit)':22s}: {jx['images_per_s']:8.1f} img/s ({jx['median_s'] * 1e3:8.1f} ms)   "
+        f"peak {jx['peak_mib']:7.0f} MiB   compile {jx['compile_s']:.1f} s"
+    )
     print(f"  ratio reference/jax = {ratio:.2f}x  (>1: JAX faster)")
     if jx.get("flops_per_image"):
         print(common.flops_line(f"  XLA GFLOP/image {jx['flops_per_image'] / 1e9:.2f}", jx))
     ok = diff <= PARITY_TOL
-    print(f"  parity: max abs diff {diff:.2e} ({'scores, 100*cos' if bench == 'clip' else 'unit embeddings'}) "
-          f"{'OK' if ok else 'ABOVE'} tol {PARITY_TOL:g}" + ("" if args.dtype == "float32" else " (bf16: info only)"))
-    return {"reference": ref, "jax": jx, "ratio_ref_over_jax": ratio,
-            "max_abs_diff": diff,
-            "parity_ok": bool(ok), **{k: v for k, v in facts.items() if k.startswith(bench)}}
+    print(
+        f"  parity: max abs diff {diff:.2e} ({'scores, 100*cos' if bench == 'clip' else 'unit embeddings'}) "
+        f"{'OK' if ok else 'ABOVE'} tol {PARITY_TOL:g}" + ("" if args.dtype == "float32" else " (bf16: info only)")
+    )
+    return {
+        "reference": ref,
+        "jax": jx,
+        "ratio_ref_over_jax": ratio,
+        "max_abs_diff": diff,
+        "parity_ok": bool(ok),
+        **{k: v for k, v in facts.items() if k.startswith(bench)},
+    }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", choices=["clip", "arcface", "both"], default="both")
-    p.add_argument("--model", choices=sorted(CLIP_MODELS), default=None,
-                   help="CLIP shape (default: large on a GPU, base on CPU)")
+    p.add_argument(
+        "--model", choices=sorted(CLIP_MODELS), default=None, help="CLIP shape (default: large on a GPU, base on CPU)"
+    )
     p.add_argument("--arcface", choices=["tiny", "r50", "r100"], default="r50")
     p.add_argument("--batch", type=int, default=16, help="images per call (both benchmarks)")
     p.add_argument("--steps", type=int, default=5, help="timed calls (median)")
@@ -265,18 +317,36 @@ def main():
         args.model = "large" if shutil.which("nvidia-smi") else "base"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_eval_"))
     work.mkdir(parents=True, exist_ok=True)
-    base = [__file__, "--which", args.which, "--model", args.model, "--arcface", args.arcface,
-            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--dtype", args.dtype, "--workdir", str(work)]
+    base = [
+        __file__,
+        "--which",
+        args.which,
+        "--model",
+        args.model,
+        "--arcface",
+        args.arcface,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--dtype",
+        args.dtype,
+        "--workdir",
+        str(work),
+    ]
     try:
         t0 = time.perf_counter()
         facts = common.run_child(base + ["--stage", "prepare"])
         print(f"machine: {common.machine()}; models built and converted in {time.perf_counter() - t0:.0f} s")
-        result = {"machine": common.machine(), "args": {k: str(v) for k, v in vars(args).items()
-                                                         if k not in ("stage", "bench", "workdir", "out")}}
+        result = {
+            "machine": common.machine(),
+            "args": {k: str(v) for k, v in vars(args).items() if k not in ("stage", "bench", "workdir", "out")},
+        }
         import numpy as np
 
-        for bench in (["clip", "arcface"] if args.which == "both" else [args.which]):
+        for bench in ["clip", "arcface"] if args.which == "both" else [args.which]:
             ref = common.run_child(base + ["--stage", "reference", "--bench", bench])
             jx = common.run_child(base + ["--stage", "jax", "--bench", bench])
             diff = float(np.max(np.abs(np.load(work / f"{bench}_reference.npy") - np.load(work / f"{bench}_jax.npy"))))

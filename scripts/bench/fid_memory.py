@@ -46,8 +46,13 @@ def child(n: int, size: int, batch: int) -> dict:
     stats = scorer.statistics(images())
     mu, sigma = stats.mean_cov()
     seconds = time.perf_counter() - t0
-    return {"n": stats.n, "seconds": seconds, "img_s": n / seconds, "peak_rss_mib": common.peak_rss_mib(),
-            "finite": bool(np.isfinite(mu).all() and np.isfinite(sigma).all())}
+    return {
+        "n": stats.n,
+        "seconds": seconds,
+        "img_s": n / seconds,
+        "peak_rss_mib": common.peak_rss_mib(),
+        "finite": bool(np.isfinite(mu).all() and np.isfinite(sigma).all()),
+    }
 
 
 def main():
@@ -65,8 +70,11 @@ def main():
     for n in args.counts:
         r = common.run_child([__file__, "--child", str(n), "--size", str(args.size), "--batch", str(args.batch)])
         results.append(r)
-        print(f"N={r['n']:>6}: peak RSS {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.0f} s ({r['img_s']:.1f} img/s), "
-              f"statistics finite: {r['finite']}", flush=True)
+        print(
+            f"N={r['n']:>6}: peak RSS {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.0f} s ({r['img_s']:.1f} img/s), "
+            f"statistics finite: {r['finite']}",
+            flush=True,
+        )
     ratio = results[-1]["peak_rss_mib"] / results[0]["peak_rss_mib"]
     print(f"peak RSS ratio N={results[-1]['n']} / N={results[0]['n']}: {ratio:.3f}x (acceptance <= 1.3x)")
     print(json.dumps({"results": results, "ratio": ratio}))

@@ -39,7 +39,7 @@ def _inputs(cfg: dict, batch: int, seed: int = 0):
     pixels = rng.standard_normal((1, batch, 3, size, size)).astype(np.float32)
     prompt = rng.standard_normal((1, 77, d)).astype(np.float32)
     mask = np.zeros((1, 77), bool)
-    mask[0, 5:5 + batch * cfg["num_tokens"]] = True
+    mask[0, 5 : 5 + batch * cfg["num_tokens"]] = True
     ids = (4 * rng.standard_normal((1, batch, cfg["id_embeddings_dim"]))).astype(np.float32)
     return pixels, prompt, mask, ids
 
@@ -66,8 +66,9 @@ def child(args) -> dict:
         del sd
         t = [torch.from_numpy(x) for x in (pixels, prompt, mask, ids)]
         with torch.no_grad():
-            med, times, peak = common.time_torch(lambda: ref(t[0], t[1].clone(), t[2], t[3]), args.steps,
-                                                 args.warmup, "cpu")
+            med, times, peak = common.time_torch(
+                lambda: ref(t[0], t[1].clone(), t[2], t[3]), args.steps, args.warmup, "cpu"
+            )
             result = ref(t[0], t[1].clone(), t[2], t[3]).numpy()
     else:
         import jax
@@ -108,16 +109,29 @@ def main(argv=None) -> int:
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = [__file__, "--size", args.size, "--batch", str(args.batch), "--steps", str(args.steps),
-                "--warmup", str(args.warmup), "--out", tmp]
+        base = [
+            __file__,
+            "--size",
+            args.size,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--out",
+            tmp,
+        ]
         res = {fw: common.run_child(base + ["--child", fw]) for fw in ("torch", "jax")}
         diff = float(np.abs(np.load(Path(tmp) / "jax.npy") - np.load(Path(tmp) / "torch.npy")).max())
     t, j = res["torch"], res["jax"]
     print(f"machine: {common.machine()}")
     print(f"PhotoMaker V2 encoder ({args.size}), batch {args.batch} references, fp32")
     print(f"  PyTorch eager: {t['median_s'] * 1e3:.1f} ms/call (peak RSS {t['peak_mib']:.0f} MiB)")
-    print(f"  JAX (jit):     {j['median_s'] * 1e3:.1f} ms/call (peak RSS {j['peak_mib']:.0f} MiB, compile "
-          f"{j['compile_s']:.1f} s)")
+    print(
+        f"  JAX (jit):     {j['median_s'] * 1e3:.1f} ms/call (peak RSS {j['peak_mib']:.0f} MiB, compile "
+        f"{j['compile_s']:.1f} s)"
+    )
     print(f"  ratio (PyTorch / JAX): {t['median_s'] / j['median_s']:.2f}x; max abs diff of the outputs {diff:.2e}")
     print(json.dumps({"torch": t, "jax": j, "max_abs_diff": diff}))
     return 0

@@ -60,7 +60,8 @@ def prepare(args, work: Path) -> dict:
         torch.manual_seed(0)
         cfg = {k: v for k, v in DINO_VITS16.items() if k not in ("architectures", "model_type")}
         transformers.ViTModel(transformers.ViTConfig(**cfg), add_pooling_layer=False).eval().save_pretrained(
-            work / "dino_src")
+            work / "dino_src"
+        )
         convert_clip(work / "dino_src", work / "dino_jax", supported=("ViTModel",))
         np.save(work / "dino_in.npy", rng.standard_normal((b, 224, 224, 3)).astype(np.float32))
     if "fid" in args.which:
@@ -125,9 +126,11 @@ def run_jax(args, work: Path) -> dict:
     model = modeling.from_pretrained(work / f"{args.bench}_jax")
     if args.bench == "clip_i":
         from persongen_jax.evaluation.clip_t import _image_embeddings as f
+
         call_args = (model, jnp.asarray(x))
     elif args.bench == "dino":
         from persongen_jax.evaluation.dino import _embed as f
+
         call_args = (model, jnp.asarray(x))
     elif args.bench == "fid":
         from persongen_jax.evaluation.fid import _prepare, _trunk
@@ -136,6 +139,7 @@ def run_jax(args, work: Path) -> dict:
         call_args = (model, jnp.asarray(x))
     else:
         from persongen_jax.evaluation.face_div import _lpips as f
+
         call_args = (model, jnp.asarray(x[0]), jnp.asarray(x[1]))
     t0 = time.perf_counter()
     f(*call_args).block_until_ready()
@@ -144,8 +148,13 @@ def run_jax(args, work: Path) -> dict:
         f(*call_args).block_until_ready()
     med, times = common.median_time(lambda: f(*call_args), args.steps, lambda o: o.block_until_ready())
     np.save(work / f"{args.bench}_jax.npy", np.asarray(f(*call_args)))
-    return {"framework": "jax", "median_s": med, "images_per_s": args.batch / med, "compile_s": compile_s,
-            "peak_mib": common.peak_rss_mib()}
+    return {
+        "framework": "jax",
+        "median_s": med,
+        "images_per_s": args.batch / med,
+        "compile_s": compile_s,
+        "peak_mib": common.peak_rss_mib(),
+    }
 
 
 def main():
@@ -165,8 +174,18 @@ def main():
     import numpy as np
 
     work = Path(tempfile.mkdtemp(prefix="bench-paper-metrics-"))
-    common_args = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--workdir", str(work), "--which", *args.which]
+    common_args = [
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--workdir",
+        str(work),
+        "--which",
+        *args.which,
+    ]
     try:
         print(f"machine: {common.machine()}; batch {args.batch}, median of {args.steps} (warm-up {args.warmup})")
         common.run_child([__file__, "--stage", "prepare", *common_args])
@@ -176,9 +195,12 @@ def main():
             jx = common.run_child([__file__, "--stage", "jax", "--bench", bench, *common_args])
             diff = float(np.max(np.abs(np.load(work / f"{bench}_jax.npy") - np.load(work / f"{bench}_ref.npy"))))
             ratio = ref["median_s"] / jx["median_s"]
-            print(f"{bench:7s} reference {ref['images_per_s']:7.1f} img/s (peak {ref['peak_mib']:5.0f} MiB) | "
-                  f"jax {jx['images_per_s']:7.1f} img/s (peak {jx['peak_mib']:5.0f} MiB, compile "
-                  f"{jx['compile_s']:.1f} s) | ratio ref/jax {ratio:.2f}x | max abs diff {diff:.2e}", flush=True)
+            print(
+                f"{bench:7s} reference {ref['images_per_s']:7.1f} img/s (peak {ref['peak_mib']:5.0f} MiB) | "
+                f"jax {jx['images_per_s']:7.1f} img/s (peak {jx['peak_mib']:5.0f} MiB, compile "
+                f"{jx['compile_s']:.1f} s) | ratio ref/jax {ratio:.2f}x | max abs diff {diff:.2e}",
+                flush=True,
+            )
             out[bench] = {"reference": ref, "jax": jx, "ratio": ratio, "max_abs_diff": diff}
         print(json.dumps(out))
     finally:

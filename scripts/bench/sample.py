@@ -24,8 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench import common  # noqa: E402
 from scripts.bench.unet_step import unet_config  # noqa: E402
 
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
 
 
 def embeddings(cfg, seed=0):
@@ -49,8 +56,15 @@ def run_torch(args) -> dict:
     cfg = unet_config(args.size, args.hw)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).to(dev, dtype).eval()
-    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                     tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER))
+    pipe = StableDiffusionXLPipeline(
+        vae=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SCHEDULER),
+    )
     pipe.set_progress_bar_config(disable=True)
     e = {k: torch.from_numpy(v).to(dev, dtype) for k, v in embeddings(cfg).items()}
     rep = lambda x: x.repeat(args.batch, *([1] * (x.ndim - 1)))
@@ -58,10 +72,17 @@ def run_torch(args) -> dict:
 
     def call():
         with torch.no_grad():
-            return pipe(prompt_embeds=rep(e["prompt"]), pooled_prompt_embeds=rep(e["pooled"]),
-                        negative_prompt_embeds=rep(e["negative"]),
-                        negative_pooled_prompt_embeds=rep(e["negative_pooled"]), height=px, width=px,
-                        num_inference_steps=args.steps, guidance_scale=5.0, output_type="latent").images
+            return pipe(
+                prompt_embeds=rep(e["prompt"]),
+                pooled_prompt_embeds=rep(e["pooled"]),
+                negative_prompt_embeds=rep(e["negative"]),
+                negative_pooled_prompt_embeds=rep(e["negative_pooled"]),
+                height=px,
+                width=px,
+                num_inference_steps=args.steps,
+                guidance_scale=5.0,
+                output_type="latent",
+            ).images
 
     med, times, peak = common.time_torch(call, args.repeats, 1, dev)
     return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak}
@@ -79,24 +100,34 @@ def run_jax(args) -> dict:
     if args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
     cfg = unet_config(args.size, args.hw)
-    unet = UNet2DConditionModel.from_config(cfg, rngs=nnx.Rngs(0),
-                                            dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None,
-                                            param_dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-                                            attention_impl=args.attention)
+    unet = UNet2DConditionModel.from_config(
+        cfg,
+        rngs=nnx.Rngs(0),
+        dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None,
+        param_dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+        attention_impl=args.attention,
+    )
     sched = EulerDiscreteScheduler.from_config(SCHEDULER)
     state = sched.set_timesteps(args.steps)
     e = {k: jnp.asarray(v) for k, v in embeddings(cfg).items()}
     px = args.hw * 8
-    cond = Conditioning(prompt_embeds=e["prompt"], pooled=e["pooled"], text_only_embeds=e["prompt"],
-                        text_only_pooled=e["pooled"], negative_embeds=e["negative"],
-                        negative_pooled=e["negative_pooled"], time_ids=sdxl_time_ids(px, px))
+    cond = Conditioning(
+        prompt_embeds=e["prompt"],
+        pooled=e["pooled"],
+        text_only_embeds=e["prompt"],
+        text_only_pooled=e["pooled"],
+        negative_embeds=e["negative"],
+        negative_pooled=e["negative_pooled"],
+        time_ids=sdxl_time_ids(px, px),
+    )
     graphdef, params = nnx.split(unet)
 
     @jax.jit
     def loop(params, noise, cond):
         m = nnx.merge(graphdef, params)
-        return denoise(m, sched, state, noise * sched.init_noise_sigma(state), cond, guidance_scale=5.0,
-                       start_merge_step=0)
+        return denoise(
+            m, sched, state, noise * sched.init_noise_sigma(state), cond, guidance_scale=5.0, start_merge_step=0
+        )
 
     noise = jax.random.normal(jax.random.key(0), (args.batch, args.hw, args.hw, 4))
     t0 = time.perf_counter()
@@ -111,8 +142,16 @@ def run_jax(args) -> dict:
     # scale by the number of steps (the ops outside the loop are negligible).
     flops = common.xla_flops(compiled)
     flops = flops * args.steps if flops else None
-    return {"framework": "jax", "device": dev.device_kind, "median_s": med, "times": times, "compile_s": compile_s,
-            "flops": flops, **common.xla_memory_mib(compiled), **common.jax_device_stats(med, flops, args.dtype)}
+    return {
+        "framework": "jax",
+        "device": dev.device_kind,
+        "median_s": med,
+        "times": times,
+        "compile_s": compile_s,
+        "flops": flops,
+        **common.xla_memory_mib(compiled),
+        **common.jax_device_stats(med, flops, args.dtype),
+    }
 
 
 def main():
@@ -129,16 +168,35 @@ def main():
     if args.framework != "both":
         print(json.dumps(run_jax(args) if args.framework == "jax" else run_torch(args)))
         return
-    base = [__file__, "--batch", str(args.batch), "--hw", str(args.hw), "--steps", str(args.steps),
-            "--repeats", str(args.repeats), "--dtype", args.dtype, "--attention", args.attention, "--size", args.size]
+    base = [
+        __file__,
+        "--batch",
+        str(args.batch),
+        "--hw",
+        str(args.hw),
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+        "--dtype",
+        args.dtype,
+        "--attention",
+        args.attention,
+        "--size",
+        args.size,
+    ]
     pt = common.run_child(base + ["--framework", "pytorch"])
     jx = common.run_child(base + ["--framework", "jax"])
     print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")
-    print(f"{args.steps}-step CFG sampling (Euler), mid-size SDXL-shaped UNet, {args.batch} image(s), "
-          f"{args.hw}x{args.hw} latents, {args.dtype}, median of {args.repeats}")
+    print(
+        f"{args.steps}-step CFG sampling (Euler), mid-size SDXL-shaped UNet, {args.batch} image(s), "
+        f"{args.hw}x{args.hw} latents, {args.dtype}, median of {args.repeats}"
+    )
     print(f"  diffusers pipeline (eager): {pt['median_s']:7.2f} s   peak {pt['peak_mib']:7.0f} MiB")
-    print(f"  jax (one compiled loop)   : {jx['median_s']:7.2f} s   peak {jx['peak_mib']:7.0f} MiB   "
-          f"compile {jx['compile_s']:.1f} s")
+    print(
+        f"  jax (one compiled loop)   : {jx['median_s']:7.2f} s   peak {jx['peak_mib']:7.0f} MiB   "
+        f"compile {jx['compile_s']:.1f} s"
+    )
     print(f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)")
     if jx.get("flops"):
         print(common.flops_line(f"  XLA flops/call {jx['flops'] / 1e12:.2f} TFLOP", jx))

@@ -54,13 +54,21 @@ def build_abstract(config, workdir):
     tx = optim_lib.make_optimizer(params, groups, config.optim)
     state = state_lib._abstract(params, frozen, rest, tx)
     spec = StepSpec(split, tx, make_loss(config, model, built["tokenizers"], built["scheduler"]))
-    it, _ = data_lib.make_iterator(config, built["tokenizers"], workdir, shard_index=0, shard_count=1,
-                                   id_image_size=model.id_encoder.config.vision.image_size)
+    it, _ = data_lib.make_iterator(
+        config,
+        built["tokenizers"],
+        workdir,
+        shard_index=0,
+        shard_count=1,
+        id_image_size=model.id_encoder.config.vision.image_size,
+    )
     batch = data_lib.model_inputs(next(it), data_lib.text_condition_fields(config))
     batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    n_params = (sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
-                sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen)))
+    n_params = (
+        sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+        sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen)),
+    )
     return spec, state, batch, rng, model, n_params
 
 
@@ -75,8 +83,13 @@ def measure(config, workdir) -> dict:
     spec, state, batch, rng, model, n_params = build_abstract(config, workdir)
     t0 = time.perf_counter()
     compiled = jax.jit(functools.partial(train_step, spec=spec), donate_argnums=0).lower(state, batch, rng).compile()
-    out = {"compile_s": time.perf_counter() - t0, "flops": common.xla_flops(compiled),
-           **common.xla_memory_mib(compiled), "trainable_m": n_params[0] / 1e6, "frozen_m": n_params[1] / 1e6}
+    out = {
+        "compile_s": time.perf_counter() - t0,
+        "flops": common.xla_flops(compiled),
+        **common.xla_memory_mib(compiled),
+        "trainable_m": n_params[0] / 1e6,
+        "frozen_m": n_params[1] / 1e6,
+    }
 
     def loss_of(params, frozen, rest, batch, key):
         # Gradients of the trainable params only, as in the step (stop_gradient: the rest are constants).
@@ -84,8 +97,7 @@ def measure(config, workdir) -> dict:
         return spec.loss(spec.split.merge(params, frozen, rest), batch, key)[0]
 
     residuals = saved_residuals(loss_of, state.params, state.frozen, state.rest, batch, rng)
-    out["saved_mib"] = sum(a.size * a.dtype.itemsize for a, why in residuals
-                           if "from the argument" not in why) / 2**20
+    out["saved_mib"] = sum(a.size * a.dtype.itemsize for a, why in residuals if "from the argument" not in why) / 2**20
     # The UNet forward alone, at the step's shapes, in the step's compute dtype: 3x it = fwd + bwd estimate.
     unet = model.unet
     c = unet.config
@@ -96,8 +108,14 @@ def measure(config, workdir) -> dict:
     fwd = jax.jit(lambda st, x, t, e, p, ti: nnx.merge(gd, st)(x, t, e, text_embeds=p, time_ids=ti))
     pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
     cross = c.per_block("cross_attention_dim")[0]
-    lowered = fwd.lower(st, sds((b, r // 8, r // 8, 4), dt), sds((b,), jnp.int32), sds((b, 77, cross), dt),
-                        sds((b, pooled), dt), sds((b, 6), jnp.float32))
+    lowered = fwd.lower(
+        st,
+        sds((b, r // 8, r // 8, 4), dt),
+        sds((b,), jnp.int32),
+        sds((b, 77, cross), dt),
+        sds((b, pooled), dt),
+        sds((b, 6), jnp.float32),
+    )
     out["unet_fwd_flops"] = common.xla_flops(lowered.compile())
     out["batch"] = b
     return out
@@ -118,10 +136,14 @@ def main(argv=None):
 
     from configs import final_method
 
-    print(f"# scale.py: {args.model} {args.res}x{args.res}, final_method, compute bfloat16, attention "
-          f"{args.attention}; CPU AOT compile on {common.machine()}, jax {jax.__version__}")
-    print("| batch | frozen | remat | args GiB | temp GiB | output GiB | args+temp GiB | saved GiB | "
-          "GFLOP/img step | GFLOP/img 3x UNet fwd | compile s |")
+    print(
+        f"# scale.py: {args.model} {args.res}x{args.res}, final_method, compute bfloat16, attention "
+        f"{args.attention}; CPU AOT compile on {common.machine()}, jax {jax.__version__}"
+    )
+    print(
+        "| batch | frozen | remat | args GiB | temp GiB | output GiB | args+temp GiB | saved GiB | "
+        "GFLOP/img step | GFLOP/img 3x UNet fwd | compile s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for b in args.batch:
@@ -136,16 +158,20 @@ def main(argv=None):
                 gib = lambda k: m.get(k, 0.0) / 1024  # noqa: E731
                 step_g = (m["flops"] or 0) / b / 1e9
                 unet_g = 3 * (m["unet_fwd_flops"] or 0) / b / 1e9
-                print(f"| {b} | {frozen} | {remat} | {gib('args_mib'):.2f} | {gib('temp_mib'):.2f} | "
-                      f"{gib('output_mib'):.2f} | {gib('args_mib') + gib('temp_mib'):.2f} | {gib('saved_mib'):.2f} | "
-                      f"{step_g:.4g} | {unet_g:.4g} | {m['compile_s']:.0f} |", flush=True)
+                print(
+                    f"| {b} | {frozen} | {remat} | {gib('args_mib'):.2f} | {gib('temp_mib'):.2f} | "
+                    f"{gib('output_mib'):.2f} | {gib('args_mib') + gib('temp_mib'):.2f} | {gib('saved_mib'):.2f} | "
+                    f"{step_g:.4g} | {unet_g:.4g} | {m['compile_s']:.0f} |",
+                    flush=True,
+                )
                 rows.append(m)
     if rows:
         print(f"\ntrainable {rows[0]['trainable_m']:.1f}M params, frozen {rows[0]['frozen_m']:.1f}M")
     if args.peak_tflops:
         for m in rows:
-            print(f"batch {m['batch']}: MFU = {m['flops'] / 1e12:.2f} TFLOP / (step seconds x {args.peak_tflops} "
-                  "TFLOP/s)")
+            print(
+                f"batch {m['batch']}: MFU = {m['flops'] / 1e12:.2f} TFLOP / (step seconds x {args.peak_tflops} TFLOP/s)"
+            )
 
 
 if __name__ == "__main__":

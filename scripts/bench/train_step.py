@@ -61,9 +61,16 @@ def run_jax(args) -> dict:
     times = clock.step_times(args.warmup)
     med = statistics.median(times)
     dev = jax.devices()[0]
-    res = {"framework": "jax", "device": dev.device_kind, "median_s": med, "times": times,
-           "compile_s": out["compiled"]["compile_s"], "flops_per_step": out["compiled"].get("flops_per_step"),
-           "memory_mib": out["compiled"].get("memory_mib"), "trainable": sum(v.size for v in out["params"].values())}
+    res = {
+        "framework": "jax",
+        "device": dev.device_kind,
+        "median_s": med,
+        "times": times,
+        "compile_s": out["compiled"]["compile_s"],
+        "flops_per_step": out["compiled"].get("flops_per_step"),
+        "memory_mib": out["compiled"].get("memory_mib"),
+        "trainable": sum(v.size for v in out["params"].values()),
+    }
     return {**res, **common.jax_device_stats(med, res["flops_per_step"], args.dtype)}
 
 
@@ -112,7 +119,9 @@ def run_torch(args) -> dict:
     d = pm["vision_config"]["projection_dim"] + pm["projection_dim_2"]
     fuse = Fuse(d).to(dev)
     te1 = transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny_sdxl.TEXT_ENCODER)).to(dev).eval()
-    te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**tiny_sdxl.TEXT_ENCODER_2)).to(dev).eval()
+    te2 = (
+        transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**tiny_sdxl.TEXT_ENCODER_2)).to(dev).eval()
+    )
     vae = AutoencoderKL(**tiny_sdxl.VAE).to(dev).eval()
     unet = UNet2DConditionModel(**tiny_sdxl.UNET)
     # IP-Adapter `id` adapter (image projection of the mean ID embedding, to_k_ip / to_v_ip per attn2)
@@ -124,11 +133,27 @@ def run_torch(args) -> dict:
         if name.endswith("attn2.processor"):
             inner = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
             ip[f"{i}.to_k_ip.weight"], ip[f"{i}.to_v_ip.weight"] = r(inner, cross), r(inner, cross)
-    unet._load_ip_adapter_weights([{"image_proj": {"proj.weight": r(TOKENS * cross, d), "proj.bias": r(TOKENS * cross),
-                                                   "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)},
-                                    "ip_adapter": ip}])
-    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet._load_ip_adapter_weights(
+        [
+            {
+                "image_proj": {
+                    "proj.weight": r(TOKENS * cross, d),
+                    "proj.bias": r(TOKENS * cross),
+                    "norm.weight": torch.ones(cross),
+                    "norm.bias": torch.zeros(cross),
+                },
+                "ip_adapter": ip,
+            }
+        ]
+    )
+    unet.add_adapter(
+        LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=LORA_RANK,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
     unet = unet.to(dev).train()
     for m in (vision, te1, te2, vae, unet):
         m.requires_grad_(False)
@@ -137,8 +162,13 @@ def run_torch(args) -> dict:
     heads = list(vision.visual_projection.parameters()) + list(proj2.parameters())
     for p in lora_params + adapter_params + heads:
         p.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": lora_params, "lr": 1e-4}, {"params": adapter_params, "lr": 1e-5},
-                            {"params": heads + list(fuse.parameters()), "lr": 1e-5}])
+    opt = torch.optim.Adam(
+        [
+            {"params": lora_params, "lr": 1e-4},
+            {"params": adapter_params, "lr": 1e-5},
+            {"params": heads + list(fuse.parameters()), "lr": 1e-5},
+        ]
+    )
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
     B, R, K, S = args.batch, args.res, args.refs, pm["vision_config"]["image_size"]
@@ -146,11 +176,11 @@ def run_torch(args) -> dict:
     T = lambda a: torch.from_numpy(np.asarray(a)).to(dev)
     pix = T(rng.uniform(-1, 1, (B, 3, R, R)).astype(np.float32))
     mask = torch.zeros(B, 1, R, R, device=dev)
-    mask[:, :, R // 4:3 * R // 4, R // 4:3 * R // 4] = 1
+    mask[:, :, R // 4 : 3 * R // 4, R // 4 : 3 * R // 4] = 1
     refs = T(rng.standard_normal((B * K, 3, S, S)).astype(np.float32))
     ids = T(rng.integers(0, 500, (B, 77)))
     ctm = torch.zeros(B, 77, dtype=torch.bool, device=dev)
-    ctm[:, 5:5 + K] = True
+    ctm[:, 5 : 5 + K] = True
     valid = torch.ones(B, K, dtype=torch.bool, device=dev)
     time_ids = T(np.tile(np.array([[R, R, 0, 0, R, R]], np.float32), (B, 1)))
     use_mask = T(rng.random(B) < 0.5)
@@ -170,8 +200,16 @@ def run_torch(args) -> dict:
         pooled_v = vision.vision_model(refs).pooler_output
         id_emb = torch.cat([vision.visual_projection(pooled_v), proj2(pooled_v)], -1).view(B, K, -1)
         fused = fuse(emb, id_emb, ctm, valid)
-        pred = unet(noisy, t, fused, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids,
-                                                        "image_embeds": [id_emb.mean(1, keepdim=True)]}).sample
+        pred = unet(
+            noisy,
+            t,
+            fused,
+            added_cond_kwargs={
+                "text_embeds": pooled,
+                "time_ids": time_ids,
+                "image_embeds": [id_emb.mean(1, keepdim=True)],
+            },
+        ).sample
         err = (pred - noise) ** 2
         m = nn.functional.avg_pool2d(mask, R // latents.shape[-1])
         masked = (err * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) * err.shape[1])
@@ -182,8 +220,14 @@ def run_torch(args) -> dict:
 
     med, times, peak = common.time_torch(step, args.steps, args.warmup, dev)
     n_train = sum(p.numel() for p in lora_params + adapter_params + heads + list(fuse.parameters()))
-    return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak,
-            "trainable": n_train}
+    return {
+        "framework": "pytorch",
+        "device": dev,
+        "median_s": med,
+        "times": times,
+        "peak_mib": peak,
+        "trainable": n_train,
+    }
 
 
 def main():
@@ -199,18 +243,37 @@ def main():
     if args.framework != "both":
         print(json.dumps(run_jax(args) if args.framework == "jax" else run_torch(args)))
         return
-    base = [__file__, "--batch", str(args.batch), "--res", str(args.res), "--refs", str(args.refs),
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype]
+    base = [
+        __file__,
+        "--batch",
+        str(args.batch),
+        "--res",
+        str(args.res),
+        "--refs",
+        str(args.refs),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--dtype",
+        args.dtype,
+    ]
     pt = common.run_child(base + ["--framework", "pytorch"])
     jx = common.run_child(base + ["--framework", "jax"])
     ips = lambda r: args.batch / r["median_s"]
     print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")
-    print(f"full train step (ID encoder + text encoders + VAE encode + UNet/LoRA r{LORA_RANK}/id adapter + Adam), "
-          f"batch {args.batch}, {args.res}x{args.res}, {args.refs} refs, {args.dtype}, {args.steps} timed steps")
-    print(f"  pytorch eager : {ips(pt):7.2f} img/s  (median {pt['median_s'] * 1e3:7.1f} ms, "
-          f"{pt['trainable'] / 1e3:.0f}k trainable, peak {pt['peak_mib']:.0f} MiB)")
-    print(f"  jax (jit)     : {ips(jx):7.2f} img/s  (median {jx['median_s'] * 1e3:7.1f} ms, "
-          f"{jx['trainable'] / 1e3:.0f}k trainable, peak {jx['peak_mib']:.0f} MiB, compile {jx['compile_s']:.1f} s)")
+    print(
+        f"full train step (ID encoder + text encoders + VAE encode + UNet/LoRA r{LORA_RANK}/id adapter + Adam), "
+        f"batch {args.batch}, {args.res}x{args.res}, {args.refs} refs, {args.dtype}, {args.steps} timed steps"
+    )
+    print(
+        f"  pytorch eager : {ips(pt):7.2f} img/s  (median {pt['median_s'] * 1e3:7.1f} ms, "
+        f"{pt['trainable'] / 1e3:.0f}k trainable, peak {pt['peak_mib']:.0f} MiB)"
+    )
+    print(
+        f"  jax (jit)     : {ips(jx):7.2f} img/s  (median {jx['median_s'] * 1e3:7.1f} ms, "
+        f"{jx['trainable'] / 1e3:.0f}k trainable, peak {jx['peak_mib']:.0f} MiB, compile {jx['compile_s']:.1f} s)"
+    )
     print(f"  ratio jax/pytorch img/s = {ips(jx) / ips(pt):.2f}x  (>1: JAX faster)")
     if jx.get("flops_per_step"):
         print(common.flops_line(f"  XLA flops/step {jx['flops_per_step'] / 1e9:.2f} GFLOP", jx))

@@ -23,13 +23,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench import common  # noqa: E402
 
 MID_CONFIG = dict(
-    sample_size=32, in_channels=4, out_channels=4,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[64, 128, 256], layers_per_block=2, attention_head_dim=[1, 2, 4],
-    transformer_layers_per_block=[1, 2, 4], cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+    block_out_channels=[64, 128, 256],
+    layers_per_block=2,
+    attention_head_dim=[1, 2, 4],
+    transformer_layers_per_block=[1, 2, 4],
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
 )
 
 
@@ -49,10 +57,14 @@ def make_batch(cfg, batch: int, hw: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     f = lambda *s: rng.standard_normal(s).astype(np.float32)
     pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-    return dict(sample=f(batch, hw, hw, 4), timesteps=rng.integers(0, 1000, batch).astype(np.int32),
-                encoder_hidden_states=f(batch, 77, cfg["cross_attention_dim"]), text_embeds=f(batch, pooled),
-                time_ids=np.tile(np.array([[512, 512, 0, 0, 512, 512]], np.float32), (batch, 1)),
-                target=f(batch, hw, hw, 4))
+    return dict(
+        sample=f(batch, hw, hw, 4),
+        timesteps=rng.integers(0, 1000, batch).astype(np.int32),
+        encoder_hidden_states=f(batch, 77, cfg["cross_attention_dim"]),
+        text_embeds=f(batch, pooled),
+        time_ids=np.tile(np.array([[512, 512, 0, 0, 512, 512]], np.float32), (batch, 1)),
+        target=f(batch, hw, hw, 4),
+    )
 
 
 def torch_model(cfg, seed=0):
@@ -89,8 +101,14 @@ def run_torch(args) -> dict:
         return loss
 
     med, times, peak = common.time_torch(step, args.steps, args.warmup, dev)
-    return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak,
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "framework": "pytorch",
+        "device": dev,
+        "median_s": med,
+        "times": times,
+        "peak_mib": peak,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def run_jax(args) -> dict:
@@ -106,9 +124,9 @@ def run_jax(args) -> dict:
     cfg = unet_config(args.size, args.hw)
     # Own init rather than the PyTorch weights: timing does not depend on the values, and not
     # importing torch keeps this process's peak RSS a JAX-only figure. (Parity is tested elsewhere.)
-    model = UNet2DConditionModel.from_config(cfg, rngs=nnx.Rngs(0),
-                                             dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None,
-                                             attention_impl=args.attention)
+    model = UNet2DConditionModel.from_config(
+        cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None, attention_impl=args.attention
+    )
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.adam(1e-5)
     opt_state = tx.init(params)
@@ -117,8 +135,13 @@ def run_jax(args) -> dict:
     def train_step(params, opt_state, batch):
         def loss_fn(p):
             m = nnx.merge(graphdef, p)
-            pred = m(batch["sample"], batch["timesteps"], batch["encoder_hidden_states"],
-                     text_embeds=batch["text_embeds"], time_ids=batch["time_ids"])
+            pred = m(
+                batch["sample"],
+                batch["timesteps"],
+                batch["encoder_hidden_states"],
+                text_embeds=batch["text_embeds"],
+                time_ids=batch["time_ids"],
+            )
             return jnp.mean((pred.astype(jnp.float32) - batch["target"]) ** 2)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -141,9 +164,16 @@ def run_jax(args) -> dict:
     med, times = common.median_time(step, args.steps, sync)
     dev = jax.devices()[0]
     flops = common.xla_flops(compiled)
-    return {"framework": "jax", "device": dev.device_kind, "median_s": med, "times": times,
-            "compile_s": compile_s, "flops_per_step": flops, **common.xla_memory_mib(compiled),
-            **common.jax_device_stats(med, flops, args.dtype)}
+    return {
+        "framework": "jax",
+        "device": dev.device_kind,
+        "median_s": med,
+        "times": times,
+        "compile_s": compile_s,
+        "flops_per_step": flops,
+        **common.xla_memory_mib(compiled),
+        **common.jax_device_stats(med, flops, args.dtype),
+    }
 
 
 def main():
@@ -163,19 +193,40 @@ def main():
     if args.framework == "pytorch":
         print(json.dumps(run_torch(args)))
         return
-    base = [__file__, "--batch", str(args.batch), "--hw", str(args.hw), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--dtype", args.dtype, "--attention", args.attention, "--size", args.size]
+    base = [
+        __file__,
+        "--batch",
+        str(args.batch),
+        "--hw",
+        str(args.hw),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--dtype",
+        args.dtype,
+        "--attention",
+        args.attention,
+        "--size",
+        args.size,
+    ]
     pt = common.run_child(base + ["--framework", "pytorch"])
     jx = common.run_child(base + ["--framework", "jax"])
     print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")
-    print(f"UNet train step (fwd+bwd+Adam), {pt['params'] / 1e6:.1f}M params, batch {args.batch}, "
-          f"{args.hw}x{args.hw} latents, {args.dtype}, {args.steps} timed steps")
+    print(
+        f"UNet train step (fwd+bwd+Adam), {pt['params'] / 1e6:.1f}M params, batch {args.batch}, "
+        f"{args.hw}x{args.hw} latents, {args.dtype}, {args.steps} timed steps"
+    )
     print(f"  pytorch eager : median {pt['median_s'] * 1e3:8.1f} ms   peak {pt['peak_mib']:8.0f} MiB")
-    print(f"  jax (jit)     : median {jx['median_s'] * 1e3:8.1f} ms   peak {jx['peak_mib']:8.0f} MiB   "
-          f"compile {jx['compile_s']:.1f} s")
+    print(
+        f"  jax (jit)     : median {jx['median_s'] * 1e3:8.1f} ms   peak {jx['peak_mib']:8.0f} MiB   "
+        f"compile {jx['compile_s']:.1f} s"
+    )
     if "temp_mib" in jx:
-        print(f"  XLA compiled memory: args {jx['args_mib']:.0f} MiB, temp {jx['temp_mib']:.0f} MiB, "
-              f"outputs {jx['output_mib']:.0f} MiB (peak = process RSS on CPU, allocator peak on GPU)")
+        print(
+            f"  XLA compiled memory: args {jx['args_mib']:.0f} MiB, temp {jx['temp_mib']:.0f} MiB, "
+            f"outputs {jx['output_mib']:.0f} MiB (peak = process RSS on CPU, allocator peak on GPU)"
+        )
     print(f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)")
     if jx.get("flops_per_step"):
         print(common.flops_line(f"  XLA flops/step {jx['flops_per_step'] / 1e9:.1f} GFLOP", jx))
