@@ -240,7 +240,18 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
 
         # Spatial control + style + aspect: a control image uploaded, a style and a 16:9 preset chosen; the
         # images come back at the preset scaled to the tiny model (32 x 16 on its grid of 4).
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.keys import Keys
+
+        def pick_first_option(d):
+            """Clicks the first option of an open dropdown; False (retry) while it is empty or re-rendered."""
+            try:
+                items = d.find_elements(By.CSS_SELECTOR, "li.item")
+                if items:
+                    items[0].click()
+                return bool(items)
+            except StaleElementReferenceException:  # the list re-rendered between find and click
+                return False
 
         prompt.clear()
         prompt.send_keys("a photo of a man img wearing a red hat")
@@ -252,8 +263,7 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
             box.click()
             box.send_keys(Keys.CONTROL, "a")
             box.send_keys(text)
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "li.item"))  # the filtered options
-            driver.find_element(By.CSS_SELECTOR, "li.item").click()
+            wait.until(pick_first_option)  # the filtered options (re-rendered while typing: retried)
             wait.until(
                 lambda d, e=elem, t=text: d.find_element(By.CSS_SELECTOR, f"{e} input").get_attribute("value") == t
             )

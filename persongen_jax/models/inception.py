@@ -79,6 +79,7 @@ class BasicConv2d(nnx.Module):
         self.bn = BatchNorm(cout, epsilon=1e-3, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, Cin] -> relu(bn(conv(x))) [B, H', W', Cout]."""
         return jax.nn.relu(self.bn(self.conv(x)))
 
 
@@ -105,6 +106,8 @@ class _Block(nnx.Module):
 
 
 class FIDInceptionA(_Block):
+    """Inception-A block of the FID Inception (its pool branch averages without the padded zeros)."""
+
     def __init__(self, cin: int, pool_features: int, **kw):
         self._convs(
             {
@@ -120,12 +123,15 @@ class FIDInceptionA(_Block):
         )
 
     def __call__(self, x):
+        """x [B, H, W, Cin] -> the four branches concatenated on channels [B, H, W, 224 + pool_features]."""
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         return jnp.concatenate([self.branch1x1(x), b5, b3, self.branch_pool(avg_pool_exclude_pad(x))], -1)
 
 
 class InceptionB(_Block):
+    """Inception-B (grid reduction): 3x3 stride-2 conv, double 3x3, max pool."""
+
     def __init__(self, cin: int, **kw):
         self._convs(
             {
@@ -138,11 +144,14 @@ class InceptionB(_Block):
         )
 
     def __call__(self, x):
+        """x [B, H, W, Cin] -> [B, H/2, W/2, 768] (the branches concatenated)."""
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         return jnp.concatenate([self.branch3x3(x), b3, max_pool(x, 2)], -1)
 
 
 class FIDInceptionC(_Block):
+    """Inception-C block of the FID Inception (factorised 7x7 convs; pool branch without padded zeros)."""
+
     def __init__(self, cin: int, channels_7x7: int, **kw):
         c7 = channels_7x7
         row, col = {"padding": (0, 3)}, {"padding": (3, 0)}
@@ -163,6 +172,7 @@ class FIDInceptionC(_Block):
         )
 
     def __call__(self, x):
+        """x [B, H, W, 768] -> [B, H, W, 768] (the four branches concatenated)."""
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
         for i in range(1, 6):
@@ -171,6 +181,8 @@ class FIDInceptionC(_Block):
 
 
 class InceptionD(_Block):
+    """Inception-D (grid reduction): 3x3 and 7x7-then-3x3 stride-2 branches, max pool."""
+
     def __init__(self, cin: int, **kw):
         self._convs(
             {
@@ -185,6 +197,7 @@ class InceptionD(_Block):
         )
 
     def __call__(self, x):
+        """x [B, H, W, 768] -> [B, H/2, W/2, 1280] (the branches concatenated)."""
         b3 = self.branch3x3_2(self.branch3x3_1(x))
         b7 = x
         for i in range(1, 5):
@@ -214,6 +227,7 @@ class FIDInceptionE(_Block):
         )
 
     def __call__(self, x):
+        """x [B, H, W, Cin] -> [B, H, W, 2048] (the expanded 3x3 branches and the pool branch concatenated)."""
         b3 = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pool = max_pool(x, 1, padding=1) if self.max_pool_branch else avg_pool_exclude_pad(x)

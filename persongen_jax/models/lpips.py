@@ -71,6 +71,7 @@ class Backbone(nnx.Module):
             setattr(self, f"slice{i}", nnx.Dict(convs))
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
+        """x [B, H, W, 3] (LPIPS-scaled) -> the feature map after each of the backbone's 5 ReLU stages."""
         outs = []
         for i, ops in enumerate(self.spec, start=1):
             convs = getattr(self, f"slice{i}")
@@ -92,6 +93,7 @@ class NetLinLayer(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, C] (unit-normalised feature differences, squared) -> [B, H, W, 1]."""
         return self.model["1"](x)
 
 

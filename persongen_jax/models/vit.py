@@ -91,6 +91,7 @@ class ViTOutput:
 
     @property
     def cls(self) -> jax.Array:
+        """The CLS token after the final LayerNorm [B, D]: DINO's embedding."""
         return self.last_hidden_state[:, 0]
 
 
@@ -109,6 +110,7 @@ class ViTPatchEmbeddings(nnx.Module):
         )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values [B, H, W, C] -> patch tokens [B, (H/p) * (W/p), D]."""
         x = self.projection(pixel_values)  # [B, h, w, D]
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
@@ -185,6 +187,7 @@ class ViTMLP(nnx.Module):
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> fc2(act(fc1(x))) [B, T, D]."""
         return self.fc2(self.activation_fn(self.fc1(x)))
 
 
@@ -208,6 +211,7 @@ class ViTLayer(nnx.Module):
         self.mlp = ViTMLP(config, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]: pre-norm attention and MLP, each with its residual."""
         x = x + self.attention(self.layernorm_before(x))
         return x + self.mlp(self.layernorm_after(x))
 

@@ -85,6 +85,7 @@ class SamplingSettings:
         }
 
     def replace(self, **changes) -> "SamplingSettings":
+        """A copy with `changes` (e.g. the styled negative prompt, the aspect preset's size)."""
         return dataclasses.replace(self, **changes)
 
 
