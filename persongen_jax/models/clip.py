@@ -628,6 +628,9 @@ def _drop_buffers(sd: dict) -> dict:
 
 
 class _FromConfig:
+    """from_config / preset_config of a model class from its `_parse_config` and `_presets` table (the CLIP
+    models and the PhotoMaker ID encoders built on their vision tower)."""
+
     _parse_config: Any = staticmethod(parse_text_config)  # each model class its own parser
     _presets: dict = {}
 
@@ -652,7 +655,7 @@ class _FromConfig:
 
     @classmethod
     def preset_config(cls, name: str) -> dict:
-        """A transformers config.json dict by name (the source of each is commented in clip.py)."""
+        """A config.json dict by name (the source of each preset is commented beside its table)."""
         return _preset(cls._presets, cls.__name__, name)
 
 

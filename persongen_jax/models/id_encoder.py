@@ -25,7 +25,6 @@ influence the output. Layouts: `id_pixel_values` [B, N, H, W, C] channels-last (
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
@@ -185,7 +184,7 @@ class FuseModule(nnx.Module):
 
 
 @register_model
-class PhotoMakerIDEncoder(nnx.Module):
+class PhotoMakerIDEncoder(clip._FromConfig, nnx.Module):
     """PhotoMaker v1 stacked-ID encoder.
 
     encoder(id_pixel_values [B, N, H, W, C], prompt_embeds [B, T, D], class_tokens_mask [B, T])
@@ -195,6 +194,8 @@ class PhotoMakerIDEncoder(nnx.Module):
     """
 
     version = "v1"
+    _parse_config = staticmethod(parse_config)  # from_config / preset_config: clip._FromConfig
+    _presets = _PRESETS
     num_tokens = 1  # ID tokens per reference image (the class word is repeated num_images * num_tokens times)
 
     def __init__(
@@ -213,26 +214,6 @@ class PhotoMakerIDEncoder(nnx.Module):
         self.visual_projection = Linear(vc.hidden_size, vc.projection_dim, use_bias=False, **kw)
         self.visual_projection_2 = Linear(vc.hidden_size, config.projection_dim_2, use_bias=False, **kw)
         self.fuse_module = FuseModule(config.embed_dim, **kw)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ):
-        """config: {"vision_config": CLIPVisionConfig dict, "projection_dim_2": int}."""
-        return cls(parse_config(config), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
-
-    @classmethod
-    def preset_config(cls, name: str) -> dict:
-        """ "photomaker_v1" (the released checkpoint) or "tiny" (tests)."""
-        if name not in _PRESETS:
-            raise ValueError(f"{cls.__name__}: unknown preset {name!r}; known: {sorted(_PRESETS)}")
-        return copy.deepcopy(_PRESETS[name])
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:

@@ -30,7 +30,6 @@ class_tokens_mask [B, T] bool.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from typing import Any, Mapping
@@ -274,7 +273,7 @@ class QFormerPerceiver(nnx.Module):
 
 
 @register_model
-class PhotoMakerV2IDEncoder(nnx.Module):
+class PhotoMakerV2IDEncoder(clip._FromConfig, nnx.Module):
     """PhotoMaker V2 ID encoder.
 
     encoder(id_pixel_values [B, N, H, W, C], prompt_embeds [B, T, D], class_tokens_mask [B, T],
@@ -284,6 +283,8 @@ class PhotoMakerV2IDEncoder(nnx.Module):
     """
 
     version = "v2"
+    _parse_config = staticmethod(parse_config)  # from_config / preset_config: clip._FromConfig
+    _presets = _PRESETS
 
     def __init__(
         self,
@@ -303,26 +304,6 @@ class PhotoMakerV2IDEncoder(nnx.Module):
         self.visual_projection_2 = Linear(vc.hidden_size, config.projection_dim_2, use_bias=False, **kw)
         self.fuse_module = FuseModule(config.cross_attention_dim, **kw)
         self.qformer_perceiver = QFormerPerceiver(config, **kw)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ):
-        """config: {"vision_config": CLIPVisionConfig dict, the PhotoMakerV2Config int fields}."""
-        return cls(parse_config(config), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
-
-    @classmethod
-    def preset_config(cls, name: str) -> dict:
-        """ "photomaker_v2" (the released checkpoint) or "tiny" (tests)."""
-        if name not in _PRESETS:
-            raise ValueError(f"{cls.__name__}: unknown preset {name!r}; known: {sorted(_PRESETS)}")
-        return copy.deepcopy(_PRESETS[name])
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
