@@ -34,23 +34,15 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("runs/build_smoke"))
     p.add_argument("beam_args", nargs="*", help="Beam pipeline options (after --)")
     args = p.parse_args()
-    from persongen_jax.testing.tiny_build import (
-        BUILD_ARCFACE,
-        BUILD_THRESHOLD,
-        CaptionServer,
-        make_key_detector,
-        make_raw_persons,
-        mixed_persons,
-    )
-    from persongen_jax.testing.tiny_eval import make_tiny_arcface
+    from persongen_jax.testing import tiny_build, tiny_eval
 
     models, src = args.out / "models", args.out / "src"
     if not (models / "arcface").is_dir():
-        make_key_detector(models / "det")
-        make_tiny_arcface(models / "arcface", **BUILD_ARCFACE)
+        tiny_build.make_key_detector(models / "det")
+        tiny_eval.make_tiny_arcface(models / "arcface", **tiny_build.BUILD_ARCFACE)
     if not src.is_dir():
-        make_raw_persons(src, mixed_persons())
-    with CaptionServer() as server:
+        tiny_build.make_raw_persons(src, tiny_build.mixed_persons())
+    with tiny_build.CaptionServer() as server:
         cmd = [
             sys.executable,
             "-m",
@@ -68,7 +60,7 @@ def main() -> int:
             "--caption-model",
             server.model,
             "--verify-threshold",
-            str(BUILD_THRESHOLD),
+            str(tiny_build.BUILD_THRESHOLD),
             "--resolution",
             "256",
         ]

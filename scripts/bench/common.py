@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -76,6 +77,57 @@ def time_torch(fn, steps: int, warmup: int, dev: str) -> tuple[float, list[float
     return med, times, peak
 
 
+def torch_device() -> str:
+    """ "cuda" when there is a GPU, else "cpu"; TF32 off, so float32 matmuls and convolutions keep full
+    precision (the JAX side's "highest")."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_result(fn, steps: int, warmup: int, dev: str, **extra) -> dict:
+    """`time_torch`'s figures as a benchmark's PyTorch result (framework, device, median_s, times,
+    peak_mib), then `extra`."""
+    med, times, peak = time_torch(fn, steps, warmup, dev)
+    return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak, **extra}
+
+
+def compile_timed(jitted, *args):
+    """(`jitted.lower(*args).compile()`, the seconds it took)."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def time_jax(call, steps: int, warmup: int) -> tuple[float, list[float]]:
+    """`warmup` calls, then (median s, times) over `steps` calls, each blocking until its output is ready."""
+    sync = lambda x: x.block_until_ready()
+    for _ in range(warmup):
+        sync(call())
+    return median_time(call, steps, sync)
+
+
+def jax_result(median_s: float, times: list[float], compile_s: float, **extra) -> dict:
+    """A benchmark's JAX result (framework, the device kind, median_s, times, compile_s), then `extra`."""
+    import jax
+
+    return {
+        "framework": "jax",
+        "device": jax.devices()[0].device_kind,
+        "median_s": median_s,
+        "times": times,
+        "compile_s": compile_s,
+        **extra,
+    }
+
+
+def xla_figures(compiled, median_s: float, flops: float | None, dtype: str) -> dict:
+    """XLA's memory sizes of `compiled` (`xla_memory_mib`) and `jax_device_stats`."""
+    return {**xla_memory_mib(compiled), **jax_device_stats(median_s, flops, dtype)}
+
+
 def jax_device_stats(median_s: float, flops: float | None, dtype: str) -> dict:
     """Peak memory of JAX's first device (allocator peak on a GPU, process RSS on CPU), achieved
     TFLOP/s from XLA's FLOP count, and MFU where the device's peak is known."""
@@ -114,6 +166,42 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores"
+
+
+def child_argv(script: str, args, *names: str) -> list[str]:
+    """A child's command line: `script` and these of the parsed `args` as given (a list value: its items),
+    e.g. child_argv(__file__, args, "batch", "dtype") -> [script, "--batch", "4", "--dtype", "float32"]."""
+    argv = [script]
+    for name in names:
+        value = getattr(args, name)
+        argv += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
+def framework_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a JAX-vs-PyTorch benchmark, with its --framework (see `jax_vs_pytorch`)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--framework", choices=["both", "jax", "pytorch"], default="both")
+    return p
+
+
+def jax_vs_pytorch(script: str, args, run_jax, run_torch, report) -> None:
+    """The main of a JAX-vs-PyTorch benchmark. --framework jax / pytorch: this process is that side's child;
+    it prints the side's result as JSON. both: each side runs in its own child (`script` with the same flags),
+    then the machine line, `report(args, pytorch_result, jax_result)` and both results as a `json:` line."""
+    if args.framework != "both":
+        print(json.dumps(run_jax(args) if args.framework == "jax" else run_torch(args)))
+        return
+    argv = child_argv(script, args, *(name for name in vars(args) if name != "framework"))
+    pt = run_child(argv + ["--framework", "pytorch"])
+    jx = run_child(argv + ["--framework", "jax"])
+    print(f"machine: {machine()}; jax device: {jx['device']}; torch device: {pt['device']}")
+    report(args, pt, jx)
+    print("json:", json.dumps({"pytorch": pt, "jax": jx}))
+
+
+def ratio_line(pt: dict, jx: dict) -> str:
+    return f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)"
 
 
 def run_child(argv: list[str]) -> dict:

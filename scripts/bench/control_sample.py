@@ -14,15 +14,20 @@ the median of --repeats calls after a warm-up call and the process's peak RSS.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench import common  # noqa: E402
-from scripts.bench.sample import SCHEDULER, embeddings  # noqa: E402
+from scripts.bench.sample import (  # noqa: E402
+    GUIDANCE,
+    SCHEDULER,
+    embeddings,
+    jax_conditioning,
+    pipeline_kwargs,
+    print_times,
+    torch_pipeline,
+)
 from scripts.bench.unet_step import unet_config  # noqa: E402
 
 CN_EMBEDDING = [16, 32, 96, 256]  # diffusers' default: control images at 8x the latent size
@@ -40,12 +45,7 @@ def run_torch(args) -> dict:
     from persongen_jax.testing.torch_init import allow_torchvision_import, randomize_
 
     allow_torchvision_import()
-    from diffusers import (
-        ControlNetModel,
-        EulerDiscreteScheduler,
-        StableDiffusionXLControlNetPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, UNet2DConditionModel
 
     torch.backends.cuda.matmul.allow_tf32 = False
     # XLA:CPU flushes denormals to zero; eager PyTorch does not by default, and random tiny models produce
@@ -57,39 +57,15 @@ def run_torch(args) -> dict:
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CN_EMBEDDING).eval()
     randomize_(unet, seed=0)  # random weights on both sides (the JAX side: modeling.random_init)
     randomize_(cn, seed=1)  # no zero convolutions: the residuals are real work for both sides
-    unet, cn = unet.to(dev), cn.to(dev)
-    pipe = StableDiffusionXLControlNetPipeline(
-        vae=None,
-        text_encoder=None,
-        text_encoder_2=None,
-        tokenizer=None,
-        tokenizer_2=None,
-        unet=unet,
-        controlnet=cn,
-        scheduler=EulerDiscreteScheduler(**SCHEDULER),
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = torch_pipeline(StableDiffusionXLControlNetPipeline, unet.to(dev), controlnet=cn.to(dev))
     e = {k: torch.from_numpy(v).to(dev) for k, v in embeddings(cfg).items()}
     image = torch.from_numpy(control_image(args.hw).transpose(0, 3, 1, 2).copy()).to(dev)
-    px = args.hw * 8
 
     def call():
         with torch.no_grad():
-            return pipe(
-                prompt_embeds=e["prompt"],
-                pooled_prompt_embeds=e["pooled"],
-                negative_prompt_embeds=e["negative"],
-                negative_pooled_prompt_embeds=e["negative_pooled"],
-                image=image,
-                height=px,
-                width=px,
-                num_inference_steps=args.steps,
-                guidance_scale=5.0,
-                output_type="latent",
-            ).images
+            return pipe(**pipeline_kwargs(e, args.hw, args.steps), image=image).images
 
-    med, times, peak = common.time_torch(call, args.repeats, 1, dev)
-    return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak}
+    return common.torch_result(call, args.repeats, 1, dev)
 
 
 def run_jax(args) -> dict:
@@ -100,7 +76,7 @@ def run_jax(args) -> dict:
     from persongen_jax.models import modeling
     from persongen_jax.models.controlnet import ControlNetModel
     from persongen_jax.models.unet import UNet2DConditionModel
-    from persongen_jax.pipeline.sampling import Conditioning, ControlConditioning, control_keep, denoise, sdxl_time_ids
+    from persongen_jax.pipeline.sampling import ControlConditioning, control_keep, denoise
     from persongen_jax.pipeline.schedulers import EulerDiscreteScheduler
 
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -112,18 +88,8 @@ def run_jax(args) -> dict:
     sched = EulerDiscreteScheduler.from_config(SCHEDULER)
     state = sched.set_timesteps(args.steps)
     e = {k: jnp.asarray(v) for k, v in embeddings(cfg).items()}
-    px = args.hw * 8
     controls = (ControlConditioning(image=jnp.asarray(control_image(args.hw)), scale=jnp.float32(1.0)),)
-    cond = Conditioning(
-        prompt_embeds=e["prompt"],
-        pooled=e["pooled"],
-        text_only_embeds=e["prompt"],
-        text_only_pooled=e["pooled"],
-        negative_embeds=e["negative"],
-        negative_pooled=e["negative_pooled"],
-        time_ids=sdxl_time_ids(px, px),
-        controls=controls,
-    )
+    cond = jax_conditioning(e, args.hw, controls=controls)
     keep = control_keep(controls, args.steps)
     (udef, uparams), (cdef, cparams) = nnx.split(unet), nnx.split(cn)
 
@@ -135,74 +101,33 @@ def run_jax(args) -> dict:
             state,
             noise * sched.init_noise_sigma(state),
             cond,
-            guidance_scale=5.0,
+            guidance_scale=GUIDANCE,
             start_merge_step=0,
             controlnets=[nnx.merge(cdef, cparams)],
             controlnet_keep=keep,
         )
 
     noise = jax.random.normal(jax.random.key(0), (1, args.hw, args.hw, 4))
-    t0 = time.perf_counter()
-    compiled = loop.lower(uparams, cparams, noise, cond, keep).compile()
-    compile_s = time.perf_counter() - t0
-
-    def call():
-        return compiled(uparams, cparams, noise, cond, keep)
-
-    def sync(x):
-        return x.block_until_ready()
-
-    sync(call())
-    med, times = common.median_time(call, args.repeats, sync)
-    return {
-        "framework": "jax",
-        "device": jax.devices()[0].device_kind,
-        "median_s": med,
-        "times": times,
-        "compile_s": compile_s,
-        "peak_mib": common.peak_rss_mib(),
-    }
+    compiled, compile_s = common.compile_timed(loop, uparams, cparams, noise, cond, keep)
+    med, times = common.time_jax(lambda: compiled(uparams, cparams, noise, cond, keep), args.repeats, 1)
+    return common.jax_result(med, times, compile_s, peak_mib=common.peak_rss_mib())
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--framework", choices=["both", "jax", "pytorch"], default="both")
-    p.add_argument("--hw", type=int, default=32, help="latent height = width")
-    p.add_argument("--size", default="tiny", help='UNet shapes: "mid" or a presets size (tiny, micro, sdxl_base)')
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
-    if args.framework != "both":
-        print(json.dumps(run_jax(args) if args.framework == "jax" else run_torch(args)))
-        return
-    base = [
-        __file__,
-        "--hw",
-        str(args.hw),
-        "--steps",
-        str(args.steps),
-        "--repeats",
-        str(args.repeats),
-        "--size",
-        args.size,
-    ]
-    pt = common.run_child(base + ["--framework", "pytorch"])
-    jx = common.run_child(base + ["--framework", "jax"])
-    print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")
+def report(args, pt: dict, jx: dict) -> None:
     print(
         f"{args.steps}-step CFG sampling (Euler) with one ControlNet, {args.size} UNet, 1 image, "
         f"{args.hw}x{args.hw} latents, fp32, median of {args.repeats}"
     )
-    print(
-        f"  diffusers StableDiffusionXLControlNetPipeline (eager): {pt['median_s']:7.2f} s   "
-        f"peak {pt['peak_mib']:7.0f} MiB"
-    )
-    print(
-        f"  jax (one compiled loop)                              : {jx['median_s']:7.2f} s   "
-        f"peak {jx['peak_mib']:7.0f} MiB   compile {jx['compile_s']:.1f} s"
-    )
-    print(f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)")
-    print("json:", json.dumps({"pytorch": pt, "jax": jx}))
+    print_times("diffusers StableDiffusionXLControlNetPipeline (eager)", pt, jx)
+
+
+def main():
+    p = common.framework_parser(__doc__)
+    p.add_argument("--hw", type=int, default=32, help="latent height = width")
+    p.add_argument("--size", default="tiny", help='UNet shapes: "mid" or a presets size (tiny, micro, sdxl_base)')
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    common.jax_vs_pytorch(__file__, p.parse_args(), run_jax, run_torch, report)
 
 
 if __name__ == "__main__":

@@ -79,50 +79,15 @@ def run_method(args) -> dict:
 def plan(args) -> list[tuple[str, list[str]]]:
     """(part name, child argv) of every part, sized by --tiny."""
     t = args.tiny
-    dt = "float32" if t else "bfloat16"
-    att = "xla" if t else "cudnn"
-    me = [
-        __file__,
-        "--part",
-        "method",
-        "--size",
-        "micro" if t else "sdxl_base",
-        "--res",
-        "32" if t else "512",
-        "--batch",
-        "2" if t else "12",
-        "--steps",
-        "2" if t else "10",
-        "--warmup",
-        "1" if t else "2",
-        "--dtype",
-        dt,
-        "--attention",
-        att,
-        "--remat",
-        args.remat,
-    ]
-    unet = [
-        str(BENCH / "unet_step.py"),
-        "--size",
-        "micro" if t else "sdxl_base",
-        "--hw",
-        "8" if t else "64",
-        "--batch",
-        "2" if t else "12",
-        "--steps",
-        "2" if t else "10",
-        "--warmup",
-        "1" if t else "2",
-        "--dtype",
-        dt,
-        "--attention",
-        att,
-    ]
+    # What the parts share: the model size, the precision, and (the train-step parts) batch and step counts.
+    size = ["--size", "micro" if t else "sdxl_base"]
+    precision = ["--dtype", "float32" if t else "bfloat16", "--attention", "xla" if t else "cudnn"]
+    train = ["--batch", "2" if t else "12", "--steps", "2" if t else "10", "--warmup", "1" if t else "2"]
+    me = [__file__, "--part", "method", *size, "--res", "32" if t else "512", *train, *precision, "--remat", args.remat]
+    unet = [str(BENCH / "unet_step.py"), *size, "--hw", "8" if t else "64", *train, *precision]
     sample = lambda b: [
         str(BENCH / "sample.py"),
-        "--size",
-        "micro" if t else "sdxl_base",  # noqa: E731
+        *size,
         "--hw",
         "8" if t else "128",
         "--batch",
@@ -131,10 +96,7 @@ def plan(args) -> list[tuple[str, list[str]]]:
         "3" if t else "50",
         "--repeats",
         "1" if t else "3",
-        "--dtype",
-        dt,
-        "--attention",
-        att,
+        *precision,
     ]
     ev = [
         str(BENCH / "eval.py"),
@@ -151,7 +113,7 @@ def plan(args) -> list[tuple[str, list[str]]]:
         "--warmup",
         "1" if t else "2",
         "--dtype",
-        dt,
+        precision[1],
     ]
     return [("method", me), ("unet", unet), ("sample_1", sample(1)), ("sample_4", sample(2 if t else 4)), ("eval", ev)]
 

@@ -42,43 +42,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench import common  # noqa: E402
 
-# transformers CLIPConfig kwargs. eos_token_id=2 as in OpenAI's released configs (argmax pooling).
-_TEXT = dict(
-    vocab_size=49408,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    bos_token_id=0,
-    eos_token_id=2,
-    pad_token_id=1,
-)
-CLIP_MODELS = {
-    "base": dict(  # openai/clip-vit-base-patch32 shape
-        text_config=dict(_TEXT, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        vision_config=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            patch_size=32,
-            image_size=224,
-            hidden_act="quick_gelu",
-        ),
-        projection_dim=512,
-    ),
-    "large": dict(  # openai/clip-vit-large-patch14 shape
-        text_config=dict(_TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        vision_config=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            patch_size=14,
-            image_size=224,
-            hidden_act="quick_gelu",
-        ),
-        projection_dim=768,
-    ),
-}
+CLIP_SHAPES = ("base", "large")
+
+
+def clip_config(shape: str) -> dict:
+    """transformers CLIPConfig kwargs of a CLIP shape: "large" is openai/clip-vit-large-patch14's config
+    (persongen_jax's preset; eos_token_id=2 as in OpenAI's released configs: argmax pooling), "base" the
+    same with openai/clip-vit-base-patch32's sizes."""
+    from persongen_jax.models.clip import CLIPModel
+
+    c = CLIPModel.preset_config("clip_vit_large_patch14")
+    if shape == "base":
+        c["text_config"].update(hidden_size=512, intermediate_size=2048, num_attention_heads=8, projection_dim=512)
+        c["vision_config"].update(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32
+        )
+        c["vision_config"]["projection_dim"] = c["projection_dim"] = 512
+    return c
+
+
 BOS, EOT = 49406, 49407
 PARITY_TOL = 1e-3
 
@@ -104,12 +86,9 @@ def prepare(args, work: Path) -> dict:
 
         from weights_conversion.convert import convert_clip
 
-        spec = CLIP_MODELS[args.model]
-        cfg = transformers.CLIPConfig(
-            text_config=spec["text_config"], vision_config=spec["vision_config"], projection_dim=spec["projection_dim"]
-        )
+        spec = clip_config(args.model)
         torch.manual_seed(0)
-        model = transformers.CLIPModel(cfg).eval()
+        model = transformers.CLIPModel(transformers.CLIPConfig(**spec)).eval()
         model.save_pretrained(work / "clip_src")
         facts["clip_params"] = sum(p.numel() for p in model.parameters())
         del model
@@ -151,9 +130,7 @@ def run_reference(args, work: Path) -> dict:
         import torch
         import transformers
 
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = common.torch_device()
         model = transformers.CLIPModel.from_pretrained(work / "clip_src", dtype=torch.float32).to(dev).eval()
         inp = np.load(work / "clip_inputs.npz")
         pix = torch.from_numpy(inp["pixel_values"]).permute(0, 3, 1, 2).contiguous().to(dev)  # NCHW
@@ -266,14 +243,12 @@ def report(bench: str, args, facts: dict, ref: dict, jx: dict, diff: float) -> d
         ref_name = "onnxruntime"
     ratio = ref["median_s"] / jx["median_s"]
     print(f"{title}, JAX {args.dtype}, median of {args.steps} (warm-up {args.warmup})")
-    print(
-        f"  {ref_name:22s}: {ref['images_per_s']:8.1f} img/s ({ref['median_s'] * 1e3:8.1f} ms)   "
-        f"peak {ref['peak_mib']:7.0f} MiB   [{ref['device']}]"
+    side = lambda name, r: (
+        f"  {name:22s}: {r['images_per_s']:8.1f} img/s ({r['median_s'] * 1e3:8.1f} ms)   "
+        f"peak {r['peak_mib']:7.0f} MiB   "
     )
-    print(
-        f"  {'jax (nnx.jit)':22s}: {jx['images_per_s']:8.1f} img/s ({jx['median_s'] * 1e3:8.1f} ms)   "
-        f"peak {jx['peak_mib']:7.0f} MiB   compile {jx['compile_s']:.1f} s"
-    )
+    print(side(ref_name, ref) + f"[{ref['device']}]")
+    print(side("jax (nnx.jit)", jx) + f"compile {jx['compile_s']:.1f} s")
     print(f"  ratio reference/jax = {ratio:.2f}x  (>1: JAX faster)")
     if jx.get("flops_per_image"):
         print(common.flops_line(f"  XLA GFLOP/image {jx['flops_per_image'] / 1e9:.2f}", jx))
@@ -296,7 +271,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", choices=["clip", "arcface", "both"], default="both")
     p.add_argument(
-        "--model", choices=sorted(CLIP_MODELS), default=None, help="CLIP shape (default: large on a GPU, base on CPU)"
+        "--model", choices=CLIP_SHAPES, default=None, help="CLIP shape (default: large on a GPU, base on CPU)"
     )
     p.add_argument("--arcface", choices=["tiny", "r50", "r100"], default="r50")
     p.add_argument("--batch", type=int, default=16, help="images per call (both benchmarks)")
@@ -317,25 +292,8 @@ def main():
         args.model = "large" if shutil.which("nvidia-smi") else "base"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_eval_"))
     work.mkdir(parents=True, exist_ok=True)
-    base = [
-        __file__,
-        "--which",
-        args.which,
-        "--model",
-        args.model,
-        "--arcface",
-        args.arcface,
-        "--batch",
-        str(args.batch),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--dtype",
-        args.dtype,
-        "--workdir",
-        str(work),
-    ]
+    base = common.child_argv(__file__, args, "which", "model", "arcface", "batch", "steps", "warmup", "dtype")
+    base += ["--workdir", str(work)]
     try:
         t0 = time.perf_counter()
         facts = common.run_child(base + ["--stage", "prepare"])

@@ -109,19 +109,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = [
-            __file__,
-            "--size",
-            args.size,
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--out",
-            tmp,
-        ]
+        base = common.child_argv(__file__, args, "size", "batch", "steps", "warmup") + ["--out", tmp]
         res = {fw: common.run_child(base + ["--child", fw]) for fw in ("torch", "jax")}
         diff = float(np.abs(np.load(Path(tmp) / "jax.npy") - np.load(Path(tmp) / "torch.npy")).max())
     t, j = res["torch"], res["jax"]

@@ -45,12 +45,13 @@ def prepare(args, work: Path) -> dict:
     rng = np.random.default_rng(0)
     b = args.batch
     if "clip_i" in args.which:
-        from scripts.bench.eval import CLIP_MODELS
+        from scripts.bench.eval import clip_config
         from weights_conversion.convert import convert_clip
 
-        spec = CLIP_MODELS["base"]
         torch.manual_seed(0)
-        transformers.CLIPModel(transformers.CLIPConfig(**spec)).eval().save_pretrained(work / "clip_i_src")
+        transformers.CLIPModel(transformers.CLIPConfig(**clip_config("base"))).eval().save_pretrained(
+            work / "clip_i_src"
+        )
         convert_clip(work / "clip_i_src", work / "clip_i_jax")
         np.save(work / "clip_i_in.npy", rng.standard_normal((b, 224, 224, 3)).astype(np.float32))
     if "dino" in args.which:
@@ -174,25 +175,14 @@ def main():
     import numpy as np
 
     work = Path(tempfile.mkdtemp(prefix="bench-paper-metrics-"))
-    common_args = [
-        "--batch",
-        str(args.batch),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--workdir",
-        str(work),
-        "--which",
-        *args.which,
-    ]
+    argv = common.child_argv(__file__, args, "batch", "steps", "warmup", "which") + ["--workdir", str(work)]
     try:
         print(f"machine: {common.machine()}; batch {args.batch}, median of {args.steps} (warm-up {args.warmup})")
-        common.run_child([__file__, "--stage", "prepare", *common_args])
+        common.run_child(argv + ["--stage", "prepare"])
         out = {}
         for bench in args.which:
-            ref = common.run_child([__file__, "--stage", "reference", "--bench", bench, *common_args])
-            jx = common.run_child([__file__, "--stage", "jax", "--bench", bench, *common_args])
+            ref = common.run_child(argv + ["--stage", "reference", "--bench", bench])
+            jx = common.run_child(argv + ["--stage", "jax", "--bench", bench])
             diff = float(np.max(np.abs(np.load(work / f"{bench}_jax.npy") - np.load(work / f"{bench}_ref.npy"))))
             ratio = ref["median_s"] / jx["median_s"]
             print(

@@ -14,15 +14,12 @@ JAX side: `persongen_jax.pipeline.sampling.denoise` under one `jax.jit`
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench import common  # noqa: E402
-from scripts.bench.unet_step import unet_config  # noqa: E402
+from scripts.bench.unet_step import unet_config, unet_parser  # noqa: E402
 
 SCHEDULER = dict(
     beta_start=0.00085,
@@ -33,6 +30,7 @@ SCHEDULER = dict(
     timestep_spacing="leading",
     prediction_type="epsilon",
 )
+GUIDANCE = 5.0
 
 
 def embeddings(cfg, seed=0):
@@ -45,47 +43,67 @@ def embeddings(cfg, seed=0):
     return dict(prompt=f(1, 77, d), pooled=f(1, pooled), negative=f(1, 77, d), negative_pooled=f(1, pooled))
 
 
+def torch_pipeline(cls, unet, **components):
+    """diffusers' SDXL pipeline `cls` around `unet` alone (the benchmarks pass prompt embeddings and take
+    latents: no VAE, no text encoders), Euler with SCHEDULER, no progress bar."""
+    from diffusers import EulerDiscreteScheduler
+
+    without = dict.fromkeys(("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    pipe = cls(**without, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER), **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_kwargs(e: dict, hw: int, steps: int) -> dict:
+    """The diffusers pipeline call's arguments: the `embeddings` `e` (torch tensors), hw x hw latents
+    (the pipeline takes pixel sizes: vae_scale_factor 8 without a VAE), guidance 5, latents out."""
+    return dict(
+        prompt_embeds=e["prompt"],
+        pooled_prompt_embeds=e["pooled"],
+        negative_prompt_embeds=e["negative"],
+        negative_pooled_prompt_embeds=e["negative_pooled"],
+        height=8 * hw,
+        width=8 * hw,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        output_type="latent",
+    )
+
+
+def jax_conditioning(e: dict, hw: int, **extra):
+    """`denoise`'s Conditioning of the `embeddings` `e` (jax arrays) at hw x hw latents, then `extra`."""
+    from persongen_jax.pipeline.sampling import Conditioning, sdxl_time_ids
+
+    return Conditioning(
+        prompt_embeds=e["prompt"],
+        pooled=e["pooled"],
+        text_only_embeds=e["prompt"],
+        text_only_pooled=e["pooled"],
+        negative_embeds=e["negative"],
+        negative_pooled=e["negative_pooled"],
+        time_ids=sdxl_time_ids(8 * hw, 8 * hw),
+        **extra,
+    )
+
+
 def run_torch(args) -> dict:
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = common.torch_device()
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     cfg = unet_config(args.size, args.hw)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).to(dev, dtype).eval()
-    pipe = StableDiffusionXLPipeline(
-        vae=None,
-        text_encoder=None,
-        text_encoder_2=None,
-        tokenizer=None,
-        tokenizer_2=None,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(**SCHEDULER),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    e = {k: torch.from_numpy(v).to(dev, dtype) for k, v in embeddings(cfg).items()}
+    pipe = torch_pipeline(StableDiffusionXLPipeline, unet)
     rep = lambda x: x.repeat(args.batch, *([1] * (x.ndim - 1)))
-    px = args.hw * 8  # the pipeline takes pixel sizes (vae_scale_factor 8 without a VAE)
+    e = {k: rep(torch.from_numpy(v).to(dev, dtype)) for k, v in embeddings(cfg).items()}
 
     def call():
         with torch.no_grad():
-            return pipe(
-                prompt_embeds=rep(e["prompt"]),
-                pooled_prompt_embeds=rep(e["pooled"]),
-                negative_prompt_embeds=rep(e["negative"]),
-                negative_pooled_prompt_embeds=rep(e["negative_pooled"]),
-                height=px,
-                width=px,
-                num_inference_steps=args.steps,
-                guidance_scale=5.0,
-                output_type="latent",
-            ).images
+            return pipe(**pipeline_kwargs(e, args.hw, args.steps)).images
 
-    med, times, peak = common.time_torch(call, args.repeats, 1, dev)
-    return {"framework": "pytorch", "device": dev, "median_s": med, "times": times, "peak_mib": peak}
+    return common.torch_result(call, args.repeats, 1, dev)
 
 
 def run_jax(args) -> dict:
@@ -94,7 +112,7 @@ def run_jax(args) -> dict:
     from flax import nnx
 
     from persongen_jax.models.unet import UNet2DConditionModel
-    from persongen_jax.pipeline.sampling import Conditioning, denoise, sdxl_time_ids
+    from persongen_jax.pipeline.sampling import denoise
     from persongen_jax.pipeline.schedulers import EulerDiscreteScheduler
 
     if args.dtype == "float32":
@@ -109,98 +127,52 @@ def run_jax(args) -> dict:
     )
     sched = EulerDiscreteScheduler.from_config(SCHEDULER)
     state = sched.set_timesteps(args.steps)
-    e = {k: jnp.asarray(v) for k, v in embeddings(cfg).items()}
-    px = args.hw * 8
-    cond = Conditioning(
-        prompt_embeds=e["prompt"],
-        pooled=e["pooled"],
-        text_only_embeds=e["prompt"],
-        text_only_pooled=e["pooled"],
-        negative_embeds=e["negative"],
-        negative_pooled=e["negative_pooled"],
-        time_ids=sdxl_time_ids(px, px),
-    )
+    cond = jax_conditioning({k: jnp.asarray(v) for k, v in embeddings(cfg).items()}, args.hw)
     graphdef, params = nnx.split(unet)
 
     @jax.jit
     def loop(params, noise, cond):
         m = nnx.merge(graphdef, params)
         return denoise(
-            m, sched, state, noise * sched.init_noise_sigma(state), cond, guidance_scale=5.0, start_merge_step=0
+            m, sched, state, noise * sched.init_noise_sigma(state), cond, guidance_scale=GUIDANCE, start_merge_step=0
         )
 
     noise = jax.random.normal(jax.random.key(0), (args.batch, args.hw, args.hw, 4))
-    t0 = time.perf_counter()
-    compiled = loop.lower(params, noise, cond).compile()
-    compile_s = time.perf_counter() - t0
-    call = lambda: compiled(params, noise, cond)
-    sync = lambda x: x.block_until_ready()
-    sync(call())
-    med, times = common.median_time(call, args.repeats, sync)
-    dev = jax.devices()[0]
+    compiled, compile_s = common.compile_timed(loop, params, noise, cond)
+    med, times = common.time_jax(lambda: compiled(params, noise, cond), args.repeats, 1)
     # XLA's cost analysis counts a while-loop body once (it does not know the trip count):
     # scale by the number of steps (the ops outside the loop are negligible).
     flops = common.xla_flops(compiled)
     flops = flops * args.steps if flops else None
-    return {
-        "framework": "jax",
-        "device": dev.device_kind,
-        "median_s": med,
-        "times": times,
-        "compile_s": compile_s,
-        "flops": flops,
-        **common.xla_memory_mib(compiled),
-        **common.jax_device_stats(med, flops, args.dtype),
-    }
+    return common.jax_result(med, times, compile_s, flops=flops, **common.xla_figures(compiled, med, flops, args.dtype))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--framework", choices=["both", "jax", "pytorch"], default="both")
-    p.add_argument("--batch", type=int, default=1, help="images per call (x2 with guidance)")
-    p.add_argument("--hw", type=int, default=32, help="latent height = width")
-    p.add_argument("--size", default="mid", help='UNet shapes: "mid" or a presets size (sdxl_base, tiny, micro)')
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--attention", choices=["xla", "cudnn"], default="xla")
-    args = p.parse_args()
-    if args.framework != "both":
-        print(json.dumps(run_jax(args) if args.framework == "jax" else run_torch(args)))
-        return
-    base = [
-        __file__,
-        "--batch",
-        str(args.batch),
-        "--hw",
-        str(args.hw),
-        "--steps",
-        str(args.steps),
-        "--repeats",
-        str(args.repeats),
-        "--dtype",
-        args.dtype,
-        "--attention",
-        args.attention,
-        "--size",
-        args.size,
-    ]
-    pt = common.run_child(base + ["--framework", "pytorch"])
-    jx = common.run_child(base + ["--framework", "jax"])
-    print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")
+def print_times(reference: str, pt: dict, jx: dict) -> None:
+    """The sampling benchmarks' lines (control_sample.py's too): each side's median time and peak memory
+    (JAX: and its compile time), the names in one column, then the ratio."""
+    print(f"  {reference}: {pt['median_s']:7.2f} s   peak {pt['peak_mib']:7.0f} MiB")
+    print(
+        f"  {'jax (one compiled loop)':{len(reference)}s}: {jx['median_s']:7.2f} s   peak {jx['peak_mib']:7.0f} MiB   "
+        f"compile {jx['compile_s']:.1f} s"
+    )
+    print(common.ratio_line(pt, jx))
+
+
+def report(args, pt: dict, jx: dict) -> None:
     print(
         f"{args.steps}-step CFG sampling (Euler), mid-size SDXL-shaped UNet, {args.batch} image(s), "
         f"{args.hw}x{args.hw} latents, {args.dtype}, median of {args.repeats}"
     )
-    print(f"  diffusers pipeline (eager): {pt['median_s']:7.2f} s   peak {pt['peak_mib']:7.0f} MiB")
-    print(
-        f"  jax (one compiled loop)   : {jx['median_s']:7.2f} s   peak {jx['peak_mib']:7.0f} MiB   "
-        f"compile {jx['compile_s']:.1f} s"
-    )
-    print(f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)")
+    print_times("diffusers pipeline (eager)", pt, jx)
     if jx.get("flops"):
         print(common.flops_line(f"  XLA flops/call {jx['flops'] / 1e12:.2f} TFLOP", jx))
-    print("json:", json.dumps({"pytorch": pt, "jax": jx}))
+
+
+def main():
+    p = unet_parser(
+        __doc__, batch=dict(default=1, help="images per call (x2 with guidance)"), steps=50, timing=("--repeats", 3)
+    )
+    common.jax_vs_pytorch(__file__, p.parse_args(), run_jax, run_torch, report)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ empty prompt (condition dropout) with the frozen text encoders. Prints img/s, th
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -84,9 +82,7 @@ def run_torch(args) -> dict:
     from persongen_jax.models.id_encoder import PhotoMakerIDEncoder
     from persongen_jax.testing import tiny_sdxl
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = common.torch_device()
     torch.manual_seed(0)
     nn = torch.nn
 
@@ -218,66 +214,36 @@ def run_torch(args) -> dict:
         opt.step()
         return loss
 
-    med, times, peak = common.time_torch(step, args.steps, args.warmup, dev)
     n_train = sum(p.numel() for p in lora_params + adapter_params + heads + list(fuse.parameters()))
-    return {
-        "framework": "pytorch",
-        "device": dev,
-        "median_s": med,
-        "times": times,
-        "peak_mib": peak,
-        "trainable": n_train,
-    }
+    return common.torch_result(step, args.steps, args.warmup, dev, trainable=n_train)
+
+
+def report(args, pt: dict, jx: dict) -> None:
+    ips = lambda r: args.batch / r["median_s"]
+    print(
+        f"full train step (ID encoder + text encoders + VAE encode + UNet/LoRA r{LORA_RANK}/id adapter + Adam), "
+        f"batch {args.batch}, {args.res}x{args.res}, {args.refs} refs, {args.dtype}, {args.steps} timed steps"
+    )
+    side = lambda name, r: (
+        f"  {name:14s}: {ips(r):7.2f} img/s  (median {r['median_s'] * 1e3:7.1f} ms, "
+        f"{r['trainable'] / 1e3:.0f}k trainable, peak {r['peak_mib']:.0f} MiB"
+    )
+    print(side("pytorch eager", pt) + ")")
+    print(side("jax (jit)", jx) + f", compile {jx['compile_s']:.1f} s)")
+    print(f"  ratio jax/pytorch img/s = {ips(jx) / ips(pt):.2f}x  (>1: JAX faster)")
+    if jx.get("flops_per_step"):
+        print(common.flops_line(f"  XLA flops/step {jx['flops_per_step'] / 1e9:.2f} GFLOP", jx))
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--framework", choices=["both", "jax", "pytorch"], default="both")
+    p = common.framework_parser(__doc__)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--res", type=int, default=64, help="image resolution (latents are res / 2 for the tiny VAE)")
     p.add_argument("--refs", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    args = p.parse_args()
-    if args.framework != "both":
-        print(json.dumps(run_jax(args) if args.framework == "jax" else run_torch(args)))
-        return
-    base = [
-        __file__,
-        "--batch",
-        str(args.batch),
-        "--res",
-        str(args.res),
-        "--refs",
-        str(args.refs),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--dtype",
-        args.dtype,
-    ]
-    pt = common.run_child(base + ["--framework", "pytorch"])
-    jx = common.run_child(base + ["--framework", "jax"])
-    ips = lambda r: args.batch / r["median_s"]
-    print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")
-    print(
-        f"full train step (ID encoder + text encoders + VAE encode + UNet/LoRA r{LORA_RANK}/id adapter + Adam), "
-        f"batch {args.batch}, {args.res}x{args.res}, {args.refs} refs, {args.dtype}, {args.steps} timed steps"
-    )
-    print(
-        f"  pytorch eager : {ips(pt):7.2f} img/s  (median {pt['median_s'] * 1e3:7.1f} ms, "
-        f"{pt['trainable'] / 1e3:.0f}k trainable, peak {pt['peak_mib']:.0f} MiB)"
-    )
-    print(
-        f"  jax (jit)     : {ips(jx):7.2f} img/s  (median {jx['median_s'] * 1e3:7.1f} ms, "
-        f"{jx['trainable'] / 1e3:.0f}k trainable, peak {jx['peak_mib']:.0f} MiB, compile {jx['compile_s']:.1f} s)"
-    )
-    print(f"  ratio jax/pytorch img/s = {ips(jx) / ips(pt):.2f}x  (>1: JAX faster)")
-    if jx.get("flops_per_step"):
-        print(common.flops_line(f"  XLA flops/step {jx['flops_per_step'] / 1e9:.2f} GFLOP", jx))
-    print("json:", json.dumps({"pytorch": pt, "jax": jx}))
+    common.jax_vs_pytorch(__file__, p.parse_args(), run_jax, run_torch, report)
 
 
 if __name__ == "__main__":

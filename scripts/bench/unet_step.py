@@ -13,10 +13,7 @@ FLOP count and the achieved FLOP/s (MFU on known GPUs).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -78,9 +75,7 @@ def torch_model(cfg, seed=0):
 def run_torch(args) -> dict:
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = common.torch_device()
     cfg = unet_config(args.size, args.hw)
     model = torch_model(cfg).to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -100,15 +95,7 @@ def run_torch(args) -> dict:
         opt.step()
         return loss
 
-    med, times, peak = common.time_torch(step, args.steps, args.warmup, dev)
-    return {
-        "framework": "pytorch",
-        "device": dev,
-        "median_s": med,
-        "times": times,
-        "peak_mib": peak,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+    return common.torch_result(step, args.steps, args.warmup, dev, params=sum(p.numel() for p in model.parameters()))
 
 
 def run_jax(args) -> dict:
@@ -148,71 +135,35 @@ def run_jax(args) -> dict:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    step_jit = jax.jit(train_step, donate_argnums=(0, 1))
-    t0 = time.perf_counter()
-    compiled = step_jit.lower(params, opt_state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s = common.compile_timed(jax.jit(train_step, donate_argnums=(0, 1)), params, opt_state, batch)
     state = {"params": params, "opt": opt_state}
 
     def step():
         state["params"], state["opt"], loss = compiled(state["params"], state["opt"], batch)
         return loss
 
-    sync = lambda x: x.block_until_ready()
-    for _ in range(args.warmup):
-        sync(step())
-    med, times = common.median_time(step, args.steps, sync)
-    dev = jax.devices()[0]
+    med, times = common.time_jax(step, args.steps, args.warmup)
     flops = common.xla_flops(compiled)
-    return {
-        "framework": "jax",
-        "device": dev.device_kind,
-        "median_s": med,
-        "times": times,
-        "compile_s": compile_s,
-        "flops_per_step": flops,
-        **common.xla_memory_mib(compiled),
-        **common.jax_device_stats(med, flops, args.dtype),
-    }
+    stats = common.xla_figures(compiled, med, flops, args.dtype)
+    return common.jax_result(med, times, compile_s, flops_per_step=flops, **stats)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--framework", choices=["both", "jax", "pytorch"], default="both")
-    p.add_argument("--batch", type=int, default=4)
+def unet_parser(doc: str, batch: dict, steps: int, timing: tuple[str, int]):
+    """The UNet benchmarks' flags (this one's and sample.py's): --batch (`batch`: its default and help),
+    --hw, --size, --steps (default `steps`), `timing` (the flag and its default: --warmup here, --repeats
+    in sample.py), --dtype, --attention."""
+    p = common.framework_parser(doc)
+    p.add_argument("--batch", type=int, **batch)
     p.add_argument("--hw", type=int, default=32, help="latent height = width")
     p.add_argument("--size", default="mid", help='UNet shapes: "mid" or a presets size (sdxl_base, tiny, micro)')
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument(timing[0], type=int, default=timing[1])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--attention", choices=["xla", "cudnn"], default="xla")
-    args = p.parse_args()
-    if args.framework == "jax":
-        print(json.dumps(run_jax(args)))
-        return
-    if args.framework == "pytorch":
-        print(json.dumps(run_torch(args)))
-        return
-    base = [
-        __file__,
-        "--batch",
-        str(args.batch),
-        "--hw",
-        str(args.hw),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--dtype",
-        args.dtype,
-        "--attention",
-        args.attention,
-        "--size",
-        args.size,
-    ]
-    pt = common.run_child(base + ["--framework", "pytorch"])
-    jx = common.run_child(base + ["--framework", "jax"])
-    print(f"machine: {common.machine()}; jax device: {jx['device']}; torch device: {pt['device']}")
+    return p
+
+
+def report(args, pt: dict, jx: dict) -> None:
     print(
         f"UNet train step (fwd+bwd+Adam), {pt['params'] / 1e6:.1f}M params, batch {args.batch}, "
         f"{args.hw}x{args.hw} latents, {args.dtype}, {args.steps} timed steps"
@@ -227,10 +178,14 @@ def main():
             f"  XLA compiled memory: args {jx['args_mib']:.0f} MiB, temp {jx['temp_mib']:.0f} MiB, "
             f"outputs {jx['output_mib']:.0f} MiB (peak = process RSS on CPU, allocator peak on GPU)"
         )
-    print(f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)")
+    print(common.ratio_line(pt, jx))
     if jx.get("flops_per_step"):
         print(common.flops_line(f"  XLA flops/step {jx['flops_per_step'] / 1e9:.1f} GFLOP", jx))
-    print("json:", json.dumps({"pytorch": pt, "jax": jx}))
+
+
+def main():
+    p = unet_parser(__doc__, batch=dict(default=4), steps=5, timing=("--warmup", 1))
+    common.jax_vs_pytorch(__file__, p.parse_args(), run_jax, run_torch, report)
 
 
 if __name__ == "__main__":
