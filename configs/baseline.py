@@ -2,10 +2,6 @@
 
     python -m persongen_jax.train --config configs/baseline.py --workdir runs/baseline \
         --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
-
-Laptop-sized check (tiny random model, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/baseline.py:tiny --workdir /tmp/baseline
 """
 
 from configs import default

@@ -2,10 +2,6 @@
 
     python -m persongen_jax.train --config configs/crossattn_id_lora_copy.py --workdir runs/crossattn_id_lora_copy \
         --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
-
-Laptop-sized check (tiny random model, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/crossattn_id_lora_copy.py:tiny --workdir /tmp/crossattn_id_lora_copy
 """
 
 from configs import baseline, default

@@ -1,7 +1,8 @@
 """Defaults shared by every experiment (the research's hyperparameters); not run directly.
 
 `configs/baseline.py` is the research's baseline on top of these; every other experiment imports the
-baseline and states only its difference (`from configs import baseline`). Launch pattern:
+baseline (or the experiment it extends) and states only its difference (`from configs import baseline`).
+Launch pattern:
 
     python -m persongen_jax.train --config configs/baseline.py --workdir runs/baseline \
         --config.init.sdxl=weights/sdxl --config.data.dir=data/ffhq_ids
@@ -158,15 +159,22 @@ def get_config():
     return c
 
 
-def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The `runlocal` shrink: tiny random model, synthetic data, a few CPU steps."""
+def tiny_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The tiny random model (LoRA rank 4 at most) at its data size, 32 px and 2 reference crops: what
+    `tiny` and the demo (configs/demo.py) train."""
     c.model = "tiny"
-    c.frozen_dtype = "float32"  # CPU checks compare against float32 references
     c.lora.rank = min(c.lora.rank, 4) if c.lora.rank else 0
     c.lora.alpha = float(c.lora.rank)
-    c.data.source = "synthetic"
     c.data.resolution = 32
     c.data.num_refs = 2
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `runlocal` shrink: tiny random model, synthetic data, a few CPU steps."""
+    tiny_model(c)
+    c.frozen_dtype = "float32"  # CPU checks compare against float32 references
+    c.data.source = "synthetic"
     c.data.global_batch_size = 4
     c.total_steps = 2
     c.log_every = 1
@@ -183,6 +191,14 @@ def photomaker_v2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # A converted ArcFace (weights_conversion arcface w600k_r50.onnx DST, the official pipeline's buffalo_l R50):
     # embeds the references of records without a stored embedding. Empty: every record must have one.
     c.init.arcface = ""
+    return c
+
+
+def from_clip(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Reproduction exps. 1-4 (5.1.1-5.1.4): the ID encoder from CLIP weights (config.init.id_encoder), not
+    PhotoMaker's, so the UNet LoRA starts fresh too, and no warmup."""
+    c.init.photomaker_lora = False
+    c.optim.warmup_steps = 0
     return c
 
 

@@ -11,10 +11,7 @@ from configs import default
 
 
 def get_config():
-    c = default.get_config()
-    c.model = "tiny"
-    c.lora.rank = 4
-    c.lora.alpha = 4.0
+    c = default.tiny_model(default.get_config())  # LoRA rank 4, 32 px, 2 references
     c.adapters.names = ("bg",)
     # A from-scratch tiny model learns with larger steps than the pretrained research runs.
     c.trainable.heads.lr = 1e-3
@@ -23,8 +20,6 @@ def get_config():
     c.trainable.adapters = default.group("adapters", 1e-3)
     c.optim.warmup_steps = 10
     c.optim.grad_clip_norm = 1.0
-    c.data.resolution = 32
-    c.data.num_refs = 2
     c.data.global_batch_size = 8
     c.total_steps = 150
     c.log_every = 5

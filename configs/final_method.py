@@ -2,10 +2,6 @@
 
     python -m persongen_jax.train --config configs/final_method.py --workdir runs/final_method \
         --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
-
-Laptop-sized check (tiny random model, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/final_method.py:tiny --workdir /tmp/final_method
 """
 
 from configs import baseline, default

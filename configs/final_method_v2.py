@@ -4,10 +4,6 @@
     python -m persongen_jax.train --config configs/final_method_v2.py --workdir runs/final_method_v2 \
         --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker_v2 \
         --config.init.arcface=weights/arcface_r50 --config.data.dir=data/ids
-
-Laptop-sized check (tiny random models, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/final_method_v2.py:tiny --workdir /tmp/final_method_v2
 """
 
 from configs import default, photomaker_v2

@@ -2,18 +2,12 @@
 
     python -m persongen_jax.train --config configs/full_encoder_mlp_lora64.py --workdir runs/full_encoder_mlp_lora64 \
         --config.init.sdxl=weights/sdxl --config.init.id_encoder=weights/clip_vit_l14_id_encoder --config.data.dir=data/ids
-
-Laptop-sized check (tiny random model, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/full_encoder_mlp_lora64.py:tiny --workdir /tmp/full_encoder_mlp_lora64
 """
 
 from configs import baseline, default
 
 
 def get_config(arg=None):
-    c = baseline.get_config()
-    c.init.photomaker_lora = False  # from CLIP: the UNet LoRA starts fresh
+    c = default.from_clip(baseline.get_config())
     c.trainable = default.groups(image_encoder=1e-5, heads=1e-5, fuse_mlp=1e-5, lora=1e-4)
-    c.optim.warmup_steps = 0
     return default.variant(c, arg)

@@ -2,19 +2,12 @@
 
     python -m persongen_jax.train --config configs/heads_mlp.py --workdir runs/heads_mlp \
         --config.init.sdxl=weights/sdxl --config.init.id_encoder=weights/clip_vit_l14_id_encoder --config.data.dir=data/ids
-
-Laptop-sized check (tiny random model, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/heads_mlp.py:tiny --workdir /tmp/heads_mlp
 """
 
-from configs import baseline, default
+from configs import default, no_lora
 
 
 def get_config(arg=None):
-    c = baseline.get_config()
-    c.init.photomaker_lora = False
-    c.lora.rank = 0
-    c.trainable = default.groups(heads=1e-5, fuse_mlp=1e-5)
-    c.optim.warmup_steps = 0
+    c = no_lora.get_config()
+    c.trainable = default.groups(heads=1e-5, fuse_mlp=1e-5)  # exp. 2 without the image encoder
     return default.variant(c, arg)

@@ -2,10 +2,6 @@
 
     python -m persongen_jax.train --config configs/heads_mlp_lora64_1e5.py --workdir runs/heads_mlp_lora64_1e5 \
         --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
-
-Laptop-sized check (tiny random model, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/heads_mlp_lora64_1e5.py:tiny --workdir /tmp/heads_mlp_lora64_1e5
 """
 
 from configs import baseline, default

@@ -2,20 +2,13 @@
 
     python -m persongen_jax.train --config configs/id_text_and_crossattn.py --workdir runs/id_text_and_crossattn \
         --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
-
-Laptop-sized check (tiny random model, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/id_text_and_crossattn.py:tiny --workdir /tmp/id_text_and_crossattn
 """
 
-from configs import baseline, default
+from configs import default, ip_adapter_id
 
 
 def get_config(arg=None):
-    c = baseline.get_config()
-    c.init.photomaker_lora = False
-    c.lora.rank = 0
-    c.adapters.names = ("id",)
-    c.id_injection = "both"
+    c = ip_adapter_id.get_config()
+    c.id_injection = "both"  # exp. 1 with the identity through the text (fuse MLP) too
     c.trainable = default.groups(heads=1e-5, fuse_mlp=1e-5, image_proj=1e-5, adapters=1e-5)
     return default.variant(c, arg)

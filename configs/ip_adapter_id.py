@@ -2,10 +2,6 @@
 
     python -m persongen_jax.train --config configs/ip_adapter_id.py --workdir runs/ip_adapter_id \
         --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
-
-Laptop-sized check (tiny random model, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/ip_adapter_id.py:tiny --workdir /tmp/ip_adapter_id
 """
 
 from configs import baseline, default

@@ -2,10 +2,6 @@
 
     python -m persongen_jax.train --config configs/photomaker_init.py --workdir runs/photomaker_init \
         --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
-
-Laptop-sized check (tiny random model, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/photomaker_init.py:tiny --workdir /tmp/photomaker_init
 """
 
 from configs import baseline, default

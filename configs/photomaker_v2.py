@@ -8,9 +8,7 @@ stores it) or from the frozen ArcFace of config.init.arcface (the demo / `data.f
         --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker_v2 \
         --config.init.arcface=weights/arcface_r50 --config.data.dir=data/ids
 
-Laptop-sized check (tiny random V2 encoder + tiny random ArcFace, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/photomaker_v2.py:tiny --workdir /tmp/photomaker_v2
+`configs/photomaker_v2.py:tiny`: a tiny random V2 encoder and a tiny random ArcFace.
 """
 
 from configs import baseline, default

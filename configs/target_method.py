@@ -2,10 +2,6 @@
 
     python -m persongen_jax.train --config configs/target_method.py --workdir runs/target_method \
         --config.init.sdxl=weights/sdxl --config.init.photomaker=weights/photomaker --config.data.dir=data/ids
-
-Laptop-sized check (tiny random model, synthetic data, 2 steps):
-
-    python -m persongen_jax.train --config configs/target_method.py:tiny --workdir /tmp/target_method
 """
 
 from configs import baseline, default
