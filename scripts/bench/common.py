@@ -78,8 +78,8 @@ def time_torch(fn, steps: int, warmup: int, dev: str) -> tuple[float, list[float
 
 
 def torch_device() -> str:
-    """ "cuda" when there is a GPU, else "cpu"; TF32 off, so float32 matmuls and convolutions keep full
-    precision (the JAX side's "highest")."""
+    """The PyTorch side's device, "cuda" when there is a GPU, else "cpu"; TF32 off, so float32 matmuls and
+    convolutions keep full precision (the JAX side's "highest")."""
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -201,6 +201,7 @@ def jax_vs_pytorch(script: str, args, run_jax, run_torch, report) -> None:
 
 
 def ratio_line(pt: dict, jx: dict) -> str:
+    """The report's ratio of the two sides' median times."""
     return f"  ratio pytorch/jax = {pt['median_s'] / jx['median_s']:.2f}x  (>1: JAX faster)"
 
 

@@ -152,8 +152,8 @@ def print_times(reference: str, pt: dict, jx: dict) -> None:
     (JAX: and its compile time), the names in one column, then the ratio."""
     print(f"  {reference}: {pt['median_s']:7.2f} s   peak {pt['peak_mib']:7.0f} MiB")
     print(
-        f"  {'jax (one compiled loop)':{len(reference)}s}: {jx['median_s']:7.2f} s   peak {jx['peak_mib']:7.0f} MiB   "
-        f"compile {jx['compile_s']:.1f} s"
+        f"  {'jax (one compiled loop)':{len(reference)}s}: {jx['median_s']:7.2f} s   "
+        f"peak {jx['peak_mib']:7.0f} MiB   compile {jx['compile_s']:.1f} s"
     )
     print(common.ratio_line(pt, jx))
 
