@@ -33,7 +33,7 @@ from flax import nnx
 from persongen_jax.models.attention_processor import CrossAttentionContext
 from persongen_jax.models.embeddings import TimestepEmbedding, Timesteps
 from persongen_jax.models.layers import Conv, GroupNorm, activation
-from persongen_jax.models.modeling import check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
 from persongen_jax.models.unet_2d_blocks import (
     CrossAttnDownBlock2D,
     CrossAttnUpBlock2D,
@@ -414,8 +414,10 @@ class UNetEncoderMixin:
 
 
 @register_model
-class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
+class UNet2DConditionModel(ConfigMixin, UNetEncoderMixin, nnx.Module):
     """SDXL-style conditional UNet; module names mirror diffusers so param paths are state-dict keys."""
+
+    _parse_config = staticmethod(UNetConfig.from_dict)  # from_config: a diffusers config.json dict
 
     def __init__(
         self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, attention_impl: str = "xla"
@@ -468,20 +470,6 @@ class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
         # IP-Adapter image projection of an image condition (lora.ImageProjection); set by lora.add_adapters.
         self.image_proj = nnx.data(None)
         self.remat = "none"  # REMAT_CHOICES; training sets it from config.remat (sampling never needs it)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any] | UNetConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ) -> "UNet2DConditionModel":
-        """config: a diffusers config.json dict (parsed by `UNetConfig.from_dict`) or a UNetConfig."""
-        cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
-        return cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
 
     @classmethod
     def preset_config(cls, name: str) -> dict:

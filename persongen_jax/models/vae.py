@@ -29,7 +29,7 @@ from flax import nnx, struct
 
 from persongen_jax.models.attention_processor import Attention
 from persongen_jax.models.layers import Conv, GroupNorm, activation
-from persongen_jax.models.modeling import check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
 from persongen_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 # diffusers hard-codes eps=1e-6 for every norm in the VAE (Encoder/Decoder pass
@@ -479,8 +479,10 @@ class AutoencoderKLConfig:
 
 
 @register_model
-class AutoencoderKL(nnx.Module):
+class AutoencoderKL(ConfigMixin, nnx.Module):
     """SDXL's KL autoencoder: images [B, H, W, 3] <-> latents [B, H/8, W/8, 4] (for the sdxl preset)."""
+
+    _parse_config = staticmethod(AutoencoderKLConfig.from_dict)  # from_config: a diffusers config.json dict
 
     def __init__(
         self,
@@ -507,22 +509,6 @@ class AutoencoderKL(nnx.Module):
         self.decoder = Decoder(c.latent_channels, c.out_channels, **common)
         self.quant_conv = Conv(2 * c.latent_channels, 2 * c.latent_channels, 1, **kw) if c.use_quant_conv else None
         self.post_quant_conv = Conv(c.latent_channels, c.latent_channels, 1, **kw) if c.use_post_quant_conv else None
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any] | AutoencoderKLConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ) -> "AutoencoderKL":
-        """config: a diffusers config.json dict (parsed by `AutoencoderKLConfig.from_dict`) or an
-        AutoencoderKLConfig."""
-        if not isinstance(config, AutoencoderKLConfig):
-            config = AutoencoderKLConfig.from_dict(config)
-        return cls(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
 
     @staticmethod
     def preset_config(name: str) -> dict:
