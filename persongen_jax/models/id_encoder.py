@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,11 @@ class PhotoMakerIDEncoderConfig:
     def embed_dim(self) -> int:
         """D = vision.projection_dim + projection_dim_2: the ID embedding and fuse-module width."""
         return self.vision.projection_dim + self.projection_dim_2
+
+    @property
+    def num_tokens(self) -> int:
+        """ID tokens per reference image: v1 fuses one (its stacked embedding)."""
+        return 1
 
 
 def parse_config(config: Mapping[str, Any] | PhotoMakerIDEncoderConfig) -> PhotoMakerIDEncoderConfig:
@@ -189,10 +194,12 @@ class FuseModule(nnx.Module):
 class PhotoMakerCLIPEncoder(clip.CLIPTowerModel):
     """What the PhotoMaker v1 and V2 ID encoders share: PhotoMaker's encoders extend
     CLIPVisionModelWithProjection (`vision_model`, `visual_projection`) with a second projection head
-    (`visual_projection_2`) and the fuse MLP (`fuse_module`, of width config.embed_dim)."""
+    (`visual_projection_2`), the fuse MLP (`fuse_module`, of width config.embed_dim) and, in V2, the
+    `qformer_perceiver` (the `_perceiver` class) that turns each image into num_tokens ID tokens."""
 
     _tower = "vision_model"
     _projection = "visual_projection"
+    _perceiver: ClassVar[Any] = None
     vision_model: clip.CLIPVisionTransformer
     visual_projection: Linear
 
@@ -210,6 +217,10 @@ class PhotoMakerCLIPEncoder(clip.CLIPTowerModel):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.visual_projection_2 = Linear(config.vision.hidden_size, config.projection_dim_2, use_bias=False, **kw)
         self.fuse_module = FuseModule(config.embed_dim, **kw)
+        if self._perceiver is not None:
+            self.qformer_perceiver = self._perceiver(config, **kw)
+        # ID tokens per reference image (the class word is repeated num_images * num_tokens times).
+        self.num_tokens = config.num_tokens
 
 
 @register_model
@@ -225,7 +236,6 @@ class PhotoMakerIDEncoder(PhotoMakerCLIPEncoder):
     version = "v1"
     _parse_config = staticmethod(parse_config)  # from_config / preset_config: ConfigMixin
     _presets = _PRESETS
-    num_tokens = 1  # ID tokens per reference image (the class word is repeated num_images * num_tokens times)
 
     def id_embeds(self, id_pixel_values: jax.Array) -> jax.Array:
         """id_pixel_values [B, N, H, W, C] (CLIP-normalised) -> [B, N, P1 + P2]."""

@@ -285,19 +285,8 @@ class PhotoMakerV2IDEncoder(PhotoMakerCLIPEncoder):
     version = "v2"
     _parse_config = staticmethod(parse_config)  # from_config / preset_config: ConfigMixin
     _presets = _PRESETS
-
-    def __init__(
-        self,
-        config: PhotoMakerV2Config,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
-        self.num_tokens = config.num_tokens
-        self.qformer_perceiver = QFormerPerceiver(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    _perceiver = QFormerPerceiver
+    qformer_perceiver: QFormerPerceiver
 
     def id_tokens(self, id_pixel_values: jax.Array, id_embeds: jax.Array) -> jax.Array:
         """id_pixel_values [B, N, H, W, C] (CLIP-normalised), id_embeds [B, N, E] (ArcFace)
