@@ -174,16 +174,8 @@ class T2IAdapter(ConfigMixin, nnx.Module):
 
     _parse_config = staticmethod(T2IAdapterConfig.from_dict)  # from_config: a diffusers config.json dict
 
-    def __init__(
-        self,
-        config: T2IAdapterConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ):
-        del attention_impl  # no attention in the adapter
+    def __init__(self, config: T2IAdapterConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        # No attention in the adapter: no attention_impl (from_config takes one and leaves it out).
         self.config = config
         self.dtype = dtype
         self.adapter = FullAdapterXL(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

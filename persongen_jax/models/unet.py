@@ -307,6 +307,7 @@ class UNetEncoderMixin:
             **kw,
         )
         attn_common: dict[str, Any] = dict(use_linear_projection=c.use_linear_projection, attention_impl=attention_impl)
+        attention = _attention_args(tlayers, heads, cross, attn_common)
 
         down: list[Any] = []  # CrossAttnDownBlock2D | DownBlock2D
         out_ch = boc[0]
@@ -316,17 +317,7 @@ class UNetEncoderMixin:
                 num_layers=layers[i], add_downsample=i < n - 1, downsample_padding=c.downsample_padding, **common
             )
             if _strip(block_type) == "CrossAttnDownBlock2D":
-                down.append(
-                    CrossAttnDownBlock2D(
-                        in_ch,
-                        out_ch,
-                        transformer_layers_per_block=tlayers[i],
-                        num_attention_heads=heads[i],
-                        cross_attention_dim=cross[i],
-                        **attn_common,
-                        **args,
-                    )
-                )
+                down.append(CrossAttnDownBlock2D(in_ch, out_ch, **attention[i], **args))
             else:
                 down.append(DownBlock2D(in_ch, out_ch, **args))
         self.down_blocks = nnx.List(down)
@@ -334,13 +325,7 @@ class UNetEncoderMixin:
         self.mid_block: UNetMidBlock2DCrossAttn | None
         if c.mid_block_type == "UNetMidBlock2DCrossAttn":
             self.mid_block = UNetMidBlock2DCrossAttn(
-                boc[-1],
-                transformer_layers_per_block=tlayers[-1],
-                num_attention_heads=heads[-1],
-                cross_attention_dim=cross[-1],
-                output_scale_factor=c.mid_block_scale_factor,
-                **attn_common,
-                **common,
+                boc[-1], output_scale_factor=c.mid_block_scale_factor, **attention[-1], **common
             )
         else:
             self.mid_block = None
@@ -413,6 +398,15 @@ class UNetEncoderMixin:
         return jax.checkpoint(call, policy=REMAT_POLICIES[remat])(state, *args)
 
 
+def _attention_args(tlayers, heads, cross, attn_common: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per block: the keyword arguments of a CrossAttn block (transformer layers, heads, context width, and the
+    `attn_common` ones all blocks share)."""
+    return [
+        dict(transformer_layers_per_block=t, num_attention_heads=h, cross_attention_dim=x, **attn_common)
+        for t, h, x in zip(tlayers, heads, cross)
+    ]
+
+
 @register_model
 class UNet2DConditionModel(ConfigMixin, UNetEncoderMixin, nnx.Module):
     """SDXL-style conditional UNet; module names mirror diffusers so param paths are state-dict keys."""
@@ -426,20 +420,18 @@ class UNet2DConditionModel(ConfigMixin, UNetEncoderMixin, nnx.Module):
         self.config = c
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        boc = c.block_out_channels
-        n = c.num_blocks
-        heads = c.per_block("attention_head_dim")
-        cross = c.per_block("cross_attention_dim")
-        layers = c.per_block("layers_per_block")
-        tlayers = c.per_block("transformer_layers_per_block")
+        boc, n = c.block_out_channels, c.num_blocks
         shared = self._init_encoder(c, kw, attention_impl)
-        common, attn_common = shared["common"], shared["attn_common"]
+        common = shared["common"]
 
+        # The up blocks mirror the down blocks: every per-block setting reversed.
         rev_boc = boc[::-1]
-        rev_heads, rev_cross, rev_layers = heads[::-1], cross[::-1], layers[::-1]
-        rev_tlayers = (
-            tlayers[::-1] if c.reverse_transformer_layers_per_block is None else c.reverse_transformer_layers_per_block
-        )
+        rev_layers = c.per_block("layers_per_block")[::-1]
+        rev_tlayers = c.reverse_transformer_layers_per_block
+        if rev_tlayers is None:
+            rev_tlayers = c.per_block("transformer_layers_per_block")[::-1]
+        rev_heads, rev_cross = c.per_block("attention_head_dim")[::-1], c.per_block("cross_attention_dim")[::-1]
+        attention = _attention_args(rev_tlayers, rev_heads, rev_cross, shared["attn_common"])
         up: list[Any] = []  # CrossAttnUpBlock2D | UpBlock2D
         out_ch = rev_boc[0]
         for i, block_type in enumerate(c.up_block_types):
@@ -447,18 +439,7 @@ class UNet2DConditionModel(ConfigMixin, UNetEncoderMixin, nnx.Module):
             in_ch = rev_boc[min(i + 1, n - 1)]
             args = dict(num_layers=rev_layers[i] + 1, add_upsample=i < n - 1, **common)
             if _strip(block_type) == "CrossAttnUpBlock2D":
-                up.append(
-                    CrossAttnUpBlock2D(
-                        in_ch,
-                        out_ch,
-                        prev_out,
-                        transformer_layers_per_block=rev_tlayers[i],
-                        num_attention_heads=rev_heads[i],
-                        cross_attention_dim=rev_cross[i],
-                        **attn_common,
-                        **args,
-                    )
-                )
+                up.append(CrossAttnUpBlock2D(in_ch, out_ch, prev_out, **attention[i], **args))
             else:
                 up.append(UpBlock2D(in_ch, prev_out, out_ch, **args))
         self.up_blocks = nnx.List(up)
