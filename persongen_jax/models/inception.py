@@ -30,21 +30,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persongen_jax.models.iresnet import BatchNorm
-from persongen_jax.models.modeling import ConfigMixin, check_field_types, field_parser, register_model
+from persongen_jax.models.modeling import ConfigMixin, ModelConfig, field_parser, register_model
 
 FID_INPUT_SIZE = 299
 FEATURES = 2048
 
 
 @dataclasses.dataclass(frozen=True)
-class InceptionConfig:
+class InceptionConfig(ModelConfig):
     """pytorch-fid InceptionV3's input options (FID uses both): resize to 299 first, map [0, 1] to [-1, 1]."""
 
     resize_input: bool = True
     normalize_input: bool = True
-
-    def __post_init__(self):
-        check_field_types(self)
 
 
 class BasicConv2d(nnx.Module):

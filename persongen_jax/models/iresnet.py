@@ -43,13 +43,13 @@ from flax import nnx
 
 from persongen_jax.models import modeling
 from persongen_jax.models.layers import Conv, Linear
-from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, ModelConfig, register_model
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclasses.dataclass(frozen=True)
-class IResNetConfig:
+class IResNetConfig(ModelConfig):
     """layers: IBasicBlocks per stage; widths: channels per stage; stem_width: conv1 channels.
 
     Each stage halves the resolution, so fc takes widths[-1] * fc_spatial^2 features,
@@ -67,19 +67,10 @@ class IResNetConfig:
     input_mean: float = 127.5
     input_std: float = 127.5
 
-    def __post_init__(self):
-        check_field_types(self)
-
     @property
     def fc_spatial(self) -> int:
         """Side of the last feature map that fc flattens: input_size / 2^len(layers) (112 -> 7)."""
         return self.input_size // 2 ** len(self.layers)
-
-    def to_dict(self) -> dict:
-        """The fields as a JSON-ready dict (layers / widths as lists), the form `preset_config` returns."""
-        d = dataclasses.asdict(self)
-        d["layers"], d["widths"] = list(self.layers), list(self.widths)
-        return d
 
 
 def parse_config(config: Mapping[str, Any] | IResNetConfig) -> IResNetConfig:

@@ -98,6 +98,20 @@ def check_field_types(config) -> None:
             )
 
 
+class ModelConfig:
+    """Base of the models' frozen config dataclasses: every field is checked against its annotation when the
+    config is made, and `to_dict` gives the config back as a JSON-ready dict."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # set by @dataclasses.dataclass on each subclass
+
+    def __post_init__(self):
+        check_field_types(self)
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (top-level tuples as lists)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
 class ConfigMixin:
     """`from_config` / `preset_config` of a model class (the part of diffusers' ConfigMixin we use): the class
     names its config parser (`_parse_config`: config.json dict -> the config object its `__init__` takes) and

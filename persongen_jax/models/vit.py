@@ -27,11 +27,11 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from persongen_jax.models.layers import AttentionImpl, Conv, LayerNorm, Linear, activation, dot_product_attention
-from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, ModelConfig, register_model
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ModelConfig):
     """transformers ViTConfig fields that change the computation (defaults = transformers')."""
 
     hidden_size: int = 768
@@ -44,9 +44,6 @@ class ViTConfig:
     patch_size: int = 16
     num_channels: int = 3
     qkv_bias: bool = True
-
-    def __post_init__(self):
-        check_field_types(self)
 
 
 def _square(value, key: str):
