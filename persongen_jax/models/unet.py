@@ -393,7 +393,9 @@ class UNetEncoderMixin:
         return jax.checkpoint(call, policy=REMAT_POLICIES[remat])(state, *args)
 
 
-def _attention_args(tlayers, heads, cross, use_linear_projection: bool, attention_impl: str):
+def _attention_args(
+    tlayers, heads, cross, use_linear_projection: bool, attention_impl: str
+) -> list[CrossAttentionSettings]:
     """Per block: the CrossAttentionSettings of a CrossAttn block (transformer layers, heads, context width)."""
     return [
         CrossAttentionSettings(h, x, t, use_linear_projection=use_linear_projection, attention_impl=attention_impl)
