@@ -23,14 +23,14 @@ Layouts: `input_ids` [B, T] int, `attention_mask` [B, T] (1 = token, 0 = padding
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from persongen_jax.models.layers import Conv, LayerNorm, Linear, activation, dot_product_attention
-from persongen_jax.models.modeling import check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
 
 # ----------------------------------------------------------------------------- configs
 
@@ -294,14 +294,6 @@ _CLIP_PRESETS = {
         logit_scale_init_value=2.6592,
     ),
 }
-
-
-def _preset(table: dict, cls_name: str, name: str) -> dict:
-    if name not in table:
-        raise ValueError(f"{cls_name}: unknown preset {name!r}; known: {sorted(table)}")
-    import copy
-
-    return copy.deepcopy({k: v for k, v in table[name].items() if v is not None})
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -627,48 +619,20 @@ def _drop_buffers(sd: dict) -> dict:
     return {k: v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
 
 
-class _FromConfig:
-    """from_config / preset_config of a model class from its `_parse_config` and `_presets` table (the CLIP
-    models and the PhotoMaker ID encoders built on their vision tower)."""
+class CLIPTowerModel(ConfigMixin, nnx.Module):
+    """What CLIP{Text,Vision}Model(WithProjection) share (and the PhotoMaker ID encoders, which extend
+    CLIPVisionModelWithProjection as PhotoMaker's do): `config`, one tower named `_tower` (`text_model`, a
+    CLIPTextTransformer, or `vision_model`, a CLIPVisionTransformer) and, in the WithProjection classes, its
+    projection head named `_projection` (`text_projection` / `visual_projection`: hidden_size -> projection_dim,
+    no bias). The names are transformers', so parameter paths are the checkpoints' keys."""
 
-    _parse_config: Any = staticmethod(parse_text_config)  # each model class its own parser
-    _presets: dict = {}
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ):
-        """config: the transformers config.json dict of this model class."""
-        return cls(
-            cls._parse_config(config),
-            dtype=dtype,
-            param_dtype=param_dtype,  # type: ignore[call-arg]
-            attention_impl=attention_impl,
-            rngs=rngs,
-        )  # (a mixin: the model class's __init__)
-
-    @classmethod
-    def preset_config(cls, name: str) -> dict:
-        """A config.json dict by name (the source of each preset is commented beside its table)."""
-        return _preset(cls._presets, cls.__name__, name)
-
-
-@register_model
-class CLIPTextModel(_FromConfig, nnx.Module):
-    """SDXL `text_encoder`: input_ids [B, T] -> CLIPTextOutput."""
-
-    _parse_config = staticmethod(parse_text_config)
-    _presets = _TEXT_PRESETS
+    _tower: ClassVar[str] = "text_model"
+    _projection: ClassVar[str | None] = None
+    config: Any  # the model's config: a CLIP{Text,Vision}Config here, the ID encoders' own
 
     def __init__(
         self,
-        config: CLIPTextConfig,
+        config: CLIPTextConfig | CLIPVisionConfig,
         *,
         dtype=None,
         param_dtype=jnp.float32,
@@ -676,14 +640,37 @@ class CLIPTextModel(_FromConfig, nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.config = config
-        self.text_model = CLIPTextTransformer(
-            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
-        )
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        tower: Any = {"text_model": CLIPTextTransformer, "vision_model": CLIPVisionTransformer}[self._tower]
+        setattr(self, self._tower, tower(config, attention_impl=attention_impl, **kw))
+        if self._projection is not None:
+            setattr(self, self._projection, Linear(config.hidden_size, config.projection_dim, use_bias=False, **kw))
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
-        """Drops old `position_ids` buffers and adds the `text_model.` level that transformers v5 omits."""
-        return _add_prefix(_drop_buffers(sd), "text_model.")
+        """Drops the `position_ids` buffers that checkpoints of older transformers carry; the bare models also
+        get the `text_model.` / `vision_model.` level that transformers v5 omits from their state dicts."""
+        sd = _drop_buffers(sd)
+        return sd if cls._projection is not None else _add_prefix(sd, cls._tower + ".")
+
+
+def _projected(output_cls, out, **embeds):
+    """A WithProjection output: the tower's output `out` plus the projected embedding (text/image_embeds)."""
+    return output_cls(
+        **embeds,
+        last_hidden_state=out.last_hidden_state,
+        hidden_states=out.hidden_states,
+        pooler_output=out.pooler_output,
+    )
+
+
+@register_model
+class CLIPTextModel(CLIPTowerModel):
+    """SDXL `text_encoder`: input_ids [B, T] -> CLIPTextOutput."""
+
+    _parse_config = staticmethod(parse_text_config)
+    _presets = _TEXT_PRESETS
+    text_model: CLIPTextTransformer
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
         """input_ids [B, T] int, attention_mask [B, T] (1 = token) or None -> CLIPTextOutput."""
@@ -691,71 +678,30 @@ class CLIPTextModel(_FromConfig, nnx.Module):
 
 
 @register_model
-class CLIPTextModelWithProjection(_FromConfig, nnx.Module):
+class CLIPTextModelWithProjection(CLIPTowerModel):
     """SDXL `text_encoder_2`: input_ids [B, T] -> CLIPTextModelOutput (text_embeds [B, projection_dim])."""
 
     _parse_config = staticmethod(parse_text_config)
     _presets = _TEXT_PROJ_PRESETS
-
-    def __init__(
-        self,
-        config: CLIPTextConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        self.config = config
-        self.text_model = CLIPTextTransformer(
-            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
-        )
-        self.text_projection = Linear(
-            config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-
-    @classmethod
-    def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
-        """Drops the `position_ids` buffers that checkpoints of older transformers carry."""
-        return _drop_buffers(sd)
+    _projection = "text_projection"
+    text_model: CLIPTextTransformer
+    text_projection: Linear
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextModelOutput:
         """input_ids [B, T] int, attention_mask [B, T] or None -> CLIPTextModelOutput
         (text_embeds = text_projection(pooler_output) [B, projection_dim])."""
         out = self.text_model(input_ids, attention_mask)
-        return CLIPTextModelOutput(
-            text_embeds=self.text_projection(out.pooler_output),
-            last_hidden_state=out.last_hidden_state,
-            hidden_states=out.hidden_states,
-            pooler_output=out.pooler_output,
-        )
+        return _projected(CLIPTextModelOutput, out, text_embeds=self.text_projection(out.pooler_output))
 
 
 @register_model
-class CLIPVisionModel(_FromConfig, nnx.Module):
+class CLIPVisionModel(CLIPTowerModel):
     """pixel_values [B, H, W, C] -> CLIPVisionOutput."""
 
     _parse_config = staticmethod(parse_vision_config)
     _presets = _VISION_PRESETS
-
-    def __init__(
-        self,
-        config: CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        self.config = config
-        self.vision_model = CLIPVisionTransformer(
-            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
-        )
-
-    @classmethod
-    def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
-        """Drops old `position_ids` buffers and adds the `vision_model.` level that transformers v5 omits."""
-        return _add_prefix(_drop_buffers(sd), "vision_model.")
+    _tower = "vision_model"
+    vision_model: CLIPVisionTransformer
 
     def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
         """pixel_values [B, H, W, C] channels-last, CLIP-normalised, H = W = image_size -> CLIPVisionOutput."""
@@ -763,44 +709,21 @@ class CLIPVisionModel(_FromConfig, nnx.Module):
 
 
 @register_model
-class CLIPVisionModelWithProjection(_FromConfig, nnx.Module):
+class CLIPVisionModelWithProjection(CLIPTowerModel):
     """PhotoMaker ID-encoder backbone: pixel_values [B, H, W, C] -> CLIPVisionModelOutput."""
 
     _parse_config = staticmethod(parse_vision_config)
     _presets = _VISION_PRESETS
-
-    def __init__(
-        self,
-        config: CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        self.config = config
-        self.vision_model = CLIPVisionTransformer(
-            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
-        )
-        self.visual_projection = Linear(
-            config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-
-    @classmethod
-    def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
-        """Drops the `position_ids` buffers that checkpoints of older transformers carry."""
-        return _drop_buffers(sd)
+    _tower = "vision_model"
+    _projection = "visual_projection"
+    vision_model: CLIPVisionTransformer
+    visual_projection: Linear
 
     def __call__(self, pixel_values: jax.Array) -> CLIPVisionModelOutput:
         """pixel_values [B, H, W, C] channels-last, CLIP-normalised -> CLIPVisionModelOutput
         (image_embeds = visual_projection(pooler_output) [B, projection_dim])."""
         out = self.vision_model(pixel_values)
-        return CLIPVisionModelOutput(
-            image_embeds=self.visual_projection(out.pooler_output),
-            last_hidden_state=out.last_hidden_state,
-            hidden_states=out.hidden_states,
-            pooler_output=out.pooler_output,
-        )
+        return _projected(CLIPVisionModelOutput, out, image_embeds=self.visual_projection(out.pooler_output))
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -809,7 +732,7 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 @register_model
-class CLIPModel(_FromConfig, nnx.Module):
+class CLIPModel(ConfigMixin, nnx.Module):
     """Dual encoder for the CLIP-T metric; config has `text_config` / `vision_config`."""
 
     _parse_config = staticmethod(parse_clip_config)

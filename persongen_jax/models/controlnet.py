@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persongen_jax.models.layers import Conv
-from persongen_jax.models.modeling import check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
 from persongen_jax.models.unet import UNetConfig, UNetEncoderMixin
 
 # The ControlNet's own config keys (everything else is read as the UNet's same-named key).
@@ -181,8 +181,10 @@ class ControlNetConditioningEmbedding(nnx.Module):
 
 
 @register_model
-class ControlNetModel(UNetEncoderMixin, nnx.Module):
+class ControlNetModel(ConfigMixin, UNetEncoderMixin, nnx.Module):
     """diffusers ControlNetModel (SDXL form); parameter paths are the diffusers state-dict keys."""
+
+    _parse_config = staticmethod(ControlNetConfig.from_dict)  # from_config: a diffusers config.json dict
 
     def __init__(
         self,
@@ -205,20 +207,6 @@ class ControlNetModel(UNetEncoderMixin, nnx.Module):
         channels = config.residual_channels()
         self.controlnet_down_blocks = nnx.List([Conv(ch, ch, 1, **kw) for ch in channels[:-1]])
         self.controlnet_mid_block = Conv(channels[-1], channels[-1], 1, **kw)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any] | ControlNetConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ) -> "ControlNetModel":
-        """config: a diffusers ControlNetModel config.json dict or a ControlNetConfig."""
-        cfg = config if isinstance(config, ControlNetConfig) else ControlNetConfig.from_dict(config)
-        return cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
 
     @staticmethod
     def config_for_unet(unet_config: Mapping[str, Any], **controlnet_keys) -> dict:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,9 @@ from flax import nnx
 from persongen_jax.models import clip
 from persongen_jax.models.layers import LayerNorm, Linear
 from persongen_jax.models.modeling import register_model
+
+if TYPE_CHECKING:  # id_encoder_v2 imports this module
+    from persongen_jax.models.id_encoder_v2 import PhotoMakerV2Config
 
 # ----------------------------------------------------------------------------- config
 
@@ -56,6 +59,11 @@ class PhotoMakerIDEncoderConfig:
     def embed_dim(self) -> int:
         """D = vision.projection_dim + projection_dim_2: the ID embedding and fuse-module width."""
         return self.vision.projection_dim + self.projection_dim_2
+
+    @property
+    def num_tokens(self) -> int:
+        """ID tokens per reference image: v1 fuses one (its stacked embedding)."""
+        return 1
 
 
 def parse_config(config: Mapping[str, Any] | PhotoMakerIDEncoderConfig) -> PhotoMakerIDEncoderConfig:
@@ -183,8 +191,40 @@ class FuseModule(nnx.Module):
         return jnp.where(use[..., None], gathered, prompt_embeds)
 
 
+class PhotoMakerCLIPEncoder(clip.CLIPTowerModel):
+    """What the PhotoMaker v1 and V2 ID encoders share: PhotoMaker's encoders extend
+    CLIPVisionModelWithProjection (`vision_model`, `visual_projection`) with a second projection head
+    (`visual_projection_2`), the fuse MLP (`fuse_module`, of width config.embed_dim) and, in V2, the
+    `qformer_perceiver` (the `_perceiver` class) that turns each image into num_tokens ID tokens."""
+
+    _tower = "vision_model"
+    _projection = "visual_projection"
+    _perceiver: ClassVar[Any] = None
+    vision_model: clip.CLIPVisionTransformer
+    visual_projection: Linear
+
+    def __init__(
+        self,
+        config: PhotoMakerIDEncoderConfig | PhotoMakerV2Config,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(config.vision, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+        self.config = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.visual_projection_2 = Linear(config.vision.hidden_size, config.projection_dim_2, use_bias=False, **kw)
+        self.fuse_module = FuseModule(config.embed_dim, **kw)
+        if self._perceiver is not None:
+            self.qformer_perceiver = self._perceiver(config, **kw)
+        # ID tokens per reference image (the class word is repeated num_images * num_tokens times).
+        self.num_tokens = config.num_tokens
+
+
 @register_model
-class PhotoMakerIDEncoder(clip._FromConfig, nnx.Module):
+class PhotoMakerIDEncoder(PhotoMakerCLIPEncoder):
     """PhotoMaker v1 stacked-ID encoder.
 
     encoder(id_pixel_values [B, N, H, W, C], prompt_embeds [B, T, D], class_tokens_mask [B, T])
@@ -194,32 +234,8 @@ class PhotoMakerIDEncoder(clip._FromConfig, nnx.Module):
     """
 
     version = "v1"
-    _parse_config = staticmethod(parse_config)  # from_config / preset_config: clip._FromConfig
+    _parse_config = staticmethod(parse_config)  # from_config / preset_config: ConfigMixin
     _presets = _PRESETS
-    num_tokens = 1  # ID tokens per reference image (the class word is repeated num_images * num_tokens times)
-
-    def __init__(
-        self,
-        config: PhotoMakerIDEncoderConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        self.config = config
-        vc = config.vision
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.vision_model = clip.CLIPVisionTransformer(vc, attention_impl=attention_impl, **kw)
-        self.visual_projection = Linear(vc.hidden_size, vc.projection_dim, use_bias=False, **kw)
-        self.visual_projection_2 = Linear(vc.hidden_size, config.projection_dim_2, use_bias=False, **kw)
-        self.fuse_module = FuseModule(config.embed_dim, **kw)
-
-    @classmethod
-    def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
-        """Drops the vision tower's `position_ids` buffer; the other keys are the checkpoint's `id_encoder` ones."""
-        # Checkpoints saved with older transformers carry the non-persistent `position_ids` buffer.
-        return clip._drop_buffers(sd)
 
     def id_embeds(self, id_pixel_values: jax.Array) -> jax.Array:
         """id_pixel_values [B, N, H, W, C] (CLIP-normalised) -> [B, N, P1 + P2]."""

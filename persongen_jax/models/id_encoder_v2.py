@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persongen_jax.models import clip
-from persongen_jax.models.id_encoder import FuseModule, id_encoder_config_from_state_dict
+from persongen_jax.models.id_encoder import PhotoMakerCLIPEncoder, id_encoder_config_from_state_dict
 from persongen_jax.models.layers import Identity, LayerNorm, Linear, dot_product_attention
 from persongen_jax.models.modeling import check_field_types, register_model
 
@@ -273,7 +273,7 @@ class QFormerPerceiver(nnx.Module):
 
 
 @register_model
-class PhotoMakerV2IDEncoder(clip._FromConfig, nnx.Module):
+class PhotoMakerV2IDEncoder(PhotoMakerCLIPEncoder):
     """PhotoMaker V2 ID encoder.
 
     encoder(id_pixel_values [B, N, H, W, C], prompt_embeds [B, T, D], class_tokens_mask [B, T],
@@ -283,32 +283,10 @@ class PhotoMakerV2IDEncoder(clip._FromConfig, nnx.Module):
     """
 
     version = "v2"
-    _parse_config = staticmethod(parse_config)  # from_config / preset_config: clip._FromConfig
+    _parse_config = staticmethod(parse_config)  # from_config / preset_config: ConfigMixin
     _presets = _PRESETS
-
-    def __init__(
-        self,
-        config: PhotoMakerV2Config,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        self.config = config
-        vc = config.vision
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.num_tokens = config.num_tokens
-        self.vision_model = clip.CLIPVisionTransformer(vc, attention_impl=attention_impl, **kw)
-        self.visual_projection = Linear(vc.hidden_size, vc.projection_dim, use_bias=False, **kw)
-        self.visual_projection_2 = Linear(vc.hidden_size, config.projection_dim_2, use_bias=False, **kw)
-        self.fuse_module = FuseModule(config.cross_attention_dim, **kw)
-        self.qformer_perceiver = QFormerPerceiver(config, **kw)
-
-    @classmethod
-    def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
-        """Drops the vision tower's `position_ids` buffer (older transformers saved it)."""
-        return clip._drop_buffers(sd)
+    _perceiver = QFormerPerceiver
+    qformer_perceiver: QFormerPerceiver
 
     def id_tokens(self, id_pixel_values: jax.Array, id_embeds: jax.Array) -> jax.Array:
         """id_pixel_values [B, N, H, W, C] (CLIP-normalised), id_embeds [B, N, E] (ArcFace)

@@ -24,28 +24,24 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from persongen_jax.models.iresnet import BatchNorm
-from persongen_jax.models.modeling import check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, ModelConfig, field_parser, register_model
 
 FID_INPUT_SIZE = 299
 FEATURES = 2048
 
 
 @dataclasses.dataclass(frozen=True)
-class InceptionConfig:
+class InceptionConfig(ModelConfig):
     """pytorch-fid InceptionV3's input options (FID uses both): resize to 299 first, map [0, 1] to [-1, 1]."""
 
     resize_input: bool = True
     normalize_input: bool = True
-
-    def __post_init__(self):
-        check_field_types(self)
 
 
 class BasicConv2d(nnx.Module):
@@ -261,8 +257,10 @@ def resize_bilinear(images: jax.Array, size: int) -> jax.Array:
 
 
 @register_model
-class FIDInceptionV3(nnx.Module):
+class FIDInceptionV3(ConfigMixin, nnx.Module):
     """images [B, H, W, 3] in [0, 1] -> pool features [B, 2048] (pytorch-fid's block 3)."""
+
+    _parse_config = staticmethod(field_parser(InceptionConfig))  # {"resize_input": bool, "normalize_input": bool}
 
     def __init__(self, config: InceptionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
@@ -283,25 +281,6 @@ class FIDInceptionV3(nnx.Module):
         self.Mixed_7a = InceptionD(768, **kw)
         self.Mixed_7b = FIDInceptionE(1280, max_pool_branch=False, **kw)
         self.Mixed_7c = FIDInceptionE(2048, max_pool_branch=True, **kw)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ) -> "FIDInceptionV3":
-        """config: {"resize_input": bool, "normalize_input": bool} (other keys ignored)."""
-        names = {f.name for f in dataclasses.fields(InceptionConfig)}
-        return cls(
-            InceptionConfig(**{k: v for k, v in config.items() if k in names}),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:

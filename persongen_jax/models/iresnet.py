@@ -33,7 +33,6 @@ H = W = input_size (112). Output: [B, num_features] embeddings, not L2-normalise
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Mapping
 
@@ -44,13 +43,13 @@ from flax import nnx
 
 from persongen_jax.models import modeling
 from persongen_jax.models.layers import Conv, Linear
-from persongen_jax.models.modeling import check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, ModelConfig, register_model
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclasses.dataclass(frozen=True)
-class IResNetConfig:
+class IResNetConfig(ModelConfig):
     """layers: IBasicBlocks per stage; widths: channels per stage; stem_width: conv1 channels.
 
     Each stage halves the resolution, so fc takes widths[-1] * fc_spatial^2 features,
@@ -68,19 +67,10 @@ class IResNetConfig:
     input_mean: float = 127.5
     input_std: float = 127.5
 
-    def __post_init__(self):
-        check_field_types(self)
-
     @property
     def fc_spatial(self) -> int:
         """Side of the last feature map that fc flattens: input_size / 2^len(layers) (112 -> 7)."""
         return self.input_size // 2 ** len(self.layers)
-
-    def to_dict(self) -> dict:
-        """The fields as a JSON-ready dict (layers / widths as lists), the form `preset_config` returns."""
-        d = dataclasses.asdict(self)
-        d["layers"], d["widths"] = list(self.layers), list(self.widths)
-        return d
 
 
 def parse_config(config: Mapping[str, Any] | IResNetConfig) -> IResNetConfig:
@@ -230,11 +220,14 @@ class IBasicBlock(nnx.Module):
 
 
 @register_model
-class IResNet(nnx.Module):
+class IResNet(ConfigMixin, nnx.Module):
     """insightface arcface_torch IResNet: aligned faces [B, S, S, 3] (normalised) -> embeddings [B, F].
 
     `model(preprocess(uint8_rgb_crops))`; S = config.input_size (112 for the released models).
     """
+
+    _parse_config = staticmethod(parse_config)  # from_config: the IResNetConfig fields as a dict
+    _presets = _PRESETS
 
     def __init__(self, config: IResNetConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         cfg = self.config = config
@@ -257,24 +250,9 @@ class IResNet(nnx.Module):
         self.features = _bn_or_none(not cfg.features_folded, cfg.num_features, cfg, dtype, param_dtype)
 
     @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ):
-        """config: the IResNetConfig fields as a dict (see `preset_config`)."""
-        return cls(parse_config(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    @classmethod
     def preset_config(cls, name: str) -> dict:
-        """ "r18", "r34", "r50" (w600k_r50), "r100" (glintr100) or "tiny" (tests)."""
-        if name not in _PRESETS:
-            raise ValueError(f"{cls.__name__}: unknown preset {name!r}; known: {sorted(_PRESETS)}")
-        return parse_config(copy.deepcopy(_PRESETS[name])).to_dict()
+        """ "r18", "r34", "r50" (w600k_r50), "r100" (glintr100) or "tiny" (tests), with every IResNetConfig field."""
+        return parse_config(super().preset_config(name)).to_dict()
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from persongen_jax.models.layers import Conv
-from persongen_jax.models.modeling import register_model
+from persongen_jax.models.modeling import ConfigMixin, field_parser, register_model
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -103,8 +102,10 @@ def _unit(x: jax.Array, eps: float = 1e-10) -> jax.Array:
 
 
 @register_model
-class LPIPS(nnx.Module):
+class LPIPS(ConfigMixin, nnx.Module):
     """(in0, in1) [B, H, W, 3] in [-1, 1] -> LPIPS distance [B]."""
+
+    _parse_config = staticmethod(field_parser(LPIPSConfig))  # {"net": "alex"}
 
     def __init__(self, config: LPIPSConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
@@ -116,19 +117,6 @@ class LPIPS(nnx.Module):
         self.lin2 = NetLinLayer(chns[2], **kw)
         self.lin3 = NetLinLayer(chns[3], **kw)
         self.lin4 = NetLinLayer(chns[4], **kw)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ) -> "LPIPS":
-        """config: {"net": "alex"} (other keys ignored)."""
-        return cls(LPIPSConfig(net=config.get("net", "alex")), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:

@@ -10,7 +10,7 @@ A converted component is a folder:
 `from_pretrained(path)` rebuilds the module with `nnx.eval_shape` (no random
 init is ever materialised) and restores the parameters into it.
 
-Every model class registered here provides
+Every model class registered here provides (from `ConfigMixin`)
 
     from_config(config: dict, *, rngs, dtype, param_dtype, attention_impl) -> module
 
@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +96,63 @@ def check_field_types(config) -> None:
                 f"{type(config).__name__}: {f.name}={value!r} has type {type(value).__name__}, "
                 f"expected {_hint_name(hints[f.name])}"
             )
+
+
+class ModelConfig:
+    """Base of the models' frozen config dataclasses: every field is checked against its annotation when the
+    config is made, and `to_dict` gives the config back as a JSON-ready dict."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # set by @dataclasses.dataclass on each subclass
+
+    def __post_init__(self):
+        check_field_types(self)
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (top-level tuples as lists)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+class ConfigMixin:
+    """`from_config` / `preset_config` of a model class (the part of diffusers' ConfigMixin we use): the class
+    names its config parser (`_parse_config`: config.json dict -> the config object its `__init__` takes) and
+    its table of reference configs (`_presets`: name -> config.json dict)."""
+
+    _parse_config: Any  # a staticmethod (typed Any: mypy reads a Callable class attribute as a method)
+    _presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | object,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+        attention_impl: str = "xla",
+    ):
+        """config: the config.json dict of this model class (or its parsed config object, used as is)."""
+        kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # The convolutional models (FID Inception, LPIPS, ArcFace) have no attention and their __init__ no
+        # attention_impl; from_config takes one all the same, so that every registered class loads alike.
+        if "attention_impl" in inspect.signature(cls.__init__).parameters:
+            kw["attention_impl"] = attention_impl
+        parsed = cls._parse_config(config) if isinstance(config, Mapping) else config
+        return cls(parsed, **kw)  # type: ignore[call-arg]  # a mixin: the model class's __init__
+
+    @classmethod
+    def preset_config(cls, name: str) -> dict:
+        """A config.json dict by name (the source of each preset is commented beside its table); ValueError
+        naming the known presets for another name."""
+        if name not in cls._presets:
+            raise ValueError(f"{cls.__name__}: unknown preset {name!r}; known: {sorted(cls._presets)}")
+        return copy.deepcopy({k: v for k, v in cls._presets[name].items() if v is not None})
+
+
+def field_parser(config_class: type) -> Callable[[Mapping[str, Any]], Any]:
+    """A `ConfigMixin._parse_config` for a config dataclass whose fields are the config.json keys: the keys
+    that are fields build it, the others are ignored."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return lambda config: config_class(**{k: v for k, v in config.items() if k in names})
 
 
 def register_model(cls):

@@ -5,6 +5,9 @@ All tensors are channels-last: [B, H, W, C].
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -63,6 +66,35 @@ class ResnetBlock2D(nnx.Module):
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ResnetSettings:
+    """The ResnetBlock2D keyword arguments that every resnet of a UNet or VAE block shares (same names).
+
+    diffusers hands them down one by one (the model to each block as temb_channels, resnet_eps, resnet_groups,
+    resnet_act_fn, ..., each block to each resnet); here they travel as one value. `temb_channels=None`: the VAE.
+    """
+
+    temb_channels: int | None
+    eps: float
+    groups: int
+    non_linearity: str
+    output_scale_factor: float = 1.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def resnet(self, in_channels: int, out_channels: int, rngs: nnx.Rngs) -> ResnetBlock2D:
+        """One ResnetBlock2D(in_channels, out_channels) with these settings."""
+        return ResnetBlock2D(in_channels, out_channels, **dataclasses.asdict(self), rngs=rngs)
+
+    def resnets(self, in_channels: Sequence[int], out_channels: int, rngs: nnx.Rngs) -> nnx.List:
+        """A block's resnets: one ResnetBlock2D(c, out_channels) per entry c of in_channels."""
+        return nnx.List([self.resnet(c, out_channels, rngs) for c in in_channels])
+
+    def module_kwargs(self, rngs: nnx.Rngs) -> dict[str, Any]:
+        """dtype, param_dtype and rngs, for the block's other modules (samplers, attentions)."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
 
 class Downsample2D(nnx.Module):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persongen_jax.models.layers import Conv
-from persongen_jax.models.modeling import check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,36 +169,16 @@ class FullAdapterXL(nnx.Module):
 
 
 @register_model
-class T2IAdapter(nnx.Module):
+class T2IAdapter(ConfigMixin, nnx.Module):
     """diffusers T2IAdapter (full_adapter_xl); parameter paths are the diffusers state-dict keys."""
 
-    def __init__(
-        self,
-        config: T2IAdapterConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ):
-        del attention_impl  # no attention in the adapter
+    _parse_config = staticmethod(T2IAdapterConfig.from_dict)  # from_config: a diffusers config.json dict
+
+    def __init__(self, config: T2IAdapterConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        # No attention in the adapter: no attention_impl (from_config takes one and leaves it out).
         self.config = config
         self.dtype = dtype
         self.adapter = FullAdapterXL(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any] | T2IAdapterConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ) -> "T2IAdapter":
-        """config: a diffusers T2IAdapter config.json dict or a T2IAdapterConfig."""
-        cfg = config if isinstance(config, T2IAdapterConfig) else T2IAdapterConfig.from_dict(config)
-        return cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         """image [B, H, W, in_channels] in [0, 1] (H, W multiples of total_downscale_factor) -> features, one

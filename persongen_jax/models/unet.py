@@ -33,8 +33,10 @@ from flax import nnx
 from persongen_jax.models.attention_processor import CrossAttentionContext
 from persongen_jax.models.embeddings import TimestepEmbedding, Timesteps
 from persongen_jax.models.layers import Conv, GroupNorm, activation
-from persongen_jax.models.modeling import check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, ModelConfig, register_model
+from persongen_jax.models.resnet import ResnetSettings
 from persongen_jax.models.unet_2d_blocks import (
+    CrossAttentionSettings,
     CrossAttnDownBlock2D,
     CrossAttnUpBlock2D,
     DownBlock2D,
@@ -115,7 +117,7 @@ def _per_block(name: str, value, n: int) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ModelConfig):
     """The numerics-relevant subset of diffusers' UNet2DConditionModel config (same names, same defaults)."""
 
     in_channels: int = 4
@@ -152,9 +154,6 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
 
-    def __post_init__(self):
-        check_field_types(self)
-
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "UNetConfig":
         """diffusers UNet2DConditionModel config.json dict -> validated UNetConfig. Keys starting with "_"
@@ -184,10 +183,6 @@ class UNetConfig:
         cfg = cls(**kwargs)
         cfg.validate()
         return cfg
-
-    def to_dict(self) -> dict:
-        """The fields as a JSON-ready dict (top-level tuples as lists)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def validate(self) -> None:
         """Raises ValueError naming the key for: an unsupported down/up/mid block type; up_block_types or
@@ -266,9 +261,9 @@ class UNetEncoderMixin:
     """The half of the UNet that a ControlNet copies (diffusers builds both from one config): conv_in, the
     time and added-condition embeddings, the down blocks and the mid block. Module names are diffusers'."""
 
-    def _init_encoder(self, c: UNetConfig, kw: dict, attention_impl: str) -> dict:
+    def _init_encoder(self, c: UNetConfig, kw: dict, attention_impl: str) -> ResnetSettings:
         """Builds conv_in, time_proj, time_embedding, add_time_proj, add_embedding, time_embed_act, down_blocks
-        and mid_block; returns the keyword arguments the blocks share (the up blocks take them too)."""
+        and mid_block; returns the resnet settings the blocks share (the up blocks take them too)."""
         boc = c.block_out_channels
         n = c.num_blocks
         heads = c.per_block("attention_head_dim")
@@ -299,52 +294,37 @@ class UNetEncoderMixin:
             self.add_embedding = None
         self.time_embed_act = activation(c.time_embedding_act_fn) if c.time_embedding_act_fn else None
 
-        common: dict[str, Any] = dict(
-            temb_channels=time_embed_dim,
-            resnet_eps=c.norm_eps,
-            resnet_act_fn=c.act_fn,
-            resnet_groups=c.norm_num_groups,
-            **kw,
+        resnet = ResnetSettings(
+            time_embed_dim, c.norm_eps, c.norm_num_groups, c.act_fn, dtype=kw["dtype"], param_dtype=kw["param_dtype"]
         )
-        attn_common: dict[str, Any] = dict(use_linear_projection=c.use_linear_projection, attention_impl=attention_impl)
+        attention = _attention_args(tlayers, heads, cross, c.use_linear_projection, attention_impl)
 
-        down: list[Any] = []  # CrossAttnDownBlock2D | DownBlock2D
+        down: list[DownBlock2D] = []
         out_ch = boc[0]
         for i, block_type in enumerate(c.down_block_types):
             in_ch, out_ch = out_ch, boc[i]
-            args: dict[str, Any] = dict(
-                num_layers=layers[i], add_downsample=i < n - 1, downsample_padding=c.downsample_padding, **common
-            )
-            if _strip(block_type) == "CrossAttnDownBlock2D":
-                down.append(
-                    CrossAttnDownBlock2D(
-                        in_ch,
-                        out_ch,
-                        transformer_layers_per_block=tlayers[i],
-                        num_attention_heads=heads[i],
-                        cross_attention_dim=cross[i],
-                        **attn_common,
-                        **args,
-                    )
+            block = DOWN_BLOCKS[_strip(block_type)]
+            down.append(
+                block(
+                    in_ch,
+                    out_ch,
+                    resnet,
+                    num_layers=layers[i],
+                    add_downsample=i < n - 1,
+                    downsample_padding=c.downsample_padding,
+                    attention=attention[i] if block.has_cross_attention else None,
+                    rngs=kw["rngs"],
                 )
-            else:
-                down.append(DownBlock2D(in_ch, out_ch, **args))
+            )
         self.down_blocks = nnx.List(down)
 
         self.mid_block: UNetMidBlock2DCrossAttn | None
         if c.mid_block_type == "UNetMidBlock2DCrossAttn":
-            self.mid_block = UNetMidBlock2DCrossAttn(
-                boc[-1],
-                transformer_layers_per_block=tlayers[-1],
-                num_attention_heads=heads[-1],
-                cross_attention_dim=cross[-1],
-                output_scale_factor=c.mid_block_scale_factor,
-                **attn_common,
-                **common,
-            )
+            mid_resnet = dataclasses.replace(resnet, output_scale_factor=c.mid_block_scale_factor)
+            self.mid_block = UNetMidBlock2DCrossAttn(boc[-1], mid_resnet, attention[-1], rngs=kw["rngs"])
         else:
             self.mid_block = None
-        return dict(common=common, attn_common=attn_common)
+        return resnet
 
     def _embed(self, c: UNetConfig, timesteps, batch: int, dtype, text_embeds, time_ids) -> jax.Array:
         """timesteps [B] or scalar (+ text_embeds [B, P], time_ids [B, 6]) -> emb [B, time_embed_dim]."""
@@ -413,9 +393,21 @@ class UNetEncoderMixin:
         return jax.checkpoint(call, policy=REMAT_POLICIES[remat])(state, *args)
 
 
+def _attention_args(
+    tlayers, heads, cross, use_linear_projection: bool, attention_impl: str
+) -> list[CrossAttentionSettings]:
+    """Per block: the CrossAttentionSettings of a CrossAttn block (transformer layers, heads, context width)."""
+    return [
+        CrossAttentionSettings(h, x, t, use_linear_projection=use_linear_projection, attention_impl=attention_impl)
+        for t, h, x in zip(tlayers, heads, cross)
+    ]
+
+
 @register_model
-class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
+class UNet2DConditionModel(ConfigMixin, UNetEncoderMixin, nnx.Module):
     """SDXL-style conditional UNet; module names mirror diffusers so param paths are state-dict keys."""
+
+    _parse_config = staticmethod(UNetConfig.from_dict)  # from_config: a diffusers config.json dict
 
     def __init__(
         self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, attention_impl: str = "xla"
@@ -424,41 +416,35 @@ class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
         self.config = c
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        boc = c.block_out_channels
-        n = c.num_blocks
-        heads = c.per_block("attention_head_dim")
-        cross = c.per_block("cross_attention_dim")
-        layers = c.per_block("layers_per_block")
-        tlayers = c.per_block("transformer_layers_per_block")
-        shared = self._init_encoder(c, kw, attention_impl)
-        common, attn_common = shared["common"], shared["attn_common"]
+        boc, n = c.block_out_channels, c.num_blocks
+        resnet = self._init_encoder(c, kw, attention_impl)
 
+        # The up blocks mirror the down blocks: every per-block setting reversed.
         rev_boc = boc[::-1]
-        rev_heads, rev_cross, rev_layers = heads[::-1], cross[::-1], layers[::-1]
-        rev_tlayers = (
-            tlayers[::-1] if c.reverse_transformer_layers_per_block is None else c.reverse_transformer_layers_per_block
-        )
-        up: list[Any] = []  # CrossAttnUpBlock2D | UpBlock2D
+        rev_layers = c.per_block("layers_per_block")[::-1]
+        rev_tlayers = c.reverse_transformer_layers_per_block
+        if rev_tlayers is None:
+            rev_tlayers = c.per_block("transformer_layers_per_block")[::-1]
+        rev_heads, rev_cross = c.per_block("attention_head_dim")[::-1], c.per_block("cross_attention_dim")[::-1]
+        attention = _attention_args(rev_tlayers, rev_heads, rev_cross, c.use_linear_projection, attention_impl)
+        up: list[UpBlock2D] = []
         out_ch = rev_boc[0]
         for i, block_type in enumerate(c.up_block_types):
             prev_out, out_ch = out_ch, rev_boc[i]
             in_ch = rev_boc[min(i + 1, n - 1)]
-            args = dict(num_layers=rev_layers[i] + 1, add_upsample=i < n - 1, **common)
-            if _strip(block_type) == "CrossAttnUpBlock2D":
-                up.append(
-                    CrossAttnUpBlock2D(
-                        in_ch,
-                        out_ch,
-                        prev_out,
-                        transformer_layers_per_block=rev_tlayers[i],
-                        num_attention_heads=rev_heads[i],
-                        cross_attention_dim=rev_cross[i],
-                        **attn_common,
-                        **args,
-                    )
+            block = UP_BLOCKS[_strip(block_type)]
+            up.append(
+                block(
+                    in_ch,
+                    prev_out,
+                    out_ch,
+                    resnet,
+                    num_layers=rev_layers[i] + 1,
+                    add_upsample=i < n - 1,
+                    attention=attention[i] if block.has_cross_attention else None,
+                    rngs=rngs,
                 )
-            else:
-                up.append(UpBlock2D(in_ch, prev_out, out_ch, **args))
+            )
         self.up_blocks = nnx.List(up)
         self.num_upsamplers = n - 1
 
@@ -468,20 +454,6 @@ class UNet2DConditionModel(UNetEncoderMixin, nnx.Module):
         # IP-Adapter image projection of an image condition (lora.ImageProjection); set by lora.add_adapters.
         self.image_proj = nnx.data(None)
         self.remat = "none"  # REMAT_CHOICES; training sets it from config.remat (sampling never needs it)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any] | UNetConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ) -> "UNet2DConditionModel":
-        """config: a diffusers config.json dict (parsed by `UNetConfig.from_dict`) or a UNetConfig."""
-        cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
-        return cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
 
     @classmethod
     def preset_config(cls, name: str) -> dict:

@@ -4,6 +4,11 @@ Channels-last [B, H, W, C]. Every block takes `(hidden_states, temb, encoder_hid
 blocks: `(hidden_states, skips, temb, encoder_hidden_states, upsample_size)`); the plain blocks
 ignore the context so the UNet can loop over blocks uniformly.
 
+The arguments every block of a model shares come as one `ResnetSettings` (the resnets' keywords, dtype,
+param_dtype) and, for the cross-attention blocks, one `CrossAttentionSettings` per block, instead of the
+same keywords spelled out at every level; the attribute names (resnets, attentions, downsamplers,
+upsamplers) are diffusers', so the parameter paths are its state-dict keys.
+
 Down blocks return `(hidden_states, skips)`, one skip per resnet(+attention) plus one after the
 downsampler. Up blocks pop skips from the end of the tuple they are given and concatenate
 `[hidden_states, skip]` on the channel axis before each resnet, as diffusers does.
@@ -11,13 +16,14 @@ downsampler. Up blocks pop skips from the end of the tuple they are given and co
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from persongen_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from persongen_jax.models.resnet import Downsample2D, ResnetSettings, Upsample2D
 from persongen_jax.models.transformer_2d import Transformer2DModel
 
 
@@ -31,38 +37,43 @@ def _per_layer(value: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
     return value
 
 
-def _transformers(
-    num_layers,
-    out_channels,
-    num_attention_heads,
-    transformer_layers_per_block,
-    cross_attention_dim,
-    groups,
-    use_linear_projection,
-    attention_impl,
-    kw,
-):
-    layers = _per_layer(transformer_layers_per_block, num_layers)
-    return nnx.List(
-        [
-            Transformer2DModel(
-                num_attention_heads,
-                out_channels // num_attention_heads,
-                out_channels,
-                num_layers=layers[i],
-                norm_num_groups=groups,
-                cross_attention_dim=cross_attention_dim,
-                use_linear_projection=use_linear_projection,
-                attention_impl=attention_impl,
-                **kw,
-            )
-            for i in range(num_layers)
-        ]
-    )
+@dataclasses.dataclass(frozen=True)
+class CrossAttentionSettings:
+    """The Transformer2DModel arguments of one cross-attention block (diffusers' names)."""
+
+    num_attention_heads: int = 1
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: int | Sequence[int] = 1
+    use_linear_projection: bool = False
+    attention_impl: str = "xla"
+
+    def transformers(self, num_layers: int, channels: int, resnet: ResnetSettings, rngs: nnx.Rngs) -> nnx.List:
+        """A block's attentions: one Transformer2DModel on `channels` per resnet (GroupNorm groups: the
+        resnets', as in diffusers)."""
+        layers = _per_layer(self.transformer_layers_per_block, num_layers)
+        return nnx.List(
+            [
+                Transformer2DModel(
+                    self.num_attention_heads,
+                    channels // self.num_attention_heads,
+                    channels,
+                    num_layers=layers[i],
+                    norm_num_groups=resnet.groups,
+                    cross_attention_dim=self.cross_attention_dim,
+                    use_linear_projection=self.use_linear_projection,
+                    attention_impl=self.attention_impl,
+                    **resnet.module_kwargs(rngs),
+                )
+                for i in range(num_layers)
+            ]
+        )
 
 
 class DownBlock2D(nnx.Module):
-    """diffusers DownBlock2D: ResnetBlock2D x num_layers, then an optional stride-2 Downsample2D."""
+    """diffusers DownBlock2D: ResnetBlock2D x num_layers, then an optional stride-2 Downsample2D.
+
+    With `attention` (CrossAttnDownBlock2D) a Transformer2DModel follows each resnet.
+    """
 
     has_cross_attention = False
 
@@ -70,43 +81,24 @@ class DownBlock2D(nnx.Module):
         self,
         in_channels: int,
         out_channels: int,
-        temb_channels: int,
+        resnet: ResnetSettings,
         *,
         num_layers: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        output_scale_factor: float = 1.0,
         add_downsample: bool = True,
         downsample_padding: int = 1,
-        dtype=None,
-        param_dtype=jnp.float32,
+        attention: CrossAttentionSettings | None = None,
         rngs: nnx.Rngs,
     ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    temb_channels=temb_channels,
-                    eps=resnet_eps,
-                    groups=resnet_groups,
-                    non_linearity=resnet_act_fn,
-                    output_scale_factor=output_scale_factor,
-                    **kw,
-                )
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = resnet.resnets([in_channels] + [out_channels] * (num_layers - 1), out_channels, rngs)
+        self.attentions = attention.transformers(num_layers, out_channels, resnet, rngs) if attention else None
         self.downsamplers = (
-            nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)])
+            nnx.List([Downsample2D(out_channels, padding=downsample_padding, **resnet.module_kwargs(rngs))])
             if add_downsample
             else None
         )
 
     def __call__(
-        self, hidden_states: jax.Array, temb: jax.Array, encoder_hidden_states: jax.Array | None = None
+        self, hidden_states: jax.Array, temb: jax.Array | None, encoder_hidden_states: jax.Array | None = None
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """[B, H, W, Cin] -> ([B, H', W', Cout], skips); H' = ceil(H / 2) with a downsampler
         (downsample_padding=1, SDXL; floor(H / 2) with 0)."""
@@ -114,6 +106,10 @@ class DownBlock2D(nnx.Module):
         for resnet in self.resnets:
             hidden_states = resnet(hidden_states, temb)
             skips += (hidden_states,)
+        return self._downsample(hidden_states, skips)
+
+    def _downsample(self, hidden_states: jax.Array, skips: tuple[jax.Array, ...]):
+        """The downsampler (when there is one) on the block's last output, which is one more skip."""
         if self.downsamplers is not None:
             for down in self.downsamplers:
                 hidden_states = down(hidden_states)
@@ -121,71 +117,16 @@ class DownBlock2D(nnx.Module):
         return hidden_states, skips
 
 
-class CrossAttnDownBlock2D(nnx.Module):
+class CrossAttnDownBlock2D(DownBlock2D):
     """diffusers CrossAttnDownBlock2D: (ResnetBlock2D -> Transformer2DModel) x num_layers, then an
-    optional stride-2 Downsample2D."""
+    optional stride-2 Downsample2D. Built as DownBlock2D with `attention`."""
 
     has_cross_attention = True
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int,
-        *,
-        num_layers: int = 1,
-        transformer_layers_per_block: int | Sequence[int] = 1,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        num_attention_heads: int = 1,
-        cross_attention_dim: int = 1280,
-        output_scale_factor: float = 1.0,
-        downsample_padding: int = 1,
-        add_downsample: bool = True,
-        use_linear_projection: bool = False,
-        attention_impl: str = "xla",
-        dtype=None,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    temb_channels=temb_channels,
-                    eps=resnet_eps,
-                    groups=resnet_groups,
-                    non_linearity=resnet_act_fn,
-                    output_scale_factor=output_scale_factor,
-                    **kw,
-                )
-                for i in range(num_layers)
-            ]
-        )
-        self.attentions = _transformers(
-            num_layers,
-            out_channels,
-            num_attention_heads,
-            transformer_layers_per_block,
-            cross_attention_dim,
-            resnet_groups,
-            use_linear_projection,
-            attention_impl,
-            kw,
-        )
-        self.downsamplers = (
-            nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)])
-            if add_downsample
-            else None
-        )
 
     def __call__(
         self,
         hidden_states: jax.Array,
-        temb: jax.Array,
+        temb: jax.Array | None,
         encoder_hidden_states: jax.Array | None = None,
         additional_residuals: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -193,6 +134,7 @@ class CrossAttnDownBlock2D(nnx.Module):
         CrossAttentionContext -> ([B, H', W', Cout], skips); H' = ceil(H / 2) with a downsampler
         (downsample_padding=1, SDXL; floor(H / 2) with 0). additional_residuals [B, H, W, Cout]: a
         T2I-Adapter feature, added to the last resnet+attention output (diffusers' place for it)."""
+        assert self.attentions is not None  # set: the UNet builds cross-attention blocks with `attention`
         skips: tuple[jax.Array, ...] = ()
         last = len(self.resnets) - 1
         for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
@@ -201,11 +143,7 @@ class CrossAttnDownBlock2D(nnx.Module):
             if i == last and additional_residuals is not None:
                 hidden_states = hidden_states + additional_residuals.astype(hidden_states.dtype)
             skips += (hidden_states,)
-        if self.downsamplers is not None:
-            for down in self.downsamplers:
-                hidden_states = down(hidden_states)
-            skips += (hidden_states,)
-        return hidden_states, skips
+        return self._downsample(hidden_states, skips)
 
 
 class UNetMidBlock2DCrossAttn(nnx.Module):
@@ -216,43 +154,14 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
     def __init__(
         self,
         in_channels: int,
-        temb_channels: int,
+        resnet: ResnetSettings,
+        attention: CrossAttentionSettings,
         *,
         num_layers: int = 1,
-        transformer_layers_per_block: int | Sequence[int] = 1,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        num_attention_heads: int = 1,
-        output_scale_factor: float = 1.0,
-        cross_attention_dim: int = 1280,
-        use_linear_projection: bool = False,
-        attention_impl: str = "xla",
-        dtype=None,
-        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        res_kw = dict(
-            temb_channels=temb_channels,
-            eps=resnet_eps,
-            groups=resnet_groups,
-            non_linearity=resnet_act_fn,
-            output_scale_factor=output_scale_factor,
-            **kw,
-        )
-        self.resnets = nnx.List([ResnetBlock2D(in_channels, in_channels, **res_kw) for _ in range(num_layers + 1)])
-        self.attentions = _transformers(
-            num_layers,
-            in_channels,
-            num_attention_heads,
-            transformer_layers_per_block,
-            cross_attention_dim,
-            resnet_groups,
-            use_linear_projection,
-            attention_impl,
-            kw,
-        )
+        self.resnets = resnet.resnets([in_channels] * (num_layers + 1), in_channels, rngs)
+        self.attentions = attention.transformers(num_layers, in_channels, resnet, rngs)
 
     def __call__(
         self, hidden_states: jax.Array, temb: jax.Array, encoder_hidden_states: jax.Array | None = None
@@ -266,43 +175,12 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         return hidden_states
 
 
-def _up_resnets(
-    num_layers,
-    in_channels,
-    prev_output_channel,
-    out_channels,
-    temb_channels,
-    resnet_eps,
-    resnet_act_fn,
-    resnet_groups,
-    output_scale_factor,
-    kw,
-):
-    # Resnet i sees [previous output, skip]: the last skip comes from the block's input level
-    # (in_channels), the others from this level (out_channels).
-    return nnx.List(
-        [
-            ResnetBlock2D(
-                (prev_output_channel if i == 0 else out_channels)
-                + (in_channels if i == num_layers - 1 else out_channels),
-                out_channels,
-                temb_channels=temb_channels,
-                eps=resnet_eps,
-                groups=resnet_groups,
-                non_linearity=resnet_act_fn,
-                output_scale_factor=output_scale_factor,
-                **kw,
-            )
-            for i in range(num_layers)
-        ]
-    )
-
-
 class UpBlock2D(nnx.Module):
     """diffusers UpBlock2D: ResnetBlock2D x num_layers on [hidden_states, skip], then an optional Upsample2D.
 
-    Positional order (in_channels, prev_output_channel, out_channels) is diffusers' (CrossAttnUpBlock2D
-    swaps the last two).
+    With `attention` (CrossAttnUpBlock2D) a Transformer2DModel follows each resnet. Positional order
+    (in_channels, prev_output_channel, out_channels) is UpBlock2D's in diffusers for both (its
+    CrossAttnUpBlock2D swaps the last two).
     """
 
     has_cross_attention = False
@@ -312,110 +190,20 @@ class UpBlock2D(nnx.Module):
         in_channels: int,
         prev_output_channel: int,
         out_channels: int,
-        temb_channels: int,
+        resnet: ResnetSettings,
         *,
         num_layers: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        output_scale_factor: float = 1.0,
         add_upsample: bool = True,
-        dtype=None,
-        param_dtype=jnp.float32,
+        attention: CrossAttentionSettings | None = None,
         rngs: nnx.Rngs,
     ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = _up_resnets(
-            num_layers,
-            in_channels,
-            prev_output_channel,
-            out_channels,
-            temb_channels,
-            resnet_eps,
-            resnet_act_fn,
-            resnet_groups,
-            output_scale_factor,
-            kw,
-        )
-        self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]) if add_upsample else None
-
-    def __call__(
-        self,
-        hidden_states: jax.Array,
-        res_hidden_states_tuple: tuple[jax.Array, ...],
-        temb: jax.Array,
-        encoder_hidden_states: jax.Array | None = None,
-        upsample_size: tuple[int, int] | None = None,
-    ) -> jax.Array:
-        """hidden_states [B, h, w, C]; skips consumed from the end; upsample to `upsample_size`
-        ([H, W]) when given, else 2x."""
-        for resnet in self.resnets:
-            res = res_hidden_states_tuple[-1]
-            res_hidden_states_tuple = res_hidden_states_tuple[:-1]
-            hidden_states = resnet(jnp.concatenate([hidden_states, res], axis=-1), temb)
-        if self.upsamplers is not None:
-            for up in self.upsamplers:
-                hidden_states = up(hidden_states, upsample_size)
-        return hidden_states
-
-
-class CrossAttnUpBlock2D(nnx.Module):
-    """diffusers CrossAttnUpBlock2D: (ResnetBlock2D on [hidden_states, skip] -> Transformer2DModel) x
-    num_layers, then an optional Upsample2D.
-
-    Positional order (in_channels, out_channels, prev_output_channel) is diffusers' (UpBlock2D swaps the
-    last two).
-    """
-
-    has_cross_attention = True
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        prev_output_channel: int,
-        temb_channels: int,
-        *,
-        num_layers: int = 1,
-        transformer_layers_per_block: int | Sequence[int] = 1,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        num_attention_heads: int = 1,
-        cross_attention_dim: int = 1280,
-        output_scale_factor: float = 1.0,
-        add_upsample: bool = True,
-        use_linear_projection: bool = False,
-        attention_impl: str = "xla",
-        dtype=None,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = _up_resnets(
-            num_layers,
-            in_channels,
-            prev_output_channel,
-            out_channels,
-            temb_channels,
-            resnet_eps,
-            resnet_act_fn,
-            resnet_groups,
-            output_scale_factor,
-            kw,
-        )
-        self.attentions = _transformers(
-            num_layers,
-            out_channels,
-            num_attention_heads,
-            transformer_layers_per_block,
-            cross_attention_dim,
-            resnet_groups,
-            use_linear_projection,
-            attention_impl,
-            kw,
-        )
-        self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]) if add_upsample else None
+        # Resnet i sees [previous output, skip]: the last skip comes from the block's input level
+        # (in_channels), the others from this level (out_channels).
+        inputs = [prev_output_channel] + [out_channels] * (num_layers - 1)
+        skips = [out_channels] * (num_layers - 1) + [in_channels]
+        self.resnets = resnet.resnets([i + s for i, s in zip(inputs, skips)], out_channels, rngs)
+        self.attentions = attention.transformers(num_layers, out_channels, resnet, rngs) if attention else None
+        self.upsamplers = nnx.List([Upsample2D(out_channels, **resnet.module_kwargs(rngs))]) if add_upsample else None
 
     def __call__(
         self,
@@ -426,14 +214,24 @@ class CrossAttnUpBlock2D(nnx.Module):
         upsample_size: tuple[int, int] | None = None,
     ) -> jax.Array:
         """hidden_states [B, h, w, C], res_hidden_states_tuple (one skip per resnet, consumed from the end),
-        temb [B, temb_channels], encoder_hidden_states [B, S, D] or a CrossAttentionContext ->
-        [B, 2h, 2w, Cout] (upsample_size when given; [B, h, w, Cout] without an upsampler)."""
-        for resnet, attn in zip(self.resnets, self.attentions):
+        temb [B, temb_channels], encoder_hidden_states [B, S, D] or a CrossAttentionContext (read by the
+        attentions of CrossAttnUpBlock2D) -> [B, 2h, 2w, Cout] (upsample_size [H, W] when given; [B, h, w, Cout]
+        without an upsampler)."""
+        attentions = self.attentions if self.attentions is not None else [None] * len(self.resnets)
+        for resnet, attn in zip(self.resnets, attentions):
             res = res_hidden_states_tuple[-1]
             res_hidden_states_tuple = res_hidden_states_tuple[:-1]
             hidden_states = resnet(jnp.concatenate([hidden_states, res], axis=-1), temb)
-            hidden_states = attn(hidden_states, encoder_hidden_states)
+            if attn is not None:
+                hidden_states = attn(hidden_states, encoder_hidden_states)
         if self.upsamplers is not None:
             for up in self.upsamplers:
                 hidden_states = up(hidden_states, upsample_size)
         return hidden_states
+
+
+class CrossAttnUpBlock2D(UpBlock2D):
+    """diffusers CrossAttnUpBlock2D: (ResnetBlock2D on [hidden_states, skip] -> Transformer2DModel) x
+    num_layers, then an optional Upsample2D. Built as UpBlock2D with `attention`."""
+
+    has_cross_attention = True

@@ -20,7 +20,7 @@ MoVQ decoder, Attn*EncoderBlock2D variants.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,9 @@ from flax import nnx, struct
 
 from persongen_jax.models.attention_processor import Attention
 from persongen_jax.models.layers import Conv, GroupNorm, activation
-from persongen_jax.models.modeling import check_field_types, register_model
-from persongen_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from persongen_jax.models.modeling import ConfigMixin, ModelConfig, register_model
+from persongen_jax.models.resnet import ResnetSettings, Upsample2D
+from persongen_jax.models.unet_2d_blocks import DownBlock2D
 
 # diffusers hard-codes eps=1e-6 for every norm in the VAE (Encoder/Decoder pass
 # resnet_eps=1e-6 to all blocks, the mid-block attention reuses it, and
@@ -58,35 +59,20 @@ class UNetMidBlock2D(nnx.Module):
     def __init__(
         self,
         in_channels: int,
+        resnet: ResnetSettings,
         *,
         num_layers: int = 1,
-        resnet_eps: float = VAE_EPS,
-        resnet_act_fn: str = "silu",
-        resnet_groups: int = 32,
         add_attention: bool = True,
         attention_head_dim: int | None = None,
         attention_impl: str = "xla",
-        dtype=None,
-        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         attention_head_dim = attention_head_dim or in_channels  # diffusers' fallback for None
         if attention_head_dim > _CUDNN_MAX_HEAD_DIM:
             attention_impl = "xla"
-
-        def resnet():
-            return ResnetBlock2D(
-                in_channels,
-                in_channels,
-                temb_channels=None,
-                groups=resnet_groups,
-                eps=resnet_eps,
-                non_linearity=resnet_act_fn,
-                **kw,
-            )
-
-        resnets = [resnet()]
+        # Built in diffusers' order (resnet, then attention and resnet per layer), which is the order the
+        # parameters draw their initial values in.
+        resnets = [resnet.resnet(in_channels, in_channels, rngs)]
         attentions = []
         for _ in range(num_layers):
             attentions.append(
@@ -95,18 +81,24 @@ class UNetMidBlock2D(nnx.Module):
                     heads=in_channels // attention_head_dim,
                     dim_head=attention_head_dim,
                     bias=True,
-                    norm_num_groups=resnet_groups,
-                    eps=resnet_eps,
+                    norm_num_groups=resnet.groups,
+                    eps=resnet.eps,
                     residual_connection=True,
                     attention_impl=attention_impl,
-                    **kw,
+                    **resnet.module_kwargs(rngs),
                 )
                 if add_attention
                 else None
             )
-            resnets.append(resnet())
+            resnets.append(resnet.resnet(in_channels, in_channels, rngs))
         self.attentions = nnx.List(attentions)
         self.resnets = nnx.List(resnets)
+
+    @classmethod
+    def for_config(cls, c: AutoencoderKLConfig, resnet: ResnetSettings, attention_impl: str, rngs: nnx.Rngs):
+        """The mid block of the Encoder and of the Decoder: one head over all block_out_channels[-1] channels."""
+        channels = c.block_out_channels[-1]
+        return cls(channels, resnet, add_attention=c.mid_block_add_attention, attention_impl=attention_impl, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, H, W, C] -> [B, H, W, C]."""
@@ -118,8 +110,9 @@ class UNetMidBlock2D(nnx.Module):
         return x
 
 
-class DownEncoderBlock2D(nnx.Module):
-    """num_layers ResnetBlock2D (no temb), then an optional stride-2 Downsample2D.
+class DownEncoderBlock2D(DownBlock2D):
+    """num_layers ResnetBlock2D (no temb), then an optional stride-2 Downsample2D: the UNet's DownBlock2D
+    without time embedding and without skips.
 
     The encoder builds it with downsample_padding=0: one zero row/column is padded at the
     bottom/right before a padding-0 conv (diffusers' asymmetric padding, kept for weight
@@ -127,50 +120,9 @@ class DownEncoderBlock2D(nnx.Module):
     downsample_padding=0, ceil(H/2) with 1, H without a downsampler.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        num_layers: int = 1,
-        resnet_eps: float = VAE_EPS,
-        resnet_act_fn: str = "silu",
-        resnet_groups: int = 32,
-        add_downsample: bool = True,
-        downsample_padding: int = 1,
-        dtype=None,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    temb_channels=None,
-                    groups=resnet_groups,
-                    eps=resnet_eps,
-                    non_linearity=resnet_act_fn,
-                    **kw,
-                )
-                for i in range(num_layers)
-            ]
-        )
-        self.downsamplers = (
-            nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)])
-            if add_downsample
-            else None
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]
         """x [B, H, W, Cin] -> [B, H', W', Cout]; H' as in the class docstring."""
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            for down in self.downsamplers:
-                x = down(x)
-        return x
+        return super().__call__(x, None)[0]
 
 
 class UpDecoderBlock2D(nnx.Module):
@@ -183,32 +135,14 @@ class UpDecoderBlock2D(nnx.Module):
         self,
         in_channels: int,
         out_channels: int,
+        resnet: ResnetSettings,
+        num_layers: int,
         *,
-        num_layers: int = 1,
-        resnet_eps: float = VAE_EPS,
-        resnet_act_fn: str = "silu",
-        resnet_groups: int = 32,
-        add_upsample: bool = True,
-        dtype=None,
-        param_dtype=jnp.float32,
+        add_upsample: bool,
         rngs: nnx.Rngs,
     ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    temb_channels=None,
-                    groups=resnet_groups,
-                    eps=resnet_eps,
-                    non_linearity=resnet_act_fn,
-                    **kw,
-                )
-                for i in range(num_layers)
-            ]
-        )
-        self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]) if add_upsample else None
+        self.resnets = resnet.resnets([in_channels] + [out_channels] * (num_layers - 1), out_channels, rngs)
+        self.upsamplers = nnx.List([Upsample2D(out_channels, **resnet.module_kwargs(rngs))]) if add_upsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, H, W, Cin] -> [B, 2H, 2W, Cout] ([B, H, W, Cout] without an upsampler)."""
@@ -223,58 +157,35 @@ class UpDecoderBlock2D(nnx.Module):
 class Encoder(nnx.Module):
     """conv_in -> down_blocks -> mid_block -> GroupNorm -> SiLU -> conv_out.
 
-    x: [B, H, W, in_channels] -> [B, H/f, W/f, 2*out_channels if double_z else out_channels].
+    Built from the AutoencoderKL config (diffusers passes its fields one by one): x [B, H, W, in_channels] ->
+    moments [B, H/f, W/f, 2 * latent_channels] (diffusers' double_z, which AutoencoderKL always sets).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        *,
-        block_out_channels: Sequence[int] = (64,),
-        layers_per_block: int = 2,
-        norm_num_groups: int = 32,
-        act_fn: str = "silu",
-        double_z: bool = True,
-        mid_block_add_attention: bool = True,
-        attention_impl: str = "xla",
-        dtype=None,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv_in = Conv(in_channels, block_out_channels[0], 3, padding=1, **kw)
-        blocks = []
-        output_channel = block_out_channels[0]
-        for i, ch in enumerate(block_out_channels):
-            input_channel, output_channel = output_channel, ch
-            blocks.append(
+    def __init__(self, c: AutoencoderKLConfig, resnet: ResnetSettings, *, attention_impl: str = "xla", rngs: nnx.Rngs):
+        kw = resnet.module_kwargs(rngs)
+        boc = c.block_out_channels
+        self.conv_in = Conv(c.in_channels, boc[0], 3, padding=1, **kw)
+        # Block i maps boc[i - 1] (boc[0] for the first) to boc[i]; all but the last halve the resolution.
+        self.down_blocks = nnx.List(
+            [
                 DownEncoderBlock2D(
-                    input_channel,
-                    output_channel,
-                    num_layers=layers_per_block,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=norm_num_groups,
-                    add_downsample=i < len(block_out_channels) - 1,
+                    cin,
+                    cout,
+                    resnet,
+                    num_layers=c.layers_per_block,
+                    add_downsample=i < len(boc) - 1,
                     downsample_padding=0,
-                    **kw,
+                    rngs=rngs,
                 )
-            )
-        self.down_blocks = nnx.List(blocks)
-        self.mid_block = UNetMidBlock2D(
-            block_out_channels[-1],
-            resnet_act_fn=act_fn,
-            resnet_groups=norm_num_groups,
-            add_attention=mid_block_add_attention,
-            attention_head_dim=block_out_channels[-1],
-            attention_impl=attention_impl,
-            **kw,
+                for i, (cin, cout) in enumerate(zip((boc[0], *boc), boc))
+            ]
         )
-        self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[-1], epsilon=VAE_EPS, **kw)
-        self.conv_out = Conv(block_out_channels[-1], 2 * out_channels if double_z else out_channels, 3, padding=1, **kw)
+        self.mid_block = UNetMidBlock2D.for_config(c, resnet, attention_impl, rngs)
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, boc[-1], epsilon=VAE_EPS, **kw)
+        self.conv_out = Conv(boc[-1], 2 * c.latent_channels, 3, padding=1, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, H, W, in_channels] -> moments [B, H/f, W/f, 2 * out_channels] (double_z; else out_channels)."""
+        """x [B, H, W, in_channels] -> moments [B, H/f, W/f, 2 * latent_channels]."""
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
@@ -286,57 +197,28 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     """conv_in -> mid_block -> up_blocks (layers_per_block + 1 resnets each) -> GroupNorm -> SiLU -> conv_out.
 
-    z: [B, h, w, in_channels] -> [B, h*f, w*f, out_channels].
+    Built from the AutoencoderKL config: z [B, h, w, latent_channels] -> [B, h*f, w*f, out_channels].
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        *,
-        block_out_channels: Sequence[int] = (64,),
-        layers_per_block: int = 2,
-        norm_num_groups: int = 32,
-        act_fn: str = "silu",
-        mid_block_add_attention: bool = True,
-        attention_impl: str = "xla",
-        dtype=None,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv_in = Conv(in_channels, block_out_channels[-1], 3, padding=1, **kw)
-        self.mid_block = UNetMidBlock2D(
-            block_out_channels[-1],
-            resnet_act_fn=act_fn,
-            resnet_groups=norm_num_groups,
-            add_attention=mid_block_add_attention,
-            attention_head_dim=block_out_channels[-1],
-            attention_impl=attention_impl,
-            **kw,
+    def __init__(self, c: AutoencoderKLConfig, resnet: ResnetSettings, *, attention_impl: str = "xla", rngs: nnx.Rngs):
+        kw = resnet.module_kwargs(rngs)
+        boc = c.block_out_channels
+        self.conv_in = Conv(c.latent_channels, boc[-1], 3, padding=1, **kw)
+        self.mid_block = UNetMidBlock2D.for_config(c, resnet, attention_impl, rngs)
+        # Up block i maps rev[i - 1] (rev[0] for the first) to rev[i], rev = boc reversed; all but the last
+        # double the resolution.
+        rev = boc[::-1]
+        self.up_blocks = nnx.List(
+            [
+                UpDecoderBlock2D(cin, cout, resnet, c.layers_per_block + 1, add_upsample=i < len(rev) - 1, rngs=rngs)
+                for i, (cin, cout) in enumerate(zip((rev[0], *rev), rev))
+            ]
         )
-        reversed_channels = list(reversed(block_out_channels))
-        blocks = []
-        output_channel = reversed_channels[0]
-        for i, ch in enumerate(reversed_channels):
-            prev_output_channel, output_channel = output_channel, ch
-            blocks.append(
-                UpDecoderBlock2D(
-                    prev_output_channel,
-                    output_channel,
-                    num_layers=layers_per_block + 1,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=norm_num_groups,
-                    add_upsample=i < len(block_out_channels) - 1,
-                    **kw,
-                )
-            )
-        self.up_blocks = nnx.List(blocks)
-        self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], epsilon=VAE_EPS, **kw)
-        self.conv_out = Conv(block_out_channels[0], out_channels, 3, padding=1, **kw)
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, boc[0], epsilon=VAE_EPS, **kw)
+        self.conv_out = Conv(boc[0], c.out_channels, 3, padding=1, **kw)
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        """z [B, h, w, in_channels] -> [B, h*f, w*f, out_channels], f = 2^(len(block_out_channels) - 1)."""
+        """z [B, h, w, latent_channels] -> [B, h*f, w*f, out_channels], f = 2^(len(block_out_channels) - 1)."""
         x = self.conv_in(z)
         x = self.mid_block(x)
         for block in self.up_blocks:
@@ -403,7 +285,7 @@ class DiagonalGaussianDistribution:
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(ModelConfig):
     """The diffusers AutoencoderKL config.json fields (diffusers' defaults)."""
 
     in_channels: int = 3
@@ -426,9 +308,6 @@ class AutoencoderKLConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
-    def __post_init__(self):
-        check_field_types(self)
-
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "AutoencoderKLConfig":
         """diffusers AutoencoderKL config.json dict -> validated AutoencoderKLConfig; keys starting with "_"
@@ -445,10 +324,6 @@ class AutoencoderKLConfig:
         cfg = cls(**kw)
         cfg.validate()
         return cfg
-
-    def to_dict(self) -> dict:
-        """The fields as a JSON-ready dict (tuples as lists)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def validate(self) -> None:
         """Raises ValueError for: empty block_out_channels; a block type other than DownEncoderBlock2D /
@@ -479,8 +354,10 @@ class AutoencoderKLConfig:
 
 
 @register_model
-class AutoencoderKL(nnx.Module):
+class AutoencoderKL(ConfigMixin, nnx.Module):
     """SDXL's KL autoencoder: images [B, H, W, 3] <-> latents [B, H/8, W/8, 4] (for the sdxl preset)."""
+
+    _parse_config = staticmethod(AutoencoderKLConfig.from_dict)  # from_config: a diffusers config.json dict
 
     def __init__(
         self,
@@ -494,35 +371,12 @@ class AutoencoderKL(nnx.Module):
         c = config
         self.config = c
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        common = dict(
-            block_out_channels=c.block_out_channels,
-            layers_per_block=c.layers_per_block,
-            norm_num_groups=c.norm_num_groups,
-            act_fn=c.act_fn,
-            mid_block_add_attention=c.mid_block_add_attention,
-            attention_impl=attention_impl,
-            **kw,
-        )
-        self.encoder = Encoder(c.in_channels, c.latent_channels, double_z=True, **common)
-        self.decoder = Decoder(c.latent_channels, c.out_channels, **common)
+        # Every resnet of the VAE: no time embedding, diffusers' fixed eps.
+        resnet = ResnetSettings(None, VAE_EPS, c.norm_num_groups, c.act_fn, dtype=dtype, param_dtype=param_dtype)
+        self.encoder = Encoder(c, resnet, attention_impl=attention_impl, rngs=rngs)
+        self.decoder = Decoder(c, resnet, attention_impl=attention_impl, rngs=rngs)
         self.quant_conv = Conv(2 * c.latent_channels, 2 * c.latent_channels, 1, **kw) if c.use_quant_conv else None
         self.post_quant_conv = Conv(c.latent_channels, c.latent_channels, 1, **kw) if c.use_post_quant_conv else None
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any] | AutoencoderKLConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-    ) -> "AutoencoderKL":
-        """config: a diffusers config.json dict (parsed by `AutoencoderKLConfig.from_dict`) or an
-        AutoencoderKLConfig."""
-        if not isinstance(config, AutoencoderKLConfig):
-            config = AutoencoderKLConfig.from_dict(config)
-        return cls(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
 
     @staticmethod
     def preset_config(name: str) -> dict:

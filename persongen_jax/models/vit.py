@@ -27,11 +27,11 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from persongen_jax.models.layers import AttentionImpl, Conv, LayerNorm, Linear, activation, dot_product_attention
-from persongen_jax.models.modeling import check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, ModelConfig, register_model
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ModelConfig):
     """transformers ViTConfig fields that change the computation (defaults = transformers')."""
 
     hidden_size: int = 768
@@ -44,9 +44,6 @@ class ViTConfig:
     patch_size: int = 16
     num_channels: int = 3
     qkv_bias: bool = True
-
-    def __post_init__(self):
-        check_field_types(self)
 
 
 def _square(value, key: str):
@@ -261,8 +258,11 @@ _PRESETS = {
 
 
 @register_model
-class ViTModel(nnx.Module):
+class ViTModel(ConfigMixin, nnx.Module):
     """pixel_values [B, H, W, C] -> ViTOutput (last_hidden_state after the final `layernorm`)."""
+
+    _parse_config = staticmethod(parse_vit_config)
+    _presets = _PRESETS  # "tiny", "dino_vits16"
 
     def __init__(
         self,
@@ -280,28 +280,6 @@ class ViTModel(nnx.Module):
             [ViTLayer(config, attention_impl=attention_impl, **kw) for _ in range(config.num_hidden_layers)]
         )
         self.layernorm = LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        rngs: nnx.Rngs,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: AttentionImpl = "xla",
-    ) -> "ViTModel":
-        """config: a transformers ViT config.json dict."""
-        return cls(
-            parse_vit_config(config), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs
-        )
-
-    @classmethod
-    def preset_config(cls, name: str) -> dict:
-        """A transformers config.json dict by name: "tiny", "dino_vits16"."""
-        if name not in _PRESETS:
-            raise ValueError(f"ViTModel: unknown preset {name!r}; known: {sorted(_PRESETS)}")
-        return dict(_PRESETS[name])
 
     @classmethod
     def preprocess_torch_state_dict(cls, sd: dict, config) -> dict:
