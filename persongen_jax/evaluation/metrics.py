@@ -20,7 +20,7 @@ reference embeddings; may raise naming a bad reference), `__call__(images, promp
 `warm_up()` (compiles its programs ahead of the first call; optional).
 
 A metric of a whole set of images (FID: the generated set against a reference set; Face Div.: the images
-of one identity and prompt against each other) sets `per_set = True` and implements `reset()`,
+of one identity and prompt against each other) sets `per_set = True` (a `SetMetric`) and implements `reset()`,
 `accumulate(images, groups)` (called chunk by chunk with each image's (set, identity, prompt) key; the
 rows get no value) and `set_values()` -> {set name and "all": {name: value or None, name + "_note": text
 when there is no value, ...}}, which the evaluation writes into metrics.json's per-set summaries.
@@ -256,6 +256,12 @@ class ReferenceCosine(ScorerMetric):
         self.embed([np.zeros((8, 8, 3), np.uint8)])
 
 
+class SetMetric(ScorerMetric):
+    """A metric of whole sets of images (FID, Face Div.): `accumulate` gathers, `set_values` computes."""
+
+    per_set = True
+
+
 class CLIPMetric(ScorerMetric):
     """CLIP-T and CLIP-I: one CLIP model, loaded once when both are chosen (`shared_model`)."""
 
@@ -320,21 +326,20 @@ class DINO(ReferenceCosine):
 
 
 @register
-class FID(Metric):
+class FID(SetMetric):
     """FID between the generated images of a set (and of all sets) and the reference set (`--fid-reference`:
     an image folder or pytorch-fid's .npz), on pytorch-fid's InceptionV3 pool features (`fid.FIDScorer`);
     features are streamed into running statistics, so memory does not grow with the number of images."""
 
     name, title, axis_label = "fid", "FID", "FID (lower is better)"
     digits, card_digits = 2, 1
-    per_set = True
     requires = {
         "inception": "a converted FID InceptionV3 folder: --inception / config.eval.inception",
         "fid_reference": "a reference image folder or .npz statistics: --fid-reference / config.eval.fid_reference",
     }
 
     def __init__(self, scorer, reference):
-        self.scorer = scorer
+        super().__init__(scorer)
         self.reference_path = reference
         self.reference = scorer.reference_statistics(reference)  # read now: a bad reference fails first
         self.stats: dict = {}
@@ -376,7 +381,7 @@ class FID(Metric):
 
 
 @register
-class FaceDiv(ScorerMetric):
+class FaceDiv(SetMetric):
     """Face Div.: mean pairwise LPIPS between the detected face regions of the images generated for one
     identity and prompt (`face_div.FaceDivScorer`, definition in its docstring); per set, the mean over its
     (identity, prompt) groups; a group with fewer than 2 images with a face is "n/a" (counted), never a
@@ -384,7 +389,6 @@ class FaceDiv(ScorerMetric):
 
     name, title, axis_label = "face_div", "Face Div.", "Face Div. (pairwise LPIPS of face regions)"
     digits, card_digits = 4, 3
-    per_set = True
     requires = {
         "lpips": "a converted LPIPS folder: --lpips / config.eval.lpips",
         "face_detector": "an insightface folder with an SCRFD detector: --face-models / config.eval.face_detector",
