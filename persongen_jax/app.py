@@ -97,6 +97,13 @@ CUSTOM_SIZE = "custom (Height / Width)"  # the aspect dropdown's entry that keep
 MAX_REF_SIDE = 1024
 
 
+def read_control_image(path: str | os.PathLike) -> Image.Image:
+    """An uploaded control image (the ControlNet's input) -> RGB."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
 def read_reference(path: str | os.PathLike) -> tuple[str, Image.Image]:
     """An uploaded reference photo -> (file name, PIL image of at most MAX_REF_SIDE px on the long side, the
     aspect ratio kept). JPEGs are decoded at a reduced scale (`draft`), so a huge one never lands in memory
@@ -255,16 +262,8 @@ class Generator:
 
     def sampling(self, req: Request) -> SamplingSettings:
         """The SamplingSettings of a request."""
-        return SamplingSettings(
-            seeds=tuple(self.seeds(req)),
-            num_steps=req.num_steps,
-            guidance_scale=req.guidance_scale,
-            scheduler=req.scheduler,
-            start_merge_step=req.start_merge_step,
-            height=req.height,
-            width=req.width,
-            negative_prompt=req.negative_prompt or None,
-        )
+        seeds = tuple(self.seeds(req))
+        return SamplingSettings.from_attributes(req, seeds=seeds, negative_prompt=req.negative_prompt or None)
 
     @staticmethod
     def seeds(req: Request) -> list[int]:
@@ -421,17 +420,12 @@ class Generator:
         self.pipe(
             prompt,
             [face],
-            seeds=list(range(d.num_images)),
-            num_steps=d.num_steps,
-            guidance_scale=d.guidance_scale,
-            start_merge_step=d.start_merge_step,
-            height=d.height,
-            width=d.width,
+            seeds=self.seeds(d),
             conditions=texts,
             adapter_scales=scales,
-            scheduler=d.scheduler,
             progress=lambda n: None,
             id_embeds=ids(1),
+            **self.sampling(d).call_kwargs(),
         )
         t2 = time.perf_counter()
         for metric in self.metrics or ():
@@ -632,6 +626,19 @@ def build_ui(gen: Generator):
                     label="Download: images + settings.json (zip)", interactive=False, elem_id="download"
                 )
 
+        def read_upload(file, what: str, read):
+            """read(path) of an uploaded file (a path, or Gradio's file object); a gr.Error naming the file
+            (`what`: "reference photo") when it is not a readable image."""
+            path = file if isinstance(file, str) else getattr(file, "name", file)
+            try:
+                return read(path)
+            except Exception as e:  # PIL raises several types for a non-image
+                raise gr.Error(
+                    f"{what} {Path(path).name!r} is not a readable image ({type(e).__name__})",
+                    duration=None,
+                    print_exception=False,
+                ) from None
+
         def on_generate(*values):
             (
                 files,
@@ -655,28 +662,8 @@ def build_ui(gen: Generator):
             cond_v = rest[len(control_inputs) :]
             control_image = None
             if control_v:
-                cpath = control_v if isinstance(control_v, str) else getattr(control_v, "name", control_v)
-                try:
-                    with Image.open(cpath) as im:
-                        im.load()
-                        control_image = im.convert("RGB")
-                except Exception as e:  # PIL raises several types for a non-image
-                    raise gr.Error(
-                        f"control image {Path(cpath).name!r} is not a readable image ({type(e).__name__})",
-                        duration=None,
-                        print_exception=False,
-                    ) from None
-            paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
-            loaded = []
-            for p in paths:
-                try:
-                    loaded.append(read_reference(p))
-                except Exception as e:  # PIL raises several types for a non-image
-                    raise gr.Error(
-                        f"reference photo {Path(p).name!r} is not a readable image ({type(e).__name__})",
-                        duration=None,
-                        print_exception=False,
-                    ) from None
+                control_image = read_upload(control_v, "control image", read_control_image)
+            loaded = [read_upload(f, "reference photo", read_reference) for f in (files or [])]
             seed_used = random.randint(0, MAX_SEED - MAX_IMAGES) if random_v else int(seed_v or 0)
             req = Request(
                 prompt=prompt_v or "",

@@ -153,19 +153,10 @@ def _metrics(args, parser):
 
 
 def protocol_settings(args) -> protocol.ProtocolSettings:
-    """The ProtocolSettings of the mode B options."""
-    return protocol.ProtocolSettings(
-        seeds=tuple(args.seeds),
-        num_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        start_merge_step=args.start_merge_step,
-        height=args.resolution,
-        width=args.resolution,
-        scheduler=args.scheduler,
-        dtype=args.dtype,
-        attention=args.attention,
-        split=args.split,
-        trigger_word=args.trigger_word,
+    """The ProtocolSettings of the mode B options (the others carry the fields' names)."""
+    size = args.resolution
+    return protocol.ProtocolSettings.from_attributes(
+        args, seeds=tuple(args.seeds), num_steps=args.steps, height=size, width=size
     )
 
 

@@ -124,29 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sampling_settings(args) -> SamplingSettings:
-    """The SamplingSettings of the command line."""
-    return SamplingSettings(
-        seeds=tuple(args.seeds),
-        num_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        scheduler=args.scheduler,
-        start_merge_step=args.start_merge_step,
-        height=args.height,
-        width=args.width,
-        negative_prompt=args.negative_prompt,
-        dtype=args.dtype,
-        attention=args.attention,
-    )
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     out = OutputFolder(args.out, "generate", overwrite=args.overwrite)
     try:
         # Everything that can be checked without the model is, before minutes of loading and sampling.
-        settings = sampling_settings(args)
+        settings = SamplingSettings.from_attributes(args, seeds=tuple(args.seeds), num_steps=args.steps)
         settings.check()
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: expected an integer >= 1")

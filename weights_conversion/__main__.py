@@ -148,58 +148,43 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="run the PyTorch and Flax models on the same random inputs; print the max abs diff",
         )
-    s = add(
-        "arcface",
-        "an insightface ArcFace recognition ONNX file (IResNet, e.g. w600k_r50.onnx, "
-        "glintr100.onnx) -> an IResNet folder",
-        "the .onnx file",
-        "the folder to write",
-    )
-    s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params (auto: float32)")
-    s = add(
-        "inception",
-        "pytorch-fid's FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth, or an "
-        "InceptionV3 state dict) -> the FID metric's network",
-        "the .pth / .safetensors file",
-        "the folder to write",
-    )
-    s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
-    s = add(
-        "lpips",
-        "a whole lpips.LPIPS state dict (backbone + linear layers: torch.save(lpips.LPIPS(net='alex')"
-        ".state_dict(), 'lpips_alex.pth')) -> the Face Div. metric's network",
-        "the .pth / .safetensors file",
-        "the folder to write",
-    )
-    s.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the stored params")
+    for name, help_, src in [
+        (
+            "arcface",
+            "an insightface ArcFace recognition ONNX file (IResNet, e.g. w600k_r50.onnx, "
+            "glintr100.onnx) -> an IResNet folder",
+            "the .onnx file",
+        ),
+        (
+            "inception",
+            "pytorch-fid's FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth, or an "
+            "InceptionV3 state dict) -> the FID metric's network",
+            "the .pth / .safetensors file",
+        ),
+        (
+            "lpips",
+            "a whole lpips.LPIPS state dict (backbone + linear layers: torch.save(lpips.LPIPS(net='alex')"
+            ".state_dict(), 'lpips_alex.pth')) -> the Face Div. metric's network",
+            "the .pth / .safetensors file",
+        ),
+    ]:
+        s = add(name, help_, src, "the folder to write")
+        auto = " (auto: float32)" if name == "arcface" else ""  # the ONNX reader gives float32 arrays
+        s.add_argument("--dtype", choices=DTYPES, default="auto", help=f"dtype of the stored params{auto}")
     return p
 
 
 def _lora_command(args, dtype) -> str:
     from weights_conversion import lora
 
-    if args.command == "lora":
-        return lora.convert_lora(
-            args.src,
-            args.dst,
-            unet=args.unet,
-            skip_text_encoder=args.skip_text_encoder,
-            dtype=dtype,
-            overwrite=args.overwrite,
-        )
-    if args.command == "ip-adapter":
-        return lora.convert_ip_adapter(
-            args.src, args.dst, unet=args.unet, name=args.name, scale=args.scale, dtype=dtype, overwrite=args.overwrite
-        )
-    if args.command == "photomaker":
+    if args.command in ("lora", "ip-adapter", "photomaker"):
+        common = {"unet": args.unet, "dtype": dtype, "overwrite": args.overwrite}
+        if args.command == "lora":
+            return lora.convert_lora(args.src, args.dst, skip_text_encoder=args.skip_text_encoder, **common)
+        if args.command == "ip-adapter":
+            return lora.convert_ip_adapter(args.src, args.dst, name=args.name, scale=args.scale, **common)
         return lora.convert_photomaker(
-            args.src,
-            args.dst,
-            unet=args.unet,
-            dtype=dtype,
-            skip_text_encoder=args.skip_text_encoder,
-            overwrite=args.overwrite,
-            version=args.version,
+            args.src, args.dst, skip_text_encoder=args.skip_text_encoder, version=args.version, **common
         )
     if args.command == "export-photomaker":
         return lora.export_photomaker(args.src, args.dst, overwrite=args.overwrite)

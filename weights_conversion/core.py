@@ -40,24 +40,21 @@ def torch_key(path: tuple) -> str:
     return ".".join(parents + [_LEAF_TO_TORCH.get(leaf, leaf)])
 
 
+# A kernel's axes in ours, as PyTorch's axes by rank: Linear [out, in] -> [in, out]; Conv2d [out, in, kh, kw]
+# -> [kh, kw, in, out]. Other parameters keep PyTorch's layout.
+_KERNEL_AXES = {2: (1, 0), 4: (2, 3, 1, 0)}
+
+
 def to_flax_layout(path: tuple, value: np.ndarray) -> np.ndarray:
     """PyTorch tensor layout -> ours, decided by the leaf name and rank."""
-    if str(path[-1]) == "kernel":
-        if value.ndim == 2:
-            return value.T
-        if value.ndim == 4:
-            return value.transpose(2, 3, 1, 0)
-    return value
+    axes = _KERNEL_AXES.get(value.ndim) if str(path[-1]) == "kernel" else None
+    return value if axes is None else value.transpose(axes)
 
 
 def to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
     """Inverse of `to_flax_layout` (used to export trained weights)."""
-    if str(path[-1]) == "kernel":
-        if value.ndim == 2:
-            return value.T
-        if value.ndim == 4:
-            return value.transpose(3, 2, 0, 1)
-    return value
+    axes = _KERNEL_AXES.get(value.ndim) if str(path[-1]) == "kernel" else None
+    return value if axes is None else value.transpose(tuple(int(a) for a in np.argsort(axes)))
 
 
 def _listing(title: str, items: list[str]) -> str:

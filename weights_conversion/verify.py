@@ -84,40 +84,22 @@ def run_torch(name: str, folder: Path, inputs: dict, variant=None) -> dict:
     T = lambda x: torch.from_numpy(np.asarray(x))
     kw = {"torch_dtype": torch.float32}
     with torch.no_grad():
-        if name == "UNet2DConditionModel":
-            from diffusers import UNet2DConditionModel
+        if name in ("UNet2DConditionModel", "ControlNetModel"):  # the same inputs; the ControlNet's image too
+            import diffusers
 
-            m = UNet2DConditionModel.from_pretrained(folder, variant=variant, **kw).eval()
+            m = getattr(diffusers, name).from_pretrained(folder, variant=variant, **kw).eval()
             added = (
                 {"text_embeds": T(inputs["text_embeds"]), "time_ids": T(inputs["time_ids"])}
                 if "text_embeds" in inputs
                 else None
             )
-            out = m(
-                T(_nchw(inputs["sample"])),
-                T(inputs["timesteps"]).long(),
-                T(inputs["encoder_hidden_states"]),
-                added_cond_kwargs=added,
-            ).sample
-            res = {"sample": _nhwc(out.numpy())}
-        elif name == "ControlNetModel":
-            from diffusers import ControlNetModel
-
-            m = ControlNetModel.from_pretrained(folder, variant=variant, **kw).eval()
-            added = (
-                {"text_embeds": T(inputs["text_embeds"]), "time_ids": T(inputs["time_ids"])}
-                if "text_embeds" in inputs
-                else None
-            )
-            down, mid = m(
-                T(_nchw(inputs["sample"])),
-                T(inputs["timesteps"]).long(),
-                T(inputs["encoder_hidden_states"]),
-                controlnet_cond=T(_nchw(inputs["controlnet_cond"])),
-                added_cond_kwargs=added,
-                return_dict=False,
-            )
-            res = {f"down_{i}": _nhwc(d.numpy()) for i, d in enumerate(down)} | {"mid": _nhwc(mid.numpy())}
+            unet_in = (T(_nchw(inputs["sample"])), T(inputs["timesteps"]).long(), T(inputs["encoder_hidden_states"]))
+            if name == "UNet2DConditionModel":
+                res = {"sample": _nhwc(m(*unet_in, added_cond_kwargs=added).sample.numpy())}
+            else:
+                cond = T(_nchw(inputs["controlnet_cond"]))
+                down, mid = m(*unet_in, controlnet_cond=cond, added_cond_kwargs=added, return_dict=False)
+                res = {f"down_{i}": _nhwc(d.numpy()) for i, d in enumerate(down)} | {"mid": _nhwc(mid.numpy())}
         elif name == "T2IAdapter":
             from diffusers import T2IAdapter
 

@@ -119,17 +119,12 @@ def add_face_model_arguments(p: argparse.ArgumentParser) -> None:
 def model_source(args, *, config=None, tiny=None) -> ModelSource:
     """The ModelSource of the model options (`config`: a run's config instead of RUN/config.json; `tiny`: the
     config of --tiny's random models)."""
+    # The options carry the ModelSource fields' names; --face-models / --arcface only where declared.
+    paths = ("model", "checkpoint", "step", "photomaker", "lora", "adapters", "face_models", "arcface")
     return ModelSource(
-        model=args.model,
-        checkpoint=args.checkpoint,
-        step=args.step,
-        photomaker=args.photomaker,
-        lora=args.lora,
-        adapters=args.adapters,
+        **{name: getattr(args, name, None) for name in paths},
         config=config,
         trigger_word=getattr(args, "trigger_word", None) or "img",
-        face_models=getattr(args, "face_models", None),
-        arcface=getattr(args, "arcface", None),
         tiny=tiny if getattr(args, "tiny", False) else None,
     )
 

@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from persongen_jax.evaluation.batching import ShardedBatches
-from persongen_jax.models import modeling
-from persongen_jax.models.clip import l2_normalize
+from persongen_jax.evaluation.batching import ShardedScorer
+from persongen_jax.models.clip import CLIPModel, l2_normalize
 from persongen_jax.pipeline.image_processing import CLIPImageProcessor, check_output_size
 
 
@@ -46,27 +45,22 @@ def _image_embeddings(model, pixel_values):
     return l2_normalize(model.get_image_features(pixel_values).astype(jnp.float32))
 
 
-class CLIPTScorer:
+class CLIPTScorer(ShardedScorer):
     def __init__(
         self, model, tokenizer, *, batch_size: int = 32, devices=None, image_processor: CLIPImageProcessor | None = None
     ):
-        self.model = model
         self.tokenizer = tokenizer
         self.image_size = model.config.vision_config.image_size
         self.image_processor = image_processor or CLIPImageProcessor.at_size(self.image_size)
         check_output_size(self.image_processor, self.image_size, "the image processor", "the CLIP vision model")
-        self.batches = ShardedBatches(batch_size, devices)
-        self.batch_size = self.batches.batch_size
-        self.batches.replicate(model)
+        super().__init__(model, batch_size=batch_size, devices=devices)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kw) -> "CLIPTScorer":
         from transformers import CLIPTokenizer
 
         directory = Path(directory)
-        model = modeling.from_pretrained(directory)
-        if type(model).__name__ != "CLIPModel":
-            raise ValueError(f"{directory}: CLIP-T needs a CLIPModel (text + vision); found {type(model).__name__}")
+        model = cls.load(directory, CLIPModel, "CLIP-T needs a CLIPModel (text + vision)")
         try:
             tokenizer = CLIPTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as e:

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from persongen_jax.evaluation.batching import ShardedBatches
-from persongen_jax.models import modeling
+from persongen_jax.evaluation.batching import ShardedScorer
 from persongen_jax.models.clip import l2_normalize
 from persongen_jax.models.vit import ViTModel
 from persongen_jax.pipeline.image_processing import CLIPImageProcessor, ViTImageProcessor, check_output_size
@@ -34,33 +33,25 @@ def _embed(model, pixel_values):
     return l2_normalize(model(pixel_values).cls.astype(jnp.float32))
 
 
-class DINOScorer:
+class DINOScorer(ShardedScorer):
     def __init__(
         self, model: ViTModel, *, batch_size: int = 32, devices=None, image_processor: CLIPImageProcessor | None = None
     ):
         # a ViTImageProcessor (CLIPImageProcessor's steps with ViT's defaults)
-        self.model = model
         self.image_size = model.config.image_size
         self.image_processor = image_processor or ViTImageProcessor.at_size(self.image_size)
         check_output_size(self.image_processor, self.image_size, "the image processor", "the DINO ViT")
-        self.batches = ShardedBatches(batch_size, devices)
-        self.batch_size = self.batches.batch_size
-        self.batches.replicate(model)
+        super().__init__(model, batch_size=batch_size, devices=devices)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kw) -> "DINOScorer":
         """A folder written by `python -m weights_conversion dino`; ValueError naming it when it holds
         another model."""
-        directory = Path(directory)
-        model = modeling.from_pretrained(directory)
-        if not isinstance(model, ViTModel):
-            raise ValueError(
-                f"{directory}: DINO needs a ViT folder (`python -m weights_conversion dino "
-                f"facebook-dino-vits16 DST`); found {type(model).__name__}"
-            )
+        needs = "DINO needs a ViT folder (`python -m weights_conversion dino facebook-dino-vits16 DST`)"
+        model = cls.load(directory, ViTModel, needs)
         size = model.config.image_size
         processor = ViTImageProcessor.from_pretrained(directory, size)
-        check_output_size(processor, size, f"{directory}: its processor config", "the DINO ViT")
+        check_output_size(processor, size, f"{Path(directory)}: its processor config", "the DINO ViT")
         return cls(model, image_processor=processor, **kw)
 
     def embeddings(self, images: Sequence) -> np.ndarray:

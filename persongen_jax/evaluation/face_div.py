@@ -11,7 +11,7 @@ regions between generated images); the paper does not fix the crop, so it is sta
 - a group with fewer than 2 images with a face has no value ("n/a", counted and listed, never a number);
   a set's Face Div. is the mean over its groups that have one, "all" the mean over every such group.
 
-    scorer = FaceDivScorer.from_pretrained("weights/lpips_alex", "weights/antelopev2")
+    scorer = FaceDivScorer.from_pretrained("weights/antelopev2", "weights/lpips_alex")   # detector, LPIPS
     crop = scorer.face_region(image)              # uint8 [128, 128, 3] or None (no face)
     d = scorer.distances(crops_a, crops_b)        # LPIPS [N]
 """
@@ -19,8 +19,6 @@ regions between generated images); the paper does not fix the crop, so it is sta
 from __future__ import annotations
 
 import itertools
-import os
-from pathlib import Path
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -28,10 +26,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from persongen_jax.evaluation.batching import ShardedBatches
-from persongen_jax.evaluation.face_sim import _as_rgb  # the pixels every metric scores (alpha onto white)
+# _as_rgb: the pixels every metric scores (alpha onto white)
+from persongen_jax.evaluation.face_sim import FaceScorer, _as_rgb
 from persongen_jax.evaluation.faces import FaceDetector
-from persongen_jax.models import modeling
 from persongen_jax.models.lpips import LPIPS
 
 
@@ -57,31 +54,13 @@ def square_region(rgb: np.ndarray, box: Sequence[float], size: int) -> np.ndarra
     return np.asarray(Image.fromarray(canvas).resize((size, size), Image.Resampling.BILINEAR))
 
 
-class FaceDivScorer:
-    def __init__(self, model: LPIPS, detector: FaceDetector, *, size: int = 128, batch_size: int = 32, devices=None):
-        self.model = model
-        self.detector = detector
-        self.size = size
-        self.batches = ShardedBatches(batch_size, devices)
-        self.batches.replicate(model)
+class FaceDivScorer(FaceScorer):
+    model_class = LPIPS
+    needs = "Face Div. needs an LPIPS folder (`python -m weights_conversion lpips lpips_alex.pth DST`)"
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        lpips_dir: str | os.PathLike,
-        detector: str | os.PathLike,
-        *,
-        det_size=(640, 640),
-        det_thresh: float = 0.5,
-        **kw,
-    ) -> "FaceDivScorer":
-        model = modeling.from_pretrained(Path(lpips_dir))
-        if not isinstance(model, LPIPS):
-            raise ValueError(
-                f"{lpips_dir}: Face Div. needs an LPIPS folder (`python -m weights_conversion lpips "
-                f"lpips_alex.pth DST`); found {type(model).__name__}"
-            )
-        return cls(model, FaceDetector.from_folder(detector, det_size=det_size, det_thresh=det_thresh), **kw)
+    def __init__(self, detector: FaceDetector, model: LPIPS, *, size: int = 128, batch_size: int = 32, devices=None):
+        self.size = size
+        super().__init__(detector, model, batch_size=batch_size, devices=devices)
 
     def face_region(self, image) -> np.ndarray | None:
         """The largest face's square region (uint8 [size, size, 3]); None when no face is found."""

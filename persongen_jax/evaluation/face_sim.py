@@ -1,6 +1,6 @@
 """Face-Sim: cosine between ArcFace embeddings of the generated face and the reference face(s).
 
-    scorer = FaceSimScorer.from_pretrained(detector="weights/antelopev2", arcface="weights/arcface_r100")
+    scorer = FaceSimScorer.from_pretrained("weights/antelopev2", "weights/arcface_r100")    # detector, ArcFace
     refs = scorer.reference_embeddings(["faces/alice_1.jpg", "faces/alice_2.jpg"])   # [R, D]
     scores, found = scorer(generated_images, [refs] * len(generated_images))
 
@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
-from typing import Sequence
+from typing import Self, Sequence
 
 import numpy as np
 from flax import nnx
 
-from persongen_jax.evaluation.batching import ShardedBatches
+from persongen_jax.evaluation.batching import ShardedScorer
 from persongen_jax.evaluation.faces import FACE_SELECT, FaceDetector, norm_crop
-from persongen_jax.models import iresnet, modeling
+from persongen_jax.models import iresnet
 from persongen_jax.pipeline.image_processing import convert_to_rgb, load_image
 
 NO_FACE_MODES = ("zero", "skip")
@@ -55,7 +54,41 @@ def _as_rgb(image) -> np.ndarray:
     return convert_to_rgb(image)
 
 
-class FaceSimScorer:
+class FaceScorer(ShardedScorer):
+    """A scorer of the faces SCRFD finds (`detector`, on the host) with a converted network (`model`, on the
+    devices): Face-Sim's ArcFace, Face Div.'s LPIPS. `from_pretrained` loads both from their folders."""
+
+    model_class: type = object  # what the network folder must hold
+    needs = ""  # the ValueError's words for a folder that holds another model
+
+    def __init__(self, detector: FaceDetector, model, *, batch_size: int = 32, devices=None):
+        self.detector = detector
+        super().__init__(model, batch_size=batch_size, devices=devices)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        detector: str | os.PathLike,
+        model: str | os.PathLike,
+        *,
+        det_size=(640, 640),
+        det_thresh: float = 0.5,
+        providers=None,
+        session_options=None,
+        **kw,
+    ) -> Self:
+        """detector: an insightface folder with an SCRFD detector or its .onnx (`FaceDetector.from_folder`, with
+        these detector settings); model: the network's converted folder; kw: the scorer's own settings."""
+        det = FaceDetector.from_folder(
+            detector, det_size=det_size, det_thresh=det_thresh, providers=providers, session_options=session_options
+        )
+        return cls(det, cls.load(model, cls.model_class, cls.needs), **kw)
+
+
+class FaceSimScorer(FaceScorer):
+    model_class = iresnet.IResNet
+    needs = "Face-Sim needs an ArcFace IResNet folder (`python -m weights_conversion arcface w600k_r50.onnx DST`)"
+
     def __init__(
         self,
         detector: FaceDetector,
@@ -71,35 +104,10 @@ class FaceSimScorer:
         if select not in FACE_SELECT:
             raise ValueError(f"select={select!r}; expected one of {list(FACE_SELECT)}")
         self.select = select
-        self.detector = detector
         self.arcface = arcface
         self.no_face = no_face
         self.crop_size = arcface.config.input_size
-        self.batches = ShardedBatches(batch_size, devices)
-        self.batches.replicate(arcface)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        detector: str | os.PathLike,
-        arcface: str | os.PathLike,
-        *,
-        det_size=(640, 640),
-        det_thresh: float = 0.5,
-        providers=None,
-        session_options=None,
-        **kw,
-    ) -> "FaceSimScorer":
-        det = FaceDetector.from_folder(
-            detector, det_size=det_size, det_thresh=det_thresh, providers=providers, session_options=session_options
-        )
-        model = modeling.from_pretrained(Path(arcface))
-        if not isinstance(model, iresnet.IResNet):
-            raise ValueError(
-                f"{arcface}: Face-Sim needs an ArcFace IResNet folder (`python -m weights_conversion "
-                f"arcface w600k_r50.onnx DST`); found {type(model).__name__}"
-            )
-        return cls(det, model, **kw)
+        super().__init__(detector, arcface, batch_size=batch_size, devices=devices)
 
     def align(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """-> (crops [N, S, S, 3] uint8, found [N] bool); a black crop where no face was found."""

@@ -28,9 +28,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from flax import nnx
 
-from persongen_jax.evaluation.batching import ShardedBatches
+from persongen_jax.evaluation.batching import ShardedScorer
 from persongen_jax.evaluation.face_sim import _as_rgb  # the pixels every metric scores (alpha onto white)
-from persongen_jax.models import modeling
 from persongen_jax.models.inception import FEATURES, FIDInceptionV3
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -124,24 +123,15 @@ def _prepare(model, images):
     return model.prepare(images)
 
 
-class FIDScorer:
-    def __init__(self, model: FIDInceptionV3, *, batch_size: int = 32, devices=None):
-        self.model = model
-        self.batches = ShardedBatches(batch_size, devices)
-        self.batch_size = self.batches.batch_size
-        self.batches.replicate(model)
-
+class FIDScorer(ShardedScorer):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kw) -> "FIDScorer":
         """A folder written by `python -m weights_conversion inception`; ValueError naming it otherwise."""
-        directory = Path(directory)
-        model = modeling.from_pretrained(directory)
-        if not isinstance(model, FIDInceptionV3):
-            raise ValueError(
-                f"{directory}: FID needs an InceptionV3 folder (`python -m weights_conversion inception "
-                f"pt_inception-2015-12-05-6726825d.pth DST`); found {type(model).__name__}"
-            )
-        return cls(model, **kw)
+        needs = (
+            "FID needs an InceptionV3 folder "
+            "(`python -m weights_conversion inception pt_inception-2015-12-05-6726825d.pth DST`)"
+        )
+        return cls(cls.load(directory, FIDInceptionV3, needs), **kw)
 
     def features(self, images: Sequence) -> np.ndarray:
         """images (PIL, uint8 arrays or paths) of one size -> pool features [N, 2048] (float32)."""

@@ -20,7 +20,7 @@ reference embeddings; may raise naming a bad reference), `__call__(images, promp
 `warm_up()` (compiles its programs ahead of the first call; optional).
 
 A metric of a whole set of images (FID: the generated set against a reference set; Face Div.: the images
-of one identity and prompt against each other) sets `per_set = True` and implements `reset()`,
+of one identity and prompt against each other) sets `per_set = True` (a `SetMetric`) and implements `reset()`,
 `accumulate(images, groups)` (called chunk by chunk with each image's (set, identity, prompt) key; the
 rows get no value) and `set_values()` -> {set name and "all": {name: value or None, name + "_note": text
 when there is no value, ...}}, which the evaluation writes into metrics.json's per-set summaries.
@@ -215,31 +215,78 @@ def shared_model(options: Mapping[str, Any], key: tuple, load):
     return cache[key]
 
 
-def _clip_scorer(options: Mapping[str, Any]):
-    from persongen_jax.evaluation.clip_t import CLIPTScorer
-
-    batch_size = int(options.get("batch_size") or 32)
-    return shared_model(
-        options,
-        ("clip", str(options["clip"]), batch_size),
-        lambda: CLIPTScorer.from_pretrained(options["clip"], batch_size=batch_size),
-    )
+def _batch_size(options: Mapping[str, Any]) -> int:
+    return int(options.get("batch_size") or 32)
 
 
-@register
-class CLIPT(Metric):
-    """CLIP-T: 100 x cosine of the CLIP image and text embeddings (`clip_t.CLIPTScorer`)."""
+def _face_options(options: Mapping[str, Any]) -> dict:
+    """The face scorers' detector settings and batch size (`face_sim.FaceScorer.from_pretrained`)."""
+    det_size = int(options.get("det_size") or 640)
+    return {
+        "det_size": (det_size, det_size),
+        "det_thresh": float(options.get("det_thresh") or 0.5),
+        "batch_size": _batch_size(options),
+    }
 
-    name, title, axis_label = "clip_t", "CLIP-T", "CLIP-T (100 × CLIP cosine)"
-    digits, card_digits = 2, 1
-    requires = {"clip": "a converted CLIP folder: --clip / config.eval.clip"}
+
+class ScorerMetric(Metric):
+    """A metric that scores with one scorer object (`from_options` builds it)."""
 
     def __init__(self, scorer):
         self.scorer = scorer
 
+
+class ReferenceCosine(ScorerMetric):
+    """CLIP-I / DINO: 100 x the mean cosine of an image's unit embedding (`embed`) to its identity's unit
+    reference embeddings (`mean_cosine_x100`)."""
+
+    digits, card_digits = 2, 1
+
+    def embed(self, images) -> np.ndarray:
+        """Unit embeddings [N, D] of the images."""
+        raise NotImplementedError
+
+    def prepare_references(self, images, names):
+        return self.embed(images)
+
+    def __call__(self, images, prompts, references):
+        return MetricResult(mean_cosine_x100(self.embed(images), references))
+
+    def warm_up(self):
+        self.embed([np.zeros((8, 8, 3), np.uint8)])
+
+
+class SetMetric(ScorerMetric):
+    """A metric of whole sets of images (FID, Face Div.): `accumulate` gathers, `set_values` computes."""
+
+    per_set = True
+
+
+class CLIPMetric(ScorerMetric):
+    """CLIP-T and CLIP-I: one CLIP model, loaded once when both are chosen (`shared_model`)."""
+
+    digits, card_digits = 2, 1
+    requires = {"clip": "a converted CLIP folder: --clip / config.eval.clip"}
+
     @classmethod
     def from_options(cls, options):
-        return cls(_clip_scorer(options))
+        from persongen_jax.evaluation.clip_t import CLIPTScorer
+
+        batch_size = _batch_size(options)
+        return cls(
+            shared_model(
+                options,
+                ("clip", str(options["clip"]), batch_size),
+                lambda: CLIPTScorer.from_pretrained(options["clip"], batch_size=batch_size),
+            )
+        )
+
+
+@register
+class CLIPT(CLIPMetric):
+    """CLIP-T: 100 x cosine of the CLIP image and text embeddings (`clip_t.CLIPTScorer`)."""
+
+    name, title, axis_label = "clip_t", "CLIP-T", "CLIP-T (100 × CLIP cosine)"
 
     def __call__(self, images, prompts, references):
         return MetricResult([float(v) for v in self.scorer(images, prompts)])
@@ -249,76 +296,50 @@ class CLIPT(Metric):
 
 
 @register
-class CLIPI(Metric):
+class CLIPI(CLIPMetric, ReferenceCosine):
     """CLIP-I: 100 x the mean over the identity's reference images of the cosine between the CLIP image
     embeddings (`get_image_features`) of the generated image and the reference (PhotoMaker's Table 1); the
     images preprocessed as CLIP-T's, the model CLIP-T's (one copy in memory when both are chosen)."""
 
     name, title, axis_label = "clip_i", "CLIP-I", "CLIP-I (100 × CLIP image cosine)"
-    digits, card_digits = 2, 1
-    requires = {"clip": "a converted CLIP folder: --clip / config.eval.clip"}
 
-    def __init__(self, scorer):
-        self.scorer = scorer
-
-    @classmethod
-    def from_options(cls, options):
-        return cls(_clip_scorer(options))
-
-    def prepare_references(self, images, names):
+    def embed(self, images):
         return self.scorer.image_embeddings(images)
-
-    def __call__(self, images, prompts, references):
-        return MetricResult(mean_cosine_x100(self.scorer.image_embeddings(images), references))
-
-    def warm_up(self):
-        self.scorer.image_embeddings([np.zeros((8, 8, 3), np.uint8)])
 
 
 @register
-class DINO(Metric):
+class DINO(ReferenceCosine):
     """DINO: 100 x the mean over the identity's reference images of the cosine between DINO ViT embeddings
     (the CLS token after the final LayerNorm) of the generated image and the reference (`dino.DINOScorer`)."""
 
     name, title, axis_label = "dino", "DINO", "DINO (100 × DINO ViT cosine)"
-    digits, card_digits = 2, 1
     requires = {"dino": "a converted DINO ViT folder: --dino / config.eval.dino"}
-
-    def __init__(self, scorer):
-        self.scorer = scorer
 
     @classmethod
     def from_options(cls, options):
         from persongen_jax.evaluation.dino import DINOScorer
 
-        return cls(DINOScorer.from_pretrained(options["dino"], batch_size=int(options.get("batch_size") or 32)))
+        return cls(DINOScorer.from_pretrained(options["dino"], batch_size=_batch_size(options)))
 
-    def prepare_references(self, images, names):
+    def embed(self, images):
         return self.scorer.embeddings(images)
-
-    def __call__(self, images, prompts, references):
-        return MetricResult(mean_cosine_x100(self.scorer.embeddings(images), references))
-
-    def warm_up(self):
-        self.scorer.embeddings([np.zeros((8, 8, 3), np.uint8)])
 
 
 @register
-class FID(Metric):
+class FID(SetMetric):
     """FID between the generated images of a set (and of all sets) and the reference set (`--fid-reference`:
     an image folder or pytorch-fid's .npz), on pytorch-fid's InceptionV3 pool features (`fid.FIDScorer`);
     features are streamed into running statistics, so memory does not grow with the number of images."""
 
     name, title, axis_label = "fid", "FID", "FID (lower is better)"
     digits, card_digits = 2, 1
-    per_set = True
     requires = {
         "inception": "a converted FID InceptionV3 folder: --inception / config.eval.inception",
         "fid_reference": "a reference image folder or .npz statistics: --fid-reference / config.eval.fid_reference",
     }
 
     def __init__(self, scorer, reference):
-        self.scorer = scorer
+        super().__init__(scorer)
         self.reference_path = reference
         self.reference = scorer.reference_statistics(reference)  # read now: a bad reference fails first
         self.stats: dict = {}
@@ -327,7 +348,7 @@ class FID(Metric):
     def from_options(cls, options):
         from persongen_jax.evaluation.fid import FIDScorer
 
-        scorer = FIDScorer.from_pretrained(options["inception"], batch_size=int(options.get("batch_size") or 32))
+        scorer = FIDScorer.from_pretrained(options["inception"], batch_size=_batch_size(options))
         return cls(scorer, options["fid_reference"])
 
     def reset(self):
@@ -360,7 +381,7 @@ class FID(Metric):
 
 
 @register
-class FaceDiv(Metric):
+class FaceDiv(SetMetric):
     """Face Div.: mean pairwise LPIPS between the detected face regions of the images generated for one
     identity and prompt (`face_div.FaceDivScorer`, definition in its docstring); per set, the mean over its
     (identity, prompt) groups; a group with fewer than 2 images with a face is "n/a" (counted), never a
@@ -368,30 +389,20 @@ class FaceDiv(Metric):
 
     name, title, axis_label = "face_div", "Face Div.", "Face Div. (pairwise LPIPS of face regions)"
     digits, card_digits = 4, 3
-    per_set = True
     requires = {
         "lpips": "a converted LPIPS folder: --lpips / config.eval.lpips",
         "face_detector": "an insightface folder with an SCRFD detector: --face-models / config.eval.face_detector",
     }
 
     def __init__(self, scorer):
-        self.scorer = scorer
+        super().__init__(scorer)
         self.groups: dict = {}
 
     @classmethod
     def from_options(cls, options):
         from persongen_jax.evaluation.face_div import FaceDivScorer
 
-        det_size = int(options.get("det_size") or 640)
-        return cls(
-            FaceDivScorer.from_pretrained(
-                options["lpips"],
-                options["face_detector"],
-                det_size=(det_size, det_size),
-                det_thresh=float(options.get("det_thresh") or 0.5),
-                batch_size=int(options.get("batch_size") or 32),
-            )
-        )
+        return cls(FaceDivScorer.from_pretrained(options["face_detector"], options["lpips"], **_face_options(options)))
 
     def reset(self):
         self.groups = {}
@@ -430,7 +441,7 @@ class FaceDiv(Metric):
 
 
 @register
-class FaceSim(Metric):
+class FaceSim(ScorerMetric):
     """Face-Sim: cosine of ArcFace embeddings of the generated face and the identity's reference faces
     (`face_sim.FaceSimScorer`); an image without a face scores 0 (no_face="zero") or is left out ("skip")."""
 
@@ -442,23 +453,17 @@ class FaceSim(Metric):
         "arcface": "a converted ArcFace folder: --arcface / config.eval.arcface",
     }
 
-    def __init__(self, scorer):
-        self.scorer = scorer
-
     @classmethod
     def from_options(cls, options):
         from persongen_jax.evaluation.face_sim import FaceSimScorer
 
-        det_size = options.get("det_size") or 640
         return cls(
             FaceSimScorer.from_pretrained(
                 options["face_detector"],
                 options["arcface"],
                 no_face=options.get("no_face") or "zero",
-                det_thresh=float(options.get("det_thresh") or 0.5),
-                det_size=(int(det_size), int(det_size)),
-                batch_size=int(options.get("batch_size") or 32),
                 select=options.get("face_select") or "largest",
+                **_face_options(options),
             )
         )
 

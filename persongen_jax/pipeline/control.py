@@ -173,30 +173,27 @@ def aspect_size(ratio: str, base: int = 1024, multiple: int = 8) -> tuple[int, i
 
 def add_control_arguments(p) -> None:
     """The options of spatial control, styles and sizes (generate; the web app takes --controlnet)."""
-    p.add_argument(
+
+    def per_controlnet(flag: str, metavar: str, help: str, type=str) -> None:
+        """A repeatable option: one value per --controlnet, in the same order."""
+        p.add_argument(flag, type=type, action="append", default=[], metavar=metavar, help=help)
+
+    per_controlnet(
         "--controlnet",
-        type=str,
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="a converted ControlNet folder (weights_conversion controlnet); repeatable, each with its "
+        "DIR",
+        "a converted ControlNet folder (weights_conversion controlnet); repeatable, each with its "
         "--control-image (in the same order)",
     )
-    p.add_argument(
+    per_controlnet(
         "--control-image",
-        type=str,
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="the control image of each --controlnet (pose / depth / edges ...), resized to the output size",
+        "PATH",
+        "the control image of each --controlnet (pose / depth / edges ...), resized to the output size",
     )
-    p.add_argument(
+    per_controlnet(
         "--control-scale",
+        "S",
+        "conditioning scale: once for all ControlNets or once per --controlnet (default 1.0)",
         type=float,
-        action="append",
-        default=[],
-        metavar="S",
-        help="conditioning scale: once for all ControlNets or once per --controlnet (default 1.0)",
     )
     p.add_argument(
         "--control-preprocess",

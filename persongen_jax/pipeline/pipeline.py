@@ -39,9 +39,11 @@ from persongen_jax.pipeline.control import prepare_control_image
 from persongen_jax.pipeline.image_processing import clip_preprocess
 from persongen_jax.pipeline.sampling import Conditioning, ControlConditioning, make_sampler, sdxl_time_ids
 from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, read_scheduler_config, scheduler_from_config
-from persongen_jax.pipeline.settings import PipelineError, SamplingSettings, check_settings  # noqa: F401 (re-exported)
+from persongen_jax.pipeline.settings import PipelineError, SamplingSettings  # noqa: F401 (re-exported)
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# The modules a pipeline built `from_model` shares with the training model (validation updates them in place).
+MODEL_MODULES = (*SDXL_COMPONENTS, "id_encoder")
 
 
 V2_NEEDS_FACE_MODELS = (
@@ -270,10 +272,7 @@ class PersonGenPipeline:
         scheduler_config = read_scheduler_config(model_dir, default=SDXL_SCHEDULER_CONFIG)
         cns = [load_controlnet(path, unet, parts["vae"], **kw) for path in controlnets]
         return cls(
-            unet=unet,
-            vae=parts["vae"],
-            text_encoder=parts["text_encoder"],
-            text_encoder_2=parts["text_encoder_2"],
+            **parts,
             tokenizers=prompt_lib.load_tokenizers(model_dir, trigger_word),
             scheduler_config=scheduler_config,
             id_encoder=id_encoder,
@@ -285,36 +284,13 @@ class PersonGenPipeline:
         )
 
     @classmethod
-    def from_model(
-        cls,
-        model,
-        tokenizers,
-        scheduler_config: dict,
-        *,
-        trigger_word: str = "img",
-        force_zeros_for_empty_prompt: bool = True,
-        sample_size: int = 128,
-        conditions: Mapping[str, Condition] | None = None,
-        face_embedder=None,
-    ) -> "PersonGenPipeline":
-        """From modules in memory (a training `PersonGenModel`: unet, vae, text_encoder(_2), id_encoder);
-        LoRA stays unmerged, so later `nnx.update`s of the modules are what the pipeline samples with.
-        conditions: the training config's (`conditions.from_config`); face_embedder: PhotoMaker V2's
-        (see `__init__`)."""
-        return cls(
-            unet=model.unet,
-            vae=model.vae,
-            text_encoder=model.text_encoder,
-            text_encoder_2=model.text_encoder_2,
-            tokenizers=tokenizers,
-            scheduler_config=scheduler_config,
-            id_encoder=model.id_encoder,
-            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-            trigger_word=trigger_word,
-            sample_size=sample_size,
-            conditions=conditions,
-            face_embedder=face_embedder,
-        )
+    def from_model(cls, model, tokenizers, scheduler_config: dict, **kw) -> "PersonGenPipeline":
+        """From modules in memory (a training `PersonGenModel`: its `MODEL_MODULES`); LoRA stays unmerged, so
+        later `nnx.update`s of the modules are what the pipeline samples with. kw: `__init__`'s settings
+        (trigger_word, sample_size, conditions: the training config's (`conditions.from_config`),
+        face_embedder: PhotoMaker V2's, ...)."""
+        modules = {name: getattr(model, name) for name in MODEL_MODULES}
+        return cls(**modules, tokenizers=tokenizers, scheduler_config=scheduler_config, **kw)
 
     def add_controlnets(self, paths: Sequence[str | os.PathLike]) -> None:
         """Loads converted ControlNet folders (checked against this UNet and VAE: `load_controlnet`) after the

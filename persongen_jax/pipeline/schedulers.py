@@ -130,8 +130,19 @@ def _expand(x: jax.Array, ndim: int) -> jax.Array:
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
+class _ScheduleState:
+    """What every schedule state has: `timesteps` [n], one per inference step."""
+
+    timesteps: jax.Array
+
+    @property
+    def num_inference_steps(self) -> int:
+        """n, the number of steps in the schedule (a static int, also under jit)."""
+        return self.timesteps.shape[0]
+
+
 @flax.struct.dataclass
-class EulerState:
+class EulerState(_ScheduleState):
     """timesteps [n] float32 (the model's timestep inputs), sigmas [n + 1] float32 (last one 0),
     init_noise_sigma [] float32."""
 
@@ -139,14 +150,9 @@ class EulerState:
     sigmas: jax.Array
     init_noise_sigma: jax.Array
 
-    @property
-    def num_inference_steps(self) -> int:
-        """n, the number of steps in the schedule (a static int, also under jit)."""
-        return self.timesteps.shape[0]
-
 
 @flax.struct.dataclass
-class DDIMState:
+class DDIMState(_ScheduleState):
     """timesteps [n] int32; alpha_prod_t / alpha_prod_t_prev [n] float32: alphas_cumprod at each step's
     timestep and at `timestep - num_train_timesteps // n` (final_alpha_cumprod when that is < 0)."""
 
@@ -154,11 +160,6 @@ class DDIMState:
     alpha_prod_t: jax.Array
     alpha_prod_t_prev: jax.Array
     init_noise_sigma: jax.Array
-
-    @property
-    def num_inference_steps(self) -> int:
-        """n, the number of steps in the schedule (a static int, also under jit)."""
-        return self.timesteps.shape[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +249,14 @@ class _Scheduler:
         ac = jnp.asarray(self.alphas_cumprod).astype(sample.dtype)[timesteps]
         return _expand(ac**0.5, sample.ndim) * noise - _expand((1 - ac) ** 0.5, sample.ndim) * sample
 
+    def _timesteps(self, num_inference_steps: int, *, integer: bool) -> np.ndarray:
+        """`set_timesteps`' timesteps (`_spaced_timesteps`); ValueError for a step count outside
+        [1, num_train_timesteps]."""
+        n = int(num_inference_steps)
+        if not 1 <= n <= self.num_train_timesteps:
+            raise ValueError(f"num_inference_steps={n} must be in [1, {self.num_train_timesteps}]")
+        return _spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset, integer=integer)
+
     def init_noise_sigma(self, state) -> jax.Array:
         """Scale of the initial latent noise (float32 scalar)."""
         return state.init_noise_sigma
@@ -284,12 +293,7 @@ class EulerDiscreteScheduler(_Scheduler):
 
     def set_timesteps(self, num_inference_steps: int) -> EulerState:
         """Host-side; returns the schedule for `num_inference_steps` steps."""
-        n = int(num_inference_steps)
-        if not 1 <= n <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps={n} must be in [1, {self.num_train_timesteps}]")
-        timesteps = _spaced_timesteps(
-            self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset, integer=False
-        )
+        timesteps = self._timesteps(num_inference_steps, integer=False)
         ac = self.alphas_cumprod
         train_sigmas = np.sqrt((np.float32(1) - ac) / ac)  # float32, as diffusers (torch float32)
         sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)  # float64
@@ -347,11 +351,7 @@ class DDIMScheduler(_Scheduler):
     def set_timesteps(self, num_inference_steps: int) -> DDIMState:
         """Host-side; returns the schedule for `num_inference_steps` steps."""
         n = int(num_inference_steps)
-        if not 1 <= n <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps={n} must be in [1, {self.num_train_timesteps}]")
-        timesteps = _spaced_timesteps(
-            self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset, integer=True
-        )
+        timesteps = self._timesteps(n, integer=True)
         ac = self.alphas_cumprod
         final = np.float32(1.0) if self.set_alpha_to_one else ac[0]
         # diffusers steps back by num_train // n whatever the spacing.

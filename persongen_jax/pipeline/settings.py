@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Self, Sequence
 
 import numpy as np
 
@@ -50,18 +50,47 @@ class SamplingSettings:
     dtype: str | None = None
     attention: str = "xla"
 
+    @classmethod
+    def from_attributes(cls, source: Any, **changes) -> Self:
+        """The settings `source` carries under the fields' names (an argparse Namespace, the web app's request,
+        a config's eval section: whatever it names otherwise, e.g. --steps, is in `changes`), the others at
+        their defaults."""
+        named = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if hasattr(source, f.name)}
+        return cls(**{**named, **changes})
+
     def check(self, downscale_factor: int | None = None) -> None:
         """PipelineError naming the first unusable setting (the CLIs call this before loading a model; the
         pipeline again with the VAE's `downscale_factor`)."""
-        check_settings(
-            seeds=self.seeds,
-            num_steps=self.num_steps,
-            guidance_scale=self.guidance_scale,
-            start_merge_step=self.start_merge_step,
-            height=self.height,
-            width=self.width,
-            downscale_factor=downscale_factor,
-        )
+        seeds, num_steps, guidance_scale = self.seeds, self.num_steps, self.guidance_scale
+        start_merge_step = self.start_merge_step
+        if not seeds:
+            raise PipelineError("no seeds given")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
+                raise PipelineError(f"seed {s!r} is out of range: seeds are integers in [0, {MAX_SEED}]")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise PipelineError(f"steps={num_steps!r}: expected an integer >= 1")
+        if not isinstance(guidance_scale, (int, float, np.floating)) or not math.isfinite(guidance_scale):
+            raise PipelineError(f"guidance scale {guidance_scale!r}: expected a finite number")
+        is_int = isinstance(start_merge_step, (int, np.integer)) and not isinstance(start_merge_step, bool)
+        is_float = isinstance(start_merge_step, (float, np.floating)) and math.isfinite(start_merge_step)
+        if not (
+            (is_int and start_merge_step >= 0)
+            or (is_float and (0 <= start_merge_step < 1 or float(start_merge_step).is_integer()))
+        ):
+            raise PipelineError(
+                f"start merge step {start_merge_step!r}: expected a step index (an integer >= 0) or a "
+                "fraction of the steps in [0, 1)"
+            )
+        for name, v in (("height", self.height), ("width", self.width)):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise PipelineError(f"{name}={v!r}: expected a positive number of pixels")
+            if downscale_factor and v % downscale_factor:
+                raise PipelineError(
+                    f"{name}={v}: must be a multiple of {downscale_factor} (the VAE's downscale factor)"
+                )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise PipelineError(f"dtype {self.dtype!r}: expected one of {list(DTYPES)}")
         if self.attention not in ATTENTION_IMPLS:
@@ -87,45 +116,6 @@ class SamplingSettings:
     def replace(self, **changes) -> "SamplingSettings":
         """A copy with `changes` (e.g. the styled negative prompt, the aspect preset's size)."""
         return dataclasses.replace(self, **changes)
-
-
-def check_settings(
-    *,
-    seeds: Sequence[int],
-    num_steps: int,
-    guidance_scale: float,
-    start_merge_step: int | float,
-    height: int | None = None,
-    width: int | None = None,
-    downscale_factor: int | None = None,
-) -> None:
-    """PipelineError naming the first unusable numeric setting (`SamplingSettings.check`)."""
-    if not seeds:
-        raise PipelineError("no seeds given")
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
-            raise PipelineError(f"seed {s!r} is out of range: seeds are integers in [0, {MAX_SEED}]")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise PipelineError(f"steps={num_steps!r}: expected an integer >= 1")
-    if not isinstance(guidance_scale, (int, float, np.floating)) or not math.isfinite(guidance_scale):
-        raise PipelineError(f"guidance scale {guidance_scale!r}: expected a finite number")
-    is_int = isinstance(start_merge_step, (int, np.integer)) and not isinstance(start_merge_step, bool)
-    is_float = isinstance(start_merge_step, (float, np.floating)) and math.isfinite(start_merge_step)
-    if not (
-        (is_int and start_merge_step >= 0)
-        or (is_float and (0 <= start_merge_step < 1 or float(start_merge_step).is_integer()))
-    ):
-        raise PipelineError(
-            f"start merge step {start_merge_step!r}: expected a step index (an integer >= 0) or a "
-            "fraction of the steps in [0, 1)"
-        )
-    for name, v in (("height", height), ("width", width)):
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-            raise PipelineError(f"{name}={v!r}: expected a positive number of pixels")
-        if downscale_factor and v % downscale_factor:
-            raise PipelineError(f"{name}={v}: must be a multiple of {downscale_factor} (the VAE's downscale factor)")
 
 
 def default_batch_size(height: int, width: int) -> int:

@@ -229,23 +229,21 @@ def make_iterator(
     d = config.data
     text_conditions = text_condition_fields(config)
 
-    def synthetic():
-        return SyntheticIterator(
-            tokenizers,
-            global_batch_size=d.global_batch_size,
-            resolution=d.resolution,
-            num_refs=d.num_refs,
-            id_image_size=id_image_size,
-            seed=config.seed,
-            shard_index=shard_index,
-            shard_count=shard_count,
-            trigger_word=d.trigger_word,
-            text_conditions=text_conditions,
-            id_inputs=id_inputs,
-        )
-
+    # What both sources take (the grain one draws min_refs..num_refs references, the synthetic one num_refs).
+    batches = dict(
+        tokenizers=tokenizers,
+        global_batch_size=d.global_batch_size,
+        resolution=d.resolution,
+        id_image_size=id_image_size,
+        seed=config.seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        trigger_word=d.trigger_word,
+        text_conditions=text_conditions,
+        id_inputs=id_inputs,
+    )
     if d.source == "synthetic":
-        return synthetic(), BadRecordHook(None, d.global_batch_size)
+        return SyntheticIterator(num_refs=d.num_refs, **batches), BadRecordHook(None, d.global_batch_size)
     if d.source != "grain":
         raise ValueError(f"config.data.source={d.source!r}; expected 'grain' or 'synthetic'")
     from persongen_jax.data import pipeline as data_pipeline  # the grain pipeline (persongen_jax/data)
@@ -269,19 +267,7 @@ def make_iterator(
 
             distributed.sync("persongen_demo_data")
     it = data_pipeline.make_train_iterator(
-        data_dir,
-        tokenizers=tokenizers,
-        global_batch_size=d.global_batch_size,
-        resolution=d.resolution,
-        num_refs=(min(d.min_refs, d.num_refs), d.num_refs),
-        id_image_size=id_image_size,
-        seed=config.seed,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        trigger_word=d.trigger_word,
-        text_conditions=text_conditions,
-        worker_count=d.worker_count,
-        id_inputs=id_inputs,
+        data_dir, num_refs=(min(d.min_refs, d.num_refs), d.num_refs), worker_count=d.worker_count, **batches
     )
     return it, BadRecordHook(data_dir, d.global_batch_size)
 

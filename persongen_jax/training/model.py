@@ -55,12 +55,9 @@ class PersonGenModel(nnx.Module):
     trainable-group regexes of the config match. arcface: PhotoMaker V2's frozen ArcFace IResNet, or None."""
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, id_encoder, arcface=None):
-        self.unet = unet
-        self.vae = vae
-        self.text_encoder = text_encoder
-        self.text_encoder_2 = text_encoder_2
-        self.id_encoder = id_encoder
-        self.arcface = arcface
+        self.unet, self.vae = unet, vae
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.id_encoder, self.arcface = id_encoder, arcface  # the ID encoder and V2's ArcFace for it
 
 
 def scheduler_config(config) -> dict:

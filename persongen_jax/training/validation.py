@@ -34,26 +34,20 @@ from PIL import Image
 from persongen_jax.evaluation import metrics as metrics_lib
 from persongen_jax.evaluation import protocol
 from persongen_jax.pipeline import id_unused_warning
+from persongen_jax.pipeline.pipeline import MODEL_MODULES
 from persongen_jax.training import data as data_lib
 from persongen_jax.training.model import inference_pipeline
 
 log = logging.getLogger("persongen_jax.train")
-MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "id_encoder")
 
 
 def protocol_settings(config) -> protocol.ProtocolSettings:
     """The validation protocol settings of a training config (`config.eval`, size 0 = data.resolution)."""
     ev = config.eval
     size = ev.resolution or config.data.resolution
-    return protocol.ProtocolSettings(
-        seeds=tuple(int(s) for s in ev.seeds),
-        num_steps=ev.num_steps,
-        guidance_scale=ev.guidance_scale,
-        start_merge_step=ev.start_merge_step,
-        height=size,
-        width=size,
-        split=ev.split,
-        trigger_word=config.data.trigger_word,
+    seeds = tuple(int(s) for s in ev.seeds)
+    return protocol.ProtocolSettings.from_attributes(
+        ev, seeds=seeds, height=size, width=size, trigger_word=config.data.trigger_word
     )
 
 
@@ -185,7 +179,7 @@ class Validator:
                 arcface=None if own else ev.arcface,
             )
         else:
-            for name in MODULES:
+            for name in MODEL_MODULES:
                 nnx.update(getattr(self.pipe, name), nnx.state(getattr(model, name)))
         if self.sets is None:
             self._training_identities()

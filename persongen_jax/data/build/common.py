@@ -223,16 +223,24 @@ class StageDoFn(beam.DoFn):
         """Counts `n` kept elements of this stage."""
         self.count("kept", n)
 
-    def read_source(self, item: Item):
-        """The bytes of the item's file (`read_source`, at most `max_file_bytes`); when it may not or cannot
-        be read, yields the reject (its reason) and returns None. Use: `data = yield from self.read_source(item)`."""
-        try:
-            return read_source(item, self.settings.src, self.settings.max_file_bytes)
-        except SourceError as e:
-            yield self.rejected(item, e.reason, str(e))
-            return None
-
     def rejected(self, item: Item, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:
         """Counts a reject and returns its tagged output (see `reject`)."""
         Progress.add(self.stage, "rejected", 1, self.settings.progress_every_s)
         return reject(item, self.stage, reason, detail)
+
+
+class FileStageDoFn(StageDoFn):
+    """A stage that works on the bytes of each item's file (`read_source`, at most `max_file_bytes`): a file
+    that may not or cannot be read is rejected (its reason) before `run_file(item, data)`."""
+
+    def run(self, item: Item):
+        try:
+            data = read_source(item, self.settings.src, self.settings.max_file_bytes)
+        except SourceError as e:
+            yield self.rejected(item, e.reason, str(e))
+            return
+        yield from self.run_file(item, data)
+
+    def run_file(self, item: Item, data: bytes):
+        """The stage's work on one item and its file's bytes: yields kept Items and `rejected(...)` outputs."""
+        raise NotImplementedError

@@ -19,7 +19,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from persongen_jax.data.build.common import Item, StageDoFn, sha256_bytes
+from persongen_jax.data.build.common import FileStageDoFn, Item, sha256_bytes
 from persongen_jax.data.build.decode import decode_rgb
 
 
@@ -61,17 +61,14 @@ def crop_face(rgb: np.ndarray, face: dict, resolution: int, crop_scale: float = 
     return buf.getvalue(), mask, mapped, [left, top, left + side, top + side]
 
 
-class CropFaces(StageDoFn):
+class CropFaces(FileStageDoFn):
     """Verified Items -> Items with the crop JPEG (and mask) and the face mapped into it; rejects a file
     that changed or cannot be read again."""
     stage = "crop"
 
-    def run(self, item: Item):
-        """Re-reads and decodes the image, checks its hash, crops (see the module doc)."""
+    def run_file(self, item: Item, data: bytes):
+        """Decodes the re-read image, checks its hash, crops (see the module doc)."""
         s = self.settings
-        data = yield from self.read_source(item)
-        if data is None:
-            return
         if sha256_bytes(data) != item.sha256:
             yield self.rejected(item, "file changed during the build",
                                 "its content hash differs from the one at decode")

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from persongen_jax.data.build.common import Item, StageDoFn, sha256_bytes
+from persongen_jax.data.build.common import FileStageDoFn, Item, sha256_bytes
 from persongen_jax.pipeline.image_processing import to_8bit
 
 
@@ -41,18 +41,14 @@ def decode_rgb(data: bytes, min_side: int = 0) -> np.ndarray:
     return rgb
 
 
-class DecodeImages(StageDoFn):
+class DecodeImages(FileStageDoFn):
     """Items -> Items with `rgb`, `sha256`, `width`, `height`; rejects unreadable, undecodable and small images."""
     stage = "decode"
 
-    def run(self, item: Item):
-        """Reads, hashes and decodes one image (see the module doc)."""
-        s = self.settings
-        data = yield from self.read_source(item)
-        if data is None:
-            return
+    def run_file(self, item: Item, data: bytes):
+        """Hashes and decodes one image (see the module doc)."""
         try:
-            rgb = decode_rgb(data, s.min_side)
+            rgb = decode_rgb(data, self.settings.min_side)
         except DecodeError as e:
             yield self.rejected(item, "cannot decode image", str(e))
             return
