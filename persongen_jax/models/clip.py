@@ -23,13 +23,13 @@ Layouts: `input_ids` [B, T] int, `attention_mask` [B, T] (1 = token, 0 = padding
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Unpack
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from persongen_jax.models.layers import Conv, LayerNorm, Linear, activation, dot_product_attention
+from persongen_jax.models.layers import Conv, LayerNorm, Linear, ModuleKwargs, activation, dot_product_attention
 from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
 
 # ----------------------------------------------------------------------------- configs
@@ -84,6 +84,10 @@ class CLIPConfig:
     vision_config: CLIPVisionConfig
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
+
+
+# What the tower modules (attention, MLP, encoder) take: either tower's config.
+CLIPTowerConfig = CLIPTextConfig | CLIPVisionConfig
 
 
 def _square(value, key: str) -> int:
@@ -359,12 +363,9 @@ class CLIPOutput:
 class CLIPTextEmbeddings(nnx.Module):
     """transformers CLIPTextEmbeddings: token_embedding(input_ids) + learned position_embedding."""
 
-    def __init__(self, config: CLIPTextConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        d = config.hidden_size
-        self.token_embedding = nnx.Embed(config.vocab_size, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.position_embedding = nnx.Embed(
-            config.max_position_embeddings, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+    def __init__(self, config: CLIPTextConfig, **kw: Unpack[ModuleKwargs]):
+        self.token_embedding = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
+        self.position_embedding = nnx.Embed(config.max_position_embeddings, config.hidden_size, **kw)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """input_ids [B, T] -> [B, T, D]; positions 0..T-1."""
@@ -420,21 +421,12 @@ class CLIPVisionEmbeddings(nnx.Module):
 class CLIPAttention(nnx.Module):
     """Multi-head self-attention, scale head_dim**-0.5."""
 
-    def __init__(
-        self,
-        config: CLIPTextConfig | CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, config: CLIPTowerConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = d // self.num_heads
         self.scale = self.head_dim**-0.5
         self.attention_impl = attention_impl
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.k_proj = Linear(d, d, **kw)
         self.v_proj = Linear(d, d, **kw)
         self.q_proj = Linear(d, d, **kw)
@@ -462,10 +454,7 @@ class CLIPAttention(nnx.Module):
 class CLIPMLP(nnx.Module):
     """transformers CLIPMLP: fc1 -> hidden_act -> fc2."""
 
-    def __init__(
-        self, config: CLIPTextConfig | CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: CLIPTowerConfig, **kw: Unpack[ModuleKwargs]):
         self.activation_fn = activation(config.hidden_act)
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, **kw)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, **kw)
@@ -478,16 +467,7 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
 
-    def __init__(
-        self,
-        config: CLIPTextConfig | CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: CLIPTowerConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         d, eps = config.hidden_size, config.layer_norm_eps
         self.self_attn = CLIPAttention(config, attention_impl=attention_impl, **kw)
         self.layer_norm1 = LayerNorm(d, epsilon=eps, **kw)
@@ -503,20 +483,9 @@ class CLIPEncoderLayer(nnx.Module):
 class CLIPEncoder(nnx.Module):
     """transformers CLIPEncoder: `layers`, num_hidden_layers CLIPEncoderLayer in sequence."""
 
-    def __init__(
-        self,
-        config: CLIPTextConfig | CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, config: CLIPTowerConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         self.layers = nnx.List(
-            [
-                CLIPEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
-                for _ in range(config.num_hidden_layers)
-            ]
+            [CLIPEncoderLayer(config, attention_impl=attention_impl, **kw) for _ in range(config.num_hidden_layers)]
         )
 
     def __call__(
@@ -550,16 +519,7 @@ class CLIPTextTransformer(nnx.Module):
     (transformers v4 name; v5 folded it into CLIPTextModel, the computation is the same.)
     """
 
-    def __init__(
-        self,
-        config: CLIPTextConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: CLIPTextConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         self.eos_token_id = config.eos_token_id
         self.embeddings = CLIPTextEmbeddings(config, **kw)
         self.encoder = CLIPEncoder(config, attention_impl=attention_impl, **kw)
@@ -582,16 +542,7 @@ class CLIPTextTransformer(nnx.Module):
 class CLIPVisionTransformer(nnx.Module):
     """Embeddings -> pre_layrnorm -> encoder; pooled = post_layernorm(CLS)."""
 
-    def __init__(
-        self,
-        config: CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: CLIPVisionConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         d, eps = config.hidden_size, config.layer_norm_eps
         self.embeddings = CLIPVisionEmbeddings(config, **kw)
         self.pre_layrnorm = LayerNorm(d, epsilon=eps, **kw)  # sic, transformers' name
@@ -630,17 +581,8 @@ class CLIPTowerModel(ConfigMixin, nnx.Module):
     _projection: ClassVar[str | None] = None
     config: Any  # the model's config: a CLIP{Text,Vision}Config here, the ID encoders' own
 
-    def __init__(
-        self,
-        config: CLIPTextConfig | CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, config: CLIPTowerConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         self.config = config
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         tower: Any = {"text_model": CLIPTextTransformer, "vision_model": CLIPVisionTransformer}[self._tower]
         setattr(self, self._tower, tower(config, attention_impl=attention_impl, **kw))
         if self._projection is not None:
