@@ -187,17 +187,19 @@ _SIZE_KEYS = ("hidden_size", "intermediate_size", "projection_dim", "num_hidden_
 _SIZES = {
     "tiny": (32, 37, 24, 2, 4),
     "vit_l14_text": (768, 3072, 768, 12, 12),  # OpenAI CLIP ViT-L/14's text tower
-    "bigg14_text": (1280, 5120, 1280, 32, 20),  # OpenCLIP ViT-bigG/14's (laion2b_s39b_b160k), gelu
+    "bigg14_text": (1280, 5120, 1280, 32, 20),  # OpenCLIP ViT-bigG/14's text tower (laion2b_s39b_b160k)
     "vit_l14_vision": (1024, 4096, 768, 24, 16),  # OpenAI CLIP ViT-L/14's vision tower
 }
 # The hub's configs also carry transformers' dropout and initialisation keys (`_parse` checks / ignores them) and,
 # for the text towers, OpenAI's tokenizer (49408 ids, 77 positions) with the token ids of configs written before
 # transformers PR #24773 (eos 2: argmax pooling, see `_eos_positions`).
-_HUB_KEYS = dict(attention_dropout=0.0, dropout=0.0, initializer_factor=1.0, initializer_range=0.02)
-_HUB_TEXT = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+_HUB_KEYS: dict[str, Any] = dict(attention_dropout=0.0, dropout=0.0, initializer_factor=1.0, initializer_range=0.02)
+_HUB_TEXT: dict[str, Any] = dict(
+    vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1
+)
 
 
-def _tower(model_type: str, size: str, hidden_act: str = "quick_gelu", **keys) -> dict:
+def _tower(model_type: str, size: str, *, hidden_act: str = "quick_gelu", **keys) -> dict:
     """A tower's config.json: model_type, its `_SIZES` row, hidden_act (OpenAI's quick_gelu by default),
     layer_norm_eps, then `keys`."""
     sizes = dict(zip(_SIZE_KEYS, _SIZES[size], strict=True))
@@ -230,7 +232,12 @@ _SDXL_TEXT_ENCODER = _tower(
     "clip_text_model", "vit_l14_text", architectures=["CLIPTextModel"], **_HUB_TEXT, **_HUB_KEYS
 )
 _SDXL_TEXT_ENCODER_2 = _tower(
-    "clip_text_model", "bigg14_text", "gelu", architectures=["CLIPTextModelWithProjection"], **_HUB_TEXT, **_HUB_KEYS
+    "clip_text_model",
+    "bigg14_text",
+    hidden_act="gelu",
+    architectures=["CLIPTextModelWithProjection"],
+    **_HUB_TEXT,
+    **_HUB_KEYS,
 )
 # openai/clip-vit-large-patch14 config.json, `text_config` and `vision_config` (the vision tower is also
 # PhotoMaker's ID-encoder backbone).
