@@ -23,13 +23,13 @@ Layouts: `input_ids` [B, T] int, `attention_mask` [B, T] (1 = token, 0 = padding
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Unpack
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from persongen_jax.models.layers import Conv, LayerNorm, Linear, activation, dot_product_attention
+from persongen_jax.models.layers import Conv, LayerNorm, Linear, ModuleKwargs, activation, dot_product_attention
 from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
 
 # ----------------------------------------------------------------------------- configs
@@ -84,6 +84,10 @@ class CLIPConfig:
     vision_config: CLIPVisionConfig
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
+
+
+# What the tower modules (attention, MLP, encoder) take: either tower's config.
+CLIPTowerConfig = CLIPTextConfig | CLIPVisionConfig
 
 
 def _square(value, key: str) -> int:
@@ -177,98 +181,70 @@ def parse_clip_config(config: Mapping[str, Any] | CLIPConfig) -> CLIPConfig:
     return CLIPConfig(**subs, **kw)
 
 
-# Reference configs (transformers config.json dicts), see `preset_config`.
-_TINY_TEXT = dict(
-    model_type="clip_text_model",
+# Reference configs (transformers config.json dicts), see `preset_config`. The towers differ in their sizes (one
+# row each here) and in a few keys of their own; every CLIP's layer_norm_eps is 1e-5.
+_SIZE_KEYS = ("hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "num_attention_heads")
+_SIZES = {
+    "tiny": (32, 37, 24, 2, 4),
+    "vit_l14_text": (768, 3072, 768, 12, 12),  # OpenAI CLIP ViT-L/14's text tower
+    "bigg14_text": (1280, 5120, 1280, 32, 20),  # OpenCLIP ViT-bigG/14's text tower (laion2b_s39b_b160k)
+    "vit_l14_vision": (1024, 4096, 768, 24, 16),  # OpenAI CLIP ViT-L/14's vision tower
+}
+# The hub's configs also carry transformers' dropout and initialisation keys (`_parse` checks / ignores them) and,
+# for the text towers, OpenAI's tokenizer (49408 ids, 77 positions) with the token ids of configs written before
+# transformers PR #24773 (eos 2: argmax pooling, see `_eos_positions`).
+_HUB_KEYS: dict[str, Any] = dict(attention_dropout=0.0, dropout=0.0, initializer_factor=1.0, initializer_range=0.02)
+_HUB_TEXT: dict[str, Any] = dict(
+    vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1
+)
+
+
+def _tower(model_type: str, size: str, *, hidden_act: str = "quick_gelu", **keys) -> dict:
+    """A tower's config.json: model_type, its `_SIZES` row, hidden_act (OpenAI's quick_gelu by default),
+    layer_norm_eps, then `keys`."""
+    sizes = dict(zip(_SIZE_KEYS, _SIZES[size], strict=True))
+    return dict(model_type=model_type, **sizes, hidden_act=hidden_act, layer_norm_eps=1e-5, **keys)
+
+
+def _clip(text: dict, vision: dict) -> dict:
+    """A CLIPConfig of two towers: their projection_dim, transformers' default logit_scale_init_value."""
+    return dict(
+        model_type="clip",
+        text_config=text,
+        vision_config=vision,
+        projection_dim=vision["projection_dim"],
+        logit_scale_init_value=2.6592,
+    )
+
+
+_TINY_TEXT = _tower(
+    "clip_text_model",
+    "tiny",
     vocab_size=1000,
-    hidden_size=32,
-    intermediate_size=37,
-    projection_dim=24,
-    num_hidden_layers=2,
-    num_attention_heads=4,
     max_position_embeddings=16,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
     bos_token_id=998,
     eos_token_id=999,
     pad_token_id=1,
 )
-_TINY_VISION = dict(
-    model_type="clip_vision_model",
-    hidden_size=32,
-    intermediate_size=37,
-    projection_dim=24,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_channels=3,
-    image_size=30,
-    patch_size=6,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
+_TINY_VISION = _tower("clip_vision_model", "tiny", num_channels=3, image_size=30, patch_size=6)
+# stabilityai/stable-diffusion-xl-base-1.0 text_encoder/config.json and text_encoder_2/config.json.
+_SDXL_TEXT_ENCODER = _tower(
+    "clip_text_model", "vit_l14_text", architectures=["CLIPTextModel"], **_HUB_TEXT, **_HUB_KEYS
 )
-# stabilityai/stable-diffusion-xl-base-1.0 text_encoder/config.json (OpenAI CLIP ViT-L/14 text tower).
-_SDXL_TEXT_ENCODER = dict(
-    architectures=["CLIPTextModel"],
-    model_type="clip_text_model",
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    projection_dim=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-    attention_dropout=0.0,
-    dropout=0.0,
-    initializer_factor=1.0,
-    initializer_range=0.02,
-    bos_token_id=0,
-    eos_token_id=2,
-    pad_token_id=1,
-)
-# stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower,
-# laion2b_s39b_b160k).
-_SDXL_TEXT_ENCODER_2 = dict(
-    architectures=["CLIPTextModelWithProjection"],
-    model_type="clip_text_model",
-    vocab_size=49408,
-    hidden_size=1280,
-    intermediate_size=5120,
-    projection_dim=1280,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    max_position_embeddings=77,
+_SDXL_TEXT_ENCODER_2 = _tower(
+    "clip_text_model",
+    "bigg14_text",
     hidden_act="gelu",
-    layer_norm_eps=1e-5,
-    attention_dropout=0.0,
-    dropout=0.0,
-    initializer_factor=1.0,
-    initializer_range=0.02,
-    bos_token_id=0,
-    eos_token_id=2,
-    pad_token_id=1,
+    architectures=["CLIPTextModelWithProjection"],
+    **_HUB_TEXT,
+    **_HUB_KEYS,
 )
-# openai/clip-vit-large-patch14 config.json, `vision_config` (also PhotoMaker's ID-encoder backbone).
-_VIT_L14_VISION = dict(
-    model_type="clip_vision_model",
-    hidden_size=1024,
-    intermediate_size=4096,
-    projection_dim=768,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    num_channels=3,
-    image_size=224,
-    patch_size=14,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-    attention_dropout=0.0,
-    dropout=0.0,
-    initializer_factor=1.0,
-    initializer_range=0.02,
+# openai/clip-vit-large-patch14 config.json, `text_config` and `vision_config` (the vision tower is also
+# PhotoMaker's ID-encoder backbone).
+_VIT_L14_TEXT = _tower("clip_text_model", "vit_l14_text", **_HUB_TEXT, **_HUB_KEYS)
+_VIT_L14_VISION = _tower(
+    "clip_vision_model", "vit_l14_vision", num_channels=3, image_size=224, patch_size=14, **_HUB_KEYS
 )
-# openai/clip-vit-large-patch14 config.json, `text_config`.
-_VIT_L14_TEXT = dict(_SDXL_TEXT_ENCODER, architectures=None)
 
 _TEXT_PRESETS = {
     "tiny": _TINY_TEXT,
@@ -277,22 +253,10 @@ _TEXT_PRESETS = {
 }
 _TEXT_PROJ_PRESETS = {"tiny": dict(_TINY_TEXT, hidden_act="gelu"), "sdxl_text_encoder_2": _SDXL_TEXT_ENCODER_2}
 _VISION_PRESETS = {"tiny": _TINY_VISION, "vit_large_patch14": _VIT_L14_VISION}
+# openai/clip-vit-large-patch14 config.json: the CLIP-T metric model.
 _CLIP_PRESETS = {
-    "tiny": dict(
-        model_type="clip",
-        text_config=_TINY_TEXT,
-        vision_config=_TINY_VISION,
-        projection_dim=24,
-        logit_scale_init_value=2.6592,
-    ),
-    # openai/clip-vit-large-patch14 config.json (the CLIP-T metric model).
-    "clip_vit_large_patch14": dict(
-        model_type="clip",
-        text_config=_VIT_L14_TEXT,
-        vision_config=_VIT_L14_VISION,
-        projection_dim=768,
-        logit_scale_init_value=2.6592,
-    ),
+    "tiny": _clip(_TINY_TEXT, _TINY_VISION),
+    "clip_vit_large_patch14": _clip(_VIT_L14_TEXT, _VIT_L14_VISION),
 }
 
 
@@ -359,12 +323,9 @@ class CLIPOutput:
 class CLIPTextEmbeddings(nnx.Module):
     """transformers CLIPTextEmbeddings: token_embedding(input_ids) + learned position_embedding."""
 
-    def __init__(self, config: CLIPTextConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        d = config.hidden_size
-        self.token_embedding = nnx.Embed(config.vocab_size, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.position_embedding = nnx.Embed(
-            config.max_position_embeddings, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+    def __init__(self, config: CLIPTextConfig, **kw: Unpack[ModuleKwargs]):
+        self.token_embedding = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
+        self.position_embedding = nnx.Embed(config.max_position_embeddings, config.hidden_size, **kw)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """input_ids [B, T] -> [B, T, D]; positions 0..T-1."""
@@ -420,21 +381,12 @@ class CLIPVisionEmbeddings(nnx.Module):
 class CLIPAttention(nnx.Module):
     """Multi-head self-attention, scale head_dim**-0.5."""
 
-    def __init__(
-        self,
-        config: CLIPTextConfig | CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, config: CLIPTowerConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = d // self.num_heads
         self.scale = self.head_dim**-0.5
         self.attention_impl = attention_impl
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.k_proj = Linear(d, d, **kw)
         self.v_proj = Linear(d, d, **kw)
         self.q_proj = Linear(d, d, **kw)
@@ -462,10 +414,7 @@ class CLIPAttention(nnx.Module):
 class CLIPMLP(nnx.Module):
     """transformers CLIPMLP: fc1 -> hidden_act -> fc2."""
 
-    def __init__(
-        self, config: CLIPTextConfig | CLIPVisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: CLIPTowerConfig, **kw: Unpack[ModuleKwargs]):
         self.activation_fn = activation(config.hidden_act)
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, **kw)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, **kw)
@@ -478,16 +427,7 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
 
-    def __init__(
-        self,
-        config: CLIPTextConfig | CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: CLIPTowerConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         d, eps = config.hidden_size, config.layer_norm_eps
         self.self_attn = CLIPAttention(config, attention_impl=attention_impl, **kw)
         self.layer_norm1 = LayerNorm(d, epsilon=eps, **kw)
@@ -503,20 +443,9 @@ class CLIPEncoderLayer(nnx.Module):
 class CLIPEncoder(nnx.Module):
     """transformers CLIPEncoder: `layers`, num_hidden_layers CLIPEncoderLayer in sequence."""
 
-    def __init__(
-        self,
-        config: CLIPTextConfig | CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, config: CLIPTowerConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         self.layers = nnx.List(
-            [
-                CLIPEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
-                for _ in range(config.num_hidden_layers)
-            ]
+            [CLIPEncoderLayer(config, attention_impl=attention_impl, **kw) for _ in range(config.num_hidden_layers)]
         )
 
     def __call__(
@@ -550,16 +479,7 @@ class CLIPTextTransformer(nnx.Module):
     (transformers v4 name; v5 folded it into CLIPTextModel, the computation is the same.)
     """
 
-    def __init__(
-        self,
-        config: CLIPTextConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: CLIPTextConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         self.eos_token_id = config.eos_token_id
         self.embeddings = CLIPTextEmbeddings(config, **kw)
         self.encoder = CLIPEncoder(config, attention_impl=attention_impl, **kw)
@@ -582,16 +502,7 @@ class CLIPTextTransformer(nnx.Module):
 class CLIPVisionTransformer(nnx.Module):
     """Embeddings -> pre_layrnorm -> encoder; pooled = post_layernorm(CLS)."""
 
-    def __init__(
-        self,
-        config: CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: CLIPVisionConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         d, eps = config.hidden_size, config.layer_norm_eps
         self.embeddings = CLIPVisionEmbeddings(config, **kw)
         self.pre_layrnorm = LayerNorm(d, epsilon=eps, **kw)  # sic, transformers' name
@@ -630,17 +541,8 @@ class CLIPTowerModel(ConfigMixin, nnx.Module):
     _projection: ClassVar[str | None] = None
     config: Any  # the model's config: a CLIP{Text,Vision}Config here, the ID encoders' own
 
-    def __init__(
-        self,
-        config: CLIPTextConfig | CLIPVisionConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: str = "xla",
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, config: CLIPTowerConfig, *, attention_impl: str = "xla", **kw: Unpack[ModuleKwargs]):
         self.config = config
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         tower: Any = {"text_model": CLIPTextTransformer, "vision_model": CLIPVisionTransformer}[self._tower]
         setattr(self, self._tower, tower(config, attention_impl=attention_impl, **kw))
         if self._projection is not None:

@@ -28,14 +28,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Unpack
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from persongen_jax.models import clip
-from persongen_jax.models.layers import LayerNorm, Linear
+from persongen_jax.models.layers import LayerNorm, Linear, ModuleKwargs
 from persongen_jax.models.modeling import register_model
 
 if TYPE_CHECKING:  # id_encoder_v2 imports this module
@@ -113,19 +113,10 @@ class MLP(nnx.Module):
     """PhotoMaker MLP: fc2(gelu(fc1(layernorm(x)))) (+ x). GELU is torch's exact-erf nn.GELU()."""
 
     def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        hidden_dim: int,
-        *,
-        use_residual: bool = True,
-        dtype=None,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
+        self, in_dim: int, out_dim: int, hidden_dim: int, *, use_residual: bool = True, **kw: Unpack[ModuleKwargs]
     ):
         if use_residual and in_dim != out_dim:
             raise ValueError(f"MLP: a residual needs in_dim == out_dim, got {in_dim} -> {out_dim}")
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.use_residual = use_residual
         self.layernorm = LayerNorm(in_dim, **kw)
         self.fc1 = Linear(in_dim, hidden_dim, **kw)
@@ -140,8 +131,7 @@ class MLP(nnx.Module):
 class FuseModule(nnx.Module):
     """Mixes a class-word token embedding with an ID embedding (both [..., D])."""
 
-    def __init__(self, embed_dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, embed_dim: int, **kw: Unpack[ModuleKwargs]):
         self.embed_dim = embed_dim
         self.mlp1 = MLP(2 * embed_dim, embed_dim, embed_dim, use_residual=False, **kw)
         self.mlp2 = MLP(embed_dim, embed_dim, embed_dim, use_residual=True, **kw)
@@ -207,14 +197,11 @@ class PhotoMakerCLIPEncoder(clip.CLIPTowerModel):
         self,
         config: PhotoMakerIDEncoderConfig | PhotoMakerV2Config,
         *,
-        dtype=None,
-        param_dtype=jnp.float32,
         attention_impl: str = "xla",
-        rngs: nnx.Rngs,
+        **kw: Unpack[ModuleKwargs],
     ):
-        super().__init__(config.vision, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+        super().__init__(config.vision, attention_impl=attention_impl, **kw)
         self.config = config
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.visual_projection_2 = Linear(config.vision.hidden_size, config.projection_dim_2, use_bias=False, **kw)
         self.fuse_module = FuseModule(config.embed_dim, **kw)
         if self._perceiver is not None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ from flax import nnx
 
 from persongen_jax.models import clip
 from persongen_jax.models.id_encoder import PhotoMakerCLIPEncoder, id_encoder_config_from_state_dict
-from persongen_jax.models.layers import Identity, LayerNorm, Linear, dot_product_attention
+from persongen_jax.models.layers import Identity, LayerNorm, Linear, ModuleKwargs, dot_product_attention
 from persongen_jax.models.modeling import check_field_types, register_model
 
 MODEL_TYPE = "photomaker_v2_id_encoder"
@@ -158,8 +158,7 @@ class PerceiverAttention(nnx.Module):
     softmax in float32.
     """
 
-    def __init__(self, dim: int, *, dim_head: int, heads: int, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, dim: int, *, dim_head: int, heads: int, **kw: Unpack[ModuleKwargs]):
         inner = dim_head * heads
         self.heads, self.dim_head = heads, dim_head
         self.norm1 = LayerNorm(dim, **kw)
@@ -180,10 +179,9 @@ class PerceiverAttention(nnx.Module):
         return self.to_out(out.reshape(b, n_lat, -1))
 
 
-def feed_forward(dim: int, inner_dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.List:
+def feed_forward(dim: int, inner_dim: int, **kw: Unpack[ModuleKwargs]) -> nnx.List:
     """IP-Adapter FeedForward `nn.Sequential(LayerNorm, Linear, GELU, Linear)` (no biases) as a list indexed as
     torch's: `[0]` norm, `[1]`, `[3]` linears, `[2]` the parameter-free GELU (keys `layers.i.1.{0,1,3}`)."""
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     return nnx.List(
         [
             LayerNorm(dim, **kw),
@@ -200,38 +198,33 @@ def apply_feed_forward(ff: Any, x: jax.Array) -> jax.Array:
 
 
 class FacePerceiverResampler(nnx.Module):
-    """IP-Adapter FacePerceiverResampler: latents [B, L, dim] refined by attending to proj_in(x)."""
+    """IP-Adapter FacePerceiverResampler: latents [B, L, D] refined by attending to proj_in(x).
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        depth: int,
-        dim_head: int,
-        heads: int,
-        embedding_dim: int,
-        output_dim: int,
-        ff_dim: int,
-        dtype=None,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj_in = Linear(embedding_dim, dim, **kw)
-        self.proj_out = Linear(dim, output_dim, **kw)
-        self.norm_out = LayerNorm(output_dim, **kw)
+    Sized by the V2 config as PhotoMaker builds it: dim = output_dim = D (cross_attention_dim), embedding_dim =
+    the CLIP tower's hidden_size, perceiver_depth layers of perceiver_heads heads of perceiver_dim_head, each with
+    a FeedForward of width perceiver_ff_dim.
+    """
+
+    def __init__(self, config: PhotoMakerV2Config, **kw: Unpack[ModuleKwargs]):
+        c, dim = config, config.cross_attention_dim
+        self.proj_in = Linear(c.vision.hidden_size, dim, **kw)
+        self.proj_out = Linear(dim, dim, **kw)
+        self.norm_out = LayerNorm(dim, **kw)
         # torch: layers[i] = ModuleList([PerceiverAttention, FeedForward]) -> keys layers.i.0.*, layers.i.1.*
         self.layers = nnx.List(
             [
                 nnx.List(
-                    [PerceiverAttention(dim, dim_head=dim_head, heads=heads, **kw), feed_forward(dim, ff_dim, **kw)]
+                    [
+                        PerceiverAttention(dim, dim_head=c.perceiver_dim_head, heads=c.perceiver_heads, **kw),
+                        feed_forward(dim, c.perceiver_ff_dim, **kw),
+                    ]
                 )
-                for _ in range(depth)
+                for _ in range(c.perceiver_depth)
             ]
         )
 
     def __call__(self, latents: jax.Array, x: jax.Array) -> jax.Array:
-        """latents [B, L, dim], x [B, S, embedding_dim] -> [B, L, output_dim]."""
+        """latents [B, L, D], x [B, S, hidden_size of the CLIP tower] -> [B, L, D]."""
         x = self.proj_in(x)
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents
@@ -242,8 +235,7 @@ class FacePerceiverResampler(nnx.Module):
 class QFormerPerceiver(nnx.Module):
     """PhotoMaker V2 QFormerPerceiver: ArcFace embedding -> T tokens, refined from the CLIP features."""
 
-    def __init__(self, config: PhotoMakerV2Config, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: PhotoMakerV2Config, **kw: Unpack[ModuleKwargs]):
         c = config
         self.num_tokens, self.cross_attention_dim = c.num_tokens, c.cross_attention_dim
         self.token_proj = nnx.List(
@@ -254,16 +246,7 @@ class QFormerPerceiver(nnx.Module):
             ]
         )
         self.token_norm = LayerNorm(c.cross_attention_dim, **kw)
-        self.perceiver_resampler = FacePerceiverResampler(
-            dim=c.cross_attention_dim,
-            depth=c.perceiver_depth,
-            dim_head=c.perceiver_dim_head,
-            heads=c.perceiver_heads,
-            embedding_dim=c.vision.hidden_size,
-            output_dim=c.cross_attention_dim,
-            ff_dim=c.perceiver_ff_dim,
-            **kw,
-        )
+        self.perceiver_resampler = FacePerceiverResampler(c, **kw)
 
     def __call__(self, x: jax.Array, last_hidden_state: jax.Array) -> jax.Array:
         """x [M, id_embeddings_dim] (ArcFace), last_hidden_state [M, S, H_v] -> [M, T, D]."""

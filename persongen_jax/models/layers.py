@@ -12,7 +12,7 @@ rule per name, see `weights_conversion/core.py`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, Required, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,15 @@ from flax import nnx
 
 AttentionImpl = Literal["xla", "cudnn"]
 _CUDNN_FALLBACKS_LOGGED: set[str] = set()  # one log line per reason, not one per attention layer / trace
+
+
+class ModuleKwargs(TypedDict, total=False):
+    """The construction keywords that a module only hands down to its layers (`**kw: Unpack[ModuleKwargs]`),
+    as one typed value instead of three parameters and a `kw = dict(...)` in every such module."""
+
+    dtype: Any  # compute dtype; None (the layers' default): the inputs'
+    param_dtype: Any  # the layers' default: float32
+    rngs: Required[nnx.Rngs]
 
 
 class Identity(nnx.Module):

@@ -12,13 +12,13 @@ added by the UNet where diffusers adds them (`unet.UNetEncoderMixin._encode`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Unpack
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from persongen_jax.models.layers import Conv
+from persongen_jax.models.layers import Conv, ModuleKwargs
 from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
 
 
@@ -100,8 +100,7 @@ def avg_pool_ceil(x: jax.Array) -> jax.Array:
 class AdapterResnetBlock(nnx.Module):
     """conv3x3 -> ReLU -> conv1x1, plus the input."""
 
-    def __init__(self, channels: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, channels: int, **kw: Unpack[ModuleKwargs]):
         self.block1 = Conv(channels, channels, 3, padding=1, **kw)
         self.block2 = Conv(channels, channels, 1, **kw)
 
@@ -114,17 +113,8 @@ class AdapterBlock(nnx.Module):
     """Optional 2x average pool, optional 1x1 width change (in_conv), then num_res_blocks AdapterResnetBlocks."""
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        down: bool = False,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
+        self, in_channels: int, out_channels: int, num_res_blocks: int, down: bool = False, **kw: Unpack[ModuleKwargs]
     ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.down = down
         self.in_conv = Conv(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
         self.resnets = nnx.List([AdapterResnetBlock(out_channels, **kw) for _ in range(num_res_blocks)])
@@ -143,8 +133,7 @@ class AdapterBlock(nnx.Module):
 class FullAdapterXL(nnx.Module):
     """diffusers FullAdapterXL (the `adapter` submodule of T2IAdapter)."""
 
-    def __init__(self, c: T2IAdapterConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, c: T2IAdapterConfig, **kw: Unpack[ModuleKwargs]):
         ch = c.channels
         self.downscale_factor = c.downscale_factor
         self.conv_in = Conv(c.in_channels * c.downscale_factor**2, ch[0], 3, padding=1, **kw)

@@ -20,13 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Unpack
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from persongen_jax.models.layers import AttentionImpl, Conv, LayerNorm, Linear, activation, dot_product_attention
+from persongen_jax.models.layers import (
+    AttentionImpl,
+    Conv,
+    LayerNorm,
+    Linear,
+    ModuleKwargs,
+    activation,
+    dot_product_attention,
+)
 from persongen_jax.models.modeling import ConfigMixin, ModelConfig, register_model
 
 
@@ -95,15 +103,9 @@ class ViTOutput:
 class ViTPatchEmbeddings(nnx.Module):
     """A patch x patch conv with stride patch (with bias) -> [B, (H/p)*(W/p), D]."""
 
-    def __init__(self, config: ViTConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: ViTConfig, **kw: Unpack[ModuleKwargs]):
         self.projection = Conv(
-            config.num_channels,
-            config.hidden_size,
-            config.patch_size,
-            stride=config.patch_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
+            config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size, **kw
         )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
@@ -141,20 +143,11 @@ class ViTEmbeddings(nnx.Module):
 class ViTAttention(nnx.Module):
     """Multi-head self-attention (q/k/v with `qkv_bias`, o_proj with bias), scale head_dim**-0.5."""
 
-    def __init__(
-        self,
-        config: ViTConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: AttentionImpl = "xla",
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, config: ViTConfig, *, attention_impl: AttentionImpl = "xla", **kw: Unpack[ModuleKwargs]):
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = d // self.num_heads
         self.attention_impl = attention_impl
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(d, d, use_bias=config.qkv_bias, **kw)
         self.k_proj = Linear(d, d, use_bias=config.qkv_bias, **kw)
         self.v_proj = Linear(d, d, use_bias=config.qkv_bias, **kw)
@@ -177,8 +170,7 @@ class ViTAttention(nnx.Module):
 class ViTMLP(nnx.Module):
     """fc1 -> hidden_act -> fc2."""
 
-    def __init__(self, config: ViTConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: ViTConfig, **kw: Unpack[ModuleKwargs]):
         self.activation_fn = activation(config.hidden_act)
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, **kw)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, **kw)
@@ -191,16 +183,7 @@ class ViTMLP(nnx.Module):
 class ViTLayer(nnx.Module):
     """Pre-LN block: x + attention(layernorm_before(x)), then + mlp(layernorm_after(.))."""
 
-    def __init__(
-        self,
-        config: ViTConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: AttentionImpl = "xla",
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: ViTConfig, *, attention_impl: AttentionImpl = "xla", **kw: Unpack[ModuleKwargs]):
         d, eps = config.hidden_size, config.layer_norm_eps
         self.attention = ViTAttention(config, attention_impl=attention_impl, **kw)
         self.layernorm_before = LayerNorm(d, epsilon=eps, **kw)
@@ -264,16 +247,7 @@ class ViTModel(ConfigMixin, nnx.Module):
     _parse_config = staticmethod(parse_vit_config)
     _presets = _PRESETS  # "tiny", "dino_vits16"
 
-    def __init__(
-        self,
-        config: ViTConfig,
-        *,
-        dtype=None,
-        param_dtype=jnp.float32,
-        attention_impl: AttentionImpl = "xla",
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: ViTConfig, *, attention_impl: AttentionImpl = "xla", **kw: Unpack[ModuleKwargs]):
         self.config = config
         self.embeddings = ViTEmbeddings(config, **kw)
         self.layers = nnx.List(
