@@ -74,6 +74,24 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None) -> subproce
     return proc
 
 
+def cli_env(devices: int = 1, **extra: str) -> dict:
+    """A CLI subprocess's environment: this process's, on the CPU with `devices` host devices, plus `extra`."""
+    xla_flags = f"--xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, **extra)
+
+
+def train_cmd(config, workdir, *overrides: str) -> list[str]:
+    """`python -m persongen_jax.train --config CONFIG --workdir WORKDIR OVERRIDES` as an argument list."""
+    return [sys.executable, "-m", "persongen_jax.train", "--config", str(config), "--workdir", str(workdir), *overrides]
+
+
+def run_train(config, workdir, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `train_cmd` from the repository root on one CPU device (`cli_env()`), output captured."""
+    return subprocess.run(
+        train_cmd(config, workdir, *overrides), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
 def convert_and_load(kind: str, src: Path, dst: Path, component: str | None = None):
     """Converts the folder `src` with `python -m weights_conversion KIND src dst` and loads
     `dst[/component]` with `persongen_jax.models.from_pretrained`."""

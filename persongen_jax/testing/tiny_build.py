@@ -289,6 +289,16 @@ def mixed_persons() -> dict[str, list[RawImage]]:
     }
 
 
+def make_build_inputs(models: str | Path, src: str | Path) -> None:
+    """What a build of `mixed_persons` reads: MODELS/det (`make_key_detector`), MODELS/arcface (a random
+    BUILD_ARCFACE IResNet) and the source tree SRC."""
+    from persongen_jax.testing.tiny_eval import make_tiny_arcface
+
+    make_key_detector(Path(models) / "det")
+    make_tiny_arcface(Path(models) / "arcface", **BUILD_ARCFACE)
+    make_raw_persons(src, mixed_persons())
+
+
 # ----------------------------------------------------------------------------------------------- tiny VLM
 
 
