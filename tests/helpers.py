@@ -47,6 +47,17 @@ def parity_unet_config() -> dict:
     return copy.deepcopy(PARITY_UNET)
 
 
+def parity_unet(seed: int):
+    """A diffusers UNet2DConditionModel of PARITY_UNET in eval mode, randomised (`randomize_`, SEED), after
+    `torch_precise()`."""
+    import diffusers
+
+    torch_precise()
+    model = diffusers.UNet2DConditionModel(**{k: v for k, v in PARITY_UNET.items() if not k.startswith("_")}).eval()
+    randomize_(model, seed=seed)
+    return model
+
+
 def torch_precise() -> None:
     """fp32 PyTorch without TF32 shortcuts, deterministic."""
     import torch
@@ -90,6 +101,15 @@ def run_train(config, workdir, *overrides: str, timeout: float = 600) -> subproc
     return subprocess.run(
         train_cmd(config, workdir, *overrides), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+def converted_tiny_sdxl(root: Path) -> tuple[Path, Path]:
+    """`make_tiny_sdxl` into ROOT/src, converted by the CLI (`weights_conversion sdxl`) into ROOT/sdxl -> both."""
+    from persongen_jax.testing.tiny_sdxl import make_tiny_sdxl
+
+    src = make_tiny_sdxl(root / "src")
+    run_cli("sdxl", src, root / "sdxl")
+    return src, root / "sdxl"
 
 
 def convert_and_load(kind: str, src: Path, dst: Path, component: str | None = None):

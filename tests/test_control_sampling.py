@@ -23,11 +23,10 @@ STEPS = 10
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from persongen_jax.pipeline.pipeline import PersonGenPipeline
-    from persongen_jax.testing.tiny_sdxl import make_tiny_controlnet, make_tiny_sdxl
+    from persongen_jax.testing.tiny_sdxl import make_tiny_controlnet
 
     root = tmp_path_factory.mktemp("control")
-    src = make_tiny_sdxl(root / "src")
-    helpers.run_cli("sdxl", src, root / "sdxl")
+    src, _ = helpers.converted_tiny_sdxl(root)
     from weights_conversion.__main__ import main as convert
 
     cns = []

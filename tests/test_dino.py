@@ -16,12 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 import helpers  # noqa: E402
 
+from persongen_jax.testing.tiny_eval import transformer_sizes  # noqa: E402
+
 # A small size unlike transformers' defaults: odd width/heads, no q/k/v bias, eps 1e-6, 40 px / 8 px patches.
 SMALL = dict(
-    hidden_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=3,
-    intermediate_size=80,
+    transformer_sizes(hidden=48, mlp=80, layers=2, heads=3),
     image_size=40,
     patch_size=8,
     layer_norm_eps=1e-6,

@@ -31,10 +31,7 @@ def _call(model, sample, t, ehs, te, ti, image):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    helpers.torch_precise()
-    cfg = {k: v for k, v in helpers.parity_unet_config().items() if not k.startswith("_")}
-    unet = diffusers.UNet2DConditionModel(**cfg).eval()
-    helpers.randomize_(unet, seed=0)
+    unet = helpers.parity_unet(seed=0)
     root = tmp_path_factory.mktemp("ip")
     unet.save_pretrained(root / "src" / "unet")
     cross = [n.removesuffix(".processor") for n in unet.attn_processors if n.endswith("attn2.processor")]

@@ -20,12 +20,10 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from persongen_jax.testing.tiny_photomaker import make_tiny_photomaker
-    from persongen_jax.testing.tiny_sdxl import make_tiny_sdxl
 
     root = tmp_path_factory.mktemp("sampling")
-    src = make_tiny_sdxl(root / "src")
-    helpers.run_cli("sdxl", src, root / "sdxl")
-    return {"root": root, "src": src, "dst": root / "sdxl", "pm_bin": make_tiny_photomaker(root / "pm.bin")}
+    src, dst = helpers.converted_tiny_sdxl(root)
+    return {"root": root, "src": src, "dst": dst, "pm_bin": make_tiny_photomaker(root / "pm.bin")}
 
 
 @pytest.fixture(scope="module")

@@ -330,6 +330,7 @@ def make_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from persongen_jax.models.presets import _byte_symbols
+    from persongen_jax.testing.tiny_eval import TINY_SIZES
     from persongen_jax.testing.torch_init import randomize_
 
     folder = Path(folder)
@@ -342,27 +343,17 @@ def make_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
     special = dict(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
+            TINY_SIZES,
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=1024,
             rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
             **special,
         ),
+        # Patches of 14 px merged 2 x 2, windows of 112 px: Qwen2.5-VL's own sizes, the defaults of this config
+        # and of the image processor (a 56 x 56 image: 4 x 4 patches, 2 x 2 tokens).
         vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=4,
-            out_hidden_size=32,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[1],
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, fullatt_block_indexes=[1]
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
