@@ -17,20 +17,15 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from persongen_jax.testing.tiny_eval import transformer_sizes  # noqa: E402
 
-TINY_TEXT = dict(
-    transformer_sizes(hidden=16, mlp=32, layers=2, heads=2),
-    vocab_size=99,
-    max_position_embeddings=20,
-    hidden_act="quick_gelu",
-    projection_dim=8,
-)
-
 
 @pytest.fixture(scope="module")
 def text_src(tmp_path_factory):
     """A tiny transformers CLIPTextModelWithProjection saved with save_pretrained."""
     src = tmp_path_factory.mktemp("clip_src")
-    cfg = transformers.CLIPTextConfig(**TINY_TEXT)
+    sizes = transformer_sizes(hidden=16, mlp=32, layers=2, heads=2)
+    cfg = transformers.CLIPTextConfig(
+        **sizes, vocab_size=99, max_position_embeddings=20, hidden_act="quick_gelu", projection_dim=8
+    )
     model = transformers.CLIPTextModelWithProjection(cfg).eval()
     randomize_(model, seed=1)
     model.save_pretrained(src)

@@ -216,72 +216,19 @@ def test_start_merge_step_fraction_and_unused_id_warning(tmp_path, capsys, caplo
 
     afile = tmp_path / "afile"
     afile.write_text("")
-    assert (
-        generate_main(
-            [
-                "--model",
-                "m",
-                "--ref",
-                "f.png",
-                "--prompt",
-                "a man img",
-                "--steps",
-                "4",
-                "--start-merge-step",
-                "10",
-                "--out",
-                str(afile),
-            ]
-        )
-        == 1
-    )
+    late_id = ["--steps", "4", "--start-merge-step", "10", "--out", str(afile)]  # --out: a file, refused
+    assert generate_main(["--model", "m", "--ref", "f.png", "--prompt", "a man img", *late_id]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(
         "warning: --start-merge-step 10 (step index 10) >= steps - 1 = 3: the reference "
         "faces (ID embedding) are never used"
     ) and err[1].startswith("error: --out"), err
-    assert (
-        generate_main(
-            ["--model", "m", "--prompt", "a man", "--steps", "4", "--start-merge-step", "10", "--out", str(afile)]
-        )
-        == 1
-    )  # no --ref: no ID to lose, no warning
+    assert generate_main(["--model", "m", "--prompt", "a man", *late_id]) == 1  # no --ref: no ID to lose, no warning
     assert not capsys.readouterr().err.startswith("warning")
-    assert (
-        evaluate_main(
-            [
-                "--model",
-                "m",
-                "--sets",
-                f"a={tmp_path / 'none'}",
-                "--steps",
-                "4",
-                "--clip",
-                "c",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 1
-    )
+    no_sets = ["--model", "m", "--sets", f"a={tmp_path / 'none'}"]  # a --sets folder that does not exist
+    assert evaluate_main([*no_sets, "--steps", "4", "--clip", "c", "--out", str(tmp_path / "o")]) == 1
     assert "never used" not in capsys.readouterr().err  # the default 0.2 of 4 steps: step 0
-    assert (
-        evaluate_main(
-            [
-                "--model",
-                "m",
-                "--sets",
-                f"a={tmp_path / 'none'}",
-                "--steps",
-                "2",
-                "--start-merge-step",
-                "1",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 1
-    )
+    assert evaluate_main([*no_sets, "--steps", "2", "--start-merge-step", "1", "--out", str(tmp_path / "o")]) == 1
     assert "never used" in capsys.readouterr().err.splitlines()[0]
     c = load_config(str(REPO / "configs" / "demo.py"))
     c.eval.num_steps, c.eval.start_merge_step = 4, 10

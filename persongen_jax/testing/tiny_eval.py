@@ -163,6 +163,13 @@ def transformer_sizes(*, hidden: int, mlp: int, layers: int, heads: int) -> dict
     return dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads)
 
 
+def feature_extractor_config(kind: str, size: int, mean, std, resample: int, **more) -> dict:
+    """A preprocessor_config.json in the older form of the hub's files (`feature_extractor_type` KIND, an int
+    SIZE) that resizes with the PIL filter number RESAMPLE and normalises with MEAN / STD; MORE adds keys."""
+    steps = {"do_normalize": True, "do_resize": True, "resample": resample, "size": size}
+    return {"feature_extractor_type": kind, "image_mean": list(mean), "image_std": list(std), **steps, **more}
+
+
 TINY_SIZES = transformer_sizes(hidden=32, mlp=64, layers=2, heads=4)  # the tiny reference towers here and in tiny_build
 TINY_CLIP = dict(
     text_config=dict(TINY_SIZES, max_position_embeddings=77, eos_token_id=2),
