@@ -58,6 +58,16 @@ def parity_unet(seed: int):
     return model
 
 
+def parity_unet_inputs(rng: np.random.Generator, size: int, timesteps, time_ids) -> dict:
+    """Random inputs of a PARITY_UNET, B = len(timesteps): sample [B, 4, SIZE, SIZE] (NCHW), ehs [B, 7, 32],
+    text_embeds [B, 32] (standard normal, drawn from RNG in this order) and the given timesteps / time_ids."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    b = len(timesteps)
+    sample, ehs, text_embeds = f(b, 4, size, size), f(b, 7, 32), f(b, 32)
+    time_ids = np.asarray(time_ids, np.float32)
+    return dict(sample=sample, timesteps=np.asarray(timesteps), ehs=ehs, text_embeds=text_embeds, time_ids=time_ids)
+
+
 def torch_precise() -> None:
     """fp32 PyTorch without TF32 shortcuts, deterministic."""
     import torch
@@ -110,6 +120,19 @@ def converted_tiny_sdxl(root: Path) -> tuple[Path, Path]:
     src = make_tiny_sdxl(root / "src")
     run_cli("sdxl", src, root / "sdxl")
     return src, root / "sdxl"
+
+
+# `generate` from a training run's checkpoint, as the run tests call it: two quick images (2 steps, seeds 0 and 1)
+# of a prompt with the trigger word.
+GENERATE_TWO_SEEDS = ("--prompt", "a photo of a man img", "--steps", "2", "--seeds", "0,1")
+
+
+def assert_two_different_images(out: Path, size: int = 32) -> None:
+    """OUT holds seed_0.png and seed_1.png (GENERATE_TWO_SEEDS): SIZE x SIZE RGB, and not the same image."""
+    from PIL import Image
+
+    images = [np.asarray(Image.open(Path(out) / f"seed_{s}.png")) for s in (0, 1)]
+    assert images[0].shape == (size, size, 3) and not np.array_equal(images[0], images[1])
 
 
 def convert_and_load(kind: str, src: Path, dst: Path, component: str | None = None):

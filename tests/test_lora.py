@@ -50,15 +50,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     model.save_pretrained(root / "src" / "unet")
     _cli("sdxl", root / "src", root / "dst")
-    rng = np.random.default_rng(1)
-    f = lambda *s: rng.standard_normal(s).astype(np.float32)
-    inputs = dict(
-        sample=f(B, 4, 8, 8),
-        timesteps=np.array([3, 700]),
-        ehs=f(B, 7, 32),
-        text_embeds=f(B, 32),
-        time_ids=np.array([[64, 64, 0, 0, 64, 64], [48, 80, 4, 8, 64, 96]], np.float32),
-    )
+    time_ids = [[64, 64, 0, 0, 64, 64], [48, 80, 4, 8, 64, 96]]
+    inputs = helpers.parity_unet_inputs(np.random.default_rng(1), 8, [3, 700], time_ids)
     return root, model, root / "dst" / "unet", inputs
 
 

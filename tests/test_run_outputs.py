@@ -23,6 +23,7 @@ from PIL import Image
 
 from persongen_jax.pipeline import DEFAULT_START_MERGE, id_unused_warning, resolve_start_merge_step
 from persongen_jax.train import load_config
+from tests.helpers import GENERATE_TWO_SEEDS, assert_two_different_images
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -105,30 +106,11 @@ def test_generate_from_checkpoint_of_a_demo_run(demo_run, tmp_path):
     ref = wd / "samples" / "2" / "images" / "train" / "person0" / "reference_0.png"
     out = tmp_path / "gen"
     assert (
-        main(
-            [
-                "--checkpoint",
-                str(wd),
-                "--step",
-                "2",
-                "--ref",
-                str(ref),
-                "--prompt",
-                "a photo of a man img",
-                "--steps",
-                "2",
-                "--seeds",
-                "0,1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
+        main(["--checkpoint", str(wd), "--step", "2", "--ref", str(ref), *GENERATE_TWO_SEEDS, "--out", str(out)]) == 0
     )
     settings = json.loads((out / "settings.json").read_text())
     assert settings["checkpoint"] == str(wd) and settings["step"] == 2 and settings["start_merge_step"] == 0.2
-    images = [np.asarray(Image.open(out / f"seed_{s}.png")) for s in (0, 1)]
-    assert images[0].shape == (32, 32, 3) and not np.array_equal(images[0], images[1])
+    assert_two_different_images(out)
     assert main(["--checkpoint", str(wd), "--step", "7", "--prompt", "a man", "--out", str(tmp_path / "x")]) == 1
     assert not (tmp_path / "x").exists()  # the failed run leaves no empty --out behind
 

@@ -140,15 +140,11 @@ class RawImage:
 
 
 def _identity(i: int) -> dict:
+    from persongen_jax.data.make_demo import face_pattern
+
     rng = np.random.default_rng(1000 + i)
-    return dict(
-        c1=tuple(int(v) for v in rng.integers(0, 256, 2)),
-        c2=tuple(int(v) for v in rng.integers(0, 256, 2)),
-        angle=float(rng.uniform(0, np.pi)),
-        period=float(rng.uniform(0.12, 0.4)),
-        eye_dx=float(rng.uniform(0.15, 0.32)),
-        eye_y=float(rng.uniform(-0.25, 0.05)),
-    )
+    c1, c2 = (tuple(int(v) for v in rng.integers(0, 256, 2)) for _ in range(2))
+    return dict(c1=c1, c2=c2, **face_pattern(rng, period=(0.12, 0.4)))
 
 
 def _draw(spec: RawImage, seed: int) -> Image.Image:
