@@ -345,17 +345,11 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
     # model (32 x 16), the style's template and merged negative prompt and the control image in the download.
     from persongen_jax.pipeline.control import STYLES
 
-    gallery, status, _, zip_path, _ = client.predict(
-        reference_photos=[face],
-        prompt="a portrait of a woman img",
-        negative_prompt="a hat",
-        seed=5,
-        style="Neonpunk",
-        aspect="16:9",
-        control_image=handle_file(str(app["root"] / "pose.png")),
-        control_scale=0.7,
-        api_name="/generate",
-    )
+    # One styled request, with and without the control image.
+    styled = dict(reference_photos=[face], prompt="a portrait of a woman img", negative_prompt="a hat", seed=5)
+    styled |= dict(style="Neonpunk", aspect="16:9", api_name="/generate")
+    control = handle_file(str(app["root"] / "pose.png"))
+    gallery, status, _, zip_path, _ = client.predict(**styled, control_image=control, control_scale=0.7)
     for item in gallery:
         with Image.open(item["image"]) as im:
             assert im.size == (32, 16)
@@ -370,16 +364,7 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
         and (settings["height"], settings["width"]) == (16, 32)
     )
     # The same request without the control image: other pixels (the ControlNet acts).
-    plain, *_ = client.predict(
-        reference_photos=[face],
-        prompt="a portrait of a woman img",
-        negative_prompt="a hat",
-        seed=5,
-        style="Neonpunk",
-        aspect="16:9",
-        control_image=None,
-        api_name="/generate",
-    )
+    plain, *_ = client.predict(**styled, control_image=None)
     assert not np.array_equal(np.asarray(Image.open(plain[0]["image"])), np.asarray(Image.open(gallery[0]["image"])))
 
     # Bad requests: the message, no traceback.
