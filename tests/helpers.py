@@ -1,4 +1,5 @@
-"""Shared test utilities: randomised PyTorch references and conversion through the CLI."""
+"""Shared test utilities: randomised PyTorch references, conversion and training through the CLIs, checks of
+their outputs."""
 
 from __future__ import annotations
 
