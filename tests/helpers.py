@@ -1,4 +1,5 @@
-"""Shared test utilities: randomised PyTorch references and conversion through the CLI."""
+"""Shared test utilities: randomised PyTorch references, conversion and training through the CLIs, checks of
+their outputs."""
 
 from __future__ import annotations
 
@@ -47,6 +48,27 @@ def parity_unet_config() -> dict:
     return copy.deepcopy(PARITY_UNET)
 
 
+def parity_unet(seed: int):
+    """A diffusers UNet2DConditionModel of PARITY_UNET in eval mode, randomised (`randomize_`, SEED), after
+    `torch_precise()`."""
+    import diffusers
+
+    torch_precise()
+    model = diffusers.UNet2DConditionModel(**{k: v for k, v in PARITY_UNET.items() if not k.startswith("_")}).eval()
+    randomize_(model, seed=seed)
+    return model
+
+
+def parity_unet_inputs(rng: np.random.Generator, size: int, timesteps, time_ids) -> dict:
+    """Random inputs of a PARITY_UNET, B = len(timesteps): sample [B, 4, SIZE, SIZE] (NCHW), ehs [B, 7, 32],
+    text_embeds [B, 32] (standard normal, drawn from RNG in this order) and the given timesteps / time_ids."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    b = len(timesteps)
+    sample, ehs, text_embeds = f(b, 4, size, size), f(b, 7, 32), f(b, 32)
+    time_ids = np.asarray(time_ids, np.float32)
+    return dict(sample=sample, timesteps=np.asarray(timesteps), ehs=ehs, text_embeds=text_embeds, time_ids=time_ids)
+
+
 def torch_precise() -> None:
     """fp32 PyTorch without TF32 shortcuts, deterministic."""
     import torch
@@ -72,6 +94,46 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None) -> subproce
             f"weights_conversion {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def cli_env(devices: int = 1, **extra: str) -> dict:
+    """A CLI subprocess's environment: this process's, on the CPU with `devices` host devices, plus `extra`."""
+    xla_flags = f"--xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, **extra)
+
+
+def train_cmd(config, workdir, *overrides: str) -> list[str]:
+    """`python -m persongen_jax.train --config CONFIG --workdir WORKDIR OVERRIDES` as an argument list."""
+    return [sys.executable, "-m", "persongen_jax.train", "--config", str(config), "--workdir", str(workdir), *overrides]
+
+
+def run_train(config, workdir, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `train_cmd` from the repository root on one CPU device (`cli_env()`), output captured."""
+    return subprocess.run(
+        train_cmd(config, workdir, *overrides), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def converted_tiny_sdxl(root: Path) -> tuple[Path, Path]:
+    """`make_tiny_sdxl` into ROOT/src, converted by the CLI (`weights_conversion sdxl`) into ROOT/sdxl -> both."""
+    from persongen_jax.testing.tiny_sdxl import make_tiny_sdxl
+
+    src = make_tiny_sdxl(root / "src")
+    run_cli("sdxl", src, root / "sdxl")
+    return src, root / "sdxl"
+
+
+# `generate` from a training run's checkpoint, as the run tests call it: two quick images (2 steps, seeds 0 and 1)
+# of a prompt with the trigger word.
+GENERATE_TWO_SEEDS = ("--prompt", "a photo of a man img", "--steps", "2", "--seeds", "0,1")
+
+
+def assert_two_different_images(out: Path, size: int = 32) -> None:
+    """OUT holds seed_0.png and seed_1.png (GENERATE_TWO_SEEDS): SIZE x SIZE RGB, and not the same image."""
+    from PIL import Image
+
+    images = [np.asarray(Image.open(Path(out) / f"seed_{s}.png")) for s in (0, 1)]
+    assert images[0].shape == (size, size, 3) and not np.array_equal(images[0], images[1])
 
 
 def convert_and_load(kind: str, src: Path, dst: Path, component: str | None = None):

@@ -178,6 +178,21 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
     driver = _browser(tmp_path)
     try:
         wait = WebDriverWait(driver, 60)
+
+        def screenshot(name: str, junit_property: str | None = None) -> None:
+            shot = tmp_path / f"{name}.png"
+            driver.save_screenshot(str(shot))
+            print(f"screenshot: {shot}")
+            if junit_property:
+                record_property(junit_property, str(shot))  # in --junitxml reports
+
+        def generate_shows_error(message: str) -> None:
+            """Generate is clicked and the page shows MESSAGE in a toast."""
+            driver.find_element(By.CSS_SELECTOR, "#generate").click()
+            wait.until(
+                lambda d: any(message in e.text for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]"))
+            )
+
         driver.get(app["url"])
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#generate"))
         # One field per text condition of the model: the demo model has a bg adapter and no body adapter.
@@ -219,24 +234,12 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
         status = driver.find_element(By.CSS_SELECTOR, "#status").text
         assert f"{NUM_IMAGES} image(s) of {WIDTH}x{HEIGHT}" in status and "no compilation" in status, status
         assert ".zip" in driver.find_element(By.CSS_SELECTOR, "#download").text
-        shot = tmp_path / "app_generated.png"
-        driver.save_screenshot(str(shot))
-        print(f"screenshot: {shot}")
-        record_property("screenshot", str(shot))  # in --junitxml reports
+        screenshot("app_generated", "screenshot")
 
         prompt.clear()
         prompt.send_keys("a photo of a man wearing a red hat")  # no trigger word
-        driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(
-            lambda d: any(
-                "trigger word 'img' is missing" in e.text
-                for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")
-            )
-        )
-        shot = tmp_path / "app_prompt_error.png"
-        driver.save_screenshot(str(shot))
-        print(f"screenshot: {shot}")
-        record_property("screenshot_error", str(shot))
+        generate_shows_error("trigger word 'img' is missing")
+        screenshot("app_prompt_error", "screenshot_error")
 
         # Spatial control + style + aspect: a control image uploaded, a style and a 16:9 preset chosen; the
         # images come back at the preset scaled to the tiny model (32 x 16 on its grid of 4).
@@ -280,16 +283,8 @@ def test_browser_generate_scores_and_prompt_error(app, tmp_path, record_property
         upload = driver.find_element(By.CSS_SELECTOR, "#control_image input[type=file]")
         upload.send_keys(str(app["root"] / "notes.png"))
         wait.until(lambda d: "notes" in d.find_element(By.CSS_SELECTOR, "#control_image").text)
-        driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(
-            lambda d: any(
-                "control image 'notes.png' is not a readable image" in e.text
-                for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")
-            )
-        )
-        shot = tmp_path / "app_control.png"
-        driver.save_screenshot(str(shot))
-        print(f"screenshot: {shot}")
+        generate_shows_error("control image 'notes.png' is not a readable image")
+        screenshot("app_control")
     finally:
         driver.quit()
 
@@ -350,17 +345,11 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
     # model (32 x 16), the style's template and merged negative prompt and the control image in the download.
     from persongen_jax.pipeline.control import STYLES
 
-    gallery, status, _, zip_path, _ = client.predict(
-        reference_photos=[face],
-        prompt="a portrait of a woman img",
-        negative_prompt="a hat",
-        seed=5,
-        style="Neonpunk",
-        aspect="16:9",
-        control_image=handle_file(str(app["root"] / "pose.png")),
-        control_scale=0.7,
-        api_name="/generate",
-    )
+    # One styled request, with and without the control image.
+    styled = dict(reference_photos=[face], prompt="a portrait of a woman img", negative_prompt="a hat", seed=5)
+    styled |= dict(style="Neonpunk", aspect="16:9", api_name="/generate")
+    control = handle_file(str(app["root"] / "pose.png"))
+    gallery, status, _, zip_path, _ = client.predict(**styled, control_image=control, control_scale=0.7)
     for item in gallery:
         with Image.open(item["image"]) as im:
             assert im.size == (32, 16)
@@ -375,16 +364,7 @@ def test_api_images_of_requested_size_scores_zip_and_errors(app, tmp_path):
         and (settings["height"], settings["width"]) == (16, 32)
     )
     # The same request without the control image: other pixels (the ControlNet acts).
-    plain, *_ = client.predict(
-        reference_photos=[face],
-        prompt="a portrait of a woman img",
-        negative_prompt="a hat",
-        seed=5,
-        style="Neonpunk",
-        aspect="16:9",
-        control_image=None,
-        api_name="/generate",
-    )
+    plain, *_ = client.predict(**styled, control_image=None)
     assert not np.array_equal(np.asarray(Image.open(plain[0]["image"])), np.asarray(Image.open(gallery[0]["image"])))
 
     # Bad requests: the message, no traceback.

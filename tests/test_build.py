@@ -36,10 +36,10 @@ from persongen_jax.testing.tiny_build import (  # noqa: E402
     BUILD_ARCFACE,
     BUILD_THRESHOLD,
     CaptionServer,
-    make_key_detector,
     make_raw_persons,
     mixed_persons,
 )
+from tests.helpers import cli_env, run_train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,13 +65,16 @@ RESOLUTION = 128
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from persongen_jax.testing.tiny_eval import make_tiny_arcface
+    from persongen_jax.testing.tiny_build import make_build_inputs
 
     root = tmp_path_factory.mktemp("build")
-    make_key_detector(root / "det")
-    make_tiny_arcface(root / "arcface", **BUILD_ARCFACE)
-    make_raw_persons(root / "src", mixed_persons())
+    make_build_inputs(root, root / "src")
     return root
+
+
+def caption_args(endpoint: str) -> list[str]:
+    """The build's flags that caption with the test endpoint (OpenAI-compatible, model "tiny-vlm")."""
+    return ["--caption-backend", "openai", "--caption-endpoint", endpoint, "--caption-model", "tiny-vlm"]
 
 
 def build_args(root: Path, dst: Path, endpoint: str, *extra: str) -> list[str]:
@@ -88,12 +91,7 @@ def build_args(root: Path, dst: Path, endpoint: str, *extra: str) -> list[str]:
         str(RESOLUTION),
         "--face-mask",
         "ellipse",
-        "--caption-backend",
-        "openai",
-        "--caption-endpoint",
-        endpoint,
-        "--caption-model",
-        "tiny-vlm",
+        *caption_args(endpoint),
         "--caption-batch-size",
         "2",
         "--caption-concurrency",
@@ -105,11 +103,10 @@ def build_args(root: Path, dst: Path, endpoint: str, *extra: str) -> list[str]:
 
 
 def run_build(args: list[str], **kw) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return subprocess.Popen(
         [sys.executable, "-m", "persongen_jax.data.build", *args],
         cwd=REPO,
-        env=env,
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -212,39 +209,30 @@ def test_index_and_records_match_the_data_format(built):
     )
 
 
+def _train(config: str, wd: Path, *overrides: str) -> tuple[str, list[dict]]:
+    """Trains with configs/CONFIG through the CLI (one CPU device) -> (its output, the rows of metrics.jsonl)."""
+    proc = run_train(REPO / "configs" / config, wd, *overrides)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr, [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_training_runs_on_the_built_dataset(built, tmp_path):
     dst, _, _ = built
-    wd = tmp_path / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "persongen_jax.train",
-            "--config",
-            str(REPO / "configs" / "demo.py"),
-            "--workdir",
-            str(wd),
-            f"--config.data.dir={dst}",
-            "--config.model=micro",
-            "--config.data.global_batch_size=2",
-            "--config.total_steps=2",
-            "--config.log_every=1",
-            "--config.checkpoint_every=2",
-            "--config.progress_bar=False",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out, rows = _train(
+        "demo.py",
+        tmp_path / "run",
+        f"--config.data.dir={dst}",
+        "--config.model=micro",
+        "--config.data.global_batch_size=2",
+        "--config.total_steps=2",
+        "--config.log_every=1",
+        "--config.checkpoint_every=2",
+        "--config.progress_bar=False",
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
     # The build's rejects are in index.json and its summary: training counts them in one info line and
     # warns only about records that fail while training (none here).
-    log = (proc.stdout + proc.stderr).splitlines()
+    log = out.splitlines()
     assert not [line for line in log if "bad record" in line and not line.startswith("I")], log[-20:]
     assert any(f"{dst}: 1 input(s) left out when the dataset was written" in line for line in log), log[-20:]
     assert any(line.endswith("end of training (step 2): 0 bad records") for line in log), log[-20:]
@@ -257,29 +245,8 @@ def test_photomaker_v2_trains_on_the_built_dataset(built, inputs, tmp_path):
     from tests.test_training_v2 import STEPS, TRAIN_ARGS
 
     dst, _, _ = built
-    wd = tmp_path / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "persongen_jax.train",
-            "--config",
-            str(REPO / "configs" / "photomaker_v2.py") + ":tiny",
-            "--workdir",
-            str(wd),
-            f"--config.data.dir={dst}",
-            f"--config.init.arcface={inputs / 'arcface'}",
-            *TRAIN_ARGS,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    arcface = f"--config.init.arcface={inputs / 'arcface'}"
+    _, rows = _train("photomaker_v2.py:tiny", tmp_path / "run", f"--config.data.dir={dst}", arcface, *TRAIN_ARGS)
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert_loss_falls([losses[s] for s in range(1, STEPS + 1)])
@@ -434,13 +401,12 @@ def test_symlinks_fifos_and_loops_in_src_are_rejected_and_never_read(inputs, tmp
         "and str(a[0]).startswith(out) else None); rc = main(sys.argv[3:]); "
         "open(sys.argv[2], 'w').write('\\n'.join(seen)); sys.exit(rc)"
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     with CaptionServer() as server:
         args = [str(src), *build_args(inputs, dst, server.url)[1:]]
         proc = subprocess.run(
             [sys.executable, "-c", hook, str(outside), str(report), *args],
             cwd=REPO,
-            env=env,
+            env=cli_env(),
             capture_output=True,
             text=True,
             timeout=240,
@@ -494,12 +460,7 @@ def test_split_parse_failure_with_a_tiny_qwen2_5_vl(inputs, tmp_path, capsys):
                 common[0],
                 str(tmp_path / "out"),
                 *common[1:],
-                "--caption-backend",
-                "openai",
-                "--caption-endpoint",
-                server.url,
-                "--caption-model",
-                "tiny-vlm",
+                *caption_args(server.url),
                 "--split-backend",
                 "transformers",
                 "--split-model",
@@ -725,12 +686,7 @@ def _caption_settings(endpoint: str, dst, *extra: str):
                 "d",
                 "--arcface",
                 "a",
-                "--caption-backend",
-                "openai",
-                "--caption-endpoint",
-                endpoint,
-                "--caption-model",
-                "tiny-vlm",
+                *caption_args(endpoint),
                 "--caption-retries",
                 "0",
                 "--progress-every",

@@ -94,10 +94,11 @@ def text_proj(tmp_path_factory):
     return tm, _load(clip.CLIPTextModelWithProjection, tm, tmp_path_factory.mktemp("text_proj"))
 
 
-@pytest.mark.parametrize("use_mask", [False, True])
-def test_text_model_legacy_pooling(text_legacy, use_mask):
-    tm, model = text_legacy
-    ids, mask = _text_inputs("legacy")
+def _run_text(models, rule: str, use_mask: bool):
+    """(ours, transformers') outputs of a (torch model, our model) pair on `_text_inputs(rule)`, every layer's
+    hidden states included (4 of them: embeddings + 3 layers)."""
+    tm, model = models
+    ids, mask = _text_inputs(rule)
     with torch.no_grad():
         ref = tm(
             torch.from_numpy(ids),
@@ -106,6 +107,12 @@ def test_text_model_legacy_pooling(text_legacy, use_mask):
         )
     out = _call(model, jnp.asarray(ids), jnp.asarray(mask) if use_mask else None)
     assert len(out.hidden_states) == len(ref.hidden_states) == 4
+    return out, ref
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_text_model_legacy_pooling(text_legacy, use_mask):
+    out, ref = _run_text(text_legacy, "legacy", use_mask)
     helpers.assert_close(out.last_hidden_state, _np(ref.last_hidden_state), name="last_hidden_state")
     helpers.assert_close(out.hidden_states[0], _np(ref.hidden_states[0]), name="hidden_states[0]")
     helpers.assert_close(out.hidden_states[-2], _np(ref.hidden_states[-2]), name="hidden_states[-2]")
@@ -115,16 +122,7 @@ def test_text_model_legacy_pooling(text_legacy, use_mask):
 
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_text_model_with_projection_eos_pooling(text_proj, use_mask):
-    tm, model = text_proj
-    ids, mask = _text_inputs("eos")
-    with torch.no_grad():
-        ref = tm(
-            torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask) if use_mask else None,
-            output_hidden_states=True,
-        )
-    out = _call(model, jnp.asarray(ids), jnp.asarray(mask) if use_mask else None)
-    assert len(out.hidden_states) == len(ref.hidden_states) == 4
+    out, ref = _run_text(text_proj, "eos", use_mask)
     helpers.assert_close(out.last_hidden_state, _np(ref.last_hidden_state), name="last_hidden_state")
     helpers.assert_close(out.hidden_states[-2], _np(ref.hidden_states[-2]), name="hidden_states[-2]")
     helpers.assert_close(out.text_embeds, _np(ref.text_embeds), name="text_embeds")

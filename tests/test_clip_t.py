@@ -11,6 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 import helpers  # noqa: E402
 
+from persongen_jax.testing.tiny_eval import feature_extractor_config  # noqa: E402
+
 PROMPTS = [
     "a photo of a man wearing a red hat",
     "a woman in the city",
@@ -22,17 +24,9 @@ PROMPTS = [
 
 # The model folder's image preprocessing (not transformers' defaults at the model's size, 32): resize the
 # shortest edge to 40, crop 32, other mean / std and filter. OpenAI's legacy int form, as on the hub.
-PREPROCESSOR = {
-    "crop_size": 32,
-    "do_center_crop": True,
-    "do_normalize": True,
-    "do_resize": True,
-    "feature_extractor_type": "CLIPFeatureExtractor",
-    "image_mean": [0.3, 0.5, 0.7],
-    "image_std": [0.2, 0.3, 0.25],
-    "resample": 2,
-    "size": 40,
-}
+PREPROCESSOR = feature_extractor_config(
+    "CLIPFeatureExtractor", 40, [0.3, 0.5, 0.7], [0.2, 0.3, 0.25], 2, crop_size=32, do_center_crop=True
+)
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,10 @@ STEPS = 10
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from persongen_jax.pipeline.pipeline import PersonGenPipeline
-    from persongen_jax.testing.tiny_sdxl import make_tiny_controlnet, make_tiny_sdxl
+    from persongen_jax.testing.tiny_sdxl import make_tiny_controlnet
 
     root = tmp_path_factory.mktemp("control")
-    src = make_tiny_sdxl(root / "src")
-    helpers.run_cli("sdxl", src, root / "sdxl")
+    src, _ = helpers.converted_tiny_sdxl(root)
     from weights_conversion.__main__ import main as convert
 
     cns = []
@@ -104,26 +103,25 @@ def _nchw(x):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
+# The reference pipelines' sampling, as `_ours` samples: STEPS steps, guidance 5, 2 images.
+REFERENCE_SAMPLING = dict(num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2, output_type="latent")
+
+
+def _reference_latents(ref, tiny, image, **control) -> np.ndarray:
+    """A diffusers pipeline's final latents [B, h, w, C] for PROMPT from the fixture's noise, with IMAGE and the
+    pipeline's own CONTROL arguments."""
+    size = tiny["size"]
+    with torch.no_grad():
+        out = ref(
+            PROMPT, image=image, height=size, width=size, latents=_nchw(tiny["noise"]), **REFERENCE_SAMPLING, **control
+        )
+    return out.images.numpy().transpose(0, 2, 3, 1)
+
+
 def test_one_controlnet_matches_diffusers_pipeline(tiny):
     pipe, size, noise = tiny["pipe"], tiny["size"], tiny["noise"]
     ref, images = _reference_pipeline(tiny, [0])
-    with torch.no_grad():
-        out = (
-            ref(
-                PROMPT,
-                image=images[0],
-                num_inference_steps=STEPS,
-                guidance_scale=5.0,
-                height=size,
-                width=size,
-                num_images_per_prompt=2,
-                latents=_nchw(noise),
-                controlnet_conditioning_scale=0.8,
-                output_type="latent",
-            )
-            .images.numpy()
-            .transpose(0, 2, 3, 1)
-        )
+    out = _reference_latents(ref, tiny, images[0], controlnet_conditioning_scale=0.8)
     active, controls = pipe.control_inputs([tiny["images"][0], None], height=size, width=size, scales=0.8)
     assert active == (0,)
     cond = pipe.encode(PROMPT, height=size, width=size, controls=controls)
@@ -136,25 +134,14 @@ def test_two_controlnets_match_multicontrolnet(tiny):
     ref, images = _reference_pipeline(tiny, [0, 1])
     assert isinstance(ref.controlnet, diffusers.models.controlnets.MultiControlNetModel)
     kw = dict(scales=[0.7, 1.3], guidance_start=[0.0, 0.25], guidance_end=[0.6, 1.0])
-    with torch.no_grad():
-        out = (
-            ref(
-                PROMPT,
-                image=images,
-                num_inference_steps=STEPS,
-                guidance_scale=5.0,
-                height=size,
-                width=size,
-                num_images_per_prompt=2,
-                latents=_nchw(noise),
-                controlnet_conditioning_scale=kw["scales"],
-                control_guidance_start=kw["guidance_start"],
-                control_guidance_end=kw["guidance_end"],
-                output_type="latent",
-            )
-            .images.numpy()
-            .transpose(0, 2, 3, 1)
-        )
+    out = _reference_latents(
+        ref,
+        tiny,
+        images,
+        controlnet_conditioning_scale=kw["scales"],
+        control_guidance_start=kw["guidance_start"],
+        control_guidance_end=kw["guidance_end"],
+    )
     active, controls = pipe.control_inputs(tiny["images"], height=size, width=size, **kw)
     cond = pipe.encode(PROMPT, height=size, width=size, controls=controls)
     ours = _ours(pipe, cond, noise, active)
@@ -369,24 +356,7 @@ def test_t2i_adapter_loop_matches_diffusers_and_generate_cli(tiny, tmp_path, cap
         tiny["src"], adapter=ref_adapter, torch_dtype=torch.float32
     )
     ref.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        out = (
-            ref(
-                PROMPT,
-                image=image,
-                num_inference_steps=STEPS,
-                guidance_scale=5.0,
-                height=size,
-                width=size,
-                num_images_per_prompt=2,
-                latents=_nchw(noise),
-                adapter_conditioning_scale=0.8,
-                adapter_conditioning_factor=0.5,
-                output_type="latent",
-            )
-            .images.numpy()
-            .transpose(0, 2, 3, 1)
-        )
+    out = _reference_latents(ref, tiny, image, adapter_conditioning_scale=0.8, adapter_conditioning_factor=0.5)
     cond: Conditioning = pipe.encode(PROMPT, height=size, width=size)
     import jax.numpy as jnp
 

@@ -132,8 +132,7 @@ def test_unet_with_residuals_matches_diffusers(converted):
 
     _, ref, model, _ = converted
     ucfg = helpers.parity_unet_config()
-    tunet = diffusers.UNet2DConditionModel(**{k: v for k, v in ucfg.items() if not k.startswith("_")}).eval()
-    helpers.randomize_(tunet, seed=5)
+    tunet = helpers.parity_unet(seed=5)
     unet = core.load_from_torch_state_dict(UNet2DConditionModel, ucfg, tunet.state_dict())
     x = _inputs(8, 12, f=4, seed=4)
     down_ref, mid_ref = _torch_residuals(ref, x, 0.8)

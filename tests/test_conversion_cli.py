@@ -15,23 +15,17 @@ transformers = pytest.importorskip("transformers")
 from helpers import randomize_, run_cli  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-TINY_TEXT = dict(
-    vocab_size=99,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    max_position_embeddings=20,
-    hidden_act="quick_gelu",
-    projection_dim=8,
-)
+from persongen_jax.testing.tiny_eval import transformer_sizes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def text_src(tmp_path_factory):
     """A tiny transformers CLIPTextModelWithProjection saved with save_pretrained."""
     src = tmp_path_factory.mktemp("clip_src")
-    cfg = transformers.CLIPTextConfig(**TINY_TEXT)
+    sizes = transformer_sizes(hidden=16, mlp=32, layers=2, heads=2)
+    cfg = transformers.CLIPTextConfig(
+        **sizes, vocab_size=99, max_position_embeddings=20, hidden_act="quick_gelu", projection_dim=8
+    )
     model = transformers.CLIPTextModelWithProjection(cfg).eval()
     randomize_(model, seed=1)
     model.save_pretrained(src)

@@ -16,12 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 import helpers  # noqa: E402
 
+from persongen_jax.testing.tiny_eval import feature_extractor_config, transformer_sizes  # noqa: E402
+
 # A small size unlike transformers' defaults: odd width/heads, no q/k/v bias, eps 1e-6, 40 px / 8 px patches.
 SMALL = dict(
-    hidden_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=3,
-    intermediate_size=80,
+    transformer_sizes(hidden=48, mlp=80, layers=2, heads=3),
     image_size=40,
     patch_size=8,
     layer_norm_eps=1e-6,
@@ -29,15 +28,7 @@ SMALL = dict(
     hidden_act="gelu",
 )
 # DINO's own preprocessing differs from ViTImageProcessor's defaults (ImageNet mean / std); a 3rd filter here.
-PREPROCESSOR = {
-    "do_normalize": True,
-    "do_resize": True,
-    "feature_extractor_type": "ViTFeatureExtractor",
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "resample": 3,
-    "size": 40,
-}
+PREPROCESSOR = feature_extractor_config("ViTFeatureExtractor", 40, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 3)
 
 
 def _torch_vit(config: dict, seed: int):

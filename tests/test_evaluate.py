@@ -56,6 +56,15 @@ def models(tmp_path_factory):
     return root
 
 
+def _model(root):
+    return ["--model", str(root / "sdxl"), "--photomaker", str(root / "photomaker")]
+
+
+def _protocol(sets: str, num_prompts: int, seeds: str) -> list[str]:
+    """The protocol flags of these runs: SETS, the first NUM_PROMPTS validation prompts, SEEDS, 2 steps."""
+    return ["--sets", sets, "--num-prompts", str(num_prompts), "--seeds", seeds, "--steps", "2"]
+
+
 def _scoring(root):
     return ["--clip", str(root / "clip"), "--face-models", str(root / "faces"), "--arcface", str(root / "arcface")]
 
@@ -67,27 +76,8 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
     root = models
     out = tmp_path / "b"
     sets = f"in_train={root / 'val' / 'in_train'},out_of_domain={root / 'val' / 'ood'}"
-    argv = [
-        "--model",
-        str(root / "sdxl"),
-        "--photomaker",
-        str(root / "photomaker"),
-        "--sets",
-        sets,
-        "--num-prompts",
-        "2",
-        "--seeds",
-        "0-1",
-        "--steps",
-        "2",
-        "--start-merge-step",
-        "0",
-        "--batch-size",
-        "4",
-        "--out",
-        str(out),
-        *_scoring(root),
-    ]
+    argv = [*_model(root), *_protocol(sets, 2, "0-1"), "--start-merge-step", "0", "--batch-size", "4"]
+    argv += ["--out", str(out), *_scoring(root)]
     assert main(argv) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sets"]["in_train"]["n_images"] == 2 * 2 * 2  # identities x prompts x seeds
@@ -118,18 +108,8 @@ def test_mode_b_and_mode_a(models, tmp_path, capsys):
     # A detector that finds no face in any generation: every image counted and listed; "skip" -> no mean.
     strict = tmp_path / "strict"
     argv = [
-        "--model",
-        str(root / "sdxl"),
-        "--photomaker",
-        str(root / "photomaker"),
-        "--sets",
-        f"bright={root / 'val' / 'bright'}",
-        "--num-prompts",
-        "1",
-        "--seeds",
-        "0-2",
-        "--steps",
-        "2",
+        *_model(root),
+        *_protocol(f"bright={root / 'val' / 'bright'}", 1, "0-2"),
         "--no-face",
         "skip",
         "--out",
@@ -305,14 +285,7 @@ def test_validation_during_training_then_checkpoint_evaluation_and_compare(model
     argv = [
         "--checkpoint",
         str(wd),
-        "--sets",
-        sets,
-        "--num-prompts",
-        "1",
-        "--seeds",
-        "0-1",
-        "--steps",
-        "2",
+        *_protocol(sets, 1, "0-1"),
         "--resolution",
         "32",
         "--out",

@@ -31,10 +31,7 @@ def _call(model, sample, t, ehs, te, ti, image):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    helpers.torch_precise()
-    cfg = {k: v for k, v in helpers.parity_unet_config().items() if not k.startswith("_")}
-    unet = diffusers.UNet2DConditionModel(**cfg).eval()
-    helpers.randomize_(unet, seed=0)
+    unet = helpers.parity_unet(seed=0)
     root = tmp_path_factory.mktemp("ip")
     unet.save_pretrained(root / "src" / "unet")
     cross = [n.removesuffix(".processor") for n in unet.attn_processors if n.endswith("attn2.processor")]
@@ -88,15 +85,8 @@ def test_numbering_matches_diffusers(setup):
 def test_ip_adapter_parity(setup):
     root, unet, _, _ = setup
     rng = np.random.default_rng(2)
-    f = lambda *s: rng.standard_normal(s).astype(np.float32)
-    x = dict(
-        sample=f(B, 4, 16, 16),
-        t=np.array([7, 500]),
-        ehs=f(B, 7, 32),
-        te=f(B, 32),
-        ti=np.array([[64, 64, 0, 0, 64, 64]] * B, np.float32),
-        image=f(B, 1, IMG_DIM),
-    )
+    x = helpers.parity_unet_inputs(rng, 16, [7, 500], [[64, 64, 0, 0, 64, 64]] * B)
+    x["image"] = rng.standard_normal((B, 1, IMG_DIM)).astype(np.float32)
     T = torch.from_numpy
 
     def reference(scale):
@@ -106,9 +96,13 @@ def test_ip_adapter_parity(setup):
         with torch.no_grad():
             return unet(
                 T(x["sample"]),
-                T(x["t"]),
+                T(x["timesteps"]),
                 T(x["ehs"]),
-                added_cond_kwargs={"text_embeds": T(x["te"]), "time_ids": T(x["ti"]), "image_embeds": [T(x["image"])]},
+                added_cond_kwargs={
+                    "text_embeds": T(x["text_embeds"]),
+                    "time_ids": T(x["time_ids"]),
+                    "image_embeds": [T(x["image"])],
+                },
             ).sample.numpy()
 
     ref, plain = reference(SCALE), reference(0.0)
@@ -119,7 +113,7 @@ def test_ip_adapter_parity(setup):
     assert cfg["mode"] == "parallel" and cfg["scales"] == {"id": SCALE}
     assert cfg["image_projection"]["num_tokens"] == TOKENS
     args = [jnp.asarray(x["sample"].transpose(0, 2, 3, 1))] + [
-        jnp.asarray(x[k]) for k in ("t", "ehs", "te", "ti", "image")
+        jnp.asarray(x[k]) for k in ("timesteps", "ehs", "text_embeds", "time_ids", "image")
     ]
     out = np.asarray(_call(model, *args)).transpose(0, 3, 1, 2)
     helpers.assert_close(out, ref, name="noise prediction with IP-Adapter")

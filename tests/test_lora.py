@@ -46,22 +46,12 @@ class _LoraLoader(diffusers.loaders.StableDiffusionXLLoraLoaderMixin):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(root, diffusers UNet state dict, converted UNet folder, inputs)."""
-    helpers.torch_precise()
-    cfg = {k: v for k, v in helpers.parity_unet_config().items() if not k.startswith("_")}
-    model = diffusers.UNet2DConditionModel(**cfg).eval()
-    helpers.randomize_(model, seed=0)
+    model = helpers.parity_unet(seed=0)
     root = tmp_path_factory.mktemp("lora")
     model.save_pretrained(root / "src" / "unet")
     _cli("sdxl", root / "src", root / "dst")
-    rng = np.random.default_rng(1)
-    f = lambda *s: rng.standard_normal(s).astype(np.float32)
-    inputs = dict(
-        sample=f(B, 4, 8, 8),
-        timesteps=np.array([3, 700]),
-        ehs=f(B, 7, 32),
-        text_embeds=f(B, 32),
-        time_ids=np.array([[64, 64, 0, 0, 64, 64], [48, 80, 4, 8, 64, 96]], np.float32),
-    )
+    time_ids = [[64, 64, 0, 0, 64, 64], [48, 80, 4, 8, 64, 96]]
+    inputs = helpers.parity_unet_inputs(np.random.default_rng(1), 8, [3, 700], time_ids)
     return root, model, root / "dst" / "unet", inputs
 
 
@@ -163,16 +153,21 @@ def test_kohya_style_parity(tiny):
     assert scales == {0.5, 2.0}
 
 
-def test_old_diffusers_style_parity(tiny):
-    """`unet.<attn>.processor.to_q_lora.down.weight` (PhotoMaker v1's lora_weights layout)."""
-    root = tiny[0]
-    weights = _random_lora(_modules(_torch_unet(tiny)), seed=3)
+def _old_diffusers_keys(weights: dict) -> dict:
+    """{module name: (down, up)} -> the old diffusers key style (`unet.<attn>.processor.to_q_lora.down.weight`)."""
     sd = {}
     for n, (down, up) in weights.items():
         parent, proj = n.rsplit(".to_", 1)
         proj = "to_" + proj.replace("out.0", "out")
         sd[f"unet.{parent}.processor.{proj}_lora.down.weight"] = down
         sd[f"unet.{parent}.processor.{proj}_lora.up.weight"] = up
+    return sd
+
+
+def test_old_diffusers_style_parity(tiny):
+    """`unet.<attn>.processor.to_q_lora.down.weight` (PhotoMaker v1's lora_weights layout)."""
+    root = tiny[0]
+    sd = _old_diffusers_keys(_random_lora(_modules(_torch_unet(tiny)), seed=3))
     torch.save(sd, root / "old.bin")
     _check(tiny, root / "old.bin")
 
@@ -260,12 +255,7 @@ def test_photomaker_checkpoint(tiny, tmp_path):
         for p, v in modeling.flat_params(enc).items()
     }
     weights = _random_lora(_modules(_torch_unet(tiny)), seed=4)
-    lora_sd = {}
-    for n, (down, up) in weights.items():
-        parent, proj = n.rsplit(".to_", 1)
-        proj = "to_" + proj.replace("out.0", "out")
-        lora_sd[f"unet.{parent}.processor.{proj}_lora.down.weight"] = down
-        lora_sd[f"unet.{parent}.processor.{proj}_lora.up.weight"] = up
+    lora_sd = _old_diffusers_keys(weights)
     torch.save({"id_encoder": enc_sd, "lora_weights": lora_sd}, tmp_path / "photomaker.bin")
     _cli("photomaker", tmp_path / "photomaker.bin", tmp_path / "pm", "--unet", tiny[2])
 

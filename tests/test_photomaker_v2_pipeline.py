@@ -18,6 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 import helpers  # noqa: E402
 
 PROMPT = "a photo of a man img wearing a red hat"
+FAST_SAMPLING = ["--steps", "2", "--start-merge-step", "0"]  # the CLI runs': 2 steps, the ID from the first step
 STEPS, MERGE = 10, 3
 
 
@@ -53,6 +54,9 @@ def v2(tmp_path_factory):
         faces=faces,
         arcface=arcface,
         refs=refs,
+        # The command lines' flags for the V2 folder (generate, evaluate, the app) and for its face models.
+        model_args=["--model", str(root / "sdxl"), "--photomaker", str(root / "photomaker")],
+        face_args=["--face-models", str(faces), "--arcface", str(arcface)],
     )
 
 
@@ -188,20 +192,9 @@ def test_generate_with_a_v2_folder(v2, tmp_path, capsys):
 
     from persongen_jax.generate import main
 
-    base = [
-        "--model",
-        str(v2["dst"]),
-        "--photomaker",
-        str(v2["pm"]),
-        "--prompt",
-        PROMPT,
-        "--steps",
-        "2",
-        "--start-merge-step",
-        "0",
-    ]
+    base = [*v2["model_args"], "--prompt", PROMPT, *FAST_SAMPLING]
     refs = [a for p in v2["refs"] for a in ("--ref", str(p))]
-    faces = ["--face-models", str(v2["faces"]), "--arcface", str(v2["arcface"])]
+    faces = v2["face_args"]
     assert main(base + refs + faces + ["--out", str(tmp_path / "a")]) == 0
     assert "ID encoder: PhotoMaker v2" in capsys.readouterr().err
     settings = json.loads((tmp_path / "a" / "settings.json").read_text())
@@ -228,7 +221,7 @@ def test_app_with_a_v2_folder(v2, pipe, tmp_path, capsys):
     from persongen_jax import app
     from persongen_jax.pipeline.pipeline import PipelineError
 
-    assert app.main(["--model", str(v2["dst"]), "--photomaker", str(v2["pm"])]) == 1
+    assert app.main(v2["model_args"]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and "--face-models" in err[0] and "PhotoMaker V2" in err[0]
 
@@ -250,26 +243,12 @@ def test_evaluate_mode_b_with_a_v2_folder(v2, tmp_path, capsys):
 
     (tmp_path / "val" / "alice").mkdir(parents=True)
     shutil.copy(v2["refs"][0], tmp_path / "val" / "alice" / "a.png")
-    argv = [
-        "--model",
-        str(v2["dst"]),
-        "--photomaker",
-        str(v2["pm"]),
-        "--sets",
-        f"in_train={tmp_path / 'val'}",
-        "--num-prompts",
-        "1",
-        "--seeds",
-        "0",
-        "--steps",
-        "2",
-        "--start-merge-step",
-        "0",
-    ]
+    argv = [*v2["model_args"], "--sets", f"in_train={tmp_path / 'val'}", "--num-prompts", "1", "--seeds", "0"]
+    argv += FAST_SAMPLING
     assert main(argv + ["--metrics", "none", "--out", str(tmp_path / "a")]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and "--face-models" in err[0]
-    scoring = ["--metrics", "face_sim", "--face-models", str(v2["faces"]), "--arcface", str(v2["arcface"])]
+    scoring = ["--metrics", "face_sim", *v2["face_args"]]
     assert main(argv + scoring + ["--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["sets"]["in_train"]["n_images"] == 1

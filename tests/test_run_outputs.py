@@ -23,6 +23,7 @@ from PIL import Image
 
 from persongen_jax.pipeline import DEFAULT_START_MERGE, id_unused_warning, resolve_start_merge_step
 from persongen_jax.train import load_config
+from tests.helpers import GENERATE_TWO_SEEDS, assert_two_different_images
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -105,30 +106,11 @@ def test_generate_from_checkpoint_of_a_demo_run(demo_run, tmp_path):
     ref = wd / "samples" / "2" / "images" / "train" / "person0" / "reference_0.png"
     out = tmp_path / "gen"
     assert (
-        main(
-            [
-                "--checkpoint",
-                str(wd),
-                "--step",
-                "2",
-                "--ref",
-                str(ref),
-                "--prompt",
-                "a photo of a man img",
-                "--steps",
-                "2",
-                "--seeds",
-                "0,1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
+        main(["--checkpoint", str(wd), "--step", "2", "--ref", str(ref), *GENERATE_TWO_SEEDS, "--out", str(out)]) == 0
     )
     settings = json.loads((out / "settings.json").read_text())
     assert settings["checkpoint"] == str(wd) and settings["step"] == 2 and settings["start_merge_step"] == 0.2
-    images = [np.asarray(Image.open(out / f"seed_{s}.png")) for s in (0, 1)]
-    assert images[0].shape == (32, 32, 3) and not np.array_equal(images[0], images[1])
+    assert_two_different_images(out)
     assert main(["--checkpoint", str(wd), "--step", "7", "--prompt", "a man", "--out", str(tmp_path / "x")]) == 1
     assert not (tmp_path / "x").exists()  # the failed run leaves no empty --out behind
 
@@ -216,72 +198,19 @@ def test_start_merge_step_fraction_and_unused_id_warning(tmp_path, capsys, caplo
 
     afile = tmp_path / "afile"
     afile.write_text("")
-    assert (
-        generate_main(
-            [
-                "--model",
-                "m",
-                "--ref",
-                "f.png",
-                "--prompt",
-                "a man img",
-                "--steps",
-                "4",
-                "--start-merge-step",
-                "10",
-                "--out",
-                str(afile),
-            ]
-        )
-        == 1
-    )
+    late_id = ["--steps", "4", "--start-merge-step", "10", "--out", str(afile)]  # --out: a file, refused
+    assert generate_main(["--model", "m", "--ref", "f.png", "--prompt", "a man img", *late_id]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(
         "warning: --start-merge-step 10 (step index 10) >= steps - 1 = 3: the reference "
         "faces (ID embedding) are never used"
     ) and err[1].startswith("error: --out"), err
-    assert (
-        generate_main(
-            ["--model", "m", "--prompt", "a man", "--steps", "4", "--start-merge-step", "10", "--out", str(afile)]
-        )
-        == 1
-    )  # no --ref: no ID to lose, no warning
+    assert generate_main(["--model", "m", "--prompt", "a man", *late_id]) == 1  # no --ref: no ID to lose, no warning
     assert not capsys.readouterr().err.startswith("warning")
-    assert (
-        evaluate_main(
-            [
-                "--model",
-                "m",
-                "--sets",
-                f"a={tmp_path / 'none'}",
-                "--steps",
-                "4",
-                "--clip",
-                "c",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 1
-    )
+    no_sets = ["--model", "m", "--sets", f"a={tmp_path / 'none'}"]  # a --sets folder that does not exist
+    assert evaluate_main([*no_sets, "--steps", "4", "--clip", "c", "--out", str(tmp_path / "o")]) == 1
     assert "never used" not in capsys.readouterr().err  # the default 0.2 of 4 steps: step 0
-    assert (
-        evaluate_main(
-            [
-                "--model",
-                "m",
-                "--sets",
-                f"a={tmp_path / 'none'}",
-                "--steps",
-                "2",
-                "--start-merge-step",
-                "1",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 1
-    )
+    assert evaluate_main([*no_sets, "--steps", "2", "--start-merge-step", "1", "--out", str(tmp_path / "o")]) == 1
     assert "never used" in capsys.readouterr().err.splitlines()[0]
     c = load_config(str(REPO / "configs" / "demo.py"))
     c.eval.num_steps, c.eval.start_merge_step = 4, 10

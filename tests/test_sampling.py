@@ -14,18 +14,17 @@ diffusers = pytest.importorskip("diffusers")
 import helpers  # noqa: E402
 
 PROMPT = "a photo of a man wearing a red hat"
+ID_PROMPT = "a photo of a man img wearing a red hat"  # the trigger word after the class word: the ID enters
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from persongen_jax.testing.tiny_photomaker import make_tiny_photomaker
-    from persongen_jax.testing.tiny_sdxl import make_tiny_sdxl
 
     root = tmp_path_factory.mktemp("sampling")
-    src = make_tiny_sdxl(root / "src")
-    helpers.run_cli("sdxl", src, root / "sdxl")
-    return {"root": root, "src": src, "dst": root / "sdxl", "pm_bin": make_tiny_photomaker(root / "pm.bin")}
+    src, dst = helpers.converted_tiny_sdxl(root)
+    return {"root": root, "src": src, "dst": dst, "pm_bin": make_tiny_photomaker(root / "pm.bin")}
 
 
 @pytest.fixture(scope="module")
@@ -81,26 +80,12 @@ def test_generate_cli_end_to_end(tiny, tmp_path, capsys):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 36, 3)).astype(np.uint8)).save(face)
         faces += ["--ref", str(face)]
 
+    # The model, the prompt and references, and the sampling of the generate runs below.
+    inputs = ["--model", str(tiny["dst"]), "--photomaker", str(pm), "--prompt", ID_PROMPT, *faces]
+    sampling = ["--steps", "3", "--start-merge-step", "1"]
+
     def generate(out, *extra):
-        cmd = [
-            sys.executable,
-            "-m",
-            "persongen_jax.generate",
-            "--model",
-            str(tiny["dst"]),
-            "--photomaker",
-            str(pm),
-            "--prompt",
-            "a photo of a man img wearing a red hat",
-            "--steps",
-            "3",
-            "--start-merge-step",
-            "1",
-            "--out",
-            str(out),
-            *faces,
-            *extra,
-        ]
+        cmd = [sys.executable, "-m", "persongen_jax.generate", *inputs, *sampling, "--out", str(out), *extra]
         return subprocess.run(
             cmd,
             capture_output=True,
@@ -124,21 +109,7 @@ def test_generate_cli_end_to_end(tiny, tmp_path, capsys):
     from persongen_jax.generate import main
 
     def fails(out, *extra):
-        argv = [
-            "--model",
-            str(tiny["dst"]),
-            "--photomaker",
-            str(pm),
-            "--steps",
-            "2",
-            "--out",
-            str(out),
-            "--prompt",
-            "a photo of a man img wearing a red hat",
-            *faces,
-            *extra,
-        ]
-        assert main(argv) == 1
+        assert main([*inputs, "--steps", "2", "--out", str(out), *extra]) == 1
         return capsys.readouterr().err
 
     # A folder generate wrote before is replaced only with --overwrite: its earlier images go (seed_0), the
@@ -155,26 +126,7 @@ def test_generate_cli_end_to_end(tiny, tmp_path, capsys):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(PersonGenPipeline, "__call__", record)
-        argv = [
-            "--model",
-            str(tiny["dst"]),
-            "--photomaker",
-            str(pm),
-            "--steps",
-            "3",
-            "--start-merge-step",
-            "1",
-            "--prompt",
-            "a photo of a man img wearing a red hat",
-            *faces,
-            "--out",
-            str(tmp_path / "a"),
-            "--seeds",
-            "1-3",
-            "--batch-size",
-            "2",
-            "--overwrite",
-        ]
+        argv = [*inputs, *sampling, "--out", str(tmp_path / "a"), "--seeds", "1-3", "--batch-size", "2", "--overwrite"]
         assert main(argv) == 0, capsys.readouterr().err
     assert calls == [[1, 2], [3, 3]]
     settings = json.loads((tmp_path / "a" / "settings.json").read_text())

@@ -13,10 +13,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import helpers  # tests/ is on sys.path (rootdir conftest, no package)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,10 +45,7 @@ def _compile_cache(tmp_path_factory):
 def _cli_env() -> dict:
     """Environment of a training CLI subprocess: one CPU device and this module's persistent XLA cache, so
     the CLI runs of one program (the same config) compile it once."""
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    return helpers.cli_env(
         JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
@@ -95,30 +92,7 @@ def test_masked_loss_known_values():
 def test_cli_one_step_then_sigterm_saves_and_exits(tmp_path):
     """The real CLI: artifacts after the first step, SIGTERM -> checkpoint of the current step, exit 0."""
     wd = tmp_path / "run"
-    env = _cli_env()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "persongen_jax.train",
-            "--config",
-            str(CONFIGS / "demo.py"),
-            "--workdir",
-            str(wd),
-            "--config.model=micro",
-            "--config.data.source=synthetic",
-            "--config.data.global_batch_size=2",
-            "--config.total_steps=100000",
-            "--config.log_every=1",
-            "--config.checkpoint_every=100000",
-            "--config.progress_bar=False",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _start(wd, *UNTIL_STOPPED)
     try:
         deadline = time.time() + 240
         metrics = wd / "metrics.jsonl"
@@ -150,14 +124,7 @@ def test_second_sigterm_during_the_final_save_is_ignored(tmp_path):
     143) and the rerun started from step 0."""
     wd = tmp_path / "run"
     env = _cli_env()
-    proc = subprocess.Popen(
-        _cli(wd, "--config.total_steps=100000", "--config.checkpoint_every=100000"),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _start(wd, *UNTIL_STOPPED)
     second = None
     try:
         deadline = time.time() + 240
@@ -204,16 +171,7 @@ def _metric_lines(wd) -> list[dict]:
 
 def test_cli_unknown_override_names_the_key(tmp_path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "persongen_jax.train",
-            "--config",
-            str(CONFIGS / "demo.py"),
-            "--workdir",
-            str(tmp_path),
-            "--config.optim.warmup_stepz=3",
-        ],
+        helpers.train_cmd(CONFIGS / "demo.py", tmp_path, "--config.optim.warmup_stepz=3"),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -289,22 +247,28 @@ def test_data_parallel_and_fsdp_1_vs_4_devices(tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
+# The CLI runs' config: the micro model on synthetic data, a log line every step.
+MICRO_ARGS = (
+    "--config.model=micro",
+    "--config.data.source=synthetic",
+    "--config.data.global_batch_size=2",
+    "--config.log_every=1",
+    "--config.progress_bar=False",
+)
+
+
+# A run that goes on until it is signalled or killed, with no checkpoint of its own before.
+UNTIL_STOPPED = ("--config.total_steps=100000", "--config.checkpoint_every=100000")
+
+
 def _cli(wd, *overrides):
-    return [
-        sys.executable,
-        "-m",
-        "persongen_jax.train",
-        "--config",
-        str(CONFIGS / "demo.py"),
-        "--workdir",
-        str(wd),
-        "--config.model=micro",
-        "--config.data.source=synthetic",
-        "--config.data.global_batch_size=2",
-        "--config.log_every=1",
-        "--config.progress_bar=False",
-        *overrides,
-    ]
+    return helpers.train_cmd(CONFIGS / "demo.py", wd, *MICRO_ARGS, *overrides)
+
+
+def _start(wd, *overrides: str, output=subprocess.PIPE) -> subprocess.Popen:
+    """`_cli` started in the background; its stdout and stderr both go to OUTPUT."""
+    cmd = _cli(wd, *overrides)
+    return subprocess.Popen(cmd, cwd=REPO, env=_cli_env(), stdout=output, stderr=subprocess.STDOUT, text=True)
 
 
 def _complete_checkpoints(wd) -> list[int]:
@@ -325,12 +289,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     env = _cli_env()
     run = lambda wd, *o: subprocess.run(_cli(wd, *o), cwd=REPO, env=env, capture_output=True, text=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli(killed, "--config.total_steps=100000", "--config.checkpoint_every=2", "--config.keep_checkpoints=100"),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = _start(
+        killed,
+        "--config.total_steps=100000",
+        "--config.checkpoint_every=2",
+        "--config.keep_checkpoints=100",
+        output=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 240
@@ -566,14 +530,7 @@ def test_second_trainer_on_a_run_folder_is_refused(tmp_path):
     import socket
 
     wd = tmp_path / "run"
-    env = _cli_env()
-    proc = subprocess.Popen(
-        _cli(wd, "--config.total_steps=100000", "--config.checkpoint_every=100000"),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _start(wd, *UNTIL_STOPPED, output=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:

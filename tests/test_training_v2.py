@@ -9,7 +9,6 @@ embeddings vs ArcFace crops, the class word repeated K x num_tokens times) are c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import assert_loss_falls
+from tests.helpers import GENERATE_TWO_SEEDS, assert_loss_falls, assert_two_different_images, cli_env, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -49,24 +48,9 @@ EVAL_ARGS = [
 ]
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-
-
 def _train(wd, data, *extra):
-    cmd = [
-        sys.executable,
-        "-m",
-        "persongen_jax.train",
-        "--config",
-        str(REPO / "configs" / "photomaker_v2.py") + ":tiny",
-        "--workdir",
-        str(wd),
-        f"--config.data.dir={data}",
-        *TRAIN_ARGS,
-        *extra,
-    ]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    config = REPO / "configs" / "photomaker_v2.py:tiny"
+    return run_train(config, wd, f"--config.data.dir={data}", *TRAIN_ARGS, *extra, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -137,26 +121,12 @@ def test_generate_from_a_v2_checkpoint(v2_run, demo_data, tmp_path):
     )
     refs = raw[:2]
     out = tmp_path / "gen"
-    cmd = [
-        sys.executable,
-        "-m",
-        "persongen_jax.generate",
-        "--checkpoint",
-        str(v2_run),
-        "--prompt",
-        "a photo of a man img",
-        "--steps",
-        "2",
-        "--seeds",
-        "0,1",
-        "--out",
-        str(out),
-    ] + [a for r in refs for a in ("--ref", str(r))]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "persongen_jax.generate", "--checkpoint", str(v2_run), *GENERATE_TWO_SEEDS]
+    cmd += ["--out", str(out), *(a for r in refs for a in ("--ref", str(r)))]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "PhotoMaker v2" in proc.stderr
-    images = [np.asarray(Image.open(out / f"seed_{s}.png")) for s in (0, 1)]
-    assert images[0].shape == (32, 32, 3) and not np.array_equal(images[0], images[1])
+    assert_two_different_images(out)
     settings = json.loads((out / "settings.json").read_text())
     assert settings["photomaker_version"] == "v2" and settings["step"] == STEPS
 

@@ -41,16 +41,23 @@ BODIES = ("wearing a red suit", "wearing a black suit", "wearing a red hat", "we
 RED, BLACK = (200, 30, 30), (25, 25, 25)
 
 
+def face_pattern(rng: np.random.Generator, period: tuple[float, float] = (0.15, 0.45)) -> dict:
+    """A synthetic identity's stripes and eyes, in units of the face's half-size: the stripes' angle and
+    period (drawn from PERIOD), the eyes' horizontal offset and height (also the test sources' faces,
+    persongen_jax/testing/tiny_build.py)."""
+    angle, period = float(rng.uniform(0, np.pi)), float(rng.uniform(*period))
+    return dict(
+        angle=angle, period=period, eye_dx=float(rng.uniform(0.15, 0.32)), eye_y=float(rng.uniform(-0.25, 0.05))
+    )
+
+
 def _person(rng: np.random.Generator, i: int) -> dict:
     return dict(
         id=f"p{i:03d}",
         class_word=DEMO_CLASS_WORDS[i % len(DEMO_CLASS_WORDS)],
         skin=tuple(int(v) for v in rng.integers(60, 255, 3)),
         stripe=tuple(int(v) for v in rng.integers(0, 255, 3)),
-        angle=float(rng.uniform(0, np.pi)),
-        period=float(rng.uniform(0.15, 0.45)),
-        eye_dx=float(rng.uniform(0.15, 0.32)),
-        eye_y=float(rng.uniform(-0.25, 0.05)),
+        **face_pattern(rng),
         eye=tuple(int(v) for v in rng.integers(0, 255, 3)),
         aspect=float(rng.uniform(0.75, 1.0)),
     )

@@ -140,15 +140,11 @@ class RawImage:
 
 
 def _identity(i: int) -> dict:
+    from persongen_jax.data.make_demo import face_pattern
+
     rng = np.random.default_rng(1000 + i)
-    return dict(
-        c1=tuple(int(v) for v in rng.integers(0, 256, 2)),
-        c2=tuple(int(v) for v in rng.integers(0, 256, 2)),
-        angle=float(rng.uniform(0, np.pi)),
-        period=float(rng.uniform(0.12, 0.4)),
-        eye_dx=float(rng.uniform(0.15, 0.32)),
-        eye_y=float(rng.uniform(-0.25, 0.05)),
-    )
+    c1, c2 = (tuple(int(v) for v in rng.integers(0, 256, 2)) for _ in range(2))
+    return dict(c1=c1, c2=c2, **face_pattern(rng, period=(0.12, 0.4)))
 
 
 def _draw(spec: RawImage, seed: int) -> Image.Image:
@@ -289,6 +285,16 @@ def mixed_persons() -> dict[str, list[RawImage]]:
     }
 
 
+def make_build_inputs(models: str | Path, src: str | Path) -> None:
+    """What a build of `mixed_persons` reads: MODELS/det (`make_key_detector`), MODELS/arcface (a random
+    BUILD_ARCFACE IResNet) and the source tree SRC."""
+    from persongen_jax.testing.tiny_eval import make_tiny_arcface
+
+    make_key_detector(Path(models) / "det")
+    make_tiny_arcface(Path(models) / "arcface", **BUILD_ARCFACE)
+    make_raw_persons(src, mixed_persons())
+
+
 # ----------------------------------------------------------------------------------------------- tiny VLM
 
 
@@ -320,6 +326,7 @@ def make_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from persongen_jax.models.presets import _byte_symbols
+    from persongen_jax.testing.tiny_eval import TINY_SIZES
     from persongen_jax.testing.torch_init import randomize_
 
     folder = Path(folder)
@@ -332,27 +339,17 @@ def make_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
     special = dict(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
+            TINY_SIZES,
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=1024,
             rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
             **special,
         ),
+        # Patches of 14 px merged 2 x 2, windows of 112 px: Qwen2.5-VL's own sizes, the defaults of this config
+        # and of the image processor (a 56 x 56 image: 4 x 4 patches, 2 x 2 tokens).
         vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=4,
-            out_hidden_size=32,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[1],
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, fullatt_block_indexes=[1]
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],

@@ -156,18 +156,24 @@ def make_tiny_arcface(folder: str | Path, seed: int = 0, **shape) -> Path:
     return folder
 
 
+def transformer_sizes(*, hidden: int, mlp: int, layers: int, heads: int) -> dict:
+    """The four sizes of a transformers config under the names that CLIP's text and vision towers, ViT and
+    Qwen2's language model share (hidden_size, intermediate_size: the MLP's, num_hidden_layers,
+    num_attention_heads), to spread into a config dict."""
+    return dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads)
+
+
+def feature_extractor_config(kind: str, size: int, mean, std, resample: int, **more) -> dict:
+    """A preprocessor_config.json in the older form of the hub's files (`feature_extractor_type` KIND, an int
+    SIZE) that resizes with the PIL filter number RESAMPLE and normalises with MEAN / STD; MORE adds keys."""
+    steps = {"do_normalize": True, "do_resize": True, "resample": resample, "size": size}
+    return {"feature_extractor_type": kind, "image_mean": list(mean), "image_std": list(std), **steps, **more}
+
+
+TINY_SIZES = transformer_sizes(hidden=32, mlp=64, layers=2, heads=4)  # the tiny reference towers here and in tiny_build
 TINY_CLIP = dict(
-    text_config=dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        eos_token_id=2,
-    ),
-    vision_config=dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    ),
+    text_config=dict(TINY_SIZES, max_position_embeddings=77, eos_token_id=2),
+    vision_config=dict(TINY_SIZES, image_size=32, patch_size=8),
     projection_dim=16,
 )
 
