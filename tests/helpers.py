@@ -97,9 +97,11 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None) -> subproce
 
 
 def cli_env(devices: int = 1, **extra: str) -> dict:
-    """A CLI subprocess's environment: this process's, on the CPU with `devices` host devices, plus `extra`."""
-    xla_flags = f"--xla_force_host_platform_device_count={devices}"
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, **extra)
+    """A CLI subprocess's environment: this process's, on the CPU with `devices` host devices, plus `extra`.
+    The other XLA flags (conftest's compile settings) are kept."""
+    count = "--xla_force_host_platform_device_count="
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([f"{count}{devices}", *kept]), **extra)
 
 
 def train_cmd(config, workdir, *overrides: str) -> list[str]:

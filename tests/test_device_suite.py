@@ -4,16 +4,17 @@ vs diffusers) run; unet, the batch-4 sampling and eval are left out to keep CI t
 child-process path with other scripts; `device_suite.py --tiny` runs all five)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers import cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_device_suite_tiny_prints_the_table(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = cli_env()
     proc = subprocess.run(
         [
             sys.executable,

@@ -6,7 +6,6 @@ that step."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from tests.helpers import cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -38,13 +39,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
 
     from tests.multihost_worker import run
 
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-        PYTHONPATH=str(REPO),
-    )
+    env = cli_env(2, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=str(REPO))
     two_args = {**OVERRIDES, "total_steps": 5}
     port, args = _free_port(), [f"{k}={json.dumps(v)}" for k, v in two_args.items()] + ["sigterm_at=1:1"]
     outs = [tmp_path / f"process{i}.npz" for i in range(2)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -23,10 +22,10 @@ from PIL import Image
 
 from persongen_jax.pipeline import DEFAULT_START_MERGE, id_unused_warning, resolve_start_merge_step
 from persongen_jax.train import load_config
-from tests.helpers import GENERATE_TWO_SEEDS, assert_two_different_images
+from tests.helpers import GENERATE_TWO_SEEDS, assert_two_different_images, cli_env
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+ENV = cli_env()
 
 
 def read_tb_images(tb_dir: Path) -> dict[tuple[str, int], np.ndarray]:
