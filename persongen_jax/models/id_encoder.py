@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Unpack
+from typing import Any, ClassVar, Mapping, Protocol, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +37,6 @@ from flax import nnx
 from persongen_jax.models import clip
 from persongen_jax.models.layers import LayerNorm, Linear, ModuleKwargs
 from persongen_jax.models.modeling import register_model
-
-if TYPE_CHECKING:  # id_encoder_v2 imports this module
-    from persongen_jax.models.id_encoder_v2 import PhotoMakerV2Config
 
 # ----------------------------------------------------------------------------- config
 
@@ -181,6 +178,24 @@ class FuseModule(nnx.Module):
         return jnp.where(use[..., None], gathered, prompt_embeds)
 
 
+class IDEncoderConfig(Protocol):
+    """What the shared encoder reads of v1's and V2's configs (V2's module imports this one, so it names the
+    fields rather than V2's class)."""
+
+    vision: clip.CLIPVisionConfig
+    projection_dim_2: int
+
+    @property
+    def embed_dim(self) -> int:
+        """The ID embedding and fuse-module width."""
+        ...
+
+    @property
+    def num_tokens(self) -> int:
+        """ID tokens per reference image."""
+        ...
+
+
 class PhotoMakerCLIPEncoder(clip.CLIPTowerModel):
     """What the PhotoMaker v1 and V2 ID encoders share: PhotoMaker's encoders extend
     CLIPVisionModelWithProjection (`vision_model`, `visual_projection`) with a second projection head
@@ -195,7 +210,7 @@ class PhotoMakerCLIPEncoder(clip.CLIPTowerModel):
 
     def __init__(
         self,
-        config: PhotoMakerIDEncoderConfig | PhotoMakerV2Config,
+        config: IDEncoderConfig,
         *,
         attention_impl: str = "xla",
         **kw: Unpack[ModuleKwargs],

@@ -234,6 +234,7 @@ class FileStageDoFn(StageDoFn):
     that may not or cannot be read is rejected (its reason) before `run_file(item, data)`."""
 
     def run(self, item: Item):
+        """Reads the item's file (or rejects the item) and hands the bytes to `run_file`."""
         try:
             data = read_source(item, self.settings.src, self.settings.max_file_bytes)
         except SourceError as e:
