@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,3 +192,19 @@ def test_sampling_defaults_are_written_once():
                 if type(value.value) is type(want) and value.value == want:
                     found[key].append(f"{p.relative_to(REPO)}:{value.lineno}")
     assert all(len(places) == 1 for places in found.values()), found
+
+
+def test_tests_are_named_by_behaviour_not_by_tracker_numbers():
+    """A test's name and docstring say what it checks: an issue's or a defect's number means nothing to a
+    reader without the tracker (and goes stale when it moves)."""
+    tracker = re.compile(r"\b(issue|defect|task)\s*#?\d+", re.IGNORECASE)
+    found = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef)))]
+        for node in nodes:
+            name = getattr(node, "name", path.name)
+            text = f"{name} {ast.get_docstring(node) or ''}"
+            if tracker.search(text.replace("_", " ")):
+                found.append(f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 1)} {name}")
+    assert not found, "named after a tracker number:\n" + "\n".join(found)

@@ -311,7 +311,7 @@ def dataset_digest(dst) -> str:
     outcomes of index.json (rejects' stage and reason, per-stage counts, bad inputs, split failures)."""
     h = hashlib.sha256()
     for head, image, mask in sorted(fmt.read_records(dst), key=lambda r: r[0]["image"]):
-        # arcface_embedding came later (issue 20, PhotoMaker V2 training): the rest is unchanged by it
+        # arcface_embedding came later (PhotoMaker V2 training): the rest is unchanged by it
         head = {k: v for k, v in head.items() if k != "arcface_embedding"}
         h.update(json.dumps(head, sort_keys=True).encode() + image + mask)
     index = fmt.load_index(dst)

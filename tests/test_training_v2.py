@@ -1,4 +1,4 @@
-"""PhotoMaker V2 training (issue 20 item 3): `configs/photomaker_v2.py:tiny` through the real CLIs.
+"""PhotoMaker V2 training: `configs/photomaker_v2.py:tiny` through the real CLIs.
 
 One 30-step run of the CLI on the demo dataset (micro model, tiny random V2 encoder + tiny random ArcFace,
 validation at the last step) is shared: the loss falls, validation wrote its images, a resume from step 20
