@@ -12,6 +12,27 @@ MAX_SEED = 2**32 - 1
 DEFAULT_START_MERGE = 0.2
 
 
+# stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json: what a folder converted without a scheduler
+# (and the tiny model size) samples and trains with. Here, beside the other JAX-free defaults, so the
+# benchmarks' PyTorch side configures diffusers' scheduler from it without importing JAX.
+SDXL_SCHEDULER_CONFIG = dict(
+    _class_name="EulerDiscreteScheduler",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    clip_sample=False,
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+)
+
+
 def resolve_start_merge_step(start_merge_step: int | float, num_steps: int) -> int:
     """The step index after which the ID embedding (and the gated conditions) enter sampling: an integer
     (>= 0, or an integral float >= 1) is the index itself; a float in [0, 1) is a fraction of `num_steps`,

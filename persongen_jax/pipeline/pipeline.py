@@ -33,12 +33,12 @@ from persongen_jax import conditions as conditions_lib
 from persongen_jax.conditions import Condition
 from persongen_jax.models import lora as lora_lib
 from persongen_jax.models import modeling
+from persongen_jax.pipeline import SDXL_SCHEDULER_CONFIG, resolve_start_merge_step
 from persongen_jax.pipeline import prompt as prompt_lib
-from persongen_jax.pipeline import resolve_start_merge_step
 from persongen_jax.pipeline.control import prepare_control_image
 from persongen_jax.pipeline.image_processing import clip_preprocess
 from persongen_jax.pipeline.sampling import Conditioning, ControlConditioning, make_sampler, sdxl_time_ids
-from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, read_scheduler_config, scheduler_from_config
+from persongen_jax.pipeline.schedulers import read_scheduler_config, scheduler_from_config
 from persongen_jax.pipeline.settings import PipelineError, SamplingSettings  # noqa: F401 (re-exported)
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")

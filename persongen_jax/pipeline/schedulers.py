@@ -400,26 +400,6 @@ SCHEDULERS: dict[str, type[EulerDiscreteScheduler] | type[DDIMScheduler]] = {
 Scheduler = EulerDiscreteScheduler | DDIMScheduler
 
 
-# stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json: what a folder converted without a scheduler
-# (and the tiny model size) samples and trains with.
-SDXL_SCHEDULER_CONFIG = dict(
-    _class_name="EulerDiscreteScheduler",
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    steps_offset=1,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-    interpolation_type="linear",
-    use_karras_sigmas=False,
-    clip_sample=False,
-    sample_max_value=1.0,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-)
-
-
 def read_scheduler_config(directory: str | os.PathLike | None, *, default: Mapping[str, Any] | None = None) -> dict:
     """scheduler_config.json of `directory` or of `directory/scheduler`; `default` (e.g. SDXL_SCHEDULER_CONFIG)
     when there is none (or no directory), else FileNotFoundError."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from persongen_jax.models import presets
 from persongen_jax.models.presets import TEXT_HIDDEN, VOCAB_SIZE, WORDS, write_tiny_tokenizer  # noqa: F401
-from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG
+from persongen_jax.pipeline import SDXL_SCHEDULER_CONFIG
 
 _TINY = presets.get("tiny")
 TEXT_ENCODER, TEXT_ENCODER_2 = _TINY.text_encoder, _TINY.text_encoder_2

@@ -40,9 +40,10 @@ from persongen_jax.models.id_encoder import PhotoMakerIDEncoder
 from persongen_jax.models.id_encoder_v2 import PhotoMakerV2IDEncoder
 from persongen_jax.models.unet import UNet2DConditionModel
 from persongen_jax.models.vae import AutoencoderKL
+from persongen_jax.pipeline import SDXL_SCHEDULER_CONFIG
 from persongen_jax.pipeline import prompt as prompt_lib
 from persongen_jax.pipeline.pipeline import PersonGenPipeline, load_face_embedder
-from persongen_jax.pipeline.schedulers import SDXL_SCHEDULER_CONFIG, EulerDiscreteScheduler, read_scheduler_config
+from persongen_jax.pipeline.schedulers import EulerDiscreteScheduler, read_scheduler_config
 
 ID_INJECTIONS = ("text", "cross_attn", "both")
 # config.id_encoder (absent in the v1 configs: PhotoMaker v1) -> the ID encoder class.

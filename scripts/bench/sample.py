@@ -18,18 +18,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from persongen_jax.pipeline import SDXL_SCHEDULER_CONFIG as SCHEDULER  # noqa: E402 -- the library's (JAX-free)
 from scripts.bench import common  # noqa: E402
 from scripts.bench.unet_step import unet_config, unet_parser  # noqa: E402
 
-SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    steps_offset=1,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-)
 GUIDANCE = 5.0
 
 
@@ -49,7 +41,7 @@ def torch_pipeline(cls, unet, **components):
     from diffusers import EulerDiscreteScheduler
 
     without = dict.fromkeys(("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-    pipe = cls(**without, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER), **components)
+    pipe = cls(**without, unet=unet, scheduler=EulerDiscreteScheduler.from_config(SCHEDULER), **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
