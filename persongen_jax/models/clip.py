@@ -30,13 +30,13 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from persongen_jax.models.layers import Conv, LayerNorm, Linear, ModuleKwargs, activation, dot_product_attention
-from persongen_jax.models.modeling import ConfigMixin, check_field_types, register_model
+from persongen_jax.models.modeling import ConfigMixin, ModelConfig, register_model
 
 # ----------------------------------------------------------------------------- configs
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(ModelConfig):
     """transformers CLIPTextConfig fields that change the computation (defaults = transformers')."""
 
     vocab_size: int = 49408
@@ -52,12 +52,9 @@ class CLIPTextConfig:
     # say 2, which selects the legacy "argmax of input_ids" pooling.
     eos_token_id: int = 49407
 
-    def __post_init__(self):
-        check_field_types(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(ModelConfig):
     """transformers CLIPVisionConfig fields that change the computation (defaults = transformers')."""
 
     hidden_size: int = 768
@@ -70,9 +67,6 @@ class CLIPVisionConfig:
     patch_size: int = 32
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        check_field_types(self)
 
 
 @dataclasses.dataclass(frozen=True)
